@@ -1,1 +1,16 @@
-pub fn _x() {}
+//! # q4
+//!
+//! 4-bit weights for candle: [`QTensor`] (packed codes + block scales on any device) and
+//! [`QLinear`] (a `candle_nn::Module` with fused dequantize-on-the-fly kernels).
+
+pub mod error;
+pub mod host_bytes;
+pub mod kernels;
+pub mod qlinear;
+pub mod qtensor;
+
+pub use error::{Context, Error, Result};
+pub use host_bytes::HostBytes;
+pub use q4_formats::{Format, NonFinite};
+pub use qlinear::{ActQuant, QLinear};
+pub use qtensor::{QTensor, QuantSpec, Quantized};

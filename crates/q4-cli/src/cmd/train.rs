@@ -1,0 +1,9 @@
+//! `q4 train`.
+
+/// Arguments of `q4 train`.
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`q4 train` is not implemented yet")
+}

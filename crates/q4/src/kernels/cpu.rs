@@ -1,0 +1,54 @@
+//! CPU kernels: decode, fused GEMV/GEMM.
+
+use q4_formats::{simd, Element, Format};
+use rayon::prelude::*;
+
+use crate::qtensor::{HostScales, HostView};
+
+/// Pair table (two decoded values per byte, in element order) of a format.
+pub fn pairs(format: Format) -> &'static simd::PairTable {
+    match format {
+        Format::Nvfp4 => &simd::E2M1_POSITIVE_ZERO_PAIRS,
+        Format::Mxfp4 => &simd::E2M1_PAIRS,
+        Format::Nf4 => &simd::NF4_PAIRS,
+        Format::Fp4 => &simd::FP4_PAIRS,
+    }
+}
+
+/// Decodes a whole tensor into `out` (`rows * cols` values), bit-exact with q4-formats.
+pub fn dequantize_into<O: Element>(v: &HostView<'_>, out: &mut [O]) {
+    let pairs = pairs(v.format);
+    let bs = v.block_size;
+    match (v.format, &v.scales) {
+        (Format::Nvfp4 | Format::Mxfp4, HostScales::Table { bytes, table }) => {
+            let pc = v.cols.div_ceil(bs) * bs;
+            let rows_per_task = (16384 / pc).max(1);
+            out.par_chunks_mut(rows_per_task * v.cols)
+                .zip(v.codes.par_chunks(rows_per_task * pc / 2))
+                .zip(bytes.par_chunks(rows_per_task * pc / bs))
+                .for_each(|((out, codes), sc)| {
+                    for ((orow, crow), srow) in out
+                        .chunks_mut(v.cols)
+                        .zip(codes.chunks(pc / 2))
+                        .zip(sc.chunks(pc / bs))
+                    {
+                        for ((o, c), &s) in orow.chunks_mut(bs).zip(crow.chunks(bs / 2)).zip(srow) {
+                            simd::decode_pairs(pairs, table[s as usize], c, o);
+                        }
+                    }
+                });
+        }
+        (Format::Nf4 | Format::Fp4, HostScales::F32(absmax)) => {
+            let per_task = (32768 / bs).max(1);
+            out.par_chunks_mut(per_task * bs)
+                .zip(v.codes.par_chunks(per_task * bs / 2))
+                .zip(absmax.par_chunks(per_task))
+                .for_each(|((out, codes), am)| {
+                    for ((o, c), &s) in out.chunks_mut(bs).zip(codes.chunks(bs / 2)).zip(am) {
+                        simd::decode_pairs(pairs, s, c, o);
+                    }
+                });
+        }
+        _ => unreachable!("scale kind matches the format"),
+    }
+}

@@ -1,0 +1,3 @@
+//! Compute kernels over [`QTensor`](crate::QTensor) storage.
+
+pub mod cpu;

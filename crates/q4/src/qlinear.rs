@@ -1,0 +1,169 @@
+//! `QLinear`: `y = x Wᵀ (+ b)` over a dense or 4-bit weight, usable as a `candle_nn::Module`.
+
+use candle_core::{DType, Module, Tensor};
+
+use crate::error::{Error, Result};
+use crate::qtensor::{QTensor, QuantSpec};
+use crate::Format;
+
+/// The weight of a linear layer, `[out_features, in_features]`.
+#[derive(Clone, Debug)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quant(QTensor),
+}
+
+/// Activation quantization (NVFP4 "W4A4", the semantics of Blackwell's block-scaled matmul).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub enum ActQuant {
+    /// Weight-only (W4A16): activations stay in their dtype.
+    #[default]
+    None,
+    /// Activations quantized to NVFP4 with a calibrated tensor scale (`input_scale`).
+    Nvfp4Static { input_scale: f32 },
+    /// Activations quantized to NVFP4 with the tensor scale `amax(x) / 2688` of each call.
+    Nvfp4Dynamic,
+}
+
+/// A linear layer whose weight may be 4-bit.
+#[derive(Clone, Debug)]
+pub struct QLinear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    act: ActQuant,
+    out_features: usize,
+    in_features: usize,
+}
+
+impl QLinear {
+    /// A dense layer (`weight` is `[out, in]`).
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        check_bias(&bias, out_features)?;
+        Ok(QLinear {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            act: ActQuant::None,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// A layer over a 4-bit weight of shape `[out, in]`.
+    pub fn new(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
+        let dims = weight.shape().dims().to_vec();
+        if dims.len() != 2 {
+            return Err(Error::msg(format!(
+                "a linear weight must be 2-D [out, in], got shape {dims:?}"
+            )));
+        }
+        check_bias(&bias, dims[0])?;
+        Ok(QLinear {
+            weight: LinearWeight::Quant(weight),
+            bias,
+            act: ActQuant::None,
+            out_features: dims[0],
+            in_features: dims[1],
+        })
+    }
+
+    /// Quantizes a dense weight with `spec`, or keeps it dense when `spec` is `None`.
+    pub fn from_dense(
+        weight: &Tensor,
+        bias: Option<Tensor>,
+        spec: Option<&QuantSpec>,
+    ) -> Result<Self> {
+        match spec {
+            None => Self::dense(weight.clone(), bias),
+            Some(spec) => Self::new(QTensor::quantize(weight, spec)?, bias),
+        }
+    }
+
+    /// Selects activation quantization; only NVFP4 weights support it.
+    pub fn with_act_quant(mut self, act: ActQuant) -> Result<Self> {
+        if act != ActQuant::None {
+            match &self.weight {
+                LinearWeight::Quant(q) if q.format() == Format::Nvfp4 => {}
+                LinearWeight::Quant(q) => {
+                    return Err(Error::msg(format!(
+                        "W4A4 activation quantization needs an NVFP4 weight, this one is {}",
+                        q.format()
+                    )))
+                }
+                LinearWeight::Dense(_) => {
+                    return Err(Error::msg(
+                        "W4A4 activation quantization needs an NVFP4 weight, this one is dense",
+                    ))
+                }
+            }
+        }
+        self.act = act;
+        Ok(self)
+    }
+
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn act_quant(&self) -> ActQuant {
+        self.act
+    }
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Checks the input before any kernel runs.
+    fn check_input(&self, x: &Tensor) -> Result<()> {
+        let k = x.dims().last().copied().unwrap_or(0);
+        if x.rank() == 0 || k != self.in_features {
+            return Err(Error::msg(format!(
+                "linear layer expects inputs [..., {}], got shape {:?}",
+                self.in_features,
+                x.dims()
+            )));
+        }
+        match x.dtype() {
+            DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+            other => Err(Error::msg(format!(
+                "linear layer activations must be f32, bf16 or f16, got {other:?}"
+            ))),
+        }
+    }
+
+    /// The reference computation: dequantize, then a dense matmul.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(x.dtype())?,
+            LinearWeight::Quant(q) => q.dequantize(x.dtype())?,
+        };
+        let y = x.broadcast_matmul(&w.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+}
+
+fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
+    if let Some(b) = bias {
+        if b.dims() != [out] {
+            return Err(Error::msg(format!(
+                "bias must have shape [{out}], got {:?}",
+                b.dims()
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl Module for QLinear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(self.forward_reference(x)?)
+    }
+}
