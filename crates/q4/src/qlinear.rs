@@ -1,6 +1,6 @@
 //! `QLinear`: `y = x Wᵀ (+ b)` over a dense or 4-bit weight, usable as a `candle_nn::Module`.
 
-use candle_core::{DType, Module, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor};
 
 use crate::error::{Error, Result};
 use crate::qtensor::{QTensor, QuantSpec};
@@ -142,11 +142,14 @@ impl QLinear {
             LinearWeight::Dense(w) => w.to_dtype(x.dtype())?,
             LinearWeight::Quant(q) => q.dequantize(x.dtype())?,
         };
-        let y = x.broadcast_matmul(&w.t()?)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
-        })
+        let x = match self.act {
+            ActQuant::None => x.clone(),
+            act => {
+                crate::kernels::cpu::w4a4::fake_quantize_activations(&x.to_dtype(DType::F32)?, act)?
+                    .to_dtype(x.dtype())?
+            }
+        };
+        self.add_bias(x.broadcast_matmul(&w.t()?)?)
     }
 }
 
@@ -162,8 +165,96 @@ fn check_bias(bias: &Option<Tensor>, out: usize) -> Result<()> {
     Ok(())
 }
 
+impl QLinear {
+    /// `y = x Wᵀ (+ b)` with the fused kernels; `x` is `[..., in_features]`.
+    pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
+        self.check_input(x)?;
+        let q = match &self.weight {
+            LinearWeight::Dense(w) => {
+                let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
+                return self.add_bias(y);
+            }
+            LinearWeight::Quant(q) => q,
+        };
+        if !q.device().same_device(x.device()) {
+            return Err(Error::msg(format!(
+                "activations are on {:?} but the weight is on {:?}; move one of them explicitly",
+                x.device(),
+                q.device()
+            )));
+        }
+        let dims = x.dims().to_vec();
+        let batch: usize = dims[..dims.len() - 1].iter().product();
+        let xf = x
+            .reshape((batch, self.in_features))?
+            .to_dtype(DType::F32)?
+            .contiguous()?;
+        let y = match self.act {
+            ActQuant::None => xf.apply_op1_no_bwd(&QMatMul { weight: q.clone() })?,
+            act => self.forward_w4a4(q, &xf, act)?,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = self.out_features;
+        let y = y.reshape(out_dims)?.to_dtype(x.dtype())?;
+        self.add_bias(y)
+    }
+
+    /// Exact W4A4 emulation (see `kernels::cpu::w4a4`); `x` is `[batch, k]` f32.
+    fn forward_w4a4(&self, q: &QTensor, x: &Tensor, act: ActQuant) -> Result<Tensor> {
+        use crate::kernels::cpu::w4a4;
+        let host = q.to_device(&candle_core::Device::Cpu)?;
+        let view = host.host_view().expect("host tensor");
+        let (batch, k) = x.dims2()?;
+        let xq = w4a4::quantize_activations(&x.flatten_all()?.to_vec1::<f32>()?, k, act)?;
+        let mut y = vec![0f32; batch * self.out_features];
+        w4a4::matmul_exact(&view, &xq, &mut y)?;
+        Ok(Tensor::from_vec(y, (batch, self.out_features), x.device())?)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+}
+
+/// The fused matmul as a candle custom op on the (f32, contiguous) activations.
+struct QMatMul {
+    weight: QTensor,
+}
+
+impl candle_core::CustomOp1 for QMatMul {
+    fn name(&self) -> &'static str {
+        "q4-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("q4-matmul expects f32 activations")
+        };
+        let (batch, k) = layout.shape().dims2()?;
+        let x = match layout.contiguous_offsets() {
+            Some((start, end)) => &data[start..end],
+            None => candle_core::bail!("q4-matmul expects contiguous activations"),
+        };
+        let view = self.weight.host_view().ok_or_else(|| {
+            candle_core::Error::Msg("q4-matmul: weight is not in host memory".into())
+        })?;
+        debug_assert_eq!(k, view.cols);
+        let n = view.rows;
+        let mut y = vec![0f32; batch * n];
+        crate::kernels::cpu::matmul(&view, x, batch, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((batch, n))))
+    }
+}
+
 impl Module for QLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        Ok(self.forward_reference(x)?)
+        Ok(self.forward_fused(x)?)
     }
 }

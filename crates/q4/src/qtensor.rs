@@ -49,6 +49,12 @@ impl QuantSpec {
             non_finite: NonFinite::Reject,
         }
     }
+
+    /// The same spec with another block size.
+    pub fn with_block(mut self, block_size: usize) -> Self {
+        self.block_size = block_size;
+        self
+    }
 }
 
 /// A buffer in host memory or a candle tensor on a device.
@@ -116,6 +122,8 @@ pub struct HostView<'a> {
     pub cols: usize,
     pub codes: &'a [u8],
     pub scales: HostScales<'a>,
+    /// NVFP4 tensor scale (1.0 for other formats); already folded into the scale table.
+    pub scale2: f32,
 }
 
 /// Host-side block scales.
@@ -451,6 +459,7 @@ impl QTensor {
             cols,
             codes,
             scales,
+            scale2: self.inner.scale2,
         })
     }
 

@@ -1,4 +1,4 @@
-//! CPU kernels: decode, fused GEMV/GEMM.
+//! Whole-tensor decode (bit-exact with q4-formats).
 
 use q4_formats::{simd, Element, Format};
 use rayon::prelude::*;

@@ -1,0 +1,67 @@
+//! CPU kernels: whole-tensor decode, fused dequantize-on-the-fly GEMV (batch 1-8) and a tiled
+//! GEMM for larger batches, plus the exact NVFP4 W4A4 emulation.
+
+mod decode;
+mod gemm;
+mod gemv;
+mod rows;
+pub mod w4a4;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use decode::{dequantize_into, pairs};
+pub use rows::Rows;
+
+use rayon::prelude::*;
+
+use crate::qtensor::HostView;
+
+/// Largest batch served by the GEMV kernel; above it the weight is decoded in tiles for a dense
+/// GEMM micro-kernel.
+pub const GEMV_MAX_BATCH: usize = 8;
+
+/// Which kernel a CPU matmul of this shape uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CpuKernel {
+    /// Fused decode + dot products, AVX2+FMA.
+    GemvAvx2,
+    /// Fused decode + dot products, portable Rust.
+    GemvPortable,
+    /// Tile decode, then the `gemm` crate's micro-kernel.
+    TiledGemm,
+}
+
+/// The kernel `matmul` picks for `batch` rows of activations.
+pub fn kernel_for(batch: usize) -> CpuKernel {
+    if batch > GEMV_MAX_BATCH {
+        CpuKernel::TiledGemm
+    } else if gemv::avx2_available() {
+        CpuKernel::GemvAvx2
+    } else {
+        CpuKernel::GemvPortable
+    }
+}
+
+/// `y[m, n] = sum_k x[m, k] * W[n, k]` for f32 activations `x` (`batch x k`, row-major) into
+/// `y` (`batch x n`). The 4-bit weight is never materialised as a whole.
+pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
+    let rows = Rows::new(w);
+    debug_assert_eq!(x.len(), batch * rows.k);
+    debug_assert_eq!(y.len(), batch * rows.n);
+    if batch == 0 || rows.n == 0 {
+        return;
+    }
+    match kernel_for(batch) {
+        CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
+        _ => gemv::matmul(&rows, x, batch, y),
+    }
+}
+
+/// Transposes `src` (`rows x cols`) into `dst` (`cols x rows`).
+pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    dst.par_chunks_mut(rows).enumerate().for_each(|(c, out)| {
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = src[r * cols + c];
+        }
+    });
+}

@@ -1,0 +1,144 @@
+//! Row-wise access to a QTensor's storage: which bytes and which scale each weight row uses.
+
+use q4_formats::Format;
+
+use crate::qtensor::{HostScales, HostView};
+
+/// Per-block scales as kernels read them.
+#[derive(Clone, Copy)]
+pub enum ScaleSrc<'a> {
+    /// A byte per block, looked up in a 256-entry table.
+    Table {
+        bytes: &'a [u8],
+        table: &'a [f32; 256],
+    },
+    /// An f32 per block.
+    F32(&'a [f32]),
+}
+
+impl ScaleSrc<'_> {
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> f32 {
+        match self {
+            ScaleSrc::Table { bytes, table } => table[bytes[i] as usize],
+            ScaleSrc::F32(v) => v[i],
+        }
+    }
+}
+
+/// The geometry of a quantized `[n, k]` weight.
+#[derive(Clone, Copy)]
+pub struct Rows<'a> {
+    pub codes: &'a [u8],
+    pub scales: ScaleSrc<'a>,
+    /// Codebook (16 f32 values indexed by nibble).
+    pub lut: &'a [f32; 16],
+    /// The codebook as value pairs per byte, in element order (for block decodes).
+    pub pairs: &'a q4_formats::simd::PairTable,
+    /// bitsandbytes stores the first element of a pair in the high nibble.
+    pub high_first: bool,
+    pub block: usize,
+    /// Output features (rows).
+    pub n: usize,
+    /// Input features (columns).
+    pub k: usize,
+    /// Bytes from one row's codes to the next (rows are padded to whole blocks).
+    pub row_bytes: usize,
+    /// Scales per row.
+    pub row_blocks: usize,
+    /// Every row starts on a byte and a block boundary, so rows can be walked block by block.
+    /// False only for bitsandbytes tensors whose blocks straddle rows.
+    pub aligned: bool,
+}
+
+impl<'a> Rows<'a> {
+    pub fn new(v: &HostView<'a>) -> Self {
+        let scales = match v.scales {
+            HostScales::Table { bytes, table } => ScaleSrc::Table { bytes, table },
+            HostScales::F32(f) => ScaleSrc::F32(f),
+        };
+        let bs = v.block_size;
+        let (row_bytes, row_blocks, aligned) = match v.format {
+            Format::Nvfp4 | Format::Mxfp4 => {
+                let pc = v.cols.div_ceil(bs) * bs;
+                (pc / 2, pc / bs, true)
+            }
+            Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols % bs == 0),
+        };
+        Rows {
+            codes: v.codes,
+            scales,
+            lut: codebook(v.format),
+            pairs: super::decode::pairs(v.format),
+            high_first: matches!(v.format, Format::Nf4 | Format::Fp4),
+            block: bs,
+            n: v.rows,
+            k: v.cols,
+            row_bytes,
+            row_blocks,
+            aligned,
+        }
+    }
+
+    /// Whole blocks per row that lie inside the first `k` columns.
+    pub fn full_blocks(&self) -> usize {
+        self.k / self.block
+    }
+
+    /// Decodes weight `(row, col)` for any geometry (slow, scalar).
+    #[inline]
+    pub fn weight(&self, row: usize, col: usize) -> f32 {
+        let (byte, nib_hi, scale_idx) = if self.aligned {
+            (
+                row * self.row_bytes + col / 2,
+                (col % 2 == 1) != self.high_first,
+                row * self.row_blocks + col / self.block,
+            )
+        } else {
+            let flat = row * self.k + col;
+            (
+                flat / 2,
+                (flat % 2 == 1) != self.high_first,
+                flat / self.block,
+            )
+        };
+        let b = self.codes[byte];
+        let code = if nib_hi { b >> 4 } else { b & 15 };
+        self.lut[code as usize] * self.scales.get(scale_idx)
+    }
+
+    /// Decodes a whole row into `out` (`k` values).
+    pub fn decode_row(&self, row: usize, out: &mut [f32]) {
+        if self.aligned {
+            let fb = self.full_blocks();
+            let codes = &self.codes[row * self.row_bytes..];
+            for j in 0..fb {
+                let s = self.scales.get(row * self.row_blocks + j);
+                let o = &mut out[j * self.block..(j + 1) * self.block];
+                let c = &codes[j * self.block / 2..(j + 1) * self.block / 2];
+                q4_formats::simd::decode_pairs(self.pairs, s, c, o);
+            }
+            for (col, o) in out
+                .iter_mut()
+                .enumerate()
+                .take(self.k)
+                .skip(fb * self.block)
+            {
+                *o = self.weight(row, col);
+            }
+        } else {
+            for (col, o) in out.iter_mut().enumerate().take(self.k) {
+                *o = self.weight(row, col);
+            }
+        }
+    }
+}
+
+/// The 16-entry codebook of a format, as multiplied by block scales in the kernels.
+pub fn codebook(format: Format) -> &'static [f32; 16] {
+    match format {
+        Format::Nvfp4 | Format::Mxfp4 => &q4_formats::scalar::E2M1_VALUES,
+        Format::Nf4 => &q4_formats::codebook::NF4,
+        Format::Fp4 => &q4_formats::codebook::BNB_FP4,
+    }
+}

@@ -1,0 +1,256 @@
+//! QLinear's fused kernels against the reference (dequantize to f32, then candle's matmul), the
+//! exact W4A4 emulation against an independent exact reference, and bad input.
+
+use candle_core::{DType, Device, Module, Tensor};
+use proptest::prelude::*;
+use q4::kernels::cpu::w4a4;
+use q4::qtensor::QuantSpec;
+use q4::{ActQuant, Format, QLinear, QTensor};
+use q4_formats::nvfp4::Nvfp4Tensor;
+
+fn randn(seed: u64, n: usize) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    let mut u = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 11) as f64 / (1u64 << 53) as f64) as f32
+    };
+    (0..n)
+        .map(|_| (u() + u() + u() + u() - 2.0) * 0.8)
+        .collect()
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let num: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    assert!(a.iter().all(|x| x.is_finite()), "non-finite output");
+    (num / den.max(1e-30)).sqrt() as f32
+}
+
+fn spec(format: Format, block: usize, pad: bool, double_quant: bool) -> QuantSpec {
+    QuantSpec {
+        block_size: block,
+        pad,
+        double_quant,
+        ..QuantSpec::new(format)
+    }
+}
+
+fn check(
+    format: Format,
+    block: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    seed: u64,
+    double_quant: bool,
+) {
+    let pad = matches!(format, Format::Nvfp4 | Format::Mxfp4) && k % block != 0;
+    let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
+    let bias = Tensor::from_vec(randn(seed + 1, n), n, &Device::Cpu).unwrap();
+    let layer = QLinear::from_dense(
+        &w,
+        Some(bias),
+        Some(&spec(format, block, pad, double_quant)),
+    )
+    .unwrap();
+    // Leading dimensions: [batch] as [1, batch] to exercise reshaping.
+    let x = Tensor::from_vec(randn(seed + 2, batch * k), (1, batch, k), &Device::Cpu).unwrap();
+    let fused = layer.forward(&x).unwrap();
+    let reference = layer.forward_reference(&x).unwrap();
+    assert_eq!(fused.dims(), &[1, batch, n]);
+    let e = rel_err(&fused, &reference);
+    assert!(
+        e <= 1e-5,
+        "{format} block {block} n={n} k={k} batch={batch}: f32 rel err {e}"
+    );
+    let xb = x.to_dtype(DType::BF16).unwrap();
+    let fused = layer.forward(&xb).unwrap();
+    assert_eq!(fused.dtype(), DType::BF16);
+    let e = rel_err(&fused, &layer.forward_reference(&x).unwrap());
+    assert!(
+        e <= 1e-2,
+        "{format} n={n} k={k} batch={batch}: bf16 rel err {e}"
+    );
+}
+
+#[test]
+fn fused_agrees_with_reference_on_fixed_shapes() {
+    for &batch in &[1, 2, 3, 7, 16, 64] {
+        for (format, block) in [
+            (Format::Nvfp4, 16),
+            (Format::Nf4, 64),
+            (Format::Fp4, 64),
+            (Format::Mxfp4, 32),
+        ] {
+            check(
+                format,
+                block,
+                37,
+                256,
+                batch,
+                batch as u64 * 31 + block as u64,
+                false,
+            );
+        }
+    }
+    // Double quantization, wide blocks, blocks straddling rows, padded rows.
+    check(Format::Nf4, 64, 29, 192, 3, 7, true);
+    check(Format::Nf4, 4096, 9, 512, 2, 8, false);
+    check(Format::Nf4, 64, 13, 96, 5, 9, false);
+    check(Format::Nvfp4, 16, 11, 40, 4, 10, false);
+    check(Format::Mxfp4, 32, 11, 72, 17, 11, false);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn fused_agrees_with_reference_on_random_shapes(
+        fmt in 0usize..4, n in 1usize..70, kb in 1usize..12, batch in prop::sample::select(vec![1usize, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33]), seed in 0u64..1000
+    ) {
+        let (format, block) = [(Format::Nvfp4, 16), (Format::Nf4, 64), (Format::Fp4, 32), (Format::Mxfp4, 32)][fmt];
+        check(format, block, n, kb * 32, batch, seed, false);
+    }
+}
+
+/// Exact W4A4 reference: dequantize activations and weight with unit tensor scales (every value
+/// is then an exact multiple of 2^-10), sum the products exactly in i128, round once to f32, and
+/// apply alpha = s2x * s2w — with none of the kernel's code paths.
+fn w4a4_reference(w: &Nvfp4Tensor, xq: &Nvfp4Tensor) -> Vec<f32> {
+    let unit = |t: &Nvfp4Tensor| -> Vec<f32> {
+        Nvfp4Tensor {
+            scale2: 1.0,
+            ..t.clone()
+        }
+        .dequantize()
+        .unwrap()
+    };
+    let (wd, xd) = (unit(w), unit(xq));
+    let k = w.cols;
+    let mut y = vec![0f32; xq.rows * w.rows];
+    for m in 0..xq.rows {
+        for n in 0..w.rows {
+            let mut acc: i128 = 0;
+            for i in 0..k {
+                let a = (xd[m * k + i] as f64 * 1024.0) as i128;
+                let b = (wd[n * k + i] as f64 * 1024.0) as i128;
+                assert_eq!(
+                    a as f64,
+                    xd[m * k + i] as f64 * 1024.0,
+                    "not a multiple of 2^-10"
+                );
+                acc += a * b;
+            }
+            y[m * w.rows + n] = (acc as f32) * (1.0 / (1u64 << 20) as f32) * (xq.scale2 * w.scale2);
+        }
+    }
+    y
+}
+
+#[test]
+fn w4a4_is_bit_exact_with_explicit_quantize_dequantize_reference() {
+    for (n, k, batch, seed) in [(33, 128, 1, 1u64), (20, 256, 7, 2), (64, 64, 16, 3)] {
+        let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
+        let xs = randn(seed + 9, batch * k);
+        let x = Tensor::from_vec(xs.clone(), (batch, k), &Device::Cpu).unwrap();
+        for act in [
+            ActQuant::Nvfp4Dynamic,
+            ActQuant::Nvfp4Static {
+                input_scale: 0.0011,
+            },
+        ] {
+            let layer = QLinear::new(q.clone(), None)
+                .unwrap()
+                .with_act_quant(act)
+                .unwrap();
+            let y = layer
+                .forward(&x)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let xq = w4a4::quantize_activations(&xs, k, act).unwrap();
+            let q4_formats_w = match q.to_formats().unwrap() {
+                q4::Quantized::Nvfp4(t) => t,
+                _ => unreachable!(),
+            };
+            let want = w4a4_reference(&q4_formats_w, &xq);
+            assert_eq!(
+                y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{act:?}"
+            );
+            // And it is close to the float reference (fake-quantized activations, dense matmul).
+            let e = rel_err(
+                &layer.forward(&x).unwrap(),
+                &layer.forward_reference(&x).unwrap(),
+            );
+            assert!(e < 1e-5, "{act:?}: {e}");
+        }
+    }
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let w = Tensor::from_vec(randn(1, 8 * 32), (8, 32), &Device::Cpu).unwrap();
+    let layer =
+        QLinear::from_dense(&w, None, Some(&QuantSpec::new(Format::Nf4).with_block(32))).unwrap();
+    let x = Tensor::zeros((2, 31), DType::F32, &Device::Cpu).unwrap();
+    let e = layer.forward(&x).unwrap_err().to_string();
+    assert!(
+        e.contains("expects inputs [..., 32]") && e.contains("[2, 31]"),
+        "{e}"
+    );
+    let x = Tensor::zeros((2, 32), DType::U32, &Device::Cpu).unwrap();
+    let e = layer.forward(&x).unwrap_err().to_string();
+    assert!(e.contains("must be f32, bf16 or f16"), "{e}");
+    let e = layer
+        .clone()
+        .with_act_quant(ActQuant::Nvfp4Dynamic)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("needs an NVFP4 weight") && e.contains("nf4"),
+        "{e}"
+    );
+    let e = QTensor::quantize(
+        &Tensor::zeros((4, 20), DType::F32, &Device::Cpu).unwrap(),
+        &QuantSpec::new(Format::Nvfp4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a multiple of the block size 16"), "{e}");
+    let e = QTensor::quantize(
+        &Tensor::zeros((4, 32), DType::U8, &Device::Cpu).unwrap(),
+        &QuantSpec::new(Format::Nvfp4),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("dtype U8"), "{e}");
+    let bad_bias = Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap();
+    let e = QLinear::from_dense(&w, Some(bad_bias), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias must have shape [8]"), "{e}");
+}
