@@ -575,7 +575,7 @@ mod tests {
             0.5,
             -2.0,
             1.0,
-            0.10009765625,
+            0.100_097_656,
             -0.30078125,
             0.0,
             1.5,
@@ -625,7 +625,7 @@ mod tests {
 
     #[test]
     fn python_repr_matches() {
-        assert_eq!(python_float_repr(2.755859375), "2.755859375");
+        assert_eq!(python_float_repr(2.755_859_4), "2.755859375");
         assert_eq!(python_float_repr(1.0), "1.0");
         assert_eq!(python_float_repr(0.1), "0.10000000149011612");
         assert_eq!(python_float_repr(1.5e-5), "1.4999999621068127e-05");

@@ -111,13 +111,13 @@ pub fn padded_cols(cols: usize) -> usize {
 
 /// Quantizes a `rows x cols` tensor.
 pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Mxfp4Options) -> Result<Mxfp4Tensor> {
-    if cols == 0 || data.len() % cols != 0 {
+    if cols == 0 || !data.len().is_multiple_of(cols) {
         return Err(FormatError::Invalid(format!(
             "{} elements do not form rows of {cols}",
             data.len()
         )));
     }
-    if cols % BLOCK != 0 && !opts.pad {
+    if !cols.is_multiple_of(BLOCK) && !opts.pad {
         return Err(FormatError::NotBlockMultiple { cols, block: BLOCK });
     }
     if opts.non_finite == NonFinite::Reject {

@@ -98,13 +98,13 @@ pub fn scale_table(s2: f32) -> [f32; 256] {
 
 /// Quantizes a `rows x cols` tensor (row-major, `data.len() == rows * cols`).
 pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Nvfp4Options) -> Result<Nvfp4Tensor> {
-    if cols == 0 || data.len() % cols != 0 {
+    if cols == 0 || !data.len().is_multiple_of(cols) {
         return Err(FormatError::Invalid(format!(
             "{} elements do not form rows of {cols}",
             data.len()
         )));
     }
-    if cols % BLOCK != 0 && !opts.pad {
+    if !cols.is_multiple_of(BLOCK) && !opts.pad {
         return Err(FormatError::NotBlockMultiple { cols, block: BLOCK });
     }
     let rows = data.len() / cols;

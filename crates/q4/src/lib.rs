@@ -6,6 +6,7 @@
 pub mod error;
 pub mod host_bytes;
 pub mod kernels;
+pub mod lut;
 pub mod qlinear;
 pub mod qtensor;
 

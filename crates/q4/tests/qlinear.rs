@@ -64,7 +64,7 @@ fn check(
     seed: u64,
     double_quant: bool,
 ) {
-    let pad = matches!(format, Format::Nvfp4 | Format::Mxfp4) && k % block != 0;
+    let pad = matches!(format, Format::Nvfp4 | Format::Mxfp4) && !k.is_multiple_of(block);
     let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
     let bias = Tensor::from_vec(randn(seed + 1, n), n, &Device::Cpu).unwrap();
     let layer = QLinear::from_dense(

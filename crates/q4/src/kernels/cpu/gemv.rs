@@ -34,7 +34,7 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
 /// Computes rows `r0..r1` into `out` (`[row - r0][m]`).
 pub fn rows(w: &Rows<'_>, x: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if w.aligned && w.block % 16 == 0 && avx2_available() {
+    if w.aligned && w.block.is_multiple_of(16) && avx2_available() {
         // SAFETY: AVX2+FMA are present (checked above) and the geometry requirements of
         // `rows_kernel` (aligned rows, blocks of a multiple of 16, rows in range, `x` holding
         // `batch` rows of k) are established by the caller and the checks here.
@@ -68,7 +68,7 @@ unsafe fn rows_avx2(w: &Rows<'_>, x: &[f32], batch: usize, r0: usize, r1: usize,
     macro_rules! run {
         ($r:literal, $b:literal) => {{
             let mut r = r0;
-            while r + $r <= r1 {
+            while r1 - r >= $r {
                 rows_kernel::<$r, $b>(w, x, r, &mut out[(r - r0) * $b..]);
                 r += $r;
             }

@@ -4,7 +4,7 @@
 mod decode;
 mod gemm;
 mod gemv;
-mod rows;
+pub mod rows;
 pub mod w4a4;
 #[cfg(target_arch = "x86_64")]
 mod x86;

@@ -63,7 +63,7 @@ impl<'a> Rows<'a> {
                 let pc = v.cols.div_ceil(bs) * bs;
                 (pc / 2, pc / bs, true)
             }
-            Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols % bs == 0),
+            Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols.is_multiple_of(bs)),
         };
         Rows {
             codes: v.codes,

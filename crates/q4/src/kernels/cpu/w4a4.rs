@@ -27,7 +27,7 @@ const E2M1_X2: [i32; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, 
 /// NaN bytes map to `None`.
 fn e4m3_x512(b: u8) -> Option<i64> {
     let v = e4m3::decode(b);
-    v.is_finite().then(|| (v * 512.0) as i64)
+    v.is_finite().then_some((v * 512.0) as i64)
 }
 
 /// The activation tensor scale for `x` under `act`.

@@ -9,8 +9,19 @@ use std::arch::x86_64::*;
 
 use super::rows::{Rows, ScaleSrc};
 
+/// Looks up eight lane indices (0..16) in the codebook held as two halves.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn lookup8(i: __m256i, lut_lo: __m256, lut_hi: __m256) -> __m256 {
+    let a = _mm256_permutevar8x32_ps(lut_lo, i);
+    let b = _mm256_permutevar8x32_ps(lut_hi, i);
+    // Bit 3 of the code moved to the sign bit selects the upper half of the table.
+    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
+}
+
 /// Decodes 16 codes starting at `p` into two vectors of f32 codebook values.
-#[inline(always)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn decode16(
     p: *const u8,
     high_first: bool,
@@ -28,16 +39,11 @@ unsafe fn decode16(
     };
     let i0 = _mm256_cvtepu8_epi32(idx);
     let i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8));
-    let pick = |i: __m256i| {
-        let a = _mm256_permutevar8x32_ps(lut_lo, i);
-        let b = _mm256_permutevar8x32_ps(lut_hi, i);
-        // Bit 3 of the code moved to the sign bit selects the upper half of the table.
-        _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
-    };
-    (pick(i0), pick(i1))
+    (lookup8(i0, lut_lo, lut_hi), lookup8(i1, lut_lo, lut_hi))
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
 unsafe fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -52,6 +58,7 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// The CPU must support AVX2 and FMA; `w.aligned` must hold, `w.block % 16 == 0`, rows
 /// `row0..row0 + R` must exist, and `x` must hold `B` rows of `w.k` values.
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
 pub unsafe fn rows_kernel<const R: usize, const B: usize>(
     w: &Rows<'_>,
     x: &[f32],
@@ -60,7 +67,7 @@ pub unsafe fn rows_kernel<const R: usize, const B: usize>(
 ) {
     debug_assert!(
         w.aligned
-            && w.block % 16 == 0
+            && w.block.is_multiple_of(16)
             && row0 + R <= w.n
             && x.len() >= B * w.k
             && out.len() >= R * B

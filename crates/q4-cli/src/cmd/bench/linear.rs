@@ -1,0 +1,222 @@
+//! `q4 bench linear`: QLinear against candle's f32 matmul and candle's own 4-bit path
+//! (`QMatMul` over GGUF Q4_0 / Q4K), same shapes, same process, same machine state.
+//!
+//! Small batches are timed cache-cold: each call uses the next of several copies of the weight,
+//! enough copies to exceed three times the last-level cache, so no call finds its weight cached.
+
+use std::fmt::Write as _;
+
+use anyhow::{bail, Context, Result};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor as CandleQTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use q4::qtensor::QuantSpec;
+use q4::{Format, QLinear};
+
+use super::measure::{read_bandwidth, time, Timing};
+
+/// Arguments of `q4 bench linear`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Weight shapes OUTxIN.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "4096x4096,11008x4096,1536x576,49152x576"
+    )]
+    shapes: Vec<String>,
+    /// Activation rows.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    batches: Vec<usize>,
+    /// Timed calls per measurement (median reported).
+    #[arg(long, default_value_t = 30)]
+    reps: usize,
+    /// Batches up to this size are timed cache-cold (rotating weight copies).
+    #[arg(long, default_value_t = 4)]
+    cold_up_to: usize,
+    /// Last-level cache size in MiB (the rotation covers 3x this).
+    #[arg(long, default_value_t = 32)]
+    llc_mib: usize,
+    /// Skip candle's Q4_0 (slow at large batches).
+    #[arg(long)]
+    no_q4_0: bool,
+    /// Most CPU (in cores) other processes may use during a measurement before it is repeated.
+    #[arg(long, default_value_t = 0.15)]
+    max_others: f64,
+}
+
+fn parse_shape(s: &str) -> Result<(usize, usize)> {
+    let (a, b) = s
+        .split_once('x')
+        .with_context(|| format!("shape {s:?} is not OUTxIN"))?;
+    Ok((a.trim().parse()?, b.trim().parse()?))
+}
+
+fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            let mut u = 0f32;
+            for _ in 0..3 {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                u += (s >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            (u - 1.5) * scale
+        })
+        .collect()
+}
+
+/// A contender: its name, stored weight bytes, and one layer per rotating copy.
+struct Contender {
+    name: &'static str,
+    bytes: usize,
+    layers: Vec<Box<dyn Module>>,
+}
+
+struct DenseF32(Tensor);
+impl Module for DenseF32 {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.matmul(&self.0.t()?)
+    }
+}
+
+fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
+    let mut layers: Vec<Box<dyn Module>> = Vec::with_capacity(copies);
+    let mut bytes = 0;
+    for _ in 0..copies {
+        // Each copy is a separate allocation (same values).
+        let w = w.copy()?;
+        let (layer, b): (Box<dyn Module>, usize) = match name {
+            "q4-nvfp4" | "q4-nf4" => {
+                let f = if name == "q4-nvfp4" {
+                    Format::Nvfp4
+                } else {
+                    Format::Nf4
+                };
+                let l = QLinear::from_dense(&w, None, Some(&QuantSpec::new(f)))?;
+                let b = match l.weight() {
+                    q4::qlinear::LinearWeight::Quant(q) => q.storage_bytes(),
+                    _ => unreachable!(),
+                };
+                (Box::new(l), b)
+            }
+            "candle-f32" => {
+                let b = w.elem_count() * 4;
+                (Box::new(DenseF32(w)), b)
+            }
+            "candle-q4k" | "candle-q4_0" => {
+                let dt = if name == "candle-q4k" {
+                    GgmlDType::Q4K
+                } else {
+                    GgmlDType::Q4_0
+                };
+                let q = CandleQTensor::quantize(&w, dt)?;
+                let b = q.storage_size_in_bytes();
+                (Box::new(QMatMul::from_qtensor(q)?), b)
+            }
+            _ => bail!("unknown contender {name}"),
+        };
+        bytes = b;
+        layers.push(layer);
+    }
+    Ok(Contender {
+        name,
+        bytes,
+        layers,
+    })
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let bw = read_bandwidth(512 << 20);
+    let mut out = String::new();
+    writeln!(
+        out,
+        "# q4 bench linear: {threads} threads, memory read bandwidth {:.1} GB/s (same run)",
+        bw / 1e9
+    )?;
+    writeln!(
+        out,
+        "{:<12} {:>5} {:<5} {:<12} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7}",
+        "shape",
+        "batch",
+        "cache",
+        "impl",
+        "median_ms",
+        "GB/s",
+        "GFLOP/s",
+        "%readbw",
+        "vs_f32",
+        "vs_q4k",
+        "others"
+    )?;
+    eprint!("{out}");
+    let mut names = vec!["q4-nvfp4", "q4-nf4", "candle-f32", "candle-q4k"];
+    if !args.no_q4_0 {
+        names.push("candle-q4_0");
+    }
+    for shape in &args.shapes {
+        let (n, k) = parse_shape(shape)?;
+        let w = Tensor::from_vec(random(n * k, 7, 0.02), (n, k), &Device::Cpu)?;
+        let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+        let cold_copies = |bytes: usize| (3 * (args.llc_mib << 20)).div_ceil(bytes.max(1)).max(2);
+        let mut contenders = Vec::new();
+        for &name in &names {
+            // One copy first to learn the stored size, then enough copies for the rotation.
+            let probe = build(name, &w, 1)?;
+            let copies = if args.batches.iter().any(|&b| b <= args.cold_up_to) {
+                cold_copies(probe.bytes)
+            } else {
+                1
+            };
+            contenders.push(if copies == 1 {
+                probe
+            } else {
+                build(name, &w, copies)?
+            });
+        }
+        let xs = random(max_batch * k, 11, 1.0);
+        for &batch in &args.batches {
+            let x = Tensor::from_vec(xs[..batch * k].to_vec(), (batch, k), &Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            let cold = batch <= args.cold_up_to;
+            let mut results: Vec<(&str, usize, Timing)> = Vec::new();
+            for c in &contenders {
+                let layers = if cold { &c.layers[..] } else { &c.layers[..1] };
+                let reps = if n * k * batch > 200_000_000 {
+                    args.reps.min(10)
+                } else {
+                    args.reps
+                };
+                let t = time(2, reps, args.max_others, |i| {
+                    let y = layers[i % layers.len()].forward(&x).expect("forward");
+                    std::hint::black_box(y);
+                });
+                results.push((c.name, c.bytes, t));
+            }
+            let get = |name: &str| results.iter().find(|r| r.0 == name).map(|r| r.2.median);
+            for (name, bytes, t) in &results {
+                let flops = 2.0 * (n * k * batch) as f64;
+                let line = format!(
+                    "{:<12} {:>5} {:<5} {:<12} {:>9.3} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
+                    shape,
+                    batch,
+                    if cold { "cold" } else { "warm" },
+                    name,
+                    t.median * 1e3,
+                    *bytes as f64 / t.median / 1e9,
+                    flops / t.median / 1e9,
+                    100.0 * (*bytes as f64 / t.median) / bw,
+                    get("candle-f32").map_or(f64::NAN, |f| f / t.median),
+                    get("candle-q4k").map_or(f64::NAN, |f| f / t.median),
+                    t.others,
+                );
+                eprintln!("{line}");
+                writeln!(out, "{line}")?;
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
