@@ -1,45 +1,128 @@
-//! AVX2 + FMA micro-kernel of the fused 4-bit GEMV.
+//! AVX2 + FMA micro-kernels of the fused 4-bit GEMV.
 //!
-//! Sixteen nibbles (8 bytes) are split, interleaved in element order and widened to eight
-//! 32-bit lane indices at a time; two `vpermps` look them up in the 16-entry codebook and a blend
-//! on bit 3 picks the half. The decoded weights are scaled by the block scale and fed to FMAs
-//! against `B` activation rows for `R` weight rows at once (R*B accumulators in registers).
+//! Decoding works on 64 weights (32 packed bytes) at a time without any cross-lane shuffle:
+//! the low and high nibbles become two vectors of 32 one-byte codes; `vpshufb` looks each code
+//! up in byte planes of the codebook (2 planes for E2M1, whose values are exact bfloat16, 4 planes
+//! for NF4 / bitsandbytes FP4), and in-lane unpacks assemble the f32 values. The weights come
+//! out in a fixed permuted order, so the activations are permuted once per call to match
+//! ([`permute_activations`]) instead of shuffling every weight.
+//!
+//! Within a 64-weight chunk each decoded vector holds elements of at most two 16-element blocks
+//! (lane 0 from the first 32 weights, lane 1 from the last 32); products are summed per block pair
+//! and scaled by a vector of the matching block scales.
 
 use std::arch::x86_64::*;
 
 use super::rows::{Rows, ScaleSrc};
 
-/// Looks up eight lane indices (0..16) in the codebook held as two halves.
-#[target_feature(enable = "avx2,fma")]
+/// Weights per decode step.
+pub const CHUNK: usize = 64;
+
+/// Position in the chunk of the weight that decoded vector `t` (0..8), lane element `j` (0..8)
+/// holds, for low-nibble-first storage. High-nibble-first storage swaps even and odd elements.
 #[inline]
-unsafe fn lookup8(i: __m256i, lut_lo: __m256, lut_hi: __m256) -> __m256 {
-    let a = _mm256_permutevar8x32_ps(lut_lo, i);
-    let b = _mm256_permutevar8x32_ps(lut_hi, i);
-    // Bit 3 of the code moved to the sign bit selects the upper half of the table.
-    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)))
+pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
+    let parity = (t / 4) ^ usize::from(high_first);
+    let half = j / 4; // lane 0: first 32 weights, lane 1: last 32
+    let i = (t % 4) * 4 + j % 4; // index among the 16 same-parity elements of the half
+    half * 32 + 2 * i + parity
 }
 
-/// Decodes 16 codes starting at `p` into two vectors of f32 codebook values.
+/// Reorders activation rows (`batch x k`) into the order the kernels consume weights: each full
+/// 64-chunk is permuted, the tail (k % 64) stays in place.
+pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+    out.clear();
+    out.resize(x.len(), 0.0);
+    let mut order = [0usize; CHUNK];
+    for t in 0..8 {
+        for j in 0..8 {
+            order[t * 8 + j] = chunk_element(t, j, high_first);
+        }
+    }
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        let full = k / CHUNK * CHUNK;
+        for (s, d) in src[..full]
+            .chunks_exact(CHUNK)
+            .zip(dst[..full].chunks_exact_mut(CHUNK))
+        {
+            for (p, &o) in order.iter().enumerate() {
+                d[p] = s[o];
+            }
+        }
+        dst[full..].copy_from_slice(&src[full..]);
+    }
+}
+
+/// Byte planes of a 16-entry f32 codebook, each duplicated in both 128-bit lanes for `vpshufb`.
+pub struct Planes {
+    b: [__m256i; 4],
+}
+
+impl Planes {
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn new(lut: &[f32; 16]) -> Planes {
+        let mut bytes = [[0u8; 16]; 4];
+        for (c, v) in lut.iter().enumerate() {
+            for (p, plane) in bytes.iter_mut().enumerate() {
+                plane[c] = v.to_bits().to_le_bytes()[p];
+            }
+        }
+        let load = |p: &[u8; 16]| {
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(p.as_ptr() as *const __m128i))
+        };
+        Planes {
+            b: [
+                load(&bytes[0]),
+                load(&bytes[1]),
+                load(&bytes[2]),
+                load(&bytes[3]),
+            ],
+        }
+    }
+
+    /// Whether the two low byte planes are zero (every value is exact in bfloat16).
+    pub fn bf16_exact(lut: &[f32; 16]) -> bool {
+        lut.iter().all(|v| v.to_bits() & 0xffff == 0)
+    }
+}
+
+/// Decodes one vector of 32 byte codes into four vectors of eight f32 values.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn decode16(
-    p: *const u8,
-    high_first: bool,
-    lut_lo: __m256,
-    lut_hi: __m256,
-) -> (__m256, __m256) {
-    let v = _mm_loadl_epi64(p as *const __m128i);
-    let mask = _mm_set1_epi8(0x0f);
-    let lo = _mm_and_si128(v, mask);
-    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-    let idx = if high_first {
-        _mm_unpacklo_epi8(hi, lo)
-    } else {
-        _mm_unpacklo_epi8(lo, hi)
+unsafe fn decode32<const BF16: bool>(codes: __m256i, p: &Planes) -> [__m256; 4] {
+    let hi16 = {
+        let b2 = _mm256_shuffle_epi8(p.b[2], codes);
+        let b3 = _mm256_shuffle_epi8(p.b[3], codes);
+        [_mm256_unpacklo_epi8(b2, b3), _mm256_unpackhi_epi8(b2, b3)]
     };
-    let i0 = _mm256_cvtepu8_epi32(idx);
-    let i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(idx, 8));
-    (lookup8(i0, lut_lo, lut_hi), lookup8(i1, lut_lo, lut_hi))
+    let lo16 = if BF16 {
+        [_mm256_setzero_si256(), _mm256_setzero_si256()]
+    } else {
+        let b0 = _mm256_shuffle_epi8(p.b[0], codes);
+        let b1 = _mm256_shuffle_epi8(p.b[1], codes);
+        [_mm256_unpacklo_epi8(b0, b1), _mm256_unpackhi_epi8(b0, b1)]
+    };
+    [
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo16[0], hi16[0])),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo16[0], hi16[0])),
+        _mm256_castsi256_ps(_mm256_unpacklo_epi16(lo16[1], hi16[1])),
+        _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo16[1], hi16[1])),
+    ]
+}
+
+/// Decodes the 64 weights at `p` into eight vectors, in `chunk_element` order.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode64<const BF16: bool>(p: *const u8, planes: &Planes) -> [__m256; 8] {
+    let v = _mm256_loadu_si256(p as *const __m256i);
+    let mask = _mm256_set1_epi8(0x0f);
+    let lo = _mm256_and_si256(v, mask);
+    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    let a = decode32::<BF16>(lo, planes);
+    let b = decode32::<BF16>(hi, planes);
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -51,17 +134,117 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Computes `out[r * B + m] = sum_k W[row0 + r, k] * x[m, k]` for `R` rows over the whole
-/// blocks of each row; the caller adds the (padded) tail columns.
+/// Block-scale lookup, monomorphised per storage kind so the hot loop has no branch on it.
+pub trait Scales: Copy {
+    /// # Safety
+    /// `i` must be a valid block index.
+    unsafe fn at(&self, i: usize) -> f32;
+}
+
+/// A byte per block decoded through a 256-entry table (NVFP4, MXFP4).
+#[derive(Clone, Copy)]
+pub struct TableScales<'a> {
+    pub bytes: &'a [u8],
+    pub table: &'a [f32; 256],
+}
+
+impl Scales for TableScales<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        *self
+            .table
+            .get_unchecked(*self.bytes.get_unchecked(i) as usize)
+    }
+}
+
+/// An f32 per block (bitsandbytes absmax).
+#[derive(Clone, Copy)]
+pub struct F32Scales<'a>(pub &'a [f32]);
+
+impl Scales for F32Scales<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        *self.0.get_unchecked(i)
+    }
+}
+
+impl Scales for ScaleSrc<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        match self {
+            ScaleSrc::Table { bytes, table } => TableScales { bytes, table }.at(i),
+            ScaleSrc::F32(v) => F32Scales(v).at(i),
+        }
+    }
+}
+
+/// How a chunk's weights map to blocks: 16-, 32-wide blocks, or blocks of 64 or more (one scale
+/// per chunk). A const parameter, so the index arithmetic compiles to shifts and adds.
+pub const BLOCK16: u8 = 0;
+pub const BLOCK32: u8 = 1;
+pub const BLOCK64: u8 = 2;
+
+/// The `BK` class of a block size.
+pub fn block_class(block: usize) -> u8 {
+    match block {
+        16 => BLOCK16,
+        32 => BLOCK32,
+        _ => BLOCK64,
+    }
+}
+
+/// Scale vectors of the two block pairs of chunk `c` of a row whose scales start at `base`:
+/// `[s(e0..15) x4 | s(e32..47) x4]` and `[s(e16..31) x4 | s(e48..63) x4]` (equal unless blocks
+/// are 16 wide).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn chunk_scales<const BK: u8, S: Scales>(
+    s: &S,
+    base: usize,
+    c: usize,
+    shift: u32,
+) -> (__m256, __m256) {
+    let pair = |a: f32, b: f32| {
+        _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(a)), _mm_set1_ps(b), 1)
+    };
+    match BK {
+        BLOCK16 => {
+            let i = base + 4 * c;
+            (pair(s.at(i), s.at(i + 2)), pair(s.at(i + 1), s.at(i + 3)))
+        }
+        BLOCK32 => {
+            let i = base + 2 * c;
+            let v = pair(s.at(i), s.at(i + 1));
+            (v, v)
+        }
+        _ => {
+            let v = _mm256_set1_ps(s.at(base + ((c * CHUNK) >> shift)));
+            (v, v)
+        }
+    }
+}
+
+/// Computes `out[r * B + m] = sum_k W[row0 + r, k] * x[m, k]` over the whole 64-chunks of each
+/// row (the caller adds the `k % 64` tail). `xp` holds the activations permuted by
+/// [`permute_activations`].
 ///
 /// # Safety
-/// The CPU must support AVX2 and FMA; `w.aligned` must hold, `w.block % 16 == 0`, rows
-/// `row0..row0 + R` must exist, and `x` must hold `B` rows of `w.k` values.
+/// The CPU must support AVX2 and FMA; `w.aligned` must hold with `w.block` a multiple of 16
+/// (and of 64 or less than 64 dividing it), rows `row0..row0 + R` must exist, and `xp` must hold
+/// `B` rows of `w.k` values.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
-pub unsafe fn rows_kernel<const R: usize, const B: usize>(
+pub unsafe fn rows_kernel<
+    const R: usize,
+    const B: usize,
+    const BF16: bool,
+    const BK: u8,
+    S: Scales,
+>(
     w: &Rows<'_>,
-    x: &[f32],
+    scales: S,
+    planes: &Planes,
+    xp: &[f32],
     row0: usize,
     out: &mut [f32],
 ) {
@@ -69,38 +252,44 @@ pub unsafe fn rows_kernel<const R: usize, const B: usize>(
         w.aligned
             && w.block.is_multiple_of(16)
             && row0 + R <= w.n
-            && x.len() >= B * w.k
+            && xp.len() >= B * w.k
             && out.len() >= R * B
     );
-    let lut_lo = _mm256_loadu_ps(w.lut.as_ptr());
-    let lut_hi = _mm256_loadu_ps(w.lut.as_ptr().add(8));
-    let mut acc = [[_mm256_setzero_ps(); B]; R];
-    let fb = w.full_blocks();
-    let groups = w.block / 16;
-    let xp = x.as_ptr();
+    let chunks = w.k / CHUNK;
+    let xptr = xp.as_ptr();
     let cp = w.codes.as_ptr();
-    for j in 0..fb {
-        let mut scale = [_mm256_setzero_ps(); R];
-        for (r, s) in scale.iter_mut().enumerate() {
-            let idx = (row0 + r) * w.row_blocks + j;
-            *s = _mm256_set1_ps(match w.scales {
-                ScaleSrc::Table { bytes, table } => {
-                    *table.get_unchecked(*bytes.get_unchecked(idx) as usize)
+    let shift = w.block.trailing_zeros();
+    let mut acc = [[_mm256_setzero_ps(); B]; R];
+    for c in 0..chunks {
+        let col = c * CHUNK;
+        for r in 0..R {
+            let (s1, s2) = chunk_scales::<BK, S>(&scales, (row0 + r) * w.row_blocks, c, shift);
+            let wv = decode64::<BF16>(cp.add((row0 + r) * w.row_bytes + col / 2), planes);
+            if B == 1 {
+                // One activation row: sum each block pair unscaled, scale once per chunk.
+                let x = xptr.add(col);
+                let mut p1 = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
+                p1 = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(x.add(8)), p1);
+                p1 = _mm256_fmadd_ps(wv[4], _mm256_loadu_ps(x.add(32)), p1);
+                p1 = _mm256_fmadd_ps(wv[5], _mm256_loadu_ps(x.add(40)), p1);
+                let mut p2 = _mm256_mul_ps(wv[2], _mm256_loadu_ps(x.add(16)));
+                p2 = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x.add(24)), p2);
+                p2 = _mm256_fmadd_ps(wv[6], _mm256_loadu_ps(x.add(48)), p2);
+                p2 = _mm256_fmadd_ps(wv[7], _mm256_loadu_ps(x.add(56)), p2);
+                acc[r][0] = _mm256_fmadd_ps(p1, s1, acc[r][0]);
+                acc[r][0] = _mm256_fmadd_ps(p2, s2, acc[r][0]);
+            } else {
+                // Several activation rows: scale the decoded weights once, reuse them B times.
+                let mut ws = wv;
+                for t in 0..8 {
+                    ws[t] = _mm256_mul_ps(wv[t], if t % 4 < 2 { s1 } else { s2 });
                 }
-                ScaleSrc::F32(v) => *v.get_unchecked(idx),
-            });
-        }
-        for g in 0..groups {
-            let kk = j * w.block + g * 16;
-            for r in 0..R {
-                let p = cp.add((row0 + r) * w.row_bytes + kk / 2);
-                let (w0, w1) = decode16(p, w.high_first, lut_lo, lut_hi);
-                let w0 = _mm256_mul_ps(w0, scale[r]);
-                let w1 = _mm256_mul_ps(w1, scale[r]);
                 for m in 0..B {
-                    let xm = xp.add(m * w.k + kk);
-                    acc[r][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[r][m]);
-                    acc[r][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm.add(8)), acc[r][m]);
+                    let x = xptr.add(m * w.k + col);
+                    for t in 0..8 {
+                        acc[r][m] =
+                            _mm256_fmadd_ps(ws[t], _mm256_loadu_ps(x.add(8 * t)), acc[r][m]);
+                    }
                 }
             }
         }
@@ -108,6 +297,28 @@ pub unsafe fn rows_kernel<const R: usize, const B: usize>(
     for r in 0..R {
         for m in 0..B {
             *out.get_unchecked_mut(r * B + m) = hsum(acc[r][m]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_order_is_a_permutation() {
+        for hf in [false, true] {
+            let mut seen = [false; CHUNK];
+            for t in 0..8 {
+                for j in 0..8 {
+                    let e = chunk_element(t, j, hf);
+                    assert!(!seen[e]);
+                    seen[e] = true;
+                    // Each vector stays within one 16-block per lane: t%4 in {0,1} -> first block
+                    // of the lane's half, {2,3} -> second.
+                    assert_eq!((e % 32) / 16, (t % 4) / 2, "t={t} j={j} e={e}");
+                }
+            }
         }
     }
 }
