@@ -6,46 +6,51 @@ use rayon::prelude::*;
 use super::rows::Rows;
 use super::transpose_into;
 
+#[cfg(target_arch = "aarch64")]
+use super::aarch64 as arch;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+use super::no_simd as arch;
+#[cfg(target_arch = "x86_64")]
+use super::x86 as arch;
+
 /// Weight rows per rayon task: large enough to amortise scheduling, small enough to balance.
 const ROWS_PER_TASK: usize = 32;
 
-pub fn avx2_available() -> bool {
-    q4_formats::simd::has_avx2()
+/// Whether a SIMD micro-kernel (AVX2+FMA on x86-64, NEON on aarch64) is available here.
+pub fn simd_available() -> bool {
+    arch::available()
 }
 
-/// Whether the AVX2 chunk kernel can walk this weight's rows.
-fn avx2_fits(w: &Rows<'_>) -> bool {
+/// Whether the SIMD chunk kernel can walk this weight's rows: rows aligned to blocks, and blocks
+/// that tile a chunk (16, 32) or are tiled by it (multiples of 64).
+fn simd_fits(w: &Rows<'_>) -> bool {
     let b = w.block;
-    avx2_available() && w.aligned && b.is_multiple_of(16) && (64 % b == 0 || b.is_multiple_of(64))
+    simd_available() && w.aligned && b.is_multiple_of(16) && (64 % b == 0 || b.is_multiple_of(64))
 }
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]`.
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // Results are produced row-major by weight row ([n][m]) and transposed at the end.
     let mut yt = vec![0f32; w.n * batch];
-    #[cfg(target_arch = "x86_64")]
-    if avx2_fits(w) {
+    let tasks = yt.par_chunks_mut(ROWS_PER_TASK * batch).enumerate();
+    if simd_fits(w) {
         let mut xp = Vec::new();
-        super::x86::permute_activations(x, w.k, w.high_first, &mut xp);
-        yt.par_chunks_mut(ROWS_PER_TASK * batch)
-            .enumerate()
-            .for_each(|(t, out)| {
-                let r0 = t * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(w.n);
-                // SAFETY: AVX2+FMA are present and the geometry fits the chunk kernel (`avx2_fits`);
-                // rows r0..r1 exist and `xp` holds `batch` permuted rows of k values.
-                unsafe { rows_avx2(w, &xp, batch, r0, r1, out) };
-                add_tails(w, x, batch, r0, r1, super::x86::CHUNK, out);
-            });
-        return finish(yt, w.n, batch, y);
-    }
-    yt.par_chunks_mut(ROWS_PER_TASK * batch)
-        .enumerate()
-        .for_each(|(t, out)| {
+        arch::permute_activations(x, w.k, w.high_first, &mut xp);
+        tasks.for_each(|(t, out)| {
+            let r0 = t * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+            // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
+            // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k values.
+            unsafe { arch::rows(w, &xp, batch, r0, r1, out) };
+            add_tails(w, x, batch, r0, r1, arch::CHUNK, out);
+        });
+    } else {
+        tasks.for_each(|(t, out)| {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.n);
             rows_portable(w, x, batch, r0, r1, out);
         });
+    }
     finish(yt, w.n, batch, y)
 }
 
@@ -78,97 +83,6 @@ fn add_tails(
                 out[(r - r0) * batch + m] += wv * x[m * w.k + col];
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
-    use super::rows::ScaleSrc;
-    use super::x86::{
-        block_class, rows_kernel, F32Scales, Planes, TableScales, BLOCK16, BLOCK32, BLOCK64,
-    };
-    let planes = Planes::new(w.lut);
-    let bf16 = Planes::bf16_exact(w.lut);
-    let bk = block_class(w.block);
-    // Monomorphised for the combinations the formats produce (codebook planes, block class,
-    // scale storage); anything else takes the general instance.
-    macro_rules! call {
-        ($r:literal, $b:literal, $row:expr) => {{
-            let o = &mut out[($row - r0) * $b..];
-            match (bf16, bk, w.scales) {
-                (true, BLOCK16, ScaleSrc::Table { bytes, table }) => {
-                    rows_kernel::<$r, $b, true, BLOCK16, _>(
-                        w,
-                        TableScales { bytes, table },
-                        &planes,
-                        xp,
-                        $row,
-                        o,
-                    )
-                }
-                (true, BLOCK32, ScaleSrc::Table { bytes, table }) => {
-                    rows_kernel::<$r, $b, true, BLOCK32, _>(
-                        w,
-                        TableScales { bytes, table },
-                        &planes,
-                        xp,
-                        $row,
-                        o,
-                    )
-                }
-                (false, BLOCK64, ScaleSrc::F32(v)) => {
-                    rows_kernel::<$r, $b, false, BLOCK64, _>(w, F32Scales(v), &planes, xp, $row, o)
-                }
-                (false, BLOCK32, ScaleSrc::F32(v)) => {
-                    rows_kernel::<$r, $b, false, BLOCK32, _>(w, F32Scales(v), &planes, xp, $row, o)
-                }
-                (bf, _, s) => match (bf, bk) {
-                    (true, BLOCK16) => {
-                        rows_kernel::<$r, $b, true, BLOCK16, _>(w, s, &planes, xp, $row, o)
-                    }
-                    (true, BLOCK32) => {
-                        rows_kernel::<$r, $b, true, BLOCK32, _>(w, s, &planes, xp, $row, o)
-                    }
-                    (true, _) => {
-                        rows_kernel::<$r, $b, true, BLOCK64, _>(w, s, &planes, xp, $row, o)
-                    }
-                    (false, BLOCK16) => {
-                        rows_kernel::<$r, $b, false, BLOCK16, _>(w, s, &planes, xp, $row, o)
-                    }
-                    (false, BLOCK32) => {
-                        rows_kernel::<$r, $b, false, BLOCK32, _>(w, s, &planes, xp, $row, o)
-                    }
-                    (false, _) => {
-                        rows_kernel::<$r, $b, false, BLOCK64, _>(w, s, &planes, xp, $row, o)
-                    }
-                },
-            }
-        }};
-    }
-    macro_rules! run {
-        ($r:literal, $b:literal) => {{
-            let mut r = r0;
-            while r1 - r >= $r {
-                call!($r, $b, r);
-                r += $r;
-            }
-            while r < r1 {
-                call!(1, $b, r);
-                r += 1;
-            }
-        }};
-    }
-    match batch {
-        1 => run!(1, 1),
-        2 => run!(1, 2),
-        3 => run!(1, 3),
-        4 => run!(1, 4),
-        5 => run!(1, 5),
-        6 => run!(1, 6),
-        7 => run!(1, 7),
-        8 => run!(1, 8),
-        _ => unreachable!("GEMV serves batches of 1-8"),
     }
 }
 

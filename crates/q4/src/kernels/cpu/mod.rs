@@ -1,9 +1,13 @@
 //! CPU kernels: whole-tensor decode, fused dequantize-on-the-fly GEMV (batch 1-8) and a tiled
 //! GEMM for larger batches, plus the exact NVFP4 W4A4 emulation.
 
+#[cfg(target_arch = "aarch64")]
+mod aarch64;
 mod decode;
 mod gemm;
 mod gemv;
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+mod no_simd;
 pub mod rows;
 pub mod w4a4;
 #[cfg(target_arch = "x86_64")]
@@ -23,8 +27,8 @@ pub const GEMV_MAX_BATCH: usize = 8;
 /// Which kernel a CPU matmul of this shape uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernel {
-    /// Fused decode + dot products, AVX2+FMA.
-    GemvAvx2,
+    /// Fused decode + dot products in SIMD registers (AVX2+FMA on x86-64, NEON on aarch64).
+    GemvSimd,
     /// Fused decode + dot products, portable Rust.
     GemvPortable,
     /// Tile decode, then the `gemm` crate's micro-kernel.
@@ -35,8 +39,8 @@ pub enum CpuKernel {
 pub fn kernel_for(batch: usize) -> CpuKernel {
     if batch > GEMV_MAX_BATCH {
         CpuKernel::TiledGemm
-    } else if gemv::avx2_available() {
-        CpuKernel::GemvAvx2
+    } else if gemv::simd_available() {
+        CpuKernel::GemvSimd
     } else {
         CpuKernel::GemvPortable
     }

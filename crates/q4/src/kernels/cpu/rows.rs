@@ -26,6 +26,65 @@ impl ScaleSrc<'_> {
     }
 }
 
+/// Block-scale lookup, monomorphised per storage kind so the hot loop has no branch on it.
+pub trait Scales: Copy {
+    /// # Safety
+    /// `i` must be a valid block index.
+    unsafe fn at(&self, i: usize) -> f32;
+}
+
+/// A byte per block decoded through a 256-entry table (NVFP4, MXFP4).
+#[derive(Clone, Copy)]
+pub struct TableScales<'a> {
+    pub bytes: &'a [u8],
+    pub table: &'a [f32; 256],
+}
+
+impl Scales for TableScales<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        *self
+            .table
+            .get_unchecked(*self.bytes.get_unchecked(i) as usize)
+    }
+}
+
+/// An f32 per block (bitsandbytes absmax).
+#[derive(Clone, Copy)]
+pub struct F32Scales<'a>(pub &'a [f32]);
+
+impl Scales for F32Scales<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        *self.0.get_unchecked(i)
+    }
+}
+
+impl Scales for ScaleSrc<'_> {
+    #[inline(always)]
+    unsafe fn at(&self, i: usize) -> f32 {
+        match self {
+            ScaleSrc::Table { bytes, table } => TableScales { bytes, table }.at(i),
+            ScaleSrc::F32(v) => F32Scales(v).at(i),
+        }
+    }
+}
+
+/// How a chunk's weights map to blocks: 16-, 32-wide blocks, or blocks of 64 or more (one scale
+/// per chunk). A const parameter, so the index arithmetic compiles to shifts and adds.
+pub const BLOCK16: u8 = 0;
+pub const BLOCK32: u8 = 1;
+pub const BLOCK64: u8 = 2;
+
+/// The `BK` class of a block size.
+pub fn block_class(block: usize) -> u8 {
+    match block {
+        16 => BLOCK16,
+        32 => BLOCK32,
+        _ => BLOCK64,
+    }
+}
+
 /// The geometry of a quantized `[n, k]` weight.
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {

@@ -13,7 +13,9 @@
 
 use std::arch::x86_64::*;
 
-use super::rows::{Rows, ScaleSrc};
+use super::rows::{
+    block_class, F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32, BLOCK64,
+};
 
 /// Weights per decode step.
 pub const CHUNK: usize = 64;
@@ -134,65 +136,6 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
-/// Block-scale lookup, monomorphised per storage kind so the hot loop has no branch on it.
-pub trait Scales: Copy {
-    /// # Safety
-    /// `i` must be a valid block index.
-    unsafe fn at(&self, i: usize) -> f32;
-}
-
-/// A byte per block decoded through a 256-entry table (NVFP4, MXFP4).
-#[derive(Clone, Copy)]
-pub struct TableScales<'a> {
-    pub bytes: &'a [u8],
-    pub table: &'a [f32; 256],
-}
-
-impl Scales for TableScales<'_> {
-    #[inline(always)]
-    unsafe fn at(&self, i: usize) -> f32 {
-        *self
-            .table
-            .get_unchecked(*self.bytes.get_unchecked(i) as usize)
-    }
-}
-
-/// An f32 per block (bitsandbytes absmax).
-#[derive(Clone, Copy)]
-pub struct F32Scales<'a>(pub &'a [f32]);
-
-impl Scales for F32Scales<'_> {
-    #[inline(always)]
-    unsafe fn at(&self, i: usize) -> f32 {
-        *self.0.get_unchecked(i)
-    }
-}
-
-impl Scales for ScaleSrc<'_> {
-    #[inline(always)]
-    unsafe fn at(&self, i: usize) -> f32 {
-        match self {
-            ScaleSrc::Table { bytes, table } => TableScales { bytes, table }.at(i),
-            ScaleSrc::F32(v) => F32Scales(v).at(i),
-        }
-    }
-}
-
-/// How a chunk's weights map to blocks: 16-, 32-wide blocks, or blocks of 64 or more (one scale
-/// per chunk). A const parameter, so the index arithmetic compiles to shifts and adds.
-pub const BLOCK16: u8 = 0;
-pub const BLOCK32: u8 = 1;
-pub const BLOCK64: u8 = 2;
-
-/// The `BK` class of a block size.
-pub fn block_class(block: usize) -> u8 {
-    match block {
-        16 => BLOCK16,
-        32 => BLOCK32,
-        _ => BLOCK64,
-    }
-}
-
 /// Scale vectors of the two block pairs of chunk `c` of a row whose scales start at `base`:
 /// `[s(e0..15) x4 | s(e32..47) x4]` and `[s(e16..31) x4 | s(e48..63) x4]` (equal unless blocks
 /// are 16 wide).
@@ -298,6 +241,102 @@ pub unsafe fn rows_kernel<
         for m in 0..B {
             *out.get_unchecked_mut(r * B + m) = hsum(acc[r][m]);
         }
+    }
+}
+
+/// Whether AVX2 and FMA are available.
+pub fn available() -> bool {
+    q4_formats::simd::has_avx2()
+}
+
+/// Computes weight rows `r0..r1` into `out` (`[row - r0][m]`) over their whole chunks.
+///
+/// # Safety
+/// As for [`rows_kernel`]: AVX2+FMA present, aligned rows with a chunk-compatible block size,
+/// rows in range, `xp` holding `batch` permuted activation rows.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    let planes = Planes::new(w.lut);
+    let bf16 = Planes::bf16_exact(w.lut);
+    let bk = block_class(w.block);
+    // Monomorphised for the combinations the formats produce (codebook planes, block class,
+    // scale storage); anything else takes the general instance.
+    macro_rules! call {
+        ($r:literal, $b:literal, $row:expr) => {{
+            let o = &mut out[($row - r0) * $b..];
+            match (bf16, bk, w.scales) {
+                (true, BLOCK16, ScaleSrc::Table { bytes, table }) => {
+                    rows_kernel::<$r, $b, true, BLOCK16, _>(
+                        w,
+                        TableScales { bytes, table },
+                        &planes,
+                        xp,
+                        $row,
+                        o,
+                    )
+                }
+                (true, BLOCK32, ScaleSrc::Table { bytes, table }) => {
+                    rows_kernel::<$r, $b, true, BLOCK32, _>(
+                        w,
+                        TableScales { bytes, table },
+                        &planes,
+                        xp,
+                        $row,
+                        o,
+                    )
+                }
+                (false, BLOCK64, ScaleSrc::F32(v)) => {
+                    rows_kernel::<$r, $b, false, BLOCK64, _>(w, F32Scales(v), &planes, xp, $row, o)
+                }
+                (false, BLOCK32, ScaleSrc::F32(v)) => {
+                    rows_kernel::<$r, $b, false, BLOCK32, _>(w, F32Scales(v), &planes, xp, $row, o)
+                }
+                (bf, _, s) => match (bf, bk) {
+                    (true, BLOCK16) => {
+                        rows_kernel::<$r, $b, true, BLOCK16, _>(w, s, &planes, xp, $row, o)
+                    }
+                    (true, BLOCK32) => {
+                        rows_kernel::<$r, $b, true, BLOCK32, _>(w, s, &planes, xp, $row, o)
+                    }
+                    (true, _) => {
+                        rows_kernel::<$r, $b, true, BLOCK64, _>(w, s, &planes, xp, $row, o)
+                    }
+                    (false, BLOCK16) => {
+                        rows_kernel::<$r, $b, false, BLOCK16, _>(w, s, &planes, xp, $row, o)
+                    }
+                    (false, BLOCK32) => {
+                        rows_kernel::<$r, $b, false, BLOCK32, _>(w, s, &planes, xp, $row, o)
+                    }
+                    (false, _) => {
+                        rows_kernel::<$r, $b, false, BLOCK64, _>(w, s, &planes, xp, $row, o)
+                    }
+                },
+            }
+        }};
+    }
+    macro_rules! run {
+        ($r:literal, $b:literal) => {{
+            let mut r = r0;
+            while r1 - r >= $r {
+                call!($r, $b, r);
+                r += $r;
+            }
+            while r < r1 {
+                call!(1, $b, r);
+                r += 1;
+            }
+        }};
+    }
+    match batch {
+        1 => run!(1, 1),
+        2 => run!(1, 2),
+        3 => run!(1, 3),
+        4 => run!(1, 4),
+        5 => run!(1, 5),
+        6 => run!(1, 6),
+        7 => run!(1, 7),
+        8 => run!(1, 8),
+        _ => unreachable!("GEMV serves batches of 1-8"),
     }
 }
 
