@@ -87,6 +87,7 @@ impl Stored {
     fn bytes(&self) -> Result<Cow<'_, [u8]>> {
         Ok(match &self.source {
             Source::Bytes(b) => Cow::Borrowed(&b[..]),
+            Source::Convert(d, _) if !d.is_floating() => Cow::Borrowed(&d.data[..]),
             Source::Convert(d, OutDtype::F32) => Cow::Owned(bytes_of(&d.to_f32()?)),
             Source::Convert(d, OutDtype::BF16) => {
                 let v: Vec<bf16> = d.to_f32()?.into_iter().map(bf16::from_f32).collect();
