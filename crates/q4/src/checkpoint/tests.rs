@@ -622,3 +622,158 @@ fn quantizes_a_model_directory_like_modelopt() {
         .to_string();
     assert!(e.contains("not empty"), "{e}");
 }
+
+/// tiny-llama split into two shards, with layer 0's q_proj and k_proj in different files.
+fn sharded_tiny_llama(dir: &Path) {
+    let src = fixture("tiny-llama");
+    let all = raw(&src.join(MODEL_FILE));
+    let mut weight_map = serde_json::Map::new();
+    let mut shards: [Outputs; 2] = [Vec::new(), Vec::new()];
+    for (i, (name, t)) in all.into_iter().enumerate() {
+        let file = if name.contains("q_proj") || name.contains("gate_proj") {
+            0
+        } else if name.contains("k_proj") || name.contains("up_proj") {
+            1
+        } else {
+            i % 2
+        };
+        weight_map.insert(
+            name.clone(),
+            format!("model-0000{}-of-00002.safetensors", file + 1).into(),
+        );
+        shards[file].push((name, OutTensor::Dense(DenseView::from_raw(t))));
+    }
+    for (i, tensors) in shards.into_iter().enumerate() {
+        let p = dir.join(format!("model-0000{}-of-00002.safetensors", i + 1));
+        write_safetensors(&p, tensors, Map::new(), &NoProgress).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join(INDEX_FILE), index.to_string()).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[test]
+fn sharded_directories_are_read_and_written_shard_by_shard() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    sharded_tiny_llama(&input);
+    let c = Checkpoint::open(&input).unwrap();
+    assert_eq!(c.files().len(), 2);
+    assert_eq!(c.entries().len(), 20);
+    let q = c.get("model.layers.0.self_attn.q_proj.weight").unwrap();
+    let k = c.get("model.layers.0.self_attn.k_proj.weight").unwrap();
+    assert_ne!(q.file(), k.file(), "the fused group spans both shards");
+
+    let out = tmp.path().join("out");
+    let src = ModelSource::from_checkpoint(&c).unwrap();
+    quantize_model(&src, &QuantSpec::new(Format::Nvfp4), &out, &NoProgress).unwrap();
+    // Same bytes as ModelOpt's single-file export, spread over the same two shard names.
+    let mut got = BTreeMap::new();
+    for i in 1..=2 {
+        got.extend(stored(
+            &out.join(format!("model-0000{i}-of-00002.safetensors")),
+        ));
+    }
+    let mut want = stored(&fixture("tiny-llama-nvfp4/model.safetensors"));
+    want.retain(|n, _| !n.ends_with(".input_scale"));
+    assert_same(&got, &want);
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join(INDEX_FILE)).unwrap()).unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), want.len());
+    let c = Checkpoint::open(&out).unwrap();
+    assert_eq!(c.files().len(), 2);
+    assert!(matches!(
+        c.get("model.layers.1.mlp.up_proj.weight"),
+        Some(Entry::Quant(_))
+    ));
+
+    // An index naming a tensor its shard does not hold.
+    let mut bad = index.clone();
+    bad["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors".into();
+    std::fs::write(out.join(INDEX_FILE), bad.to_string()).unwrap();
+    let e = open_err(&out);
+    assert!(e.contains("ghost.weight") && e.contains(INDEX_FILE), "{e}");
+}
+
+#[test]
+fn compressed_tensors_nvfp4_is_read_with_reciprocal_scales() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("tiny-llama-nvfp4/model.safetensors");
+    let mut tensors: Outputs = Vec::new();
+    for (name, t) in raw(&src) {
+        let mut d = DenseView::from_raw(t);
+        let reciprocal = |d: &mut DenseView| {
+            let v = 1.0 / f32::from_le_bytes(d.data[..4].try_into().unwrap());
+            d.data = crate::HostBytes::owned(v.to_le_bytes().to_vec());
+        };
+        let renamed = if let Some(p) = name.strip_suffix(".weight_scale_2") {
+            reciprocal(&mut d);
+            format!("{p}.weight_global_scale")
+        } else if let Some(p) = name.strip_suffix(".input_scale") {
+            reciprocal(&mut d);
+            format!("{p}.input_global_scale")
+        } else if name.ends_with("_proj.weight") {
+            format!("{name}_packed")
+        } else {
+            name
+        };
+        d.name = renamed.clone();
+        tensors.push((renamed, OutTensor::Dense(d)));
+    }
+    let p = dir.path().join("ct.safetensors");
+    write_safetensors(&p, tensors, Map::new(), &NoProgress).unwrap();
+    let ct = Checkpoint::open(&p).unwrap();
+    let mo = Checkpoint::open(&src).unwrap();
+    assert_eq!(layouts(&ct)["compressed-tensors nvfp4"], 14);
+    for e in mo.entries() {
+        let Entry::Quant(m) = e else { continue };
+        let c = quant(&ct, &m.name);
+        assert_eq!((c.layout, &c.shape), (Layout::CompressedTensors, &m.shape));
+        assert!(c.codes.is_mapped());
+        // compressed-tensors divides by the global scale: within an ulp of ModelOpt's product.
+        for (a, b) in c.dequantize::<f32>().iter().zip(m.dequantize::<f32>()) {
+            assert!(
+                (a - b).abs() <= b.abs() * 2.0 * f32::EPSILON,
+                "{}: {a} vs {b}",
+                m.name
+            );
+        }
+        let rel = (c.input_scale.unwrap() - m.input_scale.unwrap()).abs() / m.input_scale.unwrap();
+        assert!(rel < 1e-6);
+    }
+}
+
+#[test]
+fn tensors_from_another_reader_can_be_exported() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = Checkpoint::open(fixture("tiny-qwen3")).unwrap();
+    let tensors = ckpt
+        .entries()
+        .iter()
+        .map(|e| {
+            let Entry::Dense(d) = e else { panic!() };
+            let t =
+                candle_core::Tensor::from_vec(d.to_f32().unwrap(), d.shape.clone(), &Device::Cpu)
+                    .unwrap();
+            (d.name.clone(), t)
+        })
+        .collect();
+    let src =
+        ModelSource::from_tensors("gguf", tensors, ckpt.config().unwrap().clone(), vec![]).unwrap();
+    let out = dir.path().join("fp4");
+    let mut spec = QuantSpec::new(Format::Fp4);
+    spec.block_size = 128;
+    let s = quantize_model(&src, &spec, &out, &NoProgress).unwrap();
+    assert_eq!(s.quantized.len(), 14);
+    let c = Checkpoint::open(&out).unwrap();
+    let q = quant(&c, "model.layers.1.self_attn.o_proj.weight");
+    assert_eq!(
+        (q.format, q.block_size, q.layout),
+        (Format::Fp4, 128, Layout::Bitsandbytes)
+    );
+    assert!(matches!(c.get("lm_head.weight"), Some(Entry::Dense(_))));
+}
