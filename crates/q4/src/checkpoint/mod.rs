@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::DeclaredQuant;
 pub use dense::{float_dtype, DenseView, FloatSlice};
-pub use export::{quantize_model, ExportSummary, ModelSource};
+pub use export::{is_decoder_linear, quantize_model, ExportSummary, ModelSource};
 pub use quantize::{quantize_dense, quantize_file, QuantizeSummary};
 pub use safetensors::Dtype;
 pub use view::{Layout, Member, NestedStats, QuantView, ScaleData};
