@@ -225,6 +225,7 @@ impl QuantView {
                 ScaleData::Bytes { bytes, table } => HostScales::Table { bytes, table },
                 ScaleData::Absmax { decoded, .. } => HostScales::F32(decoded),
             },
+            scale2: self.tensor_scale.unwrap_or(1.0),
         }
     }
 
