@@ -153,13 +153,15 @@ fn sampling_is_deterministic_per_seed() {
     assert_ne!(a, run("2"));
 }
 
+/// Two turns, then `/exit` (the line after it is never answered). That the second turn sees
+/// the first is tested on the library's `ChatSession` (llm_chat.rs).
 #[test]
-fn interactive_chat_keeps_history_and_exits() {
+fn interactive_chat_answers_each_line_until_exit() {
     if !default_model_ready() {
         return;
     }
     let mut child = Command::new(env!("CARGO_BIN_EXE_q4"))
-        .args(["chat", "--temp", "0", "--max-tokens", "48"])
+        .args(["chat", "--temp", "0", "--max-tokens", "24"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -169,14 +171,12 @@ fn interactive_chat_keeps_history_and_exits() {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"My name is Alice. Say hello to me.\nWhat is my name?\n/exit\nnot read\n")
+        .write_all(b"Say hello.\n\nName a colour.\n/exit\nThis line is not read.\n")
         .unwrap();
     let o = child.wait_with_output().unwrap();
     let out = stdout_of(&o);
     let replies: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert!(replies.len() >= 2, "two replies expected: {out:?}");
-    // The second answer can only know the name from the kept history.
-    assert!(out.matches("Alice").count() >= 2, "{out:?}");
+    assert_eq!(replies.len(), 2, "two replies expected: {out:?}");
 }
 
 #[test]

@@ -87,12 +87,10 @@ pub fn generate(
     let mut stop = StopReason::MaxTokens;
 
     let start = Instant::now();
-    let mut logits = if opts.max_new_tokens > 0 {
-        let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-        Some(model.forward_last(&ids, cache)?.squeeze(0)?)
-    } else {
-        None
-    };
+    // The prompt is always fed, so the cache holds it even when nothing is generated.
+    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
+    let first = model.forward_last(&ids, cache)?.squeeze(0)?;
+    let mut logits = (opts.max_new_tokens > 0).then_some(first);
     let prefill_time = start.elapsed();
 
     let start = Instant::now();

@@ -8,6 +8,7 @@
 //! network from it (quantizing each decoder linear when asked); [`generate::generate`] and
 //! [`ppl::perplexity`] run it.
 
+pub mod chat;
 pub mod chat_template;
 pub mod config;
 pub mod default_model;
@@ -24,6 +25,7 @@ pub mod text_data;
 pub mod tokenizer;
 pub mod weights;
 
+pub use chat::ChatSession;
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use kv_cache::KvCache;

@@ -190,6 +190,11 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// Replaces the chat template (e.g. for a model that ships none).
+    pub fn set_chat_template(&mut self, template: impl Into<String>) {
+        self.chat_template = Some(template.into());
+    }
+
     /// The underlying `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner

@@ -4,11 +4,10 @@
 
 use std::io::{BufRead, Write};
 
-use anyhow::{bail, Result};
-use q4_llm::chat_template::ChatMessage;
-use q4_llm::GenerateOptions;
+use anyhow::Result;
+use q4_llm::{ChatSession, GenerateOptions, StopReason};
 
-use super::generate::{log_speed, render_chat, stream, ModelArgs, SamplingArgs};
+use super::generate::{log_speed, ModelArgs, SamplingArgs};
 
 /// Arguments of `q4 chat`.
 #[derive(clap::Args, Debug)]
@@ -25,28 +24,14 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let params = args.sampling.params()?;
     let (model, tok) = args.model.load()?;
-    if tok.chat_template().is_none() {
-        bail!("this model has no chat template (tokenizer_config.json / GGUF metadata)");
-    }
+    let mut session = ChatSession::new(&model, &tok, args.system.as_deref())?;
     let opts = GenerateOptions {
         max_new_tokens: args.sampling.max_tokens,
         sampling: params,
         stop_tokens: tok.stop_ids(true),
     };
-    let mut messages: Vec<ChatMessage> = args
-        .system
-        .iter()
-        .map(|s| ChatMessage::new("system", s.as_str()))
-        .collect();
-    let mut cache = model.new_cache(1024);
-    // Token ids whose keys/values are in `cache`.
-    let mut cached: Vec<u32> = Vec::new();
-    let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
-    loop {
-        eprint!("> ");
-        std::io::stderr().flush()?;
-        let Some(line) = lines.next() else { break };
+    let stdout = std::io::stdout();
+    for line in std::io::stdin().lock().lines() {
         let line = line?;
         let text = line.trim();
         if text == "/exit" {
@@ -55,27 +40,20 @@ pub fn run(args: Args) -> Result<()> {
         if text.is_empty() {
             continue;
         }
-        messages.push(ChatMessage::new("user", text));
-        let ids = tok.encode(&render_chat(&tok, &messages)?, false)?;
-        // Re-use the cache when the new conversation extends what it holds; otherwise (the
-        // reply re-tokenized differently) start over.
-        if !ids.starts_with(&cached) || ids.len() == cached.len() {
-            cache.reset();
-            cached.clear();
-        }
-        let new = &ids[cached.len()..];
-        let out = stream(&model, &tok, &mut cache, new, &opts)?;
+        let mut streamer = tok.streamer();
+        let out = session.turn(&model, &tok, text, &opts, |id| {
+            if let Some(piece) = streamer.push(id)? {
+                let mut lock = stdout.lock();
+                lock.write_all(piece.as_bytes())?;
+                lock.flush()?;
+            }
+            Ok(())
+        })?;
+        writeln!(stdout.lock())?;
         log_speed(&out);
-        // Every new token was fed back except the last one when the reply hit --max-tokens
-        // (a sampled stop token is not in `out.tokens` at all).
-        cached = ids;
-        cached.extend(&out.tokens);
-        if out.stop == q4_llm::StopReason::MaxTokens {
-            cached.pop();
+        if out.stop == StopReason::MaxTokens {
             tracing::warn!("reply cut at --max-tokens {}", opts.max_new_tokens);
         }
-        let reply = tok.decode(&out.tokens, true)?;
-        messages.push(ChatMessage::new("assistant", reply.trim()));
     }
     Ok(())
 }
