@@ -49,6 +49,10 @@ pub struct ModelArgs {
     pub quant: Quant,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
+    /// Quantize lm_head too (with --quant; by default it stays dense). At batch 1 a dense f32
+    /// lm_head reads vocab x hidden x 4 bytes per token, often more than all 4-bit layers.
+    #[arg(long)]
+    pub quant_lm_head: bool,
 }
 
 impl ModelArgs {
@@ -65,8 +69,8 @@ impl ModelArgs {
         };
         let opts = LoadOptions {
             quant: self.quant.format(),
+            quantize_lm_head: self.quant_lm_head,
             device,
-            ..Default::default()
         };
         let start = Instant::now();
         let (model, tok) = q4_llm::load(&path, &opts)?;
