@@ -4,6 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use q4::{Format, QLinear};
 
+use super::decode_attention::decode_attention;
 use super::norm::RmsNorm;
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
@@ -115,7 +116,25 @@ impl Attention {
         let k = rope.apply(&k.transpose(1, 2)?.contiguous()?, offset)?;
         let v = v.transpose(1, 2)?.contiguous()?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let s = k.dim(2)?;
+        let out = match decode_attention(&q, &k, &v, self.scale)? {
+            Some(out) => out,
+            None => self.batched_attention(&q, &k, &v, mask)?,
+        };
+        let out = out.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+
+    /// `softmax(q kᵀ * scale + mask) v` with matmuls; `q` `[b, heads, t, hd]`, `k`/`v`
+    /// `[b, kv_heads, s, hd]`; returns `[b, heads, t, hd]`.
+    fn batched_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let (nkv, s) = (self.num_kv_heads, k.dim(2)?);
 
         // Grouped-query attention without repeating k/v: the query heads that share a kv
         // head are stacked along the sequence axis, [b, kv_heads, n_rep * t, hd].
@@ -130,11 +149,6 @@ impl Attention {
             None => scores,
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok(self.o_proj.forward(&out)?)
+        Ok(probs.matmul(v)?.reshape((b, nh, t, hd))?)
     }
 }

@@ -5,6 +5,7 @@
 //! embeddings) is common.
 
 mod attention;
+mod decode_attention;
 mod mlp;
 mod norm;
 
