@@ -30,6 +30,17 @@ pub struct Perplexity {
 
 /// Perplexity of `tokens` in windows of `ctx` tokens.
 pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize) -> Result<Perplexity> {
+    perplexity_with_progress(model, tokens, ctx, |_, _, _| {})
+}
+
+/// [`perplexity`], calling `progress(windows_done, windows_total, running_ppl)` after each
+/// window.
+pub fn perplexity_with_progress(
+    model: &Model,
+    tokens: &[u32],
+    ctx: usize,
+    mut progress: impl FnMut(usize, usize, f64),
+) -> Result<Perplexity> {
     if ctx < 2 {
         bail!("--ctx must be at least 2, got {ctx}");
     }
@@ -48,6 +59,7 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize) -> Result<Perplexit
     let mut total_nll = 0f64;
     let mut scored = 0usize;
     let mut windows = 0usize;
+    let total = tokens.chunks(ctx).filter(|w| w.len() >= 2).count();
     for window in tokens.chunks(ctx) {
         if window.len() < 2 {
             continue;
@@ -55,6 +67,7 @@ pub fn perplexity(model: &Model, tokens: &[u32], ctx: usize) -> Result<Perplexit
         total_nll += window_nll(model, window)?;
         scored += window.len() - 1;
         windows += 1;
+        progress(windows, total, (total_nll / scored as f64).exp());
     }
     let mean_nll = total_nll / scored as f64;
     Ok(Perplexity {

@@ -2,7 +2,7 @@
 //! streams each reply to stdout, keeps the conversation (and its KV cache) between turns,
 //! and ends on EOF or `/exit`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::Result;
 use q4_llm::{ChatSession, GenerateOptions, StopReason};
@@ -31,13 +31,24 @@ pub fn run(args: Args) -> Result<()> {
         stop_tokens: tok.stop_ids(true),
     };
     let stdout = std::io::stdout();
-    for line in std::io::stdin().lock().lines() {
+    let stdin = std::io::stdin();
+    // A prompt marker for people; none when stdin is a pipe.
+    let marker = || -> Result<()> {
+        if stdin.is_terminal() {
+            eprint!("> ");
+            std::io::stderr().flush()?;
+        }
+        Ok(())
+    };
+    marker()?;
+    for line in stdin.lock().lines() {
         let line = line?;
         let text = line.trim();
         if text == "/exit" {
             break;
         }
         if text.is_empty() {
+            marker()?;
             continue;
         }
         let mut streamer = tok.streamer();
@@ -54,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
         if out.stop == StopReason::MaxTokens {
             tracing::warn!("reply cut at --max-tokens {}", opts.max_new_tokens);
         }
+        marker()?;
     }
     Ok(())
 }

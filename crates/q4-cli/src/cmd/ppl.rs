@@ -45,7 +45,22 @@ pub fn run(args: Args) -> Result<()> {
     }
     let ctx = args.ctx.unwrap_or(512).min(model.context_length());
     let start = Instant::now();
-    let r = q4_llm::ppl::perplexity(&model, &tokens, ctx)?;
+    let windows = tokens.chunks(ctx).filter(|w| w.len() >= 2).count();
+    let bar = indicatif::ProgressBar::new(windows as u64);
+    if windows < 2 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} windows, {msg} [{elapsed}<{eta}]",
+        )
+        .expect("valid template"),
+    );
+    let r = q4_llm::ppl::perplexity_with_progress(&model, &tokens, ctx, |done, _, ppl| {
+        bar.set_position(done as u64);
+        bar.set_message(format!("ppl {ppl:.3}"));
+    })?;
+    bar.finish_and_clear();
     eprintln!(
         "q4: {} tokens in {} window(s) of up to {ctx}, {} scored, mean NLL {:.5}, {:.1} tok/s",
         r.tokens,
