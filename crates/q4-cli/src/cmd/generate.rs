@@ -47,6 +47,7 @@ pub struct ModelArgs {
     /// Quantize the decoder's linear layers at load.
     #[arg(long, value_enum, default_value = "none")]
     pub quant: Quant,
+    /// Where to run; `cuda` needs q4 built with `--features cuda`.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
     /// Quantize lm_head too (with --quant; by default it stays dense). At batch 1 a dense f32
@@ -96,6 +97,7 @@ pub struct SamplingArgs {
     /// Temperature; 0 is greedy (deterministic).
     #[arg(long = "temp", default_value_t = 0.6)]
     pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = off).
     #[arg(long, default_value_t = 0.9)]
     pub top_p: f64,
     /// Keep only the K most likely tokens (off by default).
