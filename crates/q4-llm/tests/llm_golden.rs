@@ -1,0 +1,191 @@
+//! Agreement with transformers on the tiny fixture checkpoints (golden.safetensors).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use q4::Format;
+use q4_llm::{generate, GenerateOptions, LoadOptions, SamplingParams};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(name)
+}
+
+fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+fn load(name: &str, quant: Option<Format>) -> q4_llm::Model {
+    let opts = LoadOptions {
+        quant,
+        ..Default::default()
+    };
+    q4_llm::load(&fixture(name), &opts).unwrap().0
+}
+
+fn check_logits(model_dir: &str, quant: Option<Format>, golden_dir: &str, tol: f32) -> f32 {
+    let model = load(model_dir, quant);
+    let g = golden(golden_dir);
+    let ids = &g["input_ids"];
+    let mut cache = model.new_cache(ids.dim(1).unwrap());
+    let logits = model.forward(ids, &mut cache).unwrap();
+    let err = max_abs_diff(&logits, &g["logits"]);
+    eprintln!("{model_dir} {quant:?} vs {golden_dir}: max abs err {err}");
+    assert!(
+        err <= tol,
+        "{model_dir} {quant:?}: max |logits - golden| = {err} > {tol}"
+    );
+    err
+}
+
+fn check_hidden_states(name: &str) {
+    let model = load(name, None);
+    let g = golden(name);
+    let ids = &g["input_ids"];
+    let mut cache = model.new_cache(ids.dim(1).unwrap());
+    let hs = model.hidden_states(ids, &mut cache).unwrap();
+    assert!(max_abs_diff(&hs.embeddings, &g["embeddings"]) == 0.0);
+    for (i, out) in hs.layer_outputs.iter().enumerate() {
+        let want = g["layer_outputs"].get(i).unwrap();
+        let err = max_abs_diff(out, &want);
+        assert!(err < 1e-4, "{name}: layer {i} output differs by {err}");
+    }
+    assert!(max_abs_diff(&hs.final_norm, &g["final_norm"]) < 1e-4);
+}
+
+/// Greedy continuation of `input_ids[:1]` with the KV cache, no EOS stop.
+fn check_greedy(name: &str) {
+    let model = load(name, None);
+    let g = golden(name);
+    let want: Vec<u32> = g["greedy_ids"]
+        .squeeze(0)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let prompt: Vec<u32> = g["input_ids"]
+        .get(0)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let new = want.len() - prompt.len();
+    let opts = GenerateOptions {
+        max_new_tokens: new,
+        sampling: SamplingParams::default(),
+        stop_tokens: vec![],
+    };
+    let mut cache = model.new_cache(want.len());
+    let mut streamed = Vec::new();
+    let out = generate(&model, &mut cache, &prompt, &opts, |t| {
+        streamed.push(t);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(out.tokens, streamed);
+    let mut got = prompt.clone();
+    got.extend(&out.tokens);
+    assert_eq!(got, want, "{name}: greedy ids differ from transformers");
+    // The cache holds everything but the last token, which was never fed back.
+    assert_eq!(cache.len(), want.len() - 1);
+}
+
+#[test]
+fn tiny_qwen3_logits_match_transformers() {
+    check_logits("tiny-qwen3", None, "tiny-qwen3", 1e-4);
+}
+
+#[test]
+fn tiny_llama_logits_match_transformers() {
+    check_logits("tiny-llama", None, "tiny-llama", 1e-4);
+}
+
+#[test]
+fn tiny_qwen3_hidden_states_match_transformers() {
+    check_hidden_states("tiny-qwen3");
+}
+
+#[test]
+fn tiny_llama_hidden_states_match_transformers() {
+    check_hidden_states("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen3_greedy_matches_transformers() {
+    check_greedy("tiny-qwen3");
+}
+
+#[test]
+fn tiny_llama_greedy_matches_transformers() {
+    check_greedy("tiny-llama");
+}
+
+/// `--quant nvfp4` at load (q/k/v and gate/up sharing one tensor scale) reproduces ModelOpt's
+/// NVFP4 export of the same model: the golden of tiny-llama-nvfp4 is the float32 model over
+/// ModelOpt's dequantized weights.
+#[test]
+fn tiny_llama_quantized_at_load_matches_modelopt_nvfp4_export() {
+    check_logits("tiny-llama", Some(Format::Nvfp4), "tiny-llama-nvfp4", 1e-4);
+}
+
+/// NF4 at load (bitsandbytes' defaults: block 64, no double quantization) is close to the
+/// bitsandbytes checkpoint (which used double quantization) and far from the dense model.
+#[test]
+fn tiny_qwen3_quantized_nf4_is_close_to_bitsandbytes() {
+    let err = check_logits("tiny-qwen3", Some(Format::Nf4), "tiny-qwen3-nf4", 0.05);
+    let dense_vs_nf4 = max_abs_diff(
+        &golden("tiny-qwen3")["logits"],
+        &golden("tiny-qwen3-nf4")["logits"],
+    );
+    assert!(err < dense_vs_nf4 / 20.0, "{err} vs {dense_vs_nf4}");
+}
+
+#[test]
+fn every_format_changes_the_logits_a_little() {
+    let g = golden("tiny-llama");
+    let ids = &g["input_ids"];
+    for f in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
+        let model = load("tiny-llama", Some(f));
+        let mut cache = model.new_cache(12);
+        let logits = model.forward(ids, &mut cache).unwrap();
+        let err = max_abs_diff(&logits, &g["logits"]);
+        assert!(err > 1e-3 && err < 5.0, "{f}: {err}");
+    }
+}
+
+/// Prefill of a prompt split in two plus cached decode gives the same logits as one pass.
+#[test]
+fn incremental_forward_matches_full_forward() {
+    let model = load("tiny-qwen3", None);
+    let g = golden("tiny-qwen3");
+    let ids = g["input_ids"].get(0).unwrap().unsqueeze(0).unwrap();
+    let mut cache = model.new_cache(4); // small on purpose: the cache must grow
+    let a = model
+        .forward(&ids.narrow(1, 0, 5).unwrap(), &mut cache)
+        .unwrap();
+    let b = model
+        .forward(&ids.narrow(1, 5, 6).unwrap(), &mut cache)
+        .unwrap();
+    let c = model
+        .forward(&ids.narrow(1, 11, 1).unwrap(), &mut cache)
+        .unwrap();
+    let inc = Tensor::cat(&[a, b, c], 1).unwrap();
+    let want = g["logits"].get(0).unwrap().unsqueeze(0).unwrap();
+    assert!(max_abs_diff(&inc, &want) < 1e-4);
+}
