@@ -119,9 +119,9 @@ fn tensor_with_wrong_shape() {
 }
 
 #[test]
-fn quantized_checkpoint_is_not_wired_yet() {
-    let o = generate_with(&fixture("tiny-llama-nvfp4"), &["--prompt", "hello"]);
-    assert_error(&o, &["quantized checkpoints are loaded by q4::checkpoint"]);
+fn quantized_checkpoint_refuses_a_second_quantization() {
+    let o = generate_with(&fixture("tiny-llama-nvfp4"), &["--prompt", "hello", "--quant", "nf4"]);
+    assert_error(&o, &["tiny-llama-nvfp4", "stores nvfp4 weights", "nf4"]);
 }
 
 #[test]

@@ -185,7 +185,7 @@ fn gguf_tokenizer_follows_its_metadata() {
         return;
     }
     let path: PathBuf = q4_llm::default_model::ensure().unwrap();
-    let tok = q4_llm::open_weights(&path).unwrap().tokenizer().unwrap();
+    let tok = q4_llm::open_weights(&path, false).unwrap().tokenizer().unwrap();
     // pre-tokenizer `smollm`: every digit on its own.
     let digits = tok.encode("12345", true).unwrap();
     assert_eq!(digits.len(), 5);

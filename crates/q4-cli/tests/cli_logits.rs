@@ -118,6 +118,14 @@ fn tiny_llama_greedy_via_cli_logits() {
 }
 
 #[test]
+fn real_nvfp4_and_nf4_checkpoints_via_cli() {
+    for name in ["tiny-llama-nvfp4", "tiny-qwen3-nf4"] {
+        check_golden(name);
+        check_greedy(name);
+    }
+}
+
+#[test]
 fn quant_nvfp4_via_cli_matches_modelopt_export() {
     let g = golden("tiny-llama-nvfp4");
     let logits = cli_logits("tiny-llama", &g["input_ids"], &["--quant", "nvfp4"]);

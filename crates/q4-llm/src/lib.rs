@@ -36,7 +36,7 @@ pub use weights::{open_weights, LinearSpec, WeightSource};
 
 /// Opens `path` (an HF model directory or a `.gguf` file) and loads model and tokenizer.
 pub fn load(path: &std::path::Path, opts: &LoadOptions) -> anyhow::Result<(Model, Tokenizer)> {
-    let source = open_weights(path)?;
+    let source = open_weights(path, opts.w4a4)?;
     let tokenizer = source.tokenizer()?;
     let model = Model::load(source.as_ref(), opts)?;
     Ok((model, tokenizer))

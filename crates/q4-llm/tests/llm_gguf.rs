@@ -98,7 +98,7 @@ fn tiny_llama_as_gguf_matches_transformers() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny-llama.gguf");
     write_gguf(&path, "llama");
-    let src = q4_llm::open_weights(&path).unwrap();
+    let src = q4_llm::open_weights(&path, false).unwrap();
     let cfg = src.config().unwrap();
     assert!(
         cfg.tie_word_embeddings,
@@ -132,7 +132,7 @@ fn unsupported_gguf_architecture_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("m.gguf");
     write_gguf(&path, "falcon");
-    let err = q4_llm::open_weights(&path)
+    let err = q4_llm::open_weights(&path, false)
         .err()
         .expect("must fail")
         .to_string();

@@ -54,6 +54,10 @@ pub struct ModelArgs {
     /// lm_head reads vocab x hidden x 4 bytes per token, often more than all 4-bit layers.
     #[arg(long)]
     pub quant_lm_head: bool,
+    /// NVFP4 checkpoints: use each layer's calibrated input_scale to quantize activations too
+    /// (exact emulation of Blackwell's W4A4 matmul). Weight-only by default.
+    #[arg(long)]
+    pub w4a4: bool,
 }
 
 impl ModelArgs {
@@ -71,6 +75,7 @@ impl ModelArgs {
         let opts = LoadOptions {
             quant: self.quant.format(),
             quantize_lm_head: self.quant_lm_head,
+            w4a4: self.w4a4,
             device,
         };
         let start = Instant::now();

@@ -28,6 +28,9 @@ pub struct LoadOptions {
     pub quant: Option<Format>,
     /// Also quantize `lm_head` (off by default: the output layer is the most sensitive).
     pub quantize_lm_head: bool,
+    /// NVFP4 checkpoints: quantize activations with each layer's `input_scale` (W4A4
+    /// emulation) instead of running weight-only.
+    pub w4a4: bool,
     pub device: Device,
 }
 
@@ -36,6 +39,7 @@ impl Default for LoadOptions {
         LoadOptions {
             quant: None,
             quantize_lm_head: false,
+            w4a4: false,
             device: Device::Cpu,
         }
     }

@@ -7,6 +7,7 @@
 //! 4-bit tensors instead.
 
 mod hf_dir;
+mod quantized_dir;
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use candle_core::{Device, Tensor};
 use q4::{Format, QLinear, QuantSpec};
 
 pub use hf_dir::HfDirSource;
+pub use quantized_dir::QuantizedDirSource;
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufSource;
@@ -64,9 +66,9 @@ pub trait WeightSource {
 
 /// Opens an HF model directory or a `.gguf` file.
 ///
-/// A directory whose `config.json` has a `quantization_config` is a quantized checkpoint;
-/// those are read by `q4::checkpoint` and plugged in through [`WeightSource`].
-pub fn open_weights(path: &Path) -> Result<Box<dyn WeightSource>> {
+/// A directory whose `config.json` has a `quantization_config` is a quantized checkpoint, read
+/// by `q4::checkpoint`; `w4a4` then applies its calibrated activation scales (NVFP4 only).
+pub fn open_weights(path: &Path, w4a4: bool) -> Result<Box<dyn WeightSource>> {
     if path.is_dir() {
         let config_path = path.join("config.json");
         if !config_path.is_file() {
@@ -77,15 +79,18 @@ pub fn open_weights(path: &Path) -> Result<Box<dyn WeightSource>> {
         let json: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", config_path.display()))?;
         if json.get("quantization_config").is_some() {
-            bail!(
-                "{}: quantized checkpoints are loaded by q4::checkpoint (not wired yet)",
-                path.display()
-            );
+            return Ok(Box::new(QuantizedDirSource::open(path, w4a4)?));
+        }
+        if w4a4 {
+            bail!("--w4a4 needs a quantized NVFP4 checkpoint; {} is dense", path.display());
         }
         return Ok(Box::new(HfDirSource::open(path)?));
     }
     if path.is_file() {
         if is_gguf(path)? {
+            if w4a4 {
+                bail!("--w4a4 needs a quantized NVFP4 checkpoint; {} is a GGUF file", path.display());
+            }
             return Ok(Box::new(GgufSource::open(path)?));
         }
         bail!(
