@@ -120,7 +120,10 @@ fn tensor_with_wrong_shape() {
 
 #[test]
 fn quantized_checkpoint_refuses_a_second_quantization() {
-    let o = generate_with(&fixture("tiny-llama-nvfp4"), &["--prompt", "hello", "--quant", "nf4"]);
+    let o = generate_with(
+        &fixture("tiny-llama-nvfp4"),
+        &["--prompt", "hello", "--quant", "nf4"],
+    );
     assert_error(&o, &["tiny-llama-nvfp4", "stores nvfp4 weights", "nf4"]);
 }
 

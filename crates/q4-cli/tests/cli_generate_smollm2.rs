@@ -185,7 +185,10 @@ fn gguf_tokenizer_follows_its_metadata() {
         return;
     }
     let path: PathBuf = q4_llm::default_model::ensure().unwrap();
-    let tok = q4_llm::open_weights(&path, false).unwrap().tokenizer().unwrap();
+    let tok = q4_llm::open_weights(&path, false)
+        .unwrap()
+        .tokenizer()
+        .unwrap();
     // pre-tokenizer `smollm`: every digit on its own.
     let digits = tok.encode("12345", true).unwrap();
     assert_eq!(digits.len(), 5);
@@ -211,4 +214,49 @@ fn gguf_tokenizer_follows_its_metadata() {
     }
     assert_eq!(streamed, text);
     assert_eq!(tok.eos_ids(), &[tok.token_id("<|im_end|>").unwrap()]);
+}
+
+/// `q4 quantize` on the GGUF writes an HF directory in each format's ecosystem layout, which
+/// loads back (the stored 4-bit weights, no re-quantization) and still answers "Berlin".
+#[test]
+fn quantized_gguf_export_loads_back_and_says_berlin() {
+    if !default_model_ready() {
+        return;
+    }
+    let gguf = q4_llm::default_model::ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (format, config_key) in [("nvfp4", "hf_quant_config.json"), ("nf4", "config.json")] {
+        let out = dir.path().join(format);
+        let o = q4(&[
+            "quantize",
+            gguf.to_str().unwrap(),
+            "--format",
+            format,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(stdout_of(&o).contains(&format!("to {format}")));
+        for f in [
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            config_key,
+        ] {
+            assert!(out.join(f).is_file(), "{format}: {f} missing");
+        }
+        let o = q4(&[
+            "generate",
+            "--model",
+            out.to_str().unwrap(),
+            "--temp",
+            "0",
+            "--max-tokens",
+            "6",
+            "--prompt",
+            FRANCE,
+        ]);
+        let text = stdout_of(&o);
+        assert!(text.starts_with(" Berlin"), "{format} export: {text:?}");
+    }
 }

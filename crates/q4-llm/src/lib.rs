@@ -13,6 +13,7 @@ pub mod chat_template;
 pub mod config;
 pub mod default_model;
 pub mod device;
+pub mod export;
 pub mod fetch;
 pub mod generate;
 pub mod gguf;

@@ -136,6 +136,34 @@ impl Tokenizer {
         })
     }
 
+    /// The files an HF directory holds for this tokenizer: `tokenizer.json` and a
+    /// `tokenizer_config.json` with the special tokens and chat template.
+    pub fn hf_files(&self) -> Result<Vec<(String, String)>> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| anyhow!("cannot serialize the tokenizer: {e}"))?;
+        let mut config = serde_json::Map::new();
+        if let Some(t) = &self.bos_token {
+            config.insert("bos_token".into(), Json::String(t.clone()));
+        }
+        if let Some(t) = &self.eos_token {
+            config.insert("eos_token".into(), Json::String(t.clone()));
+        }
+        if let Some(t) = &self.chat_template {
+            config.insert("chat_template".into(), Json::String(t.clone()));
+        }
+        config.insert(
+            "tokenizer_class".into(),
+            Json::String("PreTrainedTokenizerFast".into()),
+        );
+        let config = serde_json::to_string_pretty(&Json::Object(config))?;
+        Ok(vec![
+            ("tokenizer.json".into(), json),
+            ("tokenizer_config.json".into(), config),
+        ])
+    }
+
     /// Token ids of `text`; `add_special_tokens` adds what the tokenizer's post-processor
     /// adds (e.g. BOS for Llama 3, nothing for SmolLM2).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

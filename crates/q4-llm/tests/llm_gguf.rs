@@ -141,3 +141,42 @@ fn unsupported_gguf_architecture_is_named() {
         "{err}"
     );
 }
+
+/// `q4 quantize model.gguf`'s path: the GGUF read back as an HF model (un-permuted q/k, HF
+/// names, config) quantizes to exactly the bytes ModelOpt exported from the original weights.
+#[test]
+fn gguf_exports_to_an_hf_directory_that_quantizes_like_modelopt() {
+    use q4::checkpoint::{quantize_model, Checkpoint, Entry, ModelSource, NoProgress};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-llama.gguf");
+    write_gguf(&path, "llama");
+    let model = q4_llm::export::gguf_to_hf(&path).unwrap();
+    assert_eq!(model.config["architectures"][0], "LlamaForCausalLM");
+    assert_eq!(model.config["tie_word_embeddings"], true);
+    let out = dir.path().join("out");
+    let src = ModelSource::from_tensors("tiny", model.tensors, model.config, vec![]).unwrap();
+    quantize_model(
+        &src,
+        &q4::QuantSpec::new(q4::Format::Nvfp4),
+        &out,
+        &NoProgress,
+    )
+    .unwrap();
+    let ours = Checkpoint::open(&out).unwrap();
+    let modelopt = Checkpoint::open(fixture("tiny-llama-nvfp4")).unwrap();
+    let mut compared = 0;
+    for e in modelopt.entries() {
+        let Entry::Quant(want) = e else { continue };
+        let Some(Entry::Quant(got)) = ours.get(&want.name) else {
+            panic!("{} is not quantized in the export", want.name)
+        };
+        assert_eq!(&got.codes[..], &want.codes[..], "{} codes", want.name);
+        assert_eq!(
+            got.tensor_scale, want.tensor_scale,
+            "{} weight_scale_2",
+            want.name
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, 14);
+}

@@ -149,7 +149,9 @@ fn real_modelopt_nvfp4_checkpoint_matches_its_golden() {
 #[test]
 fn real_bitsandbytes_nf4_checkpoint_matches_its_golden() {
     let err = check_logits("tiny-qwen3-nf4", None, "tiny-qwen3-nf4", 1e-4);
-    eprintln!("tiny-qwen3-nf4 (stored NF4 weights, blocks straddle rows): max |logit diff| {err:e}");
+    eprintln!(
+        "tiny-qwen3-nf4 (stored NF4 weights, blocks straddle rows): max |logit diff| {err:e}"
+    );
     check_greedy("tiny-qwen3-nf4");
 }
 
@@ -158,15 +160,31 @@ fn w4a4_uses_the_checkpoints_input_scales() {
     let g = golden("tiny-llama-nvfp4");
     let ids = &g["input_ids"];
     let run = |w4a4: bool| {
-        let opts = LoadOptions { w4a4, ..Default::default() };
+        let opts = LoadOptions {
+            w4a4,
+            ..Default::default()
+        };
         let model = q4_llm::load(&fixture("tiny-llama-nvfp4"), &opts).unwrap().0;
         let mut cache = model.new_cache(ids.dim(1).unwrap());
         model.forward(ids, &mut cache).unwrap()
     };
     let (weight_only, w4a4) = (run(false), run(true));
     let rel = |a: &Tensor, b: &Tensor| -> f32 {
-        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-        let n = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (a - b)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let n = b
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         (d / n).sqrt()
     };
     // Quantizing activations too moves the logits by the NVFP4 activation error. On this
@@ -180,13 +198,33 @@ fn w4a4_uses_the_checkpoints_input_scales() {
 
 #[test]
 fn quantized_checkpoint_refuses_other_formats_and_w4a4_needs_nvfp4() {
-    let opts = LoadOptions { quant: Some(Format::Nf4), ..Default::default() };
-    let e = q4_llm::load(&fixture("tiny-llama-nvfp4"), &opts).err().unwrap().to_string();
-    assert!(e.contains("stores nvfp4 weights") && e.contains("nf4"), "{e}");
-    let opts = LoadOptions { w4a4: true, ..Default::default() };
-    let e = format!("{:#}", q4_llm::load(&fixture("tiny-qwen3-nf4"), &opts).err().unwrap());
+    let opts = LoadOptions {
+        quant: Some(Format::Nf4),
+        ..Default::default()
+    };
+    let e = q4_llm::load(&fixture("tiny-llama-nvfp4"), &opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("stores nvfp4 weights") && e.contains("nf4"),
+        "{e}"
+    );
+    let opts = LoadOptions {
+        w4a4: true,
+        ..Default::default()
+    };
+    let e = format!(
+        "{:#}",
+        q4_llm::load(&fixture("tiny-qwen3-nf4"), &opts)
+            .err()
+            .unwrap()
+    );
     assert!(e.contains("--w4a4 needs NVFP4 weights"), "{e}");
-    let e = format!("{:#}", q4_llm::load(&fixture("tiny-llama"), &opts).err().unwrap());
+    let e = format!(
+        "{:#}",
+        q4_llm::load(&fixture("tiny-llama"), &opts).err().unwrap()
+    );
     assert!(e.contains("is dense"), "{e}");
 }
 

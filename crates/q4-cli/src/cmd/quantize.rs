@@ -5,7 +5,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use q4::checkpoint::{quantize_file, quantize_model, Checkpoint, ModelSource, Progress};
 use q4::{Format, NonFinite, QuantSpec};
@@ -134,6 +134,32 @@ fn spec(a: &Args) -> Result<QuantSpec> {
     Ok(spec)
 }
 
+/// GGUF in, HF directory out: the runner's GGUF reader dequantizes every tensor to f32 under
+/// HF names, then the export writes them in the format's ecosystem layout.
+fn quantize_gguf(args: &Args, spec: &QuantSpec) -> Result<()> {
+    if !args.tensors.is_empty() {
+        bail!("--tensor applies to a .safetensors file, not to a GGUF model");
+    }
+    let input = &args.input;
+    let model = q4_llm::export::gguf_to_hf(input)
+        .with_context(|| format!("cannot read GGUF model {}", input.display()))?;
+    let scratch = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let files = q4_llm::export::write_files(scratch.path(), &model.files)?;
+    let label = input.display().to_string();
+    let src =
+        ModelSource::from_tensors(label, model.tensors, model.config, files).map_err(one_line)?;
+    let bar = Bar::for_input(std::fs::metadata(input).map(|m| m.len()).unwrap_or(0));
+    let s = quantize_model(&src, spec, &args.out, &bar).map_err(one_line)?;
+    drop(bar);
+    print(&format!(
+        "quantized {} tensors to {} and copied {} into {}\n",
+        s.quantized.len(),
+        spec.format,
+        s.copied.len(),
+        args.out.display()
+    ))
+}
+
 pub fn run(args: Args) -> Result<()> {
     let spec = spec(&args)?;
     let input = &args.input;
@@ -141,10 +167,7 @@ pub fn run(args: Args) -> Result<()> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
-        bail!(
-            "{}: GGUF input is handled by the runner (q4-llm's GGUF loader), not by this command",
-            input.display()
-        );
+        return quantize_gguf(&args, &spec);
     }
     let ckpt = Checkpoint::open(input).map_err(one_line)?;
     let bar = Bar::for_input(ckpt.file_bytes());

@@ -82,14 +82,20 @@ pub fn open_weights(path: &Path, w4a4: bool) -> Result<Box<dyn WeightSource>> {
             return Ok(Box::new(QuantizedDirSource::open(path, w4a4)?));
         }
         if w4a4 {
-            bail!("--w4a4 needs a quantized NVFP4 checkpoint; {} is dense", path.display());
+            bail!(
+                "--w4a4 needs a quantized NVFP4 checkpoint; {} is dense",
+                path.display()
+            );
         }
         return Ok(Box::new(HfDirSource::open(path)?));
     }
     if path.is_file() {
         if is_gguf(path)? {
             if w4a4 {
-                bail!("--w4a4 needs a quantized NVFP4 checkpoint; {} is a GGUF file", path.display());
+                bail!(
+                    "--w4a4 needs a quantized NVFP4 checkpoint; {} is a GGUF file",
+                    path.display()
+                );
             }
             return Ok(Box::new(GgufSource::open(path)?));
         }

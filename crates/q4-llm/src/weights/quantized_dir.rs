@@ -23,8 +23,13 @@ pub struct QuantizedDirSource {
 
 impl QuantizedDirSource {
     pub fn open(dir: &Path, w4a4: bool) -> Result<Self> {
-        let ckpt = Checkpoint::open(dir).with_context(|| format!("cannot open quantized checkpoint {}", dir.display()))?;
-        Ok(QuantizedDirSource { dir: dir.to_path_buf(), ckpt, w4a4 })
+        let ckpt = Checkpoint::open(dir)
+            .with_context(|| format!("cannot open quantized checkpoint {}", dir.display()))?;
+        Ok(QuantizedDirSource {
+            dir: dir.to_path_buf(),
+            ckpt,
+            w4a4,
+        })
     }
 
     /// The 4-bit format of the stored linear layers (the first quantized entry's).
@@ -55,14 +60,27 @@ impl WeightSource for QuantizedDirSource {
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
         match self.ckpt.get(name) {
-            Some(Entry::Dense(d)) => Ok(Tensor::from_vec(d.to_f32()?, d.shape.as_slice(), &Device::Cpu)?),
+            Some(Entry::Dense(d)) => Ok(Tensor::from_vec(
+                d.to_f32()?,
+                d.shape.as_slice(),
+                &Device::Cpu,
+            )?),
             // A quantized tensor asked for densely (e.g. tied embeddings): its exact decode.
-            Some(Entry::Quant(q)) => Ok(Tensor::from_vec(q.dequantize::<f32>(), q.shape.as_slice(), &Device::Cpu)?),
+            Some(Entry::Quant(q)) => Ok(Tensor::from_vec(
+                q.dequantize::<f32>(),
+                q.shape.as_slice(),
+                &Device::Cpu,
+            )?),
             None => bail!("tensor `{name}` not found in {}", self.dir.display()),
         }
     }
 
-    fn linears(&self, group: &[LinearSpec], quant: Option<Format>, device: &Device) -> Result<Vec<QLinear>> {
+    fn linears(
+        &self,
+        group: &[LinearSpec],
+        quant: Option<Format>,
+        device: &Device,
+    ) -> Result<Vec<QLinear>> {
         let name = |s: &LinearSpec| format!("{}.weight", s.name);
         let stored: Vec<_> = group.iter().map(|s| self.ckpt.get(&name(s))).collect();
         if stored.iter().all(|e| !matches!(e, Some(Entry::Quant(_)))) {
