@@ -113,6 +113,10 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
             );
         }
     }
+    // Shapes large enough for the multithreaded GEMV and GEMM paths.
+    check(Format::Nvfp4, 16, 1100, 1024, 1, 21, false);
+    check(Format::Nf4, 64, 1100, 1024, 3, 22, false);
+    check(Format::Mxfp4, 32, 600, 2048, 16, 23, false);
     // Double quantization, wide blocks, blocks straddling rows, padded rows.
     check(Format::Nf4, 64, 29, 192, 3, 7, true);
     check(Format::Nf4, 4096, 9, 512, 2, 8, false);

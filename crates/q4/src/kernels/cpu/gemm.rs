@@ -3,8 +3,7 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
-
+use super::parallel::for_each_chunk_mut;
 use super::rows::Rows;
 use super::transpose_into;
 
@@ -21,9 +20,11 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     let tile_rows = (TILE_FLOATS / k.max(1)).clamp(8, 256).min(w.n);
     // Output is produced as yt[n][m] (disjoint per tile) and transposed at the end.
     let mut yt = vec![0f32; w.n * batch];
-    yt.par_chunks_mut(tile_rows * batch)
-        .enumerate()
-        .for_each(|(t, out)| {
+    for_each_chunk_mut(
+        &mut yt,
+        tile_rows * batch,
+        w.n * w.k * batch / 8,
+        |t, out| {
             TILE.with_borrow_mut(|tile| {
                 // One tile buffer per thread, kept across calls: repeated forwards allocate nothing
                 // weight-sized.
@@ -62,6 +63,7 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
                     );
                 }
             })
-        });
+        },
+    );
     transpose_into(&yt, w.n, batch, y);
 }

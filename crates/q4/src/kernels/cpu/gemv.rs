@@ -1,8 +1,7 @@
 //! Fused GEMV for batches of 1-8 activation rows: each task walks a chunk of weight rows,
 //! decoding 4-bit codes through the codebook in registers; the dense weight never exists.
 
-use rayon::prelude::*;
-
+use super::parallel::for_each_chunk_mut;
 use super::rows::Rows;
 use super::transpose_into;
 
@@ -32,24 +31,34 @@ fn simd_fits(w: &Rows<'_>) -> bool {
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // Results are produced row-major by weight row ([n][m]) and transposed at the end.
     let mut yt = vec![0f32; w.n * batch];
-    let tasks = yt.par_chunks_mut(ROWS_PER_TASK * batch).enumerate();
+    let rows_per_task = ROWS_PER_TASK * batch;
     if simd_fits(w) {
         let mut xp = Vec::new();
         arch::permute_activations(x, w.k, w.high_first, &mut xp);
-        tasks.for_each(|(t, out)| {
-            let r0 = t * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(w.n);
-            // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
-            // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k values.
-            unsafe { arch::rows(w, &xp, batch, r0, r1, out) };
-            add_tails(w, x, batch, r0, r1, arch::CHUNK, out);
-        });
+        for_each_chunk_mut(
+            &mut yt,
+            rows_per_task,
+            w.n * w.k * batch.div_ceil(2),
+            |t, out| {
+                let r0 = t * ROWS_PER_TASK;
+                let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+                // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
+                // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k values.
+                unsafe { arch::rows(w, &xp, batch, r0, r1, out) };
+                add_tails(w, x, batch, r0, r1, arch::CHUNK, out);
+            },
+        );
     } else {
-        tasks.for_each(|(t, out)| {
-            let r0 = t * ROWS_PER_TASK;
-            let r1 = (r0 + ROWS_PER_TASK).min(w.n);
-            rows_portable(w, x, batch, r0, r1, out);
-        });
+        for_each_chunk_mut(
+            &mut yt,
+            rows_per_task,
+            w.n * w.k * batch.div_ceil(2),
+            |t, out| {
+                let r0 = t * ROWS_PER_TASK;
+                let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+                rows_portable(w, x, batch, r0, r1, out);
+            },
+        );
     }
     finish(yt, w.n, batch, y)
 }

@@ -8,6 +8,7 @@ mod gemm;
 mod gemv;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod no_simd;
+pub mod parallel;
 pub mod rows;
 pub mod w4a4;
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,45 @@
+//! Parallel loops for the CPU kernels, with a cut-off below which work runs inline: waking a
+//! worker costs microseconds, more than a small layer's whole GEMV at decode time.
+
+use rayon::prelude::*;
+
+/// Below this many weights a matmul runs on the calling thread alone.
+pub const INLINE_WEIGHTS: usize = 1 << 20;
+
+/// Calls `f(i, chunk)` for consecutive `chunk`-sized pieces of `data`: in parallel when
+/// `work` (weights touched) is large, inline otherwise.
+pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
+    data: &mut [T],
+    chunk: usize,
+    work: usize,
+    f: F,
+) {
+    let chunk = chunk.max(1);
+    if work < INLINE_WEIGHTS || data.len() <= chunk {
+        data.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_chunk_is_visited_once_inline_and_in_parallel() {
+        for work in [0, INLINE_WEIGHTS] {
+            let mut v = vec![0u32; 1000];
+            for_each_chunk_mut(&mut v, 7, work, |i, c| {
+                c.iter_mut().for_each(|x| *x += i as u32 + 1)
+            });
+            for (j, x) in v.iter().enumerate() {
+                assert_eq!(*x, (j / 7) as u32 + 1);
+            }
+        }
+    }
+}
