@@ -1,0 +1,191 @@
+//! Same-run generation benchmark on the default model (SmolLM2-135M-Instruct GGUF):
+//! q4 with `--quant none|nvfp4|nf4` against candle-transformers' `quantized_llama` running the
+//! same GGUF, greedy, same prompt token ids. Each configuration runs in its own child process
+//! so its peak RSS (VmHWM) is its own; the parent checks the machine is idle around each run.
+//!
+//! ```sh
+//! cargo run --release --manifest-path benches/generate/Cargo.toml -- [--new 64] [--reps 5]
+//! ```
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use q4_llm::{generate, GenerateOptions, LoadOptions, SamplingParams};
+use serde_json::json;
+
+const PROMPT: &str = "The capital of France is Paris. The capital of Germany is";
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// Idle CPU fraction of the machine over a short window (1.0 = both cores idle).
+fn idle_fraction(ms: u64) -> f64 {
+    let read = || -> (u64, u64) {
+        let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let v: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        (idle, v.iter().take(8).sum())
+    };
+    let a = read();
+    std::thread::sleep(std::time::Duration::from_millis(ms));
+    let b = read();
+    (b.0 - a.0) as f64 / (b.1 - a.1).max(1) as f64
+}
+
+/// Runs one configuration in this process and prints a JSON line.
+fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()> {
+    let gguf = q4_llm::default_model::ensure()?;
+    let quant = match config {
+        "q4-none" => None,
+        "q4-nvfp4" => Some(q4::Format::Nvfp4),
+        "q4-nf4" => Some(q4::Format::Nf4),
+        "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
+        other => bail!("unknown configuration {other}"),
+    };
+    let opts = LoadOptions { quant, quantize_lm_head: quant.is_some(), ..Default::default() };
+    let (model, tok) = q4_llm::load(&gguf, &opts)?;
+    let prompt = tok.encode(PROMPT, false)?;
+    let long = long_prompt_ids(&tok, long_prompt)?;
+    let gen_opts = GenerateOptions { max_new_tokens: new, sampling: SamplingParams::default(), stop_tokens: vec![] };
+    let (mut prefill, mut decode, mut long_prefill) = (Vec::new(), Vec::new(), Vec::new());
+    let mut text = String::new();
+    for _ in 0..reps {
+        let mut cache = model.new_cache(prompt.len() + new);
+        let g = generate(&model, &mut cache, &prompt, &gen_opts, |_| Ok(()))?;
+        prefill.push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
+        decode.push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
+        text = tok.decode(&g.tokens, true)?;
+        let mut cache = model.new_cache(long.len());
+        let t = Instant::now();
+        let ids = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        model.forward_last(&ids, &mut cache)?;
+        long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    report(config, &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text)
+}
+
+fn long_prompt_ids(tok: &q4_llm::Tokenizer, n: usize) -> Result<Vec<u32>> {
+    let text = q4_llm::text_data::moby_dick()?;
+    let ids = tok.encode(&text, false)?;
+    Ok(ids[..n.min(ids.len())].to_vec())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[s.len() / 2]
+}
+
+fn report(config: &str, prefill: &[f64], decode: &[f64], long: &[f64], p: usize, lp: usize, text: &str) -> Result<()> {
+    println!(
+        "{}",
+        json!({
+            "config": config,
+            "prefill_tok_s": median(prefill),
+            "decode_tok_s": median(decode),
+            "long_prefill_tok_s": median(long),
+            "prompt_tokens": p,
+            "long_prompt_tokens": lp,
+            "peak_rss_mib": vm_hwm_kib() as f64 / 1024.0,
+            "text": text,
+        })
+    );
+    Ok(())
+}
+
+/// candle-transformers' quantized Llama on the GGUF itself (Q4_1 weights, Q8 activations).
+fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: usize) -> Result<()> {
+    use candle_core::quantized::gguf_file;
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let tok = q4_llm::open_weights(gguf, false)?.tokenizer()?;
+    let prompt = tok.encode(PROMPT, false)?;
+    let long = long_prompt_ids(&tok, long_prompt)?;
+    // A fresh model per run resets its KV cache (Content is not Clone: re-read the header).
+    let load = || -> Result<ModelWeights> {
+        let mut file = std::fs::File::open(gguf)?;
+        let content = gguf_file::Content::read(&mut file)?;
+        Ok(ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?)
+    };
+    let (mut prefill, mut decode, mut long_prefill) = (Vec::new(), Vec::new(), Vec::new());
+    let mut text = String::new();
+    for _ in 0..reps {
+        let mut model = load()?;
+        let t = Instant::now();
+        let logits = model.forward(&Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
+        let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        let mut out = vec![next];
+        let t = Instant::now();
+        for i in 0..new - 1 {
+            let logits = model.forward(&Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?, prompt.len() + i)?;
+            next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+            out.push(next);
+        }
+        decode.push((new - 1) as f64 / t.elapsed().as_secs_f64());
+        text = tok.decode(&out, true)?;
+        let mut model = load()?;
+        let t = Instant::now();
+        model.forward(&Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
+        long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    report("candle-q4_1", &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let new = arg("--new", 64);
+    let reps = arg("--reps", 5);
+    let long = arg("--long", 256);
+    if let Some(i) = args.iter().position(|a| a == "--child") {
+        return child(&args[i + 1], new, reps, long);
+    }
+    let exe = std::env::current_exe()?;
+    println!("# generation benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF), {} threads, 12-token prompt, {new} new tokens, long prefill {long} tokens, median of {reps}", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!("{:<12} {:>11} {:>11} {:>14} {:>10} {:>6}  text", "config", "prefill t/s", "decode t/s", "prefill256 t/s", "peak MiB", "idle");
+    let mut rows = Vec::new();
+    for config in ["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nf4"] {
+        let idle_before = idle_fraction(500);
+        let out = Command::new(&exe)
+            .args(["--child", config, "--new", &new.to_string(), "--reps", &reps.to_string(), "--long", &long.to_string()])
+            .output()
+            .with_context(|| format!("cannot run the {config} child"))?;
+        if !out.status.success() {
+            bail!("{config} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        println!(
+            "{:<12} {:>11.1} {:>11.1} {:>14.1} {:>10.1} {:>5.0}%  {:?}",
+            config,
+            v["prefill_tok_s"].as_f64().unwrap_or(f64::NAN),
+            v["decode_tok_s"].as_f64().unwrap_or(f64::NAN),
+            v["long_prefill_tok_s"].as_f64().unwrap_or(f64::NAN),
+            v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
+            idle_before * 100.0,
+            v["text"].as_str().unwrap_or("").chars().take(40).collect::<String>()
+        );
+        rows.push(v);
+    }
+    let base = &rows[0];
+    for r in &rows[1..] {
+        println!(
+            "ratio {:<9} vs candle-q4_1: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
+            r["config"].as_str().unwrap_or(""),
+            r["prefill_tok_s"].as_f64().unwrap_or(0.0) / base["prefill_tok_s"].as_f64().unwrap_or(1.0),
+            r["decode_tok_s"].as_f64().unwrap_or(0.0) / base["decode_tok_s"].as_f64().unwrap_or(1.0),
+            r["long_prefill_tok_s"].as_f64().unwrap_or(0.0) / base["long_prefill_tok_s"].as_f64().unwrap_or(1.0),
+            r["peak_rss_mib"].as_f64().unwrap_or(0.0) / base["peak_rss_mib"].as_f64().unwrap_or(1.0),
+        );
+    }
+    Ok(())
+}
