@@ -7,7 +7,13 @@ use q4::qtensor::QuantSpec;
 use q4::{Format, QTensor};
 
 fn main() {
-    let (n, k) = (256, 2048);
+    let (n, k): (usize, usize) = std::env::var("PROBE_SHAPE")
+        .ok()
+        .and_then(|s| {
+            let (a, b) = s.split_once("x")?;
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .unwrap_or((256, 2048));
     let w: Vec<f32> = (0..n * k)
         .map(|i| ((i * 2654435761usize) % 1000) as f32 / 1000.0 - 0.5)
         .collect();

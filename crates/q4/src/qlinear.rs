@@ -101,6 +101,77 @@ impl QLinear {
         Ok(self)
     }
 
+    /// One layer computing several layers that read the same input, their outputs
+    /// concatenated along the last dimension in the order given.
+    /// Weights are stacked without changing any value; missing biases count as zero.
+    pub fn fuse(layers: &[QLinear]) -> Result<QLinear> {
+        let first = layers
+            .first()
+            .ok_or_else(|| Error::msg("fuse needs at least one layer"))?;
+        if layers
+            .iter()
+            .any(|l| l.in_features != first.in_features || l.act != first.act)
+        {
+            return Err(Error::msg(
+                "fused layers must share their input width and activation mode",
+            ));
+        }
+        let weight = match &first.weight {
+            LinearWeight::Dense(_) => {
+                let ws = layers
+                    .iter()
+                    .map(|l| match &l.weight {
+                        LinearWeight::Dense(w) => Ok(w.clone()),
+                        LinearWeight::Quant(_) => {
+                            Err(Error::msg("cannot fuse dense and quantized layers"))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                LinearWeight::Dense(Tensor::cat(&ws, 0)?)
+            }
+            LinearWeight::Quant(_) => {
+                let qs = layers
+                    .iter()
+                    .map(|l| match &l.weight {
+                        LinearWeight::Quant(q) => Ok(q.clone()),
+                        LinearWeight::Dense(_) => {
+                            Err(Error::msg("cannot fuse dense and quantized layers"))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                LinearWeight::Quant(QTensor::concat_rows(&qs)?)
+            }
+        };
+        let bias = if layers.iter().any(|l| l.bias.is_some()) {
+            let parts = layers
+                .iter()
+                .map(|l| match &l.bias {
+                    Some(b) => Ok(b.to_dtype(DType::F32)?),
+                    None => Ok(Tensor::zeros(l.out_features, DType::F32, first.device())?),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&parts, 0)?)
+        } else {
+            None
+        };
+        let out_features = layers.iter().map(|l| l.out_features).sum();
+        Ok(QLinear {
+            weight,
+            bias,
+            act: first.act,
+            out_features,
+            in_features: first.in_features,
+        })
+    }
+
+    /// The device the weight lives on.
+    pub fn device(&self) -> &candle_core::Device {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.device(),
+            LinearWeight::Quant(q) => q.device(),
+        }
+    }
+
     pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }

@@ -503,6 +503,88 @@ impl QTensor {
         })
     }
 
+    /// Stacks tensors of the same format, block size and column count along rows, so that
+    /// layers reading the same input (q/k/v, gate/up) run as one matmul. NVFP4 parts must share
+    /// their tensor scale (ModelOpt exports fused groups that way); bitsandbytes parts must hold
+    /// whole blocks per row. No values change.
+    pub fn concat_rows(parts: &[QTensor]) -> Result<QTensor> {
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::msg("concat_rows needs at least one tensor"))?;
+        let (format, block) = (first.format(), first.block_size());
+        let cols = first.rows_cols().1;
+        let mut rows = 0;
+        for p in parts {
+            let (r, c) = p.rows_cols();
+            if p.format() != format || p.block_size() != block || c != cols {
+                return Err(Error::msg(format!(
+                    "cannot stack {} (block {}, {c} columns) onto {format} (block {block}, {cols} columns)",
+                    p.format(),
+                    p.block_size()
+                )));
+            }
+            if format == Format::Nvfp4 && p.scale2().to_bits() != first.scale2().to_bits() {
+                return Err(Error::msg(format!(
+                    "NVFP4 tensors with different tensor scales ({} vs {}) cannot share one scale table",
+                    p.scale2(),
+                    first.scale2()
+                )));
+            }
+            if matches!(format, Format::Nf4 | Format::Fp4) && cols % block != 0 {
+                return Err(Error::msg(format!(
+                    "bitsandbytes blocks of {block} straddle rows of {cols}; cannot stack"
+                )));
+            }
+            rows += r;
+        }
+        let hosts: Vec<QTensor> = parts
+            .iter()
+            .map(|p| p.to_device(&Device::Cpu))
+            .collect::<Result<_>>()?;
+        let views: Vec<HostView<'_>> = hosts
+            .iter()
+            .map(|h| h.host_view().expect("host tensor"))
+            .collect();
+        let codes: Vec<u8> = views.iter().flat_map(|v| v.codes.iter().copied()).collect();
+        let scales = match &first.inner.scales {
+            BlockScales::Table { table, .. } => {
+                let bytes: Vec<u8> = views
+                    .iter()
+                    .flat_map(|v| match v.scales {
+                        HostScales::Table { bytes, .. } => bytes.to_vec(),
+                        HostScales::F32(_) => unreachable!("same format, same scale kind"),
+                    })
+                    .collect();
+                BlockScales::Table {
+                    bytes: Buffer::Host(HostBytes::owned(bytes)),
+                    table: table.clone(),
+                }
+            }
+            BlockScales::F32 { .. } => {
+                let v: Vec<f32> = views
+                    .iter()
+                    .flat_map(|v| match v.scales {
+                        HostScales::F32(f) => f.to_vec(),
+                        HostScales::Table { .. } => unreachable!("same format, same scale kind"),
+                    })
+                    .collect();
+                BlockScales::F32 {
+                    host: Some(Arc::new(v)),
+                    device: None,
+                }
+            }
+        };
+        Self::from_host_parts(
+            format,
+            block,
+            Shape::from((rows, cols)),
+            HostBytes::owned(codes),
+            scales,
+            first.scale2(),
+            first.device(),
+        )
+    }
+
     /// Dense copy on the same device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let host = self.to_device(&Device::Cpu)?;

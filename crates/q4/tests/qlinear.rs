@@ -258,3 +258,50 @@ fn bad_input_is_a_clear_error() {
         .to_string();
     assert!(e.contains("bias must have shape [8]"), "{e}");
 }
+
+#[test]
+fn fused_layers_give_the_parts_outputs_exactly() {
+    let k = 128;
+    let ws: Vec<Tensor> = [48usize, 16, 16]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| Tensor::from_vec(randn(40 + i as u64, n * k), (n, k), &Device::Cpu).unwrap())
+        .collect();
+    let x = Tensor::from_vec(randn(50, 3 * k), (3, k), &Device::Cpu).unwrap();
+    for format in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
+        let mut spec = QuantSpec::new(format);
+        // A shared NVFP4 tensor scale, as fused groups have.
+        spec.scale2 = (format == Format::Nvfp4).then_some(0.001);
+        let parts: Vec<QLinear> = ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let b =
+                    (i == 1).then(|| Tensor::from_vec(randn(60, 16), 16, &Device::Cpu).unwrap());
+                QLinear::from_dense(w, b, Some(&spec)).unwrap()
+            })
+            .collect();
+        let fused = QLinear::fuse(&parts).unwrap();
+        let y = fused.forward(&x).unwrap();
+        let want = Tensor::cat(
+            &parts
+                .iter()
+                .map(|p| p.forward(&x).unwrap())
+                .collect::<Vec<_>>(),
+            1,
+        )
+        .unwrap();
+        let (a, b) = (
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
+        assert_eq!(a, b, "{format}");
+    }
+    // NVFP4 parts with their own tensor scales cannot share one scale table.
+    let parts: Vec<QLinear> = ws
+        .iter()
+        .map(|w| QLinear::from_dense(w, None, Some(&QuantSpec::new(Format::Nvfp4))).unwrap())
+        .collect();
+    let e = QLinear::fuse(&parts).unwrap_err().to_string();
+    assert!(e.contains("different tensor scales"), "{e}");
+}

@@ -5,6 +5,7 @@ use candle_core::{Device, Module, Tensor};
 use q4::{Format, QLinear};
 
 use super::decode_attention::decode_attention;
+use super::fused::LinearGroup;
 use super::norm::RmsNorm;
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
@@ -13,9 +14,8 @@ use crate::weights::{checked_linears, LinearSpec, WeightSource};
 
 #[derive(Clone, Debug)]
 pub struct Attention {
-    q_proj: QLinear,
-    k_proj: QLinear,
-    v_proj: QLinear,
+    /// q, k and v projections (run as one stacked matmul when possible).
+    qkv: LinearGroup,
     o_proj: QLinear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -43,7 +43,7 @@ impl Attention {
         };
         let b = cfg.attention_bias;
         // q, k and v read the same input: one group, one shared NVFP4 tensor scale.
-        let mut qkv = checked_linears(
+        let qkv = checked_linears(
             src,
             &[
                 spec("q_proj", q_out, h, b),
@@ -54,9 +54,6 @@ impl Attention {
             device,
         )?;
         let mut o = checked_linears(src, &[spec("o_proj", h, q_out, false)], quant, device)?;
-        let v_proj = qkv.pop().expect("three layers");
-        let k_proj = qkv.pop().expect("three layers");
-        let q_proj = qkv.pop().expect("three layers");
         let (q_norm, k_norm) = if cfg.qk_norm {
             let eps = cfg.rms_norm_eps;
             (
@@ -79,9 +76,7 @@ impl Attention {
             (None, None)
         };
         Ok(Attention {
-            q_proj,
-            k_proj,
-            v_proj,
+            qkv: LinearGroup::new(qkv),
             o_proj: o.pop().expect("one layer"),
             q_norm,
             k_norm,
@@ -105,9 +100,10 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        let [q, k, v]: [Tensor; 3] = self.qkv.forward(x)?.try_into().expect("three projections");
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = k.reshape((b, t, nkv, hd))?;
+        let v = v.reshape((b, t, nkv, hd))?;
         let (q, k) = match (&self.q_norm, &self.k_norm) {
             (Some(qn), Some(kn)) => (qn.forward(&q)?, kn.forward(&k)?),
             _ => (q, k),

@@ -4,14 +4,15 @@ use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use q4::{Format, QLinear};
 
+use super::fused::LinearGroup;
 use crate::config::ModelConfig;
 use crate::weights::{checked_linears, LinearSpec, WeightSource};
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    gate_proj: QLinear,
-    up_proj: QLinear,
+    /// gate and up projections (one stacked matmul when possible).
+    gate_up: LinearGroup,
     down_proj: QLinear,
 }
 
@@ -31,25 +32,25 @@ impl Mlp {
             bias,
         };
         // gate and up read the same input: one group, one shared NVFP4 tensor scale.
-        let mut gate_up = checked_linears(
+        let gate_up = checked_linears(
             src,
             &[spec("gate_proj", i, h), spec("up_proj", i, h)],
             quant,
             device,
         )?;
         let mut down = checked_linears(src, &[spec("down_proj", h, i)], quant, device)?;
-        let up_proj = gate_up.pop().expect("two layers");
-        let gate_proj = gate_up.pop().expect("two layers");
         Ok(Mlp {
-            gate_proj,
-            up_proj,
+            gate_up: LinearGroup::new(gate_up),
             down_proj: down.pop().expect("one layer"),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
+            .try_into()
+            .expect("two projections");
+        Ok(self.down_proj.forward(&(gate.silu()? * up)?)?)
     }
 }

@@ -6,6 +6,7 @@
 
 mod attention;
 mod decode_attention;
+mod fused;
 mod mlp;
 mod norm;
 

@@ -1,10 +1,7 @@
-//! Parallel loops for the CPU kernels, with a cut-off below which work runs inline.
-//!
-//! Parallel work runs on candle's own persistent worker pool: candle runs its element-wise ops
-//! there and its workers spin briefly between ops, so a decode step's many small matmuls find
-//! them awake; a second pool (rayon's) would compete with those workers for the same cores.
+//! Parallel loops for the CPU kernels, with a cut-off below which work runs inline: waking a
+//! worker costs microseconds, more than a small layer's whole GEMV at decode time.
 
-use std::sync::Mutex;
+use rayon::prelude::*;
 
 /// Below this many weights a matmul runs on the calling thread alone.
 pub const INLINE_WEIGHTS: usize = 1 << 16;
@@ -22,17 +19,11 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
-        return;
+    } else {
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
     }
-    // Each piece sits behind its own (never contended) lock, so workers take disjoint mutable
-    // pieces without unsafe code.
-    let pieces: Vec<Mutex<&mut [T]>> = data.chunks_mut(chunk).map(Mutex::new).collect();
-    candle_core::utils::barrier_pool().execute_chunked(pieces.len(), |range| {
-        for i in range {
-            let mut piece = pieces[i].lock().unwrap_or_else(|e| e.into_inner());
-            f(i, &mut piece);
-        }
-    });
 }
 
 #[cfg(test)]
