@@ -53,7 +53,7 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
         other => bail!("unknown configuration {other}"),
     };
-    let opts = LoadOptions { quant, quantize_lm_head: quant.is_some(), ..Default::default() };
+    let opts = LoadOptions { quant, ..Default::default() };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
     let prompt = tok.encode(PROMPT, false)?;
     let long = long_prompt_ids(&tok, long_prompt)?;

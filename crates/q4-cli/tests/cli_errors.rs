@@ -382,13 +382,21 @@ fn read_only_output_directory() {
 }
 
 #[test]
-fn gguf_input_is_left_to_the_runner() {
+fn missing_or_corrupt_gguf_input() {
     let out = tempfile::tempdir().unwrap();
     let o = out.path().join("x");
     fails(
         &["quantize", "model.gguf", "--format", "nf4", "--out", s(&o)],
-        &["model.gguf", "GGUF input is handled by the runner"],
+        &["model.gguf", "cannot open"],
         out.path(),
+    );
+    let bad = out.path().join("bad.gguf");
+    std::fs::write(&bad, b"GGUF\xff\xff\xff\xff truncated").unwrap();
+    fails_leaving(
+        &["quantize", s(&bad), "--format", "nvfp4", "--out", s(&o)],
+        &["bad.gguf", "not a valid GGUF file"],
+        out.path(),
+        &["bad.gguf"],
     );
 }
 

@@ -29,9 +29,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
+/// Loads a fixture; quantized like ModelOpt and bitsandbytes do it (decoder linears only,
+/// embeddings and lm_head left dense) so the results compare with their goldens.
 fn load(name: &str, quant: Option<Format>) -> q4_llm::Model {
     let opts = LoadOptions {
         quant,
+        quantize_embeddings: false,
         ..Default::default()
     };
     q4_llm::load(&fixture(name), &opts).unwrap().0
@@ -153,6 +156,22 @@ fn real_bitsandbytes_nf4_checkpoint_matches_its_golden() {
         "tiny-qwen3-nf4 (stored NF4 weights, blocks straddle rows): max |logit diff| {err:e}"
     );
     check_greedy("tiny-qwen3-nf4");
+}
+
+#[test]
+fn quantized_embeddings_share_one_table_with_the_tied_lm_head() {
+    let g = golden("tiny-llama");
+    let ids = &g["input_ids"];
+    let run = |quantize_embeddings: bool| {
+        let opts = LoadOptions { quant: Some(Format::Nvfp4), quantize_embeddings, ..Default::default() };
+        let model = q4_llm::load(&fixture("tiny-llama"), &opts).unwrap().0;
+        let mut cache = model.new_cache(ids.dim(1).unwrap());
+        model.forward(ids, &mut cache).unwrap()
+    };
+    let (dense_emb, q_emb) = (run(false), run(true));
+    let d = max_abs_diff(&dense_emb, &q_emb);
+    // 4-bit embeddings and lm_head move the logits, by about what 4-bit decoder layers do.
+    assert!(d > 1e-3 && d < 2.5, "max |diff| {d}");
 }
 
 #[test]

@@ -585,6 +585,23 @@ impl QTensor {
         )
     }
 
+    /// Rows `ids` of a 2-D tensor, decoded to f32 (`[ids.len(), cols]`, on the tensor's device):
+    /// an embedding lookup that never decodes the rest of the table.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let (rows, cols) = self.rows_cols();
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+            return Err(Error::msg(format!("row {bad} is outside the {rows} rows of this tensor")));
+        }
+        let host = self.to_device(&Device::Cpu)?;
+        let view = host.host_view().expect("host tensor");
+        let r = crate::kernels::cpu::Rows::new(&view);
+        let mut out = vec![0f32; ids.len() * cols];
+        for (o, &i) in out.chunks_exact_mut(cols).zip(ids) {
+            r.decode_row(i as usize, o);
+        }
+        Ok(Tensor::from_vec(out, (ids.len(), cols), self.device())?)
+    }
+
     /// Dense copy on the same device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         let host = self.to_device(&Device::Cpu)?;

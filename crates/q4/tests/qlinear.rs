@@ -305,3 +305,20 @@ fn fused_layers_give_the_parts_outputs_exactly() {
     let e = QLinear::fuse(&parts).unwrap_err().to_string();
     assert!(e.contains("different tensor scales"), "{e}");
 }
+
+#[test]
+fn gathered_rows_equal_the_dequantized_rows() {
+    let (n, k) = (37, 96);
+    let w = Tensor::from_vec(randn(70, n * k), (n, k), &Device::Cpu).unwrap();
+    for format in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
+        let q = QTensor::quantize(&w, &QuantSpec::new(format).with_block(format.default_block_size().min(32))).unwrap();
+        let dense = q.dequantize(DType::F32).unwrap();
+        let ids = [0u32, 36, 5, 5, 17];
+        let got = q.gather_rows(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
+        let want = dense.index_select(&idx, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // Equal values (the sign of zero may differ: the codebooks decode code 8 as -0).
+        assert!(got.iter().zip(&want).all(|(a, b)| a == b), "{format}");
+        assert!(q.gather_rows(&[37]).unwrap_err().to_string().contains("outside the 37 rows"));
+    }
+}

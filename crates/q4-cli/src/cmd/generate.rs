@@ -50,10 +50,11 @@ pub struct ModelArgs {
     /// Where to run; `cuda` needs q4 built with `--features cuda`.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
-    /// Quantize lm_head too (with --quant; by default it stays dense). At batch 1 a dense f32
-    /// lm_head reads vocab x hidden x 4 bytes per token, often more than all 4-bit layers.
+    /// With --quant, keep the token embeddings and lm_head dense (by default they are stored in
+    /// the same 4-bit format: for small models a dense f32 lm_head reads more bytes per token
+    /// than all other layers together).
     #[arg(long)]
-    pub quant_lm_head: bool,
+    pub dense_embeddings: bool,
     /// NVFP4 checkpoints: use each layer's calibrated input_scale to quantize activations too
     /// (exact emulation of Blackwell's W4A4 matmul). Weight-only by default.
     #[arg(long)]
@@ -74,7 +75,7 @@ impl ModelArgs {
         };
         let opts = LoadOptions {
             quant: self.quant.format(),
-            quantize_lm_head: self.quant_lm_head,
+            quantize_embeddings: !self.dense_embeddings,
             w4a4: self.w4a4,
             device,
         };

@@ -6,19 +6,21 @@
 
 mod attention;
 mod decode_attention;
+mod embedding;
 mod fused;
 mod mlp;
 mod norm;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use q4::{Format, QLinear, QuantSpec};
+use q4::{Format, QLinear, QTensor, QuantSpec};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
 use crate::weights::{checked_linears, tensor_with_shape, LinearSpec, WeightSource};
 use attention::Attention;
+use embedding::Embedding;
 use mlp::Mlp;
 use norm::RmsNorm;
 
@@ -27,8 +29,10 @@ use norm::RmsNorm;
 pub struct LoadOptions {
     /// Quantize every decoder linear (q, k, v, o, gate, up, down) to this format at load.
     pub quant: Option<Format>,
-    /// Also quantize `lm_head` (off by default: the output layer is the most sensitive).
-    pub quantize_lm_head: bool,
+    /// With `quant`, also store the token embeddings and `lm_head` in 4 bits (on by default:
+    /// for small models they are most of the bytes read per token; with tied embeddings one
+    /// 4-bit table serves both). Off keeps them dense.
+    pub quantize_embeddings: bool,
     /// NVFP4 checkpoints: quantize activations with each layer's `input_scale` (W4A4
     /// emulation) instead of running weight-only.
     pub w4a4: bool,
@@ -39,7 +43,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             quant: None,
-            quantize_lm_head: false,
+            quantize_embeddings: true,
             w4a4: false,
             device: Device::Cpu,
         }
@@ -68,7 +72,7 @@ pub struct HiddenStates {
 #[derive(Clone, Debug)]
 pub struct Model {
     cfg: ModelConfig,
-    embed_tokens: Tensor,
+    embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: QLinear,
@@ -81,8 +85,16 @@ impl Model {
         let cfg = src.config()?;
         let dev = &opts.device;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_tokens =
+        let embed_dense =
             tensor_with_shape(src, "model.embed_tokens.weight", &[vocab, h])?.to_device(dev)?;
+        let head_quant = opts.quant.filter(|_| opts.quantize_embeddings);
+        let embed_q = match head_quant {
+            Some(f) => Some(
+                QTensor::quantize(&embed_dense, &QuantSpec::new(f))
+                    .context("cannot quantize the token embeddings")?,
+            ),
+            None => None,
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -107,11 +119,11 @@ impl Model {
             });
         }
         let norm = RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dev)?;
-        let head_quant = opts.quant.filter(|_| opts.quantize_lm_head);
         let lm_head = if cfg.tie_word_embeddings {
-            let spec = head_quant.map(QuantSpec::new);
-            QLinear::from_dense(&embed_tokens, None, spec.as_ref())
-                .context("cannot build lm_head from the tied embeddings")?
+            match &embed_q {
+                Some(q) => QLinear::new(q.clone(), None)?,
+                None => QLinear::dense(embed_dense.clone(), None)?,
+            }
         } else {
             let spec = LinearSpec {
                 name: "lm_head".into(),
@@ -124,6 +136,10 @@ impl Model {
                 .expect("one layer")
         };
         let rope = Rope::new(&cfg, dev)?;
+        let embed_tokens = match embed_q {
+            Some(q) => Embedding::Quant(q),
+            None => Embedding::Dense(embed_dense),
+        };
         Ok(Model {
             cfg,
             embed_tokens,
@@ -215,7 +231,7 @@ impl Model {
         let ids = self.checked_ids(ids)?;
         let mut x = self
             .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
+            .lookup(&ids.flatten_all()?)?
             .reshape((b, t, self.cfg.hidden_size))?;
         if let Some(tr) = trace.as_deref_mut() {
             tr.push(x.clone());
