@@ -129,7 +129,11 @@ fn real_nvfp4_and_nf4_checkpoints_via_cli() {
 fn quant_nvfp4_via_cli_matches_modelopt_export() {
     let g = golden("tiny-llama-nvfp4");
     // ModelOpt leaves embeddings and lm_head dense.
-    let logits = cli_logits("tiny-llama", &g["input_ids"], &["--quant", "nvfp4", "--dense-embeddings"]);
+    let logits = cli_logits(
+        "tiny-llama",
+        &g["input_ids"],
+        &["--quant", "nvfp4", "--embeddings", "f32"],
+    );
     let err = max_abs_diff(&logits, &g["logits"]);
     assert!(err < 1e-4, "max |logits - golden| = {err}");
 }

@@ -30,7 +30,7 @@ pub use chat::ChatSession;
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use kv_cache::KvCache;
-pub use model::{LoadOptions, Model};
+pub use model::{EmbeddingStorage, LoadOptions, Model};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::Tokenizer;
 pub use weights::{open_weights, LinearSpec, WeightSource};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use q4::Format;
-use q4_llm::{generate, GenerateOptions, LoadOptions, SamplingParams};
+use q4_llm::{generate, EmbeddingStorage, GenerateOptions, LoadOptions, SamplingParams};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -34,7 +34,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn load(name: &str, quant: Option<Format>) -> q4_llm::Model {
     let opts = LoadOptions {
         quant,
-        quantize_embeddings: false,
+        embeddings: Some(EmbeddingStorage::F32),
         ..Default::default()
     };
     q4_llm::load(&fixture(name), &opts).unwrap().0
@@ -162,8 +162,17 @@ fn real_bitsandbytes_nf4_checkpoint_matches_its_golden() {
 fn quantized_embeddings_share_one_table_with_the_tied_lm_head() {
     let g = golden("tiny-llama");
     let ids = &g["input_ids"];
-    let run = |quantize_embeddings: bool| {
-        let opts = LoadOptions { quant: Some(Format::Nvfp4), quantize_embeddings, ..Default::default() };
+    let run = |quantized: bool| {
+        let embeddings = Some(if quantized {
+            EmbeddingStorage::Quantized
+        } else {
+            EmbeddingStorage::F32
+        });
+        let opts = LoadOptions {
+            quant: Some(Format::Nvfp4),
+            embeddings,
+            ..Default::default()
+        };
         let model = q4_llm::load(&fixture("tiny-llama"), &opts).unwrap().0;
         let mut cache = model.new_cache(ids.dim(1).unwrap());
         model.forward(ids, &mut cache).unwrap()

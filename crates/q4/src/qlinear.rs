@@ -241,6 +241,21 @@ impl QLinear {
     pub fn forward_fused(&self, x: &Tensor) -> Result<Tensor> {
         self.check_input(x)?;
         let q = match &self.weight {
+            LinearWeight::Dense(w)
+                if w.dtype() == DType::BF16 && w.device().is_cpu() && x.device().is_cpu() =>
+            {
+                // candle's CPU bf16 matmul is slow; widen the weights in registers instead.
+                let dims = x.dims().to_vec();
+                let batch: usize = dims[..dims.len() - 1].iter().product();
+                let xf = x
+                    .reshape((batch, self.in_features))?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
+                let y = xf.apply_op1_no_bwd(&Bf16MatMul { weight: w.clone() })?;
+                let mut out_dims = dims;
+                *out_dims.last_mut().expect("rank >= 1") = self.out_features;
+                return self.add_bias(y.reshape(out_dims)?.to_dtype(x.dtype())?);
+            }
             LinearWeight::Dense(w) => {
                 let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
                 return self.add_bias(y);
@@ -320,6 +335,43 @@ impl candle_core::CustomOp1 for QMatMul {
         let n = view.rows;
         let mut y = vec![0f32; batch * n];
         crate::kernels::cpu::matmul(&view, x, batch, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((batch, n))))
+    }
+}
+
+/// A dense bf16 weight times f32 activations on the CPU.
+struct Bf16MatMul {
+    weight: Tensor,
+}
+
+impl candle_core::CustomOp1 for Bf16MatMul {
+    fn name(&self) -> &'static str {
+        "q4-bf16-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("q4-bf16-matmul expects f32 activations")
+        };
+        let (batch, k) = layout.shape().dims2()?;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q4-bf16-matmul expects contiguous activations")
+        };
+        let (n, wk) = self.weight.dims2()?;
+        debug_assert_eq!(k, wk);
+        let (w_storage, w_layout) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::BF16(w)) = &*w_storage else {
+            candle_core::bail!("q4-bf16-matmul expects a bf16 CPU weight")
+        };
+        let Some((ws, we)) = w_layout.contiguous_offsets() else {
+            candle_core::bail!("q4-bf16-matmul expects a contiguous weight")
+        };
+        let mut y = vec![0f32; batch * n];
+        crate::kernels::cpu::dense::matmul_bf16(&w[ws..we], n, k, &data[start..end], batch, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((batch, n))))
     }
 }

@@ -590,7 +590,9 @@ impl QTensor {
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let (rows, cols) = self.rows_cols();
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
-            return Err(Error::msg(format!("row {bad} is outside the {rows} rows of this tensor")));
+            return Err(Error::msg(format!(
+                "row {bad} is outside the {rows} rows of this tensor"
+            )));
         }
         let host = self.to_device(&Device::Cpu)?;
         let view = host.host_view().expect("host tensor");

@@ -311,14 +311,52 @@ fn gathered_rows_equal_the_dequantized_rows() {
     let (n, k) = (37, 96);
     let w = Tensor::from_vec(randn(70, n * k), (n, k), &Device::Cpu).unwrap();
     for format in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
-        let q = QTensor::quantize(&w, &QuantSpec::new(format).with_block(format.default_block_size().min(32))).unwrap();
+        let q = QTensor::quantize(
+            &w,
+            &QuantSpec::new(format).with_block(format.default_block_size().min(32)),
+        )
+        .unwrap();
         let dense = q.dequantize(DType::F32).unwrap();
         let ids = [0u32, 36, 5, 5, 17];
-        let got = q.gather_rows(&ids).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = q
+            .gather_rows(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
-        let want = dense.index_select(&idx, 0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = dense
+            .index_select(&idx, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Equal values (the sign of zero may differ: the codebooks decode code 8 as -0).
         assert!(got.iter().zip(&want).all(|(a, b)| a == b), "{format}");
-        assert!(q.gather_rows(&[37]).unwrap_err().to_string().contains("outside the 37 rows"));
+        assert!(q
+            .gather_rows(&[37])
+            .unwrap_err()
+            .to_string()
+            .contains("outside the 37 rows"));
+    }
+}
+
+#[test]
+fn dense_bf16_weights_agree_with_the_f32_matmul() {
+    for (n, k, batch) in [(37, 96, 1), (1100, 1024, 3), (70, 200, 16), (5, 8, 7)] {
+        let w = Tensor::from_vec(randn(80 + n as u64, n * k), (n, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let layer = QLinear::dense(w.clone(), None).unwrap();
+        let x = Tensor::from_vec(randn(90, batch * k), (batch, k), &Device::Cpu).unwrap();
+        let y = layer.forward(&x).unwrap();
+        let want = x
+            .matmul(&w.to_dtype(DType::F32).unwrap().t().unwrap())
+            .unwrap();
+        let e = rel_err(&y, &want);
+        assert!(e <= 1e-5, "n={n} k={k} batch={batch}: {e}");
     }
 }

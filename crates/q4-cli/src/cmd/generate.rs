@@ -32,6 +32,24 @@ impl Quant {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Embeddings {
+    F32,
+    Bf16,
+    #[value(name = "4bit")]
+    FourBit,
+}
+
+impl Embeddings {
+    fn storage(self) -> q4_llm::EmbeddingStorage {
+        match self {
+            Embeddings::F32 => q4_llm::EmbeddingStorage::F32,
+            Embeddings::Bf16 => q4_llm::EmbeddingStorage::Bf16,
+            Embeddings::FourBit => q4_llm::EmbeddingStorage::Quantized,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceName {
     Cpu,
     Cuda,
@@ -50,11 +68,11 @@ pub struct ModelArgs {
     /// Where to run; `cuda` needs q4 built with `--features cuda`.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
-    /// With --quant, keep the token embeddings and lm_head dense (by default they are stored in
-    /// the same 4-bit format: for small models a dense f32 lm_head reads more bytes per token
-    /// than all other layers together).
-    #[arg(long)]
-    pub dense_embeddings: bool,
+    /// Storage of the token embeddings and a tied/unquantized lm_head [default: f32 without
+    /// --quant, bf16 with it]. For small models these tables are most of the bytes read per
+    /// token; `4bit` uses the --quant format (smallest, costs perplexity).
+    #[arg(long, value_enum)]
+    pub embeddings: Option<Embeddings>,
     /// NVFP4 checkpoints: use each layer's calibrated input_scale to quantize activations too
     /// (exact emulation of Blackwell's W4A4 matmul). Weight-only by default.
     #[arg(long)]
@@ -75,7 +93,7 @@ impl ModelArgs {
         };
         let opts = LoadOptions {
             quant: self.quant.format(),
-            quantize_embeddings: !self.dense_embeddings,
+            embeddings: self.embeddings.map(Embeddings::storage),
             w4a4: self.w4a4,
             device,
         };

@@ -6,6 +6,17 @@ use anyhow::Result;
 use candle_core::{Device, Tensor};
 use q4::QTensor;
 
+/// How the embedding table (and a dense or tied `lm_head`) is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EmbeddingStorage {
+    F32,
+    /// Half the bytes of f32 and close to lossless for checkpoints whose embeddings were 8-bit
+    /// or bf16 to begin with; multiplied by q4's bf16 kernel.
+    Bf16,
+    /// The 4-bit format of the decoder layers (smallest, but the output layer is sensitive).
+    Quantized,
+}
+
 #[derive(Clone, Debug)]
 pub enum Embedding {
     Dense(Tensor),
@@ -16,7 +27,7 @@ impl Embedding {
     /// `[ids.len(), hidden]` f32 rows for flat u32 `ids`.
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
-            Embedding::Dense(t) => Ok(t.index_select(ids, 0)?),
+            Embedding::Dense(t) => Ok(t.index_select(ids, 0)?.to_dtype(candle_core::DType::F32)?),
             Embedding::Quant(q) => {
                 let host: Vec<u32> = ids.to_device(&Device::Cpu)?.to_vec1()?;
                 Ok(q.gather_rows(&host)?)

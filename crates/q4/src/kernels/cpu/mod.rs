@@ -4,6 +4,7 @@
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
 mod decode;
+pub mod dense;
 mod gemm;
 mod gemv;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
