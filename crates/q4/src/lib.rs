@@ -7,6 +7,7 @@ pub mod error;
 pub mod host_bytes;
 pub mod kernels;
 pub mod lut;
+pub mod probe;
 pub mod qlinear;
 pub mod qtensor;
 
