@@ -190,7 +190,8 @@ impl QLinear {
             // CUDA kernels take f32/bf16/f16 activations as they are and return that dtype.
             let x2 = x.reshape((batch, self.in_features))?.contiguous()?;
             let y = match self.act {
-                ActQuant::None => crate::kernels::cuda::matmul(q, &x2)?,
+                // Through the custom op, so `QMatMul::cuda_fwd` serves every CUDA matmul.
+                ActQuant::None => x2.apply_op1_no_bwd(&QMatMul { weight: q.clone() })?,
                 act => crate::kernels::cuda::w4a4::matmul(q, &x2, act)?,
             };
             let mut out_dims = dims;

@@ -42,18 +42,18 @@ __device__ __forceinline__ float f16_to_f32(u16 h) {
     return r;
 }
 
-// Stores f32 `v` at element `i` of an output of type OUT_T.
-template <int OUT_T>
+// Stores f32 `v` at element `i` of an output of type OT.
+template <int OT>
 __device__ __forceinline__ void store_elem(void* out, i64 i, float v) {
-    if (OUT_T == T_F32) ((float*)out)[i] = v;
-    else if (OUT_T == T_BF16) ((u16*)out)[i] = f32_to_bf16(v);
+    if (OT == T_F32) ((float*)out)[i] = v;
+    else if (OT == T_BF16) ((u16*)out)[i] = f32_to_bf16(v);
     else ((u16*)out)[i] = f32_to_f16(v);
 }
 
-template <int IN_T>
+template <int IT>
 __device__ __forceinline__ float load_elem(const void* in, i64 i) {
-    if (IN_T == T_F32) return ((const float*)in)[i];
-    else if (IN_T == T_BF16) return bf16_to_f32(((const u16*)in)[i]);
+    if (IT == T_F32) return ((const float*)in)[i];
+    else if (IT == T_BF16) return bf16_to_f32(((const u16*)in)[i]);
     else return f16_to_f32(((const u16*)in)[i]);
 }
 
