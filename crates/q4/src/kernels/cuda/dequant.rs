@@ -96,7 +96,12 @@ pub fn decode_rows_into(
                 row_blocks as i32,
                 bs as i32,
             );
-            let cfg = super::util::grid_for(rows * row_bytes / 8, 256, k.sm_count);
+            let threads = (row_bytes / 8).clamp(32, 256).next_power_of_two().min(256) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (rows.min(k.sm_count as usize * 32) as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let mut b = stream.launch_builder(&func);
             b.arg(&codes)
                 .arg(&scales)
@@ -114,7 +119,7 @@ pub fn decode_rows_into(
         Format::Nf4 | Format::Fp4 => {
             let (e_begin, e_end) = ((row0 * cols) as i64, ((row0 + rows) * cols) as i64);
             let code_len = parts.codes.elem_count() as i64;
-            let bs_i = bs as i32;
+            let bs_shift = bs.trailing_zeros() as i32;
             let units = ((e_end - (e_begin & !15)) as usize).div_ceil(16);
             let cfg: LaunchConfig = super::util::grid_for(units, 256, k.sm_count);
             let mut b = stream.launch_builder(&func);
@@ -124,7 +129,7 @@ pub fn decode_rows_into(
                 .arg(&e_begin)
                 .arg(&e_end)
                 .arg(&code_len);
-            b.arg(&bs_i).arg(&cb).arg(&mul);
+            b.arg(&bs_shift).arg(&cb).arg(&mul);
             // SAFETY: argument types and order match `dequant_flat`; reads stay below
             // `code_len` bytes and `absmax[e / bs]` for e < numel; `out` holds e_end - e_begin
             // elements of OUT_T.

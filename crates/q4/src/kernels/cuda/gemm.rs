@@ -1,7 +1,7 @@
-//! Prefill (large batches): the weight is decoded chunk by chunk into a scratch buffer sized to
-//! stay in L2 (about 24 MiB) and multiplied with cuBLAS on the same stream, writing the chunk's
-//! output columns in place. Each chunk's decode is a fraction of its GEMM's time, and the GEMM
-//! reads the decoded tile from L2 rather than from memory.
+//! Prefill (large batches): the weight is decoded chunk by chunk into a scratch buffer (2048
+//! rows at m = 2048, mostly L2-resident) and multiplied with cuBLAS on the same stream, writing
+//! the chunk's output columns in place. Each chunk's decode is a fraction of its GEMM's time,
+//! and the GEMM reads the decoded rows from L2 rather than from memory.
 //!
 //! Operands follow the activations: bf16 (NVFP4/MXFP4 weights exact, NF4/FP4 rounded once),
 //! f16 (with the same power-of-two factoring as the GEMV), or f32 (exact f32 weights, TF32
@@ -21,8 +21,17 @@ use crate::error::{Error, Result};
 use crate::qtensor::QTensor;
 use crate::Format;
 
-/// Scratch size per chunk (decoded weight rows), chosen to stay resident in L2.
-const CHUNK_BYTES: usize = 24 << 20;
+/// Decoded weight rows per chunk at large batches: 2048 rows keep the chunk (<= 32 MiB for
+/// k <= 8192 in bf16) mostly in L2 and give cuBLAS about one full wave of 128x256 tiles at
+/// m = 2048. Smaller batches take proportionally more rows, so that each chunk still fills the
+/// GPU. `Q4_GEMM_CHUNK_ROWS` overrides (for tuning).
+fn chunk_rows(m: usize, n: usize) -> usize {
+    let rows = std::env::var("Q4_GEMM_CHUNK_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or_else(|| 2048 * 16usize.div_ceil(m.div_ceil(128)));
+    rows.clamp(1, n.max(1))
+}
 
 /// `y[batch, n] = x Wᵀ` in the activations' dtype.
 pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaStorage> {
@@ -56,14 +65,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             (1.0, smul, factor)
         }
     };
-    let esize = op_dtype.size_in_bytes();
-    let chunk_rows = (CHUNK_BYTES / (kdim * esize)).max(1);
-    let chunk_rows = if chunk_rows >= 256 {
-        chunk_rows / 256 * 256
-    } else {
-        chunk_rows
-    };
-    let chunk_rows = chunk_rows.min(n).max(1);
+    let chunk_rows = chunk_rows(m, n);
     let scratch = tensor_from(
         empty_storage(dev, op_dtype, chunk_rows * kdim)?,
         chunk_rows * kdim,

@@ -18,8 +18,15 @@ use crate::Format;
 
 /// Bytes of the pair table in shared memory (also holds the cross-warp reduction).
 const LUT_BYTES: u32 = 256 * 32 * 4;
-/// Warps per block (they split K; their partial sums are added in a fixed order).
-const WARPS: usize = 4;
+/// Warps per block (they split K; their partial sums are added in a fixed order in the pair
+/// table's shared memory, which bounds warps * MT * NT).
+fn warps_for(mt: usize, nt: usize) -> usize {
+    if mt * nt <= 8 {
+        8
+    } else {
+        4
+    }
+}
 
 /// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
 pub fn supports(w: &QTensor) -> bool {
@@ -76,7 +83,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             let func = k.function(
                 "gemv",
                 module_cache::GEMV,
-                &gemv_defines(w, DType::F16, 0, 1, 1),
+                &gemv_defines(w, DType::F16, 0, 1, 1, 8),
                 "x_to_f16",
             )?;
             let (xp, x16p, xsp, kk) = (
@@ -107,15 +114,16 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
     let mt = if nt >= 2 { 2 } else { 1 };
+    let warps = warps_for(mt, nt);
     let grid_x = n.div_ceil(16 * mt);
     let steps = kdim.div_ceil(128);
     // Split K across blocks until the grid fills the GPU, keeping >= 2 steps per warp.
     let target = k.sm_count as usize * 16;
     let mut split = 1usize;
-    while grid_x * WARPS * split < target && steps >= WARPS * split * 4 {
+    while grid_x * warps * split < target && steps >= warps * split * 4 {
         split *= 2;
     }
-    let defines = gemv_defines(w, opt, out_t, nt as i64, mt as i64);
+    let defines = gemv_defines(w, opt, out_t, nt as i64, mt as i64, warps as i64);
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
     let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {
@@ -133,11 +141,12 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let (smul, wfactor) = scale_factors(w, opt);
     let (n_i, k_i, b_i) = (n as i32, kdim as i32, batch as i32);
     let row_bytes = (kdim / 2) as i64;
-    let bs = w.block_size() as i32;
+    // bitsandbytes block sizes are powers of two: the kernel shifts instead of dividing.
+    let bs_shift = w.block_size().trailing_zeros() as i32;
     let cb = codebook_index(w.format());
     let cfg = LaunchConfig {
         grid_dim: (grid_x as u32, split as u32, 1),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
+        block_dim: ((warps * 32) as u32, 1, 1),
         shared_mem_bytes: LUT_BYTES,
     };
     let mut b = stream.launch_builder(&func);
@@ -151,14 +160,14 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .arg(&k_i)
         .arg(&b_i)
         .arg(&row_bytes)
-        .arg(&bs)
+        .arg(&bs_shift)
         .arg(&cb)
         .arg(&wfactor)
         .arg(&smul);
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; 32 KiB of dynamic
-    // shared memory is below the 48 KiB default limit.
+    // plus 1 KiB of static shared memory is below the 48 KiB default limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;
@@ -184,13 +193,13 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     Ok(y)
 }
 
-fn gemv_defines(w: &QTensor, opt: DType, out_t: i64, nt: i64, mt: i64) -> Vec<(&'static str, i64)> {
+fn gemv_defines(w: &QTensor, opt: DType, out_t: i64, nt: i64, mt: i64, warps: i64) -> Vec<(&'static str, i64)> {
     vec![
         ("FMT", fmt_code(w.format())),
         ("OPT", if opt == DType::BF16 { 1 } else { 2 }),
         ("OUT_T", out_t),
         ("NT", nt),
         ("MT", mt),
-        ("WARPS", WARPS as i64),
+        ("WARPS", warps),
     ]
 }

@@ -41,10 +41,9 @@ extern "C" __global__ void dequant_rows(const u8* __restrict__ codes, const u8* 
     if (threadIdx.x < 16) lut[threadIdx.x] = u2f(CB_BITS[cb][threadIdx.x]);
     __syncthreads();
     const int units = row_bytes >> 3;
-    const i64 total = (i64)rows * units;
-    for (i64 u = (i64)blockIdx.x * blockDim.x + threadIdx.x; u < total;
-         u += (i64)gridDim.x * blockDim.x) {
-        const int row = (int)(u / units), j = (int)(u % units);
+    // Blocks stride over rows, threads over a row's 8-byte units (no integer division).
+    for (int row = blockIdx.x; row < rows; row += gridDim.x)
+    for (int j = threadIdx.x; j < units; j += blockDim.x) {
         const int c0 = j * 16;
         if (c0 >= cols) continue;
         const u8 sb = scales[(i64)row * row_blocks + c0 / block];
@@ -63,10 +62,11 @@ extern "C" __global__ void dequant_rows(const u8* __restrict__ codes, const u8* 
 }
 
 // bitsandbytes: blocks of `bs` over the flat tensor, first element in the high nibble, f32
-// absmax per block. Decodes flat elements [e_begin, e_end) into out[0 .. e_end - e_begin).
+// absmax per block (bs = 1 << bs_shift). Decodes flat elements [e_begin, e_end) into
+// out[0 .. e_end - e_begin).
 extern "C" __global__ void dequant_flat(const u8* __restrict__ codes, const float* __restrict__ absmax,
                                         void* __restrict__ out, i64 e_begin, i64 e_end,
-                                        i64 code_len, int bs, int cb, float mul) {
+                                        i64 code_len, int bs_shift, int cb, float mul) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = u2f(CB_BITS[cb][threadIdx.x]);
     __syncthreads();
@@ -75,7 +75,7 @@ extern "C" __global__ void dequant_flat(const u8* __restrict__ codes, const floa
     for (i64 u = (i64)blockIdx.x * blockDim.x + threadIdx.x; u < units;
          u += (i64)gridDim.x * blockDim.x) {
         const i64 e0 = first + u * 16;
-        const float scale = absmax[e0 / bs] * mul;
+        const float scale = absmax[e0 >> bs_shift] * mul;
         u8 b[8];
         if ((e0 >> 1) + 8 <= code_len) {
             const uint2 w = *(const uint2*)(codes + (e0 >> 1));

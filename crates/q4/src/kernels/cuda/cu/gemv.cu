@@ -58,10 +58,6 @@ __device__ __forceinline__ uint4 ld_act(const u16* p) {
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
     return r;
 }
-__device__ __forceinline__ u32 byte_of(const uint4& w, int j) {
-    const u32 word = j < 4 ? w.x : (j < 8 ? w.y : (j < 12 ? w.z : w.w));
-    return (word >> (8 * (j & 3))) & 0xffu;
-}
 
 // One step's weight data of a thread: 16 bytes of rows g and g+8 per M tile, and their scales.
 struct Frag {
@@ -72,7 +68,7 @@ struct Frag {
 
 __device__ __forceinline__ void load_frag(Frag& f, const u8* __restrict__ codes, const void* __restrict__ scales,
                                           int step, int steps, int row_base, int N, int K, i64 row_bytes,
-                                          int bs, int g, int t) {
+                                          int bs_shift, int g, int t) {
     const int k0 = step * 128 + 32 * t;
     const bool valid = step < steps && k0 < K;
 #pragma unroll
@@ -87,7 +83,7 @@ __device__ __forceinline__ void load_frag(Frag& f, const u8* __restrict__ codes,
                 } else if (FMT == 1) {
                     f.sraw[mt][h] = ((const u8*)scales)[(i64)row * (row_bytes >> 4) + (k0 >> 5)];
                 } else {
-                    f.sabs[mt][h] = ((const float*)scales)[((i64)row * K + k0) / bs];
+                    f.sabs[mt][h] = ((const float*)scales)[((i64)row * K + k0) >> bs_shift];
                 }
             } else {
                 f.w[mt][h] = make_uint4(0, 0, 0, 0);
@@ -98,35 +94,46 @@ __device__ __forceinline__ void load_frag(Frag& f, const u8* __restrict__ codes,
     }
 }
 
-// Operand-typed scale pair of sub-block `sb` (NVFP4 has two blocks per 32-element chunk).
-__device__ __forceinline__ u32 scale_pair(const Frag& f, int mt, int h, int sb, float smul) {
-    float s;
-    if (FMT == 0) s = e4m3_decode((f.sraw[mt][h] >> (8 * sb)) & 0xffu) * smul;
-    else if (FMT == 1) s = e8m0_decode(f.sraw[mt][h]) * smul;
-    else s = f.sabs[mt][h] * smul;
-    return splat_op(s);
+// Index of the pair-table entry of byte `j` (0..3) of `word` for this lane:
+// ((word >> 8j) & 0xff) * 32 + lane, as one shift and one LOP3.
+template <int J>
+__device__ __forceinline__ u32 lut_index(u32 word, u32 lane) {
+    const u32 shifted = J == 0 ? (word << 5) : (word >> (8 * J - 5));
+    return (shifted & 0x1fe0u) | lane;
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& w, int i) {
+    return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
-     int N, int K, int B, i64 row_bytes, int bs, int cb, float wfactor, float smul) {
+     int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul) {
     extern __shared__ u32 lut[];
-    // Pair table: entry (byte, lane) = the byte's two values in element order, operand type.
-    for (int i = threadIdx.x; i < LUT_WORDS; i += WARPS * 32) {
-        const u32 byte = (u32)i >> 5;
+    __shared__ u32 scale_tab[256];
+    const u32 tid = threadIdx.x;
+    // Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
+    // replicated for every lane (16-byte stores). Scale table: splatted operand-typed scales
+    // of every E4M3 / E8M0 byte.
+    for (u32 byte = tid; byte < 256; byte += WARPS * 32) {
         const u32 first = FMT == 2 ? (byte >> 4) : (byte & 15u);
         const u32 second = FMT == 2 ? (byte & 15u) : (byte >> 4);
-        lut[i] = to_op(u2f(CB_BITS[cb][first])) | (to_op(u2f(CB_BITS[cb][second])) << 16);
+        const u32 pair = to_op(u2f(CB_BITS[cb][first])) | (to_op(u2f(CB_BITS[cb][second])) << 16);
+        const uint4 v = make_uint4(pair, pair, pair, pair);
+#pragma unroll
+        for (int q = 0; q < 8; q++) ((uint4*)lut)[byte * 8 + q] = v;
+        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul);
+        if (FMT == 1) scale_tab[byte] = splat_op(e8m0_decode(byte) * smul);
     }
     __syncthreads();
 
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, t = lane & 3;
+    const u32 warp = tid >> 5, lane = tid & 31;
+    const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int row_base = blockIdx.x * (16 * MT);
     const int steps = (K + 127) >> 7;
     const int stride = gridDim.y * WARPS;
-    int step = blockIdx.y * WARPS + warp;
+    int step = blockIdx.y * WARPS + (int)warp;
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -136,11 +143,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[mt][nt][c] = 0.0f;
 
-    Frag cur, nxt;
-    load_frag(nxt, codes, scales, step, steps, row_base, N, K, row_bytes, bs, g, t);
+    // Two steps of weights in flight ahead of the one being multiplied.
+    Frag f0, f1;
+    load_frag(f0, codes, scales, step, steps, row_base, N, K, row_bytes, bs_shift, g, t);
+    load_frag(f1, codes, scales, step + stride, steps, row_base, N, K, row_bytes, bs_shift, g, t);
     for (; step < steps; step += stride) {
-        cur = nxt;
-        load_frag(nxt, codes, scales, step + stride, steps, row_base, N, K, row_bytes, bs, g, t);
+        const Frag cur = f0;
+        f0 = f1;
+        load_frag(f1, codes, scales, step + 2 * stride, steps, row_base, N, K, row_bytes, bs_shift, g, t);
         const int k0 = step * 128 + 32 * t;
         const bool kvalid = k0 < K;
         u32 sc[MT][2][2];
@@ -148,36 +158,52 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                sc[mt][h][0] = scale_pair(cur, mt, h, 0, smul);
-                sc[mt][h][1] = FMT == 0 ? scale_pair(cur, mt, h, 1, smul) : sc[mt][h][0];
+                if (FMT == 0) {
+                    sc[mt][h][0] = scale_tab[cur.sraw[mt][h] & 0xffu];
+                    sc[mt][h][1] = scale_tab[cur.sraw[mt][h] >> 8];
+                } else if (FMT == 1) {
+                    sc[mt][h][0] = scale_tab[cur.sraw[mt][h]];
+                    sc[mt][h][1] = sc[mt][h][0];
+                } else {
+                    sc[mt][h][0] = splat_op(cur.sabs[mt][h] * smul);
+                    sc[mt][h][1] = sc[mt][h][0];
+                }
             }
 #pragma unroll
-        for (int s2 = 0; s2 < 4; s2++) {
-            // Activations for mma 2*s2 and 2*s2+1: elements 8*s2 .. 8*s2+7 of the chunk.
+        for (int wi = 0; wi < 4; wi++) {
+            // Activations for mma 2*wi and 2*wi+1: elements 8*wi .. 8*wi+7 of the chunk.
             uint4 xv[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const int bi = nt * 8 + g;
-                xv[nt] = (kvalid && bi < B) ? ld_act(x + (i64)bi * K + k0 + 8 * s2) : make_uint4(0, 0, 0, 0);
+                xv[nt] = (kvalid && bi < B) ? ld_act(x + (i64)bi * K + k0 + 8 * wi) : make_uint4(0, 0, 0, 0);
+            }
+            // Word wi of the 16 code bytes holds bytes 4wi .. 4wi+3 = mma 2wi (bytes 0, 1)
+            // and mma 2wi+1 (bytes 2, 3); NVFP4's second block starts at word 2.
+            const int sb = FMT == 0 ? (wi >> 1) : 0;
+            u32 a[2][MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                const u32 w0 = word_of(cur.w[mt][0], wi), w1 = word_of(cur.w[mt][1], wi);
+                const u32 s0 = sc[mt][0][sb], s1 = sc[mt][1][sb];
+                a[0][mt][0] = pair_scale(lut[lut_index<0>(w0, lane)], s0);
+                a[0][mt][1] = pair_scale(lut[lut_index<0>(w1, lane)], s1);
+                a[0][mt][2] = pair_scale(lut[lut_index<1>(w0, lane)], s0);
+                a[0][mt][3] = pair_scale(lut[lut_index<1>(w1, lane)], s1);
+                a[1][mt][0] = pair_scale(lut[lut_index<2>(w0, lane)], s0);
+                a[1][mt][1] = pair_scale(lut[lut_index<2>(w1, lane)], s1);
+                a[1][mt][2] = pair_scale(lut[lut_index<3>(w0, lane)], s0);
+                a[1][mt][3] = pair_scale(lut[lut_index<3>(w1, lane)], s1);
             }
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int s = 2 * s2 + half;
-                const int sb = FMT == 0 ? (s >> 2) : 0;
-                u32 a[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; mt++) {
-                    a[mt][0] = pair_scale(lut[(byte_of(cur.w[mt][0], 2 * s) << 5) | lane], sc[mt][0][sb]);
-                    a[mt][1] = pair_scale(lut[(byte_of(cur.w[mt][1], 2 * s) << 5) | lane], sc[mt][1][sb]);
-                    a[mt][2] = pair_scale(lut[(byte_of(cur.w[mt][0], 2 * s + 1) << 5) | lane], sc[mt][0][sb]);
-                    a[mt][3] = pair_scale(lut[(byte_of(cur.w[mt][1], 2 * s + 1) << 5) | lane], sc[mt][1][sb]);
-                }
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     const u32 b0 = half == 0 ? xv[nt].x : xv[nt].z;
                     const u32 b1 = half == 0 ? xv[nt].y : xv[nt].w;
 #pragma unroll
-                    for (int mt = 0; mt < MT; mt++) mma16816(acc[mt][nt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+                    for (int mt = 0; mt < MT; mt++)
+                        mma16816(acc[mt][nt], a[half][mt][0], a[half][mt][1], a[half][mt][2], a[half][mt][3], b0, b1);
                 }
             }
         }
