@@ -15,7 +15,7 @@ done
 # Optional Nsight Compute profile of one fused GEMV launch (NCU=1): speed of light, stalls,
 # instruction mix.
 if [ -n "${NCU:-}" ]; then
-  timeout 240 ncu --kernel-name gemv --launch-skip 20 --launch-count 1 \
+  timeout 240 ncu --kernel-name gemv --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section WarpStateStats --section InstructionStats --section Occupancy \
     --section MemoryWorkloadAnalysis --section SchedulerStats \
     "$B/q4" bench gpu-linear --shapes 8192x8192 --formats nvfp4 --batches 1 --gemm-m 0 --calls 2 \

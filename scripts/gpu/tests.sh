@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: q4 doctor, then every CUDA test in its own process (a kernel fault cannot
 # poison the others' CUDA context). Full logs in $OUT/tests.log, one summary line per test.
+# TESTS=regex runs a subset.
 set -uo pipefail
 . "$(dirname "$0")/env.sh"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; "$B/q4" doctor; } | tee "$OUT/doctor.txt"
@@ -8,6 +9,7 @@ set -uo pipefail
 fails=0
 : > "$OUT/tests.log"
 for t in $("$B/cuda_kernels" --list 2>/dev/null | sed -n 's/: test$//p'); do
+  if [ -n "${TESTS:-}" ] && ! echo "$t" | grep -qE "$TESTS"; then continue; fi
   start=$(date +%s%N)
   if timeout "${TEST_TIMEOUT:-240}" "$B/cuda_kernels" "$t" --exact --nocapture >/tmp/q4/test.log 2>&1; then r=ok; else r=FAIL; fails=$((fails+1)); fi
   grep -q "^skipped" /tmp/q4/test.log && r="$r(skipped)"

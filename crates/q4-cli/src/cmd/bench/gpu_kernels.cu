@@ -81,19 +81,23 @@ extern "C" __global__ void rope_append(const u16* __restrict__ qkv, const float*
     }
 }
 
-// Single-query attention over positions 0..*pos (inclusive). One block per q head, one warp per
-// key position at a time; scores in shared memory (max_len floats).
+// Single-query attention over positions 0..*pos (inclusive). One block (8 warps) per q head:
+// a warp per key position for the scores, then each warp accumulates the softmax-weighted V rows
+// of its positions (lane i: dims 4i..4i+3, coalesced), and the warps' sums are added in
+// shared memory. Scores: max_len floats of dynamic shared memory.
 extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restrict__ k_cache,
                                   const u16* __restrict__ v_cache, const u32* __restrict__ pos,
                                   u16* __restrict__ out, int hq, int hkv, int d, float scale) {
     extern __shared__ float sc[];
     __shared__ float sh[32];
+    __shared__ float part[8][128];
     const int head = blockIdx.x, kvh = head / (hq / hkv);
     const int len = (int)(*pos) + 1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     const u16* qh = q + (i64)head * d;
+    const i64 row = (i64)hkv * d;
     for (int t = warp; t < len; t += warps) {
-        const u16* kr = k_cache + (i64)t * hkv * d + (i64)kvh * d;
+        const u16* kr = k_cache + (i64)t * row + (i64)kvh * d;
         float s = 0.0f;
         for (int i = lane; i < d; i += 32) s += bf16_to_f32(qh[i]) * bf16_to_f32(kr[i]);
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
@@ -115,10 +119,22 @@ extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restri
         z += e;
     }
     z = block_sum(z, sh);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float acc = 0.0f;
-        for (int t = 0; t < len; t++) acc += sc[t] * bf16_to_f32(v_cache[(i64)t * hkv * d + (i64)kvh * d + i]);
-        out[(i64)head * d + i] = f32_to_bf16(acc / z);
+    // d == 128: lane owns dims 4*lane .. 4*lane+3.
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = warp; t < len; t += warps) {
+        const uint2 v = *(const uint2*)(v_cache + (i64)t * row + (i64)kvh * d + 4 * lane);
+        const float p = sc[t];
+        acc[0] += p * bf16_to_f32((u16)(v.x & 0xffffu));
+        acc[1] += p * bf16_to_f32((u16)(v.x >> 16));
+        acc[2] += p * bf16_to_f32((u16)(v.y & 0xffffu));
+        acc[3] += p * bf16_to_f32((u16)(v.y >> 16));
+    }
+    for (int j = 0; j < 4; j++) part[warp][4 * lane + j] = acc[j];
+    __syncthreads();
+    if (threadIdx.x < d) {
+        float v = 0.0f;
+        for (int w = 0; w < warps; w++) v += part[w][threadIdx.x];
+        out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
     }
 }
 

@@ -18,15 +18,8 @@ use crate::Format;
 
 /// Bytes of the pair table in shared memory (also holds the cross-warp reduction).
 const LUT_BYTES: u32 = 256 * 32 * 4;
-/// Warps per block (they split K; their partial sums are added in a fixed order in the pair
-/// table's shared memory, which bounds warps * MT * NT).
-fn warps_for(mt: usize, nt: usize) -> usize {
-    if mt * nt <= 8 {
-        8
-    } else {
-        4
-    }
-}
+/// Warps per block; they split K and their partial sums are added in a fixed order.
+const WARPS: usize = 8;
 
 /// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
 pub fn supports(w: &QTensor) -> bool {
@@ -113,18 +106,35 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         None => 0u64,
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
-    let mt = if nt >= 2 { 2 } else { 1 };
-    let warps = warps_for(mt, nt);
-    let grid_x = n.div_ceil(16 * mt);
+    // One 16-row tile per warp step: every decoded weight feeds NT tensor-core products.
+    let (mt, warps) = (1, WARPS);
+    let tiles = n.div_ceil(16 * mt);
     let steps = kdim.div_ceil(128);
-    // Split K across blocks until the grid fills the GPU, keeping >= 2 steps per warp.
+    // Split K across blocks until there is work for about 16 warps per SM, keeping >= 4 steps
+    // per warp.
     let target = k.sm_count as usize * 16;
     let mut split = 1usize;
-    while grid_x * warps * split < target && steps >= warps * split * 4 {
+    while tiles * warps * split < target && steps >= warps * split * 8 {
         split *= 2;
     }
     let defines = gemv_defines(w, opt, out_t, nt as i64, mt as i64, warps as i64);
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
+    let smem = LUT_BYTES as usize + warps * mt * nt * 4 * 32 * 4;
+    if smem > 48 << 10 {
+        func.set_attribute(
+            candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| crate::Error::msg(format!("cannot give the GEMV {smem} bytes of shared memory: {e}")))?;
+    }
+    // Persistent blocks: as many as fit on the GPU at once, each walking several tiles.
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let grid_x = tiles
+        .min((k.sm_count as usize * per_sm).div_ceil(split))
+        .max(1);
     let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {
         Some(empty_storage(dev, DType::F32, split * batch * n)?)
@@ -147,7 +157,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let cfg = LaunchConfig {
         grid_dim: (grid_x as u32, split as u32, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
-        shared_mem_bytes: LUT_BYTES,
+        shared_mem_bytes: smem as u32,
     };
     let mut b = stream.launch_builder(&func);
     b.arg(&codes)
@@ -166,8 +176,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .arg(&smul);
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
-    // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; 32 KiB of dynamic
-    // plus 1 KiB of static shared memory is below the 48 KiB default limit.
+    // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the dynamic shared
+    // memory (table + reduction) was granted above when it exceeds the 48 KiB default.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;
@@ -193,7 +203,14 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     Ok(y)
 }
 
-fn gemv_defines(w: &QTensor, opt: DType, out_t: i64, nt: i64, mt: i64, warps: i64) -> Vec<(&'static str, i64)> {
+fn gemv_defines(
+    w: &QTensor,
+    opt: DType,
+    out_t: i64,
+    nt: i64,
+    mt: i64,
+    warps: i64,
+) -> Vec<(&'static str, i64)> {
     vec![
         ("FMT", fmt_code(w.format())),
         ("OPT", if opt == DType::BF16 { 1 } else { 2 }),

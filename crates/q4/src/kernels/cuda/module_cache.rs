@@ -152,6 +152,7 @@ pub struct DeviceKernels {
     pub arch: String,
     pub sm_count: u32,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
 }
 
 impl DeviceKernels {
@@ -178,6 +179,15 @@ impl DeviceKernels {
         let mut key = format!("{family}@{arch}");
         for (k, v) in defines {
             key.push_str(&format!(":{k}={v}"));
+        }
+        let fkey = format!("{key}#{function}");
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fkey)
+        {
+            return Ok(f.clone());
         }
         let module = {
             let mut map = self.modules.lock().unwrap_or_else(|e| e.into_inner());
@@ -247,6 +257,7 @@ pub fn for_device(dev: &CudaDevice) -> Result<Arc<DeviceKernels>> {
         arch: arch_for(cc),
         sm_count,
         modules: Mutex::new(HashMap::new()),
+        functions: Mutex::new(HashMap::new()),
     });
     map.insert(ordinal, k.clone());
     Ok(k)

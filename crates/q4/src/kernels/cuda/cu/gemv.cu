@@ -106,12 +106,16 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
     return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
+// Persistent blocks: each block builds its tables once, then walks 16*MT-row tiles
+// (blockIdx.x, += gridDim.x) so that no wave of blocks runs half empty; gridDim.y splits K.
+// Dynamic shared memory: the pair table (32 KiB), then the cross-warp reduction buffer.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
      int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul) {
     extern __shared__ u32 lut[];
     __shared__ u32 scale_tab[256];
+    float* red = (float*)(lut + LUT_WORDS);
     const u32 tid = threadIdx.x;
     // Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
     // replicated for every lane (16-byte stores). Scale table: splatted operand-typed scales
@@ -130,11 +134,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 
     const u32 warp = tid >> 5, lane = tid & 31;
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
-    const int row_base = blockIdx.x * (16 * MT);
     const int steps = (K + 127) >> 7;
     const int stride = gridDim.y * WARPS;
-    int step = blockIdx.y * WARPS + (int)warp;
+    const int tiles = (N + 16 * MT - 1) / (16 * MT);
+    const int per = MT * NT * 4;
 
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int row_base = tile * (16 * MT);
+    int step = blockIdx.y * WARPS + (int)warp;
     float acc[MT][NT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -209,10 +216,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         }
     }
 
-    // Sum the warps' partial products in a fixed order (deterministic), reusing the table.
-    __syncthreads();
-    float* red = (float*)lut;
-    const int per = MT * NT * 4;
+    // Sum the warps' partial products in a fixed order (deterministic).
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -220,7 +224,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int c = 0; c < 4; c++) red[((warp * per) + (mt * NT + nt) * 4 + c) * 32 + lane] = acc[mt][nt][c];
     __syncthreads();
-    if (warp != 0) return;
+    if (warp == 0) {
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -239,6 +243,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     store_elem<OUT_T>(y, (i64)bi * N + row, v * (wfactor * xs));
                 }
             }
+    }
+    __syncthreads();
+    }
 }
 
 // Split-K epilogue: sums the partial products of `splits` slices in order.
