@@ -16,9 +16,7 @@ use crate::error::Result;
 use crate::qtensor::QTensor;
 use crate::Format;
 
-/// Bytes of the pair table in shared memory (also holds the cross-warp reduction).
-const LUT_BYTES: u32 = 256 * 32 * 4;
-/// Warps per block; they split K and their partial sums are added in a fixed order.
+/// Warps per block; each owns 16 weight rows, and all walk the same K steps.
 const WARPS: usize = 8;
 
 /// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
@@ -106,35 +104,23 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         None => 0u64,
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
-    // One 16-row tile per warp step: every decoded weight feeds NT tensor-core products.
-    let (mt, warps) = (1, WARPS);
-    let tiles = n.div_ceil(16 * mt);
+    let warps = WARPS;
+    let tiles = n.div_ceil(16 * warps);
     let steps = kdim.div_ceil(128);
-    // Split K across blocks until there is work for about 16 warps per SM, keeping >= 4 steps
-    // per warp.
-    let target = k.sm_count as usize * 16;
-    let mut split = 1usize;
-    while tiles * warps * split < target && steps >= warps * split * 8 {
-        split *= 2;
-    }
-    let defines = gemv_defines(w, opt, out_t, nt as i64, mt as i64, warps as i64);
+    let defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
-    let smem = LUT_BYTES as usize + warps * mt * nt * 4 * 32 * 4;
-    if smem > 48 << 10 {
-        func.set_attribute(
-            candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .map_err(|e| crate::Error::msg(format!("cannot give the GEMV {smem} bytes of shared memory: {e}")))?;
-    }
-    // Persistent blocks: as many as fit on the GPU at once, each walking several tiles.
+    // Persistent blocks: as many as fit on the GPU at once. Split K until there is an item for
+    // each of them, keeping >= 4 steps per warp and slice.
     let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)
+        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, 0, None)
         .unwrap_or(1)
         .max(1) as usize;
-    let grid_x = tiles
-        .min((k.sm_count as usize * per_sm).div_ceil(split))
-        .max(1);
+    let resident = k.sm_count as usize * per_sm;
+    let mut split = 1usize;
+    while tiles * split < resident && steps >= split * 8 {
+        split *= 2;
+    }
+    let grid_x = (tiles * split).min(resident).max(1);
     let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {
         Some(empty_storage(dev, DType::F32, split * batch * n)?)
@@ -149,15 +135,15 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         None => 0u64,
     };
     let (smul, wfactor) = scale_factors(w, opt);
-    let (n_i, k_i, b_i) = (n as i32, kdim as i32, batch as i32);
+    let (n_i, k_i, b_i, split_i) = (n as i32, kdim as i32, batch as i32, split as i32);
     let row_bytes = (kdim / 2) as i64;
     // bitsandbytes block sizes are powers of two: the kernel shifts instead of dividing.
     let bs_shift = w.block_size().trailing_zeros() as i32;
     let cb = codebook_index(w.format());
     let cfg = LaunchConfig {
-        grid_dim: (grid_x as u32, split as u32, 1),
+        grid_dim: (grid_x as u32, 1, 1),
         block_dim: ((warps * 32) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
+        shared_mem_bytes: 0,
     };
     let mut b = stream.launch_builder(&func);
     b.arg(&codes)
@@ -173,11 +159,12 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .arg(&bs_shift)
         .arg(&cb)
         .arg(&wfactor)
-        .arg(&smul);
+        .arg(&smul)
+        .arg(&split_i);
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
-    // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the dynamic shared
-    // memory (table + reduction) was granted above when it exceeds the 48 KiB default.
+    // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
+    // 33 KiB of static shared memory is below the 48 KiB limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;

@@ -14,8 +14,8 @@
 // k permutation cancels in the dot product.
 //
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
-// OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), MT (M tiles of 16 weight
-// rows per warp), WARPS (warps per block, splitting K).
+// OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
+// block, each owning 16 weight rows).
 
 #if OPT == T_BF16
 #define MMA_INSTR "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -59,67 +59,40 @@ __device__ __forceinline__ uint4 ld_act(const u16* p) {
     return r;
 }
 
-// One step's weight data of a thread: 16 bytes of rows g and g+8 per M tile, and their scales.
+// One step's weight data of a thread: 16 bytes of rows g and g+8, and their block scales.
 struct Frag {
-    uint4 w[MT][2];
-    u32 sraw[MT][2];  // NVFP4: two E4M3 bytes; MXFP4: one E8M0 byte
-    float sabs[MT][2];  // bitsandbytes absmax
+    uint4 w[2];
+    u32 sraw[2];  // NVFP4: two E4M3 bytes; MXFP4: one E8M0 byte
+    float sabs[2];  // bitsandbytes absmax
 };
 
-__device__ __forceinline__ void load_frag(Frag& f, const u8* __restrict__ codes, const void* __restrict__ scales,
-                                          int step, int steps, int row_base, int N, int K, i64 row_bytes,
-                                          int bs_shift, int g, int t) {
-    const int k0 = step * 128 + 32 * t;
-    const bool valid = step < steps && k0 < K;
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const int row = row_base + mt * 16 + g + 8 * h;
-            if (valid && row < N) {
-                f.w[mt][h] = ld_stream(codes + (i64)row * row_bytes + (k0 >> 1));
-                if (FMT == 0) {
-                    f.sraw[mt][h] = *(const u16*)((const u8*)scales + (i64)row * (row_bytes >> 3) + (k0 >> 4));
-                } else if (FMT == 1) {
-                    f.sraw[mt][h] = ((const u8*)scales)[(i64)row * (row_bytes >> 4) + (k0 >> 5)];
-                } else {
-                    f.sabs[mt][h] = ((const float*)scales)[((i64)row * K + k0) >> bs_shift];
-                }
-            } else {
-                f.w[mt][h] = make_uint4(0, 0, 0, 0);
-                f.sraw[mt][h] = 0;
-                f.sabs[mt][h] = 0.0f;
-            }
-        }
-    }
-}
-
-// Index of the pair-table entry of byte `j` (0..3) of `word` for this lane:
-// ((word >> 8j) & 0xff) * 32 + lane, as one shift and one LOP3.
+// Byte offset in the pair table of byte J (0..3) of `word` for this lane:
+// ((word >> 8J) & 0xff) * 128 + lane * 4, as one shift and one LOP3.
 template <int J>
-__device__ __forceinline__ u32 lut_index(u32 word, u32 lane) {
-    const u32 shifted = J == 0 ? (word << 5) : (word >> (8 * J - 5));
-    return (shifted & 0x1fe0u) | lane;
+__device__ __forceinline__ u32 lut_off(u32 word, u32 lane4) {
+    const u32 shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
+    return (shifted & 0x7f80u) | lane4;
 }
 
 __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
     return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
-// Persistent blocks: each block builds its tables once, then walks 16*MT-row tiles
-// (blockIdx.x, += gridDim.x) so that no wave of blocks runs half empty; gridDim.y splits K.
-// Dynamic shared memory: the pair table (32 KiB), then the cross-warp reduction buffer.
+// Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
+// replicated for every lane so that lookups never conflict. Static, so its address is an
+// immediate in the shared loads.
+__shared__ __align__(16) u32 lut[LUT_WORDS];
+__shared__ u32 scale_tab[256];
+
+// Work item = (tile of 16*WARPS rows, K slice ky of `split`): warp w owns rows
+// tile*16*WARPS + 16w .. +16 and the steps ky, ky + split, ...; the warps of a block walk the
+// same steps, so the activations they read come from L1. Persistent blocks take items
+// blockIdx.x, += gridDim.x.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
-     int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul) {
-    extern __shared__ u32 lut[];
-    __shared__ u32 scale_tab[256];
-    float* red = (float*)(lut + LUT_WORDS);
+     int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul, int split) {
     const u32 tid = threadIdx.x;
-    // Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
-    // replicated for every lane (16-byte stores). Scale table: splatted operand-typed scales
-    // of every E4M3 / E8M0 byte.
     for (u32 byte = tid; byte < 256; byte += WARPS * 32) {
         const u32 first = FMT == 2 ? (byte >> 4) : (byte & 15u);
         const u32 second = FMT == 2 ? (byte & 15u) : (byte >> 4);
@@ -132,119 +105,134 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
     }
     __syncthreads();
 
-    const u32 warp = tid >> 5, lane = tid & 31;
+    const u32 warp = tid >> 5, lane = tid & 31, lane4 = lane * 4;
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
-    const int stride = gridDim.y * WARPS;
-    const int tiles = (N + 16 * MT - 1) / (16 * MT);
-    const int per = MT * NT * 4;
+    const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
+    const int items = tiles * split;
+    const char* lutb = (const char*)lut;
 
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int row_base = tile * (16 * MT);
-    int step = blockIdx.y * WARPS + (int)warp;
-    float acc[MT][NT][4];
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item / split, ky = item - tile * split;
+        const int row0 = tile * 16 * WARPS + 16 * (int)warp + g;
+        const bool rv[2] = {row0 < N, row0 + 8 < N};
+        const u8* crow[2];
+        const u8* srow[2];
+        i64 frow[2];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+        for (int h = 0; h < 2; h++) {
+            const i64 r = rv[h] ? row0 + 8 * h : 0;
+            crow[h] = codes + r * row_bytes;
+            srow[h] = (const u8*)scales + r * (FMT == 0 ? (row_bytes >> 3) : (row_bytes >> 4));
+            frow[h] = r * K;
+        }
+        float acc[NT][4];
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) acc[mt][nt][c] = 0.0f;
+            for (int c = 0; c < 4; c++) acc[nt][c] = 0.0f;
 
-    // Two steps of weights in flight ahead of the one being multiplied.
-    Frag f0, f1;
-    load_frag(f0, codes, scales, step, steps, row_base, N, K, row_bytes, bs_shift, g, t);
-    load_frag(f1, codes, scales, step + stride, steps, row_base, N, K, row_bytes, bs_shift, g, t);
-    for (; step < steps; step += stride) {
-        const Frag cur = f0;
-        f0 = f1;
-        load_frag(f1, codes, scales, step + 2 * stride, steps, row_base, N, K, row_bytes, bs_shift, g, t);
-        const int k0 = step * 128 + 32 * t;
-        const bool kvalid = k0 < K;
-        u32 sc[MT][2][2];
+        auto load = [&](Frag& f, int st) {
+            const int k0 = st * 128 + 32 * t;
+            const bool ok = st < steps && k0 < K;
 #pragma unroll
-        for (int mt = 0; mt < MT; mt++)
+            for (int h = 0; h < 2; h++) {
+                if (ok && rv[h]) {
+                    f.w[h] = ld_stream(crow[h] + (k0 >> 1));
+                    if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
+                    else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
+                    else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
+                } else {
+                    f.w[h] = make_uint4(0, 0, 0, 0);
+                    f.sraw[h] = 0;
+                    f.sabs[h] = 0.0f;
+                }
+            }
+        };
+        auto compute = [&](const Frag& f, int st) {
+            const int k0 = st * 128 + 32 * t;
+            const bool kvalid = k0 < K;
+            u32 sc[2][2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 if (FMT == 0) {
-                    sc[mt][h][0] = scale_tab[cur.sraw[mt][h] & 0xffu];
-                    sc[mt][h][1] = scale_tab[cur.sraw[mt][h] >> 8];
+                    sc[h][0] = scale_tab[f.sraw[h] & 0xffu];
+                    sc[h][1] = scale_tab[f.sraw[h] >> 8];
                 } else if (FMT == 1) {
-                    sc[mt][h][0] = scale_tab[cur.sraw[mt][h]];
-                    sc[mt][h][1] = sc[mt][h][0];
+                    sc[h][0] = scale_tab[f.sraw[h]];
+                    sc[h][1] = sc[h][0];
                 } else {
-                    sc[mt][h][0] = splat_op(cur.sabs[mt][h] * smul);
-                    sc[mt][h][1] = sc[mt][h][0];
+                    sc[h][0] = splat_op(f.sabs[h] * smul);
+                    sc[h][1] = sc[h][0];
                 }
             }
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++) {
-            // Activations for mma 2*wi and 2*wi+1: elements 8*wi .. 8*wi+7 of the chunk.
-            uint4 xv[NT];
+            const u16* xp[NT];
+            bool xv_ok[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const int bi = nt * 8 + g;
-                xv[nt] = (kvalid && bi < B) ? ld_act(x + (i64)bi * K + k0 + 8 * wi) : make_uint4(0, 0, 0, 0);
-            }
-            // Word wi of the 16 code bytes holds bytes 4wi .. 4wi+3 = mma 2wi (bytes 0, 1)
-            // and mma 2wi+1 (bytes 2, 3); NVFP4's second block starts at word 2.
-            const int sb = FMT == 0 ? (wi >> 1) : 0;
-            u32 a[2][MT][4];
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) {
-                const u32 w0 = word_of(cur.w[mt][0], wi), w1 = word_of(cur.w[mt][1], wi);
-                const u32 s0 = sc[mt][0][sb], s1 = sc[mt][1][sb];
-                a[0][mt][0] = pair_scale(lut[lut_index<0>(w0, lane)], s0);
-                a[0][mt][1] = pair_scale(lut[lut_index<0>(w1, lane)], s1);
-                a[0][mt][2] = pair_scale(lut[lut_index<1>(w0, lane)], s0);
-                a[0][mt][3] = pair_scale(lut[lut_index<1>(w1, lane)], s1);
-                a[1][mt][0] = pair_scale(lut[lut_index<2>(w0, lane)], s0);
-                a[1][mt][1] = pair_scale(lut[lut_index<2>(w1, lane)], s1);
-                a[1][mt][2] = pair_scale(lut[lut_index<3>(w0, lane)], s0);
-                a[1][mt][3] = pair_scale(lut[lut_index<3>(w1, lane)], s1);
+                xv_ok[nt] = kvalid && bi < B;
+                xp[nt] = x + (i64)(xv_ok[nt] ? bi : 0) * K + (kvalid ? k0 : 0);
             }
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
+            for (int wi = 0; wi < 4; wi++) {
+                // Activations for mma 2wi and 2wi+1: elements 8wi .. 8wi+7 of the chunk.
+                uint4 xv[NT];
 #pragma unroll
-                for (int nt = 0; nt < NT; nt++) {
-                    const u32 b0 = half == 0 ? xv[nt].x : xv[nt].z;
-                    const u32 b1 = half == 0 ? xv[nt].y : xv[nt].w;
+                for (int nt = 0; nt < NT; nt++) xv[nt] = xv_ok[nt] ? ld_act(xp[nt] + 8 * wi) : make_uint4(0, 0, 0, 0);
+                // Word wi of the 16 code bytes: bytes 0, 1 feed mma 2wi, bytes 2, 3 mma 2wi+1;
+                // NVFP4's second block starts at word 2.
+                const int sb = FMT == 0 ? (wi >> 1) : 0;
+                const u32 w0 = word_of(f.w[0], wi), w1 = word_of(f.w[1], wi);
+                const u32 s0 = sc[0][sb], s1 = sc[1][sb];
+                u32 a[2][4];
+                a[0][0] = pair_scale(*(const u32*)(lutb + lut_off<0>(w0, lane4)), s0);
+                a[0][1] = pair_scale(*(const u32*)(lutb + lut_off<0>(w1, lane4)), s1);
+                a[0][2] = pair_scale(*(const u32*)(lutb + lut_off<1>(w0, lane4)), s0);
+                a[0][3] = pair_scale(*(const u32*)(lutb + lut_off<1>(w1, lane4)), s1);
+                a[1][0] = pair_scale(*(const u32*)(lutb + lut_off<2>(w0, lane4)), s0);
+                a[1][1] = pair_scale(*(const u32*)(lutb + lut_off<2>(w1, lane4)), s1);
+                a[1][2] = pair_scale(*(const u32*)(lutb + lut_off<3>(w0, lane4)), s0);
+                a[1][3] = pair_scale(*(const u32*)(lutb + lut_off<3>(w1, lane4)), s1);
 #pragma unroll
-                    for (int mt = 0; mt < MT; mt++)
-                        mma16816(acc[mt][nt], a[half][mt][0], a[half][mt][1], a[half][mt][2], a[half][mt][3], b0, b1);
-                }
+                for (int half = 0; half < 2; half++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        mma16816(acc[nt], a[half][0], a[half][1], a[half][2], a[half][3],
+                                 half == 0 ? xv[nt].x : xv[nt].z, half == 0 ? xv[nt].y : xv[nt].w);
             }
-        }
-    }
+        };
 
-    // Sum the warps' partial products in a fixed order (deterministic).
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) red[((warp * per) + (mt * NT + nt) * 4 + c) * 32 + lane] = acc[mt][nt][c];
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
+        // Two buffers, each reloaded right after use: the other step's loads stay in flight
+        // while a step is multiplied.
+        Frag fa, fb;
+        int st = ky;
+        load(fa, st);
+        load(fb, st + split);
+        while (st < steps) {
+            compute(fa, st);
+            load(fa, st + 2 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fb, st);
+            load(fb, st + 2 * split);
+            st += split;
+        }
+
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
-                float v = 0.0f;
-                for (int w = 0; w < WARPS; w++) v += red[((w * per) + (mt * NT + nt) * 4 + c) * 32 + lane];
-                const int row = row_base + mt * 16 + g + 8 * (c >> 1);
+                const int row = row0 + 8 * (c >> 1);
                 const int bi = nt * 8 + 2 * t + (c & 1);
                 if (row >= N || bi >= B) continue;
-                if (gridDim.y > 1) {
-                    partial[((i64)blockIdx.y * B + bi) * N + row] = v;
+                if (split > 1) {
+                    partial[((i64)ky * B + bi) * N + row] = acc[nt][c];
                 } else {
                     const float xs = xscale != 0 ? xscale[bi] : 1.0f;
-                    store_elem<OUT_T>(y, (i64)bi * N + row, v * (wfactor * xs));
+                    store_elem<OUT_T>(y, (i64)bi * N + row, acc[nt][c] * (wfactor * xs));
                 }
             }
-    }
-    __syncthreads();
     }
 }
 
