@@ -66,12 +66,14 @@ struct Frag {
     float sabs[2];  // bitsandbytes absmax
 };
 
-// Byte offset in the pair table of byte J (0..3) of `word` for this lane:
-// ((word >> 8J) & 0xff) * 128 + lane * 4, as one shift and one LOP3.
+// Pair-table entry of byte J (0..3) of `word` for this lane: a 32-bit shared-window address
+// lane_base + ((word >> 8J) & 0xff) * 128, with lane_base = table + lane * 4.
 template <int J>
-__device__ __forceinline__ u32 lut_off(u32 word, u32 lane4) {
+__device__ __forceinline__ u32 lut_load(u32 word, u32 lane_base) {
     const u32 shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
-    return (shifted & 0x7f80u) | lane4;
+    u32 v;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"((shifted & 0x7f80u) + lane_base));
+    return v;
 }
 
 __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
@@ -105,12 +107,12 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
     }
     __syncthreads();
 
-    const u32 warp = tid >> 5, lane = tid & 31, lane4 = lane * 4;
+    const u32 warp = tid >> 5, lane = tid & 31;
+    const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + lane * 4;
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
     const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
     const int items = tiles * split;
-    const char* lutb = (const char*)lut;
 
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item / split, ky = item - tile * split;
@@ -186,14 +188,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 const u32 w0 = word_of(f.w[0], wi), w1 = word_of(f.w[1], wi);
                 const u32 s0 = sc[0][sb], s1 = sc[1][sb];
                 u32 a[2][4];
-                a[0][0] = pair_scale(*(const u32*)(lutb + lut_off<0>(w0, lane4)), s0);
-                a[0][1] = pair_scale(*(const u32*)(lutb + lut_off<0>(w1, lane4)), s1);
-                a[0][2] = pair_scale(*(const u32*)(lutb + lut_off<1>(w0, lane4)), s0);
-                a[0][3] = pair_scale(*(const u32*)(lutb + lut_off<1>(w1, lane4)), s1);
-                a[1][0] = pair_scale(*(const u32*)(lutb + lut_off<2>(w0, lane4)), s0);
-                a[1][1] = pair_scale(*(const u32*)(lutb + lut_off<2>(w1, lane4)), s1);
-                a[1][2] = pair_scale(*(const u32*)(lutb + lut_off<3>(w0, lane4)), s0);
-                a[1][3] = pair_scale(*(const u32*)(lutb + lut_off<3>(w1, lane4)), s1);
+                a[0][0] = pair_scale(lut_load<0>(w0, lane_base), s0);
+                a[0][1] = pair_scale(lut_load<0>(w1, lane_base), s1);
+                a[0][2] = pair_scale(lut_load<1>(w0, lane_base), s0);
+                a[0][3] = pair_scale(lut_load<1>(w1, lane_base), s1);
+                a[1][0] = pair_scale(lut_load<2>(w0, lane_base), s0);
+                a[1][1] = pair_scale(lut_load<2>(w1, lane_base), s1);
+                a[1][2] = pair_scale(lut_load<3>(w0, lane_base), s0);
+                a[1][3] = pair_scale(lut_load<3>(w1, lane_base), s1);
 #pragma unroll
                 for (int half = 0; half < 2; half++)
 #pragma unroll
