@@ -63,16 +63,9 @@ pub fn decode_rows_into(
     let (_, cols) = q.rows_cols();
     let parts = device_parts(q)?;
     let out_t = type_code(out.dtype())?;
-    let func_name = match q.format() {
-        Format::Nvfp4 | Format::Mxfp4 => "dequant_rows",
-        Format::Nf4 | Format::Fp4 => "dequant_flat",
-    };
-    let func = k.function(
-        "dequant",
-        module_cache::DEQUANT,
-        &[("OUT_T", out_t)],
-        func_name,
-    )?;
+    let defines = [("OUT_T", out_t)];
+    let func_rows = k.function("dequant", module_cache::DEQUANT, &defines, "dequant_rows")?;
+    let func = k.function("dequant", module_cache::DEQUANT, &defines, "dequant_flat")?;
     let dev = cuda_device(out.device())?;
     let stream = dev.cuda_stream();
     let (codes, scales, outp) = (
@@ -82,19 +75,32 @@ pub fn decode_rows_into(
     );
     let cb = codebook_index(q.format());
     let bs = q.block_size();
+    // bitsandbytes rows of whole 16-element units take the row kernel too (no 64-bit flat
+    // indexing); other shapes the flat kernel.
+    let table_format = matches!(q.format(), Format::Nvfp4 | Format::Mxfp4);
     match q.format() {
-        Format::Nvfp4 | Format::Mxfp4 => {
-            let pc = cols.div_ceil(bs) * bs;
-            let (row_bytes, row_blocks) = (pc / 2, pc / bs);
+        _ if table_format || cols.is_multiple_of(16) => {
+            let (row_bytes, row_blocks, block_arg, scale_kind, scales) = match q.format() {
+                Format::Nvfp4 | Format::Mxfp4 => {
+                    let pc = cols.div_ceil(bs) * bs;
+                    let kind: i32 = if q.format() == Format::Nvfp4 { 0 } else { 1 };
+                    (
+                        pc / 2,
+                        pc / bs,
+                        bs as i32,
+                        kind,
+                        scales + (row0 * (pc / bs)) as u64,
+                    )
+                }
+                _ => (cols / 2, 0, bs.trailing_zeros() as i32, 2, scales),
+            };
             let codes = codes + (row0 * row_bytes) as u64;
-            let scales = scales + (row0 * row_blocks) as u64;
-            let scale_kind: i32 = if q.format() == Format::Nvfp4 { 0 } else { 1 };
-            let (rows_i, cols_i, rb, rbl, bs_i) = (
+            let (rows_i, cols_i, rb, rbl, row0_i) = (
                 rows as i32,
                 cols as i32,
                 row_bytes as i32,
                 row_blocks as i32,
-                bs as i32,
+                row0 as i32,
             );
             let threads = (row_bytes / 8).clamp(32, 256).next_power_of_two().min(256) as u32;
             let cfg = LaunchConfig {
@@ -102,7 +108,7 @@ pub fn decode_rows_into(
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&func);
+            let mut b = stream.launch_builder(&func_rows);
             b.arg(&codes)
                 .arg(&scales)
                 .arg(&outp)
@@ -110,13 +116,19 @@ pub fn decode_rows_into(
                 .arg(&cols_i)
                 .arg(&rb)
                 .arg(&rbl);
-            b.arg(&bs_i).arg(&scale_kind).arg(&cb).arg(&s2).arg(&mul);
+            b.arg(&block_arg)
+                .arg(&scale_kind)
+                .arg(&cb)
+                .arg(&s2)
+                .arg(&mul)
+                .arg(&row0_i);
             // SAFETY: argument types and order match `dequant_rows`; every pointer covers the
-            // rows it is offset to (lengths validated when the QTensor was built); `out` holds
-            // rows * cols elements of the type OUT_T names.
+            // rows it is offset to (lengths validated when the QTensor was built; bitsandbytes
+            // absmax is indexed from the tensor's start); `out` holds rows * cols elements of
+            // the type OUT_T names.
             launched("dequant_rows", unsafe { b.launch(cfg) })
         }
-        Format::Nf4 | Format::Fp4 => {
+        _ => {
             let (e_begin, e_end) = ((row0 * cols) as i64, ((row0 + rows) * cols) as i64);
             let code_len = parts.codes.elem_count() as i64;
             let bs_shift = bs.trailing_zeros() as i32;

@@ -30,13 +30,15 @@ __device__ __forceinline__ void store16(void* out, i64 base, const float* v, boo
     for (int i = 0; i < n; i++) store_elem<OUT_T>(out, base + i, v[i]);
 }
 
-// NVFP4 (scale_kind 0: E4M3 per 16) and MXFP4 (scale_kind 1: E8M0 per 32) rows, low nibble first.
-// One thread per 8 code bytes (16 values, inside one block). `codes`, `scales` and `out` point
-// at the first row of the chunk.
-extern "C" __global__ void dequant_rows(const u8* __restrict__ codes, const u8* __restrict__ scales,
+// Rows of NVFP4 (scale_kind 0: E4M3 per 16), MXFP4 (1: E8M0 per 32), both low nibble first,
+// or bitsandbytes (2: f32 absmax per 1 << block over the flat tensor, high nibble first; needs
+// cols % 16 == 0). One thread per 8 code bytes (16 values, inside one block). `codes`, `scales`
+// and `out` point at the first row of the chunk; `row0` is its index (bitsandbytes scales are
+// indexed from the tensor's start).
+extern "C" __global__ void dequant_rows(const u8* __restrict__ codes, const void* __restrict__ scales,
                                         void* __restrict__ out, int rows, int cols, int row_bytes,
                                         int row_blocks, int block, int scale_kind, int cb,
-                                        float s2, float mul) {
+                                        float s2, float mul, int row0) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = u2f(CB_BITS[cb][threadIdx.x]);
     __syncthreads();
@@ -46,15 +48,22 @@ extern "C" __global__ void dequant_rows(const u8* __restrict__ codes, const u8* 
     for (int j = threadIdx.x; j < units; j += blockDim.x) {
         const int c0 = j * 16;
         if (c0 >= cols) continue;
-        const u8 sb = scales[(i64)row * row_blocks + c0 / block];
-        const float scale = (scale_kind == 0 ? e4m3_decode(sb) * s2 : e8m0_decode(sb)) * mul;
+        float scale;
+        if (scale_kind == 2) {
+            scale = ((const float*)scales)[((i64)(row0 + row) * cols + c0) >> block] * mul;
+        } else {
+            const u8 sb = ((const u8*)scales)[(i64)row * row_blocks + c0 / block];
+            scale = (scale_kind == 0 ? e4m3_decode(sb) * s2 : e8m0_decode(sb)) * mul;
+        }
         const uint2 w = *(const uint2*)(codes + (i64)row * row_bytes + (i64)j * 8);
         float v[16];
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const u32 byte = ((i < 4 ? w.x : w.y) >> (8 * (i & 3))) & 0xffu;
-            v[2 * i] = lut[byte & 15u] * scale;
-            v[2 * i + 1] = lut[byte >> 4] * scale;
+            const u32 first = scale_kind == 2 ? (byte >> 4) : (byte & 15u);
+            const u32 second = scale_kind == 2 ? (byte & 15u) : (byte >> 4);
+            v[2 * i] = lut[first] * scale;
+            v[2 * i + 1] = lut[second] * scale;
         }
         const int n = min(16, cols - c0);
         store16(out, (i64)row * cols + c0, v, (cols & 15) == 0, n);
