@@ -23,7 +23,7 @@ const WARPS: usize = 8;
 pub fn supports(w: &QTensor) -> bool {
     let (n, k) = w.rows_cols();
     let aligned = match device_parts(w) {
-        Ok(p) => device_ptr(p.codes).map(|a| a % 16 == 0).unwrap_or(false),
+        Ok(p) => device_ptr(p.codes).is_ok_and(|a| a.is_multiple_of(16)),
         Err(_) => false,
     };
     n > 0 && k > 0 && k.is_multiple_of(32) && aligned

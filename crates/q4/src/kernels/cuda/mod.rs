@@ -77,7 +77,7 @@ pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend:
     let fused = x.batch <= plan::FUSED_MAX_BATCH
         && plan::has_mma_f16(kernels.cc)
         && gemv::supports(w)
-        && x.ptr % 16 == 0;
+        && x.ptr.is_multiple_of(16);
     if fused {
         gemv::matmul_act(&kernels, w, x)
     } else {

@@ -33,7 +33,7 @@ pub fn has_mma_f16(cc: (u32, u32)) -> bool {
 
 /// Blackwell FP4 tensor cores.
 pub fn has_fp4_tensor_cores(cc: (u32, u32)) -> bool {
-    matches!(cc.0, 10 | 11 | 12)
+    matches!(cc.0, 10..=12)
 }
 
 /// The target q4's native block-scaled FP4 kernel is compiled for on this device: the warp-level
