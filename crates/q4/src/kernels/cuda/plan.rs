@@ -37,24 +37,22 @@ pub fn has_fp4_tensor_cores(cc: (u32, u32)) -> bool {
 }
 
 /// The target q4's native block-scaled FP4 kernel is compiled for on this device: the warp-level
-/// `mma.sync ... kind::mxf4nvf4.block_scale` of sm_120a / sm_121a, or the `tcgen05.mma` path of
-/// sm_100a / sm_103a.
+/// `mma.sync ... kind::mxf4nvf4.block_scale` of sm_120a / sm_121a. Data-center Blackwell
+/// (sm_100a / sm_103a) only has the block-scaled MMA as `tcgen05.mma`, for which q4 has no
+/// kernel yet: those devices use the exact emulation.
 pub fn native_fp4_target(cc: (u32, u32)) -> Option<&'static str> {
     match cc {
         (12, 0) => Some("sm_120a"),
         (12, 1) => Some("sm_121a"),
-        (10, 0) => Some("sm_100a"),
-        (10, 3) => Some("sm_103a"),
         _ => None,
     }
 }
 
 /// Kernel names (also used in logs and benchmarks).
 pub mod names {
-    pub const GEMV_MMA: &str = "gemv-mma (fused 4-bit decode, f16 mma.sync, f32 accumulate)";
+    pub const GEMV_MMA: &str = "gemv-mma (fused 4-bit decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (L2-sized chunks) + cuBLAS GEMM";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
-    pub const W4A4_NATIVE_SM100: &str = "native FP4 tcgen05.mma block_scale (sm_100a/103a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
 }
@@ -68,8 +66,7 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
         names::DEQUANT_CUBLAS
     };
     let w4a4 = match (format, native_fp4_target(cc)) {
-        (Format::Nvfp4, Some("sm_120a" | "sm_121a")) => names::W4A4_NATIVE_SM120,
-        (Format::Nvfp4, Some(_)) => names::W4A4_NATIVE_SM100,
+        (Format::Nvfp4, Some(_)) => names::W4A4_NATIVE_SM120,
         (Format::Nvfp4, None) => names::W4A4_EXACT,
         _ => names::NOT_APPLICABLE,
     };
@@ -90,7 +87,9 @@ mod tests {
         assert_eq!(h100.decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
         assert_eq!(plan((12, 1), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM120);
-        assert_eq!(plan((10, 0), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM100);
+        // sm_100 has FP4 tensor cores but no q4 kernel for them (tcgen05): exact emulation.
+        assert!(has_fp4_tensor_cores((10, 0)));
+        assert_eq!(plan((10, 0), Format::Nvfp4).w4a4, names::W4A4_EXACT);
         assert_eq!(plan((12, 1), Format::Nf4).w4a4, names::NOT_APPLICABLE);
         assert_eq!(plan((7, 5), Format::Nf4).decode, names::DEQUANT_CUBLAS);
         assert!(!arch_supported((7, 0)));
