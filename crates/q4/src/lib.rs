@@ -8,6 +8,7 @@ pub mod error;
 pub mod host_bytes;
 pub mod kernels;
 pub mod lut;
+pub mod probe;
 pub mod qlinear;
 pub mod qtensor;
 

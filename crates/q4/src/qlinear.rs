@@ -271,6 +271,19 @@ impl QLinear {
         }
         let dims = x.dims().to_vec();
         let batch: usize = dims[..dims.len() - 1].iter().product();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            // CUDA kernels take f32/bf16/f16 activations as they are and return that dtype.
+            let x2 = x.reshape((batch, self.in_features))?.contiguous()?;
+            let y = match self.act {
+                // Through the custom op, so `QMatMul::cuda_fwd` serves every CUDA matmul.
+                ActQuant::None => x2.apply_op1_no_bwd(&QMatMul { weight: q.clone() })?,
+                act => crate::kernels::cuda::w4a4::matmul(q, &x2, act)?,
+            };
+            let mut out_dims = dims;
+            *out_dims.last_mut().expect("rank >= 1") = self.out_features;
+            return self.add_bias(y.reshape(out_dims)?);
+        }
         let xf = x
             .reshape((batch, self.in_features))?
             .to_dtype(DType::F32)?
@@ -336,6 +349,18 @@ impl candle_core::CustomOp1 for QMatMul {
         let mut y = vec![0f32; batch * n];
         crate::kernels::cpu::matmul(&view, x, batch, &mut y);
         Ok((CpuStorage::F32(y), Shape::from((batch, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let act = crate::kernels::cuda::Act::from_storage(storage, layout)?;
+        let n = self.weight.rows_cols().0;
+        let y = crate::kernels::cuda::matmul_act(&self.weight, &act)?;
+        Ok((y, Shape::from((act.batch, n))))
     }
 }
 

@@ -94,6 +94,9 @@ struct Inner {
     scales: BlockScales,
     /// NVFP4 tensor scale (`weight_scale_2`); 1.0 for other formats.
     scale2: f32,
+    /// Largest finite block scale (table value or absmax); GPU kernels with f16 operands factor
+    /// a power of two out of the scales with it.
+    scale_max: f32,
     provenance: Provenance,
     device: Device,
 }
@@ -151,6 +154,10 @@ fn host_values<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
 impl QTensor {
     /// Quantizes a dense tensor (f32, bf16 or f16; other dtypes are converted to f32 first).
     pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QTensor> {
+        #[cfg(feature = "cuda")]
+        if t.device().is_cuda() && matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+            return crate::kernels::cuda::quant::quantize(t, spec);
+        }
         let shape = t.shape().clone();
         let (_, cols) = rows_cols(&shape)?;
         let device = t.device().clone();
@@ -331,6 +338,7 @@ impl QTensor {
                 "{format} scales for shape {shape:?}: expected {n_scales}, found {found}"
             )));
         }
+        let scale_max = scale_max_of(&scales)?;
         let q = QTensor {
             inner: Arc::new(Inner {
                 format,
@@ -339,11 +347,63 @@ impl QTensor {
                 codes: Buffer::Host(codes),
                 scales,
                 scale2,
+                scale_max,
                 provenance: Provenance::None,
                 device: Device::Cpu,
             }),
         };
         q.to_device(device)
+    }
+
+    /// Builds a QTensor from parts already on a device (made by the device quantizers):
+    /// `codes` (U8) and device scales; `nested` keeps bitsandbytes double-quantized statistics
+    /// for saving. Lengths are validated against the shape.
+    pub fn from_device_parts(
+        format: Format,
+        block_size: usize,
+        shape: Shape,
+        codes: Tensor,
+        scales: BlockScales,
+        scale2: f32,
+        nested: Option<NestedAbsmax>,
+    ) -> Result<QTensor> {
+        let (rows, cols) = rows_cols(&shape)?;
+        let (code_len, n_scales) = storage_lengths(format, block_size, rows, cols);
+        let found = match &scales {
+            BlockScales::Table {
+                bytes: Buffer::Device(b),
+                ..
+            } => b.elem_count(),
+            BlockScales::F32 {
+                device: Some(t), ..
+            } => t.elem_count(),
+            _ => return Err(Error::msg("from_device_parts takes device scales")),
+        };
+        if codes.elem_count() != code_len || found != n_scales {
+            return Err(Error::msg(format!(
+                "{format} storage for shape {shape:?} needs {code_len} code bytes and {n_scales} \
+                 scales, found {} and {found}",
+                codes.elem_count()
+            )));
+        }
+        let device = codes.device().clone();
+        let scale_max = scale_max_of(&scales)?;
+        Ok(QTensor {
+            inner: Arc::new(Inner {
+                format,
+                block_size,
+                shape,
+                codes: Buffer::Device(codes),
+                scales,
+                scale2,
+                scale_max,
+                provenance: match nested {
+                    Some(n) => Provenance::Nested(Arc::new(n)),
+                    None => Provenance::None,
+                },
+                device,
+            }),
+        })
     }
 
     /// Copies the storage to `device` (no-op when already there).
@@ -392,6 +452,7 @@ impl QTensor {
                 codes: move_buf(&self.inner.codes)?,
                 scales,
                 scale2: self.inner.scale2,
+                scale_max: self.inner.scale_max,
                 provenance: self.inner.provenance.clone(),
                 device: device.clone(),
             }),
@@ -413,6 +474,10 @@ impl QTensor {
     /// NVFP4 tensor scale (1.0 for other formats).
     pub fn scale2(&self) -> f32 {
         self.inner.scale2
+    }
+    /// Largest finite block scale (a table value or an absmax).
+    pub fn scale_max(&self) -> f32 {
+        self.inner.scale_max
     }
     /// `(rows, cols)`: all leading dimensions folded into rows.
     pub fn rows_cols(&self) -> (usize, usize) {
@@ -606,6 +671,10 @@ impl QTensor {
 
     /// Dense copy on the same device.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.inner.device.is_cuda() {
+            return crate::kernels::cuda::dequant::dequantize(self, dtype);
+        }
         let host = self.to_device(&Device::Cpu)?;
         let view = host.host_view().expect("host tensor");
         let n = view.rows * view.cols;
@@ -622,6 +691,41 @@ pub enum Quantized {
     Nvfp4(Nvfp4Tensor),
     Bnb(BnbTensor),
     Mxfp4(Mxfp4Tensor),
+}
+
+/// Largest finite block scale, from host or device scales (a table format counts the table
+/// values of the bytes it uses).
+fn scale_max_of(scales: &BlockScales) -> Result<f32> {
+    let max_finite = |v: &mut dyn Iterator<Item = f32>| {
+        v.filter(|x| x.is_finite())
+            .fold(0f32, |m, x| m.max(x.abs()))
+    };
+    Ok(match scales {
+        BlockScales::Table { bytes, table } => {
+            let mut seen = [false; 256];
+            match bytes {
+                Buffer::Host(b) => b.iter().for_each(|&x| seen[x as usize] = true),
+                Buffer::Device(t) => t
+                    .to_device(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<u8>()?
+                    .into_iter()
+                    .for_each(|x| seen[x as usize] = true),
+            }
+            max_finite(&mut (0..256).filter(|&b| seen[b]).map(|b| table[b]))
+        }
+        BlockScales::F32 { host: Some(v), .. } => max_finite(&mut v.iter().copied()),
+        BlockScales::F32 {
+            device: Some(t), ..
+        } => max_finite(
+            &mut t
+                .to_device(&Device::Cpu)?
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter(),
+        ),
+        BlockScales::F32 { .. } => return Err(Error::msg("QTensor without scales")),
+    })
 }
 
 fn check_fixed_block(spec: &QuantSpec, block: usize) -> Result<()> {

@@ -1,3 +1,4 @@
 //! Compute kernels over [`QTensor`](crate::QTensor) storage.
 
 pub mod cpu;
+pub mod cuda;

@@ -2,6 +2,10 @@
 //! peers and the machine's memory bandwidth in the same process, checks that the machine stays
 //! idle during each measurement and repeats disturbed ones.
 
+mod decode_synthetic;
+#[cfg(feature = "cuda")]
+mod gpu;
+mod gpu_linear;
 mod linear;
 pub mod measure;
 
@@ -18,10 +22,17 @@ pub struct Args {
 enum What {
     /// QLinear (NVFP4, NF4) vs candle f32 matmul and candle's GGUF Q4_0 / Q4K QMatMul.
     Linear(linear::Args),
+    /// CUDA: q4's 4-bit matmul vs cuBLAS bf16 (GEMV batches and a prefill GEMM), with the device
+    /// copy bandwidth of the same run.
+    GpuLinear(gpu_linear::Args),
+    /// CUDA: decode tokens/s of a Qwen3-4B-shaped random-weight stack, bf16 vs 4-bit.
+    DecodeSynthetic(decode_synthetic::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match args.what {
         What::Linear(a) => linear::run(a),
+        What::GpuLinear(a) => gpu_linear::run(a),
+        What::DecodeSynthetic(a) => decode_synthetic::run(a),
     }
 }

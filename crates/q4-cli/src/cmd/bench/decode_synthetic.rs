@@ -1,0 +1,387 @@
+//! `q4 bench decode-synthetic`: decode tokens/s of a Qwen3-4B-shaped stack with random weights,
+//! bf16 against 4-bit formats, on one GPU.
+//!
+//! What one decode step contains (batch 1, bf16 activations, all on the device):
+//! embedding row gather; per layer: residual add + RMSNorm, fused q/k/v projection, RoPE and KV
+//! cache append, single-query attention over the cache (GQA), output projection, residual add +
+//! RMSNorm, fused gate/up projection, SiLU(gate) * up, down projection; final RMSNorm, LM head
+//! and a greedy argmax that feeds the next step. The projections are `QLinear` layers (bf16:
+//! candle's cuBLAS matmul; 4-bit: q4's CUDA kernels), LM head included in the same format.
+//! Not included: tokenizer, sampling beyond argmax, q/k-norm, host round trips. The position and
+//! token live in device memory, so the whole step is captured once in a CUDA graph and replayed
+//! for every token (with `--no-graph`, eager launches).
+
+use anyhow::{bail, Result};
+
+/// Arguments of `q4 bench decode-synthetic`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Weight formats: bf16 and/or 4-bit formats.
+    #[arg(long, value_delimiter = ',', default_value = "bf16,nvfp4,nf4")]
+    formats: Vec<String>,
+    /// Timed decode steps (tokens); the KV cache grows to this length.
+    #[arg(long, default_value_t = 128)]
+    tokens: usize,
+    /// Decoder layers (Qwen3-4B: 36).
+    #[arg(long, default_value_t = 36)]
+    layers: usize,
+    /// Time eager launches instead of a captured CUDA graph.
+    #[arg(long)]
+    no_graph: bool,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: Args) -> Result<()> {
+    bail!("this q4 was built without the `cuda` feature; rebuild with `--features cuda`")
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: Args) -> Result<()> {
+    imp::run(args)
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use super::*;
+    use crate::cmd::bench::gpu::{Gpu, KERNELS};
+    use anyhow::Context;
+    use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+    use candle_core::{DType, Device, Module, Tensor};
+    use q4::kernels::cuda::device_ptr;
+    use q4::qtensor::QuantSpec;
+    use q4::{Format, QLinear};
+
+    const HIDDEN: usize = 2560;
+    const INTER: usize = 9728;
+    const HEADS: usize = 32;
+    const KV_HEADS: usize = 8;
+    const HEAD_DIM: usize = 128;
+    const VOCAB: usize = 151936;
+    const EPS: f32 = 1e-6;
+    const THETA: f32 = 1_000_000.0;
+
+    struct Layer {
+        ln1: Tensor,
+        qkv: QLinear,
+        o: QLinear,
+        ln2: Tensor,
+        gate_up: QLinear,
+        down: QLinear,
+        k_cache: Tensor,
+        v_cache: Tensor,
+    }
+
+    struct Model {
+        embed: Tensor,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: QLinear,
+        inv_freq: Tensor,
+        // Device-side state and work buffers (fixed addresses for graph replay).
+        token: Tensor,
+        pos: Tensor,
+        resid: Tensor,
+        h: Tensor,
+        q: Tensor,
+        attn: Tensor,
+        act: Tensor,
+        weight_bytes: usize,
+    }
+
+    fn linear(
+        dev: &Device,
+        out: usize,
+        inp: usize,
+        format: Option<Format>,
+    ) -> Result<(QLinear, usize)> {
+        let w = Tensor::randn(0f32, 0.02, (out, inp), dev)?;
+        Ok(match format {
+            None => (
+                QLinear::dense(w.to_dtype(DType::BF16)?, None)?,
+                out * inp * 2,
+            ),
+            Some(f) => {
+                let l = QLinear::from_dense(&w, None, Some(&QuantSpec::new(f)))?;
+                let bytes = match l.weight() {
+                    q4::qlinear::LinearWeight::Quant(q) => q.storage_bytes(),
+                    _ => unreachable!(),
+                };
+                (l, bytes)
+            }
+        })
+    }
+
+    fn norm_weight(dev: &Device) -> Result<Tensor> {
+        Ok((Tensor::randn(0f32, 0.05, HIDDEN, dev)? + 1.0)?.to_dtype(DType::BF16)?)
+    }
+
+    fn build(
+        dev: &Device,
+        format: Option<Format>,
+        n_layers: usize,
+        max_len: usize,
+    ) -> Result<Model> {
+        let mut bytes = 0;
+        let mut layers = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
+            let (qkv, a) = linear(dev, (HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, format)?;
+            let (o, b) = linear(dev, HIDDEN, HEADS * HEAD_DIM, format)?;
+            let (gate_up, c) = linear(dev, 2 * INTER, HIDDEN, format)?;
+            let (down, d) = linear(dev, HIDDEN, INTER, format)?;
+            bytes += a + b + c + d;
+            layers.push(Layer {
+                ln1: norm_weight(dev)?,
+                qkv,
+                o,
+                ln2: norm_weight(dev)?,
+                gate_up,
+                down,
+                k_cache: Tensor::zeros((max_len, KV_HEADS * HEAD_DIM), DType::BF16, dev)?,
+                v_cache: Tensor::zeros((max_len, KV_HEADS * HEAD_DIM), DType::BF16, dev)?,
+            });
+        }
+        let (lm_head, e) = linear(dev, VOCAB, HIDDEN, format)?;
+        bytes += e;
+        let inv_freq: Vec<f32> = (0..HEAD_DIM / 2)
+            .map(|i| THETA.powf(-(2.0 * i as f32) / HEAD_DIM as f32))
+            .collect();
+        Ok(Model {
+            embed: Tensor::randn(0f32, 1.0, (VOCAB, HIDDEN), dev)?.to_dtype(DType::BF16)?,
+            layers,
+            norm: norm_weight(dev)?,
+            lm_head,
+            inv_freq: Tensor::from_vec(inv_freq, HEAD_DIM / 2, dev)?,
+            token: Tensor::from_vec(vec![1u32], 1, dev)?,
+            pos: Tensor::from_vec(vec![0u32], 1, dev)?,
+            resid: Tensor::zeros((1, HIDDEN), DType::BF16, dev)?,
+            h: Tensor::zeros((1, HIDDEN), DType::BF16, dev)?,
+            q: Tensor::zeros((1, HEADS * HEAD_DIM), DType::BF16, dev)?,
+            attn: Tensor::zeros((1, HEADS * HEAD_DIM), DType::BF16, dev)?,
+            act: Tensor::zeros((1, INTER), DType::BF16, dev)?,
+            weight_bytes: bytes,
+        })
+    }
+
+    fn cfg(grid: usize, block: usize, smem: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (block as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        }
+    }
+
+    /// One decode step; everything position-dependent is read from device memory.
+    fn step(gpu: &Gpu, m: &Model, max_len: usize) -> Result<()> {
+        let k = &gpu.kernels;
+        let f = |name: &str| k.function("bench", KERNELS, &[], name);
+        let s = &gpu.stream;
+        let (hidden, inter) = (HIDDEN as i32, INTER as i32);
+        let (resid, h) = (device_ptr(&m.resid)?, device_ptr(&m.h)?);
+        let eps = EPS;
+        {
+            let func = f("embed")?;
+            let (table, tok) = (device_ptr(&m.embed)?, device_ptr(&m.token)?);
+            let mut b = s.launch_builder(&func);
+            b.arg(&table).arg(&tok).arg(&resid).arg(&hidden);
+            // SAFETY: table is [VOCAB][HIDDEN] bf16, token one u32 < VOCAB, resid HIDDEN bf16.
+            unsafe { b.launch(cfg(1, 256, 0)) }?;
+        }
+        let mut delta: Option<Tensor> = None;
+        let add_norm = |delta: &Option<Tensor>, w: &Tensor, out: u64| -> Result<()> {
+            let func = f("add_rmsnorm")?;
+            let dp = match delta {
+                Some(d) => device_ptr(d)?,
+                None => 0u64,
+            };
+            let wp = device_ptr(w)?;
+            let mut b = s.launch_builder(&func);
+            b.arg(&resid)
+                .arg(&dp)
+                .arg(&wp)
+                .arg(&out)
+                .arg(&hidden)
+                .arg(&eps);
+            // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null).
+            unsafe { b.launch(cfg(1, 512, 0)) }?;
+            Ok(())
+        };
+        let pos = device_ptr(&m.pos)?;
+        let (qp, attn, act) = (device_ptr(&m.q)?, device_ptr(&m.attn)?, device_ptr(&m.act)?);
+        let (hq, hkv, hd) = (HEADS as i32, KV_HEADS as i32, HEAD_DIM as i32);
+        for l in &m.layers {
+            add_norm(&delta, &l.ln1, h)?;
+            let qkv = l.qkv.forward(&m.h)?;
+            {
+                let func = f("rope_append")?;
+                let (src, inv, kc, vc) = (
+                    device_ptr(&qkv)?,
+                    device_ptr(&m.inv_freq)?,
+                    device_ptr(&l.k_cache)?,
+                    device_ptr(&l.v_cache)?,
+                );
+                let mut b = s.launch_builder(&func);
+                b.arg(&src)
+                    .arg(&inv)
+                    .arg(&pos)
+                    .arg(&qp)
+                    .arg(&kc)
+                    .arg(&vc)
+                    .arg(&hq)
+                    .arg(&hkv)
+                    .arg(&hd);
+                // SAFETY: qkv holds (HEADS + 2 KV_HEADS) * HEAD_DIM bf16; caches max_len rows;
+                // the position stays below max_len (the caller bounds the steps).
+                unsafe { b.launch(cfg(HEADS + KV_HEADS, 64, 0)) }?;
+            }
+            {
+                let func = f("attend")?;
+                let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
+                let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
+                let mut b = s.launch_builder(&func);
+                b.arg(&qp)
+                    .arg(&kc)
+                    .arg(&vc)
+                    .arg(&pos)
+                    .arg(&attn)
+                    .arg(&hq)
+                    .arg(&hkv)
+                    .arg(&hd)
+                    .arg(&scale);
+                // SAFETY: q and attn hold HEADS * HEAD_DIM bf16; max_len floats of shared memory
+                // cover every position.
+                unsafe { b.launch(cfg(HEADS, 256, max_len * 4)) }?;
+            }
+            let o = l.o.forward(&m.attn)?;
+            add_norm(&Some(o), &l.ln2, h)?;
+            let gu = l.gate_up.forward(&m.h)?;
+            {
+                let func = f("silu_mul")?;
+                let gp = device_ptr(&gu)?;
+                let mut b = s.launch_builder(&func);
+                b.arg(&gp).arg(&act).arg(&inter);
+                // SAFETY: gu holds 2 * INTER bf16, act INTER.
+                unsafe { b.launch(cfg(INTER.div_ceil(256), 256, 0)) }?;
+            }
+            delta = Some(l.down.forward(&m.act)?);
+        }
+        add_norm(&delta, &m.norm, h)?;
+        let logits = m.lm_head.forward(&m.h)?;
+        {
+            let func = f("argmax_next")?;
+            let (lp, tok, vocab) = (device_ptr(&logits)?, device_ptr(&m.token)?, VOCAB as i32);
+            let mut b = s.launch_builder(&func);
+            b.arg(&lp).arg(&vocab).arg(&tok).arg(&pos);
+            // SAFETY: logits hold VOCAB bf16; token and pos one u32 each.
+            unsafe { b.launch(cfg(1, 1024, 0)) }?;
+        }
+        Ok(())
+    }
+
+    fn reset(m: &Model) -> Result<()> {
+        for (t, v) in [(&m.token, 1u8), (&m.pos, 0u8)] {
+            set_u32(t, v)?;
+        }
+        Ok(())
+    }
+
+    fn set_u32(t: &Tensor, value: u8) -> Result<()> {
+        let host = vec![value as u32];
+        let src = Tensor::from_vec(host, 1, t.device())?;
+        t.slice_set(&src, 0, 0)?;
+        Ok(())
+    }
+
+    pub fn run(args: Args) -> Result<()> {
+        let gpu = Gpu::with_own_stream(args.device)?;
+        let dev = gpu.device.clone();
+        let card = q4::probe::probe()
+            .cuda
+            .devices
+            .get(args.device)
+            .map(|d| d.name.clone())
+            .unwrap_or_else(|| "unknown".into());
+        let max_len = args.tokens + 8;
+        println!(
+            "# q4 bench decode-synthetic on {card}: Qwen3-4B shape ({} layers, hidden {HIDDEN}, intermediate {INTER}, {HEADS}/{KV_HEADS} heads x {HEAD_DIM}, vocab {VOCAB}), batch 1, {} tokens, {}",
+            args.layers,
+            args.tokens,
+            if args.no_graph { "eager launches" } else { "CUDA graph per step" }
+        );
+        println!(
+            "{:<7} {:>10} {:>10} {:>9} {:>9} {:>10}",
+            "format", "weights_GB", "ms/token", "tok/s", "GB/s", "vs_bf16"
+        );
+        let mut bf16_ms = None;
+        for name in &args.formats {
+            let format = match name.as_str() {
+                "bf16" => None,
+                f => Some(Format::parse(f).with_context(|| format!("unknown format {f}"))?),
+            };
+            let model = build(&dev, format, args.layers, max_len)?;
+            gpu.stream.synchronize()?;
+            // Eager reference run: tokens produced step by step.
+            reset(&model)?;
+            let mut eager_tokens = Vec::new();
+            for _ in 0..4 {
+                step(&gpu, &model, max_len)?;
+                eager_tokens.push(model.token.to_vec1::<u32>()?[0]);
+            }
+            reset(&model)?;
+            gpu.stream.synchronize()?;
+            let graph = if args.no_graph {
+                None
+            } else {
+                // Warm-up outside capture (module loads, cuBLAS workspaces), then capture.
+                step(&gpu, &model, max_len)?;
+                reset(&model)?;
+                gpu.stream.synchronize()?;
+                gpu.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                let r = step(&gpu, &model, max_len);
+                let g = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
+                r?;
+                let g = g.context("stream capture produced no graph")?;
+                g.upload()?;
+                Some(g)
+            };
+            if let Some(g) = &graph {
+                // The replayed graph must produce the eager run's tokens.
+                let mut graph_tokens = Vec::new();
+                for _ in 0..4 {
+                    g.launch()?;
+                    graph_tokens.push(model.token.to_vec1::<u32>()?[0]);
+                }
+                if graph_tokens != eager_tokens {
+                    bail!("CUDA graph replay produced tokens {graph_tokens:?}, eager launches {eager_tokens:?}");
+                }
+            }
+            reset(&model)?;
+            gpu.stream.synchronize()?;
+            let t = gpu.time(0, args.tokens, 1, |_| {
+                match &graph {
+                    Some(g) => g.launch()?,
+                    None => step(&gpu, &model, max_len)?,
+                }
+                Ok(())
+            })?;
+            let ms = t * 1e3;
+            let base = *bf16_ms.get_or_insert(if format.is_none() { ms } else { f64::NAN });
+            println!(
+                "{:<7} {:>10.2} {:>10.3} {:>9.1} {:>9.0} {:>10.2}",
+                name,
+                model.weight_bytes as f64 / 1e9,
+                ms,
+                1e3 / ms,
+                model.weight_bytes as f64 / t / 1e9,
+                base / ms
+            );
+            drop(graph);
+            drop(model);
+            gpu.stream.synchronize()?;
+        }
+        Ok(())
+    }
+}

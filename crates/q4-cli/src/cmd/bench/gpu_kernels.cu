@@ -1,0 +1,174 @@
+// Kernels of the GPU benchmarks (q4 bench gpu-linear / decode-synthetic), compiled by q4's NVRTC
+// cache after common.cuh. Decode-step kernels read the position from device memory, so that a
+// captured CUDA graph replays correctly for every token.
+
+// Keeps the GPU busy for `ns` nanoseconds, so that the host can queue the timed calls behind it
+// and launch overhead never shows up between the timing events.
+extern "C" __global__ void spin(u64 ns) {
+    u64 t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < ns);
+}
+
+__device__ __forceinline__ float block_sum(float v, float* sh) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : 0.0f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) sh[0] = v;
+    }
+    __syncthreads();
+    v = sh[0];
+    __syncthreads();
+    return v;
+}
+
+// x = embedding[token] (bf16 rows of n).
+extern "C" __global__ void embed(const u16* __restrict__ table, const u32* __restrict__ token,
+                                 u16* __restrict__ x, int n) {
+    const i64 row = (i64)(*token) * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) x[i] = table[row + i];
+}
+
+// resid += delta (when delta != 0); out = rmsnorm(resid) * w. One block, bf16.
+extern "C" __global__ void add_rmsnorm(u16* __restrict__ resid, const u16* __restrict__ delta,
+                                       const u16* __restrict__ w, u16* __restrict__ out, int n, float eps) {
+    __shared__ float sh[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = bf16_to_f32(resid[i]);
+        if (delta != 0) {
+            v += bf16_to_f32(delta[i]);
+            resid[i] = f32_to_bf16(v);
+            v = bf16_to_f32(resid[i]);
+        }
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_sum(ss, sh) / (float)n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        out[i] = f32_to_bf16(bf16_to_f32(resid[i]) * inv * bf16_to_f32(w[i]));
+}
+
+// qkv = [q (hq*d) | k (hkv*d) | v (hkv*d)]: rotates q and k (NeoX halves) at position *pos,
+// writes q_out and appends k, v to the caches [max_len][hkv*d].
+extern "C" __global__ void rope_append(const u16* __restrict__ qkv, const float* __restrict__ inv_freq,
+                                       const u32* __restrict__ pos, u16* __restrict__ q_out,
+                                       u16* __restrict__ k_cache, u16* __restrict__ v_cache,
+                                       int hq, int hkv, int d) {
+    const int head = blockIdx.x;  // 0 .. hq + hkv - 1: q heads then k heads; v copied by k blocks
+    const u32 p = *pos;
+    const int half = d / 2;
+    const bool is_q = head < hq;
+    const u16* src = qkv + (i64)head * d;
+    u16* dst = is_q ? q_out + (i64)head * d : k_cache + (i64)p * hkv * d + (i64)(head - hq) * d;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float ang = (float)p * inv_freq[i];
+        float s, c;
+        sincosf(ang, &s, &c);
+        const float a = bf16_to_f32(src[i]), b = bf16_to_f32(src[i + half]);
+        dst[i] = f32_to_bf16(a * c - b * s);
+        dst[i + half] = f32_to_bf16(b * c + a * s);
+    }
+    if (!is_q) {
+        const int kv = head - hq;
+        const u16* vs = qkv + (i64)(hq + hkv) * d + (i64)kv * d;
+        u16* vd = v_cache + (i64)p * hkv * d + (i64)kv * d;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) vd[i] = vs[i];
+    }
+}
+
+// Single-query attention over positions 0..*pos (inclusive). One block (8 warps) per q head:
+// a warp per key position for the scores, then each warp accumulates the softmax-weighted V rows
+// of its positions (lane i: dims 4i..4i+3, coalesced), and the warps' sums are added in
+// shared memory. Scores: max_len floats of dynamic shared memory.
+extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restrict__ k_cache,
+                                  const u16* __restrict__ v_cache, const u32* __restrict__ pos,
+                                  u16* __restrict__ out, int hq, int hkv, int d, float scale) {
+    extern __shared__ float sc[];
+    __shared__ float sh[32];
+    __shared__ float part[8][128];
+    const int head = blockIdx.x, kvh = head / (hq / hkv);
+    const int len = (int)(*pos) + 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const u16* qh = q + (i64)head * d;
+    const i64 row = (i64)hkv * d;
+    for (int t = warp; t < len; t += warps) {
+        const u16* kr = k_cache + (i64)t * row + (i64)kvh * d;
+        float s = 0.0f;
+        for (int i = lane; i < d; i += 32) s += bf16_to_f32(qh[i]) * bf16_to_f32(kr[i]);
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) sc[t] = s * scale;
+    }
+    __syncthreads();
+    float m = -3.0e38f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) m = fmaxf(m, sc[t]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) sh[warp] = m;
+    __syncthreads();
+    m = sh[0];
+    for (int w = 1; w < warps; w++) m = fmaxf(m, sh[w]);
+    __syncthreads();
+    float z = 0.0f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        const float e = __expf(sc[t] - m);
+        sc[t] = e;
+        z += e;
+    }
+    z = block_sum(z, sh);
+    // d == 128: lane owns dims 4*lane .. 4*lane+3.
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int t = warp; t < len; t += warps) {
+        const uint2 v = *(const uint2*)(v_cache + (i64)t * row + (i64)kvh * d + 4 * lane);
+        const float p = sc[t];
+        acc[0] += p * bf16_to_f32((u16)(v.x & 0xffffu));
+        acc[1] += p * bf16_to_f32((u16)(v.x >> 16));
+        acc[2] += p * bf16_to_f32((u16)(v.y & 0xffffu));
+        acc[3] += p * bf16_to_f32((u16)(v.y >> 16));
+    }
+    for (int j = 0; j < 4; j++) part[warp][4 * lane + j] = acc[j];
+    __syncthreads();
+    if (threadIdx.x < d) {
+        float v = 0.0f;
+        for (int w = 0; w < warps; w++) v += part[w][threadIdx.x];
+        out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
+    }
+}
+
+// out = silu(gate) * up with gate_up = [gate (n) | up (n)].
+extern "C" __global__ void silu_mul(const u16* __restrict__ gu, u16* __restrict__ out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        const float g = bf16_to_f32(gu[i]), u = bf16_to_f32(gu[n + i]);
+        out[i] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+    }
+}
+
+// Greedy next token: *token = argmax(logits); *pos += 1. One block.
+extern "C" __global__ void argmax_next(const u16* __restrict__ logits, int n, u32* __restrict__ token,
+                                       u32* __restrict__ pos) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    float best = -3.0e38f;
+    int idx = 0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = bf16_to_f32(logits[i]);
+        if (v > best) { best = v; idx = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bi[threadIdx.x >> 5] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
+        if (bv[0] > best || (bv[0] == best && bi[0] < idx)) { best = bv[0]; idx = bi[0]; }
+        *token = (u32)idx;
+        *pos = *pos + 1;
+    }
+}

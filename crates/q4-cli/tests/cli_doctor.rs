@@ -1,0 +1,90 @@
+//! `q4 doctor` end to end: it must answer on any machine (CI has no GPU) without panicking,
+//! report the CPU side, and keep its JSON shape.
+
+use std::process::Command;
+
+fn q4() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_q4"))
+}
+
+#[test]
+fn doctor_text_reports_cpu_and_cuda() {
+    let out = q4().arg("doctor").output().expect("q4 runs");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("CPU:"), "{text}");
+    assert!(text.contains("CUDA:"), "{text}");
+    assert!(
+        text.contains("fallback chain: cuda-native -> cuda-dequant -> cpu"),
+        "{text}"
+    );
+    for f in ["nvfp4", "nf4", "fp4", "mxfp4"] {
+        assert!(text.contains(f), "{f} missing from:\n{text}");
+    }
+}
+
+#[test]
+fn doctor_json_is_complete_and_consistent() {
+    let out = q4().args(["doctor", "--json"]).output().expect("q4 runs");
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("valid JSON");
+    assert_eq!(v["cuda_feature"], cfg!(feature = "cuda"));
+    let cpu = &v["cpu"];
+    assert!(cpu["threads"].as_u64().unwrap() >= 1);
+    let kernels = cpu["kernels"].as_array().unwrap();
+    assert_eq!(kernels.len(), 8, "4 formats x 2 batch ranges");
+    #[cfg(target_arch = "x86_64")]
+    {
+        let simd: Vec<&str> = cpu["simd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            simd.contains(&"avx2"),
+            std::arch::is_x86_feature_detected!("avx2")
+        );
+    }
+    let cuda = &v["cuda"];
+    let status = cuda["status"].as_str().unwrap();
+    assert!(
+        ["ok", "no-driver", "stub-driver", "no-device", "error"].contains(&status),
+        "{status}"
+    );
+    let devices = cuda["devices"].as_array().unwrap();
+    let selected = v["selected_backend"].as_str().unwrap();
+    if status != "ok" {
+        assert!(devices.is_empty());
+        assert_eq!(selected, "cpu");
+        assert!(cuda["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    }
+    for d in devices {
+        assert!(d["compute_capability"].as_str().unwrap().contains('.'));
+        for key in [
+            "integrated",
+            "managed_memory",
+            "concurrent_managed_access",
+            "pageable_memory_access",
+            "native_fp4",
+            "usable",
+        ] {
+            assert!(d[key].is_boolean(), "{key}");
+        }
+        assert_eq!(d["kernels"].as_array().unwrap().len(), 4);
+        if !cfg!(feature = "cuda") {
+            assert_eq!(d["usable"], false);
+        }
+    }
+    if !cfg!(feature = "cuda") {
+        assert_eq!(selected, "cpu");
+    }
+}

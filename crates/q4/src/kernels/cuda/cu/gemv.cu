@@ -1,0 +1,282 @@
+// Fused 4-bit GEMV / skinny GEMM for batches of 1-64 on tensor cores.
+//
+// y[b, n] = wfactor * xscale[b] * sum_k W'[n, k] x'[b, k]
+//
+// The weight is read once, straight from its packed storage, with coalesced 16-byte loads. Each
+// code byte becomes a pair of operand values through a 256-entry pair table in shared memory
+// (replicated per lane, so lookups never conflict), is multiplied by its block scale in
+// registers, and feeds mma.sync.m16n8k16 with f32 accumulation: weights are the A operand (16
+// output rows), activations the B operand (8 batch rows per N tile).
+//
+// Thread (g = lane / 4, t = lane % 4) of a warp loads 32 consecutive elements (16 bytes) of rows
+// g and g + 8 at k0 = 128 * step + 32 * t. Within the step, mma s (0..7) takes elements
+// 4s .. 4s+3 of each thread's chunk; the B fragment takes the same elements of x, so the
+// k permutation cancels in the dot product.
+//
+// Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
+// OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
+// block, each owning 16 weight rows).
+
+#if OPT == T_BF16
+#define MMA_INSTR "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define FMA2_INSTR "fma.rn.bf16x2"
+#else
+#define MMA_INSTR "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define FMA2_INSTR "fma.rn.f16x2"
+#endif
+
+#define LUT_WORDS (256 * 32)
+
+__device__ __forceinline__ u32 to_op(float v) {
+    return OPT == T_BF16 ? (u32)f32_to_bf16(v) : (u32)f32_to_f16(v);
+}
+__device__ __forceinline__ u32 splat_op(float v) {
+    const u32 h = to_op(v);
+    return h | (h << 16);
+}
+// Exact product of a code pair and a splatted scale (the -0 addend keeps signed zeros).
+__device__ __forceinline__ u32 pair_scale(u32 a, u32 s) {
+    u32 d;
+    asm(FMA2_INSTR " %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
+    return d;
+}
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(MMA_INSTR " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// Weights are streamed once: bypass L1 so that activations stay cached.
+__device__ __forceinline__ uint4 ld_stream(const u8* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ uint4 ld_act(const u16* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+// One step's weight data of a thread: 16 bytes of rows g and g+8, and their block scales.
+struct Frag {
+    uint4 w[2];
+    u32 sraw[2];  // NVFP4: two E4M3 bytes; MXFP4: one E8M0 byte
+    float sabs[2];  // bitsandbytes absmax
+};
+
+// Pair-table entry of byte J (0..3) of `word` for this lane: a 32-bit shared-window address
+// lane_base + ((word >> 8J) & 0xff) * 128, with lane_base = table + lane * 4.
+template <int J>
+__device__ __forceinline__ u32 lut_load(u32 word, u32 lane_base) {
+    const u32 shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
+    u32 v;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"((shifted & 0x7f80u) + lane_base));
+    return v;
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& w, int i) {
+    return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
+}
+
+// Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
+// replicated for every lane so that lookups never conflict. Static, so its address is an
+// immediate in the shared loads.
+__shared__ __align__(16) u32 lut[LUT_WORDS];
+__shared__ u32 scale_tab[256];
+
+// Work item = (tile of 16*WARPS rows, K slice ky of `split`): warp w owns rows
+// tile*16*WARPS + 16w .. +16 and the steps ky, ky + split, ...; the warps of a block walk the
+// same steps, so the activations they read come from L1. Persistent blocks take items
+// blockIdx.x, += gridDim.x.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
+     const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
+     int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul, int split) {
+    const u32 tid = threadIdx.x;
+    for (u32 byte = tid; byte < 256; byte += WARPS * 32) {
+        const u32 first = FMT == 2 ? (byte >> 4) : (byte & 15u);
+        const u32 second = FMT == 2 ? (byte & 15u) : (byte >> 4);
+        const u32 pair = to_op(u2f(CB_BITS[cb][first])) | (to_op(u2f(CB_BITS[cb][second])) << 16);
+        const uint4 v = make_uint4(pair, pair, pair, pair);
+#pragma unroll
+        for (int q = 0; q < 8; q++) ((uint4*)lut)[byte * 8 + q] = v;
+        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul);
+        if (FMT == 1) scale_tab[byte] = splat_op(e8m0_decode(byte) * smul);
+    }
+    __syncthreads();
+
+    const u32 warp = tid >> 5, lane = tid & 31;
+    const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + lane * 4;
+    const int g = (int)(lane >> 2), t = (int)(lane & 3);
+    const int steps = (K + 127) >> 7;
+    const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
+    const int items = tiles * split;
+
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const int tile = item / split, ky = item - tile * split;
+        const int row0 = tile * 16 * WARPS + 16 * (int)warp + g;
+        const bool rv[2] = {row0 < N, row0 + 8 < N};
+        const u8* crow[2];
+        const u8* srow[2];
+        i64 frow[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const i64 r = rv[h] ? row0 + 8 * h : 0;
+            crow[h] = codes + r * row_bytes;
+            srow[h] = (const u8*)scales + r * (FMT == 0 ? (row_bytes >> 3) : (row_bytes >> 4));
+            frow[h] = r * K;
+        }
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[nt][c] = 0.0f;
+
+        auto load = [&](Frag& f, int st) {
+            const int k0 = st * 128 + 32 * t;
+            const bool ok = st < steps && k0 < K;
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (ok && rv[h]) {
+                    f.w[h] = ld_stream(crow[h] + (k0 >> 1));
+                    if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
+                    else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
+                    else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
+                } else {
+                    f.w[h] = make_uint4(0, 0, 0, 0);
+                    f.sraw[h] = 0;
+                    f.sabs[h] = 0.0f;
+                }
+            }
+        };
+        auto compute = [&](const Frag& f, int st) {
+            const int k0 = st * 128 + 32 * t;
+            const bool kvalid = k0 < K;
+            u32 sc[2][2];
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                if (FMT == 0) {
+                    sc[h][0] = scale_tab[f.sraw[h] & 0xffu];
+                    sc[h][1] = scale_tab[f.sraw[h] >> 8];
+                } else if (FMT == 1) {
+                    sc[h][0] = scale_tab[f.sraw[h]];
+                    sc[h][1] = sc[h][0];
+                } else {
+                    sc[h][0] = splat_op(f.sabs[h] * smul);
+                    sc[h][1] = sc[h][0];
+                }
+            }
+            const u16* xp[NT];
+            bool xv_ok[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const int bi = nt * 8 + g;
+                xv_ok[nt] = kvalid && bi < B;
+                xp[nt] = x + (i64)(xv_ok[nt] ? bi : 0) * K + (kvalid ? k0 : 0);
+            }
+#pragma unroll
+            for (int wi = 0; wi < 4; wi++) {
+                // Activations for mma 2wi and 2wi+1: elements 8wi .. 8wi+7 of the chunk.
+                uint4 xv[NT];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) xv[nt] = xv_ok[nt] ? ld_act(xp[nt] + 8 * wi) : make_uint4(0, 0, 0, 0);
+                // Word wi of the 16 code bytes: bytes 0, 1 feed mma 2wi, bytes 2, 3 mma 2wi+1;
+                // NVFP4's second block starts at word 2.
+                const int sb = FMT == 0 ? (wi >> 1) : 0;
+                const u32 w0 = word_of(f.w[0], wi), w1 = word_of(f.w[1], wi);
+                const u32 s0 = sc[0][sb], s1 = sc[1][sb];
+                u32 a[2][4];
+                a[0][0] = pair_scale(lut_load<0>(w0, lane_base), s0);
+                a[0][1] = pair_scale(lut_load<0>(w1, lane_base), s1);
+                a[0][2] = pair_scale(lut_load<1>(w0, lane_base), s0);
+                a[0][3] = pair_scale(lut_load<1>(w1, lane_base), s1);
+                a[1][0] = pair_scale(lut_load<2>(w0, lane_base), s0);
+                a[1][1] = pair_scale(lut_load<2>(w1, lane_base), s1);
+                a[1][2] = pair_scale(lut_load<3>(w0, lane_base), s0);
+                a[1][3] = pair_scale(lut_load<3>(w1, lane_base), s1);
+#pragma unroll
+                for (int half = 0; half < 2; half++)
+#pragma unroll
+                    for (int nt = 0; nt < NT; nt++)
+                        mma16816(acc[nt], a[half][0], a[half][1], a[half][2], a[half][3],
+                                 half == 0 ? xv[nt].x : xv[nt].z, half == 0 ? xv[nt].y : xv[nt].w);
+            }
+        };
+
+        // Two buffers, each reloaded right after use: the other step's loads stay in flight
+        // while a step is multiplied.
+        Frag fa, fb;
+        int st = ky;
+        load(fa, st);
+        load(fb, st + split);
+        while (st < steps) {
+            compute(fa, st);
+            load(fa, st + 2 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fb, st);
+            load(fb, st + 2 * split);
+            st += split;
+        }
+
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int row = row0 + 8 * (c >> 1);
+                const int bi = nt * 8 + 2 * t + (c & 1);
+                if (row >= N || bi >= B) continue;
+                if (split > 1) {
+                    partial[((i64)ky * B + bi) * N + row] = acc[nt][c];
+                } else {
+                    const float xs = xscale != 0 ? xscale[bi] : 1.0f;
+                    store_elem<OUT_T>(y, (i64)bi * N + row, acc[nt][c] * (wfactor * xs));
+                }
+            }
+    }
+}
+
+// Split-K epilogue: sums the partial products of `splits` slices in order.
+extern "C" __global__ void gemv_reduce(const float* __restrict__ partial, const float* __restrict__ xscale,
+                                       void* __restrict__ y, int N, int B, int splits, float wfactor) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (i64)N * B) return;
+    const int bi = (int)(i / N);
+    float v = 0.0f;
+    for (int s = 0; s < splits; s++) v += partial[(i64)s * N * B + i];
+    const float xs = xscale != 0 ? xscale[bi] : 1.0f;
+    store_elem<OUT_T>(y, i, v * (wfactor * xs));
+}
+
+// f32 activations -> f16 operands with a power-of-two scale per row (amax maps into [2^11, 2^12)),
+// so any finite activation fits f16's range. One block per row.
+extern "C" __global__ void x_to_f16(const float* __restrict__ x, u16* __restrict__ x16,
+                                    float* __restrict__ xscale, int K) {
+    __shared__ u32 wmax[32];
+    const float* xr = x + (i64)blockIdx.x * K;
+    u32 m = 0;
+    for (int i = threadIdx.x; i < K; i += blockDim.x) {
+        const u32 a = f2u(xr[i]) & 0x7fffffffu;
+        if (a < 0x7f800000u) m = max(m, a);
+    }
+    m = warp_max_u32(m);
+    if ((threadIdx.x & 31) == 0) wmax[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        u32 v = threadIdx.x < (blockDim.x >> 5) ? wmax[threadIdx.x] : 0;
+        wmax[threadIdx.x] = warp_max_u32(v);
+    }
+    __syncthreads();
+    m = wmax[0];
+    int e = 0;
+    if (m != 0) {
+        int ex = (int)(m >> 23) - 127;
+        if (ex < -100) ex = -100;
+        e = ex - 11;
+    }
+    const float inv = pow2f(-e);
+    if (threadIdx.x == 0) xscale[blockIdx.x] = pow2f(e);
+    for (int i = threadIdx.x; i < K; i += blockDim.x) x16[(i64)blockIdx.x * K + i] = f32_to_f16(xr[i] * inv);
+}

@@ -1,0 +1,209 @@
+//! Fused dequantize-on-the-fly matmul for batches of 1-64 (`cu/gemv.cu`).
+//!
+//! Operand types: bf16 activations are used as they are, with bf16 weight operands (exact for
+//! NVFP4 and MXFP4, rounded once for NF4/FP4 as bitsandbytes does); f16 activations likewise
+//! with f16 operands; f32 activations are converted to f16 with a power-of-two scale per row
+//! (so every finite value fits). Accumulation is f32 throughout.
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::DType;
+
+use super::dequant::{codebook_index, device_parts};
+use super::module_cache::{self, DeviceKernels};
+use super::util::{device_ptr, empty_storage, launched, storage_ptr, type_code, Act};
+use crate::error::Result;
+use crate::qtensor::QTensor;
+use crate::Format;
+
+/// Warps per block; each owns 16 weight rows, and all walk the same K steps.
+const WARPS: usize = 8;
+
+/// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
+pub fn supports(w: &QTensor) -> bool {
+    let (n, k) = w.rows_cols();
+    let aligned = match device_parts(w) {
+        Ok(p) => device_ptr(p.codes).is_ok_and(|a| a.is_multiple_of(16)),
+        Err(_) => false,
+    };
+    n > 0 && k > 0 && k.is_multiple_of(32) && aligned
+}
+
+/// `(scale multiplier, output factor)`: the kernels multiply block scales by the first (a power
+/// of two, exact) and the result by the second. NVFP4 factors out its tensor scale so that the
+/// weight operands `E2M1 * E4M3` are exact; f16 operands of the other formats factor out a
+/// power of two that brings the largest block scale to (2^7, 2^8].
+pub fn scale_factors(w: &QTensor, operand: DType) -> (f32, f32) {
+    match w.format() {
+        Format::Nvfp4 => (1.0, w.scale2()),
+        _ if operand == DType::BF16 => (1.0, 1.0),
+        _ => {
+            let m = w.scale_max();
+            let t = if m > 0.0 && m.is_finite() {
+                (m.log2().ceil() as i32 - 8).clamp(-120, 120)
+            } else {
+                0
+            };
+            (2f32.powi(-t), 2f32.powi(t))
+        }
+    }
+}
+
+fn fmt_code(f: Format) -> i64 {
+    match f {
+        Format::Nvfp4 => 0,
+        Format::Mxfp4 => 1,
+        Format::Nf4 | Format::Fp4 => 2,
+    }
+}
+
+/// `y[batch, n] = x Wᵀ` in the activations' dtype.
+pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaStorage> {
+    let (n, kdim) = w.rows_cols();
+    let batch = x.batch;
+    let dev = x.dev;
+    let stream = dev.cuda_stream();
+    let out_t = type_code(x.dtype)?;
+    // Operands: f32 activations become f16 with a per-row power-of-two scale.
+    let (opt, x16_storage, xscale_storage) = match x.dtype {
+        DType::BF16 => (DType::BF16, None, None),
+        DType::F16 => (DType::F16, None, None),
+        _ => {
+            let x16 = empty_storage(dev, DType::F16, batch * kdim)?;
+            let xs = empty_storage(dev, DType::F32, batch)?;
+            let func = k.function(
+                "gemv",
+                module_cache::GEMV,
+                &gemv_defines(w, DType::F16, 0, 1, 1, 8),
+                "x_to_f16",
+            )?;
+            let (xp, x16p, xsp, kk) = (
+                x.ptr,
+                storage_ptr(&x16, 0)?,
+                storage_ptr(&xs, 0)?,
+                kdim as i32,
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (batch as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&func);
+            b.arg(&xp).arg(&x16p).arg(&xsp).arg(&kk);
+            // SAFETY: x holds batch*k f32, x16 batch*k f16, xscale batch f32; one block a row.
+            launched("x_to_f16", unsafe { b.launch(cfg) })?;
+            (DType::F16, Some(x16), Some(xs))
+        }
+    };
+    let xp = match &x16_storage {
+        Some(s) => storage_ptr(s, 0)?,
+        None => x.ptr,
+    };
+    let xsp = match &xscale_storage {
+        Some(s) => storage_ptr(s, 0)?,
+        None => 0u64,
+    };
+    let nt = batch.div_ceil(8).next_power_of_two().min(8);
+    let warps = WARPS;
+    let tiles = n.div_ceil(16 * warps);
+    let steps = kdim.div_ceil(128);
+    let defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
+    let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
+    // Persistent blocks: as many as fit on the GPU at once. Split K until there is an item for
+    // each of them, keeping >= 4 steps per warp and slice.
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, 0, None)
+        .unwrap_or(1)
+        .max(1) as usize;
+    let resident = k.sm_count as usize * per_sm;
+    let mut split = 1usize;
+    while tiles * split < resident && steps >= split * 8 {
+        split *= 2;
+    }
+    let grid_x = (tiles * split).min(resident).max(1);
+    let y = empty_storage(dev, x.dtype, batch * n)?;
+    let partial = if split > 1 {
+        Some(empty_storage(dev, DType::F32, split * batch * n)?)
+    } else {
+        None
+    };
+    let parts = device_parts(w)?;
+    let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
+    let yp = storage_ptr(&y, 0)?;
+    let pp = match &partial {
+        Some(p) => storage_ptr(p, 0)?,
+        None => 0u64,
+    };
+    let (smul, wfactor) = scale_factors(w, opt);
+    let (n_i, k_i, b_i, split_i) = (n as i32, kdim as i32, batch as i32, split as i32);
+    let row_bytes = (kdim / 2) as i64;
+    // bitsandbytes block sizes are powers of two: the kernel shifts instead of dividing.
+    let bs_shift = w.block_size().trailing_zeros() as i32;
+    let cb = codebook_index(w.format());
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x as u32, 1, 1),
+        block_dim: ((warps * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&codes)
+        .arg(&scales)
+        .arg(&xp)
+        .arg(&xsp)
+        .arg(&yp)
+        .arg(&pp);
+    b.arg(&n_i)
+        .arg(&k_i)
+        .arg(&b_i)
+        .arg(&row_bytes)
+        .arg(&bs_shift)
+        .arg(&cb)
+        .arg(&wfactor)
+        .arg(&smul)
+        .arg(&split_i);
+    // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
+    // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
+    // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
+    // 33 KiB of static shared memory is below the 48 KiB limit.
+    launched("gemv", unsafe { b.launch(cfg) })?;
+    if let Some(p) = &partial {
+        let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;
+        let pp = storage_ptr(p, 0)?;
+        let s_i = split as i32;
+        let total = batch * n;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&func);
+        b.arg(&pp)
+            .arg(&xsp)
+            .arg(&yp)
+            .arg(&n_i)
+            .arg(&b_i)
+            .arg(&s_i)
+            .arg(&wfactor);
+        // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
+        launched("gemv_reduce", unsafe { b.launch(cfg) })?;
+    }
+    Ok(y)
+}
+
+fn gemv_defines(
+    w: &QTensor,
+    opt: DType,
+    out_t: i64,
+    nt: i64,
+    mt: i64,
+    warps: i64,
+) -> Vec<(&'static str, i64)> {
+    vec![
+        ("FMT", fmt_code(w.format())),
+        ("OPT", if opt == DType::BF16 { 1 } else { 2 }),
+        ("OUT_T", out_t),
+        ("NT", nt),
+        ("MT", mt),
+        ("WARPS", warps),
+    ]
+}

@@ -1,0 +1,149 @@
+//! CUDA kernels (feature `cuda`): CUDA C compiled with NVRTC at first use for the running
+//! device, cached per process ([`module_cache`]).
+//!
+//! * [`dequant`]: whole-tensor decode, bit-exact with the CPU;
+//! * [`quant`]: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
+//! * [`gemv`]: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
+//! * [`gemm`]: larger batches: L2-sized chunks of the weight decoded to bf16/f16/f32, then cuBLAS;
+//! * [`w4a4`]: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;
+//! * [`blackwell`]: the native block-scaled FP4 kernels' addressing, emulated on the CPU as
+//!   their test oracle (compiled in every build).
+//!
+//! [`plan`] (also in every build) says which of these serves a call; `q4 doctor` prints it.
+
+pub mod blackwell;
+pub mod plan;
+
+#[cfg(feature = "cuda")]
+pub mod dequant;
+#[cfg(feature = "cuda")]
+pub mod gemm;
+#[cfg(feature = "cuda")]
+pub mod gemv;
+#[cfg(feature = "cuda")]
+pub mod module_cache;
+#[cfg(feature = "cuda")]
+pub mod quant;
+#[cfg(feature = "cuda")]
+mod util;
+#[cfg(feature = "cuda")]
+pub mod w4a4;
+
+#[cfg(feature = "cuda")]
+pub use util::{device_ptr, empty, poison_outputs, Act};
+
+#[cfg(feature = "cuda")]
+use candle_core::Tensor;
+
+#[cfg(feature = "cuda")]
+use crate::error::Result;
+#[cfg(feature = "cuda")]
+use crate::qtensor::QTensor;
+
+/// `y = x Wᵀ` for a quantized weight on a CUDA device; `x` is `[batch, k]` (f32, bf16 or f16)
+/// and `y` comes back as `[batch, n]` in `x`'s dtype. Small batches run the fused GEMV, larger
+/// ones (and shapes the GEMV cannot tile) the dequantize + cuBLAS path.
+#[cfg(feature = "cuda")]
+pub fn matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let act = Act::from_tensor(&x)?;
+    let (batch, n) = (act.batch, w.rows_cols().0);
+    let y = matmul_act(w, &act)?;
+    Ok(util::tensor_from(y, (batch, n)))
+}
+
+/// [`matmul`] on raw activations (the candle custom op's entry point).
+#[cfg(feature = "cuda")]
+pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend::CudaStorage> {
+    let (n, k) = w.rows_cols();
+    if k != x.k {
+        return Err(crate::Error::msg(format!(
+            "activations have {} features, the weight {k}",
+            x.k
+        )));
+    }
+    if !w
+        .device()
+        .same_device(&candle_core::Device::Cuda(x.dev.clone()))
+    {
+        return Err(crate::Error::msg(
+            "the weight and the activations are on different CUDA devices",
+        ));
+    }
+    let kernels = module_cache::for_device(x.dev)?;
+    if x.batch == 0 || n == 0 {
+        return util::empty_storage(x.dev, x.dtype, 0);
+    }
+    let fused = x.batch <= plan::FUSED_MAX_BATCH
+        && plan::has_mma_f16(kernels.cc)
+        && gemv::supports(w)
+        && x.ptr.is_multiple_of(16);
+    if fused {
+        gemv::matmul_act(&kernels, w, x)
+    } else {
+        gemm::matmul_act(&kernels, w, x)
+    }
+}
+
+/// Fills the `q4 doctor` report's CUDA-build-only fields: free memory (needs a context) and an
+/// actual NVRTC compile for each device.
+#[cfg(feature = "cuda")]
+pub fn enrich_report(r: &mut crate::probe::CudaReport) {
+    if r.status != "ok" {
+        return;
+    }
+    match module_cache::nvrtc_version() {
+        Ok((a, b)) => r.nvrtc.version = Some(format!("{a}.{b}")),
+        Err(e) => {
+            r.nvrtc.status = "error";
+            r.nvrtc.detail = Some(e.to_string());
+        }
+    }
+    for d in &mut r.devices {
+        if !d.usable {
+            continue;
+        }
+        let dev = match candle_core::Device::new_cuda(d.ordinal) {
+            Ok(dev) => dev,
+            Err(e) => {
+                d.usable = false;
+                r.detail = Some(format!("device {}: {e}", d.ordinal));
+                continue;
+            }
+        };
+        let Ok(cuda) = util::cuda_device(&dev) else {
+            continue;
+        };
+        if let Ok((free, _)) = cuda.cuda_stream().context().mem_get_info() {
+            d.free_memory_bytes = Some(free);
+        }
+        let t = std::time::Instant::now();
+        match module_cache::for_device(cuda).and_then(|k| {
+            k.function(
+                "dequant",
+                module_cache::DEQUANT,
+                &[("OUT_T", 0)],
+                "dequant_rows",
+            )
+        }) {
+            Ok(_) => {
+                r.nvrtc.detail = Some(format!(
+                    "compiled and loaded a q4 kernel for {} in {:.0} ms",
+                    module_cache::arch_for(plan_cc(&d.compute_capability)),
+                    t.elapsed().as_secs_f64() * 1e3
+                ));
+            }
+            Err(e) => {
+                d.usable = false;
+                r.nvrtc.status = "error";
+                r.nvrtc.detail = Some(e.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn plan_cc(s: &str) -> (u32, u32) {
+    let mut it = s.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}

@@ -1,0 +1,264 @@
+//! NVRTC compilation of q4's CUDA C at first use, for the running device's own architecture,
+//! cached per device and per variant for the life of the process.
+//!
+//! Each kernel family is one `.cu` source; variants (format, operand and output type, tile
+//! counts) are preprocessor defines, so only the variants a program uses are ever compiled.
+//! Compilation goes straight to a CUBIN (no driver-side PTX JIT), and every failure becomes an
+//! error that names the kernel, the target and NVRTC's log.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use candle_core::cuda_backend::cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
+use candle_core::cuda_backend::CudaDevice;
+
+use crate::error::{Error, Result};
+
+pub const COMMON: &str = include_str!("cu/common.cuh");
+pub const DEQUANT: &str = include_str!("cu/dequant.cu");
+pub const QUANT: &str = include_str!("cu/quant.cu");
+pub const GEMV: &str = include_str!("cu/gemv.cu");
+pub const W4A4: &str = include_str!("cu/w4a4.cu");
+pub const SM120: &str = include_str!("cu/blackwell_sm120.cu");
+
+/// Codebooks and thresholds as exact bit patterns, generated from q4-formats.
+fn tables_header() -> String {
+    use q4_formats::codebook::{
+        BNB_FP4, BNB_FP4_SORTED_CODES, BNB_FP4_THRESHOLDS, NF4, NF4_THRESHOLDS,
+    };
+    use q4_formats::scalar::E2M1_VALUES;
+    let hex = |v: &[f32]| {
+        v.iter()
+            .map(|x| format!("0x{:08x}u", x.to_bits()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut e2m1_pos = E2M1_VALUES;
+    e2m1_pos[8] = 0.0;
+    let sorted = BNB_FP4_SORTED_CODES
+        .iter()
+        .map(|c| format!("{c}u"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "__constant__ unsigned CB_BITS[4][16] = {{{{{}}}, {{{}}}, {{{}}}, {{{}}}}};\n\
+         __constant__ unsigned NF4_TH_BITS[15] = {{{}}};\n\
+         __constant__ unsigned FP4_TH_BITS[15] = {{{}}};\n\
+         __constant__ unsigned FP4_SORTED[16] = {{{}}};\n",
+        hex(&e2m1_pos),
+        hex(&E2M1_VALUES),
+        hex(&NF4),
+        hex(&BNB_FP4),
+        hex(&NF4_THRESHOLDS),
+        hex(&BNB_FP4_THRESHOLDS),
+        sorted
+    )
+}
+
+/// The full source of a family with its defines: tables, common helpers, then the kernel.
+pub fn source(family_src: &str, defines: &[(&str, i64)]) -> String {
+    let mut s = String::new();
+    for (k, v) in defines {
+        s.push_str(&format!("#define {k} {v}\n"));
+    }
+    s.push_str(COMMON);
+    s.push_str(&tables_header());
+    s.push_str(family_src);
+    s
+}
+
+/// `sm_XY` for a compute capability (the plain target: runs on that architecture only).
+pub fn arch_for(cc: (u32, u32)) -> String {
+    format!("sm_{}{}", cc.0, cc.1)
+}
+
+/// Compiles `src` to a CUBIN for `arch` (e.g. `sm_90`, `sm_120a`). Needs NVRTC, not a GPU.
+pub fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    let csrc = CString::new(src).map_err(|_| Error::msg("kernel source contains a NUL byte"))?;
+    let cname = CString::new(name).map_err(|_| Error::msg("kernel name contains a NUL byte"))?;
+    let prog = nvrtc::create_program(&csrc, Some(&cname))
+        .map_err(|e| Error::msg(format!("NVRTC could not create program `{name}`: {e:?}")))?;
+    let opts = [
+        format!("--gpu-architecture={arch}"),
+        "--std=c++17".to_string(),
+        // Bit-exactness: IEEE division, no flush-to-zero, no contraction into FMA.
+        "--ftz=false".to_string(),
+        "--prec-div=true".to_string(),
+        "--fmad=false".to_string(),
+        "-default-device".to_string(),
+    ];
+    // SAFETY: `prog` was just created and is destroyed exactly once below; the option strings
+    // outlive the call; the log and CUBIN buffers are sized by NVRTC's own size queries.
+    let out = unsafe {
+        let compiled = nvrtc::compile_program(prog, &opts);
+        let result = match compiled {
+            Err(e) => {
+                let log = nvrtc::get_program_log(prog)
+                    .map(|l| {
+                        let bytes: Vec<u8> =
+                            l.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                        String::from_utf8_lossy(&bytes).into_owned()
+                    })
+                    .unwrap_or_default();
+                Err(Error::msg(format!(
+                    "NVRTC failed to compile q4 kernel `{name}` for {arch} ({e:?}): {}",
+                    log.trim()
+                )))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                let rc = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size);
+                if rc != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS || size == 0 {
+                    Err(Error::msg(format!(
+                        "NVRTC produced no CUBIN for `{name}` ({arch}): {rc:?}"
+                    )))
+                } else {
+                    let mut buf = vec![0u8; size];
+                    let rc = nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast());
+                    if rc == nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+                        Ok(buf)
+                    } else {
+                        Err(Error::msg(format!(
+                            "nvrtcGetCUBIN failed for `{name}`: {rc:?}"
+                        )))
+                    }
+                }
+            }
+        };
+        let _ = nvrtc::destroy_program(prog);
+        result
+    };
+    out
+}
+
+/// NVRTC's version, e.g. `(13, 0)`.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: plain out-parameters.
+    let rc = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    if rc == nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+        Ok((major, minor))
+    } else {
+        Err(Error::msg(format!("nvrtcVersion failed: {rc:?}")))
+    }
+}
+
+/// The compiled kernels of one device.
+pub struct DeviceKernels {
+    pub ctx: Arc<CudaContext>,
+    pub cc: (u32, u32),
+    pub arch: String,
+    pub sm_count: u32,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<String, CudaFunction>>,
+}
+
+impl DeviceKernels {
+    /// The kernel `function` of `family_src` compiled with `defines` (compiled on first use).
+    pub fn function(
+        &self,
+        family: &str,
+        family_src: &str,
+        defines: &[(&str, i64)],
+        function: &str,
+    ) -> Result<CudaFunction> {
+        self.function_for_arch(family, family_src, defines, function, &self.arch)
+    }
+
+    /// As [`Self::function`] for an explicit target (e.g. `sm_120a` for the native FP4 kernels).
+    pub fn function_for_arch(
+        &self,
+        family: &str,
+        family_src: &str,
+        defines: &[(&str, i64)],
+        function: &str,
+        arch: &str,
+    ) -> Result<CudaFunction> {
+        let mut key = format!("{family}@{arch}");
+        for (k, v) in defines {
+            key.push_str(&format!(":{k}={v}"));
+        }
+        let fkey = format!("{key}#{function}");
+        if let Some(f) = self
+            .functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fkey)
+        {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut map = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&key) {
+                Some(m) => m.clone(),
+                None => {
+                    let t = std::time::Instant::now();
+                    let cubin = compile_cubin(family, &source(family_src, defines), arch)?;
+                    let m = self.ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| {
+                        Error::msg(format!(
+                            "loading q4 kernel module `{key}` on device {} failed: {e}",
+                            self.ctx.ordinal()
+                        ))
+                    })?;
+                    tracing::debug!(
+                        "compiled {key} in {:.0} ms",
+                        t.elapsed().as_secs_f64() * 1e3
+                    );
+                    map.insert(key.clone(), m.clone());
+                    m
+                }
+            }
+        };
+        module.load_function(function).map_err(|e| {
+            Error::msg(format!(
+                "q4 kernel `{function}` missing from module `{key}`: {e}"
+            ))
+        })
+    }
+
+    /// Number of compiled modules (diagnostics).
+    pub fn module_count(&self) -> usize {
+        self.modules.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The per-device kernel cache for candle's CUDA device `dev`.
+pub fn for_device(dev: &CudaDevice) -> Result<Arc<DeviceKernels>> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<DeviceKernels>>>> = OnceLock::new();
+    let ctx = dev.cuda_stream().context().clone();
+    let ordinal = ctx.ordinal();
+    let mut map = CACHE
+        .get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(k) = map.get(&ordinal) {
+        return Ok(k.clone());
+    }
+    let (major, minor) = ctx.compute_capability().map_err(|e| {
+        Error::msg(format!(
+            "cannot read the compute capability of device {ordinal}: {e}"
+        ))
+    })?;
+    let cc = (major as u32, minor as u32);
+    if !super::plan::arch_supported(cc) {
+        return Err(Error::msg(format!(
+            "device {ordinal} has compute capability {major}.{minor}; q4's CUDA kernels need 7.5 or newer"
+        )));
+    }
+    let sm_count = ctx
+        .attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .unwrap_or(1)
+        .max(1) as u32;
+    let k = Arc::new(DeviceKernels {
+        ctx,
+        cc,
+        arch: arch_for(cc),
+        sm_count,
+        modules: Mutex::new(HashMap::new()),
+        functions: Mutex::new(HashMap::new()),
+    });
+    map.insert(ordinal, k.clone());
+    Ok(k)
+}

@@ -1,0 +1,522 @@
+//! Backend probe: what this machine offers (CPU SIMD, CUDA driver and devices, NVRTC) and which
+//! kernel each format will use, with the fallback chain CUDA-native -> CUDA-dequant -> CPU.
+//!
+//! The probe never panics and never needs the `cuda` feature: it opens `libcuda.so.1` and
+//! `libnvrtc` with `dlopen`, so a CPU-only build on a GPU machine still reports the GPU (and says
+//! that this build cannot use it). A stub driver library (as used to *link* CUDA builds on
+//! machines without a GPU) is detected because its `cuDriverGetVersion` writes nothing.
+
+use std::ffi::{c_char, c_int, c_uint, CStr};
+
+use serde::Serialize;
+
+use crate::kernels::cpu::{kernel_for, CpuKernel, GEMV_MAX_BATCH};
+use crate::kernels::cuda::plan::{self, CudaPlan};
+use crate::Format;
+
+/// Everything `q4 doctor` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub q4_version: &'static str,
+    /// Whether this build has the `cuda` feature (candle's CUDA device plus q4's kernels).
+    pub cuda_feature: bool,
+    pub cpu: CpuReport,
+    pub cuda: CudaReport,
+    /// The backend a `--device auto` run would pick: `cuda:0` or `cpu`.
+    pub selected_backend: String,
+    /// Order in which backends are tried for a quantized matmul.
+    pub fallback_chain: Vec<&'static str>,
+}
+
+/// The CPU side.
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuReport {
+    pub arch: &'static str,
+    pub threads: usize,
+    /// SIMD features detected at run time.
+    pub simd: Vec<&'static str>,
+    /// The CPU kernel per format and batch size.
+    pub kernels: Vec<CpuKernelRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CpuKernelRow {
+    pub format: &'static str,
+    pub batch: String,
+    pub kernel: &'static str,
+}
+
+/// The CUDA side.
+#[derive(Clone, Debug, Serialize)]
+pub struct CudaReport {
+    /// `ok`, `no-driver`, `stub-driver`, `no-device` or `error`.
+    pub status: &'static str,
+    /// Why the status is not `ok` (or extra context).
+    pub detail: Option<String>,
+    /// Kernel-module version of the NVIDIA driver (e.g. `580.159.04`), when readable.
+    pub driver_version: Option<String>,
+    /// Highest CUDA version the driver supports (`cuDriverGetVersion`), e.g. `13.0`.
+    pub driver_cuda_version: Option<String>,
+    pub nvrtc: NvrtcReport,
+    pub devices: Vec<DeviceReport>,
+}
+
+/// NVRTC (run-time compiler of q4's CUDA kernels).
+#[derive(Clone, Debug, Serialize)]
+pub struct NvrtcReport {
+    /// `ok`, `missing` or `error`.
+    pub status: &'static str,
+    pub version: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// One CUDA device.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceReport {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: String,
+    pub multiprocessors: i32,
+    pub total_memory_bytes: usize,
+    /// Free memory (needs a context; filled in by CUDA builds).
+    pub free_memory_bytes: Option<usize>,
+    pub l2_cache_bytes: i32,
+    /// Shares memory with the CPU (Jetson, DGX Spark / GB10).
+    pub integrated: bool,
+    pub managed_memory: bool,
+    pub concurrent_managed_access: bool,
+    pub pageable_memory_access: bool,
+    pub pageable_memory_uses_host_page_tables: bool,
+    /// FP4 tensor cores (Blackwell, compute capability 10.x / 11.x / 12.x).
+    pub native_fp4: bool,
+    /// The NVRTC target q4's native FP4 kernel is built for on this device, if any.
+    pub native_fp4_target: Option<&'static str>,
+    /// Whether this build can run q4's kernels here (cuda feature + NVRTC + supported arch).
+    pub usable: bool,
+    pub kernels: Vec<DeviceKernelRow>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceKernelRow {
+    pub format: &'static str,
+    #[serde(flatten)]
+    pub plan: CudaPlan,
+}
+
+/// Runs the whole probe. Cheap (no context is created unless the `cuda` feature can use one).
+pub fn probe() -> Report {
+    let cpu = cpu_report();
+    #[allow(unused_mut)]
+    let mut cuda = cuda_report();
+    #[cfg(feature = "cuda")]
+    crate::kernels::cuda::enrich_report(&mut cuda);
+    let selected_backend = match cuda.devices.iter().find(|d| d.usable) {
+        Some(d) => format!("cuda:{}", d.ordinal),
+        None => "cpu".to_string(),
+    };
+    Report {
+        q4_version: env!("CARGO_PKG_VERSION"),
+        cuda_feature: cfg!(feature = "cuda"),
+        cpu,
+        cuda,
+        selected_backend,
+        fallback_chain: vec!["cuda-native", "cuda-dequant", "cpu"],
+    }
+}
+
+fn cpu_kernel_name(k: CpuKernel) -> &'static str {
+    match k {
+        CpuKernel::GemvSimd if cfg!(target_arch = "aarch64") => "gemv-neon (fused decode, NEON)",
+        CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
+        CpuKernel::GemvPortable => "gemv-portable (fused decode)",
+        CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm micro-kernel)",
+    }
+}
+
+/// CPU features and kernels.
+pub fn cpu_report() -> CpuReport {
+    let mut kernels = Vec::new();
+    for f in Format::ALL {
+        for (label, batch) in [
+            (format!("1-{GEMV_MAX_BATCH}"), 1),
+            (format!(">{GEMV_MAX_BATCH}"), GEMV_MAX_BATCH + 1),
+        ] {
+            kernels.push(CpuKernelRow {
+                format: f.name(),
+                batch: label,
+                kernel: cpu_kernel_name(kernel_for(batch)),
+            });
+        }
+    }
+    CpuReport {
+        arch: std::env::consts::ARCH,
+        threads: rayon::current_num_threads(),
+        simd: simd_features(),
+        kernels,
+    }
+}
+
+fn simd_features() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut v = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! detect {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    v.push($f);
+                }
+            )*};
+        }
+        detect!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512vnni"
+        );
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        macro_rules! detect {
+            ($($f:tt),*) => {$(
+                if std::arch::is_aarch64_feature_detected!($f) {
+                    v.push($f);
+                }
+            )*};
+        }
+        detect!("neon", "fp16", "dotprod", "i8mm", "bf16", "sve", "sve2");
+    }
+    v
+}
+
+// CUdevice_attribute values (cuda.h).
+const ATTR_MULTIPROCESSOR_COUNT: c_int = 16;
+const ATTR_INTEGRATED: c_int = 18;
+const ATTR_L2_CACHE_SIZE: c_int = 38;
+const ATTR_CC_MAJOR: c_int = 75;
+const ATTR_CC_MINOR: c_int = 76;
+const ATTR_MANAGED_MEMORY: c_int = 83;
+const ATTR_PAGEABLE_MEMORY_ACCESS: c_int = 88;
+const ATTR_CONCURRENT_MANAGED_ACCESS: c_int = 89;
+const ATTR_PAGEABLE_USES_HOST_PAGE_TABLES: c_int = 100;
+const CUDA_SUCCESS: c_int = 0;
+const CUDA_ERROR_NO_DEVICE: c_int = 100;
+
+type CuInit = unsafe extern "C" fn(c_uint) -> c_int;
+type CuDriverGetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
+type CuDeviceGetCount = unsafe extern "C" fn(*mut c_int) -> c_int;
+type CuDeviceGet = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
+type CuDeviceGetName = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
+type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, c_int) -> c_int;
+type CuDeviceGetAttribute = unsafe extern "C" fn(*mut c_int, c_int, c_int) -> c_int;
+type NvrtcVersion = unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int;
+
+/// Opens the first library that loads.
+fn open_first(names: &[&str]) -> Result<libloading::Library, String> {
+    let mut errs = Vec::new();
+    for n in names {
+        // SAFETY: loading a shared library runs its initialisers; the NVIDIA driver and NVRTC
+        // libraries are designed to be dlopen'ed (cudarc and PyTorch do the same).
+        match unsafe { libloading::Library::new(*n) } {
+            Ok(l) => return Ok(l),
+            Err(e) => errs.push(format!("{n} ({e})")),
+        }
+    }
+    Err(format!("tried {}", errs.join(", ")))
+}
+
+fn version_string(v: c_int) -> String {
+    format!("{}.{}", v / 1000, (v % 1000) / 10)
+}
+
+/// The driver's kernel-module version from `/proc` (Linux), e.g. `580.159.04`.
+fn kernel_module_version() -> Option<String> {
+    let s = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    let line = s.lines().next()?;
+    line.split_whitespace()
+        .find(|w| w.chars().next().is_some_and(|c| c.is_ascii_digit()) && w.contains('.'))
+        .map(str::to_string)
+}
+
+fn nvrtc_report() -> NvrtcReport {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvrtc64_130_0.dll", "nvrtc64_120_0.dll"]
+    } else {
+        &["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    };
+    let lib = match open_first(names) {
+        Ok(l) => l,
+        Err(e) => {
+            return NvrtcReport {
+                status: "missing",
+                version: None,
+                detail: Some(format!("libnvrtc could not be loaded: {e}")),
+            }
+        }
+    };
+    // SAFETY: `nvrtcVersion` has this signature in every NVRTC release; the symbol is looked up
+    // by name and only called while `lib` is alive.
+    let version = unsafe {
+        lib.get::<NvrtcVersion>(b"nvrtcVersion\0")
+            .ok()
+            .and_then(|f| {
+                let (mut major, mut minor) = (-1, -1);
+                (f(&mut major, &mut minor) == 0 && major > 0).then(|| format!("{major}.{minor}"))
+            })
+    };
+    match version {
+        Some(v) => NvrtcReport {
+            status: "ok",
+            version: Some(v),
+            detail: None,
+        },
+        None => NvrtcReport {
+            status: "error",
+            version: None,
+            detail: Some("nvrtcVersion failed (stub or broken library)".into()),
+        },
+    }
+}
+
+fn empty_cuda(status: &'static str, detail: String) -> CudaReport {
+    CudaReport {
+        status,
+        detail: Some(detail),
+        driver_version: kernel_module_version(),
+        driver_cuda_version: None,
+        nvrtc: nvrtc_report(),
+        devices: Vec::new(),
+    }
+}
+
+/// Driver and devices through `dlopen("libcuda.so.1")`.
+pub fn cuda_report() -> CudaReport {
+    let names: &[&str] = if cfg!(windows) {
+        &["nvcuda.dll"]
+    } else {
+        &["libcuda.so.1", "libcuda.so"]
+    };
+    let lib = match open_first(names) {
+        Ok(l) => l,
+        Err(e) => {
+            return empty_cuda(
+                "no-driver",
+                format!("no NVIDIA driver library (libcuda.so.1) could be loaded: {e}"),
+            )
+        }
+    };
+    // SAFETY: the function types match the CUDA driver API (cuda.h); each symbol is resolved
+    // by name from the library just opened and used only while `lib` is alive. Output
+    // arguments are initialised to sentinels so that a stub library, which returns without
+    // writing them, is detected instead of trusted.
+    unsafe { cuda_report_from(&lib) }.unwrap_or_else(|e| empty_cuda("error", e))
+}
+
+unsafe fn sym<'l, T>(
+    lib: &'l libloading::Library,
+    name: &str,
+) -> Result<libloading::Symbol<'l, T>, String> {
+    let mut n = name.as_bytes().to_vec();
+    n.push(0);
+    lib.get::<T>(n.as_slice())
+        .map_err(|e| format!("the driver library lacks {name}: {e}"))
+}
+
+unsafe fn cuda_report_from(lib: &libloading::Library) -> Result<CudaReport, String> {
+    let get_version = sym::<CuDriverGetVersion>(lib, "cuDriverGetVersion")?;
+    let mut version: c_int = -1;
+    let rc = get_version(&mut version);
+    if rc != CUDA_SUCCESS || version <= 0 {
+        return Ok(empty_cuda(
+            "stub-driver",
+            "libcuda.so.1 loaded but cuDriverGetVersion reported nothing: a link-time stub, \
+             not an NVIDIA driver"
+                .into(),
+        ));
+    }
+    let init = sym::<CuInit>(lib, "cuInit")?;
+    let rc = init(0);
+    let mut report = CudaReport {
+        status: "ok",
+        detail: None,
+        driver_version: kernel_module_version(),
+        driver_cuda_version: Some(version_string(version)),
+        nvrtc: nvrtc_report(),
+        devices: Vec::new(),
+    };
+    if rc == CUDA_ERROR_NO_DEVICE {
+        report.status = "no-device";
+        report.detail = Some("the NVIDIA driver is installed but sees no device".into());
+        return Ok(report);
+    }
+    if rc != CUDA_SUCCESS {
+        report.status = "error";
+        report.detail = Some(format!("cuInit failed with CUDA error {rc}"));
+        return Ok(report);
+    }
+    let count_fn = sym::<CuDeviceGetCount>(lib, "cuDeviceGetCount")?;
+    let device_get = sym::<CuDeviceGet>(lib, "cuDeviceGet")?;
+    let get_name = sym::<CuDeviceGetName>(lib, "cuDeviceGetName")?;
+    let total_mem = sym::<CuDeviceTotalMem>(lib, "cuDeviceTotalMem_v2")?;
+    let attr = sym::<CuDeviceGetAttribute>(lib, "cuDeviceGetAttribute")?;
+    let mut count: c_int = 0;
+    if count_fn(&mut count) != CUDA_SUCCESS || count <= 0 {
+        report.status = "no-device";
+        report.detail = Some("cuDeviceGetCount found no device".into());
+        return Ok(report);
+    }
+    let nvrtc_ok = report.nvrtc.status == "ok";
+    for ordinal in 0..count {
+        let mut dev: c_int = -1;
+        if device_get(&mut dev, ordinal) != CUDA_SUCCESS {
+            continue;
+        }
+        let mut name = [0 as c_char; 256];
+        let name = if get_name(name.as_mut_ptr(), name.len() as c_int, dev) == CUDA_SUCCESS {
+            CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned()
+        } else {
+            "unknown".into()
+        };
+        let a = |id: c_int| -> i32 {
+            let mut v: c_int = 0;
+            if attr(&mut v, id, dev) == CUDA_SUCCESS {
+                v
+            } else {
+                0
+            }
+        };
+        let mut mem: usize = 0;
+        if total_mem(&mut mem, dev) != CUDA_SUCCESS {
+            mem = 0;
+        }
+        let cc = (a(ATTR_CC_MAJOR) as u32, a(ATTR_CC_MINOR) as u32);
+        let target = plan::native_fp4_target(cc);
+        report.devices.push(DeviceReport {
+            ordinal: ordinal as usize,
+            name,
+            compute_capability: format!("{}.{}", cc.0, cc.1),
+            multiprocessors: a(ATTR_MULTIPROCESSOR_COUNT),
+            total_memory_bytes: mem,
+            free_memory_bytes: None,
+            l2_cache_bytes: a(ATTR_L2_CACHE_SIZE),
+            integrated: a(ATTR_INTEGRATED) != 0,
+            managed_memory: a(ATTR_MANAGED_MEMORY) != 0,
+            concurrent_managed_access: a(ATTR_CONCURRENT_MANAGED_ACCESS) != 0,
+            pageable_memory_access: a(ATTR_PAGEABLE_MEMORY_ACCESS) != 0,
+            pageable_memory_uses_host_page_tables: a(ATTR_PAGEABLE_USES_HOST_PAGE_TABLES) != 0,
+            native_fp4: plan::has_fp4_tensor_cores(cc),
+            native_fp4_target: target,
+            usable: cfg!(feature = "cuda") && nvrtc_ok && plan::arch_supported(cc),
+            kernels: Format::ALL
+                .into_iter()
+                .map(|f| DeviceKernelRow {
+                    format: f.name(),
+                    plan: plan::plan(cc, f),
+                })
+                .collect(),
+        });
+    }
+    if !cfg!(feature = "cuda") {
+        report.detail = Some(
+            "this q4 was built without the `cuda` feature: the GPU is not used \
+             (rebuild with `--features cuda`)"
+                .into(),
+        );
+    }
+    Ok(report)
+}
+
+/// Human-readable multi-line rendering of a report.
+pub fn render_text(r: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let _ = writeln!(
+        s,
+        "q4 {}  (cuda feature: {})",
+        r.q4_version,
+        if r.cuda_feature { "on" } else { "off" }
+    );
+    let _ = writeln!(s, "selected backend: {}", r.selected_backend);
+    let _ = writeln!(s, "fallback chain: {}", r.fallback_chain.join(" -> "));
+    let _ = writeln!(
+        s,
+        "\nCPU: {} x{} threads, SIMD: {}",
+        r.cpu.arch,
+        r.cpu.threads,
+        if r.cpu.simd.is_empty() {
+            "none detected".to_string()
+        } else {
+            r.cpu.simd.join(" ")
+        }
+    );
+    for k in &r.cpu.kernels {
+        let _ = writeln!(s, "  {:<6} batch {:<5} {}", k.format, k.batch, k.kernel);
+    }
+    let c = &r.cuda;
+    let _ = writeln!(s, "\nCUDA: {}", c.status);
+    if let Some(d) = &c.detail {
+        let _ = writeln!(s, "  {d}");
+    }
+    let _ = writeln!(
+        s,
+        "  driver: {}  (CUDA {})",
+        c.driver_version.as_deref().unwrap_or("unknown"),
+        c.driver_cuda_version.as_deref().unwrap_or("n/a")
+    );
+    let _ = writeln!(
+        s,
+        "  nvrtc: {}{}{}",
+        c.nvrtc.status,
+        c.nvrtc
+            .version
+            .as_deref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default(),
+        c.nvrtc
+            .detail
+            .as_deref()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default()
+    );
+    for d in &c.devices {
+        let _ = writeln!(
+            s,
+            "  device {}: {}  sm_{}  {} SMs  {:.1} GiB{}  L2 {} MiB",
+            d.ordinal,
+            d.name,
+            d.compute_capability.replace('.', ""),
+            d.multiprocessors,
+            gib(d.total_memory_bytes),
+            d.free_memory_bytes
+                .map(|f| format!(" ({:.1} GiB free)", gib(f)))
+                .unwrap_or_default(),
+            d.l2_cache_bytes >> 20
+        );
+        let _ = writeln!(s, "    integrated: {}  managed memory: {}  concurrent managed access: {}  pageable memory access: {} (host page tables: {})",
+            d.integrated, d.managed_memory, d.concurrent_managed_access, d.pageable_memory_access,
+            d.pageable_memory_uses_host_page_tables);
+        let _ = writeln!(
+            s,
+            "    native FP4 tensor cores: {}{}  usable by this build: {}",
+            d.native_fp4,
+            d.native_fp4_target
+                .map(|t| format!(" (q4 kernel target {t})"))
+                .unwrap_or_default(),
+            d.usable
+        );
+        for k in &d.kernels {
+            let _ = writeln!(
+                s,
+                "    {:<6} decode: {}  prefill: {}  w4a4: {}",
+                k.format, k.plan.decode, k.plan.prefill, k.plan.w4a4
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,517 @@
+//! CUDA kernels against the CPU path (feature `cuda`).
+//!
+//! * NVRTC: every kernel family compiles for the GPUs q4 targets, the native FP4 kernel for
+//!   sm_120a / sm_121a (and not for Hopper). Needs NVRTC only, so it runs without a GPU.
+//! * On a GPU (skipped with a printed reason when there is none): dequantize and quantize
+//!   bit-exact with the CPU, matmul within 1e-3 relative error of an f32 reference, W4A4
+//!   bit-identical with the CPU emulation, and 10,000 calls keeping device memory flat. Every
+//!   output buffer is poisoned (NaN) before the kernels write it.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Module, Tensor};
+use q4::kernels::cuda::module_cache::{self, compile_cubin, source};
+use q4::kernels::cuda::plan;
+use q4::qtensor::{QuantSpec, Quantized};
+use q4::{ActQuant, Format, NonFinite, QLinear, QTensor};
+use q4_formats::bnb::Absmax;
+use q4_formats::mxfp4::ScaleRule;
+
+fn gpu() -> Option<Device> {
+    let report = q4::probe::cuda_report();
+    if report.status != "ok" || report.devices.is_empty() {
+        eprintln!(
+            "skipped: no usable CUDA device ({}: {})",
+            report.status,
+            report.detail.unwrap_or_default()
+        );
+        return None;
+    }
+    q4::kernels::cuda::poison_outputs(true);
+    Some(Device::new_cuda(0).expect("CUDA device 0"))
+}
+
+/// Deterministic pseudo-random values with a spread of magnitudes, signed zeros and zero blocks.
+fn data(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    (0..len)
+        .map(|i| {
+            let r = next();
+            let u = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            let scale = [1.0f32, 0.01, 30.0, 1e-4][(r % 4) as usize];
+            match i % 97 {
+                0 => -0.0,
+                1..=16 if (i / 97) % 5 == 0 => 0.0,
+                _ => u * scale,
+            }
+        })
+        .collect()
+}
+
+fn bits_f32(t: &Tensor) -> Vec<u32> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect()
+}
+
+fn bits_u16(t: &Tensor) -> Vec<u16> {
+    let t = t.to_device(&Device::Cpu).unwrap().flatten_all().unwrap();
+    match t.dtype() {
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v.to_bits())
+            .collect(),
+        other => panic!("{other:?}"),
+    }
+}
+
+const SHAPES: [(usize, usize); 6] = [
+    (1, 32),
+    (3, 64),
+    (17, 96),
+    (64, 256),
+    (129, 1024),
+    (5, 4096),
+];
+
+#[test]
+fn nvrtc_compiles_every_kernel_family() {
+    for arch in ["sm_80", "sm_90"] {
+        for out in 0..3 {
+            compile_cubin(
+                "dequant",
+                &source(module_cache::DEQUANT, &[("OUT_T", out)]),
+                arch,
+            )
+            .unwrap();
+            compile_cubin("w4a4", &source(module_cache::W4A4, &[("OUT_T", out)]), arch).unwrap();
+        }
+        compile_cubin("quant", &source(module_cache::QUANT, &[]), arch).unwrap();
+        for fmt in 0..3 {
+            for (opt, out) in [(1, 1), (2, 2), (2, 0)] {
+                for (nt, mt) in [(1, 1), (8, 2)] {
+                    let d = [
+                        ("FMT", fmt),
+                        ("OPT", opt),
+                        ("OUT_T", out),
+                        ("NT", nt),
+                        ("MT", mt),
+                        ("WARPS", 4),
+                    ];
+                    compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                        .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn nvrtc_compiles_native_fp4_for_blackwell_only() {
+    for arch in ["sm_120a", "sm_121a"] {
+        let cubin = compile_cubin(
+            "w4a4_native",
+            &source(module_cache::SM120, &[("OUT_T", 0)]),
+            arch,
+        )
+        .unwrap_or_else(|e| panic!("{arch}: {e}"));
+        assert!(cubin.len() > 1000);
+    }
+    // Hopper has no block-scaled FP4 MMA: the compile must fail, with NVRTC's log in the error.
+    let err = compile_cubin(
+        "w4a4_native",
+        &source(module_cache::SM120, &[("OUT_T", 0)]),
+        "sm_90",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("NVRTC failed") && err.contains("sm_90"),
+        "{err}"
+    );
+    assert_eq!(plan::native_fp4_target((12, 1)), Some("sm_121a"));
+}
+
+#[test]
+fn dequantize_is_bit_exact() {
+    let Some(dev) = gpu() else { return };
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Mxfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Fp4).with_block(128),
+        QuantSpec {
+            double_quant: true,
+            ..QuantSpec::new(Format::Nf4).with_block(32)
+        },
+        QuantSpec {
+            pad: true,
+            ..QuantSpec::new(Format::Nvfp4)
+        },
+        QuantSpec {
+            pad: true,
+            ..QuantSpec::new(Format::Mxfp4)
+        },
+    ];
+    let mut shapes = SHAPES.to_vec();
+    shapes.push((7, 40)); // padded rows for NVFP4/MXFP4, blocks straddling rows for bitsandbytes
+    for (si, spec) in specs.iter().enumerate() {
+        for &(r, c) in &shapes {
+            if !spec.pad
+                && matches!(spec.format, Format::Nvfp4 | Format::Mxfp4)
+                && c % spec.block_size != 0
+            {
+                continue;
+            }
+            let w =
+                Tensor::from_vec(data(r * c, (si * 100 + r) as u64), (r, c), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, spec).unwrap();
+            let qg = q.to_device(&dev).unwrap();
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                let cpu = q.dequantize(dt).unwrap();
+                let gpu = qg.dequantize(dt).unwrap();
+                assert_eq!(gpu.dims(), &[r, c]);
+                let same = if dt == DType::F32 {
+                    bits_f32(&cpu) == bits_f32(&gpu)
+                } else {
+                    bits_u16(&cpu) == bits_u16(&gpu)
+                };
+                assert!(same, "{:?} {r}x{c} {dt:?}", spec.format);
+            }
+        }
+    }
+}
+
+fn same_storage(a: &Quantized, b: &Quantized) -> bool {
+    match (a, b) {
+        (Quantized::Nvfp4(a), Quantized::Nvfp4(b)) => {
+            a == b && a.scale2.to_bits() == b.scale2.to_bits()
+        }
+        (Quantized::Mxfp4(a), Quantized::Mxfp4(b)) => a == b,
+        (Quantized::Bnb(a), Quantized::Bnb(b)) => {
+            a.packed == b.packed
+                && match (&a.absmax, &b.absmax) {
+                    (Absmax::Plain(x), Absmax::Plain(y)) => x
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .eq(y.iter().map(|v| v.to_bits())),
+                    (Absmax::Nested(x), Absmax::Nested(y)) => x == y,
+                    _ => false,
+                }
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn quantize_is_bit_exact() {
+    let Some(dev) = gpu() else { return };
+    let mut specs = vec![
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec {
+            scale2: Some(0.0123),
+            ..QuantSpec::new(Format::Nvfp4)
+        },
+        QuantSpec {
+            pad: true,
+            ..QuantSpec::new(Format::Nvfp4)
+        },
+        QuantSpec {
+            pad: true,
+            ..QuantSpec::new(Format::Mxfp4)
+        },
+    ];
+    for rule in [ScaleRule::Rceil, ScaleRule::Floor, ScaleRule::Even] {
+        specs.push(QuantSpec {
+            mx_rule: rule,
+            ..QuantSpec::new(Format::Mxfp4)
+        });
+    }
+    for f in [Format::Nf4, Format::Fp4] {
+        for bs in [32, 64, 256, 4096] {
+            specs.push(QuantSpec::new(f).with_block(bs));
+        }
+        specs.push(QuantSpec {
+            double_quant: true,
+            ..QuantSpec::new(f)
+        });
+    }
+    let mut shapes = SHAPES.to_vec();
+    shapes.extend([(7, 40), (3, 33)]); // odd element count for bitsandbytes
+    for (si, spec) in specs.iter().enumerate() {
+        for &(r, c) in &shapes {
+            if !spec.pad
+                && matches!(spec.format, Format::Nvfp4 | Format::Mxfp4)
+                && c % spec.block_size != 0
+            {
+                continue;
+            }
+            for dt in [DType::F32, DType::BF16] {
+                let w = Tensor::from_vec(data(r * c, (si * 31 + c) as u64), (r, c), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap();
+                let cpu = QTensor::quantize(&w, spec).unwrap();
+                let gpu = QTensor::quantize(&w.to_device(&dev).unwrap(), spec).unwrap();
+                assert!(gpu.device().is_cuda());
+                let (a, b) = (cpu.to_formats().unwrap(), gpu.to_formats().unwrap());
+                assert!(same_storage(&a, &b), "{spec:?} {r}x{c} {dt:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantize_reports_non_finite_like_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    let mut v = data(4096, 9);
+    v[1234] = f32::NAN;
+    v[3000] = f32::INFINITY;
+    let w = Tensor::from_vec(v, (16, 256), &Device::Cpu).unwrap();
+    for f in [Format::Nvfp4, Format::Mxfp4, Format::Nf4] {
+        let spec = QuantSpec::new(f);
+        let cpu = QTensor::quantize(&w, &spec).unwrap_err().to_string();
+        let gpu = QTensor::quantize(&w.to_device(&dev).unwrap(), &spec)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(cpu, gpu, "{f}");
+        assert!(gpu.contains("1234"), "{gpu}");
+        let zero = QuantSpec {
+            non_finite: NonFinite::Zero,
+            ..spec
+        };
+        let a = QTensor::quantize(&w, &zero).unwrap().to_formats().unwrap();
+        let b = QTensor::quantize(&w.to_device(&dev).unwrap(), &zero)
+            .unwrap()
+            .to_formats()
+            .unwrap();
+        assert!(same_storage(&a, &b), "{f} NonFinite::Zero");
+    }
+}
+
+fn rel_err(y: &Tensor, reference: &Tensor) -> f64 {
+    let y = y
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let r = reference.to_dtype(DType::F64).unwrap();
+    let d = (&y - &r)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let n = r
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    assert!(d.is_finite(), "non-finite output");
+    (d / n).sqrt()
+}
+
+#[test]
+fn matmul_matches_the_f32_reference() {
+    let Some(dev) = gpu() else { return };
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Mxfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Fp4).with_block(128),
+    ];
+    // (n, k): odd row counts, k = 96 (a partial 128-wide step), k = 40 and 48 (cuBLAS path:
+    // k % 32 != 0), bitsandbytes blocks straddling rows at k = 96 with blocks of 128.
+    let shapes = [
+        (256, 512),
+        (300, 1024),
+        (64, 4096),
+        (4096, 96),
+        (33, 48),
+        (1000, 2560),
+    ];
+    let batches = [1, 2, 5, 8, 9, 16, 33, 64, 65, 200];
+    for (si, spec) in specs.iter().enumerate() {
+        for &(n, k) in &shapes {
+            if matches!(spec.format, Format::Nvfp4 | Format::Mxfp4) && k % spec.block_size != 0 {
+                continue;
+            }
+            let w =
+                Tensor::from_vec(data(n * k, (si * 7 + n) as u64), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, spec).unwrap();
+            let wd = q.dequantize(DType::F32).unwrap();
+            let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+            for &b in &batches {
+                let x = Tensor::from_vec(data(b * k, (b * 13 + k) as u64), (b, k), &Device::Cpu)
+                    .unwrap();
+                for (dt, tol) in [(DType::F32, 1e-3), (DType::F16, 1e-3), (DType::BF16, 4e-3)] {
+                    let xd = x.to_dtype(dt).unwrap();
+                    let reference = xd
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .matmul(&wd.t().unwrap())
+                        .unwrap();
+                    let y = layer.forward(&xd.to_device(&dev).unwrap()).unwrap();
+                    assert_eq!(y.dims(), &[b, n]);
+                    assert_eq!(y.dtype(), dt);
+                    let e = rel_err(&y, &reference);
+                    assert!(
+                        e <= tol,
+                        "{:?} {n}x{k} batch {b} {dt:?}: rel. error {e:.2e}",
+                        spec.format
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_keeps_leading_dims_and_bias() {
+    let Some(dev) = gpu() else { return };
+    let w = Tensor::from_vec(data(128 * 256, 3), (128, 256), &Device::Cpu).unwrap();
+    let bias = Tensor::from_vec(data(128, 4), 128, &Device::Cpu).unwrap();
+    let cpu =
+        QLinear::from_dense(&w, Some(bias.clone()), Some(&QuantSpec::new(Format::Nvfp4))).unwrap();
+    let q = match cpu.weight() {
+        q4::qlinear::LinearWeight::Quant(q) => q.to_device(&dev).unwrap(),
+        _ => unreachable!(),
+    };
+    let gpu_layer = QLinear::new(q, Some(bias.to_device(&dev).unwrap())).unwrap();
+    let x = Tensor::from_vec(data(2 * 3 * 256, 5), (2, 3, 256), &Device::Cpu).unwrap();
+    let a = cpu.forward(&x).unwrap();
+    let b = gpu_layer.forward(&x.to_device(&dev).unwrap()).unwrap();
+    assert_eq!(b.dims(), &[2, 3, 128]);
+    assert!(rel_err(&b, &a) < 1e-3);
+    // Activations on the wrong device are refused with a clear message.
+    let err = gpu_layer.forward(&x).unwrap_err().to_string();
+    assert!(err.contains("activations are on"), "{err}");
+}
+
+#[test]
+fn w4a4_is_bit_identical_with_the_cpu() {
+    let Some(dev) = gpu() else { return };
+    for (n, k, b) in [(64, 256, 1), (100, 80, 7), (513, 1024, 16), (32, 4096, 3)] {
+        let w = Tensor::from_vec(data(n * k, (n + k) as u64), (n, k), &Device::Cpu).unwrap();
+        let spec = QuantSpec {
+            pad: true,
+            ..QuantSpec::new(Format::Nvfp4)
+        };
+        let q = QTensor::quantize(&w, &spec).unwrap();
+        let x = Tensor::from_vec(data(b * k, (b * k) as u64), (b, k), &Device::Cpu).unwrap();
+        for act in [
+            ActQuant::Nvfp4Dynamic,
+            ActQuant::Nvfp4Static { input_scale: 0.004 },
+        ] {
+            let cpu = QLinear::new(q.clone(), None)
+                .unwrap()
+                .with_act_quant(act)
+                .unwrap();
+            let gpu = QLinear::new(q.to_device(&dev).unwrap(), None)
+                .unwrap()
+                .with_act_quant(act)
+                .unwrap();
+            let a = cpu.forward(&x).unwrap();
+            let g = gpu.forward(&x.to_device(&dev).unwrap()).unwrap();
+            assert_eq!(bits_f32(&a), bits_f32(&g), "{n}x{k} batch {b} {act:?}");
+        }
+    }
+}
+
+#[test]
+fn repeated_calls_keep_device_memory_flat() {
+    let Some(dev) = gpu() else { return };
+    let Device::Cuda(cuda) = &dev else {
+        unreachable!()
+    };
+    let ctx = cuda.cuda_stream().context().clone();
+    let w = Tensor::randn(0f32, 0.02, (2048, 2048), &dev).unwrap();
+    let layers: Vec<QLinear> = [Format::Nvfp4, Format::Nf4]
+        .iter()
+        .map(|&f| QLinear::from_dense(&w, None, Some(&QuantSpec::new(f))).unwrap())
+        .collect();
+    let x1 = Tensor::randn(0f32, 1.0, (1, 2048), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let x2 = Tensor::randn(0f32, 1.0, (80, 2048), &dev).unwrap();
+    let run = |i: usize| {
+        let l = &layers[i % 2];
+        let y = if i % 10 == 9 {
+            l.forward(&x2).unwrap()
+        } else {
+            l.forward(&x1).unwrap()
+        };
+        drop(y);
+    };
+    for i in 0..200 {
+        run(i);
+    }
+    cuda.cuda_stream().synchronize().unwrap();
+    let (free_before, _) = ctx.mem_get_info().unwrap();
+    for i in 0..10_000 {
+        run(i);
+    }
+    cuda.cuda_stream().synchronize().unwrap();
+    let (free_after, _) = ctx.mem_get_info().unwrap();
+    let grown = free_before as i64 - free_after as i64;
+    eprintln!("device memory: {free_before} free before, {free_after} after 10,000 calls");
+    assert!(
+        grown < 16 << 20,
+        "device memory grew by {grown} bytes over 10,000 calls"
+    );
+}
+
+#[test]
+fn module_cache_compiles_each_variant_once() {
+    let Some(dev) = gpu() else { return };
+    let Device::Cuda(cuda) = &dev else {
+        unreachable!()
+    };
+    let k = module_cache::for_device(cuda).unwrap();
+    let before = k.module_count();
+    for _ in 0..3 {
+        k.function(
+            "dequant",
+            module_cache::DEQUANT,
+            &[("OUT_T", 1)],
+            "dequant_rows",
+        )
+        .unwrap();
+    }
+    assert!(k.module_count() <= before + 1);
+    let err = k
+        .function(
+            "dequant",
+            module_cache::DEQUANT,
+            &[("OUT_T", 1)],
+            "no_such_kernel",
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("no_such_kernel"));
+}
