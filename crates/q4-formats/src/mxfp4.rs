@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::element::{abs_max_bits, first_non_finite, Element};
+use crate::element::{abs_max_bits, Element};
 use crate::error::{expect_len, FormatError, Result};
 use crate::nvfp4::dequantize_rows;
 use crate::scalar::e8m0;
@@ -98,6 +98,16 @@ pub fn scale_byte(amax: f32, rule: ScaleRule, bf16_input: bool) -> u8 {
             if descale == 0.0 {
                 return 0;
             }
+            let bits = descale.to_bits();
+            let (exp, mant) = ((bits >> 23) as i32, bits & 0x7f_ffff);
+            if exp > 0 && exp < 255 && (mant == 0 || mant > 1024) {
+                // A normal number: log2 is exactly the exponent for a power of two, and rounds
+                // to at least exponent + 1 ulp-steps above it otherwise (the mantissa is far from
+                // 1.0), so the ceiling is exponent + 1 - the f32 logarithm is only needed within a
+                // few ulps of a power of two.
+                let e = exp - 127 + i32::from(mant != 0);
+                return (e.clamp(-127, 127) + 127) as u8;
+            }
             let l = (descale as f64).log2() as f32;
             (l.ceil().clamp(-127.0, 127.0) as i32 + 127) as u8
         }
@@ -120,20 +130,7 @@ pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Mxfp4Options) -> Res
     if !cols.is_multiple_of(BLOCK) && !opts.pad {
         return Err(FormatError::NotBlockMultiple { cols, block: BLOCK });
     }
-    if opts.non_finite == NonFinite::Reject {
-        let m = data
-            .par_chunks(1 << 16)
-            .map(abs_max_bits)
-            .max()
-            .unwrap_or(0);
-        if m >= 0x7f80_0000 {
-            let index = first_non_finite(data).expect("non-finite present");
-            return Err(FormatError::NonFinite {
-                index,
-                value: data[index].to_f32(),
-            });
-        }
-    }
+    let (_, finite) = crate::nvfp4::scan(data, opts.non_finite)?;
     let rows = data.len() / cols;
     let pc = padded_cols(cols);
     let mut packed = vec![0u8; rows * pc / 2];
@@ -141,6 +138,19 @@ pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Mxfp4Options) -> Res
     let rows_per_task = (16384 / pc).max(1);
     let bf16 = is_bf16::<T>();
     let rule = opts.rule;
+    if finite && pc == cols {
+        // Whole rows of whole blocks: one vectorised pass per task.
+        data.par_chunks(rows_per_task * cols)
+            .zip(packed.par_chunks_mut(rows_per_task * pc / 2))
+            .zip(scales.par_chunks_mut(rows_per_task * pc / BLOCK))
+            .for_each(|((xs, bytes), sc)| simd::encode_mxfp4_blocks(xs, rule, bf16, bytes, sc));
+        return Ok(Mxfp4Tensor {
+            rows,
+            cols,
+            packed,
+            scales,
+        });
+    }
 
     data.par_chunks(rows_per_task * cols)
         .zip(packed.par_chunks_mut(rows_per_task * pc / 2))
@@ -195,21 +205,33 @@ fn encode_block<T: Element>(
     let s = scale_byte(amax, rule, bf16);
     match rule {
         ScaleRule::Rceil => {
-            // torchao multiplies by the exact reciprocal power of two (1.0 for byte 0).
-            let mul = if s == 0 {
-                1.0
-            } else {
-                (2.0f64).powi(127 - s as i32) as f32
-            };
+            let mul = rceil_multiplier(s);
             simd::encode_e2m1_block(block, 0.0, mul, false, true, out);
         }
         ScaleRule::Floor | ScaleRule::Even => {
-            // torchao divides by the scale clamped to the smallest normal f32.
-            let div = e8m0::decode(s).max(f32::MIN_POSITIVE);
+            let div = floor_divisor(s);
             simd::encode_e2m1_block(block, div, 0.0, true, true, out);
         }
     }
     s
+}
+
+/// RCEIL scales elements by multiplying with the exact reciprocal power of two of the scale, as
+/// torchao does (1.0 for byte 0).
+#[inline]
+pub fn rceil_multiplier(s: u8) -> f32 {
+    if s == 0 {
+        1.0
+    } else {
+        // 2^(127 - s) for s in 1..=254 is a normal f32 (2^-127 is subnormal, still exact).
+        (2.0f64).powi(127 - s as i32) as f32
+    }
+}
+
+/// FLOOR and EVEN divide elements by the scale clamped to the smallest normal f32 (torchao).
+#[inline]
+pub fn floor_divisor(s: u8) -> f32 {
+    e8m0::decode(s).max(f32::MIN_POSITIVE)
 }
 
 /// Per-byte f32 block scales: `2^(b - 127)`, NaN for 0xFF.
@@ -311,6 +333,37 @@ mod tests {
         let z = quantize(&[0f32; 32], 32, &Mxfp4Options::default()).unwrap();
         assert_eq!(z.scales, vec![0]);
         assert!(z.packed.iter().all(|&b| b == 0));
+    }
+
+    /// torchao 0.18's RCEIL taken literally: `ceil(log2(amax / 6))` with an f32 logarithm.
+    fn rceil_reference(amax: f32, bf16: bool) -> u8 {
+        let mut d = amax / 6.0;
+        if bf16 {
+            d = round_bf16(d);
+        }
+        if d == 0.0 {
+            return 0;
+        }
+        let l = (d as f64).log2() as f32;
+        (l.ceil().clamp(-127.0, 127.0) as i32 + 127) as u8
+    }
+
+    #[test]
+    fn rceil_shortcut_equals_the_logarithm_everywhere() {
+        // Every exponent, mantissas near 1.0 (where the f32 logarithm can round onto the integer)
+        // and a spread of others.
+        for exp in 1u32..254 {
+            for mant in (0u32..2048).chain((0..64).map(|i| i * 131_071 + 2048)) {
+                let amax = f32::from_bits((exp << 23) | mant);
+                for bf16 in [false, true] {
+                    assert_eq!(
+                        scale_byte(amax, ScaleRule::Rceil, bf16),
+                        rceil_reference(amax, bf16),
+                        "{amax:e} bf16={bf16}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -47,13 +47,19 @@ pub fn padded_cols(cols: usize) -> usize {
 
 /// `max |x|` over a tensor; errors on the first NaN/Inf unless `non_finite` is `Zero`.
 pub fn amax<T: Element>(data: &[T], non_finite: NonFinite) -> Result<f32> {
+    Ok(scan(data, non_finite)?.0)
+}
+
+/// One pass over a tensor: its finite `max |x|` and whether every value is finite; errors on
+/// the first NaN/Inf unless `non_finite` is `Zero`.
+pub(crate) fn scan<T: Element>(data: &[T], non_finite: NonFinite) -> Result<(f32, bool)> {
     let m = data
         .par_chunks(1 << 16)
         .map(abs_max_bits)
         .max()
         .unwrap_or(0);
     if m < 0x7f80_0000 {
-        return Ok(f32::from_bits(m));
+        return Ok((f32::from_bits(m), true));
     }
     match non_finite {
         NonFinite::Reject => {
@@ -63,11 +69,14 @@ pub fn amax<T: Element>(data: &[T], non_finite: NonFinite) -> Result<f32> {
                 value: data[index].to_f32(),
             })
         }
-        NonFinite::Zero => Ok(data
-            .iter()
-            .map(|x| x.to_f32())
-            .filter(|x| x.is_finite())
-            .fold(0f32, |m, x| m.max(x.abs()))),
+        NonFinite::Zero => {
+            let finite_max = data
+                .iter()
+                .map(|x| x.to_f32())
+                .filter(|x| x.is_finite())
+                .fold(0f32, |m, x| m.max(x.abs()));
+            Ok((finite_max, false))
+        }
     }
 }
 
@@ -108,14 +117,9 @@ pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Nvfp4Options) -> Res
         return Err(FormatError::NotBlockMultiple { cols, block: BLOCK });
     }
     let rows = data.len() / cols;
-    let s2 = match opts.scale2 {
-        Some(s) => {
-            // A shared scale must still cover this tensor, or its own NaN/Inf must be reported.
-            amax(data, opts.non_finite)?;
-            s
-        }
-        None => tensor_scale(amax(data, opts.non_finite)?),
-    };
+    // (A shared scale still needs the scan: this tensor's own NaN/Inf must be reported.)
+    let (own_amax, finite) = scan(data, opts.non_finite)?;
+    let s2 = opts.scale2.unwrap_or_else(|| tensor_scale(own_amax));
     if !(s2.is_finite() && s2 >= 0.0) {
         return Err(FormatError::Invalid(format!(
             "tensor scale {s2} is not a finite non-negative number"
@@ -125,6 +129,20 @@ pub fn quantize<T: Element>(data: &[T], cols: usize, opts: &Nvfp4Options) -> Res
     let mut packed = vec![0u8; rows * pc / 2];
     let mut scales = vec![0u8; rows * pc / BLOCK];
     let rows_per_task = (16384 / pc).max(1);
+    if finite && pc == cols && s2 > 0.0 {
+        // Whole rows of whole blocks: one vectorised pass per task.
+        data.par_chunks(rows_per_task * cols)
+            .zip(packed.par_chunks_mut(rows_per_task * pc / 2))
+            .zip(scales.par_chunks_mut(rows_per_task * pc / BLOCK))
+            .for_each(|((xs, bytes), sc)| simd::encode_nvfp4_blocks(xs, s2, bytes, sc));
+        return Ok(Nvfp4Tensor {
+            rows,
+            cols,
+            packed,
+            scales,
+            scale2: s2,
+        });
+    }
 
     data.par_chunks(rows_per_task * cols)
         .zip(packed.par_chunks_mut(rows_per_task * pc / 2))

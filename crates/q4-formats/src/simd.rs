@@ -109,6 +109,65 @@ dispatch! {
     }
 }
 
+dispatch! {
+    /// NVFP4 blocks of finite values (`xs.len()` a multiple of 16, tensor scale `s2 > 0`): block
+    /// scales and packed codes with ModelOpt's arithmetic. Fixed-size arrays let the compiler keep
+    /// a whole block in two vector registers.
+    fn encode_nvfp4_blocks / encode_nvfp4_blocks_portable <T: Element>(xs: &[T], s2: f32, bytes: &mut [u8], scales: &mut [u8]) {
+        for ((x16, out8), s) in xs.chunks_exact(16).zip(bytes.chunks_exact_mut(8)).zip(scales.iter_mut()) {
+            let mut v = [0f32; 16];
+            for (d, x) in v.iter_mut().zip(x16) {
+                *d = x.to_f32();
+            }
+            let m = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+            let sb = crate::nvfp4::block_scale(f32::from_bits(m), s2);
+            let t = crate::scalar::e4m3::decode(sb) * s2;
+            let mut c = [0u8; 16];
+            for (c, x) in c.iter_mut().zip(&v) {
+                let q = x / t;
+                *c = e2m1_magnitude_code(q.abs()) | (((q < 0.0) as u8) << 3);
+            }
+            for (b, pair) in out8.iter_mut().zip(c.chunks_exact(2)) {
+                *b = pair[0] | (pair[1] << 4);
+            }
+            *s = sb;
+        }
+    }
+}
+
+dispatch! {
+    /// MXFP4 blocks of finite values (`xs.len()` a multiple of 32): E8M0 scales from `scale_of`
+    /// (the rule) and packed codes, scaled by multiplication (`multiply`, RCEIL) or division.
+    fn encode_mxfp4_blocks / encode_mxfp4_blocks_portable <T: Element>(xs: &[T], rule: crate::mxfp4::ScaleRule, bf16: bool, bytes: &mut [u8], scales: &mut [u8]) {
+        for ((x32, out16), s) in xs.chunks_exact(32).zip(bytes.chunks_exact_mut(16)).zip(scales.iter_mut()) {
+            let mut v = [0f32; 32];
+            for (d, x) in v.iter_mut().zip(x32) {
+                *d = x.to_f32();
+            }
+            let m = v.iter().fold(0u32, |m, x| m.max(x.to_bits() & 0x7fff_ffff));
+            let sb = crate::mxfp4::scale_byte(f32::from_bits(m), rule, bf16);
+            let mut c = [0u8; 32];
+            if rule == crate::mxfp4::ScaleRule::Rceil {
+                let mul = crate::mxfp4::rceil_multiplier(sb);
+                for (c, x) in c.iter_mut().zip(&v) {
+                    let q = x * mul;
+                    *c = e2m1_magnitude_code(q.abs()) | (((q.to_bits() >> 31) as u8) << 3);
+                }
+            } else {
+                let div = crate::mxfp4::floor_divisor(sb);
+                for (c, x) in c.iter_mut().zip(&v) {
+                    let q = x / div;
+                    *c = e2m1_magnitude_code(q.abs()) | (((q.to_bits() >> 31) as u8) << 3);
+                }
+            }
+            for (b, pair) in out16.iter_mut().zip(c.chunks_exact(2)) {
+                *b = pair[0] | (pair[1] << 4);
+            }
+            *s = sb;
+        }
+    }
+}
+
 /// For every byte, the two decoded (unscaled) values in element order.
 pub type PairTable = [[f32; 2]; 256];
 
@@ -183,6 +242,15 @@ mod tests {
                 encode_e2m1_block(&xs, inv, inv, divide, sign_bit, &mut a);
                 encode_e2m1_block_portable(&xs, inv, inv, divide, sign_bit, &mut b);
                 prop_assert_eq!(&a, &b);
+            }
+            let (mut sa, mut sb) = (vec![0u8; 4], vec![0u8; 4]);
+            encode_nvfp4_blocks(&xs, inv * 0.01, &mut a, &mut sa);
+            encode_nvfp4_blocks_portable(&xs, inv * 0.01, &mut b, &mut sb);
+            prop_assert_eq!((&a, &sa), (&b, &sb));
+            for rule in [crate::mxfp4::ScaleRule::Rceil, crate::mxfp4::ScaleRule::Floor] {
+                encode_mxfp4_blocks(&xs, rule, false, &mut a, &mut sa[..2]);
+                encode_mxfp4_blocks_portable(&xs, rule, false, &mut b, &mut sb[..2]);
+                prop_assert_eq!((&a, &sa), (&b, &sb));
             }
             let (mut da, mut db) = (vec![0f32; 63], vec![0f32; 63]);
             decode_pairs(&NF4_PAIRS, inv, &a, &mut da);
