@@ -164,7 +164,19 @@ pub fn run(args: Args) -> Result<()> {
         let mut contenders = Vec::new();
         for &name in &names {
             // One copy first to learn the stored size, then enough copies for the rotation.
-            let probe = build(name, &w, 1)?;
+            let probe = match build(name, &w, 1) {
+                Ok(p) => p,
+                Err(e) => {
+                    // e.g. Q4K needs rows of a multiple of 256 elements.
+                    let line = format!(
+                        "{shape:<12}   -   -     {name:<12} n/a: {}",
+                        e.to_string().lines().next().unwrap_or("")
+                    );
+                    eprintln!("{line}");
+                    writeln!(out, "{line}")?;
+                    continue;
+                }
+            };
             let copies = if args.batches.iter().any(|&b| b <= args.cold_up_to) {
                 cold_copies(probe.bytes)
             } else {
