@@ -52,8 +52,8 @@ unsafe fn rows_avx2(w: &[bf16], k: usize, x: &[f32], batch: usize, r0: usize, ou
 /// `y[m, n] = sum_k x[m, k] W[n, k]` for a row-major bf16 `W` (`n x k`).
 pub fn matmul_bf16(w: &[bf16], n: usize, k: usize, x: &[f32], batch: usize, y: &mut [f32]) {
     if batch > GEMV_MAX_BATCH {
-        let decode = |r: usize, out: &mut [f32]| {
-            for (o, &b) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+        let decode = |r: usize, k0: usize, out: &mut [f32]| {
+            for (o, &b) in out.iter_mut().zip(&w[r * k + k0..]) {
                 *o = widen(b);
             }
         };

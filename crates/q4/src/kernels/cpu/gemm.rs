@@ -1,14 +1,17 @@
-//! Larger batches: decode a tile of weight rows (sized for the L2 cache) into f32, then run the
-//! `gemm` crate's dense micro-kernel on it. Only one tile per thread exists at a time.
+//! Larger batches: decode a tile of weights (a few hundred rows by a slice of K, sized for the
+//! L2 cache) into f32, then run the `gemm` crate's dense micro-kernel on it, accumulating over
+//! the K slices. Only one tile per thread exists at a time.
 
 use std::cell::RefCell;
 
-use super::parallel::for_each_chunk_mut;
+use super::parallel::for_each_index;
 use super::rows::Rows;
-use super::transpose_into;
 
-/// f32 values per decoded tile (256 KiB: half of this machine's L2).
-const TILE_FLOATS: usize = 64 * 1024;
+/// Columns of K per decoded tile: the activation slice the micro-kernel packs per call
+/// (batch x KC) stays small next to the tile it multiplies.
+const KC: usize = 256;
+/// Most rows per tile (128 x 256 f32 = 128 KiB, a quarter of this machine's L2).
+const MAX_TILE_ROWS: usize = 128;
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -16,60 +19,85 @@ thread_local! {
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]` for `batch > 8`.
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
-    matmul_decoded(w.n, w.k, |r, out| w.decode_row(r, out), x, batch, y)
+    matmul_decoded(
+        w.n,
+        w.k,
+        |r, k0, out| w.decode_range(r, k0, out),
+        x,
+        batch,
+        y,
+    )
 }
 
-/// The tiled GEMM over any weight whose rows `decode_row(r, out)` can write as f32.
-pub fn matmul_decoded<D: Fn(usize, &mut [f32]) + Sync + Send>(
+/// The tiled GEMM over any weight whose row pieces `decode(r, k0, out)` can write as f32
+/// (`out.len()` columns starting at `k0`).
+pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     n: usize,
     k: usize,
-    decode_row: D,
+    decode: D,
     x: &[f32],
     batch: usize,
     y: &mut [f32],
 ) {
-    let tile_rows = (TILE_FLOATS / k.max(1)).clamp(8, 256).min(n);
-    // Output is produced as yt[n][m] (disjoint per tile) and transposed at the end.
-    let mut yt = vec![0f32; n * batch];
-    for_each_chunk_mut(&mut yt, tile_rows * batch, n * k * batch / 8, |t, out| {
+    // Enough tiles for every thread to get several, but tall enough that the micro-kernel's
+    // per-call costs (packing the activation slice) stay small.
+    let threads = rayon::current_num_threads();
+    let tile_rows = (n.div_ceil(4 * threads))
+        .next_multiple_of(8)
+        .clamp(8, MAX_TILE_ROWS)
+        .min(n);
+    // Equal slices (in whole 64-column steps) rather than a short last one.
+    let kc = k.div_ceil(k.div_ceil(KC)).next_multiple_of(64).min(k);
+    let tiles = n.div_ceil(tile_rows);
+    // Each tile writes its own columns r0..r0+rows of every output row of `y` straight away
+    // (no transposed staging buffer); the pointer crosses threads as an address.
+    let y_addr = y.as_mut_ptr() as usize;
+    debug_assert_eq!(y.len(), batch * n);
+    for_each_index(tiles, n * k * batch / 8, |t| {
         TILE.with_borrow_mut(|tile| {
             // One tile buffer per thread, kept across calls: repeated forwards allocate nothing
             // weight-sized.
-            if tile.len() < tile_rows * k {
-                tile.resize(tile_rows * k, 0.0);
+            if tile.len() < tile_rows * kc {
+                tile.resize(tile_rows * kc, 0.0);
             }
             let r0 = t * tile_rows;
-            let rows = out.len() / batch;
-            for r in 0..rows {
-                decode_row(r0 + r, &mut tile[r * k..(r + 1) * k]);
-            }
-            // SAFETY: plain f32 GEMM on valid, non-overlapping buffers: dst `out` is rows x batch
-            // (element (m, j) at j * batch + m), lhs `x` is batch x k row-major, rhs is the tile
-            // viewed as k x rows (element (kk, j) at j * k + kk); all strides stay in bounds.
-            unsafe {
-                gemm::gemm(
-                    batch,
-                    rows,
-                    k,
-                    out.as_mut_ptr(),
-                    batch as isize,
-                    1,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    tile.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            let rows = tile_rows.min(n - r0);
+            let mut k0 = 0;
+            while k0 < k {
+                let w = kc.min(k - k0);
+                for r in 0..rows {
+                    decode(r0 + r, k0, &mut tile[r * w..(r + 1) * w]);
+                }
+                // SAFETY: plain f32 GEMM on valid buffers. dst is the batch x rows block of `y`
+                // at column r0 (element (m, j) at m * n + r0 + j): in bounds, and disjoint from
+                // every other tile's block, so concurrent tiles never write the same element.
+                // lhs is the batch x w slice of `x` at column k0 (row stride k); rhs is the tile
+                // viewed as w x rows (element (kk, j) at j * w + kk); all in bounds.
+                unsafe {
+                    gemm::gemm(
+                        batch,
+                        rows,
+                        w,
+                        (y_addr as *mut f32).add(r0),
+                        1,
+                        n as isize,
+                        k0 > 0,
+                        x.as_ptr().add(k0),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        w as isize,
+                        1,
+                        1.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                k0 += w;
             }
         })
     });
-    transpose_into(&yt, n, batch, y);
 }

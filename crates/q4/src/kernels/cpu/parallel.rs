@@ -31,6 +31,17 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
     }
 }
 
+/// Calls `f(i)` for `i in 0..count`: in parallel when `work` (weights touched) is large, inline
+/// otherwise (same policy as [`for_each_chunk_mut`]).
+pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: F) {
+    if work < INLINE_WEIGHTS || count <= 1 {
+        (0..count).for_each(f);
+    } else {
+        let min_len = (count / (4 * rayon::current_num_threads())).max(1);
+        (0..count).into_par_iter().with_min_len(min_len).for_each(f);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,6 +49,15 @@ mod tests {
     #[test]
     fn every_chunk_is_visited_once_inline_and_in_parallel() {
         for work in [0, INLINE_WEIGHTS] {
+            let seen: Vec<_> = (0..1000)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect();
+            for_each_index(1000, work, |i| {
+                seen[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            });
+            assert!(seen
+                .iter()
+                .all(|c| c.load(std::sync::atomic::Ordering::Relaxed) == 1));
             let mut v = vec![0u32; 1000];
             for_each_chunk_mut(&mut v, 7, work, |i, c| {
                 c.iter_mut().for_each(|x| *x += i as u32 + 1)

@@ -108,6 +108,8 @@ pub struct Rows<'a> {
     /// Every row starts on a byte and a block boundary, so rows can be walked block by block.
     /// False only for bitsandbytes tensors whose blocks straddle rows.
     pub aligned: bool,
+    /// Value of each code exactly as the pair table decodes it (sign of zero included).
+    pub values: [f32; 16],
 }
 
 impl<'a> Rows<'a> {
@@ -124,7 +126,11 @@ impl<'a> Rows<'a> {
             }
             Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols.is_multiple_of(bs)),
         };
+        let pairs = super::decode::pairs(v.format);
+        let high_first = matches!(v.format, Format::Nf4 | Format::Fp4);
+        let values = std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0]);
         Rows {
+            values,
             codes: v.codes,
             scales,
             lut: codebook(v.format),
@@ -164,6 +170,65 @@ impl<'a> Rows<'a> {
         let b = self.codes[byte];
         let code = if nib_hi { b >> 4 } else { b & 15 };
         self.lut[code as usize] * self.scales.get(scale_idx)
+    }
+
+    /// Decodes columns `k0 .. k0 + out.len()` of a row into `out`.
+    pub fn decode_range(&self, row: usize, k0: usize, out: &mut [f32]) {
+        let k1 = k0 + out.len();
+        debug_assert!(k1 <= self.k);
+        if !self.aligned || k0 % 2 == 1 {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = self.weight(row, k0 + i);
+            }
+            return;
+        }
+        let codes = &self.codes[row * self.row_bytes..];
+        let mut c = k0;
+        // Whole blocks in one vectorised run.
+        #[cfg(target_arch = "x86_64")]
+        if self.block.is_multiple_of(8) && k0.is_multiple_of(self.block) && super::x86::available()
+        {
+            let whole = (k1 - k0) / self.block * self.block;
+            if whole > 0 {
+                let first = row * self.row_blocks + k0 / self.block;
+                let o = &mut out[..whole];
+                let cs = &codes[k0 / 2..(k0 + whole) / 2];
+                // SAFETY: AVX2 is present (checked above); `cs` holds the codes of exactly the
+                // `whole / block` blocks written to `o`, whose scales exist in this row.
+                unsafe {
+                    match self.scales {
+                        ScaleSrc::Table { bytes, table } => super::x86::decode_blocks(
+                            &self.values,
+                            self.high_first,
+                            cs,
+                            TableScales { bytes, table },
+                            first,
+                            self.block,
+                            o,
+                        ),
+                        ScaleSrc::F32(v) => super::x86::decode_blocks(
+                            &self.values,
+                            self.high_first,
+                            cs,
+                            F32Scales(v),
+                            first,
+                            self.block,
+                            o,
+                        ),
+                    }
+                }
+                c += whole;
+            }
+        }
+        // Walk block by block (a block may start before k0 or end after k1).
+        while c < k1 {
+            let j = c / self.block;
+            let end = ((j + 1) * self.block).min(k1);
+            let s = self.scales.get(row * self.row_blocks + j);
+            let o = &mut out[c - k0..end - k0];
+            q4_formats::simd::decode_pairs(self.pairs, s, &codes[c / 2..end.div_ceil(2)], o);
+            c = end;
+        }
     }
 
     /// Decodes a whole row into `out` (`k` values).

@@ -244,6 +244,59 @@ pub unsafe fn rows_kernel<
     }
 }
 
+/// Decodes `nblocks` whole blocks of `block` weights (a multiple of 8) in element order into
+/// `out`, each value `value[code] * scale` exactly as the scalar decode computes it. The codes
+/// of 8 weights are one 32-bit load; a variable shift spreads their nibbles over the lanes and two
+/// in-register table permutes (codes 0-7 and 8-15) look them up.
+///
+/// # Safety
+/// AVX2 present; `codes` holds `nblocks * block / 2` bytes, `out` `nblocks * block` values and
+/// `scales` blocks `first_block .. first_block + nblocks`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn decode_blocks<S: Scales>(
+    values: &[f32; 16],
+    high_first: bool,
+    codes: &[u8],
+    scales: S,
+    first_block: usize,
+    block: usize,
+    out: &mut [f32],
+) {
+    let nblocks = out.len() / block;
+    debug_assert!(block.is_multiple_of(8) && out.len() == nblocks * block);
+    debug_assert!(codes.len() * 2 >= out.len());
+    let lo = _mm256_loadu_ps(values.as_ptr());
+    let hi = _mm256_loadu_ps(values.as_ptr().add(8));
+    let shifts = if high_first {
+        _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24)
+    } else {
+        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+    };
+    let nibble = _mm256_set1_epi32(15);
+    let src = codes.as_ptr();
+    let dst = out.as_mut_ptr();
+    for b in 0..nblocks {
+        let s = _mm256_set1_ps(scales.at(first_block + b));
+        let mut e = b * block;
+        let end = e + block;
+        while e < end {
+            let word = (src.add(e / 2) as *const u32).read_unaligned();
+            let idx = _mm256_and_si256(
+                _mm256_srlv_epi32(_mm256_set1_epi32(word as i32), shifts),
+                nibble,
+            );
+            // Bit 3 of the code picks the upper table: move it to the sign bit for blendv.
+            let v = _mm256_blendv_ps(
+                _mm256_permutevar8x32_ps(lo, idx),
+                _mm256_permutevar8x32_ps(hi, idx),
+                _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)),
+            );
+            _mm256_storeu_ps(dst.add(e), _mm256_mul_ps(v, s));
+            e += 8;
+        }
+    }
+}
+
 /// Whether AVX2 and FMA are available.
 pub fn available() -> bool {
     q4_formats::simd::has_avx2()
@@ -343,6 +396,48 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_decode_is_bit_exact_with_the_pair_table() {
+        if !available() {
+            return;
+        }
+        use q4_formats::Format;
+        let codes: Vec<u8> = (0..512u32).map(|i| (i * 37 + i / 3) as u8).collect();
+        let scales: Vec<f32> = (0..200)
+            .map(|i| [0.0, -1.5, 3.25e-3, 448.0][i % 4])
+            .collect();
+        for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
+            let pairs = super::super::decode::pairs(format);
+            let high_first = matches!(format, Format::Nf4 | Format::Fp4);
+            let values: [f32; 16] =
+                std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0]);
+            for block in [8usize, 16, 32, 64] {
+                let n = 1024 / block / 2 * block; // fits `codes`
+                let first = 3;
+                let mut got = vec![f32::NAN; n];
+                // SAFETY: AVX2 is present (checked above); buffers sized per the contract.
+                unsafe {
+                    decode_blocks(
+                        &values,
+                        high_first,
+                        &codes,
+                        F32Scales(&scales),
+                        first,
+                        block,
+                        &mut got,
+                    )
+                };
+                let mut want = vec![0f32; n];
+                for (b, o) in want.chunks_mut(block).enumerate() {
+                    let c = &codes[b * block / 2..(b + 1) * block / 2];
+                    q4_formats::simd::decode_pairs_portable(pairs, scales[first + b], c, o);
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{format:?} block {block}");
+            }
+        }
+    }
 
     #[test]
     fn chunk_order_is_a_permutation() {
