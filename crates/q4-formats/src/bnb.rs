@@ -408,26 +408,35 @@ pub fn quantize_absmax(absmax: &[f32], rounding: NestedRounding) -> NestedAbsmax
         NestedRounding::Exact => None,
     };
     let mut codes = vec![0u8; centred.len()];
-    let mut nested = Vec::with_capacity(centred.len().div_ceil(NESTED_BLOCK));
-    for (block, out) in centred
-        .chunks(NESTED_BLOCK)
-        .zip(codes.chunks_mut(NESTED_BLOCK))
-    {
-        let m = block.iter().fold(0f32, |m, &c| m.max(c.abs()));
-        nested.push(m);
-        if m == 0.0 {
-            out.fill(0);
-            continue;
-        }
-        let inv = 1.0 / m;
-        for (o, &c) in out.iter_mut().zip(block) {
-            let y = c * inv;
-            *o = match &lut {
-                Some(lut) => lut[cpu_lut_index(y) as usize],
-                None => nearest_dynamic(&DYNAMIC_MAP, y),
-            };
-        }
-    }
+    let mut nested = vec![0f32; centred.len().div_ceil(NESTED_BLOCK)];
+    // Blocks are independent: 64 of them per task.
+    const BLOCKS_PER_TASK: usize = 64;
+    codes
+        .par_chunks_mut(NESTED_BLOCK * BLOCKS_PER_TASK)
+        .zip(centred.par_chunks(NESTED_BLOCK * BLOCKS_PER_TASK))
+        .zip(nested.par_chunks_mut(BLOCKS_PER_TASK))
+        .for_each(|((codes, centred), nested)| {
+            for ((out, block), nm) in codes
+                .chunks_mut(NESTED_BLOCK)
+                .zip(centred.chunks(NESTED_BLOCK))
+                .zip(nested.iter_mut())
+            {
+                let m = block.iter().fold(0f32, |m, &c| m.max(c.abs()));
+                *nm = m;
+                if m == 0.0 {
+                    out.fill(0);
+                    continue;
+                }
+                let inv = 1.0 / m;
+                for (o, &c) in out.iter_mut().zip(block) {
+                    let y = c * inv;
+                    *o = match &lut {
+                        Some(lut) => lut[cpu_lut_index(y) as usize],
+                        None => nearest_dynamic(&DYNAMIC_MAP, y),
+                    };
+                }
+            }
+        });
     NestedAbsmax {
         codes,
         nested_absmax: nested,
@@ -447,16 +456,14 @@ pub fn nearest_dynamic(map: &[f32; 256], x: f32) -> u8 {
     let mut upper = 1.0f32;
     let mut val = map[pivot];
     let mut step = 64;
+    // Written as selects, not branches: the comparisons are data-dependent and mispredict.
     while step > 0 {
-        if x > val {
-            lower_pivot = pivot;
-            lower = val;
-            pivot += step;
-        } else {
-            upper_pivot = pivot;
-            upper = val;
-            pivot -= step;
-        }
+        let gt = x > val;
+        lower_pivot = if gt { pivot } else { lower_pivot };
+        lower = if gt { val } else { lower };
+        upper_pivot = if gt { upper_pivot } else { pivot };
+        upper = if gt { upper } else { val };
+        pivot = if gt { pivot + step } else { pivot - step };
         val = map[pivot];
         step >>= 1;
     }
