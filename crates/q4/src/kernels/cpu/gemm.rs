@@ -47,7 +47,12 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
         .clamp(8, MAX_TILE_ROWS)
         .min(n);
     // Equal slices (in whole 64-column steps) rather than a short last one.
-    let kc = k.div_ceil(k.div_ceil(KC)).next_multiple_of(64).min(k);
+    // Rows up to 1024 long are not sliced at all (a 128-row tile of them still fits L2).
+    let kc = if k <= 1024 {
+        k
+    } else {
+        k.div_ceil(k.div_ceil(KC)).next_multiple_of(64).min(k)
+    };
     let tiles = n.div_ceil(tile_rows);
     // Each tile writes its own columns r0..r0+rows of every output row of `y` straight away
     // (no transposed staging buffer); the pointer crosses threads as an address.
