@@ -110,17 +110,24 @@ fn nvrtc_compiles_every_kernel_family() {
         compile_cubin("quant", &source(module_cache::QUANT, &[]), arch).unwrap();
         for fmt in 0..3 {
             for (opt, out) in [(1, 1), (2, 2), (2, 0)] {
+                // The arithmetic E2M1 decode exists for NVFP4 with f16 operands.
+                let ariths: &[i64] = if fmt == 0 && opt == 2 { &[0, 1] } else { &[0] };
                 for (nt, mt) in [(1, 1), (8, 2)] {
-                    let d = [
-                        ("FMT", fmt),
-                        ("OPT", opt),
-                        ("OUT_T", out),
-                        ("NT", nt),
-                        ("MT", mt),
-                        ("WARPS", 4),
-                    ];
-                    compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
-                        .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                    for (&arith, depth) in ariths.iter().zip([2, 4]).chain([(&0, 3)]) {
+                        let d = [
+                            ("FMT", fmt),
+                            ("OPT", opt),
+                            ("OUT_T", out),
+                            ("NT", nt),
+                            ("MT", mt),
+                            ("WARPS", 4),
+                            ("ARITH", arith),
+                            ("IN_T", out),
+                            ("DEPTH", depth),
+                        ];
+                        compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                            .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                    }
                 }
             }
         }

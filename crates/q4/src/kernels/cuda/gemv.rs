@@ -18,6 +18,27 @@ use crate::Format;
 
 /// Warps per block; each owns 16 weight rows, and all walk the same K steps.
 const WARPS: usize = 8;
+/// Weight steps each thread keeps in flight (see gemv.cu).
+const DEPTH: i64 = 2;
+
+/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block) and `Q4_GEMV_DEPTH` (2-4), for
+/// kernel development; the defaults are the measured best.
+fn knob(name: &str, default: i64) -> i64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+fn warps() -> usize {
+    static W: std::sync::LazyLock<usize> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_WARPS", WARPS as i64).clamp(1, 32) as usize);
+    *W
+}
+fn depth() -> i64 {
+    static D: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH", DEPTH).clamp(2, 4));
+    *D
+}
 
 /// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
 pub fn supports(w: &QTensor) -> bool {
@@ -64,19 +85,18 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let dev = x.dev;
     let stream = dev.cuda_stream();
     let out_t = type_code(x.dtype)?;
-    // Operands: f32 activations become f16 with a per-row power-of-two scale.
+    // Operands: f32 activations become f16 with a per-row power-of-two scale; so do bf16 ones
+    // when the weight decodes arithmetically into f16 (NVFP4, see `arith`).
+    let arith = arith(w);
     let (opt, x16_storage, xscale_storage) = match x.dtype {
-        DType::BF16 => (DType::BF16, None, None),
+        DType::BF16 if !arith => (DType::BF16, None, None),
         DType::F16 => (DType::F16, None, None),
         _ => {
             let x16 = empty_storage(dev, DType::F16, batch * kdim)?;
             let xs = empty_storage(dev, DType::F32, batch)?;
-            let func = k.function(
-                "gemv",
-                module_cache::GEMV,
-                &gemv_defines(w, DType::F16, 0, 1, 1, 8),
-                "x_to_f16",
-            )?;
+            let mut defines = gemv_defines(w, DType::F16, 0, 1, 1, 8);
+            defines.push(("IN_T", type_code(x.dtype)?));
+            let func = k.function("gemv", module_cache::GEMV, &defines, "x_to_f16")?;
             let (xp, x16p, xsp, kk) = (
                 x.ptr,
                 storage_ptr(&x16, 0)?,
@@ -90,7 +110,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             };
             let mut b = stream.launch_builder(&func);
             b.arg(&xp).arg(&x16p).arg(&xsp).arg(&kk);
-            // SAFETY: x holds batch*k f32, x16 batch*k f16, xscale batch f32; one block a row.
+            // SAFETY: x holds batch*k values of type IN_T, x16 batch*k f16, xscale batch f32;
+            // one block a row.
             launched("x_to_f16", unsafe { b.launch(cfg) })?;
             (DType::F16, Some(x16), Some(xs))
         }
@@ -104,7 +125,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         None => 0u64,
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
-    let warps = WARPS;
+    let warps = warps();
     let tiles = n.div_ceil(16 * warps);
     let steps = kdim.div_ceil(128);
     let defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
@@ -190,6 +211,17 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     Ok(y)
 }
 
+/// Whether the fused kernel decodes this weight arithmetically (no shared-memory table): NVFP4,
+/// whose E2M1 codes are f16 bit fields. `Q4_GEMV_ARITH=0` turns it off.
+pub fn arith(w: &QTensor) -> bool {
+    static ON: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("Q4_GEMV_ARITH").map_or(ARITH_DEFAULT, |v| v != "0"));
+    w.format() == Format::Nvfp4 && *ON
+}
+
+/// Default of [`arith`] when `Q4_GEMV_ARITH` is unset.
+const ARITH_DEFAULT: bool = false;
+
 fn gemv_defines(
     w: &QTensor,
     opt: DType,
@@ -205,5 +237,10 @@ fn gemv_defines(
         ("NT", nt),
         ("MT", mt),
         ("WARPS", warps),
+        ("DEPTH", depth()),
+        (
+            "ARITH",
+            i64::from(opt == DType::F16 && arith(w)),
+        ),
     ]
 }

@@ -13,6 +13,15 @@
 // 4s .. 4s+3 of each thread's chunk; the B fragment takes the same elements of x, so the
 // k permutation cancels in the dot product.
 //
+// ARITH (NVFP4 with f16 operands only): no pair table. The E2M1 codes of nibbles j and j + 4 of
+// a 32-bit word sit 16 bits apart, so two shifts and masks turn them into an f16 pair holding
+// value * 2^-14 (E2M1 is f16 with a 2-bit exponent: the 3 magnitude bits go to bits 9-11, the
+// sign to bit 15). Multiplied by the E4M3 scale that pair is still exact in f16 (every product
+// is a multiple of 2^-24 below 0.17), and the 2^14 is applied to the f32 result. The activations
+// are paired the same way (elements j, j + 4) with two byte permutes per register.
+//
+// DEPTH (2, 3, 4): weight steps in flight per thread.
+//
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
 // OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
 // block, each owning 16 weight rows).
@@ -25,7 +34,15 @@
 #define FMA2_INSTR "fma.rn.f16x2"
 #endif
 
+#ifndef ARITH
+#define ARITH 0
+#endif
+#ifndef DEPTH
+#define DEPTH 2
+#endif
 #define LUT_WORDS (256 * 32)
+// The factor ARITH's operands leave out (exact power of two).
+#define ARITH_GAIN (ARITH ? 16384.0f : 1.0f)
 
 __device__ __forceinline__ u32 to_op(float v) {
     return OPT == T_BF16 ? (u32)f32_to_bf16(v) : (u32)f32_to_f16(v);
@@ -83,7 +100,22 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 // Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
 // replicated for every lane so that lookups never conflict. Static, so its address is an
 // immediate in the shared loads.
+#if !ARITH
 __shared__ __align__(16) u32 lut[LUT_WORDS];
+#endif
+
+// f16 pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (see ARITH above).
+template <int J>
+__device__ __forceinline__ u32 e2m1_pair_f16(u32 w) {
+    const u32 mag = (J < 3 ? (w << (9 - 4 * J)) : (w >> 3)) & 0x0e000e00u;
+    const u32 sgn = (w << (12 - 4 * J)) & 0x80008000u;
+    return mag | sgn;
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
 __shared__ u32 scale_tab[256];
 
 // Work item = (tile of 16*WARPS rows, K slice ky of `split`): warp w owns rows
@@ -96,19 +128,23 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
      int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul, int split) {
     const u32 tid = threadIdx.x;
     for (u32 byte = tid; byte < 256; byte += WARPS * 32) {
+#if !ARITH
         const u32 first = FMT == 2 ? (byte >> 4) : (byte & 15u);
         const u32 second = FMT == 2 ? (byte & 15u) : (byte >> 4);
         const u32 pair = to_op(u2f(CB_BITS[cb][first])) | (to_op(u2f(CB_BITS[cb][second])) << 16);
         const uint4 v = make_uint4(pair, pair, pair, pair);
 #pragma unroll
         for (int q = 0; q < 8; q++) ((uint4*)lut)[byte * 8 + q] = v;
+#endif
         if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul);
         if (FMT == 1) scale_tab[byte] = splat_op(e8m0_decode(byte) * smul);
     }
     __syncthreads();
 
     const u32 warp = tid >> 5, lane = tid & 31;
+#if !ARITH
     const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + lane * 4;
+#endif
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
     const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
@@ -187,6 +223,28 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 const int sb = FMT == 0 ? (wi >> 1) : 0;
                 const u32 w0 = word_of(f.w[0], wi), w1 = word_of(f.w[1], wi);
                 const u32 s0 = sc[0][sb], s1 = sc[1][sb];
+#if ARITH
+                // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
+                u32 a[2][4];
+                a[0][0] = pair_scale(e2m1_pair_f16<0>(w0), s0);
+                a[0][1] = pair_scale(e2m1_pair_f16<0>(w1), s1);
+                a[0][2] = pair_scale(e2m1_pair_f16<1>(w0), s0);
+                a[0][3] = pair_scale(e2m1_pair_f16<1>(w1), s1);
+                a[1][0] = pair_scale(e2m1_pair_f16<2>(w0), s0);
+                a[1][1] = pair_scale(e2m1_pair_f16<2>(w1), s1);
+                a[1][2] = pair_scale(e2m1_pair_f16<3>(w0), s0);
+                a[1][3] = pair_scale(e2m1_pair_f16<3>(w1), s1);
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
+                    const u32 b04 = prmt(xv[nt].x, xv[nt].z, 0x5410u);
+                    const u32 b15 = prmt(xv[nt].x, xv[nt].z, 0x7632u);
+                    const u32 b26 = prmt(xv[nt].y, xv[nt].w, 0x5410u);
+                    const u32 b37 = prmt(xv[nt].y, xv[nt].w, 0x7632u);
+                    mma16816(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], b04, b15);
+                    mma16816(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], b26, b37);
+                }
+#else
                 u32 a[2][4];
                 a[0][0] = pair_scale(lut_load<0>(w0, lane_base), s0);
                 a[0][1] = pair_scale(lut_load<0>(w1, lane_base), s1);
@@ -202,11 +260,56 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     for (int nt = 0; nt < NT; nt++)
                         mma16816(acc[nt], a[half][0], a[half][1], a[half][2], a[half][3],
                                  half == 0 ? xv[nt].x : xv[nt].z, half == 0 ? xv[nt].y : xv[nt].w);
+#endif
             }
         };
 
-        // Two buffers, each reloaded right after use: the other step's loads stay in flight
-        // while a step is multiplied.
+        // DEPTH buffers, each reloaded right after use: the next DEPTH - 1 steps' loads stay in
+        // flight while a step is multiplied.
+#if DEPTH >= 4
+        Frag fa, fb, fc, fd;
+        int st = ky;
+        load(fa, st);
+        load(fb, st + split);
+        load(fc, st + 2 * split);
+        load(fd, st + 3 * split);
+        while (st < steps) {
+            compute(fa, st);
+            load(fa, st + 4 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fb, st);
+            load(fb, st + 4 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fc, st);
+            load(fc, st + 4 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fd, st);
+            load(fd, st + 4 * split);
+            st += split;
+        }
+#elif DEPTH == 3
+        Frag fa, fb, fc;
+        int st = ky;
+        load(fa, st);
+        load(fb, st + split);
+        load(fc, st + 2 * split);
+        while (st < steps) {
+            compute(fa, st);
+            load(fa, st + 3 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fb, st);
+            load(fb, st + 3 * split);
+            st += split;
+            if (st >= steps) break;
+            compute(fc, st);
+            load(fc, st + 3 * split);
+            st += split;
+        }
+#else
         Frag fa, fb;
         int st = ky;
         load(fa, st);
@@ -220,6 +323,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             load(fb, st + 2 * split);
             st += split;
         }
+#endif
 
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
@@ -232,7 +336,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     partial[((i64)ky * B + bi) * N + row] = acc[nt][c];
                 } else {
                     const float xs = xscale != 0 ? xscale[bi] : 1.0f;
-                    store_elem<OUT_T>(y, (i64)bi * N + row, acc[nt][c] * (wfactor * xs));
+                    store_elem<OUT_T>(y, (i64)bi * N + row, acc[nt][c] * (wfactor * ARITH_GAIN * xs));
                 }
             }
     }
@@ -247,18 +351,22 @@ extern "C" __global__ void gemv_reduce(const float* __restrict__ partial, const 
     float v = 0.0f;
     for (int s = 0; s < splits; s++) v += partial[(i64)s * N * B + i];
     const float xs = xscale != 0 ? xscale[bi] : 1.0f;
-    store_elem<OUT_T>(y, i, v * (wfactor * xs));
+    store_elem<OUT_T>(y, i, v * (wfactor * ARITH_GAIN * xs));
 }
 
 // f32 activations -> f16 operands with a power-of-two scale per row (amax maps into [2^11, 2^12)),
 // so any finite activation fits f16's range. One block per row.
-extern "C" __global__ void x_to_f16(const float* __restrict__ x, u16* __restrict__ x16,
+// IN_T (default f32) is the activations' type.
+#ifndef IN_T
+#define IN_T T_F32
+#endif
+extern "C" __global__ void x_to_f16(const void* __restrict__ x, u16* __restrict__ x16,
                                     float* __restrict__ xscale, int K) {
     __shared__ u32 wmax[32];
-    const float* xr = x + (i64)blockIdx.x * K;
+    const i64 row = (i64)blockIdx.x * K;
     u32 m = 0;
     for (int i = threadIdx.x; i < K; i += blockDim.x) {
-        const u32 a = f2u(xr[i]) & 0x7fffffffu;
+        const u32 a = f2u(load_elem<IN_T>(x, row + i)) & 0x7fffffffu;
         if (a < 0x7f800000u) m = max(m, a);
     }
     m = warp_max_u32(m);
@@ -278,5 +386,5 @@ extern "C" __global__ void x_to_f16(const float* __restrict__ x, u16* __restrict
     }
     const float inv = pow2f(-e);
     if (threadIdx.x == 0) xscale[blockIdx.x] = pow2f(e);
-    for (int i = threadIdx.x; i < K; i += blockDim.x) x16[(i64)blockIdx.x * K + i] = f32_to_f16(xr[i] * inv);
+    for (int i = threadIdx.x; i < K; i += blockDim.x) x16[row + i] = f32_to_f16(load_elem<IN_T>(x, row + i) * inv);
 }
