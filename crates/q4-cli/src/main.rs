@@ -34,7 +34,7 @@ enum Command {
     Logits(cmd::logits::Args),
     /// Perplexity of a text file.
     Ppl(cmd::ppl::Args),
-    /// Train (QAT or QLoRA).
+    /// Train (QAT or QLoRA): not implemented yet, exits with an error.
     Train(cmd::train::Args),
     /// Benchmarks.
     Bench(cmd::bench::Args),

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use anyhow::{bail, Context, Result};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, ModelConfig, RopeScaling};
 use crate::tokenizer::Tokenizer;
@@ -93,6 +94,55 @@ impl WeightSource for GgufSource {
 
     fn contains(&self, name: &str) -> bool {
         gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
+    }
+
+    fn tensor_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        // q/k rows are permuted in GGUF (see `tensor`): only other tensors convert piecewise.
+        let permuted = name.contains("self_attn.q_proj") || name.contains("self_attn.k_proj");
+        let Some(g) = gguf_name(name).filter(|g| self.content.tensor_infos.contains_key(g)) else {
+            bail!("tensor `{name}` not found in {}", self.path.display());
+        };
+        if permuted || dtype == DType::F32 {
+            return Ok(self.tensor(name)?.to_dtype(dtype)?);
+        }
+        let q = {
+            let mut reader = self.reader.lock().expect("GGUF reader lock poisoned");
+            self.content
+                .tensor(&mut *reader, &g, &Device::Cpu)
+                .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))?
+        };
+        let dims = q.shape().dims().to_vec();
+        let (rows, cols) = match dims.as_slice() {
+            [r, c] => (*r, *c),
+            _ => return Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?),
+        };
+        let gdt = q.dtype();
+        if cols % gdt.block_size() != 0 {
+            return Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?);
+        }
+        let row_bytes = cols / gdt.block_size() * gdt.type_size();
+        let raw = q.data()?;
+        // 1024 rows at a time through f32: the whole table never exists in f32.
+        const ROWS: usize = 1024;
+        let chunk = |r0: usize| -> Result<Tensor> {
+            let n = ROWS.min(rows - r0);
+            let bytes = &raw[r0 * row_bytes..(r0 + n) * row_bytes];
+            let q = qtensor_from_ggml(gdt, bytes, vec![n, cols], &Device::Cpu)?;
+            Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?)
+        };
+        if dtype == DType::BF16 {
+            // Straight into the final buffer: no second copy of the table either.
+            let mut out: Vec<half::bf16> = Vec::with_capacity(rows * cols);
+            for r0 in (0..rows).step_by(ROWS) {
+                out.extend(chunk(r0)?.flatten_all()?.to_vec1::<half::bf16>()?);
+            }
+            return Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?);
+        }
+        let parts = (0..rows)
+            .step_by(ROWS)
+            .map(chunk)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use q4_llm::{LoadOptions, Model};
 
 fn fixture(name: &str) -> PathBuf {
@@ -179,4 +179,42 @@ fn gguf_exports_to_an_hf_directory_that_quantizes_like_modelopt() {
         compared += 1;
     }
     assert_eq!(compared, 14);
+}
+
+/// The token table converts to bf16 in row chunks (so it never exists in f32 as a whole): the
+/// result is bit for bit the whole-tensor dequantize-then-round, across chunk boundaries.
+#[test]
+fn piecewise_bf16_embeddings_equal_the_whole_tensor_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("embed.gguf");
+    let (rows, cols) = (2500usize, 64usize);
+    let data: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as f32) * 0.37).sin() * (1.0 + (i % 7) as f32))
+        .collect();
+    let t = Tensor::from_vec(data, (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+    let md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String("llama".into())),
+        ("llama.attention.head_count".into(), Value::U32(4)),
+        ("llama.attention.head_count_kv".into(), Value::U32(2)),
+    ];
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(&path).unwrap();
+    gguf_file::write(&mut f, &md_refs, &[("token_embd.weight", &q)]).unwrap();
+    drop(f);
+    let src = q4_llm::open_weights(&path, false).unwrap();
+    let name = "model.embed_tokens.weight";
+    let whole = src.tensor(name).unwrap().to_dtype(DType::BF16).unwrap();
+    let piecewise = src.tensor_as(name, DType::BF16).unwrap();
+    assert_eq!(piecewise.dims(), &[rows, cols]);
+    let bits = |t: &Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(&piecewise), bits(&whole));
 }

@@ -5,5 +5,5 @@
 pub struct Args {}
 
 pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`q4 train` is not implemented yet")
+    anyhow::bail!("`q4 train` (QAT / QLoRA) is not implemented yet")
 }

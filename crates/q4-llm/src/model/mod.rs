@@ -18,7 +18,7 @@ use q4::{Format, QLinear, QTensor, QuantSpec};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
-use crate::weights::{checked_linears, tensor_with_shape, LinearSpec, WeightSource};
+use crate::weights::{checked_linears, tensor_as_with_shape, LinearSpec, WeightSource};
 use attention::Attention;
 use embedding::Embedding;
 pub use embedding::EmbeddingStorage;
@@ -86,12 +86,17 @@ impl Model {
         let cfg = src.config()?;
         let dev = &opts.device;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
-        let embed_dense =
-            tensor_with_shape(src, "model.embed_tokens.weight", &[vocab, h])?.to_device(dev)?;
         let storage = opts.embeddings.unwrap_or(match opts.quant {
             Some(_) => EmbeddingStorage::Bf16,
             None => EmbeddingStorage::F32,
         });
+        let embed_dtype = match storage {
+            EmbeddingStorage::Bf16 => DType::BF16,
+            _ => DType::F32,
+        };
+        let embed_dense =
+            tensor_as_with_shape(src, "model.embed_tokens.weight", embed_dtype, &[vocab, h])?
+                .to_device(dev)?;
         let head_quant = match storage {
             EmbeddingStorage::Quantized => Some(
                 opts.quant
@@ -105,10 +110,6 @@ impl Model {
                     .context("cannot quantize the token embeddings")?,
             ),
             None => None,
-        };
-        let embed_dense = match storage {
-            EmbeddingStorage::Bf16 => embed_dense.to_dtype(DType::BF16)?,
-            _ => embed_dense,
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {

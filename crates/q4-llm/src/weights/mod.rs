@@ -12,7 +12,7 @@ mod quantized_dir;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use q4::{Format, QLinear, QuantSpec};
 
 pub use hf_dir::HfDirSource;
@@ -48,6 +48,12 @@ pub trait WeightSource {
 
     /// A dense tensor as f32 on the CPU (embeddings, norms, unquantized weights).
     fn tensor(&self, name: &str) -> Result<Tensor>;
+
+    /// [`Self::tensor`] converted to `dtype`. Sources that can convert piecewise override it, so
+    /// that a large table (the token embeddings) never exists in f32 as a whole.
+    fn tensor_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
+        Ok(self.tensor(name)?.to_dtype(dtype)?)
+    }
 
     /// The layers of one fused group (q/k/v share an input, and so do gate/up), on `device`.
     ///
@@ -121,7 +127,21 @@ pub fn tensor_with_shape<S: WeightSource + ?Sized>(
     name: &str,
     dims: &[usize],
 ) -> Result<Tensor> {
-    let t = src.tensor(name)?;
+    tensor_as_with_shape(src, name, DType::F32, dims)
+}
+
+/// [`WeightSource::tensor_as`] with its shape checked.
+pub fn tensor_as_with_shape<S: WeightSource + ?Sized>(
+    src: &S,
+    name: &str,
+    dtype: DType,
+    dims: &[usize],
+) -> Result<Tensor> {
+    let t = if dtype == DType::F32 {
+        src.tensor(name)?
+    } else {
+        src.tensor_as(name, dtype)?
+    };
     if t.dims() != dims {
         bail!(
             "tensor `{name}` in {} has shape {:?}, expected {dims:?}",

@@ -214,8 +214,9 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
 /// Whether the fused kernel decodes this weight arithmetically (no shared-memory table): NVFP4,
 /// whose E2M1 codes are f16 bit fields. `Q4_GEMV_ARITH=0` turns it off.
 pub fn arith(w: &QTensor) -> bool {
-    static ON: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var("Q4_GEMV_ARITH").map_or(ARITH_DEFAULT, |v| v != "0"));
+    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var("Q4_GEMV_ARITH").map_or(ARITH_DEFAULT, |v| v != "0")
+    });
     w.format() == Format::Nvfp4 && *ON
 }
 
@@ -238,9 +239,6 @@ fn gemv_defines(
         ("MT", mt),
         ("WARPS", warps),
         ("DEPTH", depth()),
-        (
-            "ARITH",
-            i64::from(opt == DType::F16 && arith(w)),
-        ),
+        ("ARITH", i64::from(opt == DType::F16 && arith(w))),
     ]
 }
