@@ -159,6 +159,34 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
     report("candle-q4_1", &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text, short_peak)
 }
 
+/// Perplexity of the first `n` Moby-Dick tokens (same tokens as `q4 ppl --max-tokens n`) with
+/// candle-transformers' quantized Llama, one token per forward (it returns the last position's
+/// logits only): a cross-check of q4's `none` perplexity against the candle anchor.
+fn candle_ppl(n: usize) -> Result<()> {
+    use candle_core::quantized::gguf_file;
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let gguf = q4_llm::default_model::ensure()?;
+    let tok = q4_llm::open_weights(&gguf, false)?.tokenizer()?;
+    let ids = long_prompt_ids(&tok, n)?;
+    // The very tokens `q4 ppl --text moby-dick --max-tokens n` scores (whole text, specials on).
+    let q4_ids = tok.encode(&q4_llm::text_data::moby_dick()?, true)?;
+    if q4_ids[..n] != ids[..] {
+        bail!("tokenization differs from `q4 ppl`'s");
+    }
+    let mut file = std::fs::File::open(&gguf)?;
+    let content = gguf_file::Content::read(&mut file)?;
+    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+    let mut nll = 0f64;
+    for (pos, w) in ids.windows(2).enumerate() {
+        let logits = model.forward(&Tensor::new(&[w[0]], &Device::Cpu)?.unsqueeze(0)?, pos)?;
+        let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?, 0)?;
+        nll -= lp.get(w[1] as usize)?.to_scalar::<f32>()? as f64;
+    }
+    let scored = ids.len() - 1;
+    println!("candle quantized_llama ppl={:.4} tokens={} scored={scored}", (nll / scored as f64).exp(), ids.len());
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let new = arg("--new", 64);
@@ -166,6 +194,9 @@ fn main() -> Result<()> {
     let long = arg("--long", 256);
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
+    }
+    if args.iter().any(|a| a == "--candle-ppl") {
+        return candle_ppl(arg("--ppl-tokens", 256));
     }
     let exe = std::env::current_exe()?;
     println!("# generation benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF), {} threads, 12-token prompt, {new} new tokens, long prefill {long} tokens, median of {reps}", std::thread::available_parallelism().map_or(0, |n| n.get()));
