@@ -1,21 +1,14 @@
 //! Bad input: every failure exits non-zero with exactly one `error: ...` line naming the file
 //! and/or tensor, never panics, and leaves no output (nor temporary) file behind.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use safetensors::tensor::{serialize_to_file, TensorView};
 use safetensors::{Dtype, SafeTensors};
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(p)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+mod common;
+use common::{fixture, s};
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)

@@ -1,9 +1,11 @@
 //! `q4 inspect` of the reference checkpoints, as a table and as JSON.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
+
+mod common;
+use common::{fixture, s};
 
 fn inspect(args: &[&str]) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_q4"))
@@ -14,16 +16,6 @@ fn inspect(args: &[&str]) -> (String, String) {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(out.status.success(), "{stderr}");
     (String::from_utf8(out.stdout).unwrap(), stderr)
-}
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(p)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// ModelOpt NVFP4 of an [N, K] weight: K/2 code bytes and K/16 scale bytes per row, plus the

@@ -1,16 +1,13 @@
 //! `q4 logits` against the transformers goldens of the tiny fixture checkpoints.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::fixture;
 
 fn golden(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture(name).join("golden.safetensors"), &Device::Cpu).unwrap()

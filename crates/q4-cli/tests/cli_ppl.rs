@@ -1,15 +1,11 @@
 //! `q4 ppl`: output contract, the windowing method, and SmolLM2 on the first 256 tokens of
 //! Moby-Dick against the llama.cpp / candle anchors.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(name)
-}
+mod common;
+use common::fixture;
 
 fn q4(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_q4"))

@@ -1,7 +1,7 @@
 //! End-to-end `q4 quantize` / `q4 dequantize` runs of the built binary.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use q4::checkpoint::{Checkpoint, Entry, Layout, ScaleData};
@@ -9,6 +9,9 @@ use q4_formats::Format;
 use safetensors::tensor::{serialize_to_file, TensorView};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
+
+mod common;
+use common::{fixture, s};
 
 fn q4(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_q4"))
@@ -22,16 +25,6 @@ fn ok(args: &[&str]) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "q4 {args:?} failed: {stderr}");
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
-        .join(p)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// name -> (dtype, shape, bytes) of every stored tensor.

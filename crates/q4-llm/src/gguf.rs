@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use crate::config::{Arch, ModelConfig, RopeScaling};
@@ -54,17 +55,42 @@ impl GgufSource {
     }
 
     fn read_f32(&self, gguf_name: &str) -> Result<Tensor> {
+        Ok(self.read_quantized(gguf_name)?.dequantize(&Device::Cpu)?)
+    }
+
+    /// A tensor as stored (any GGML type).
+    fn read_quantized(&self, gguf_name: &str) -> Result<QTensor> {
         let mut reader = self.reader.lock().expect("GGUF reader lock poisoned");
-        let q = self
-            .content
+        self.content
             .tensor(&mut *reader, gguf_name, &Device::Cpu)
             .with_context(|| {
                 format!(
                     "cannot read tensor `{gguf_name}` from {}",
                     self.path.display()
                 )
-            })?;
-        Ok(q.dequantize(&Device::Cpu)?)
+            })
+    }
+
+    /// The GGUF name of an HF tensor name that this file holds.
+    fn stored_name(&self, name: &str) -> Result<String> {
+        match gguf_name(name).filter(|g| self.content.tensor_infos.contains_key(g)) {
+            Some(g) => Ok(g),
+            None => bail!("tensor `{name}` not found in {}", self.path.display()),
+        }
+    }
+
+    /// convert_hf_to_gguf.py permutes q/k rows so that llama.cpp can rotate adjacent pairs; our
+    /// RoPE rotates halves like HF. The head count to undo it with, for the tensors it touched.
+    fn permuted_heads(&self, name: &str) -> Option<usize> {
+        if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
+            Some(self.num_heads)
+        } else if name.ends_with("self_attn.k_proj.weight")
+            || name.ends_with("self_attn.k_proj.bias")
+        {
+            Some(self.num_kv_heads)
+        } else {
+            None
+        }
     }
 }
 
@@ -97,20 +123,12 @@ impl WeightSource for GgufSource {
     }
 
     fn tensor_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
-        // q/k rows are permuted in GGUF (see `tensor`): only other tensors convert piecewise.
-        let permuted = name.contains("self_attn.q_proj") || name.contains("self_attn.k_proj");
-        let Some(g) = gguf_name(name).filter(|g| self.content.tensor_infos.contains_key(g)) else {
-            bail!("tensor `{name}` not found in {}", self.path.display());
-        };
-        if permuted || dtype == DType::F32 {
+        // Permuted q/k rows are undone in f32 (see `tensor`): only other tensors convert
+        // piecewise.
+        if self.permuted_heads(name).is_some() || dtype == DType::F32 {
             return Ok(self.tensor(name)?.to_dtype(dtype)?);
         }
-        let q = {
-            let mut reader = self.reader.lock().expect("GGUF reader lock poisoned");
-            self.content
-                .tensor(&mut *reader, &g, &Device::Cpu)
-                .with_context(|| format!("cannot read tensor `{g}` from {}", self.path.display()))?
-        };
+        let q = self.read_quantized(&self.stored_name(name)?)?;
         let dims = q.shape().dims().to_vec();
         let (rows, cols) = match dims.as_slice() {
             [r, c] => (*r, *c),
@@ -146,20 +164,10 @@ impl WeightSource for GgufSource {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        let Some(g) = gguf_name(name).filter(|g| self.content.tensor_infos.contains_key(g)) else {
-            bail!("tensor `{name}` not found in {}", self.path.display());
-        };
-        let t = self.read_f32(&g)?;
-        // convert_hf_to_gguf.py permutes q/k rows so that llama.cpp can rotate adjacent pairs;
-        // our RoPE rotates halves like HF, so undo it.
-        if name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias") {
-            unpermute_rows(&t, self.num_heads)
-        } else if name.ends_with("self_attn.k_proj.weight")
-            || name.ends_with("self_attn.k_proj.bias")
-        {
-            unpermute_rows(&t, self.num_kv_heads)
-        } else {
-            Ok(t)
+        let t = self.read_f32(&self.stored_name(name)?)?;
+        match self.permuted_heads(name) {
+            Some(heads) => unpermute_rows(&t, heads),
+            None => Ok(t),
         }
     }
 }

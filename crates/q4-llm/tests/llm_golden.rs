@@ -40,12 +40,16 @@ fn load(name: &str, quant: Option<Format>) -> q4_llm::Model {
     q4_llm::load(&fixture(name), &opts).unwrap().0
 }
 
+/// One full forward of `ids` from an empty cache.
+fn logits(model: &q4_llm::Model, ids: &Tensor) -> Tensor {
+    let mut cache = model.new_cache(ids.dim(1).unwrap());
+    model.forward(ids, &mut cache).unwrap()
+}
+
 fn check_logits(model_dir: &str, quant: Option<Format>, golden_dir: &str, tol: f32) -> f32 {
     let model = load(model_dir, quant);
     let g = golden(golden_dir);
-    let ids = &g["input_ids"];
-    let mut cache = model.new_cache(ids.dim(1).unwrap());
-    let logits = model.forward(ids, &mut cache).unwrap();
+    let logits = logits(&model, &g["input_ids"]);
     let err = max_abs_diff(&logits, &g["logits"]);
     eprintln!("{model_dir} {quant:?} vs {golden_dir}: max abs err {err}");
     assert!(
@@ -173,9 +177,7 @@ fn quantized_embeddings_share_one_table_with_the_tied_lm_head() {
             embeddings,
             ..Default::default()
         };
-        let model = q4_llm::load(&fixture("tiny-llama"), &opts).unwrap().0;
-        let mut cache = model.new_cache(ids.dim(1).unwrap());
-        model.forward(ids, &mut cache).unwrap()
+        logits(&q4_llm::load(&fixture("tiny-llama"), &opts).unwrap().0, ids)
     };
     let (dense_emb, q_emb) = (run(false), run(true));
     let d = max_abs_diff(&dense_emb, &q_emb);
@@ -192,9 +194,10 @@ fn w4a4_uses_the_checkpoints_input_scales() {
             w4a4,
             ..Default::default()
         };
-        let model = q4_llm::load(&fixture("tiny-llama-nvfp4"), &opts).unwrap().0;
-        let mut cache = model.new_cache(ids.dim(1).unwrap());
-        model.forward(ids, &mut cache).unwrap()
+        logits(
+            &q4_llm::load(&fixture("tiny-llama-nvfp4"), &opts).unwrap().0,
+            ids,
+        )
     };
     let (weight_only, w4a4) = (run(false), run(true));
     let rel = |a: &Tensor, b: &Tensor| -> f32 {
@@ -278,10 +281,7 @@ fn every_format_changes_the_logits_a_little() {
     let g = golden("tiny-llama");
     let ids = &g["input_ids"];
     for f in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
-        let model = load("tiny-llama", Some(f));
-        let mut cache = model.new_cache(12);
-        let logits = model.forward(ids, &mut cache).unwrap();
-        let err = max_abs_diff(&logits, &g["logits"]);
+        let err = max_abs_diff(&logits(&load("tiny-llama", Some(f)), ids), &g["logits"]);
         assert!(err > 1e-3 && err < 5.0, "{f}: {err}");
     }
 }

@@ -21,21 +21,17 @@ fn randn(seed: u64, n: usize) -> Vec<f32> {
         .collect()
 }
 
+fn f32_values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let (a, b) = (f32_values(a), f32_values(b));
     let num: f64 = a
         .iter()
         .zip(&b)
@@ -193,13 +189,7 @@ fn w4a4_is_bit_exact_with_explicit_quantize_dequantize_reference() {
                 .unwrap()
                 .with_act_quant(act)
                 .unwrap();
-            let y = layer
-                .forward(&x)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+            let y = f32_values(&layer.forward(&x).unwrap());
             let xq = w4a4::quantize_activations(&xs, k, act).unwrap();
             let q4_formats_w = match q.to_formats().unwrap() {
                 q4::Quantized::Nvfp4(t) => t,
@@ -297,10 +287,7 @@ fn fused_layers_give_the_parts_outputs_exactly() {
             1,
         )
         .unwrap();
-        let (a, b) = (
-            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        );
+        let (a, b) = (f32_values(&y), f32_values(&want));
         assert_eq!(a, b, "{format}");
     }
     // NVFP4 parts with their own tensor scales cannot share one scale table.
@@ -324,21 +311,9 @@ fn gathered_rows_equal_the_dequantized_rows() {
         .unwrap();
         let dense = q.dequantize(DType::F32).unwrap();
         let ids = [0u32, 36, 5, 5, 17];
-        let got = q
-            .gather_rows(&ids)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = f32_values(&q.gather_rows(&ids).unwrap());
         let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
-        let want = dense
-            .index_select(&idx, 0)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = f32_values(&dense.index_select(&idx, 0).unwrap());
         // Equal values (the sign of zero may differ: the codebooks decode code 8 as -0).
         assert!(got.iter().zip(&want).all(|(a, b)| a == b), "{format}");
         assert!(q

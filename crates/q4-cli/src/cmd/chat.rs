@@ -7,7 +7,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use anyhow::Result;
 use q4_llm::{ChatSession, GenerateOptions, StopReason};
 
-use super::generate::{log_speed, ModelArgs, SamplingArgs};
+use super::generate::{log_speed, print_tokens, ModelArgs, SamplingArgs};
 
 /// Arguments of `q4 chat`.
 #[derive(clap::Args, Debug)]
@@ -51,15 +51,7 @@ pub fn run(args: Args) -> Result<()> {
             marker()?;
             continue;
         }
-        let mut streamer = tok.streamer();
-        let out = session.turn(&model, &tok, text, &opts, |id| {
-            if let Some(piece) = streamer.push(id)? {
-                let mut lock = stdout.lock();
-                lock.write_all(piece.as_bytes())?;
-                lock.flush()?;
-            }
-            Ok(())
-        })?;
+        let out = session.turn(&model, &tok, text, &opts, print_tokens(&tok))?;
         writeln!(stdout.lock())?;
         log_speed(&out);
         if out.stop == StopReason::MaxTokens {

@@ -200,6 +200,19 @@ pub fn render_chat(tok: &Tokenizer, messages: &[ChatMessage]) -> Result<String> 
 }
 
 /// Generates and prints each piece of text as soon as it is complete UTF-8.
+/// A token callback that prints each piece of text to stdout as soon as it is complete.
+pub fn print_tokens(tok: &Tokenizer) -> impl FnMut(u32) -> Result<()> + '_ {
+    let mut streamer = tok.streamer();
+    move |id| {
+        if let Some(piece) = streamer.push(id)? {
+            let mut lock = std::io::stdout().lock();
+            lock.write_all(piece.as_bytes())?;
+            lock.flush()?;
+        }
+        Ok(())
+    }
+}
+
 pub fn stream(
     model: &Model,
     tok: &Tokenizer,
@@ -207,16 +220,8 @@ pub fn stream(
     prompt_ids: &[u32],
     opts: &GenerateOptions,
 ) -> Result<q4_llm::Generation> {
-    let mut streamer = tok.streamer();
+    let out = q4_llm::generate(model, cache, prompt_ids, opts, print_tokens(tok))?;
     let stdout = std::io::stdout();
-    let out = q4_llm::generate(model, cache, prompt_ids, opts, |id| {
-        if let Some(piece) = streamer.push(id)? {
-            let mut lock = stdout.lock();
-            lock.write_all(piece.as_bytes())?;
-            lock.flush()?;
-        }
-        Ok(())
-    })?;
     let mut lock = stdout.lock();
     writeln!(lock)?;
     lock.flush()?;

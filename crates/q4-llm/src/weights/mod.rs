@@ -137,11 +137,7 @@ pub fn tensor_as_with_shape<S: WeightSource + ?Sized>(
     dtype: DType,
     dims: &[usize],
 ) -> Result<Tensor> {
-    let t = if dtype == DType::F32 {
-        src.tensor(name)?
-    } else {
-        src.tensor_as(name, dtype)?
-    };
+    let t = src.tensor_as(name, dtype)?;
     if t.dims() != dims {
         bail!(
             "tensor `{name}` in {} has shape {:?}, expected {dims:?}",

@@ -28,26 +28,13 @@ pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
 
 /// Reorders activation rows (`batch x k`) to the kernel's weight order (full chunks only).
 pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(x.len(), 0.0);
     let mut order = [0usize; CHUNK];
     for t in 0..8 {
         for j in 0..4 {
             order[t * 4 + j] = chunk_element(t, j, high_first);
         }
     }
-    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let full = k / CHUNK * CHUNK;
-        for (s, d) in src[..full]
-            .chunks_exact(CHUNK)
-            .zip(dst[..full].chunks_exact_mut(CHUNK))
-        {
-            for (p, &o) in order.iter().enumerate() {
-                d[p] = s[o];
-            }
-        }
-        dst[full..].copy_from_slice(&src[full..]);
-    }
+    super::gemv::permute_chunks(x, k, &order, out);
 }
 
 /// Byte planes of a 16-entry codebook for `tbl`.
@@ -60,12 +47,7 @@ impl Planes {
     /// NEON must be available (always on aarch64).
     #[target_feature(enable = "neon")]
     pub unsafe fn new(lut: &[f32; 16]) -> Planes {
-        let mut bytes = [[0u8; 16]; 4];
-        for (c, v) in lut.iter().enumerate() {
-            for (p, plane) in bytes.iter_mut().enumerate() {
-                plane[c] = v.to_bits().to_le_bytes()[p];
-            }
-        }
+        let bytes = super::gemv::byte_planes(lut);
         Planes {
             b: [
                 vld1q_u8(bytes[0].as_ptr()),

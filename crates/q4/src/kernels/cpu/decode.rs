@@ -15,6 +15,14 @@ pub fn pairs(format: Format) -> &'static simd::PairTable {
     }
 }
 
+/// Value of each 4-bit code exactly as the format's pair table decodes it (sign of zero
+/// included): bitsandbytes stores a pair's first value in the high nibble.
+pub fn code_values(format: Format) -> [f32; 16] {
+    let pairs = pairs(format);
+    let high_first = matches!(format, Format::Nf4 | Format::Fp4);
+    std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0])
+}
+
 /// Decodes a whole tensor into `out` (`rows * cols` values), bit-exact with q4-formats.
 pub fn dequantize_into<O: Element>(v: &HostView<'_>, out: &mut [O]) {
     let pairs = pairs(v.format);

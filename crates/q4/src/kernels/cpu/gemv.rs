@@ -31,36 +31,67 @@ fn simd_fits(w: &Rows<'_>) -> bool {
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // Results are produced row-major by weight row ([n][m]) and transposed at the end.
     let mut yt = vec![0f32; w.n * batch];
-    let rows_per_task = ROWS_PER_TASK * batch;
-    if simd_fits(w) {
-        let mut xp = Vec::new();
+    let simd = simd_fits(w);
+    let mut xp = Vec::new();
+    if simd {
         arch::permute_activations(x, w.k, w.high_first, &mut xp);
-        for_each_chunk_mut(
-            &mut yt,
-            rows_per_task,
-            w.n * w.k * batch.div_ceil(2),
-            |t, out| {
-                let r0 = t * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+    }
+    for_each_chunk_mut(
+        &mut yt,
+        ROWS_PER_TASK * batch,
+        w.n * w.k * batch.div_ceil(2),
+        |t, out| {
+            let r0 = t * ROWS_PER_TASK;
+            let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+            if simd {
                 // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
-                // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k values.
+                // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k
+                // values.
                 unsafe { arch::rows(w, &xp, batch, r0, r1, out) };
                 add_tails(w, x, batch, r0, r1, arch::CHUNK, out);
-            },
-        );
-    } else {
-        for_each_chunk_mut(
-            &mut yt,
-            rows_per_task,
-            w.n * w.k * batch.div_ceil(2),
-            |t, out| {
-                let r0 = t * ROWS_PER_TASK;
-                let r1 = (r0 + ROWS_PER_TASK).min(w.n);
+            } else {
                 rows_portable(w, x, batch, r0, r1, out);
-            },
-        );
-    }
+            }
+        },
+    );
     finish(yt, w.n, batch, y)
+}
+
+/// Reorders each activation row (`k` values) chunk by chunk: `out[c + p] = x[c + order[p]]` for
+/// every whole chunk of `order.len()` values; the tail stays in place. The SIMD kernels decode
+/// weights in a fixed permuted order and permute the activations once per call to match.
+pub(super) fn permute_chunks(x: &[f32], k: usize, order: &[usize], out: &mut Vec<f32>) {
+    let chunk = order.len();
+    out.clear();
+    out.resize(x.len(), 0.0);
+    let full = k / chunk * chunk;
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for (s, d) in src[..full]
+            .chunks_exact(chunk)
+            .zip(dst[..full].chunks_exact_mut(chunk))
+        {
+            for (p, &o) in order.iter().enumerate() {
+                d[p] = s[o];
+            }
+        }
+        dst[full..].copy_from_slice(&src[full..]);
+    }
+}
+
+/// The bytes of a 16-entry f32 codebook split into four planes (plane `p` holds byte `p`, little
+/// endian, of every value) for byte-table lookups (`vpshufb`, `tbl`).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+pub(super) fn byte_planes(lut: &[f32; 16]) -> [[u8; 16]; 4] {
+    let mut bytes = [[0u8; 16]; 4];
+    for (c, v) in lut.iter().enumerate() {
+        for (p, plane) in bytes.iter_mut().enumerate() {
+            plane[c] = v.to_bits().to_le_bytes()[p];
+        }
+    }
+    bytes
 }
 
 fn finish(yt: Vec<f32>, n: usize, batch: usize, y: &mut [f32]) {

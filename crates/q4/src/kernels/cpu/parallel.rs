@@ -6,6 +6,12 @@ use rayon::prelude::*;
 /// Below this many weights a matmul runs on the calling thread alone.
 pub const INLINE_WEIGHTS: usize = 1 << 16;
 
+/// Smallest run of consecutive pieces rayon may split off: about four runs per thread, enough
+/// to balance, few enough that rayon's per-split cost (~1 us) stays far below the work.
+fn min_len(pieces: usize) -> usize {
+    (pieces / (4 * rayon::current_num_threads())).max(1)
+}
+
 /// Calls `f(i, chunk)` for consecutive `chunk`-sized pieces of `data`: in parallel when
 /// `work` (weights touched) is large, inline otherwise.
 pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
@@ -20,10 +26,7 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
             .enumerate()
             .for_each(|(i, c)| f(i, c));
     } else {
-        // About four pieces of work per thread: enough to balance, few enough that rayon's
-        // per-split cost stays far below the work (it is ~1 us per split).
-        let pieces = data.len().div_ceil(chunk);
-        let min_len = (pieces / (4 * rayon::current_num_threads())).max(1);
+        let min_len = min_len(data.len().div_ceil(chunk));
         data.par_chunks_mut(chunk)
             .enumerate()
             .with_min_len(min_len)
@@ -37,8 +40,10 @@ pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: 
     if work < INLINE_WEIGHTS || count <= 1 {
         (0..count).for_each(f);
     } else {
-        let min_len = (count / (4 * rayon::current_num_threads())).max(1);
-        (0..count).into_par_iter().with_min_len(min_len).for_each(f);
+        (0..count)
+            .into_par_iter()
+            .with_min_len(min_len(count))
+            .for_each(f);
     }
 }
 

@@ -126,11 +126,8 @@ impl<'a> Rows<'a> {
             }
             Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols.is_multiple_of(bs)),
         };
-        let pairs = super::decode::pairs(v.format);
-        let high_first = matches!(v.format, Format::Nf4 | Format::Fp4);
-        let values = std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0]);
         Rows {
-            values,
+            values: super::decode::code_values(v.format),
             codes: v.codes,
             scales,
             lut: codebook(v.format),

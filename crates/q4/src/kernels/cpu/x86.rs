@@ -33,26 +33,13 @@ pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
 /// Reorders activation rows (`batch x k`) into the order the kernels consume weights: each full
 /// 64-chunk is permuted, the tail (k % 64) stays in place.
 pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
-    out.clear();
-    out.resize(x.len(), 0.0);
     let mut order = [0usize; CHUNK];
     for t in 0..8 {
         for j in 0..8 {
             order[t * 8 + j] = chunk_element(t, j, high_first);
         }
     }
-    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
-        let full = k / CHUNK * CHUNK;
-        for (s, d) in src[..full]
-            .chunks_exact(CHUNK)
-            .zip(dst[..full].chunks_exact_mut(CHUNK))
-        {
-            for (p, &o) in order.iter().enumerate() {
-                d[p] = s[o];
-            }
-        }
-        dst[full..].copy_from_slice(&src[full..]);
-    }
+    super::gemv::permute_chunks(x, k, &order, out);
 }
 
 /// Byte planes of a 16-entry f32 codebook, each duplicated in both 128-bit lanes for `vpshufb`.
@@ -65,12 +52,7 @@ impl Planes {
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn new(lut: &[f32; 16]) -> Planes {
-        let mut bytes = [[0u8; 16]; 4];
-        for (c, v) in lut.iter().enumerate() {
-            for (p, plane) in bytes.iter_mut().enumerate() {
-                plane[c] = v.to_bits().to_le_bytes()[p];
-            }
-        }
+        let bytes = super::gemv::byte_planes(lut);
         let load = |p: &[u8; 16]| {
             _mm256_broadcastsi128_si256(_mm_loadu_si128(p.as_ptr() as *const __m128i))
         };
@@ -410,8 +392,7 @@ mod tests {
         for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
             let pairs = super::super::decode::pairs(format);
             let high_first = matches!(format, Format::Nf4 | Format::Fp4);
-            let values: [f32; 16] =
-                std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0]);
+            let values = super::super::decode::code_values(format);
             for block in [8usize, 16, 32, 64] {
                 let n = 1024 / block / 2 * block; // fits `codes`
                 let first = 3;
