@@ -1,5 +1,7 @@
 //! Whole-tensor decode (bit-exact with q4-formats).
 
+use std::sync::LazyLock;
+
 use q4_formats::{simd, Element, Format};
 use rayon::prelude::*;
 
@@ -17,10 +19,20 @@ pub fn pairs(format: Format) -> &'static simd::PairTable {
 
 /// Value of each 4-bit code exactly as the format's pair table decodes it (sign of zero
 /// included): bitsandbytes stores a pair's first value in the high nibble.
-pub fn code_values(format: Format) -> [f32; 16] {
-    let pairs = pairs(format);
-    let high_first = matches!(format, Format::Nf4 | Format::Fp4);
-    std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0])
+pub fn code_values(format: Format) -> &'static [f32; 16] {
+    static VALUES: LazyLock<[[f32; 16]; 4]> = LazyLock::new(|| {
+        [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4].map(|f| {
+            let pairs = pairs(f);
+            let high_first = matches!(f, Format::Nf4 | Format::Fp4);
+            std::array::from_fn(|c| pairs[if high_first { c << 4 } else { c }][0])
+        })
+    });
+    &VALUES[match format {
+        Format::Nvfp4 => 0,
+        Format::Mxfp4 => 1,
+        Format::Nf4 => 2,
+        Format::Fp4 => 3,
+    }]
 }
 
 /// Decodes a whole tensor into `out` (`rows * cols` values), bit-exact with q4-formats.

@@ -109,7 +109,7 @@ pub struct Rows<'a> {
     /// False only for bitsandbytes tensors whose blocks straddle rows.
     pub aligned: bool,
     /// Value of each code exactly as the pair table decodes it (sign of zero included).
-    pub values: [f32; 16],
+    pub values: &'a [f32; 16],
 }
 
 impl<'a> Rows<'a> {
@@ -195,7 +195,7 @@ impl<'a> Rows<'a> {
                 unsafe {
                     match self.scales {
                         ScaleSrc::Table { bytes, table } => super::x86::decode_blocks(
-                            &self.values,
+                            self.values,
                             self.high_first,
                             cs,
                             TableScales { bytes, table },
@@ -204,7 +204,7 @@ impl<'a> Rows<'a> {
                             o,
                         ),
                         ScaleSrc::F32(v) => super::x86::decode_blocks(
-                            &self.values,
+                            self.values,
                             self.high_first,
                             cs,
                             F32Scales(v),

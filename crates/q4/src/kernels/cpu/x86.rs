@@ -400,7 +400,7 @@ mod tests {
                 // SAFETY: AVX2 is present (checked above); buffers sized per the contract.
                 unsafe {
                     decode_blocks(
-                        &values,
+                        values,
                         high_first,
                         &codes,
                         F32Scales(&scales),
