@@ -29,6 +29,24 @@ __device__ __forceinline__ i64 swizzled_offset(i64 r, i64 c, i64 kp) {
     return ((r / 128) * (kp / 4) + c / 4) * 512 + (r % 32) * 16 + ((r % 128) / 32) * 4 + (c % 4);
 }
 
+// Loads the N values of a block starting at column c0 of `row` into v: columns past `cols`
+// (padding) and non-finite values become 0, as on the CPU. Returns the block's largest
+// magnitude as f32 bits.
+template <int N>
+__device__ __forceinline__ u32 load_block(const float* __restrict__ x, int row, int cols, int c0,
+                                          float* v) {
+    u32 m = 0;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        float xv = (c0 + i < cols) ? x[(i64)row * cols + c0 + i] : 0.0f;
+        u32 a = f2u(xv) & 0x7fffffffu;
+        if (a >= 0x7f800000u) { xv = 0.0f; a = 0; }
+        v[i] = xv;
+        m = max(m, a);
+    }
+    return m;
+}
+
 // NVFP4 (ModelOpt): one thread per block of 16. The tensor scale is `s2_fixed`, or, with
 // `dynamic`, fl(amax / 2688) from the device-side amax bits (W4A4 activations). Writes the
 // tensor scale to s2_out when given. swizzle_kp > 0 writes the scales in the swizzled layout.
@@ -44,15 +62,7 @@ extern "C" __global__ void nvfp4_quant(const float* __restrict__ x, u8* __restri
         const int row = (int)(t / nb), b = (int)(t % nb);
         const int c0 = b * 16;
         float v[16];
-        u32 m = 0;
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            float xv = (c0 + i < cols) ? x[(i64)row * cols + c0 + i] : 0.0f;
-            u32 a = f2u(xv) & 0x7fffffffu;
-            if (a >= 0x7f800000u) { xv = 0.0f; a = 0; }  // padded / NaN-zeroed path of the CPU
-            v[i] = xv;
-            m = max(m, a);
-        }
+        const u32 m = load_block<16>(x, row, cols, c0, v);
         u32 sbyte;
         u32 lo = 0, hi = 0;
         if (s2 == 0.0f) {
@@ -112,15 +122,7 @@ extern "C" __global__ void mxfp4_quant(const float* __restrict__ x, u8* __restri
         const int row = (int)(t / nb), b = (int)(t % nb);
         const int c0 = b * 32;
         float v[32];
-        u32 m = 0;
-#pragma unroll
-        for (int i = 0; i < 32; i++) {
-            float xv = (c0 + i < cols) ? x[(i64)row * cols + c0 + i] : 0.0f;
-            u32 a = f2u(xv) & 0x7fffffffu;
-            if (a >= 0x7f800000u) { xv = 0.0f; a = 0; }
-            v[i] = xv;
-            m = max(m, a);
-        }
+        const u32 m = load_block<32>(x, row, cols, c0, v);
         const u32 s = mx_scale_byte(m, rule, bf16_input);
         u32 w[4] = {0, 0, 0, 0};
         if (rule == 0) {
