@@ -85,11 +85,10 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let dev = x.dev;
     let stream = dev.cuda_stream();
     let out_t = type_code(x.dtype)?;
-    // Operands: f32 activations become f16 with a per-row power-of-two scale; so do bf16 ones
-    // when the weight decodes arithmetically into f16 (NVFP4, see `arith`).
-    let arith = arith(w);
+    // Operands: bf16 and f16 activations are used as they are; f32 ones become f16 with a
+    // per-row power-of-two scale.
     let (opt, x16_storage, xscale_storage) = match x.dtype {
-        DType::BF16 if !arith => (DType::BF16, None, None),
+        DType::BF16 => (DType::BF16, None, None),
         DType::F16 => (DType::F16, None, None),
         _ => {
             let x16 = empty_storage(dev, DType::F16, batch * kdim)?;
@@ -185,7 +184,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
-    // 33 KiB of static shared memory is below the 48 KiB limit.
+    // 33 KiB of static shared memory (none with ARITH) is below the 48 KiB limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;
@@ -212,7 +211,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
 }
 
 /// Whether the fused kernel decodes this weight arithmetically (no shared-memory table): NVFP4,
-/// whose E2M1 codes are f16 bit fields. `Q4_GEMV_ARITH=0` turns it off.
+/// whose E2M1 codes are f16/bf16 bit fields. Measured faster than the table on the H100 (see
+/// BENCHMARKS.md); `Q4_GEMV_ARITH=0` turns it off.
 pub fn arith(w: &QTensor) -> bool {
     static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
         std::env::var("Q4_GEMV_ARITH").map_or(ARITH_DEFAULT, |v| v != "0")
@@ -221,7 +221,7 @@ pub fn arith(w: &QTensor) -> bool {
 }
 
 /// Default of [`arith`] when `Q4_GEMV_ARITH` is unset.
-const ARITH_DEFAULT: bool = false;
+const ARITH_DEFAULT: bool = true;
 
 fn gemv_defines(
     w: &QTensor,
@@ -239,6 +239,6 @@ fn gemv_defines(
         ("MT", mt),
         ("WARPS", warps),
         ("DEPTH", depth()),
-        ("ARITH", i64::from(opt == DType::F16 && arith(w))),
+        ("ARITH", i64::from(arith(w))),
     ]
 }

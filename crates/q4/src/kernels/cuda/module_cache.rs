@@ -130,7 +130,25 @@ pub fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
         let _ = nvrtc::destroy_program(prog);
         result
     };
+    if let (Ok(cubin), Some(dir)) = (&out, std::env::var_os("Q4_CUDA_DUMP_DIR")) {
+        dump_cubin(std::path::Path::new(&dir), name, arch, src, cubin);
+    }
     out
+}
+
+/// Kernel development aid (`Q4_CUDA_DUMP_DIR`): keeps each compiled CUBIN, with its source, for
+/// `nvdisasm` / `cuobjdump -sass`. Best effort: a failed write is only logged.
+fn dump_cubin(dir: &std::path::Path, name: &str, arch: &str, src: &str, cubin: &[u8]) {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut h);
+    let stem = dir.join(format!("{name}-{arch}-{:016x}", h.finish()));
+    let written = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write(stem.with_extension("cubin"), cubin))
+        .and_then(|_| std::fs::write(stem.with_extension("cu"), src));
+    if let Err(e) = written {
+        tracing::warn!("could not dump {}: {e}", stem.display());
+    }
 }
 
 /// NVRTC's version, e.g. `(13, 0)`.
@@ -211,11 +229,16 @@ impl DeviceKernels {
                 }
             }
         };
-        module.load_function(function).map_err(|e| {
+        let f = module.load_function(function).map_err(|e| {
             Error::msg(format!(
                 "q4 kernel `{function}` missing from module `{key}`: {e}"
             ))
-        })
+        })?;
+        self.functions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fkey, f.clone());
+        Ok(f)
     }
 
     /// Number of compiled modules (diagnostics).

@@ -3,22 +3,29 @@
 // y[b, n] = wfactor * xscale[b] * sum_k W'[n, k] x'[b, k]
 //
 // The weight is read once, straight from its packed storage, with coalesced 16-byte loads. Each
-// code byte becomes a pair of operand values through a 256-entry pair table in shared memory
-// (replicated per lane, so lookups never conflict), is multiplied by its block scale in
+// code byte becomes a pair of operand values (NVFP4: arithmetically, see ARITH; the other
+// formats: through a 256-entry pair table in shared memory), is multiplied by its block scale in
 // registers, and feeds mma.sync.m16n8k16 with f32 accumulation: weights are the A operand (16
 // output rows), activations the B operand (8 batch rows per N tile).
+//
+// Table lookups cost two instructions besides the load: entry (byte, lane) sits at byte
+// offset byte * 128 + lane * 4, built by one byte permute (prmt) of the code word with a per-lane
+// register holding lane * 8 (giving byte * 256 + lane * 8), then one shift. Lanes always hit
+// bank `lane`, so lookups never conflict.
 //
 // Thread (g = lane / 4, t = lane % 4) of a warp loads 32 consecutive elements (16 bytes) of rows
 // g and g + 8 at k0 = 128 * step + 32 * t. Within the step, mma s (0..7) takes elements
 // 4s .. 4s+3 of each thread's chunk; the B fragment takes the same elements of x, so the
 // k permutation cancels in the dot product.
 //
-// ARITH (NVFP4 with f16 operands only): no pair table. The E2M1 codes of nibbles j and j + 4 of
-// a 32-bit word sit 16 bits apart, so two shifts and masks turn them into an f16 pair holding
-// value * 2^-14 (E2M1 is f16 with a 2-bit exponent: the 3 magnitude bits go to bits 9-11, the
-// sign to bit 15). Multiplied by the E4M3 scale that pair is still exact in f16 (every product
-// is a multiple of 2^-24 below 0.17), and the 2^14 is applied to the f32 result. The activations
-// are paired the same way (elements j, j + 4) with two byte permutes per register.
+// ARITH (NVFP4 only): no pair table. The E2M1 codes of nibbles j and j + 4 of a 32-bit word
+// sit 16 bits apart, so two shifts and masks turn them into an operand pair: E2M1 is a float
+// with a 2-bit exponent, so its 3 magnitude bits placed at the bottom of the operand's exponent
+// field (f16: bits 9-11, bf16: bits 6-8) and its sign at bit 15 read as value * 2^-14 (f16) or
+// value * 2^-126 (bf16, subnormal for 0.5). The E4M3 scale is pre-multiplied by ARITH_PRE so that
+// every scaled product is a normal number, exact in the operand type (2 x 4 significant bits),
+// and ARITH_GAIN is applied to the f32 result. The activations are paired the same way
+// (elements j, j + 4) with two byte permutes per register.
 //
 // DEPTH (2, 3, 4): weight steps in flight per thread.
 //
@@ -41,8 +48,18 @@
 #define DEPTH 2
 #endif
 #define LUT_WORDS (256 * 32)
-// The factor ARITH's operands leave out (exact power of two).
-#define ARITH_GAIN (ARITH ? 16384.0f : 1.0f)
+// ARITH's operand layout: bit position of the E2M1 magnitude, the factor applied to the scales
+// and the one left for the f32 result (exact powers of two, see ARITH above).
+#if OPT == T_BF16
+#define MAG_POS 6
+#define ARITH_PRE 6.64613997892457936e35f /* 2^119: 448 * 2^119 still fits bf16 */
+#define ARITH_GAIN_V 128.0f
+#else
+#define MAG_POS 9
+#define ARITH_PRE 1.0f
+#define ARITH_GAIN_V 16384.0f
+#endif
+#define ARITH_GAIN (ARITH ? ARITH_GAIN_V : 1.0f)
 
 __device__ __forceinline__ u32 to_op(float v) {
     return OPT == T_BF16 ? (u32)f32_to_bf16(v) : (u32)f32_to_f16(v);
@@ -61,6 +78,11 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
     asm volatile(MMA_INSTR " {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
 }
 // Weights are streamed once: bypass L1 so that activations stay cached.
 __device__ __forceinline__ uint4 ld_stream(const u8* p) {
@@ -83,45 +105,38 @@ struct Frag {
     float sabs[2];  // bitsandbytes absmax
 };
 
-// Pair-table entry of byte J (0..3) of `word` for this lane: a 32-bit shared-window address
-// lane_base + ((word >> 8J) & 0xff) * 128, with lane_base = table + lane * 4.
+// Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
+// replicated for every lane. Static, so its address folds into the shared loads.
+#if !ARITH
+__shared__ __align__(16) u8 lut[LUT_WORDS * 4];
+
+// Pair-table entry of byte J (0..3) of `word` for this lane; `lane_sel` = lane * 8.
 template <int J>
-__device__ __forceinline__ u32 lut_load(u32 word, u32 lane_base) {
-    const u32 shifted = J == 0 ? (word << 7) : (word >> (8 * J - 7));
-    u32 v;
-    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"((shifted & 0x7f80u) + lane_base));
-    return v;
+__device__ __forceinline__ u32 lut_load(u32 word, u32 lane_sel) {
+    const u32 off = prmt(word, lane_sel, 0x5504u | (J << 4)) >> 1;
+    return *(const u32*)(lut + off);
 }
+#endif
 
 __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
     return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
-// Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
-// replicated for every lane so that lookups never conflict. Static, so its address is an
-// immediate in the shared loads.
-#if !ARITH
-__shared__ __align__(16) u32 lut[LUT_WORDS];
-#endif
-
-// f16 pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (see ARITH above).
+// Operand pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (f16) or 2^-126 (bf16).
 template <int J>
-__device__ __forceinline__ u32 e2m1_pair_f16(u32 w) {
-    const u32 mag = (J < 3 ? (w << (9 - 4 * J)) : (w >> 3)) & 0x0e000e00u;
+__device__ __forceinline__ u32 e2m1_pair(u32 w) {
+    constexpr int up = MAG_POS - 4 * J;
+    const u32 mag = (up >= 0 ? (w << (up >= 0 ? up : 0)) : (w >> (up < 0 ? -up : 0))) &
+                    (0x00070007u << MAG_POS);
     const u32 sgn = (w << (12 - 4 * J)) & 0x80008000u;
     return mag | sgn;
-}
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
 }
 __shared__ u32 scale_tab[256];
 
 // Work item = (tile of 16*WARPS rows, K slice ky of `split`): warp w owns rows
-// tile*16*WARPS + 16w .. +16 and the steps ky, ky + split, ...; the warps of a block walk the
-// same steps, so the activations they read come from L1. Persistent blocks take items
-// blockIdx.x, += gridDim.x.
+// tile*16*WARPS + 16w .. +16 and the ky-th of `split` contiguous runs of steps; the warps of a
+// block walk the same steps, so the activations they read come from L1. Persistent blocks take
+// items blockIdx.x, += gridDim.x.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
@@ -132,18 +147,19 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         const u32 first = FMT == 2 ? (byte >> 4) : (byte & 15u);
         const u32 second = FMT == 2 ? (byte & 15u) : (byte >> 4);
         const u32 pair = to_op(u2f(CB_BITS[cb][first])) | (to_op(u2f(CB_BITS[cb][second])) << 16);
+        // Entry (byte, lane) = the byte's two values in element order, for every lane.
         const uint4 v = make_uint4(pair, pair, pair, pair);
 #pragma unroll
-        for (int q = 0; q < 8; q++) ((uint4*)lut)[byte * 8 + q] = v;
+        for (int q = 0; q < 8; q++) ((uint4*)(lut + byte * 128))[q] = v;
 #endif
-        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul);
+        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul * (ARITH ? ARITH_PRE : 1.0f));
         if (FMT == 1) scale_tab[byte] = splat_op(e8m0_decode(byte) * smul);
     }
     __syncthreads();
 
     const u32 warp = tid >> 5, lane = tid & 31;
 #if !ARITH
-    const u32 lane_base = (u32)__cvta_generic_to_shared(lut) + lane * 4;
+    const u32 lane_sel = lane * 8u;
 #endif
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
@@ -152,6 +168,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item / split, ky = item - tile * split;
+        // This slice's steps are contiguous, so each row is read in long runs.
+        const int per = (steps + split - 1) / split;
+        const int sbegin = ky * per, send = min(steps, sbegin + per);
         const int row0 = tile * 16 * WARPS + 16 * (int)warp + g;
         const bool rv[2] = {row0 < N, row0 + 8 < N};
         const u8* crow[2];
@@ -172,7 +191,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 
         auto load = [&](Frag& f, int st) {
             const int k0 = st * 128 + 32 * t;
-            const bool ok = st < steps && k0 < K;
+            const bool ok = st < send && k0 < K;
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 if (ok && rv[h]) {
@@ -226,14 +245,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #if ARITH
                 // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
                 u32 a[2][4];
-                a[0][0] = pair_scale(e2m1_pair_f16<0>(w0), s0);
-                a[0][1] = pair_scale(e2m1_pair_f16<0>(w1), s1);
-                a[0][2] = pair_scale(e2m1_pair_f16<1>(w0), s0);
-                a[0][3] = pair_scale(e2m1_pair_f16<1>(w1), s1);
-                a[1][0] = pair_scale(e2m1_pair_f16<2>(w0), s0);
-                a[1][1] = pair_scale(e2m1_pair_f16<2>(w1), s1);
-                a[1][2] = pair_scale(e2m1_pair_f16<3>(w0), s0);
-                a[1][3] = pair_scale(e2m1_pair_f16<3>(w1), s1);
+                a[0][0] = pair_scale(e2m1_pair<0>(w0), s0);
+                a[0][1] = pair_scale(e2m1_pair<0>(w1), s1);
+                a[0][2] = pair_scale(e2m1_pair<1>(w0), s0);
+                a[0][3] = pair_scale(e2m1_pair<1>(w1), s1);
+                a[1][0] = pair_scale(e2m1_pair<2>(w0), s0);
+                a[1][1] = pair_scale(e2m1_pair<2>(w1), s1);
+                a[1][2] = pair_scale(e2m1_pair<3>(w0), s0);
+                a[1][3] = pair_scale(e2m1_pair<3>(w1), s1);
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
@@ -246,14 +265,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 }
 #else
                 u32 a[2][4];
-                a[0][0] = pair_scale(lut_load<0>(w0, lane_base), s0);
-                a[0][1] = pair_scale(lut_load<0>(w1, lane_base), s1);
-                a[0][2] = pair_scale(lut_load<1>(w0, lane_base), s0);
-                a[0][3] = pair_scale(lut_load<1>(w1, lane_base), s1);
-                a[1][0] = pair_scale(lut_load<2>(w0, lane_base), s0);
-                a[1][1] = pair_scale(lut_load<2>(w1, lane_base), s1);
-                a[1][2] = pair_scale(lut_load<3>(w0, lane_base), s0);
-                a[1][3] = pair_scale(lut_load<3>(w1, lane_base), s1);
+                a[0][0] = pair_scale(lut_load<0>(w0, lane_sel), s0);
+                a[0][1] = pair_scale(lut_load<0>(w1, lane_sel), s1);
+                a[0][2] = pair_scale(lut_load<1>(w0, lane_sel), s0);
+                a[0][3] = pair_scale(lut_load<1>(w1, lane_sel), s1);
+                a[1][0] = pair_scale(lut_load<2>(w0, lane_sel), s0);
+                a[1][1] = pair_scale(lut_load<2>(w1, lane_sel), s1);
+                a[1][2] = pair_scale(lut_load<3>(w0, lane_sel), s0);
+                a[1][3] = pair_scale(lut_load<3>(w1, lane_sel), s1);
 #pragma unroll
                 for (int half = 0; half < 2; half++)
 #pragma unroll
@@ -268,60 +287,60 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         // flight while a step is multiplied.
 #if DEPTH >= 4
         Frag fa, fb, fc, fd;
-        int st = ky;
+        int st = sbegin;
         load(fa, st);
-        load(fb, st + split);
-        load(fc, st + 2 * split);
-        load(fd, st + 3 * split);
-        while (st < steps) {
+        load(fb, st + 1);
+        load(fc, st + 2);
+        load(fd, st + 3);
+        while (st < send) {
             compute(fa, st);
-            load(fa, st + 4 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fa, st + 4);
+            st++;
+            if (st >= send) break;
             compute(fb, st);
-            load(fb, st + 4 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fb, st + 4);
+            st++;
+            if (st >= send) break;
             compute(fc, st);
-            load(fc, st + 4 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fc, st + 4);
+            st++;
+            if (st >= send) break;
             compute(fd, st);
-            load(fd, st + 4 * split);
-            st += split;
+            load(fd, st + 4);
+            st++;
         }
 #elif DEPTH == 3
         Frag fa, fb, fc;
-        int st = ky;
+        int st = sbegin;
         load(fa, st);
-        load(fb, st + split);
-        load(fc, st + 2 * split);
-        while (st < steps) {
+        load(fb, st + 1);
+        load(fc, st + 2);
+        while (st < send) {
             compute(fa, st);
-            load(fa, st + 3 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fa, st + 3);
+            st++;
+            if (st >= send) break;
             compute(fb, st);
-            load(fb, st + 3 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fb, st + 3);
+            st++;
+            if (st >= send) break;
             compute(fc, st);
-            load(fc, st + 3 * split);
-            st += split;
+            load(fc, st + 3);
+            st++;
         }
 #else
         Frag fa, fb;
-        int st = ky;
+        int st = sbegin;
         load(fa, st);
-        load(fb, st + split);
-        while (st < steps) {
+        load(fb, st + 1);
+        while (st < send) {
             compute(fa, st);
-            load(fa, st + 2 * split);
-            st += split;
-            if (st >= steps) break;
+            load(fa, st + 2);
+            st++;
+            if (st >= send) break;
             compute(fb, st);
-            load(fb, st + 2 * split);
-            st += split;
+            load(fb, st + 2);
+            st++;
         }
 #endif
 
