@@ -9,7 +9,8 @@ mkdir -p "$Q4_HOME/models"
 cat /tmp/q4-model/part.* > "$Q4_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 sha256sum "$Q4_HOME/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 Q="$B/q4"
-run() { echo "\$ q4 $*"; "$Q" "$@"; echo " [exit $?]"; }
+# Each command's stdout is also kept in $OUT/e2e.txt.
+run() { { echo "\$ q4 $*"; "$Q" "$@"; echo " [exit $?]"; } | tee -a "$OUT/e2e.txt"; }
 FR="The capital of France is Paris. The capital of Germany is"
 for quant in nvfp4 nf4 none; do
   run -v generate --device cuda --quant "$quant" --temp 0 --max-tokens 16 --prompt "$FR" 2> "$OUT/gen-$quant.err"

@@ -211,17 +211,11 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
 }
 
 /// Whether the fused kernel decodes this weight arithmetically (no shared-memory table): NVFP4,
-/// whose E2M1 codes are f16/bf16 bit fields. Measured faster than the table on the H100 (see
-/// BENCHMARKS.md); `Q4_GEMV_ARITH=0` turns it off.
+/// whose E2M1 codes are f16/bf16 bit fields, unless `Q4_GEMV_ARITH=0` (see
+/// [`super::plan::nvfp4_arith_decode`]).
 pub fn arith(w: &QTensor) -> bool {
-    static ON: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-        std::env::var("Q4_GEMV_ARITH").map_or(ARITH_DEFAULT, |v| v != "0")
-    });
-    w.format() == Format::Nvfp4 && *ON
+    w.format() == Format::Nvfp4 && super::plan::nvfp4_arith_decode()
 }
-
-/// Default of [`arith`] when `Q4_GEMV_ARITH` is unset.
-const ARITH_DEFAULT: bool = true;
 
 fn gemv_defines(
     w: &QTensor,

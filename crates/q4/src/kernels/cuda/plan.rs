@@ -50,20 +50,34 @@ pub fn native_fp4_target(cc: (u32, u32)) -> Option<&'static str> {
 
 /// Kernel names (also used in logs and benchmarks).
 pub mod names {
-    pub const GEMV_MMA: &str = "gemv-mma (fused 4-bit decode, bf16/f16 mma.sync, f32 accumulate)";
+    pub const GEMV_MMA: &str =
+        "gemv-mma (fused 4-bit decode via pair table, bf16/f16 mma.sync, f32 accumulate)";
+    pub const GEMV_MMA_ARITH: &str =
+        "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (L2-sized chunks) + cuBLAS GEMM";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
 }
 
+/// Whether the fused GEMV decodes NVFP4 arithmetically (E2M1 bits placed into the operand's
+/// exponent field) rather than through its shared-memory pair table: the default, measured
+/// faster on the H100; `Q4_GEMV_ARITH=0` selects the table (kernel development).
+pub fn nvfp4_arith_decode() -> bool {
+    static ON: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("Q4_GEMV_ARITH").ok().is_none_or(|v| v != "0"));
+    *ON
+}
+
 /// The plan for `format` on a device of compute capability `cc`.
 pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
     // Before sm_80 (Turing) every batch takes the dequantize + cuBLAS path.
-    let decode = if has_mma_f16(cc) {
-        names::GEMV_MMA
-    } else {
+    let decode = if !has_mma_f16(cc) {
         names::DEQUANT_CUBLAS
+    } else if format == Format::Nvfp4 && nvfp4_arith_decode() {
+        names::GEMV_MMA_ARITH
+    } else {
+        names::GEMV_MMA
     };
     let w4a4 = match (format, native_fp4_target(cc)) {
         (Format::Nvfp4, Some(_)) => names::W4A4_NATIVE_SM120,
@@ -84,7 +98,8 @@ mod tests {
     #[test]
     fn plans_follow_the_hardware() {
         let h100 = plan((9, 0), Format::Nvfp4);
-        assert_eq!(h100.decode, names::GEMV_MMA);
+        assert_eq!(h100.decode, names::GEMV_MMA_ARITH);
+        assert_eq!(plan((9, 0), Format::Nf4).decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
         assert_eq!(plan((12, 1), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM120);
         // sm_100 has FP4 tensor cores but no q4 kernel for them (tcgen05): exact emulation.
