@@ -1,6 +1,7 @@
 //! Larger batches: decode a tile of weights (a few hundred rows by a slice of K, sized for the
-//! L2 cache) into f32, then run the `gemm` crate's dense micro-kernel on it, accumulating over
-//! the K slices. Only one tile per thread exists at a time.
+//! L2 cache) into f32, then run a dense micro-kernel on it (q4's AVX2 dot-product kernel, or the
+//! `gemm` crate's elsewhere), accumulating over the K slices. Only one tile per thread exists at
+//! a time.
 
 use std::cell::RefCell;
 
@@ -12,6 +13,18 @@ use super::rows::Rows;
 const KC: usize = 256;
 /// Most rows per tile (128 x 256 f32 = 128 KiB, a quarter of this machine's L2).
 const MAX_TILE_ROWS: usize = 128;
+
+/// Largest batch for the dot-product micro-kernel: measured faster than the `gemm` crate's
+/// packed kernel at 16-32 rows (1.2-1.5x) and mixed at 64, where the crate's packing pays off
+/// and the activation slice no longer fits L1 (BENCHMARKS.md).
+#[cfg(target_arch = "x86_64")]
+const DOT_MAX_BATCH: usize = 32;
+
+/// `Q4_TILE_GEMM_CRATE=1`: the `gemm` crate's micro-kernel even where q4's AVX2 one runs (for
+/// same-binary comparisons).
+#[cfg(target_arch = "x86_64")]
+static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("Q4_TILE_GEMM_CRATE").is_some_and(|v| v != "0"));
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -57,6 +70,10 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     // Each tile writes its own columns r0..r0+rows of every output row of `y` straight away
     // (no transposed staging buffer); the pointer crosses threads as an address.
     let y_addr = y.as_mut_ptr() as usize;
+    // Up to DOT_MAX_BATCH activation rows AVX2 hosts use q4's dot-product micro-kernel (no
+    // packing of the tile); larger batches, and other hosts, the `gemm` crate's.
+    #[cfg(target_arch = "x86_64")]
+    let simd = batch <= DOT_MAX_BATCH && super::x86::available() && !*USE_GEMM_CRATE;
     debug_assert_eq!(y.len(), batch * n);
     for_each_index(tiles, n * k * batch / 8, |t| {
         TILE.with_borrow_mut(|tile| {
@@ -73,11 +90,30 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
                 for r in 0..rows {
                     decode(r0 + r, k0, &mut tile[r * w..(r + 1) * w]);
                 }
-                // SAFETY: plain f32 GEMM on valid buffers. dst is the batch x rows block of `y`
-                // at column r0 (element (m, j) at m * n + r0 + j): in bounds, and disjoint from
-                // every other tile's block, so concurrent tiles never write the same element.
-                // lhs is the batch x w slice of `x` at column k0 (row stride k); rhs is the tile
-                // viewed as w x rows (element (kk, j) at j * w + kk); all in bounds.
+                // SAFETY (both arms): plain f32 GEMM on valid buffers. dst is the batch x rows
+                // block of `y` at column r0 (element (m, j) at m * n + r0 + j): in bounds, and
+                // disjoint from every other tile's block, so concurrent tiles never write the
+                // same element. lhs is the batch x w slice of `x` at column k0 (row stride k);
+                // rhs is the tile viewed as w x rows (element (kk, j) at j * w + kk); all in
+                // bounds. The AVX2 arm runs only where `x86::available()` says AVX2+FMA exist.
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    unsafe {
+                        super::x86::tile_gemm(
+                            x.as_ptr().add(k0),
+                            k,
+                            &tile[..rows * w],
+                            w,
+                            rows,
+                            batch,
+                            (y_addr as *mut f32).add(r0),
+                            n,
+                            k0 > 0,
+                        );
+                    }
+                    k0 += w;
+                    continue;
+                }
                 unsafe {
                     gemm::gemm(
                         batch,

@@ -33,7 +33,8 @@ pub enum CpuKernel {
     GemvSimd,
     /// Fused decode + dot products, portable Rust.
     GemvPortable,
-    /// Tile decode, then the `gemm` crate's micro-kernel.
+    /// Tile decode, then a dense micro-kernel (q4's AVX2 one up to 32 rows, else the `gemm`
+    /// crate's).
     TiledGemm,
 }
 
