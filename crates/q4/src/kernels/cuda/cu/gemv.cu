@@ -52,13 +52,14 @@
 // and the one left for the f32 result (exact powers of two, see ARITH above).
 #if OPT == T_BF16
 #define MAG_POS 6
-#define ARITH_PRE 6.64613997892457936e35f /* 2^119: 448 * 2^119 still fits bf16 */
+#define ARITH_PRE_V 6.64613997892457936e35f /* 2^119: 448 * 2^119 still fits bf16 */
 #define ARITH_GAIN_V 128.0f
 #else
 #define MAG_POS 9
-#define ARITH_PRE 1.0f
+#define ARITH_PRE_V 1.0f
 #define ARITH_GAIN_V 16384.0f
 #endif
+#define ARITH_PRE (ARITH ? ARITH_PRE_V : 1.0f)
 #define ARITH_GAIN (ARITH ? ARITH_GAIN_V : 1.0f)
 
 __device__ __forceinline__ u32 to_op(float v) {
@@ -126,8 +127,10 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 template <int J>
 __device__ __forceinline__ u32 e2m1_pair(u32 w) {
     constexpr int up = MAG_POS - 4 * J;
-    const u32 mag = (up >= 0 ? (w << (up >= 0 ? up : 0)) : (w >> (up < 0 ? -up : 0))) &
-                    (0x00070007u << MAG_POS);
+    u32 mag;
+    if constexpr (up >= 0) mag = w << up;
+    else mag = w >> -up;
+    mag &= 0x00070007u << MAG_POS;
     const u32 sgn = (w << (12 - 4 * J)) & 0x80008000u;
     return mag | sgn;
 }
@@ -152,7 +155,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
         for (int q = 0; q < 8; q++) ((uint4*)(lut + byte * 128))[q] = v;
 #endif
-        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul * (ARITH ? ARITH_PRE : 1.0f));
+        if (FMT == 0) scale_tab[byte] = splat_op(e4m3_decode(byte) * smul * ARITH_PRE);
         if (FMT == 1) scale_tab[byte] = splat_op(e8m0_decode(byte) * smul);
     }
     __syncthreads();
