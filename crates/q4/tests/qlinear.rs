@@ -211,6 +211,55 @@ fn w4a4_is_bit_exact_with_explicit_quantize_dequantize_reference() {
     }
 }
 
+/// W4A8 (int8 activations) equals the reference with int8-round-tripped activations, on the
+/// int8 GEMV (batches 1-8), the f32 fallback above it, and inputs with leading dimensions; the
+/// activation round trip matches `Int8Acts` bit for bit.
+#[test]
+fn w4a8_matches_the_int8_round_trip_reference() {
+    for format in [Format::Nvfp4, Format::Mxfp4] {
+        for (n, k, batch, seed) in [
+            (33, 128, 1, 1u64),
+            (20, 576, 3, 2),
+            (7, 64, 8, 3),
+            (40, 256, 16, 4),
+        ] {
+            let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+            let layer = QLinear::new(q, None)
+                .unwrap()
+                .with_act_quant(ActQuant::Int8)
+                .unwrap();
+            let xs = randn(seed + 9, batch * k);
+            let x = Tensor::from_vec(xs.clone(), (batch, k), &Device::Cpu).unwrap();
+            let rt = q4::qlinear::fake_quantize_int8(&x).unwrap();
+            let want_rt = q4::kernels::cpu::w4a8::Int8Acts::quantize(&xs, k).dequantize();
+            // Equal as numbers (the tensor path may round a small negative to -0).
+            let rt = f32_values(&rt);
+            assert!(
+                rt.iter().zip(&want_rt).all(|(a, b)| a == b),
+                "{format} round trip"
+            );
+            let y = layer.forward(&x).unwrap();
+            let e = rel_err(&y, &layer.forward_reference(&x).unwrap());
+            assert!(e < 1e-5, "{format} {n}x{k} batch {batch}: {e}");
+            // Leading dimensions and bf16 activations.
+            let x3 = x.reshape((1, batch, k)).unwrap();
+            let y3 = layer.forward(&x3).unwrap();
+            assert_eq!(y3.dims(), &[1, batch, n]);
+            let yb = layer.forward(&x3.to_dtype(DType::BF16).unwrap()).unwrap();
+            assert_eq!(yb.dtype(), DType::BF16);
+            let e = rel_err(
+                &yb.to_dtype(DType::F32)
+                    .unwrap()
+                    .reshape((batch, n))
+                    .unwrap(),
+                &y,
+            );
+            assert!(e < 1e-2, "{format} bf16: {e}");
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let w = Tensor::from_vec(randn(1, 8 * 32), (8, 32), &Device::Cpu).unwrap();
@@ -234,6 +283,22 @@ fn bad_input_is_a_clear_error() {
         e.contains("needs an NVFP4 weight") && e.contains("nf4"),
         "{e}"
     );
+    let e = layer
+        .clone()
+        .with_act_quant(ActQuant::Int8)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("needs an NVFP4 or MXFP4 weight") && e.contains("nf4"),
+        "{e}"
+    );
+    let odd = Tensor::from_vec(randn(2, 4 * 48), (4, 48), &Device::Cpu).unwrap();
+    let e = QLinear::from_dense(&odd, None, Some(&QuantSpec::new(Format::Nvfp4)))
+        .unwrap()
+        .with_act_quant(ActQuant::Int8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("multiple of 32") && e.contains("48"), "{e}");
     let e = QTensor::quantize(
         &Tensor::zeros((4, 20), DType::F32, &Device::Cpu).unwrap(),
         &QuantSpec::new(Format::Nvfp4),

@@ -77,6 +77,11 @@ pub struct ModelArgs {
     /// (exact emulation of Blackwell's W4A4 matmul). Weight-only by default.
     #[arg(long)]
     pub w4a4: bool,
+    /// NVFP4 / MXFP4 weights: quantize the decoder's activations to int8 per 32 values (W4A8,
+    /// the scheme of llama.cpp's quantized matmuls): about twice the CPU decode kernel speed at
+    /// a small cost in perplexity (see BENCHMARKS.md). Weight-only by default.
+    #[arg(long)]
+    pub w4a8: bool,
 }
 
 impl ModelArgs {
@@ -95,6 +100,7 @@ impl ModelArgs {
             quant: self.quant.format(),
             embeddings: self.embeddings.map(Embeddings::storage),
             w4a4: self.w4a4,
+            w4a8: self.w4a8,
             device,
         };
         let start = Instant::now();

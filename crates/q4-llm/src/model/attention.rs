@@ -87,6 +87,15 @@ impl Attention {
         })
     }
 
+    /// Applies `f` to every linear layer.
+    pub fn map_linears(self, f: &dyn Fn(QLinear) -> Result<QLinear>) -> Result<Self> {
+        Ok(Attention {
+            qkv: self.qkv.map(f)?,
+            o_proj: f(self.o_proj)?,
+            ..self
+        })
+    }
+
     /// `x`: `[batch, seq, hidden]` at positions `offset..offset + seq`; `mask`: `[seq, offset +
     /// seq]` additive causal mask (absent for a single new position).
     pub fn forward(

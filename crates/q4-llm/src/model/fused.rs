@@ -25,6 +25,14 @@ impl LinearGroup {
         LinearGroup { fused, parts }
     }
 
+    /// Applies `f` to every layer (the stacked one and the parts).
+    pub fn map(self, f: &dyn Fn(QLinear) -> Result<QLinear>) -> Result<Self> {
+        Ok(LinearGroup {
+            fused: self.fused.map(f).transpose()?,
+            parts: self.parts.into_iter().map(f).collect::<Result<_>>()?,
+        })
+    }
+
     /// Each part's output, in order.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match &self.fused {

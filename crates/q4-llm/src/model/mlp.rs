@@ -45,6 +45,14 @@ impl Mlp {
         })
     }
 
+    /// Applies `f` to every linear layer.
+    pub fn map_linears(self, f: &dyn Fn(QLinear) -> Result<QLinear>) -> Result<Self> {
+        Ok(Mlp {
+            gate_up: self.gate_up.map(f)?,
+            down_proj: f(self.down_proj)?,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [gate, up]: [Tensor; 2] = self
             .gate_up

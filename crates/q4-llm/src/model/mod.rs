@@ -37,6 +37,9 @@ pub struct LoadOptions {
     /// NVFP4 checkpoints: quantize activations with each layer's `input_scale` (W4A4
     /// emulation) instead of running weight-only.
     pub w4a4: bool,
+    /// E2M1 weights (NVFP4, MXFP4): quantize the decoder linears' activations to int8 per 32
+    /// values (W4A8, as llama.cpp does), for a faster CPU GEMV at a small cost in accuracy.
+    pub w4a8: bool,
     pub device: Device,
 }
 
@@ -46,6 +49,7 @@ impl Default for LoadOptions {
             quant: None,
             embeddings: None,
             w4a4: false,
+            w4a8: false,
             device: Device::Cpu,
         }
     }
@@ -111,6 +115,18 @@ impl Model {
             ),
             None => None,
         };
+        if opts.w4a8 && opts.w4a4 {
+            bail!("--w4a8 and --w4a4 exclude each other (one activation format per layer)");
+        }
+        let act = |l: QLinear| -> Result<QLinear> {
+            if opts.w4a8 {
+                l.with_act_quant(q4::ActQuant::Int8).context(
+                    "--w4a8 needs E2M1 weights: --quant nvfp4 or mxfp4, or an NVFP4 checkpoint",
+                )
+            } else {
+                Ok(l)
+            }
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -123,7 +139,8 @@ impl Model {
                     eps,
                     dev,
                 )?,
-                self_attn: Attention::load(src, &cfg, &format!("{p}.self_attn"), opts.quant, dev)?,
+                self_attn: Attention::load(src, &cfg, &format!("{p}.self_attn"), opts.quant, dev)?
+                    .map_linears(&act)?,
                 post_attention_layernorm: RmsNorm::load(
                     src,
                     &format!("{p}.post_attention_layernorm.weight"),
@@ -131,7 +148,8 @@ impl Model {
                     eps,
                     dev,
                 )?,
-                mlp: Mlp::load(src, &cfg, &format!("{p}.mlp"), opts.quant, dev)?,
+                mlp: Mlp::load(src, &cfg, &format!("{p}.mlp"), opts.quant, dev)?
+                    .map_linears(&act)?,
             });
         }
         let norm = RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dev)?;

@@ -88,13 +88,16 @@ fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
         // Each copy is a separate allocation (same values).
         let w = w.copy()?;
         let (layer, b): (Box<dyn Module>, usize) = match name {
-            "q4-nvfp4" | "q4-nf4" => {
-                let f = if name == "q4-nvfp4" {
-                    Format::Nvfp4
-                } else {
+            "q4-nvfp4" | "q4-nf4" | "q4-nvfp4-w4a8" => {
+                let f = if name == "q4-nf4" {
                     Format::Nf4
+                } else {
+                    Format::Nvfp4
                 };
-                let l = QLinear::from_dense(&w, None, Some(&QuantSpec::new(f)))?;
+                let mut l = QLinear::from_dense(&w, None, Some(&QuantSpec::new(f)))?;
+                if name == "q4-nvfp4-w4a8" {
+                    l = l.with_act_quant(q4::ActQuant::Int8)?;
+                }
                 let b = match l.weight() {
                     q4::qlinear::LinearWeight::Quant(q) => q.storage_bytes(),
                     _ => unreachable!(),
@@ -138,7 +141,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<12} {:>5} {:<5} {:<12} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7}",
+        "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7}",
         "shape",
         "batch",
         "cache",
@@ -152,7 +155,13 @@ pub fn run(args: Args) -> Result<()> {
         "others"
     )?;
     eprint!("{out}");
-    let mut names = vec!["q4-nvfp4", "q4-nf4", "candle-f32", "candle-q4k"];
+    let mut names = vec![
+        "q4-nvfp4",
+        "q4-nvfp4-w4a8",
+        "q4-nf4",
+        "candle-f32",
+        "candle-q4k",
+    ];
     if !args.no_q4_0 {
         names.push("candle-q4_0");
     }
@@ -169,7 +178,7 @@ pub fn run(args: Args) -> Result<()> {
                 Err(e) => {
                     // e.g. Q4K needs rows of a multiple of 256 elements.
                     let line = format!(
-                        "{shape:<12}   -   -     {name:<12} n/a: {}",
+                        "{shape:<12}   -   -     {name:<13} n/a: {}",
                         e.to_string().lines().next().unwrap_or("")
                     );
                     eprintln!("{line}");
@@ -211,7 +220,7 @@ pub fn run(args: Args) -> Result<()> {
             for (name, bytes, t) in &results {
                 let flops = 2.0 * (n * k * batch) as f64;
                 let line = format!(
-                    "{:<12} {:>5} {:<5} {:<12} {:>9.3} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
+                    "{:<12} {:>5} {:<5} {:<13} {:>9.3} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
                     shape,
                     batch,
                     if cold { "cold" } else { "warm" },

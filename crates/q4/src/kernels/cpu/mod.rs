@@ -12,6 +12,7 @@ mod no_simd;
 pub mod parallel;
 pub mod rows;
 pub mod w4a4;
+pub mod w4a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

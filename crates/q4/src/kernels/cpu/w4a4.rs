@@ -34,6 +34,9 @@ fn e4m3_x512(b: u8) -> Option<i64> {
 pub fn activation_scale(x: &[f32], act: ActQuant) -> Result<f32> {
     match act {
         ActQuant::None => Err(Error::msg("activation quantization is off")),
+        ActQuant::Int8 => Err(Error::msg(
+            "int8 activations (W4A8) have no NVFP4 tensor scale",
+        )),
         ActQuant::Nvfp4Static { input_scale } => {
             if !(input_scale.is_finite() && input_scale > 0.0) {
                 return Err(Error::msg(format!(

@@ -45,6 +45,11 @@ pub fn quantize_activations(
     let pc = cols.div_ceil(16) * 16;
     let (dynamic, s2_fixed, amax) = match act {
         ActQuant::None => return Err(Error::msg("activation quantization is off")),
+        ActQuant::Int8 => {
+            return Err(Error::msg(
+                "int8 activations (W4A8) are not an NVFP4 activation format",
+            ))
+        }
         ActQuant::Nvfp4Static { input_scale } => {
             if !(input_scale.is_finite() && input_scale > 0.0) {
                 return Err(Error::msg(format!(

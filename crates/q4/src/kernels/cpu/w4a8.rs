@@ -1,0 +1,178 @@
+//! W4A8 for E2M1 weights (NVFP4, MXFP4): activations quantized to int8 in blocks of 32 with an
+//! f32 scale each (`d = amax / 127`, `q = round(x / d)`), the scheme llama.cpp uses for the
+//! activations of its quantized matmuls.
+//!
+//! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
+//! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
+//! widening every weight to f32 — about a third of the vector instructions of the f32 GEMV,
+//! which on two AVX2 cores is what separates batch-1 decode from the memory-bandwidth bound.
+//! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
+//! to f32 rounding; that is the reference this mode is tested against.
+
+use super::rows::Rows;
+
+/// Activations per int8 scale.
+pub const ACT_BLOCK: usize = 32;
+
+/// Twice the E2M1 value of each code (code 8, "-0", is 0).
+pub const E2M1_X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+
+/// Activation rows quantized to int8, one f32 scale per 32 values.
+pub struct Int8Acts {
+    /// `batch x k` values (`k` a multiple of 32), row-major, natural order.
+    pub q: Vec<i8>,
+    /// `batch x k / 32` scales.
+    pub d: Vec<f32>,
+    pub k: usize,
+}
+
+impl Int8Acts {
+    /// Quantizes `x` (`batch x k`, `k` a multiple of 32). Non-finite values make the whole
+    /// block's scale non-finite, so they propagate to the output as they would in f32.
+    pub fn quantize(x: &[f32], k: usize) -> Int8Acts {
+        debug_assert!(k.is_multiple_of(ACT_BLOCK) && x.len().is_multiple_of(k.max(1)));
+        let mut q = vec![0i8; x.len()];
+        let mut d = vec![0f32; x.len() / ACT_BLOCK];
+        for ((xb, qb), db) in x
+            .chunks_exact(ACT_BLOCK)
+            .zip(q.chunks_exact_mut(ACT_BLOCK))
+            .zip(d.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let nonfinite = xb.iter().any(|v| !v.is_finite());
+            if nonfinite {
+                *db = f32::NAN;
+                continue;
+            }
+            if amax == 0.0 {
+                continue;
+            }
+            let scale = amax / 127.0;
+            let inv = 127.0 / amax;
+            for (o, v) in qb.iter_mut().zip(xb) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+            *db = scale;
+        }
+        Int8Acts { q, d, k }
+    }
+
+    /// The activations the int8 product is equivalent to: `q * d`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.q
+            .chunks_exact(ACT_BLOCK)
+            .zip(&self.d)
+            .flat_map(|(qb, &d)| qb.iter().map(move |&v| v as f32 * d))
+            .collect()
+    }
+}
+
+/// Whether the int8 kernel can run this weight: an E2M1 codebook stored low nibble first, rows
+/// on block boundaries, blocks of 16 or 32, and `k` a multiple of the 64-weight chunk.
+pub fn supported(w: &Rows<'_>) -> bool {
+    let e2m1 = w
+        .values
+        .iter()
+        .zip(E2M1_X2)
+        .all(|(v, i)| *v * 2.0 == i as f32);
+    e2m1 && !w.high_first && w.aligned && matches!(w.block, 16 | 32) && w.k.is_multiple_of(64)
+}
+
+/// `y[m, n] = sum_k xq[m, k] W[n, k]` with the int8 kernel when this target has one and the
+/// weight fits it (`true`); `false` leaves `y` untouched and the caller runs the f32 kernels
+/// on the dequantized activations.
+pub fn matmul(w: &Rows<'_>, xq: &Int8Acts, batch: usize, y: &mut [f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if batch <= super::GEMV_MAX_BATCH && supported(w) && super::x86::available() {
+        let mut yt = vec![0f32; w.n * batch];
+        let xs = super::x86::Int8Layout::new(xq, batch);
+        super::parallel::for_each_chunk_mut(
+            &mut yt,
+            32 * batch,
+            w.n * w.k * batch.div_ceil(2),
+            |t, out| {
+                let r0 = t * 32;
+                let r1 = (r0 + 32).min(w.n);
+                // SAFETY: AVX2 is present and the weight fits the kernel (`supported`); rows
+                // r0..r1 exist and `xs` holds `batch` rows of `w.k` activations.
+                unsafe { super::x86::rows_i8(w, &xs, batch, r0, r1, out) };
+            },
+        );
+        if batch == 1 {
+            y.copy_from_slice(&yt);
+        } else {
+            super::transpose_into(&yt, w.n, batch, y);
+        }
+        return true;
+    }
+    let _ = (w, xq, batch, y);
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Format, QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+
+    fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f32 = want.iter().map(|b| b * b).sum();
+        (num / den.max(f32::MIN_POSITIVE)).sqrt()
+    }
+
+    /// The int8 kernel equals the f32 GEMV over the dequantized activations, for both E2M1
+    /// formats, every GEMV batch and odd row counts.
+    #[test]
+    fn int8_kernel_matches_dequantized_activations() {
+        let dev = Device::Cpu;
+        for format in [Format::Nvfp4, Format::Mxfp4] {
+            // Short rows (several per pass, with a tail) and long ones (one per pass).
+            for (n, k) in [(37usize, 128usize), (5, 576), (64, 1024), (9, 2304)] {
+                let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+                let view = q.host_view().unwrap();
+                let rows = Rows::new(&view);
+                assert!(supported(&rows));
+                for batch in 1..=8 {
+                    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let xq = Int8Acts::quantize(&x, k);
+                    let mut got = vec![0f32; batch * n];
+                    if !matmul(&rows, &xq, batch, &mut got) {
+                        return; // no int8 kernel on this target
+                    }
+                    let mut want = vec![0f32; batch * n];
+                    super::super::matmul(&view, &xq.dequantize(), batch, &mut want);
+                    let e = relative_error(&got, &want);
+                    assert!(e < 1e-6, "{format} {n}x{k} batch {batch}: {e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantization_rounds_each_block_to_its_own_scale() {
+        let mut x: Vec<f32> = (0..64).map(|i| i as f32 - 20.0).collect();
+        x[40] = 0.0;
+        let a = Int8Acts::quantize(&x, 64);
+        assert_eq!(a.d[0], 20.0 / 127.0);
+        assert_eq!(a.d[1], 43.0 / 127.0);
+        assert_eq!(a.q[0], -127);
+        assert_eq!(a.q[63], 127);
+        let back = a.dequantize();
+        for (b, v) in back.iter().zip(&x) {
+            assert!((b - v).abs() <= 43.0 / 127.0 / 2.0 + 1e-6);
+        }
+        // An all-zero block has scale 0 and codes 0; a NaN poisons only its own block.
+        let mut y = vec![0f32; 64];
+        y[33] = f32::NAN;
+        let b = Int8Acts::quantize(&y, 64);
+        assert_eq!((b.d[0], b.q[0]), (0.0, 0));
+        assert!(b.d[1].is_nan());
+    }
+}
