@@ -50,11 +50,17 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         "q4-none" => None,
         "q4-nvfp4" => Some(q4::Format::Nvfp4),
         "q4-nf4" => Some(q4::Format::Nf4),
-        "q4-nvfp4-w4a8" => Some(q4::Format::Nvfp4),
+        "q4-nvfp4-w4a8" | "q4-nvfp4-w4a8-e8" => Some(q4::Format::Nvfp4),
         "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
         other => bail!("unknown configuration {other}"),
     };
-    let opts = LoadOptions { quant, w4a8: config.ends_with("-w4a8"), ..Default::default() };
+    // Suffixes: -w4a8 int8 activations in the decoder, -e8 int8 embeddings / LM head.
+    let opts = LoadOptions {
+        quant,
+        w4a8: config.contains("-w4a8"),
+        embeddings: config.ends_with("-e8").then_some(q4_llm::EmbeddingStorage::Int8),
+        ..Default::default()
+    };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
     let prompt = tok.encode(PROMPT, false)?;
     let long = long_prompt_ids(&tok, long_prompt)?;
@@ -205,7 +211,7 @@ fn main() -> Result<()> {
     // over the whole child including the long prefill.
     println!("{:<12} {:>11} {:>11} {:>14} {:>10} {:>10} {:>6}  text", "config", "prefill t/s", "decode t/s", "prefill256 t/s", "peak MiB", "peak+256", "idle");
     let mut rows = Vec::new();
-    for config in ["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nvfp4-w4a8", "q4-nf4"] {
+    for config in ["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nvfp4-w4a8", "q4-nvfp4-w4a8-e8", "q4-nf4"] {
         let idle_before = idle_fraction(500);
         let out = Command::new(&exe)
             .args(["--child", config, "--new", &new.to_string(), "--reps", &reps.to_string(), "--long", &long.to_string()])

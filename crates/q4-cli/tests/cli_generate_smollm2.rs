@@ -57,11 +57,11 @@ fn stdout_of(o: &Output) -> String {
 
 const FRANCE: &str = "The capital of France is Paris. The capital of Germany is";
 
-fn assert_berlin(quant: &str) {
+fn assert_berlin(quant: &str, extra: &[&str]) {
     if !default_model_ready() {
         return;
     }
-    let o = q4(&[
+    let mut args = vec![
         "generate",
         "--quant",
         quant,
@@ -71,19 +71,29 @@ fn assert_berlin(quant: &str) {
         "6",
         "--prompt",
         FRANCE,
-    ]);
-    let out = stdout_of(&o);
-    assert!(out.starts_with(" Berlin"), "--quant {quant}: {out:?}");
+    ];
+    args.extend_from_slice(extra);
+    let out = stdout_of(&q4(&args));
+    assert!(
+        out.starts_with(" Berlin"),
+        "--quant {quant} {extra:?}: {out:?}"
+    );
 }
 
 #[test]
 fn nvfp4_says_berlin() {
-    assert_berlin("nvfp4");
+    assert_berlin("nvfp4", &[]);
 }
 
 #[test]
 fn dense_says_berlin() {
-    assert_berlin("none");
+    assert_berlin("none", &[]);
+}
+
+/// The fast CPU modes: int8 activations in the decoder and an int8 embedding table / LM head.
+#[test]
+fn nvfp4_with_int8_activations_and_embeddings_says_berlin() {
+    assert_berlin("nvfp4", &["--w4a8", "--embeddings", "int8"]);
 }
 
 /// Letters, spaces and common punctuation make up the text, and there are words.

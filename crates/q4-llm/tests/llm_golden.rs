@@ -185,6 +185,72 @@ fn quantized_embeddings_share_one_table_with_the_tied_lm_head() {
     assert!(d > 1e-3 && d < 2.5, "max |diff| {d}");
 }
 
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+    let n = b.sqr().unwrap().sum_all().unwrap();
+    (d.to_scalar::<f32>().unwrap() / n.to_scalar::<f32>().unwrap()).sqrt()
+}
+
+/// Int8 activations (W4A8) and int8 embeddings / LM head (tied: one shared table; untied: the
+/// head quantized on its own) move the logits by a fraction of a percent of what the 4-bit
+/// decoder layers already do; the options are refused where they cannot apply.
+#[test]
+fn int8_activations_and_embeddings_stay_close_to_f32() {
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        let g = golden(name);
+        let ids = &g["input_ids"];
+        let run = |embeddings, w4a8| {
+            let opts = LoadOptions {
+                quant: Some(Format::Nvfp4),
+                embeddings: Some(embeddings),
+                w4a8,
+                ..Default::default()
+            };
+            logits(&q4_llm::load(&fixture(name), &opts).unwrap().0, ids)
+        };
+        let base = run(EmbeddingStorage::F32, false);
+        // What quantizing the decoder layers to NVFP4 already does to the logits.
+        let dense = logits(&load(name, None), ids);
+        let four_bit = rel_diff(&base, &dense);
+        for (emb, w4a8) in [
+            (EmbeddingStorage::Int8, false),
+            (EmbeddingStorage::F32, true),
+            (EmbeddingStorage::Int8, true),
+        ] {
+            let r = rel_diff(&run(emb, w4a8), &base);
+            eprintln!(
+                "{name} {emb:?} w4a8={w4a8}: relative logit change {r:e} (NVFP4: {four_bit:e})"
+            );
+            assert!(
+                r > 0.0 && r < 0.1 * four_bit,
+                "{name} {emb:?} w4a8={w4a8}: {r}"
+            );
+        }
+    }
+    let refuse = |quant, w4a4| {
+        let opts = LoadOptions {
+            quant,
+            w4a8: true,
+            w4a4,
+            ..Default::default()
+        };
+        format!(
+            "{:#}",
+            q4_llm::load(&fixture("tiny-llama"), &opts).err().unwrap()
+        )
+    };
+    let e = refuse(Some(Format::Nf4), false);
+    assert!(
+        e.contains("--w4a8 needs E2M1 weights") && e.contains("nf4"),
+        "{e}"
+    );
+    let e = refuse(None, false);
+    assert!(
+        e.contains("--w4a8 needs E2M1 weights") && e.contains("dense"),
+        "{e}"
+    );
+}
+
 #[test]
 fn w4a4_uses_the_checkpoints_input_scales() {
     let g = golden("tiny-llama-nvfp4");

@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod host_bytes;
+pub mod int8_table;
 pub mod kernels;
 pub mod lut;
 pub mod probe;
@@ -14,6 +15,7 @@ pub mod qtensor;
 
 pub use error::{Context, Error, Result};
 pub use host_bytes::HostBytes;
+pub use int8_table::Int8Table;
 pub use q4_formats::{Format, NonFinite};
 pub use qlinear::{ActQuant, QLinear};
 pub use qtensor::{QTensor, QuantSpec, Quantized};

@@ -4,7 +4,9 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use q4::QTensor;
+use std::sync::Arc;
+
+use q4::{Int8Table, QTensor};
 
 /// How the embedding table (and a dense or tied `lm_head`) is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -13,6 +15,9 @@ pub enum EmbeddingStorage {
     /// Half the bytes of f32 and close to lossless for checkpoints whose embeddings were 8-bit
     /// or bf16 to begin with; multiplied by q4's bf16 kernel.
     Bf16,
+    /// int8 in blocks of 32 with an f32 scale (GGUF Q8_0's layout, f32 scales); the output
+    /// layer then multiplies with int8 activations (W8A8). CPU only.
+    Int8,
     /// The 4-bit format of the decoder layers (smallest, but the output layer is sensitive).
     Quantized,
 }
@@ -21,6 +26,8 @@ pub enum EmbeddingStorage {
 pub enum Embedding {
     Dense(Tensor),
     Quant(QTensor),
+    /// Shared with a tied output layer.
+    Int8(Arc<Int8Table>),
 }
 
 impl Embedding {
@@ -31,6 +38,10 @@ impl Embedding {
             Embedding::Quant(q) => {
                 let host: Vec<u32> = ids.to_device(&Device::Cpu)?.to_vec1()?;
                 Ok(q.gather_rows(&host)?)
+            }
+            Embedding::Int8(t) => {
+                let host: Vec<u32> = ids.to_device(&Device::Cpu)?.to_vec1()?;
+                Ok(t.gather_rows(&host)?)
             }
         }
     }

@@ -13,7 +13,9 @@ mod norm;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use q4::{Format, QLinear, QTensor, QuantSpec};
+use std::sync::Arc;
+
+use q4::{Format, Int8Table, QLinear, QTensor, QuantSpec};
 
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
@@ -63,6 +65,22 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+/// The output layer: a linear layer (dense or 4-bit), or an int8 table (W8A8, CPU).
+#[derive(Clone, Debug)]
+enum Head {
+    Linear(QLinear),
+    Int8(Arc<Int8Table>),
+}
+
+impl Head {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Head::Linear(l) => l.forward(x)?,
+            Head::Int8(t) => t.matmul(x)?,
+        })
+    }
+}
+
 /// Hidden states of one forward pass, for checking against a reference implementation.
 pub struct HiddenStates {
     /// `[batch, seq, hidden]` output of the embedding.
@@ -80,7 +98,7 @@ pub struct Model {
     embed_tokens: Embedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: QLinear,
+    lm_head: Head,
     rope: Rope,
     device: Device,
 }
@@ -95,9 +113,12 @@ impl Model {
             None => EmbeddingStorage::F32,
         });
         let embed_dtype = match storage {
-            EmbeddingStorage::Bf16 => DType::BF16,
+            EmbeddingStorage::Bf16 | EmbeddingStorage::Int8 => DType::BF16,
             _ => DType::F32,
         };
+        if storage == EmbeddingStorage::Int8 && !dev.is_cpu() {
+            bail!("int8 embeddings run on the CPU only; use --embeddings bf16 on {dev:?}");
+        }
         let embed_dense =
             tensor_as_with_shape(src, "model.embed_tokens.weight", embed_dtype, &[vocab, h])?
                 .to_device(dev)?;
@@ -106,6 +127,13 @@ impl Model {
                 opts.quant
                     .context("4-bit embeddings need --quant (which format?)")?,
             ),
+            _ => None,
+        };
+        let embed_int8 = match storage {
+            EmbeddingStorage::Int8 => Some(Arc::new(
+                Int8Table::quantize(&embed_dense)
+                    .context("cannot store the token embeddings as int8")?,
+            )),
             _ => None,
         };
         let embed_q = match head_quant {
@@ -154,9 +182,10 @@ impl Model {
         }
         let norm = RmsNorm::load(src, "model.norm.weight", h, cfg.rms_norm_eps, dev)?;
         let lm_head = if cfg.tie_word_embeddings {
-            match &embed_q {
-                Some(q) => QLinear::new(q.clone(), None)?,
-                None => QLinear::dense(embed_dense.clone(), None)?,
+            match (&embed_int8, &embed_q) {
+                (Some(t), _) => Head::Int8(t.clone()),
+                (None, Some(q)) => Head::Linear(QLinear::new(q.clone(), None)?),
+                (None, None) => Head::Linear(QLinear::dense(embed_dense.clone(), None)?),
             }
         } else {
             let spec = LinearSpec {
@@ -170,15 +199,19 @@ impl Model {
                 .expect("one layer");
             match (storage, head.weight()) {
                 (EmbeddingStorage::Bf16, q4::qlinear::LinearWeight::Dense(w)) => {
-                    QLinear::dense(w.to_dtype(DType::BF16)?, None)?
+                    Head::Linear(QLinear::dense(w.to_dtype(DType::BF16)?, None)?)
                 }
-                _ => head,
+                (EmbeddingStorage::Int8, q4::qlinear::LinearWeight::Dense(w)) => Head::Int8(
+                    Arc::new(Int8Table::quantize(w).context("cannot store lm_head as int8")?),
+                ),
+                _ => Head::Linear(head),
             }
         };
         let rope = Rope::new(&cfg, dev)?;
-        let embed_tokens = match embed_q {
-            Some(q) => Embedding::Quant(q),
-            None => Embedding::Dense(embed_dense),
+        let embed_tokens = match (embed_int8, embed_q) {
+            (Some(t), _) => Embedding::Int8(t),
+            (None, Some(q)) => Embedding::Quant(q),
+            (None, None) => Embedding::Dense(embed_dense),
         };
         Ok(Model {
             cfg,
@@ -226,7 +259,7 @@ impl Model {
 
     /// `lm_head` over final hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        self.lm_head.forward(hidden)
     }
 
     /// Like [`Model::forward`] but returns every intermediate hidden state instead of logits.

@@ -13,6 +13,7 @@ pub mod parallel;
 pub mod rows;
 pub mod w4a4;
 pub mod w4a8;
+pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

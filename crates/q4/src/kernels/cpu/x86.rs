@@ -647,6 +647,76 @@ pub unsafe fn rows_i8(
     }
 }
 
+/// W8A8 rows (see `w8a8`): `out[i * B + m]` for table rows `r0 + i`, `B` activation rows.
+///
+/// # Safety
+/// AVX2 and FMA present; `k` a multiple of 32; rows `r0 .. r0 + out.len() / B` of `q`
+/// (`k` values each) and `d` (`k / 32` each) exist; `x` holds `B` rows of `k` values.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn rows_w8a8_kernel<const B: usize>(
+    q: &[i8],
+    d: &[f32],
+    k: usize,
+    x: &super::w4a8::Int8Acts,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let nb = k / 32;
+    let ones = _mm256_set1_epi16(1);
+    for (i, o) in out.chunks_exact_mut(B).enumerate() {
+        let r = r0 + i;
+        debug_assert!((r + 1) * k <= q.len() && x.q.len() >= B * k);
+        let wrow = q.as_ptr().add(r * k);
+        let drow = d.as_ptr().add(r * nb);
+        // Even and odd blocks accumulate apart so one FMA chain does not bound the loop.
+        let mut acc = [[_mm256_setzero_ps(); B]; 2];
+        for b in 0..nb {
+            let w = _mm256_loadu_si256(wrow.add(32 * b) as *const __m256i);
+            let aw = _mm256_abs_epi8(w);
+            let dw = *drow.add(b);
+            for m in 0..B {
+                let xv = _mm256_loadu_si256(x.q.as_ptr().add(m * k + 32 * b) as *const __m256i);
+                // |w| * (x with w's sign); |pair sums| <= 2 * 127 * 127 < 2^15: no saturation.
+                let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w));
+                let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+                let sc = _mm256_set1_ps(dw * *x.d.get_unchecked(m * nb + b));
+                acc[b & 1][m] = _mm256_fmadd_ps(s, sc, acc[b & 1][m]);
+            }
+        }
+        for m in 0..B {
+            o[m] = hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+        }
+    }
+}
+
+/// Dispatches [`rows_w8a8_kernel`] on `batch` (1-8).
+///
+/// # Safety
+/// As [`rows_w8a8_kernel`].
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn rows_w8a8(
+    q: &[i8],
+    d: &[f32],
+    k: usize,
+    x: &super::w4a8::Int8Acts,
+    batch: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    match batch {
+        1 => rows_w8a8_kernel::<1>(q, d, k, x, r0, out),
+        2 => rows_w8a8_kernel::<2>(q, d, k, x, r0, out),
+        3 => rows_w8a8_kernel::<3>(q, d, k, x, r0, out),
+        4 => rows_w8a8_kernel::<4>(q, d, k, x, r0, out),
+        5 => rows_w8a8_kernel::<5>(q, d, k, x, r0, out),
+        6 => rows_w8a8_kernel::<6>(q, d, k, x, r0, out),
+        7 => rows_w8a8_kernel::<7>(q, d, k, x, r0, out),
+        8 => rows_w8a8_kernel::<8>(q, d, k, x, r0, out),
+        _ => unreachable!("the W8A8 GEMV serves batches of 1-8"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
