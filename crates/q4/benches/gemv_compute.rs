@@ -12,7 +12,7 @@ fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("gemv_warm_1thread");
     g.sample_size(30);
-    for (n, k) in [(512usize, 4096usize), (1536, 576)] {
+    for (n, k) in [(512usize, 4096usize), (1536, 576), (128, 576)] {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         for (name, f, act) in [
             ("nvfp4", Format::Nvfp4, ActQuant::None),

@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::w4a8::{Int8Acts, ACT_BLOCK};
+use crate::kernels::cpu::w4a8::{round_trip_in_place, Int8Acts, ACT_BLOCK};
 use crate::qtensor::{QTensor, QuantSpec};
 use crate::Format;
 
@@ -370,11 +370,14 @@ impl QLinear {
             .host_view()
             .ok_or_else(|| Error::msg("weight is not in host memory"))?;
         let (batch, k) = x.dims2()?;
-        let xq = Int8Acts::quantize(&x.flatten_all()?.to_vec1::<f32>()?, k);
+        let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; batch * self.out_features];
         let rows = crate::kernels::cpu::Rows::new(&view);
-        if !crate::kernels::cpu::w4a8::matmul(&rows, &xq, batch, &mut y) {
-            crate::kernels::cpu::matmul(&view, &xq.dequantize(), batch, &mut y);
+        let int8 = batch <= crate::kernels::cpu::GEMV_MAX_BATCH
+            && crate::kernels::cpu::w4a8::matmul(&rows, &Int8Acts::quantize(&xs, k), batch, &mut y);
+        if !int8 {
+            round_trip_in_place(&mut xs);
+            crate::kernels::cpu::matmul(&view, &xs, batch, &mut y);
         }
         Ok(Tensor::from_vec(y, (batch, self.out_features), x.device())?)
     }

@@ -33,38 +33,95 @@ impl Int8Acts {
         debug_assert!(k.is_multiple_of(ACT_BLOCK) && x.len().is_multiple_of(k.max(1)));
         let mut q = vec![0i8; x.len()];
         let mut d = vec![0f32; x.len() / ACT_BLOCK];
-        for ((xb, qb), db) in x
-            .chunks_exact(ACT_BLOCK)
-            .zip(q.chunks_exact_mut(ACT_BLOCK))
-            .zip(d.iter_mut())
-        {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let nonfinite = xb.iter().any(|v| !v.is_finite());
-            if nonfinite {
-                *db = f32::NAN;
-                continue;
+        // Prefill-sized inputs in parallel, in pieces of whole blocks.
+        const PIECE: usize = 64 * ACT_BLOCK;
+        let work = |(xs, (qs, ds)): (&[f32], (&mut [i8], &mut [f32]))| {
+            for ((xb, qb), db) in xs
+                .chunks_exact(ACT_BLOCK)
+                .zip(qs.chunks_exact_mut(ACT_BLOCK))
+                .zip(ds.iter_mut())
+            {
+                *db = quantize_block(xb, qb);
             }
-            if amax == 0.0 {
-                continue;
-            }
-            let scale = amax / 127.0;
-            let inv = 127.0 / amax;
-            for (o, v) in qb.iter_mut().zip(xb) {
-                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
-            }
-            *db = scale;
+        };
+        if x.len() >= 16 * PIECE {
+            use rayon::prelude::*;
+            x.par_chunks(PIECE)
+                .zip(
+                    q.par_chunks_mut(PIECE)
+                        .zip(d.par_chunks_mut(PIECE / ACT_BLOCK)),
+                )
+                .for_each(work);
+        } else {
+            x.chunks(PIECE)
+                .zip(q.chunks_mut(PIECE).zip(d.chunks_mut(PIECE / ACT_BLOCK)))
+                .for_each(work);
         }
         Int8Acts { q, d, k }
     }
 
     /// The activations the int8 product is equivalent to: `q * d`.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.q
-            .chunks_exact(ACT_BLOCK)
+        let mut out = vec![0f32; self.q.len()];
+        for ((o, qb), &d) in out
+            .chunks_exact_mut(ACT_BLOCK)
+            .zip(self.q.chunks_exact(ACT_BLOCK))
             .zip(&self.d)
-            .flat_map(|(qb, &d)| qb.iter().map(move |&v| v as f32 * d))
-            .collect()
+        {
+            for (o, &v) in o.iter_mut().zip(qb) {
+                *o = v as f32 * d;
+            }
+        }
+        out
     }
+}
+
+/// `x` replaced by its int8 round trip (`Int8Acts::quantize` then `dequantize`) in place, in
+/// parallel for prefill-sized inputs: what the f32 kernels multiply when the int8 kernel does
+/// not apply.
+pub fn round_trip_in_place(x: &mut [f32]) {
+    debug_assert!(x.len().is_multiple_of(ACT_BLOCK));
+    let work = |xs: &mut [f32]| {
+        let mut q = [0i8; ACT_BLOCK];
+        for xb in xs.chunks_exact_mut(ACT_BLOCK) {
+            let d = quantize_block(xb, &mut q);
+            for (o, &v) in xb.iter_mut().zip(&q) {
+                *o = v as f32 * d;
+            }
+        }
+    };
+    const PIECE: usize = 64 * ACT_BLOCK;
+    if x.len() >= 16 * PIECE {
+        use rayon::prelude::*;
+        x.par_chunks_mut(PIECE).for_each(work);
+    } else {
+        x.chunks_mut(PIECE).for_each(work);
+    }
+}
+
+/// One block: returns its scale and writes `round(x * 127 / amax)`, rounding half away from
+/// zero exactly as `f32::round` (and candle's `round`) do, without a libm call per value.
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if xb.iter().any(|v| !v.is_finite()) {
+        // Non-finite values make the block's scale NaN, so they reach the output as in f32.
+        qb.fill(0);
+        return f32::NAN;
+    }
+    if amax == 0.0 {
+        qb.fill(0);
+        return 0.0;
+    }
+    let inv = 127.0 / amax;
+    for (o, v) in qb.iter_mut().zip(xb) {
+        let t = v * inv;
+        // |t| <= 127: the truncation is exact, and so is the fraction t - trunc(t).
+        let i = t as i32;
+        let f = t - i as f32;
+        let r = i + i32::from(f >= 0.5) - i32::from(f <= -0.5);
+        *o = r.clamp(-127, 127) as i8;
+    }
+    amax / 127.0
 }
 
 /// Whether the int8 kernel can run this weight: an E2M1 codebook stored low nibble first, rows
@@ -165,6 +222,9 @@ mod tests {
         assert_eq!(a.q[0], -127);
         assert_eq!(a.q[63], 127);
         let back = a.dequantize();
+        let mut rt = x.clone();
+        round_trip_in_place(&mut rt);
+        assert_eq!(rt, back);
         for (b, v) in back.iter().zip(&x) {
             assert!((b - v).abs() <= 43.0 / 127.0 / 2.0 + 1e-6);
         }
@@ -174,5 +234,44 @@ mod tests {
         let b = Int8Acts::quantize(&y, 64);
         assert_eq!((b.d[0], b.q[0]), (0.0, 0));
         assert!(b.d[1].is_nan());
+    }
+}
+
+#[cfg(test)]
+mod rounding {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The branch-free rounding is `f32::round` for every value a block can produce,
+        /// including halves and the values just below them.
+        #[test]
+        fn matches_f32_round(v in prop::collection::vec(-1e4f32..1e4, ACT_BLOCK)) {
+            let mut q = [0i8; ACT_BLOCK];
+            let d = quantize_block(&v, &mut q);
+            let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+            if amax > 0.0 {
+                prop_assert_eq!(d, amax / 127.0);
+                let inv = 127.0 / amax;
+                for (x, &got) in v.iter().zip(&q) {
+                    prop_assert_eq!(got as f32, (x * inv).round().clamp(-127.0, 127.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn halves_round_away_from_zero() {
+        let mut v = [0f32; ACT_BLOCK];
+        v[0] = 127.0; // amax 127: scale 1, so t = x
+        for (i, x) in [0.5f32, -0.5, 1.5, -1.5, 2.5, 0.49999997, -0.49999997, 126.5]
+            .iter()
+            .enumerate()
+        {
+            v[i + 1] = *x;
+        }
+        let mut q = [0i8; ACT_BLOCK];
+        quantize_block(&v, &mut q);
+        assert_eq!(&q[1..9], &[1, -1, 2, -2, 3, 0, 0, 127]);
     }
 }
