@@ -245,16 +245,20 @@ impl Model {
     /// Logits `[batch, seq, vocab]` for `ids` (`[batch, seq]`, u32 or i64), which continue
     /// what `cache` holds. The whole sequence runs as one batched forward.
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache, None)?;
-        self.logits(&hidden)
+        self.in_pool(|| {
+            let hidden = self.forward_hidden(ids, cache, None)?;
+            self.logits(&hidden)
+        })
     }
 
     /// Logits `[batch, vocab]` of the last position only (what generation needs).
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let hidden = self.forward_hidden(ids, cache, None)?;
-        let t = hidden.dim(1)?;
-        let last = hidden.narrow(1, t - 1, 1)?;
-        Ok(self.logits(&last)?.squeeze(1)?)
+        self.in_pool(|| {
+            let hidden = self.forward_hidden(ids, cache, None)?;
+            let t = hidden.dim(1)?;
+            let last = hidden.narrow(1, t - 1, 1)?;
+            Ok(self.logits(&last)?.squeeze(1)?)
+        })
     }
 
     /// `lm_head` over final hidden states.
@@ -277,6 +281,31 @@ impl Model {
     /// Final-norm hidden states `[batch, seq, hidden]`; `trace` collects the embedding
     /// output and each layer's output.
     pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        trace: Option<&mut Vec<Tensor>>,
+    ) -> Result<Tensor> {
+        self.in_pool(|| self.forward_hidden_inner(ids, cache, trace))
+    }
+
+    /// Runs `f` on a rayon worker when the model is on the CPU. Each kernel's parallel loop then
+    /// forks with `join` (the caller does the other half itself if the second worker is slow to
+    /// wake) instead of injecting a job from outside the pool and sleeping until it is done:
+    /// one hand-off per forward instead of one per kernel (BENCHMARKS.md has the same-binary
+    /// A/B; `Q4_FORWARD_OUTSIDE_POOL=1` is its switch).
+    fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        static OUTSIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let outside =
+            *OUTSIDE.get_or_init(|| std::env::var_os("Q4_FORWARD_OUTSIDE_POOL").is_some());
+        if !outside && self.device.is_cpu() && rayon::current_thread_index().is_none() {
+            rayon::scope(|_| f())
+        } else {
+            f()
+        }
+    }
+
+    fn forward_hidden_inner(
         &self,
         ids: &Tensor,
         cache: &mut KvCache,
