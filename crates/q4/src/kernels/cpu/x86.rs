@@ -502,24 +502,24 @@ impl Int8Layout {
     }
 }
 
-/// `R` weight rows times `B` int8 activation rows; see `w4a8`. After the byte multiply-adds,
+/// One weight row times `B` int8 activation rows; see `w4a8`. After the byte multiply-adds,
 /// 32-bit lane `d` of a chunk's sum holds weights `8d .. 8d + 8`: a 16-block covers lanes
 /// `2b, 2b + 1`, a 32-block lanes `4b .. 4b + 4`, and the activation blocks lanes 0-3 and 4-7.
 ///
 /// # Safety
-/// AVX2 and FMA present; the weight passes `w4a8::supported`; `row0 + R <= w.n`; `xs` holds `B`
-/// rows of `w.k` values; `out` has `R * B` slots.
+/// AVX2 and FMA present; the weight passes `w4a8::supported`; `row < w.n`; `xs` holds `B` rows
+/// of `w.k` values; `out` has `B` slots.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
-unsafe fn rows_i8_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
+unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     w: &Rows<'_>,
     scales: S,
     xs: &Int8Layout,
-    row0: usize,
+    row: usize,
     out: &mut [f32],
 ) {
     debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= B * xs.chunks * CHUNK);
-    debug_assert!(row0 + R <= w.n && out.len() >= R * B);
+    debug_assert!(row < w.n && out.len() >= B);
     let chunks = xs.chunks;
     let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
         super::w4a8::E2M1_X2.as_ptr() as *const __m128i
@@ -527,62 +527,52 @@ unsafe fn rows_i8_kernel<const R: usize, const B: usize, const BK: u8, S: Scales
     let mask = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    // Two accumulators per (row, activation row), for even and odd chunks, so one FMA chain
-    // does not bound the loop.
-    let mut acc = [[[_mm256_setzero_ps(); B]; R]; 2];
+    // Two accumulators per activation row (even and odd chunks) so one FMA chain does not
+    // bound the loop.
+    let mut acc = [[_mm256_setzero_ps(); B]; 2];
     let (eo, sv) = (xs.eo.as_ptr(), xs.sv.as_ptr());
+    let codes = w.codes.as_ptr().add(row * w.row_bytes);
+    let sb = row * w.row_blocks;
     for c in 0..chunks {
-        let mut wl = [_mm256_setzero_si256(); R];
-        let mut wh = [_mm256_setzero_si256(); R];
-        let mut ws = [_mm256_setzero_ps(); R];
-        for r in 0..R {
-            let row = row0 + r;
-            let v = _mm256_loadu_si256(
-                w.codes.as_ptr().add(row * w.row_bytes + c * 32) as *const __m256i
+        let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
+        let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
+        let wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+        let (al, ah) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
+        let ws = if BK == BLOCK16 {
+            let i = sb + 4 * c;
+            let s4 = _mm_setr_ps(
+                scales.at(i),
+                scales.at(i + 1),
+                scales.at(i + 2),
+                scales.at(i + 3),
             );
-            wl[r] = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
-            wh[r] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-            let sb = row * w.row_blocks;
-            ws[r] = if BK == BLOCK16 {
-                let i = sb + 4 * c;
-                let s4 = _mm_setr_ps(
-                    scales.at(i),
-                    scales.at(i + 1),
-                    scales.at(i + 2),
-                    scales.at(i + 3),
-                );
-                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
-            } else {
-                let i = sb + 2 * c;
-                _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
-            };
-        }
+            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
+        } else {
+            let i = sb + 2 * c;
+            _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
+        };
         for m in 0..B {
             let xp = eo.add((m * chunks + c) * CHUNK);
             let xe = _mm256_loadu_si256(xp as *const __m256i);
             let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
-            let xsc = _mm256_loadu_ps(sv.add((m * chunks + c) * 8));
-            for r in 0..R {
-                // |w| * (x with w's sign): the unsigned-by-signed byte product vpmaddubsw
-                // needs; |pair sums| <= 2 * 12 * 127, so the 16-bit sums cannot saturate.
-                let pl = _mm256_maddubs_epi16(_mm256_abs_epi8(wl[r]), _mm256_sign_epi8(xe, wl[r]));
-                let ph = _mm256_maddubs_epi16(_mm256_abs_epi8(wh[r]), _mm256_sign_epi8(xo, wh[r]));
-                let sum = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
-                let a = &mut acc[c & 1][r][m];
-                *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(ws[r], xsc), *a);
-            }
+            // |w| * (x with w's sign): the unsigned-by-signed byte product vpmaddubsw needs;
+            // |pair sums| <= 2 * 12 * 127, so the 16-bit sums cannot saturate.
+            let pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(xe, wl));
+            let ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xo, wh));
+            let sum = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
+            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add((m * chunks + c) * 8)));
+            acc[c & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[c & 1][m]);
         }
     }
-    for r in 0..R {
-        for m in 0..B {
-            // The integer sums are twice the E2M1 products.
-            *out.get_unchecked_mut(r * B + m) =
-                0.5 * hsum(_mm256_add_ps(acc[0][r][m], acc[1][r][m]));
-        }
+    for m in 0..B {
+        // The integer sums are twice the E2M1 products.
+        *out.get_unchecked_mut(m) = 0.5 * hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
     }
 }
 
-/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`).
+/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`), one row per
+/// pass: 2 or 4 rows per pass won on a lone 1536x576 layer but lost 8% of SmolLM2's decode rate
+/// (4 alternating runs each) and lost on 4096x4096 at batch 1.
 ///
 /// # Safety
 /// As [`rows_i8_kernel`] for every row in `r0..r1`, with `batch` in 1..=8 and `out` holding
@@ -596,53 +586,31 @@ pub unsafe fn rows_i8(
     r1: usize,
     out: &mut [f32],
 ) {
-    macro_rules! call {
-        ($r:literal, $b:literal, $row:expr) => {{
-            let o = &mut out[($row - r0) * $b..];
-            match (w.block, w.scales) {
-                (16, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$r, $b, BLOCK16, _>(
-                    w,
-                    TableScales { bytes, table },
-                    xs,
-                    $row,
-                    o,
-                ),
-                (16, s) => rows_i8_kernel::<$r, $b, BLOCK16, _>(w, s, xs, $row, o),
-                (_, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$r, $b, BLOCK32, _>(
-                    w,
-                    TableScales { bytes, table },
-                    xs,
-                    $row,
-                    o,
-                ),
-                (_, s) => rows_i8_kernel::<$r, $b, BLOCK32, _>(w, s, xs, $row, o),
-            }
-        }};
-    }
     macro_rules! run {
-        ($r:literal, $b:literal) => {{
-            let mut r = r0;
-            while r1 - r >= $r {
-                call!($r, $b, r);
-                r += $r;
-            }
-            while r < r1 {
-                call!(1, $b, r);
-                r += 1;
+        ($b:literal) => {{
+            for (r, o) in (r0..r1).zip(out.chunks_exact_mut($b)) {
+                match (w.block, w.scales) {
+                    (16, ScaleSrc::Table { bytes, table }) => {
+                        rows_i8_kernel::<$b, BLOCK16, _>(w, TableScales { bytes, table }, xs, r, o)
+                    }
+                    (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, r, o),
+                    (_, ScaleSrc::Table { bytes, table }) => {
+                        rows_i8_kernel::<$b, BLOCK32, _>(w, TableScales { bytes, table }, xs, r, o)
+                    }
+                    (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, r, o),
+                }
             }
         }};
     }
-    // One row per pass: 2 or 4 rows per pass won on a lone 1536x576 layer but lost 8% of
-    // SmolLM2's decode rate (4 alternating runs each) and lost on 4096x4096 at batch 1.
     match batch {
-        1 => run!(1, 1),
-        2 => run!(1, 2),
-        3 => run!(1, 3),
-        4 => run!(1, 4),
-        5 => run!(1, 5),
-        6 => run!(1, 6),
-        7 => run!(1, 7),
-        8 => run!(1, 8),
+        1 => run!(1),
+        2 => run!(2),
+        3 => run!(3),
+        4 => run!(4),
+        5 => run!(5),
+        6 => run!(6),
+        7 => run!(7),
+        8 => run!(8),
         _ => unreachable!("the int8 GEMV serves batches of 1-8"),
     }
 }
