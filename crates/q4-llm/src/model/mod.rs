@@ -149,7 +149,8 @@ impl Model {
         let act = |l: QLinear| -> Result<QLinear> {
             if opts.w4a8 {
                 l.with_act_quant(q4::ActQuant::Int8).context(
-                    "--w4a8 needs E2M1 weights: --quant nvfp4 or mxfp4, or an NVFP4 checkpoint",
+                    "--w4a8 needs E2M1 weights (--quant nvfp4 or mxfp4, or an NVFP4 checkpoint) \
+                     and layer input widths that are multiples of 32",
                 )
             } else {
                 Ok(l)
