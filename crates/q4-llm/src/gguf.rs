@@ -122,6 +122,35 @@ impl WeightSource for GgufSource {
         gguf_name(name).is_some_and(|g| self.content.tensor_infos.contains_key(&g))
     }
 
+    fn int8_table(&self, name: &str) -> Result<q4::Int8Table> {
+        if self.permuted_heads(name).is_some() {
+            return Ok(q4::Int8Table::quantize(&self.tensor(name)?)?);
+        }
+        let q = self.read_quantized(&self.stored_name(name)?)?;
+        let (rows, cols) = match q.shape().dims() {
+            [r, c] if c % q.dtype().block_size() == 0 => (*r, *c),
+            _ => return Ok(q4::Int8Table::quantize(&q.dequantize(&Device::Cpu)?)?),
+        };
+        let gdt = q.dtype();
+        let row_bytes = cols / gdt.block_size() * gdt.type_size();
+        let raw = q.data()?;
+        // 1024 rows at a time through f32, straight into the int8 table.
+        Ok(q4::Int8Table::from_row_chunks(
+            rows,
+            cols,
+            1024,
+            |r0, n| {
+                let bytes = &raw[r0 * row_bytes..(r0 + n) * row_bytes];
+                let part = qtensor_from_ggml(gdt, bytes, vec![n, cols], &Device::Cpu)
+                    .and_then(|t| t.dequantize(&Device::Cpu))
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(|e| q4::Error::msg(e.to_string()))?;
+                Ok(part)
+            },
+        )?)
+    }
+
     fn tensor_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
         // Permuted q/k rows are undone in f32 (see `tensor`): only other tensors convert
         // piecewise.

@@ -22,6 +22,26 @@ impl Int8Table {
     /// Quantizes a `[rows, cols]` tensor (`cols` a multiple of 32, finite values).
     pub fn quantize(w: &Tensor) -> Result<Int8Table> {
         let (rows, cols) = w.dims2()?;
+        // In slices of rows, so a large table is never held as f32 at once.
+        let step = (1 << 20) / cols.max(1) + 1;
+        Self::from_row_chunks(rows, cols, step, |r0, n| {
+            Ok(w.narrow(0, r0, n)?
+                .to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        })
+    }
+
+    /// Builds a `[rows, cols]` table from f32 row slices: `next(r0, n)` returns rows
+    /// `r0 .. r0 + n` (`n <= step`), so a source can convert a large table piecewise and the
+    /// whole table never exists in a wider type.
+    pub fn from_row_chunks(
+        rows: usize,
+        cols: usize,
+        step: usize,
+        mut next: impl FnMut(usize, usize) -> Result<Vec<f32>>,
+    ) -> Result<Int8Table> {
         if !cols.is_multiple_of(ACT_BLOCK) {
             return Err(Error::msg(format!(
                 "an int8 table needs rows of a multiple of {ACT_BLOCK} values, got [{rows}, {cols}]"
@@ -29,16 +49,17 @@ impl Int8Table {
         }
         let mut q = vec![0i8; rows * cols];
         let mut d = vec![0f32; rows * cols / ACT_BLOCK];
-        // In slices of rows, so a large table is never held as f32 at once.
-        let step = (1 << 20) / cols.max(1) + 1;
-        for r0 in (0..rows).step_by(step) {
-            let n = step.min(rows - r0);
-            let part: Vec<f32> = w
-                .narrow(0, r0, n)?
-                .to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?;
+        for r0 in (0..rows).step_by(step.max(1)) {
+            let n = step.max(1).min(rows - r0);
+            let part = next(r0, n)?;
+            if part.len() != n * cols {
+                return Err(Error::msg(format!(
+                    "rows {r0}..{} of an int8 table came with {} values, expected {}",
+                    r0 + n,
+                    part.len(),
+                    n * cols
+                )));
+            }
             if let Some(i) = part.iter().position(|v| !v.is_finite()) {
                 return Err(Error::msg(format!(
                     "cannot store a non-finite value as int8 (row {}, column {})",

@@ -20,7 +20,9 @@ use q4::{Format, Int8Table, QLinear, QTensor, QuantSpec};
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
-use crate::weights::{checked_linears, tensor_as_with_shape, LinearSpec, WeightSource};
+use crate::weights::{
+    checked_linears, int8_table_with_shape, tensor_as_with_shape, LinearSpec, WeightSource,
+};
 use attention::Attention;
 use embedding::Embedding;
 pub use embedding::EmbeddingStorage;
@@ -119,9 +121,22 @@ impl Model {
         if storage == EmbeddingStorage::Int8 && !dev.is_cpu() {
             bail!("int8 embeddings run on the CPU only; use --embeddings bf16 on {dev:?}");
         }
-        let embed_dense =
-            tensor_as_with_shape(src, "model.embed_tokens.weight", embed_dtype, &[vocab, h])?
-                .to_device(dev)?;
+        let embed_int8 = match storage {
+            EmbeddingStorage::Int8 => Some(Arc::new(int8_table_with_shape(
+                src,
+                "model.embed_tokens.weight",
+                [vocab, h],
+            )?)),
+            _ => None,
+        };
+        // The dense table only where it is kept (an int8 table is built piecewise above).
+        let embed_dense = match embed_int8 {
+            Some(_) => None,
+            None => Some(
+                tensor_as_with_shape(src, "model.embed_tokens.weight", embed_dtype, &[vocab, h])?
+                    .to_device(dev)?,
+            ),
+        };
         let head_quant = match storage {
             EmbeddingStorage::Quantized => Some(
                 opts.quant
@@ -129,16 +144,14 @@ impl Model {
             ),
             _ => None,
         };
-        let embed_int8 = match storage {
-            EmbeddingStorage::Int8 => Some(Arc::new(
-                Int8Table::quantize(&embed_dense)
-                    .context("cannot store the token embeddings as int8")?,
-            )),
-            _ => None,
+        let dense = || -> Result<Tensor> {
+            embed_dense
+                .clone()
+                .context("the dense embedding table is not kept with int8 embeddings")
         };
         let embed_q = match head_quant {
             Some(f) => Some(
-                QTensor::quantize(&embed_dense, &QuantSpec::new(f))
+                QTensor::quantize(&dense()?, &QuantSpec::new(f))
                     .context("cannot quantize the token embeddings")?,
             ),
             None => None,
@@ -186,8 +199,15 @@ impl Model {
             match (&embed_int8, &embed_q) {
                 (Some(t), _) => Head::Int8(t.clone()),
                 (None, Some(q)) => Head::Linear(QLinear::new(q.clone(), None)?),
-                (None, None) => Head::Linear(QLinear::dense(embed_dense.clone(), None)?),
+                (None, None) => Head::Linear(QLinear::dense(dense()?, None)?),
             }
+        } else if storage == EmbeddingStorage::Int8 {
+            // Built piecewise from the checkpoint, never dense in full.
+            Head::Int8(Arc::new(int8_table_with_shape(
+                src,
+                "lm_head.weight",
+                [vocab, h],
+            )?))
         } else {
             let spec = LinearSpec {
                 name: "lm_head".into(),
@@ -202,9 +222,6 @@ impl Model {
                 (EmbeddingStorage::Bf16, q4::qlinear::LinearWeight::Dense(w)) => {
                     Head::Linear(QLinear::dense(w.to_dtype(DType::BF16)?, None)?)
                 }
-                (EmbeddingStorage::Int8, q4::qlinear::LinearWeight::Dense(w)) => Head::Int8(
-                    Arc::new(Int8Table::quantize(w).context("cannot store lm_head as int8")?),
-                ),
                 _ => Head::Linear(head),
             }
         };
@@ -212,7 +229,7 @@ impl Model {
         let embed_tokens = match (embed_int8, embed_q) {
             (Some(t), _) => Embedding::Int8(t),
             (None, Some(q)) => Embedding::Quant(q),
-            (None, None) => Embedding::Dense(embed_dense),
+            (None, None) => Embedding::Dense(dense()?),
         };
         Ok(Model {
             cfg,

@@ -55,6 +55,14 @@ pub trait WeightSource {
         Ok(self.tensor(name)?.to_dtype(dtype)?)
     }
 
+    /// A 2-D tensor as an int8 table (embeddings / LM head). Sources that can convert
+    /// piecewise override it, so that the table never exists in a wider type as a whole.
+    fn int8_table(&self, name: &str) -> Result<q4::Int8Table> {
+        Ok(q4::Int8Table::quantize(
+            &self.tensor_as(name, DType::BF16)?,
+        )?)
+    }
+
     /// The layers of one fused group (q/k/v share an input, and so do gate/up), on `device`.
     ///
     /// `quant` is the format asked for on the command line (`None` = keep dense). The default
@@ -128,6 +136,25 @@ pub fn tensor_with_shape<S: WeightSource + ?Sized>(
     dims: &[usize],
 ) -> Result<Tensor> {
     tensor_as_with_shape(src, name, DType::F32, dims)
+}
+
+/// [`WeightSource::int8_table`] with its shape checked.
+pub fn int8_table_with_shape<S: WeightSource + ?Sized>(
+    src: &S,
+    name: &str,
+    dims: [usize; 2],
+) -> Result<q4::Int8Table> {
+    let t = src
+        .int8_table(name)
+        .with_context(|| format!("cannot store `{name}` as int8"))?;
+    if [t.rows(), t.cols()] != dims {
+        bail!(
+            "tensor `{name}` in {} has shape {:?}, expected {dims:?}",
+            src.location().display(),
+            [t.rows(), t.cols()]
+        );
+    }
+    Ok(t)
 }
 
 /// [`WeightSource::tensor_as`] with its shape checked.
