@@ -217,4 +217,18 @@ fn piecewise_bf16_embeddings_equal_the_whole_tensor_conversion() {
             .collect::<Vec<_>>()
     };
     assert_eq!(bits(&piecewise), bits(&whole));
+    // The int8 table is built from the same 1024-row slices (in f32) and equals quantizing the
+    // whole f32 tensor at once.
+    let int8 = src.int8_table(name).unwrap();
+    let want = q4::Int8Table::quantize(&src.tensor(name).unwrap()).unwrap();
+    let values = |t: &q4::Int8Table| {
+        t.dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!((int8.rows(), int8.cols()), (rows, cols));
+    assert_eq!(values(&int8), values(&want));
 }
