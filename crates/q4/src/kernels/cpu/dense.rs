@@ -77,9 +77,5 @@ pub fn matmul_bf16(w: &[bf16], n: usize, k: usize, x: &[f32], batch: usize, y: &
             rows(w, k, x, batch, r0, out);
         },
     );
-    if batch == 1 {
-        y.copy_from_slice(&yt);
-    } else {
-        transpose_into(&yt, n, batch, y);
-    }
+    transpose_into(&yt, n, batch, y);
 }

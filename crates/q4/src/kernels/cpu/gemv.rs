@@ -54,7 +54,7 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
             }
         },
     );
-    finish(yt, w.n, batch, y)
+    transpose_into(&yt, w.n, batch, y)
 }
 
 /// Reorders each activation row (`k` values) chunk by chunk: `out[c + p] = x[c + order[p]]` for
@@ -92,14 +92,6 @@ pub(super) fn byte_planes(lut: &[f32; 16]) -> [[u8; 16]; 4] {
         }
     }
     bytes
-}
-
-fn finish(yt: Vec<f32>, n: usize, batch: usize, y: &mut [f32]) {
-    if batch == 1 {
-        y.copy_from_slice(&yt);
-    } else {
-        transpose_into(&yt, n, batch, y);
-    }
 }
 
 /// Adds the columns after the last whole `chunk` of each row (and any zero-padded block).

@@ -66,8 +66,13 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     }
 }
 
-/// Transposes `src` (`rows x cols`) into `dst` (`cols x rows`).
+/// Transposes `src` (`rows x cols`) into `dst` (`cols x rows`); one column is a plain copy (the
+/// kernels' per-weight-row results at batch 1).
 pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    if cols == 1 {
+        dst.copy_from_slice(src);
+        return;
+    }
     dst.par_chunks_mut(rows).enumerate().for_each(|(c, out)| {
         for (r, o) in out.iter_mut().enumerate() {
             *o = src[r * cols + c];

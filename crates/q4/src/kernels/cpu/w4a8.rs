@@ -155,11 +155,7 @@ pub fn matmul(w: &Rows<'_>, xq: &Int8Acts, batch: usize, y: &mut [f32]) -> bool 
                 unsafe { super::x86::rows_i8(w, &xs, batch, r0, r1, out) };
             },
         );
-        if batch == 1 {
-            y.copy_from_slice(&yt);
-        } else {
-            super::transpose_into(&yt, w.n, batch, y);
-        }
+        super::transpose_into(&yt, w.n, batch, y);
         return true;
     }
     let _ = (w, xq, batch, y);

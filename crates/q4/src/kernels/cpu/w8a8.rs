@@ -66,11 +66,7 @@ pub fn matmul(q: &[i8], d: &[f32], n: usize, k: usize, x: &Int8Acts, batch: usiz
         }
         rows_portable(q, d, k, x, batch, r0, out);
     });
-    if batch == 1 {
-        y.copy_from_slice(&yt);
-    } else {
-        transpose_into(&yt, n, batch, y);
-    }
+    transpose_into(&yt, n, batch, y);
 }
 
 #[cfg(test)]
