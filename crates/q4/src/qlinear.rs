@@ -3,7 +3,7 @@
 use candle_core::{CpuStorage, DType, Layout, Module, Shape, Tensor};
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu::w4a8::{round_trip_in_place, Int8Acts, ACT_BLOCK};
+use crate::kernels::cpu::w4a8::{round_trip_in_place, ACT_BLOCK};
 use crate::qtensor::{QTensor, QuantSpec};
 use crate::Format;
 
@@ -88,40 +88,41 @@ impl QLinear {
     /// Selects activation quantization: the NVFP4 modes need an NVFP4 weight, `Int8` an E2M1
     /// weight (NVFP4 or MXFP4) whose input width is a multiple of 32.
     pub fn with_act_quant(mut self, act: ActQuant) -> Result<Self> {
-        let what = match act {
-            ActQuant::None => None,
-            ActQuant::Int8 => Some("int8 activation quantization (W4A8)"),
-            _ => Some("W4A4 activation quantization"),
+        let (what, need, formats): (&str, &str, &[Format]) = match act {
+            ActQuant::None => {
+                self.act = act;
+                return Ok(self);
+            }
+            ActQuant::Int8 => (
+                "int8 activation quantization (W4A8)",
+                "an NVFP4 or MXFP4 weight",
+                &[Format::Nvfp4, Format::Mxfp4],
+            ),
+            _ => (
+                "W4A4 activation quantization",
+                "an NVFP4 weight",
+                &[Format::Nvfp4],
+            ),
         };
-        if let Some(what) = what {
-            let ok = |f: Format| match act {
-                ActQuant::Int8 => matches!(f, Format::Nvfp4 | Format::Mxfp4),
-                _ => f == Format::Nvfp4,
-            };
-            let need = match act {
-                ActQuant::Int8 => "an NVFP4 or MXFP4 weight",
-                _ => "an NVFP4 weight",
-            };
-            match &self.weight {
-                LinearWeight::Quant(q) if ok(q.format()) => {}
-                LinearWeight::Quant(q) => {
-                    return Err(Error::msg(format!(
-                        "{what} needs {need}, this one is {}",
-                        q.format()
-                    )))
-                }
-                LinearWeight::Dense(_) => {
-                    return Err(Error::msg(format!(
-                        "{what} needs {need}, this one is dense"
-                    )))
-                }
-            }
-            if act == ActQuant::Int8 && !self.in_features.is_multiple_of(ACT_BLOCK) {
+        match &self.weight {
+            LinearWeight::Quant(q) if formats.contains(&q.format()) => {}
+            LinearWeight::Quant(q) => {
                 return Err(Error::msg(format!(
-                    "{what} needs an input width that is a multiple of {ACT_BLOCK}, this layer has {}",
-                    self.in_features
-                )));
+                    "{what} needs {need}, this one is {}",
+                    q.format()
+                )))
             }
+            LinearWeight::Dense(_) => {
+                return Err(Error::msg(format!(
+                    "{what} needs {need}, this one is dense"
+                )))
+            }
+        }
+        if act == ActQuant::Int8 && !self.in_features.is_multiple_of(ACT_BLOCK) {
+            return Err(Error::msg(format!(
+                "{what} needs an input width that is a multiple of {ACT_BLOCK}, this layer has {}",
+                self.in_features
+            )));
         }
         self.act = act;
         Ok(self)
@@ -266,10 +267,8 @@ pub fn fake_quantize_int8(x: &Tensor) -> Result<Tensor> {
     let safe = zero.where_cond(&amax.ones_like()?, &amax)?;
     let inv = ((safe.ones_like()? * 127.0)? / &safe)?;
     let q = xb.broadcast_mul(&inv)?.round()?.clamp(-127f32, 127f32)?;
-    let d = zero.where_cond(
-        &amax.zeros_like()?,
-        &(&safe / (amax.ones_like()? * 127.0)?)?,
-    )?;
+    // A zero block's codes are all 0, so its (nonzero) scale leaves it 0.
+    let d = (&safe / (amax.ones_like()? * 127.0)?)?;
     Ok(q.broadcast_mul(&d)?.reshape(dims)?.to_dtype(dtype)?)
 }
 
@@ -369,13 +368,11 @@ impl QLinear {
         let view = q
             .host_view()
             .ok_or_else(|| Error::msg("weight is not in host memory"))?;
-        let (batch, k) = x.dims2()?;
+        let batch = x.dims2()?.0;
         let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
         let mut y = vec![0f32; batch * self.out_features];
         let rows = crate::kernels::cpu::Rows::new(&view);
-        let int8 = batch <= crate::kernels::cpu::GEMV_MAX_BATCH
-            && crate::kernels::cpu::w4a8::matmul(&rows, &Int8Acts::quantize(&xs, k), batch, &mut y);
-        if !int8 {
+        if !crate::kernels::cpu::w4a8::matmul(&rows, &xs, batch, &mut y) {
             round_trip_in_place(&mut xs);
             crate::kernels::cpu::matmul(&view, &xs, batch, &mut y);
         }

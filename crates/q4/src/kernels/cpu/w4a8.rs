@@ -135,14 +135,15 @@ pub fn supported(w: &Rows<'_>) -> bool {
     e2m1 && !w.high_first && w.aligned && matches!(w.block, 16 | 32) && w.k.is_multiple_of(64)
 }
 
-/// `y[m, n] = sum_k xq[m, k] W[n, k]` with the int8 kernel when this target has one and the
-/// weight fits it (`true`); `false` leaves `y` untouched and the caller runs the f32 kernels
-/// on the dequantized activations.
-pub fn matmul(w: &Rows<'_>, xq: &Int8Acts, batch: usize, y: &mut [f32]) -> bool {
+/// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with the int8
+/// kernel when this target has one and the weight and batch fit it (`true`; the activations are
+/// quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
+/// activations' round trip (`round_trip_in_place`).
+pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if batch <= super::GEMV_MAX_BATCH && supported(w) && super::x86::available() {
         let mut yt = vec![0f32; w.n * batch];
-        let xs = super::x86::Int8Layout::new(xq, batch);
+        let xs = super::x86::Int8Layout::new(&Int8Acts::quantize(x, w.k), batch);
         super::parallel::for_each_chunk_mut(
             &mut yt,
             32 * batch,
@@ -158,7 +159,7 @@ pub fn matmul(w: &Rows<'_>, xq: &Int8Acts, batch: usize, y: &mut [f32]) -> bool 
         super::transpose_into(&yt, w.n, batch, y);
         return true;
     }
-    let _ = (w, xq, batch, y);
+    let _ = (w, x, batch, y);
     false
 }
 
@@ -196,7 +197,7 @@ mod tests {
                         .unwrap();
                     let xq = Int8Acts::quantize(&x, k);
                     let mut got = vec![0f32; batch * n];
-                    if !matmul(&rows, &xq, batch, &mut got) {
+                    if !matmul(&rows, &x, batch, &mut got) {
                         return; // no int8 kernel on this target
                     }
                     let mut want = vec![0f32; batch * n];
