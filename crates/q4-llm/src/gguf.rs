@@ -123,70 +123,41 @@ impl WeightSource for GgufSource {
     }
 
     fn int8_table(&self, name: &str) -> Result<q4::Int8Table> {
-        if self.permuted_heads(name).is_some() {
-            return Ok(q4::Int8Table::quantize(&self.tensor(name)?)?);
-        }
-        let q = self.read_quantized(&self.stored_name(name)?)?;
-        let (rows, cols) = match q.shape().dims() {
-            [r, c] if c % q.dtype().block_size() == 0 => (*r, *c),
-            _ => return Ok(q4::Int8Table::quantize(&q.dequantize(&Device::Cpu)?)?),
-        };
-        let gdt = q.dtype();
-        let row_bytes = cols / gdt.block_size() * gdt.type_size();
-        let raw = q.data()?;
-        // 1024 rows at a time through f32, straight into the int8 table.
-        Ok(q4::Int8Table::from_row_chunks(
-            rows,
-            cols,
-            1024,
-            |r0, n| {
-                let bytes = &raw[r0 * row_bytes..(r0 + n) * row_bytes];
-                let part = qtensor_from_ggml(gdt, bytes, vec![n, cols], &Device::Cpu)
-                    .and_then(|t| t.dequantize(&Device::Cpu))
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map_err(|e| q4::Error::msg(e.to_string()))?;
-                Ok(part)
-            },
-        )?)
+        Ok(match self.sliced(name)? {
+            Sliced::Whole(t) => q4::Int8Table::quantize(&t)?,
+            // Straight from f32 slices into the int8 table.
+            Sliced::Rows(s) => {
+                q4::Int8Table::from_row_chunks(s.rows, s.cols, SLICE_ROWS, |r0, n| {
+                    s.get(r0, n)
+                        .and_then(|t| t.flatten_all())
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(|e| q4::Error::msg(e.to_string()))
+                })?
+            }
+        })
     }
 
     fn tensor_as(&self, name: &str, dtype: DType) -> Result<Tensor> {
-        // Permuted q/k rows are undone in f32 (see `tensor`): only other tensors convert
-        // piecewise.
-        if self.permuted_heads(name).is_some() || dtype == DType::F32 {
-            return Ok(self.tensor(name)?.to_dtype(dtype)?);
+        if dtype == DType::F32 {
+            return self.tensor(name);
         }
-        let q = self.read_quantized(&self.stored_name(name)?)?;
-        let dims = q.shape().dims().to_vec();
-        let (rows, cols) = match dims.as_slice() {
-            [r, c] => (*r, *c),
-            _ => return Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?),
+        let s = match self.sliced(name)? {
+            Sliced::Whole(t) => return Ok(t.to_dtype(dtype)?),
+            Sliced::Rows(s) => s,
         };
-        let gdt = q.dtype();
-        if cols % gdt.block_size() != 0 {
-            return Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?);
-        }
-        let row_bytes = cols / gdt.block_size() * gdt.type_size();
-        let raw = q.data()?;
-        // 1024 rows at a time through f32: the whole table never exists in f32.
-        const ROWS: usize = 1024;
         let chunk = |r0: usize| -> Result<Tensor> {
-            let n = ROWS.min(rows - r0);
-            let bytes = &raw[r0 * row_bytes..(r0 + n) * row_bytes];
-            let q = qtensor_from_ggml(gdt, bytes, vec![n, cols], &Device::Cpu)?;
-            Ok(q.dequantize(&Device::Cpu)?.to_dtype(dtype)?)
+            Ok(s.get(r0, SLICE_ROWS.min(s.rows - r0))?.to_dtype(dtype)?)
         };
         if dtype == DType::BF16 {
             // Straight into the final buffer: no second copy of the table either.
-            let mut out: Vec<half::bf16> = Vec::with_capacity(rows * cols);
-            for r0 in (0..rows).step_by(ROWS) {
+            let mut out: Vec<half::bf16> = Vec::with_capacity(s.rows * s.cols);
+            for r0 in (0..s.rows).step_by(SLICE_ROWS) {
                 out.extend(chunk(r0)?.flatten_all()?.to_vec1::<half::bf16>()?);
             }
-            return Ok(Tensor::from_vec(out, (rows, cols), &Device::Cpu)?);
+            return Ok(Tensor::from_vec(out, (s.rows, s.cols), &Device::Cpu)?);
         }
-        let parts = (0..rows)
-            .step_by(ROWS)
+        let parts = (0..s.rows)
+            .step_by(SLICE_ROWS)
             .map(chunk)
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 0)?)
@@ -197,6 +168,56 @@ impl WeightSource for GgufSource {
         match self.permuted_heads(name) {
             Some(heads) => unpermute_rows(&t, heads),
             None => Ok(t),
+        }
+    }
+}
+
+/// Rows per slice when a large table (the token embeddings) is converted piecewise: the whole
+/// table never exists in f32.
+const SLICE_ROWS: usize = 1024;
+
+/// A stored tensor for piecewise conversion.
+enum Sliced {
+    /// 2-D with whole blocks per row: read in slices of rows.
+    Rows(RowSlices),
+    /// Anything else (q/k rows to un-permute, other ranks), as one f32 tensor.
+    Whole(Tensor),
+}
+
+struct RowSlices {
+    q: QTensor,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl RowSlices {
+    /// Rows `r0 .. r0 + n` dequantized to f32.
+    fn get(&self, r0: usize, n: usize) -> candle_core::Result<Tensor> {
+        let raw = self.q.data()?;
+        let bytes = &raw[r0 * self.row_bytes..(r0 + n) * self.row_bytes];
+        qtensor_from_ggml(self.q.dtype(), bytes, vec![n, self.cols], &Device::Cpu)?
+            .dequantize(&Device::Cpu)
+    }
+}
+
+impl GgufSource {
+    /// `name` ready for piecewise conversion (see [`Sliced`]). Permuted q/k rows are undone in
+    /// f32 (see `tensor`), so only other tensors convert piecewise.
+    fn sliced(&self, name: &str) -> Result<Sliced> {
+        if self.permuted_heads(name).is_some() {
+            return Ok(Sliced::Whole(self.tensor(name)?));
+        }
+        let q = self.read_quantized(&self.stored_name(name)?)?;
+        let gdt = q.dtype();
+        match *q.shape().dims() {
+            [rows, cols] if cols % gdt.block_size() == 0 => Ok(Sliced::Rows(RowSlices {
+                rows,
+                cols,
+                row_bytes: cols / gdt.block_size() * gdt.type_size(),
+                q,
+            })),
+            _ => Ok(Sliced::Whole(q.dequantize(&Device::Cpu)?)),
         }
     }
 }
