@@ -49,8 +49,9 @@ impl Int8Table {
         }
         let mut q = vec![0i8; rows * cols];
         let mut d = vec![0f32; rows * cols / ACT_BLOCK];
-        for r0 in (0..rows).step_by(step.max(1)) {
-            let n = step.max(1).min(rows - r0);
+        let step = step.max(1);
+        for r0 in (0..rows).step_by(step) {
+            let n = step.min(rows - r0);
             let part = next(r0, n)?;
             if part.len() != n * cols {
                 return Err(Error::msg(format!(

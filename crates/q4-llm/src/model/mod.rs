@@ -115,7 +115,7 @@ impl Model {
             None => EmbeddingStorage::F32,
         });
         let embed_dtype = match storage {
-            EmbeddingStorage::Bf16 | EmbeddingStorage::Int8 => DType::BF16,
+            EmbeddingStorage::Bf16 => DType::BF16,
             _ => DType::F32,
         };
         if storage == EmbeddingStorage::Int8 && !dev.is_cpu() {
