@@ -274,30 +274,20 @@ fn bad_input_is_a_clear_error() {
     let x = Tensor::zeros((2, 32), DType::U32, &Device::Cpu).unwrap();
     let e = layer.forward(&x).unwrap_err().to_string();
     assert!(e.contains("must be f32, bf16 or f16"), "{e}");
-    let e = layer
-        .clone()
-        .with_act_quant(ActQuant::Nvfp4Dynamic)
-        .unwrap_err()
-        .to_string();
+    let refused = |l: &QLinear, act| l.clone().with_act_quant(act).unwrap_err().to_string();
+    let e = refused(&layer, ActQuant::Nvfp4Dynamic);
     assert!(
         e.contains("needs an NVFP4 weight") && e.contains("nf4"),
         "{e}"
     );
-    let e = layer
-        .clone()
-        .with_act_quant(ActQuant::Int8)
-        .unwrap_err()
-        .to_string();
+    let e = refused(&layer, ActQuant::Int8);
     assert!(
         e.contains("needs an NVFP4 or MXFP4 weight") && e.contains("nf4"),
         "{e}"
     );
     let odd = Tensor::from_vec(randn(2, 4 * 48), (4, 48), &Device::Cpu).unwrap();
-    let e = QLinear::from_dense(&odd, None, Some(&QuantSpec::new(Format::Nvfp4)))
-        .unwrap()
-        .with_act_quant(ActQuant::Int8)
-        .unwrap_err()
-        .to_string();
+    let odd = QLinear::from_dense(&odd, None, Some(&QuantSpec::new(Format::Nvfp4))).unwrap();
+    let e = refused(&odd, ActQuant::Int8);
     assert!(e.contains("multiple of 32") && e.contains("48"), "{e}");
     let e = QTensor::quantize(
         &Tensor::zeros((4, 20), DType::F32, &Device::Cpu).unwrap(),
