@@ -451,7 +451,7 @@ unsafe fn tile_block<const MR: usize, const NR: usize>(
     }
     for (i, row) in acc.iter().enumerate() {
         for (jj, &a) in row.iter().enumerate() {
-            let mut sum = hsum256(a);
+            let mut sum = hsum(a);
             for kk in steps * 8..w {
                 sum += *x.add(i * xs + kk) * *t.add(jj * w + kk);
             }
@@ -459,14 +459,6 @@ unsafe fn tile_block<const MR: usize, const NR: usize>(
             *dst = if accumulate { *dst + sum } else { sum };
         }
     }
-}
-
-/// Sum of the 8 lanes.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum256(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
 }
 
 /// Int8 activations laid out for [`rows_i8`]: per row and 64-value chunk, the 32 even-indexed
