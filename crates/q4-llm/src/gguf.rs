@@ -179,7 +179,7 @@ const SLICE_ROWS: usize = 1024;
 /// A stored tensor for piecewise conversion.
 enum Sliced {
     /// 2-D with whole blocks per row: read in slices of rows.
-    Rows(RowSlices),
+    Rows(Box<RowSlices>),
     /// Anything else (q/k rows to un-permute, other ranks), as one f32 tensor.
     Whole(Tensor),
 }
@@ -211,12 +211,12 @@ impl GgufSource {
         let q = self.read_quantized(&self.stored_name(name)?)?;
         let gdt = q.dtype();
         match *q.shape().dims() {
-            [rows, cols] if cols % gdt.block_size() == 0 => Ok(Sliced::Rows(RowSlices {
+            [rows, cols] if cols % gdt.block_size() == 0 => Ok(Sliced::Rows(Box::new(RowSlices {
                 rows,
                 cols,
                 row_bytes: cols / gdt.block_size() * gdt.type_size(),
                 q,
-            })),
+            }))),
             _ => Ok(Sliced::Whole(q.dequantize(&Device::Cpu)?)),
         }
     }
