@@ -26,7 +26,7 @@ pub enum ActQuant {
     Nvfp4Dynamic,
     /// W4A8 for E2M1 weights (NVFP4, MXFP4): activations quantized to int8 per 32 values with
     /// an f32 scale (`amax / 127`), as llama.cpp's quantized matmuls do. Integer block sums make
-    /// the CPU GEMV about twice as fast; the result is the weight-only product with the
+    /// the CPU GEMV faster (BENCHMARKS.md); the result is the weight-only product with the
     /// activations replaced by their int8 round trip.
     Int8,
 }

@@ -4,8 +4,8 @@
 //!
 //! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
 //! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
-//! widening every weight to f32 — about a third of the vector instructions of the f32 GEMV,
-//! which on two AVX2 cores is what separates batch-1 decode from the memory-bandwidth bound.
+//! widening every weight to f32 — about half the vector instructions of the f32 GEMV, whose
+//! decode, not memory, bounds batch 1 on two AVX2 cores.
 //! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
 //! to f32 rounding; that is the reference this mode is tested against.
 
