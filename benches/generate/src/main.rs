@@ -1,10 +1,12 @@
 //! Same-run generation benchmark on the default model (SmolLM2-135M-Instruct GGUF):
 //! q4 with `--quant none|nvfp4|nf4` against candle-transformers' `quantized_llama` running the
-//! same GGUF, greedy, same prompt token ids. Each configuration runs in its own child process
-//! so its peak RSS (VmHWM) is its own; the parent checks the machine is idle around each run.
+//! same GGUF and, when llama-cpp-python is installed, llama.cpp on the GGUF and on a Q4_0 copy;
+//! greedy, same prompt token ids. Each configuration runs in its own child process so its peak
+//! RSS is its own; the parent checks the machine is idle around each run.
 //!
 //! ```sh
-//! cargo run --release --manifest-path benches/generate/Cargo.toml -- [--new 64] [--reps 5]
+//! cargo run --release --manifest-path benches/generate/Cargo.toml -- [--new 64] [--reps 5] \
+//!     [--no-llama-cpp] [--only q4-nvfp4,llama.cpp-q4_0]
 //! ```
 
 use std::process::Command;
@@ -52,6 +54,9 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         "q4-nf4" => Some(q4::Format::Nf4),
         "q4-nvfp4-w4a8" | "q4-nvfp4-w4a8-e8" => Some(q4::Format::Nvfp4),
         "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
+        "llama.cpp-q4_1" | "llama.cpp-q4_0" => {
+            return child_llama_cpp(&gguf, &config["llama.cpp-".len()..], new, reps, long_prompt)
+        }
         other => bail!("unknown configuration {other}"),
     };
     // Suffixes: -w4a8 int8 activations in the decoder, -e8 int8 embeddings / LM head.
@@ -166,6 +171,41 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
     report("candle-q4_1", &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text, short_peak)
 }
 
+/// llama.cpp through llama-cpp-python (`scripts/cpu/llama_cpp_child.py`), fed q4's token ids
+/// so that both run the very same inputs; prints the script's JSON line (its own peak RSS).
+fn child_llama_cpp(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()> {
+    let tok = q4_llm::open_weights(gguf, false)?.tokenizer()?;
+    let job = json!({
+        "gguf": gguf,
+        "quant": quant,
+        "prompt": tok.encode(PROMPT, false)?,
+        "long": long_prompt_ids(&tok, long_prompt)?,
+        "new": new,
+        "reps": reps,
+    });
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cpu/llama_cpp_child.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    drop(tok);
+    serde_json::to_writer(child.stdin.take().expect("piped stdin"), &job)?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+fn llama_cpp_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import llama_cpp"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Perplexity of the first `n` Moby-Dick tokens (same tokens as `q4 ppl --max-tokens n`) with
 /// candle-transformers' quantized Llama, one token per forward (it returns the last position's
 /// logits only): a cross-check of q4's `none` perplexity against the candle anchor.
@@ -211,7 +251,18 @@ fn main() -> Result<()> {
     // over the whole child including the long prefill.
     println!("{:<12} {:>11} {:>11} {:>14} {:>10} {:>10} {:>6}  text", "config", "prefill t/s", "decode t/s", "prefill256 t/s", "peak MiB", "peak+256", "idle");
     let mut rows = Vec::new();
-    for config in ["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nvfp4-w4a8", "q4-nvfp4-w4a8-e8", "q4-nf4"] {
+    let mut configs = vec!["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nvfp4-w4a8", "q4-nvfp4-w4a8-e8", "q4-nf4"];
+    // The anchors' other peer, when llama-cpp-python is installed (`pip install llama-cpp-python`).
+    if args.iter().any(|a| a == "--no-llama-cpp") || !llama_cpp_available() {
+        println!("# llama.cpp: skipped (no `import llama_cpp`, or --no-llama-cpp)");
+    } else {
+        configs.extend(["llama.cpp-q4_1", "llama.cpp-q4_0"]);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--only") {
+        let keep: Vec<&str> = args.get(i + 1).map(|s| s.split(',').collect()).unwrap_or_default();
+        configs.retain(|c| *c == "candle-q4_1" || keep.contains(c));
+    }
+    for config in configs {
         let idle_before = idle_fraction(500);
         let out = Command::new(&exe)
             .args(["--child", config, "--new", &new.to_string(), "--reps", &reps.to_string(), "--long", &long.to_string()])
@@ -235,6 +286,19 @@ fn main() -> Result<()> {
         rows.push(v);
     }
     let base = &rows[0];
+    // Same-run ratios against llama.cpp's fastest configuration, when it ran.
+    if let Some(ll) = rows.iter().find(|r| r["config"] == "llama.cpp-q4_0") {
+        for r in rows.iter().filter(|r| r["config"].as_str().is_some_and(|c| c.starts_with("q4-"))) {
+            println!(
+                "ratio {:<9} vs llama.cpp-q4_0: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
+                r["config"].as_str().unwrap_or(""),
+                r["prefill_tok_s"].as_f64().unwrap_or(0.0) / ll["prefill_tok_s"].as_f64().unwrap_or(1.0),
+                r["decode_tok_s"].as_f64().unwrap_or(0.0) / ll["decode_tok_s"].as_f64().unwrap_or(1.0),
+                r["long_prefill_tok_s"].as_f64().unwrap_or(0.0) / ll["long_prefill_tok_s"].as_f64().unwrap_or(1.0),
+                r["peak_rss_short_mib"].as_f64().unwrap_or(0.0) / ll["peak_rss_short_mib"].as_f64().unwrap_or(1.0),
+            );
+        }
+    }
     for r in &rows[1..] {
         println!(
             "ratio {:<9} vs candle-q4_1: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",

@@ -212,7 +212,9 @@ fn w4a4_is_bit_exact_with_explicit_quantize_dequantize_reference() {
 }
 
 /// W4A8 (int8 activations) equals the reference with int8-round-tripped activations, on the
-/// int8 GEMV (batches 1-8), the f32 fallback above it, and inputs with leading dimensions; the
+/// int8 kernel at decode and prefill batches (single weight rows, groups of four activation
+/// rows over decoded weight tiles, odd row counts), the f32 fallback (above the int8 kernel's
+/// largest batch, or a width not a multiple of its 64), and inputs with leading dimensions; the
 /// activation round trip matches `Int8Acts` bit for bit.
 #[test]
 fn w4a8_matches_the_int8_round_trip_reference() {
@@ -222,6 +224,9 @@ fn w4a8_matches_the_int8_round_trip_reference() {
             (20, 576, 3, 2),
             (7, 64, 8, 3),
             (40, 256, 16, 4),
+            (9, 128, 64, 5),
+            (6, 96, 5, 6),
+            (11, 64, 80, 7),
         ] {
             let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();

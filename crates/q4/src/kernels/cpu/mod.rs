@@ -73,9 +73,44 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f
         dst.copy_from_slice(src);
         return;
     }
-    dst.par_chunks_mut(rows).enumerate().for_each(|(c, out)| {
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = src[r * cols + c];
+    // Eight destination rows per task: each source row then gives eight neighbouring values
+    // (one cache line) instead of one, which at prefill sizes is ~8x fewer line reads.
+    const GROUP: usize = 8;
+    let work = |(g, out): (usize, &mut [f32])| {
+        let c0 = g * GROUP;
+        let width = out.len() / rows;
+        for r in 0..rows {
+            let s = &src[r * cols + c0..][..width];
+            for (j, &v) in s.iter().enumerate() {
+                out[j * rows + r] = v;
+            }
         }
-    });
+    };
+    if rows * cols >= 1 << 15 {
+        dst.par_chunks_mut(rows * GROUP).enumerate().for_each(work);
+    } else {
+        dst.chunks_mut(rows * GROUP).enumerate().for_each(work);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn transpose_matches_the_definition() {
+        // Column counts around the eight-row grouping, one column, and a parallel-sized case.
+        for (rows, cols) in [(5, 1), (3, 7), (9, 8), (17, 13), (4096, 64), (33, 1000)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; rows * cols];
+            super::transpose_into(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at {r},{c}"
+                    );
+                }
+            }
+        }
+    }
 }

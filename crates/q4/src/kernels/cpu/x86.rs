@@ -467,40 +467,77 @@ unsafe fn tile_block<const MR: usize, const NR: usize>(
 pub struct Int8Layout {
     eo: Vec<i8>,
     sv: Vec<f32>,
+    /// Per row and chunk, `W8_OFFSET` times the sum of each 8 consecutive values: what the
+    /// offset (unsigned) weights add to each 32-bit lane of the kernel's sums.
+    corr: Vec<i32>,
     chunks: usize,
 }
 
+/// Added to twice the E2M1 value so every weight byte is unsigned (0..=24), as `vpmaddubsw`
+/// wants; the kernel subtracts `W8_OFFSET * sum(x)` per lane instead of sign-flipping `x`.
+const W8_OFFSET: i32 = 12;
+
 impl Int8Layout {
     pub fn new(a: &super::w4a8::Int8Acts, batch: usize) -> Int8Layout {
+        use rayon::prelude::*;
         let k = a.k;
         let chunks = k / CHUNK;
         let mut eo = vec![0i8; batch * chunks * CHUNK];
         let mut sv = vec![0f32; batch * chunks * 8];
-        for m in 0..batch {
+        let mut corr = vec![0i32; batch * chunks * 8];
+        // One activation row's slices of the three arrays.
+        type RowOut<'a> = ((&'a mut [i8], &'a mut [f32]), &'a mut [i32]);
+        let row = |(m, ((eo, sv), corr)): (usize, RowOut<'_>)| {
             for c in 0..chunks {
                 let src = &a.q[m * k + c * CHUNK..][..CHUNK];
-                let dst = &mut eo[(m * chunks + c) * CHUNK..][..CHUNK];
+                let dst = &mut eo[c * CHUNK..][..CHUNK];
                 for i in 0..32 {
                     dst[i] = src[2 * i];
                     dst[32 + i] = src[2 * i + 1];
                 }
                 let d = &a.d[(m * k + c * CHUNK) / super::w4a8::ACT_BLOCK..];
-                let v = &mut sv[(m * chunks + c) * 8..][..8];
+                let v = &mut sv[c * 8..][..8];
                 v[..4].fill(d[0]);
                 v[4..].fill(d[1]);
+                for (o, e) in corr[c * 8..][..8].iter_mut().zip(src.chunks_exact(8)) {
+                    *o = W8_OFFSET * e.iter().map(|&q| i32::from(q)).sum::<i32>();
+                }
             }
+        };
+        let (er, sr) = (chunks * CHUNK, chunks * 8);
+        // Prefill-sized inputs in parallel (a row is a few hundred ns of work).
+        if batch * k >= 1 << 15 {
+            eo.par_chunks_mut(er)
+                .zip(sv.par_chunks_mut(sr))
+                .zip(corr.par_chunks_mut(sr))
+                .enumerate()
+                .for_each(row);
+        } else {
+            eo.chunks_mut(er)
+                .zip(sv.chunks_mut(sr))
+                .zip(corr.chunks_mut(sr))
+                .enumerate()
+                .for_each(row);
         }
-        Int8Layout { eo, sv, chunks }
+        Int8Layout {
+            eo,
+            sv,
+            corr,
+            chunks,
+        }
     }
 }
 
-/// One weight row times `B` int8 activation rows; see `w4a8`. After the byte multiply-adds,
-/// 32-bit lane `d` of a chunk's sum holds weights `8d .. 8d + 8`: a 16-block covers lanes
-/// `2b, 2b + 1`, a 32-block lanes `4b .. 4b + 4`, and the activation blocks lanes 0-3 and 4-7.
+/// One weight row times activation rows `m0 .. m0 + B`; see `w4a8`. The weight bytes are
+/// `2w + 12` (unsigned, as `vpmaddubsw` wants) and the layout's `corr` removes the `12 * x`
+/// part after widening, which costs one subtract instead of two sign flips per product. After
+/// the byte multiply-adds, 32-bit lane `d` of a chunk's sum holds weights `8d .. 8d + 8`: a
+/// 16-block covers lanes `2b, 2b + 1`, a 32-block lanes `4b .. 4b + 4`, and the activation
+/// blocks lanes 0-3 and 4-7.
 ///
 /// # Safety
-/// AVX2 and FMA present; the weight passes `w4a8::supported`; `row < w.n`; `xs` holds `B` rows
-/// of `w.k` values; `out` has `B` slots.
+/// AVX2 and FMA present; the weight passes `w4a8::supported`; `row < w.n`; `xs` holds at least
+/// `m0 + B` rows of `w.k` values; `out` has `B` slots.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
 unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
@@ -508,28 +545,30 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     scales: S,
     xs: &Int8Layout,
     row: usize,
+    m0: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= B * xs.chunks * CHUNK);
+    debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= (m0 + B) * xs.chunks * CHUNK);
     debug_assert!(row < w.n && out.len() >= B);
     let chunks = xs.chunks;
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-        super::w4a8::E2M1_X2.as_ptr() as *const __m128i
-    ));
+    let mut unsigned = [0u8; 16];
+    for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
+        *u = (i32::from(v) + W8_OFFSET) as u8;
+    }
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(unsigned.as_ptr() as *const __m128i));
     let mask = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    // Two accumulators per activation row (even and odd chunks) so one FMA chain does not
-    // bound the loop.
+    // From 4 activation rows on, their independent FMA chains hide the latency; below, even and
+    // odd chunks accumulate apart (the compiler drops the unused half).
     let mut acc = [[_mm256_setzero_ps(); B]; 2];
-    let (eo, sv) = (xs.eo.as_ptr(), xs.sv.as_ptr());
+    let (eo, sv, corr) = (xs.eo.as_ptr(), xs.sv.as_ptr(), xs.corr.as_ptr());
     let codes = w.codes.as_ptr().add(row * w.row_bytes);
     let sb = row * w.row_blocks;
     for c in 0..chunks {
         let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
         let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
         let wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-        let (al, ah) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
         let ws = if BK == BLOCK16 {
             let i = sb + 4 * c;
             let s4 = _mm_setr_ps(
@@ -543,17 +582,23 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
             let i = sb + 2 * c;
             _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
         };
+        let slot = if B >= 4 { 0 } else { c & 1 };
         for m in 0..B {
-            let xp = eo.add((m * chunks + c) * CHUNK);
+            let at = (m0 + m) * chunks + c;
+            let xp = eo.add(at * CHUNK);
             let xe = _mm256_loadu_si256(xp as *const __m256i);
             let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
-            // |w| * (x with w's sign): the unsigned-by-signed byte product vpmaddubsw needs;
-            // |pair sums| <= 2 * 12 * 127, so the 16-bit sums cannot saturate.
-            let pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(xe, wl));
-            let ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xo, wh));
-            let sum = _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones);
-            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add((m * chunks + c) * 8)));
-            acc[c & 1][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[c & 1][m]);
+            // (2w + 12) * x summed in pairs: <= 2 * 24 * 127 per pair and twice that after
+            // the add, so the 16-bit sums cannot saturate; the 12 * x part is subtracted after
+            // widening.
+            let pl = _mm256_maddubs_epi16(wl, xe);
+            let ph = _mm256_maddubs_epi16(wh, xo);
+            let sum = _mm256_sub_epi32(
+                _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
+                _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
+            );
+            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
+            acc[slot][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[slot][m]);
         }
     }
     for m in 0..B {
@@ -562,13 +607,114 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     }
 }
 
-/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`), one row per
-/// pass: 2 or 4 rows per pass won on a lone 1536x576 layer but lost 8% of SmolLM2's decode rate
-/// (4 alternating runs each) and lost on 4096x4096 at batch 1.
+/// Decodes weight rows `r0..r1` once for the prefill kernel [`tile_i8_kernel`]: per row and
+/// chunk, the 64 offset bytes `2w + 12` (low nibbles then high, as `rows_i8_kernel` builds
+/// them) into `codes`, and the chunk's eight lane scales into `scales`.
 ///
 /// # Safety
-/// As [`rows_i8_kernel`] for every row in `r0..r1`, with `batch` in 1..=8 and `out` holding
-/// `(r1 - r0) * batch` values.
+/// AVX2 present; the weight passes `w4a8::supported`; `r1 <= w.n`; `codes` holds
+/// `(r1 - r0) * chunks * 64` bytes and `scales` `(r1 - r0) * chunks * 8` values.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_tile_i8<const BK: u8, S: Scales>(
+    w: &Rows<'_>,
+    sc: S,
+    r0: usize,
+    r1: usize,
+    codes: &mut [u8],
+    scales: &mut [f32],
+) {
+    let chunks = w.k / CHUNK;
+    debug_assert!(codes.len() >= (r1 - r0) * chunks * CHUNK);
+    debug_assert!(scales.len() >= (r1 - r0) * chunks * 8);
+    let mut unsigned = [0u8; 16];
+    for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
+        *u = (i32::from(v) + W8_OFFSET) as u8;
+    }
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(unsigned.as_ptr() as *const __m128i));
+    let mask = _mm256_set1_epi8(0x0f);
+    let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    for (i, r) in (r0..r1).enumerate() {
+        let src = w.codes.as_ptr().add(r * w.row_bytes);
+        for c in 0..chunks {
+            let at = i * chunks + c;
+            let v = _mm256_loadu_si256(src.add(c * 32) as *const __m256i);
+            let dst = codes.as_mut_ptr().add(at * CHUNK) as *mut __m256i;
+            _mm256_storeu_si256(dst, _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask)));
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            _mm256_storeu_si256(dst.add(1), _mm256_shuffle_epi8(table, hi));
+            let ws = if BK == BLOCK16 {
+                let j = r * w.row_blocks + 4 * c;
+                let s4 = _mm_setr_ps(sc.at(j), sc.at(j + 1), sc.at(j + 2), sc.at(j + 3));
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
+            } else {
+                let j = r * w.row_blocks + 2 * c;
+                _mm256_set_m128(_mm_set1_ps(sc.at(j + 1)), _mm_set1_ps(sc.at(j)))
+            };
+            _mm256_storeu_ps(scales.as_mut_ptr().add(at * 8), ws);
+        }
+    }
+}
+
+/// [`rows_i8_kernel`] for prefill batches, on a row decoded by [`decode_tile_i8`]: the decode
+/// is paid once per weight row instead of once per group of activation rows (at batch 256,
+/// 64 times), leaving two loads per chunk besides the products.
+///
+/// # Safety
+/// AVX2 and FMA present; `codes` / `scales` hold the decoded row (`chunks * 64` bytes,
+/// `chunks * 8` values); `xs` holds at least `m0 + B` rows of `chunks * 64` values; `out` has
+/// `B` slots.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn tile_i8_kernel<const B: usize>(
+    codes: &[u8],
+    scales: &[f32],
+    xs: &Int8Layout,
+    m0: usize,
+    out: &mut [f32],
+) {
+    let chunks = xs.chunks;
+    debug_assert!(codes.len() >= chunks * CHUNK && scales.len() >= chunks * 8);
+    debug_assert!(xs.eo.len() >= (m0 + B) * chunks * CHUNK && out.len() >= B);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); B];
+    let (eo, sv, corr) = (xs.eo.as_ptr(), xs.sv.as_ptr(), xs.corr.as_ptr());
+    for c in 0..chunks {
+        let wl = _mm256_loadu_si256(codes.as_ptr().add(c * CHUNK) as *const __m256i);
+        let wh = _mm256_loadu_si256(codes.as_ptr().add(c * CHUNK + 32) as *const __m256i);
+        let ws = _mm256_loadu_ps(scales.as_ptr().add(c * 8));
+        for m in 0..B {
+            let at = (m0 + m) * chunks + c;
+            let xp = eo.add(at * CHUNK);
+            // As in `rows_i8_kernel`: no 16-bit saturation, offset removed after widening.
+            let pl = _mm256_maddubs_epi16(wl, _mm256_loadu_si256(xp as *const __m256i));
+            let ph = _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xp.add(32) as *const __m256i));
+            let sum = _mm256_sub_epi32(
+                _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
+                _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
+            );
+            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[m]);
+        }
+    }
+    for m in 0..B {
+        *out.get_unchecked_mut(m) = 0.5 * hsum(acc[m]);
+    }
+}
+
+/// Activation rows per pass of [`rows_i8_kernel`]: larger batches run in groups of this many,
+/// each group re-decoding the (L1-resident) weight row. Groups of 6 or 8, and two weight rows
+/// per pass over a group of 4 (which spills accumulators to the stack), were not faster at
+/// batches 16 and 64 in single-thread runs of `q4 bench linear` on 4096x4096 and 1536x576.
+pub const I8_GROUP: usize = 4;
+
+/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`), one weight
+/// row per pass and up to [`I8_GROUP`] activation rows per pass over it, at any batch: 2 or 4
+/// weight rows per pass won on a lone 1536x576 layer but lost 8% of SmolLM2's decode rate (4
+/// alternating runs each) and lost on 4096x4096 at batch 1.
+///
+/// # Safety
+/// As [`rows_i8_kernel`] for every row in `r0..r1` and every activation row below `batch`, with
+/// `out` holding `(r1 - r0) * batch` values.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn rows_i8(
     w: &Rows<'_>,
@@ -579,31 +725,113 @@ pub unsafe fn rows_i8(
     out: &mut [f32],
 ) {
     macro_rules! run {
-        ($b:literal) => {{
-            for (r, o) in (r0..r1).zip(out.chunks_exact_mut($b)) {
-                match (w.block, w.scales) {
-                    (16, ScaleSrc::Table { bytes, table }) => {
-                        rows_i8_kernel::<$b, BLOCK16, _>(w, TableScales { bytes, table }, xs, r, o)
-                    }
-                    (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, r, o),
-                    (_, ScaleSrc::Table { bytes, table }) => {
-                        rows_i8_kernel::<$b, BLOCK32, _>(w, TableScales { bytes, table }, xs, r, o)
-                    }
-                    (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, r, o),
-                }
+        ($b:literal, $r:expr, $m0:expr, $o:expr) => {{
+            match (w.block, w.scales) {
+                (16, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK16, _>(
+                    w,
+                    TableScales { bytes, table },
+                    xs,
+                    $r,
+                    $m0,
+                    $o,
+                ),
+                (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, $r, $m0, $o),
+                (_, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK32, _>(
+                    w,
+                    TableScales { bytes, table },
+                    xs,
+                    $r,
+                    $m0,
+                    $o,
+                ),
+                (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, $r, $m0, $o),
             }
         }};
     }
-    match batch {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        5 => run!(5),
-        6 => run!(6),
-        7 => run!(7),
-        8 => run!(8),
-        _ => unreachable!("the int8 GEMV serves batches of 1-8"),
+    if batch > I8_GROUP {
+        return rows_i8_tiled(w, xs, batch, r0, r1, out);
+    }
+    // Group outer, weight rows inner: a group's activations and the pass's weight rows stay
+    // in L1 for SmolLM2's widths (K = 576: 9 KiB of codes for 32 rows).
+    let mut m0 = 0;
+    while m0 < batch {
+        let b = (batch - m0).min(I8_GROUP);
+        for (r, o) in (r0..r1).zip(out.chunks_exact_mut(batch)) {
+            let o = &mut o[m0..m0 + b];
+            match b {
+                1 => run!(1, r, m0, o),
+                2 => run!(2, r, m0, o),
+                3 => run!(3, r, m0, o),
+                4 => run!(4, r, m0, o),
+                _ => unreachable!("groups hold 1-4 activation rows"),
+            }
+        }
+        m0 += b;
+    }
+}
+
+/// [`rows_i8`] above one group of activation rows: a few weight rows at a time decoded once
+/// into an L1-sized tile, then every group of activation rows over that tile.
+///
+/// # Safety
+/// As [`rows_i8`].
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_i8_tiled(
+    w: &Rows<'_>,
+    xs: &Int8Layout,
+    batch: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    let chunks = xs.chunks;
+    // Rows per decoded sub-tile: about 16 KiB of decoded codes and scales (96 bytes per chunk),
+    // so the tile stays in L1 while every group of activation rows passes over it.
+    let step = (16384 / (chunks * 96)).clamp(1, r1 - r0);
+    let mut codes = vec![0u8; step * chunks * CHUNK];
+    let mut scales = vec![0f32; step * chunks * 8];
+    let mut t0 = r0;
+    while t0 < r1 {
+        let t1 = (t0 + step).min(r1);
+        match (w.block, w.scales) {
+            (16, ScaleSrc::Table { bytes, table }) => decode_tile_i8::<BLOCK16, _>(
+                w,
+                TableScales { bytes, table },
+                t0,
+                t1,
+                &mut codes,
+                &mut scales,
+            ),
+            (16, s) => decode_tile_i8::<BLOCK16, _>(w, s, t0, t1, &mut codes, &mut scales),
+            (_, ScaleSrc::Table { bytes, table }) => decode_tile_i8::<BLOCK32, _>(
+                w,
+                TableScales { bytes, table },
+                t0,
+                t1,
+                &mut codes,
+                &mut scales,
+            ),
+            (_, s) => decode_tile_i8::<BLOCK32, _>(w, s, t0, t1, &mut codes, &mut scales),
+        }
+        let tile_out = &mut out[(t0 - r0) * batch..(t1 - r0) * batch];
+        let mut m0 = 0;
+        while m0 < batch {
+            let b = (batch - m0).min(I8_GROUP);
+            for (i, o) in tile_out.chunks_exact_mut(batch).enumerate() {
+                let c = &codes[i * chunks * CHUNK..][..chunks * CHUNK];
+                let s = &scales[i * chunks * 8..][..chunks * 8];
+                let o = &mut o[m0..m0 + b];
+                match b {
+                    1 => tile_i8_kernel::<1>(c, s, xs, m0, o),
+                    2 => tile_i8_kernel::<2>(c, s, xs, m0, o),
+                    3 => tile_i8_kernel::<3>(c, s, xs, m0, o),
+                    4 => tile_i8_kernel::<4>(c, s, xs, m0, o),
+                    _ => unreachable!("groups hold 1-4 activation rows"),
+                }
+            }
+            m0 += b;
+        }
+        t0 = t1;
     }
 }
 
