@@ -20,19 +20,45 @@ use crate::Format;
 const WARPS: usize = 8;
 /// Weight steps each thread keeps in flight (see gemv.cu).
 const DEPTH: i64 = 2;
+/// Weights below which blocks get half the warps (see `warps`).
+const SMALL_WEIGHTS: usize = 40 << 20;
+/// Split K only while each slice keeps at least this many 128-wide steps.
+const MIN_SPLIT_STEPS: usize = 4;
 
-/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block) and `Q4_GEMV_DEPTH` (2-4), for
-/// kernel development; the defaults are the measured best.
+/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block), `Q4_GEMV_DEPTH` (2-4) and
+/// `Q4_GEMV_MIN_STEPS` (split-K), for kernel development; the defaults are the measured best
+/// (`scripts/gpu/gemv_knob_sweep.sh`).
 fn knob(name: &str, default: i64) -> i64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
-fn warps() -> usize {
-    static W: std::sync::LazyLock<usize> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_WARPS", WARPS as i64).clamp(1, 32) as usize);
-    *W
+/// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
+/// smaller blocks keep more loads in flight (Qwen3-4B's projections 2-5% faster per call, its
+/// synthetic decode +2%), else 8 (8192x8192: 24.1 against 28.2 us with 4). The pair-table
+/// formats keep 8: each block builds a 32 KiB table, and 4 warps cost NF4's synthetic decode
+/// 7% (`scripts/gpu/results/h100-2026-11-26-knobs/`). `Q4_GEMV_WARPS` overrides.
+fn warps(w: &QTensor) -> usize {
+    let (n, k) = w.rows_cols();
+    static W: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
+        std::env::var("Q4_GEMV_WARPS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map(|w| w.clamp(1, 32))
+    });
+    W.unwrap_or(if arith(w) && n * k < SMALL_WEIGHTS {
+        WARPS / 2
+    } else {
+        WARPS
+    })
+}
+/// Fewest 128-wide K steps a split-K slice keeps (`Q4_GEMV_MIN_STEPS`).
+fn min_steps() -> usize {
+    static M: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        knob("Q4_GEMV_MIN_STEPS", MIN_SPLIT_STEPS as i64).clamp(1, 64) as usize
+    });
+    *M
 }
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
@@ -124,7 +150,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         None => 0u64,
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
-    let warps = warps();
+    let warps = warps(w);
     let tiles = n.div_ceil(16 * warps);
     let steps = kdim.div_ceil(128);
     let defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
@@ -137,7 +163,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .max(1) as usize;
     let resident = k.sm_count as usize * per_sm;
     let mut split = 1usize;
-    while tiles * split < resident && steps >= split * 8 {
+    while tiles * split < resident && steps >= split * 2 * min_steps() {
         split *= 2;
     }
     let grid_x = (tiles * split).min(resident).max(1);
