@@ -528,7 +528,9 @@ impl Int8Layout {
     }
 }
 
-/// One weight row times activation rows `m0 .. m0 + B`; see `w4a8`. The weight bytes are
+/// Weight rows `rows` times activation rows `m0 .. m0 + B` into `out[i * batch + m0 + m]` (row
+/// `rows.start + i`); see `w4a8`. The setup and the dispatch are paid once per call, not per
+/// row (SmolLM2's rows are only nine 64-weight chunks long). The weight bytes are
 /// `2w + 12` (unsigned, as `vpmaddubsw` wants) and the layout's `corr` removes the `12 * x`
 /// part after widening, which costs one subtract instead of two sign flips per product. After
 /// the byte multiply-adds, 32-bit lane `d` of a chunk's sum holds weights `8d .. 8d + 8`: a
@@ -536,21 +538,22 @@ impl Int8Layout {
 /// blocks lanes 0-3 and 4-7.
 ///
 /// # Safety
-/// AVX2 and FMA present; the weight passes `w4a8::supported`; `row < w.n`; `xs` holds at least
-/// `m0 + B` rows of `w.k` values; `out` has `B` slots.
+/// AVX2 and FMA present; the weight passes `w4a8::supported`; `rows.end <= w.n`; `xs` holds at
+/// least `m0 + B <= batch` rows of `w.k` values; `out` has `rows.len() * batch` slots.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
 unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     w: &Rows<'_>,
     scales: S,
     xs: &Int8Layout,
-    row: usize,
+    rows: std::ops::Range<usize>,
     m0: usize,
+    batch: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= (m0 + B) * xs.chunks * CHUNK);
-    debug_assert!(row < w.n && out.len() >= B);
     let chunks = xs.chunks;
+    debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= (m0 + B) * chunks * CHUNK);
+    debug_assert!(rows.end <= w.n && out.len() >= rows.len() * batch && m0 + B <= batch);
     let mut unsigned = [0u8; 16];
     for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
         *u = (i32::from(v) + W8_OFFSET) as u8;
@@ -559,51 +562,55 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     let mask = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    // From 4 activation rows on, their independent FMA chains hide the latency; below, even and
-    // odd chunks accumulate apart (the compiler drops the unused half).
-    let mut acc = [[_mm256_setzero_ps(); B]; 2];
     let (eo, sv, corr) = (xs.eo.as_ptr(), xs.sv.as_ptr(), xs.corr.as_ptr());
-    let codes = w.codes.as_ptr().add(row * w.row_bytes);
-    let sb = row * w.row_blocks;
-    for c in 0..chunks {
-        let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
-        let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
-        let wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
-        let ws = if BK == BLOCK16 {
-            let i = sb + 4 * c;
-            let s4 = _mm_setr_ps(
-                scales.at(i),
-                scales.at(i + 1),
-                scales.at(i + 2),
-                scales.at(i + 3),
-            );
-            _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
-        } else {
-            let i = sb + 2 * c;
-            _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
-        };
-        let slot = if B >= 4 { 0 } else { c & 1 };
-        for m in 0..B {
-            let at = (m0 + m) * chunks + c;
-            let xp = eo.add(at * CHUNK);
-            let xe = _mm256_loadu_si256(xp as *const __m256i);
-            let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
-            // (2w + 12) * x summed in pairs: <= 2 * 24 * 127 per pair and twice that after
-            // the add, so the 16-bit sums cannot saturate; the 12 * x part is subtracted after
-            // widening.
-            let pl = _mm256_maddubs_epi16(wl, xe);
-            let ph = _mm256_maddubs_epi16(wh, xo);
-            let sum = _mm256_sub_epi32(
-                _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
-                _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
-            );
-            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
-            acc[slot][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[slot][m]);
+    for (i, row) in rows.enumerate() {
+        // From 4 activation rows on, their independent FMA chains hide the latency; below,
+        // even and odd chunks accumulate apart (the compiler drops the unused half).
+        let mut acc = [[_mm256_setzero_ps(); B]; 2];
+        let codes = w.codes.as_ptr().add(row * w.row_bytes);
+        let sb = row * w.row_blocks;
+        for c in 0..chunks {
+            let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
+            let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
+            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            let wh = _mm256_shuffle_epi8(table, hi);
+            let ws = if BK == BLOCK16 {
+                let i = sb + 4 * c;
+                let s4 = _mm_setr_ps(
+                    scales.at(i),
+                    scales.at(i + 1),
+                    scales.at(i + 2),
+                    scales.at(i + 3),
+                );
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
+            } else {
+                let i = sb + 2 * c;
+                _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
+            };
+            let slot = if B >= 4 { 0 } else { c & 1 };
+            for m in 0..B {
+                let at = (m0 + m) * chunks + c;
+                let xp = eo.add(at * CHUNK);
+                let xe = _mm256_loadu_si256(xp as *const __m256i);
+                let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
+                // (2w + 12) * x summed in pairs: <= 2 * 24 * 127 per pair and twice that
+                // after the add, so the 16-bit sums cannot saturate; the 12 * x part is
+                // subtracted after widening.
+                let pl = _mm256_maddubs_epi16(wl, xe);
+                let ph = _mm256_maddubs_epi16(wh, xo);
+                let sum = _mm256_sub_epi32(
+                    _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
+                    _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
+                );
+                let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
+                acc[slot][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[slot][m]);
+            }
         }
-    }
-    for m in 0..B {
-        // The integer sums are twice the E2M1 products.
-        *out.get_unchecked_mut(m) = 0.5 * hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+        for m in 0..B {
+            // The integer sums are twice the E2M1 products.
+            *out.get_unchecked_mut(i * batch + m0 + m) =
+                0.5 * hsum(_mm256_add_ps(acc[0][m], acc[1][m]));
+        }
     }
 }
 
@@ -701,16 +708,17 @@ unsafe fn tile_i8_kernel<const B: usize>(
     }
 }
 
-/// Activation rows per pass of [`rows_i8_kernel`]: larger batches run in groups of this many,
-/// each group re-decoding the (L1-resident) weight row. Groups of 6 or 8, and two weight rows
-/// per pass over a group of 4 (which spills accumulators to the stack), were not faster at
-/// batches 16 and 64 in single-thread runs of `q4 bench linear` on 4096x4096 and 1536x576.
+/// Activation rows per pass over a weight row. Larger batches run in groups of this many over
+/// decoded tiles ([`rows_i8_tiled`]). Groups of 6 or 8, and two weight rows per pass over a
+/// group of 4 (which spills accumulators to the stack), were not faster at batches 16 and 64 in
+/// single-thread runs of `q4 bench linear` on 4096x4096 and 1536x576.
 pub const I8_GROUP: usize = 4;
 
-/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`), one weight
-/// row per pass and up to [`I8_GROUP`] activation rows per pass over it, at any batch: 2 or 4
-/// weight rows per pass won on a lone 1536x576 layer but lost 8% of SmolLM2's decode rate (4
-/// alternating runs each) and lost on 4096x4096 at batch 1.
+/// `out[(r - r0) * batch + m]` for rows `r0..r1` of the int8 product (see `w4a8`): up to
+/// [`I8_GROUP`] activation rows in one pass per weight row, decoding in registers; larger
+/// batches through [`rows_i8_tiled`]. 2 or 4 weight rows per pass won on a lone 1536x576 layer
+/// but lost 8% of SmolLM2's decode rate (4 alternating runs each) and lost on 4096x4096 at
+/// batch 1.
 ///
 /// # Safety
 /// As [`rows_i8_kernel`] for every row in `r0..r1` and every activation row below `batch`, with
@@ -725,48 +733,38 @@ pub unsafe fn rows_i8(
     out: &mut [f32],
 ) {
     macro_rules! run {
-        ($b:literal, $r:expr, $m0:expr, $o:expr) => {{
+        ($b:literal) => {{
+            let rows = r0..r1;
             match (w.block, w.scales) {
                 (16, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK16, _>(
                     w,
                     TableScales { bytes, table },
                     xs,
-                    $r,
-                    $m0,
-                    $o,
+                    rows,
+                    0,
+                    batch,
+                    out,
                 ),
-                (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, $r, $m0, $o),
+                (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, rows, 0, batch, out),
                 (_, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK32, _>(
                     w,
                     TableScales { bytes, table },
                     xs,
-                    $r,
-                    $m0,
-                    $o,
+                    rows,
+                    0,
+                    batch,
+                    out,
                 ),
-                (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, $r, $m0, $o),
+                (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, rows, 0, batch, out),
             }
         }};
     }
-    if batch > I8_GROUP {
-        return rows_i8_tiled(w, xs, batch, r0, r1, out);
-    }
-    // Group outer, weight rows inner: a group's activations and the pass's weight rows stay
-    // in L1 for SmolLM2's widths (K = 576: 9 KiB of codes for 32 rows).
-    let mut m0 = 0;
-    while m0 < batch {
-        let b = (batch - m0).min(I8_GROUP);
-        for (r, o) in (r0..r1).zip(out.chunks_exact_mut(batch)) {
-            let o = &mut o[m0..m0 + b];
-            match b {
-                1 => run!(1, r, m0, o),
-                2 => run!(2, r, m0, o),
-                3 => run!(3, r, m0, o),
-                4 => run!(4, r, m0, o),
-                _ => unreachable!("groups hold 1-4 activation rows"),
-            }
-        }
-        m0 += b;
+    match batch {
+        1 => run!(1),
+        2 => run!(2),
+        3 => run!(3),
+        4 => run!(4),
+        _ => rows_i8_tiled(w, xs, batch, r0, r1, out),
     }
 }
 
