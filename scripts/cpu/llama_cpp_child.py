@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """llama.cpp (llama-cpp-python) as a peer in q4-bench-generate: same GGUF, same token ids.
 
-Reads {"gguf", "quant", "prompt", "long", "new", "reps"} as JSON on stdin (the token ids come
+Reads {"gguf", "quant", "prompt", "long", "new", "reps"[, "mode": "ppl"]} as JSON on stdin (the token ids come
 from q4's tokenizer, so both sides run identical inputs) and prints one JSON line in the
 bench's format. `quant` "q4_1" runs the GGUF as shipped; "q4_0" a Q4_0 copy made once with
 llama.cpp's own quantizer next to the cached GGUF (the anchors' fastest configuration).
 Greedy decoding, 2 threads, batch = whole prompt. Peak RSS is this process's (ru_maxrss).
+With "mode": "ppl" it prints the perplexity of the "long" ids instead (one window).
 """
 import json
 import os
@@ -40,9 +41,25 @@ def median(v):
     return s[len(s) // 2]
 
 
+def perplexity(path, ids):
+    """exp(mean NLL) of ids[1:] given their prefixes, one window, all logits from one eval."""
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(ids) + 8, n_batch=512, n_threads=2,
+                          logits_all=True, verbose=False)
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    nll = -logp[np.arange(len(ids) - 1), ids[1:]].mean()
+    print(json.dumps({"config": f"llama.cpp-{os.path.basename(path)}", "ppl": float(np.exp(nll)),
+                      "tokens": len(ids), "scored": len(ids) - 1,
+                      "llama_cpp_python": llama_cpp.__version__}))
+
+
 def main():
     job = json.load(sys.stdin)
     path = quantized_copy(job["gguf"], job["quant"])
+    if job.get("mode") == "ppl":
+        return perplexity(path, job["long"])
     prompt, long, new, reps = job["prompt"], job["long"], job["new"], job["reps"]
     llm = llama_cpp.Llama(
         model_path=path,

@@ -174,8 +174,14 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
 /// llama.cpp through llama-cpp-python (`scripts/cpu/llama_cpp_child.py`), fed q4's token ids
 /// so that both run the very same inputs; prints the script's JSON line (its own peak RSS).
 fn child_llama_cpp(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()> {
+    llama_cpp_job(gguf, quant, new, reps, long_prompt, "bench")
+}
+
+/// Runs `scripts/cpu/llama_cpp_child.py` with q4's token ids (`mode`: "bench" or "ppl").
+fn llama_cpp_job(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, long_prompt: usize, mode: &str) -> Result<()> {
     let tok = q4_llm::open_weights(gguf, false)?.tokenizer()?;
     let job = json!({
+        "mode": mode,
         "gguf": gguf,
         "quant": quant,
         "prompt": tok.encode(PROMPT, false)?,
@@ -244,6 +250,10 @@ fn main() -> Result<()> {
     }
     if args.iter().any(|a| a == "--candle-ppl") {
         return candle_ppl(arg("--ppl-tokens", 256));
+    }
+    if args.iter().any(|a| a == "--llama-cpp-ppl") {
+        // The same first n Moby-Dick tokens as `--candle-ppl` and `q4 ppl --max-tokens n`.
+        return llama_cpp_job(&q4_llm::default_model::ensure()?, "q4_1", 0, 0, arg("--ppl-tokens", 256), "ppl");
     }
     let exe = std::env::current_exe()?;
     println!("# generation benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF), {} threads, 12-token prompt, {new} new tokens, long prefill {long} tokens, median of {reps}", std::thread::available_parallelism().map_or(0, |n| n.get()));
