@@ -21,13 +21,21 @@ const PROMPT: &str = "The capital of France is Paris. The capital of Germany is"
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn vm_hwm_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -35,7 +43,14 @@ fn vm_hwm_kib() -> u64 {
 fn idle_fraction(ms: u64) -> f64 {
     let read = || -> (u64, u64) {
         let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<u64> = s
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
         (idle, v.iter().take(8).sum())
     };
@@ -63,13 +78,19 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
     let opts = LoadOptions {
         quant,
         w4a8: config.contains("-w4a8"),
-        embeddings: config.ends_with("-e8").then_some(q4_llm::EmbeddingStorage::Int8),
+        embeddings: config
+            .ends_with("-e8")
+            .then_some(q4_llm::EmbeddingStorage::Int8),
         ..Default::default()
     };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
     let prompt = tok.encode(PROMPT, false)?;
     let long = long_prompt_ids(&tok, long_prompt)?;
-    let gen_opts = GenerateOptions { max_new_tokens: new, sampling: SamplingParams::default(), stop_tokens: vec![] };
+    let gen_opts = GenerateOptions {
+        max_new_tokens: new,
+        sampling: SamplingParams::default(),
+        stop_tokens: vec![],
+    };
     let (mut prefill, mut decode, mut long_prefill) = (Vec::new(), Vec::new(), Vec::new());
     let mut text = String::new();
     for _ in 0..reps {
@@ -89,7 +110,18 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         model.forward_last(&ids, &mut cache)?;
         long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
     }
-    report(config, &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text, short_peak)
+    report(
+        config,
+        Rates {
+            prefill: &prefill,
+            decode: &decode,
+            long: &long_prefill,
+        },
+        prompt.len(),
+        long.len(),
+        &text,
+        short_peak,
+    )
 }
 
 fn long_prompt_ids(tok: &q4_llm::Tokenizer, n: usize) -> Result<Vec<u32>> {
@@ -101,7 +133,10 @@ fn long_prompt_ids(tok: &q4_llm::Tokenizer, n: usize) -> Result<Vec<u32>> {
     }
     let ids = tok.encode(&text[..end], false)?;
     if ids.len() < n {
-        anyhow::bail!("the first {end} bytes of Moby-Dick give only {} tokens", ids.len());
+        anyhow::bail!(
+            "the first {end} bytes of Moby-Dick give only {} tokens",
+            ids.len()
+        );
     }
     Ok(ids[..n.min(ids.len())].to_vec())
 }
@@ -112,7 +147,26 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-fn report(config: &str, prefill: &[f64], decode: &[f64], long: &[f64], p: usize, lp: usize, text: &str, short_peak_kib: u64) -> Result<()> {
+/// Tokens/s samples of one configuration.
+struct Rates<'a> {
+    prefill: &'a [f64],
+    decode: &'a [f64],
+    long: &'a [f64],
+}
+
+fn report(
+    config: &str,
+    r: Rates<'_>,
+    p: usize,
+    lp: usize,
+    text: &str,
+    short_peak_kib: u64,
+) -> Result<()> {
+    let Rates {
+        prefill,
+        decode,
+        long,
+    } = r;
     println!(
         "{}",
         json!({
@@ -148,13 +202,19 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
     for _ in 0..reps {
         let mut model = load()?;
         let t = Instant::now();
-        let logits = model.forward(&Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
+        let logits = model.forward(
+            &Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+            0,
+        )?;
         let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
         prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
         let mut out = vec![next];
         let t = Instant::now();
         for i in 0..new - 1 {
-            let logits = model.forward(&Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?, prompt.len() + i)?;
+            let logits = model.forward(
+                &Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?,
+                prompt.len() + i,
+            )?;
             next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
             out.push(next);
         }
@@ -165,20 +225,47 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
     for _ in 0..reps {
         let mut model = load()?;
         let t = Instant::now();
-        model.forward(&Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?, 0)?;
+        model.forward(
+            &Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
+            0,
+        )?;
         long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
     }
-    report("candle-q4_1", &prefill, &decode, &long_prefill, prompt.len(), long.len(), &text, short_peak)
+    report(
+        "candle-q4_1",
+        Rates {
+            prefill: &prefill,
+            decode: &decode,
+            long: &long_prefill,
+        },
+        prompt.len(),
+        long.len(),
+        &text,
+        short_peak,
+    )
 }
 
 /// llama.cpp through llama-cpp-python (`scripts/cpu/llama_cpp_child.py`), fed q4's token ids
 /// so that both run the very same inputs; prints the script's JSON line (its own peak RSS).
-fn child_llama_cpp(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()> {
+fn child_llama_cpp(
+    gguf: &std::path::Path,
+    quant: &str,
+    new: usize,
+    reps: usize,
+    long_prompt: usize,
+) -> Result<()> {
     llama_cpp_job(gguf, quant, new, reps, long_prompt, "bench")
 }
 
 /// Runs `scripts/cpu/llama_cpp_child.py` with q4's token ids (`mode`: "bench" or "ppl").
-fn llama_cpp_job(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, long_prompt: usize, mode: &str) -> Result<()> {
+fn llama_cpp_job(
+    gguf: &std::path::Path,
+    quant: &str,
+    new: usize,
+    reps: usize,
+    long_prompt: usize,
+    mode: &str,
+) -> Result<()> {
     let tok = q4_llm::open_weights(gguf, false)?.tokenizer()?;
     let job = json!({
         "mode": mode,
@@ -189,7 +276,8 @@ fn llama_cpp_job(gguf: &std::path::Path, quant: &str, new: usize, reps: usize, l
         "new": new,
         "reps": reps,
     });
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/cpu/llama_cpp_child.py");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts/cpu/llama_cpp_child.py");
     let mut child = Command::new("python3")
         .arg(&script)
         .stdin(std::process::Stdio::piped())
@@ -232,11 +320,16 @@ fn candle_ppl(n: usize) -> Result<()> {
     let mut nll = 0f64;
     for (pos, w) in ids.windows(2).enumerate() {
         let logits = model.forward(&Tensor::new(&[w[0]], &Device::Cpu)?.unsqueeze(0)?, pos)?;
-        let lp = candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?, 0)?;
+        let lp =
+            candle_nn::ops::log_softmax(&logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?, 0)?;
         nll -= lp.get(w[1] as usize)?.to_scalar::<f32>()? as f64;
     }
     let scored = ids.len() - 1;
-    println!("candle quantized_llama ppl={:.4} tokens={} scored={scored}", (nll / scored as f64).exp(), ids.len());
+    println!(
+        "candle quantized_llama ppl={:.4} tokens={} scored={scored}",
+        (nll / scored as f64).exp(),
+        ids.len()
+    );
     Ok(())
 }
 
@@ -253,15 +346,32 @@ fn main() -> Result<()> {
     }
     if args.iter().any(|a| a == "--llama-cpp-ppl") {
         // The same first n Moby-Dick tokens as `--candle-ppl` and `q4 ppl --max-tokens n`.
-        return llama_cpp_job(&q4_llm::default_model::ensure()?, "q4_1", 0, 0, arg("--ppl-tokens", 256), "ppl");
+        return llama_cpp_job(
+            &q4_llm::default_model::ensure()?,
+            "q4_1",
+            0,
+            0,
+            arg("--ppl-tokens", 256),
+            "ppl",
+        );
     }
     let exe = std::env::current_exe()?;
     println!("# generation benchmark: SmolLM2-135M-Instruct (Q4_1 GGUF), {} threads, 12-token prompt, {new} new tokens, long prefill {long} tokens, median of {reps}", std::thread::available_parallelism().map_or(0, |n| n.get()));
     // Two peaks: after the 12-token prompt + new tokens runs (the anchors' configuration), and
     // over the whole child including the long prefill.
-    println!("{:<12} {:>11} {:>11} {:>14} {:>10} {:>10} {:>6}  text", "config", "prefill t/s", "decode t/s", "prefill256 t/s", "peak MiB", "peak+256", "idle");
+    println!(
+        "{:<12} {:>11} {:>11} {:>14} {:>10} {:>10} {:>6}  text",
+        "config", "prefill t/s", "decode t/s", "prefill256 t/s", "peak MiB", "peak+256", "idle"
+    );
     let mut rows = Vec::new();
-    let mut configs = vec!["candle-q4_1", "q4-none", "q4-nvfp4", "q4-nvfp4-w4a8", "q4-nvfp4-w4a8-e8", "q4-nf4"];
+    let mut configs = vec![
+        "candle-q4_1",
+        "q4-none",
+        "q4-nvfp4",
+        "q4-nvfp4-w4a8",
+        "q4-nvfp4-w4a8-e8",
+        "q4-nf4",
+    ];
     // The anchors' other peer, when llama-cpp-python is installed (`pip install llama-cpp-python`).
     if args.iter().any(|a| a == "--no-llama-cpp") || !llama_cpp_available() {
         println!("# llama.cpp: skipped (no `import llama_cpp`, or --no-llama-cpp)");
@@ -269,13 +379,25 @@ fn main() -> Result<()> {
         configs.extend(["llama.cpp-q4_1", "llama.cpp-q4_0"]);
     }
     if let Some(i) = args.iter().position(|a| a == "--only") {
-        let keep: Vec<&str> = args.get(i + 1).map(|s| s.split(',').collect()).unwrap_or_default();
+        let keep: Vec<&str> = args
+            .get(i + 1)
+            .map(|s| s.split(',').collect())
+            .unwrap_or_default();
         configs.retain(|c| *c == "candle-q4_1" || keep.contains(c));
     }
     for config in configs {
         let idle_before = idle_fraction(500);
         let out = Command::new(&exe)
-            .args(["--child", config, "--new", &new.to_string(), "--reps", &reps.to_string(), "--long", &long.to_string()])
+            .args([
+                "--child",
+                config,
+                "--new",
+                &new.to_string(),
+                "--reps",
+                &reps.to_string(),
+                "--long",
+                &long.to_string(),
+            ])
             .output()
             .with_context(|| format!("cannot run the {config} child"))?;
         if !out.status.success() {
@@ -291,14 +413,22 @@ fn main() -> Result<()> {
             v["peak_rss_short_mib"].as_f64().unwrap_or(f64::NAN),
             v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
             idle_before * 100.0,
-            v["text"].as_str().unwrap_or("").chars().take(40).collect::<String>()
+            v["text"]
+                .as_str()
+                .unwrap_or("")
+                .chars()
+                .take(40)
+                .collect::<String>()
         );
         rows.push(v);
     }
     let base = &rows[0];
     // Same-run ratios against llama.cpp's fastest configuration, when it ran.
     if let Some(ll) = rows.iter().find(|r| r["config"] == "llama.cpp-q4_0") {
-        for r in rows.iter().filter(|r| r["config"].as_str().is_some_and(|c| c.starts_with("q4-"))) {
+        for r in rows
+            .iter()
+            .filter(|r| r["config"].as_str().is_some_and(|c| c.starts_with("q4-")))
+        {
             println!(
                 "ratio {:<9} vs llama.cpp-q4_0: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
                 r["config"].as_str().unwrap_or(""),
