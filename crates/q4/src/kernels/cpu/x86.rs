@@ -477,6 +477,81 @@ pub struct Int8Layout {
 /// wants; the kernel subtracts `W8_OFFSET * sum(x)` per lane instead of sign-flipping `x`.
 const W8_OFFSET: i32 = 12;
 
+/// `2w + W8_OFFSET` for each E2M1 code, in both 128-bit lanes (a `vpshufb` table).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn offset_table() -> __m256i {
+    let mut unsigned = [0u8; 16];
+    for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
+        *u = (i32::from(v) + W8_OFFSET) as u8;
+    }
+    _mm256_broadcastsi128_si256(_mm_loadu_si128(unsigned.as_ptr() as *const __m128i))
+}
+
+/// Chunk `c` of the weight row whose codes start at `codes` and scales at index `sb`: the offset
+/// bytes of the 32 low and the 32 high nibbles, and the weight scale of each 32-bit lane of the
+/// kernels' sums (`[s0 s0 s1 s1 s2 s2 s3 s3]` for 16-blocks, `[s0 x4 | s1 x4]` for 32-blocks).
+///
+/// # Safety
+/// AVX2 present; the chunk's 32 code bytes and its scales exist.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode_chunk_i8<const BK: u8, S: Scales>(
+    codes: *const u8,
+    scales: &S,
+    sb: usize,
+    c: usize,
+    table: __m256i,
+) -> (__m256i, __m256i, __m256) {
+    let mask = _mm256_set1_epi8(0x0f);
+    let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
+    let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
+    let wh = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(v, 4), mask));
+    let ws = if BK == BLOCK16 {
+        let i = sb + 4 * c;
+        let s4 = _mm_setr_ps(
+            scales.at(i),
+            scales.at(i + 1),
+            scales.at(i + 2),
+            scales.at(i + 3),
+        );
+        let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+        _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
+    } else {
+        let i = sb + 2 * c;
+        _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
+    };
+    (wl, wh, ws)
+}
+
+/// `acc` plus the product of a decoded weight chunk (`wl`, `wh`, lane scales `ws`) with record
+/// `at` (activation row × chunk) of `xs`. The products `(2w + 12) * x` are summed in pairs:
+/// <= 2 * 24 * 127 per pair and twice that after the add, so the 16-bit sums cannot saturate;
+/// the `12 * x` part is subtracted after widening.
+///
+/// # Safety
+/// AVX2 and FMA present; record `at` exists in `xs`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn chunk_product_i8(
+    wl: __m256i,
+    wh: __m256i,
+    ws: __m256,
+    xs: &Int8Layout,
+    at: usize,
+    acc: __m256,
+) -> __m256 {
+    let xp = xs.eo.as_ptr().add(at * CHUNK);
+    let pl = _mm256_maddubs_epi16(wl, _mm256_loadu_si256(xp as *const __m256i));
+    let ph = _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xp.add(32) as *const __m256i));
+    let sum = _mm256_sub_epi32(
+        _mm256_madd_epi16(_mm256_add_epi16(pl, ph), _mm256_set1_epi16(1)),
+        _mm256_loadu_si256(xs.corr.as_ptr().add(at * 8) as *const __m256i),
+    );
+    let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(xs.sv.as_ptr().add(at * 8)));
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc)
+}
+
 impl Int8Layout {
     pub fn new(a: &super::w4a8::Int8Acts, batch: usize) -> Int8Layout {
         use rayon::prelude::*;
@@ -554,15 +629,7 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     let chunks = xs.chunks;
     debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= (m0 + B) * chunks * CHUNK);
     debug_assert!(rows.end <= w.n && out.len() >= rows.len() * batch && m0 + B <= batch);
-    let mut unsigned = [0u8; 16];
-    for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
-        *u = (i32::from(v) + W8_OFFSET) as u8;
-    }
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(unsigned.as_ptr() as *const __m128i));
-    let mask = _mm256_set1_epi8(0x0f);
-    let ones = _mm256_set1_epi16(1);
-    let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
-    let (eo, sv, corr) = (xs.eo.as_ptr(), xs.sv.as_ptr(), xs.corr.as_ptr());
+    let table = offset_table();
     for (i, row) in rows.enumerate() {
         // From 4 activation rows on, their independent FMA chains hide the latency; below,
         // even and odd chunks accumulate apart (the compiler drops the unused half).
@@ -570,40 +637,11 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
         let codes = w.codes.as_ptr().add(row * w.row_bytes);
         let sb = row * w.row_blocks;
         for c in 0..chunks {
-            let v = _mm256_loadu_si256(codes.add(c * 32) as *const __m256i);
-            let wl = _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask));
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            let wh = _mm256_shuffle_epi8(table, hi);
-            let ws = if BK == BLOCK16 {
-                let i = sb + 4 * c;
-                let s4 = _mm_setr_ps(
-                    scales.at(i),
-                    scales.at(i + 1),
-                    scales.at(i + 2),
-                    scales.at(i + 3),
-                );
-                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
-            } else {
-                let i = sb + 2 * c;
-                _mm256_set_m128(_mm_set1_ps(scales.at(i + 1)), _mm_set1_ps(scales.at(i)))
-            };
+            let (wl, wh, ws) = decode_chunk_i8::<BK, S>(codes, &scales, sb, c, table);
             let slot = if B >= 4 { 0 } else { c & 1 };
             for m in 0..B {
                 let at = (m0 + m) * chunks + c;
-                let xp = eo.add(at * CHUNK);
-                let xe = _mm256_loadu_si256(xp as *const __m256i);
-                let xo = _mm256_loadu_si256(xp.add(32) as *const __m256i);
-                // (2w + 12) * x summed in pairs: <= 2 * 24 * 127 per pair and twice that
-                // after the add, so the 16-bit sums cannot saturate; the 12 * x part is
-                // subtracted after widening.
-                let pl = _mm256_maddubs_epi16(wl, xe);
-                let ph = _mm256_maddubs_epi16(wh, xo);
-                let sum = _mm256_sub_epi32(
-                    _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
-                    _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
-                );
-                let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
-                acc[slot][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[slot][m]);
+                acc[slot][m] = chunk_product_i8(wl, wh, ws, xs, at, acc[slot][m]);
             }
         }
         for m in 0..B {
@@ -633,30 +671,15 @@ unsafe fn decode_tile_i8<const BK: u8, S: Scales>(
     let chunks = w.k / CHUNK;
     debug_assert!(codes.len() >= (r1 - r0) * chunks * CHUNK);
     debug_assert!(scales.len() >= (r1 - r0) * chunks * 8);
-    let mut unsigned = [0u8; 16];
-    for (u, &v) in unsigned.iter_mut().zip(&super::w4a8::E2M1_X2) {
-        *u = (i32::from(v) + W8_OFFSET) as u8;
-    }
-    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(unsigned.as_ptr() as *const __m128i));
-    let mask = _mm256_set1_epi8(0x0f);
-    let dup = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    let table = offset_table();
     for (i, r) in (r0..r1).enumerate() {
         let src = w.codes.as_ptr().add(r * w.row_bytes);
         for c in 0..chunks {
             let at = i * chunks + c;
-            let v = _mm256_loadu_si256(src.add(c * 32) as *const __m256i);
+            let (wl, wh, ws) = decode_chunk_i8::<BK, S>(src, &sc, r * w.row_blocks, c, table);
             let dst = codes.as_mut_ptr().add(at * CHUNK) as *mut __m256i;
-            _mm256_storeu_si256(dst, _mm256_shuffle_epi8(table, _mm256_and_si256(v, mask)));
-            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            _mm256_storeu_si256(dst.add(1), _mm256_shuffle_epi8(table, hi));
-            let ws = if BK == BLOCK16 {
-                let j = r * w.row_blocks + 4 * c;
-                let s4 = _mm_setr_ps(sc.at(j), sc.at(j + 1), sc.at(j + 2), sc.at(j + 3));
-                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(s4), dup)
-            } else {
-                let j = r * w.row_blocks + 2 * c;
-                _mm256_set_m128(_mm_set1_ps(sc.at(j + 1)), _mm_set1_ps(sc.at(j)))
-            };
+            _mm256_storeu_si256(dst, wl);
+            _mm256_storeu_si256(dst.add(1), wh);
             _mm256_storeu_ps(scales.as_mut_ptr().add(at * 8), ws);
         }
     }
@@ -682,25 +705,13 @@ unsafe fn tile_i8_kernel<const B: usize>(
     let chunks = xs.chunks;
     debug_assert!(codes.len() >= chunks * CHUNK && scales.len() >= chunks * 8);
     debug_assert!(xs.eo.len() >= (m0 + B) * chunks * CHUNK && out.len() >= B);
-    let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); B];
-    let (eo, sv, corr) = (xs.eo.as_ptr(), xs.sv.as_ptr(), xs.corr.as_ptr());
     for c in 0..chunks {
         let wl = _mm256_loadu_si256(codes.as_ptr().add(c * CHUNK) as *const __m256i);
         let wh = _mm256_loadu_si256(codes.as_ptr().add(c * CHUNK + 32) as *const __m256i);
         let ws = _mm256_loadu_ps(scales.as_ptr().add(c * 8));
         for m in 0..B {
-            let at = (m0 + m) * chunks + c;
-            let xp = eo.add(at * CHUNK);
-            // As in `rows_i8_kernel`: no 16-bit saturation, offset removed after widening.
-            let pl = _mm256_maddubs_epi16(wl, _mm256_loadu_si256(xp as *const __m256i));
-            let ph = _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xp.add(32) as *const __m256i));
-            let sum = _mm256_sub_epi32(
-                _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones),
-                _mm256_loadu_si256(corr.add(at * 8) as *const __m256i),
-            );
-            let sc = _mm256_mul_ps(ws, _mm256_loadu_ps(sv.add(at * 8)));
-            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), sc, acc[m]);
+            acc[m] = chunk_product_i8(wl, wh, ws, xs, (m0 + m) * chunks + c, acc[m]);
         }
     }
     for m in 0..B {
