@@ -70,7 +70,8 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         "q4-nvfp4-w4a8" | "q4-nvfp4-w4a8-e8" => Some(q4::Format::Nvfp4),
         "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
         "llama.cpp-q4_1" | "llama.cpp-q4_0" => {
-            return child_llama_cpp(&gguf, &config["llama.cpp-".len()..], new, reps, long_prompt)
+            let quant = &config["llama.cpp-".len()..];
+            return llama_cpp_job(&gguf, quant, new, reps, long_prompt, "bench");
         }
         other => bail!("unknown configuration {other}"),
     };
@@ -91,37 +92,27 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         sampling: SamplingParams::default(),
         stop_tokens: vec![],
     };
-    let (mut prefill, mut decode, mut long_prefill) = (Vec::new(), Vec::new(), Vec::new());
-    let mut text = String::new();
+    let mut run = Samples::default();
     for _ in 0..reps {
         let mut cache = model.new_cache(prompt.len() + new);
         let g = generate(&model, &mut cache, &prompt, &gen_opts, |_| Ok(()))?;
-        prefill.push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
-        decode.push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
-        text = tok.decode(&g.tokens, true)?;
+        run.prefill
+            .push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
+        run.decode
+            .push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
+        run.text = tok.decode(&g.tokens, true)?;
     }
     // Peak of the anchors' configuration (12-token prompt, 64 new tokens), before the long
     // prefill adds its activations.
-    let short_peak = vm_hwm_kib();
+    run.short_peak_kib = vm_hwm_kib();
     for _ in 0..reps {
         let mut cache = model.new_cache(long.len());
         let t = Instant::now();
         let ids = Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
         model.forward_last(&ids, &mut cache)?;
-        long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
+        run.long.push(long.len() as f64 / t.elapsed().as_secs_f64());
     }
-    report(
-        config,
-        Rates {
-            prefill: &prefill,
-            decode: &decode,
-            long: &long_prefill,
-        },
-        prompt.len(),
-        long.len(),
-        &text,
-        short_peak,
-    )
+    run.report(config, prompt.len(), long.len())
 }
 
 fn long_prompt_ids(tok: &q4_llm::Tokenizer, n: usize) -> Result<Vec<u32>> {
@@ -147,41 +138,36 @@ fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
-/// Tokens/s samples of one configuration.
-struct Rates<'a> {
-    prefill: &'a [f64],
-    decode: &'a [f64],
-    long: &'a [f64],
+/// What one configuration measured: tokens/s samples, the last generated text, and the peak
+/// RSS after the short runs (before the long prefill adds its activations).
+#[derive(Default)]
+struct Samples {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    long: Vec<f64>,
+    text: String,
+    short_peak_kib: u64,
 }
 
-fn report(
-    config: &str,
-    r: Rates<'_>,
-    p: usize,
-    lp: usize,
-    text: &str,
-    short_peak_kib: u64,
-) -> Result<()> {
-    let Rates {
-        prefill,
-        decode,
-        long,
-    } = r;
-    println!(
-        "{}",
-        json!({
-            "config": config,
-            "prefill_tok_s": median(prefill),
-            "decode_tok_s": median(decode),
-            "long_prefill_tok_s": median(long),
-            "prompt_tokens": p,
-            "long_prompt_tokens": lp,
-            "peak_rss_mib": vm_hwm_kib() as f64 / 1024.0,
-            "peak_rss_short_mib": short_peak_kib as f64 / 1024.0,
-            "text": text,
-        })
-    );
-    Ok(())
+impl Samples {
+    /// Prints the JSON line the parent reads.
+    fn report(&self, config: &str, prompt_tokens: usize, long_tokens: usize) -> Result<()> {
+        println!(
+            "{}",
+            json!({
+                "config": config,
+                "prefill_tok_s": median(&self.prefill),
+                "decode_tok_s": median(&self.decode),
+                "long_prefill_tok_s": median(&self.long),
+                "prompt_tokens": prompt_tokens,
+                "long_prompt_tokens": long_tokens,
+                "peak_rss_mib": vm_hwm_kib() as f64 / 1024.0,
+                "peak_rss_short_mib": self.short_peak_kib as f64 / 1024.0,
+                "text": self.text,
+            })
+        );
+        Ok(())
+    }
 }
 
 /// candle-transformers' quantized Llama on the GGUF itself (Q4_1 weights, Q8 activations).
@@ -197,8 +183,7 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
         let content = gguf_file::Content::read(&mut file)?;
         Ok(ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?)
     };
-    let (mut prefill, mut decode, mut long_prefill) = (Vec::new(), Vec::new(), Vec::new());
-    let mut text = String::new();
+    let mut run = Samples::default();
     for _ in 0..reps {
         let mut model = load()?;
         let t = Instant::now();
@@ -207,7 +192,8 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
             0,
         )?;
         let mut next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
-        prefill.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+        run.prefill
+            .push(prompt.len() as f64 / t.elapsed().as_secs_f64());
         let mut out = vec![next];
         let t = Instant::now();
         for i in 0..new - 1 {
@@ -218,10 +204,11 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
             next = logits.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
             out.push(next);
         }
-        decode.push((new - 1) as f64 / t.elapsed().as_secs_f64());
-        text = tok.decode(&out, true)?;
+        run.decode
+            .push((new - 1) as f64 / t.elapsed().as_secs_f64());
+        run.text = tok.decode(&out, true)?;
     }
-    let short_peak = vm_hwm_kib();
+    run.short_peak_kib = vm_hwm_kib();
     for _ in 0..reps {
         let mut model = load()?;
         let t = Instant::now();
@@ -229,35 +216,14 @@ fn child_candle(gguf: &std::path::Path, new: usize, reps: usize, long_prompt: us
             &Tensor::new(long.as_slice(), &Device::Cpu)?.unsqueeze(0)?,
             0,
         )?;
-        long_prefill.push(long.len() as f64 / t.elapsed().as_secs_f64());
+        run.long.push(long.len() as f64 / t.elapsed().as_secs_f64());
     }
-    report(
-        "candle-q4_1",
-        Rates {
-            prefill: &prefill,
-            decode: &decode,
-            long: &long_prefill,
-        },
-        prompt.len(),
-        long.len(),
-        &text,
-        short_peak,
-    )
+    run.report("candle-q4_1", prompt.len(), long.len())
 }
 
 /// llama.cpp through llama-cpp-python (`scripts/cpu/llama_cpp_child.py`), fed q4's token ids
-/// so that both run the very same inputs; prints the script's JSON line (its own peak RSS).
-fn child_llama_cpp(
-    gguf: &std::path::Path,
-    quant: &str,
-    new: usize,
-    reps: usize,
-    long_prompt: usize,
-) -> Result<()> {
-    llama_cpp_job(gguf, quant, new, reps, long_prompt, "bench")
-}
-
-/// Runs `scripts/cpu/llama_cpp_child.py` with q4's token ids (`mode`: "bench" or "ppl").
+/// so that both run the very same inputs (`mode`: "bench" prints the script's JSON line with
+/// its own peak RSS, "ppl" the perplexity of the long prompt).
 fn llama_cpp_job(
     gguf: &std::path::Path,
     quant: &str,
@@ -331,6 +297,20 @@ fn candle_ppl(n: usize) -> Result<()> {
         ids.len()
     );
     Ok(())
+}
+
+/// One line of same-run ratios of configuration `r` to `base`.
+fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
+    let ratio = |key: &str| r[key].as_f64().unwrap_or(0.0) / base[key].as_f64().unwrap_or(1.0);
+    println!(
+        "ratio {:<9} vs {}: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
+        r["config"].as_str().unwrap_or(""),
+        base["config"].as_str().unwrap_or(""),
+        ratio("prefill_tok_s"),
+        ratio("decode_tok_s"),
+        ratio("long_prefill_tok_s"),
+        ratio("peak_rss_short_mib"),
+    );
 }
 
 fn main() -> Result<()> {
@@ -422,32 +402,17 @@ fn main() -> Result<()> {
         );
         rows.push(v);
     }
-    let base = &rows[0];
-    // Same-run ratios against llama.cpp's fastest configuration, when it ran.
+    // Same-run ratios against llama.cpp's fastest configuration (when it ran), then candle.
     if let Some(ll) = rows.iter().find(|r| r["config"] == "llama.cpp-q4_0") {
         for r in rows
             .iter()
             .filter(|r| r["config"].as_str().is_some_and(|c| c.starts_with("q4-")))
         {
-            println!(
-                "ratio {:<9} vs llama.cpp-q4_0: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
-                r["config"].as_str().unwrap_or(""),
-                r["prefill_tok_s"].as_f64().unwrap_or(0.0) / ll["prefill_tok_s"].as_f64().unwrap_or(1.0),
-                r["decode_tok_s"].as_f64().unwrap_or(0.0) / ll["decode_tok_s"].as_f64().unwrap_or(1.0),
-                r["long_prefill_tok_s"].as_f64().unwrap_or(0.0) / ll["long_prefill_tok_s"].as_f64().unwrap_or(1.0),
-                r["peak_rss_short_mib"].as_f64().unwrap_or(0.0) / ll["peak_rss_short_mib"].as_f64().unwrap_or(1.0),
-            );
+            print_ratio(r, ll);
         }
     }
     for r in &rows[1..] {
-        println!(
-            "ratio {:<9} vs candle-q4_1: prefill x{:.2}, decode x{:.2}, prefill256 x{:.2}, peak RSS x{:.2}",
-            r["config"].as_str().unwrap_or(""),
-            r["prefill_tok_s"].as_f64().unwrap_or(0.0) / base["prefill_tok_s"].as_f64().unwrap_or(1.0),
-            r["decode_tok_s"].as_f64().unwrap_or(0.0) / base["decode_tok_s"].as_f64().unwrap_or(1.0),
-            r["long_prefill_tok_s"].as_f64().unwrap_or(0.0) / base["long_prefill_tok_s"].as_f64().unwrap_or(1.0),
-            r["peak_rss_short_mib"].as_f64().unwrap_or(0.0) / base["peak_rss_short_mib"].as_f64().unwrap_or(1.0),
-        );
+        print_ratio(r, &rows[0]);
     }
     Ok(())
 }

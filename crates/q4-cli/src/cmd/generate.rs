@@ -82,8 +82,9 @@ pub struct ModelArgs {
     #[arg(long)]
     pub w4a4: bool,
     /// NVFP4 / MXFP4 weights: quantize the decoder's activations to int8 per 32 values (W4A8,
-    /// the scheme of llama.cpp's quantized matmuls): a faster CPU decode kernel (1.1-1.4x at
-    /// batch 1) for a small cost in perplexity (see BENCHMARKS.md). Weight-only by default.
+    /// the scheme of llama.cpp's quantized matmuls): a faster CPU kernel (1.0-1.5x at batch 1
+    /// in `q4 bench linear`) for a small cost in perplexity (see BENCHMARKS.md). Weight-only by
+    /// default.
     #[arg(long)]
     pub w4a8: bool,
 }

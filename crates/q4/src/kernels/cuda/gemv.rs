@@ -41,11 +41,10 @@ fn knob(name: &str, default: i64) -> i64 {
 /// 7% (`scripts/gpu/results/h100-2026-11-26-knobs/`). `Q4_GEMV_WARPS` overrides.
 fn warps(w: &QTensor) -> usize {
     let (n, k) = w.rows_cols();
+    // -1: unset (or not a number), so the shape decides.
     static W: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
-        std::env::var("Q4_GEMV_WARPS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .map(|w| w.clamp(1, 32))
+        let set = knob("Q4_GEMV_WARPS", -1);
+        (set >= 0).then(|| set.clamp(1, 32) as usize)
     });
     W.unwrap_or(if arith(w) && n * k < SMALL_WEIGHTS {
         WARPS / 2
