@@ -302,7 +302,8 @@ impl QLinear {
                 let y = xf.apply_op1_no_bwd(&Bf16MatMul { weight: w.clone() })?;
                 let mut out_dims = dims;
                 *out_dims.last_mut().expect("rank >= 1") = self.out_features;
-                return self.add_bias(y.reshape(out_dims)?.to_dtype(x.dtype())?);
+                // Bias added in f32, then one rounding to the activations' dtype.
+                return Ok(self.add_bias(y.reshape(out_dims)?)?.to_dtype(x.dtype())?);
             }
             LinearWeight::Dense(w) => {
                 let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?.t()?)?;
@@ -346,8 +347,9 @@ impl QLinear {
         };
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.out_features;
-        let y = y.reshape(out_dims)?.to_dtype(x.dtype())?;
-        self.add_bias(y)
+        // Bias added in f32, then one rounding to the activations' dtype: rounding the product
+        // and the bias to bf16 first loses the result where they nearly cancel.
+        Ok(self.add_bias(y.reshape(out_dims)?)?.to_dtype(x.dtype())?)
     }
 
     /// Exact W4A4 emulation (see `kernels::cpu::w4a4`); `x` is `[batch, k]` f32.
