@@ -43,6 +43,25 @@ impl HfDirSource {
             index,
         })
     }
+
+    /// A tensor in the dtype the checkpoint stores it in (f32, bf16, f16 or f64).
+    fn stored(&self, name: &str) -> Result<Tensor> {
+        let Some(&i) = self.index.get(name) else {
+            bail!("tensor `{name}` not found in {}", self.dir.display());
+        };
+        let (path, st) = &self.shards[i];
+        let view = st.get(name)?;
+        let t = view
+            .load(&Device::Cpu)
+            .with_context(|| format!("cannot read tensor `{name}` from {}", path.display()))?;
+        match t.dtype() {
+            DType::F32 | DType::BF16 | DType::F16 | DType::F64 => Ok(t),
+            other => bail!(
+                "tensor `{name}` in {} has dtype {other:?}, expected f32, bf16 or f16",
+                path.display()
+            ),
+        }
+    }
 }
 
 /// The safetensors files of a directory: the index's shards, or `model.safetensors`.
@@ -96,21 +115,54 @@ impl WeightSource for HfDirSource {
     }
 
     fn tensor(&self, name: &str) -> Result<Tensor> {
-        let Some(&i) = self.index.get(name) else {
-            bail!("tensor `{name}` not found in {}", self.dir.display());
+        let t = self.stored(name)?;
+        Ok(match t.dtype() {
+            DType::F32 => t,
+            _ => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// Quantized from the stored dtype: `Int8Table::quantize` widens one slice of rows at a
+    /// time, so a bf16 table is never held in f32.
+    fn int8_table(&self, name: &str) -> Result<q4::Int8Table> {
+        Ok(q4::Int8Table::quantize(&self.stored(name)?)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_llama() -> HfDirSource {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-llama");
+        HfDirSource::open(&dir).unwrap()
+    }
+
+    /// The int8 table of an f32 checkpoint is quantized from the f32 values themselves, not from
+    /// a bf16 rounding of them (which moves some blocks' codes and scales).
+    #[test]
+    fn int8_tables_quantize_the_stored_values() {
+        let src = tiny_llama();
+        let name = "model.embed_tokens.weight";
+        let stored = src.stored(name).unwrap();
+        assert_eq!(stored.dtype(), DType::F32);
+        let bits = |t: &q4::Int8Table| -> Vec<u32> {
+            let v: Vec<f32> = t
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            v.into_iter().map(f32::to_bits).collect()
         };
-        let (path, st) = &self.shards[i];
-        let view = st.get(name)?;
-        let t = view
-            .load(&Device::Cpu)
-            .with_context(|| format!("cannot read tensor `{name}` from {}", path.display()))?;
-        match t.dtype() {
-            DType::F32 => Ok(t),
-            DType::BF16 | DType::F16 | DType::F64 => Ok(t.to_dtype(DType::F32)?),
-            other => bail!(
-                "tensor `{name}` in {} has dtype {other:?}, expected f32, bf16 or f16",
-                path.display()
-            ),
-        }
+        let got = bits(&src.int8_table(name).unwrap());
+        assert_eq!(got, bits(&q4::Int8Table::quantize(&stored).unwrap()));
+        let via_bf16 = q4::Int8Table::quantize(&stored.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_ne!(
+            got,
+            bits(&via_bf16),
+            "the fixture should tell the two apart"
+        );
     }
 }

@@ -55,12 +55,11 @@ pub trait WeightSource {
         Ok(self.tensor(name)?.to_dtype(dtype)?)
     }
 
-    /// A 2-D tensor as an int8 table (embeddings / LM head). Sources that can convert
-    /// piecewise override it, so that the table never exists in a wider type as a whole.
+    /// A 2-D tensor as an int8 table (embeddings / LM head), quantized from the exact stored
+    /// values (never through a narrower type). Sources that can convert piecewise override it,
+    /// so that the table never exists in f32 as a whole.
     fn int8_table(&self, name: &str) -> Result<q4::Int8Table> {
-        Ok(q4::Int8Table::quantize(
-            &self.tensor_as(name, DType::BF16)?,
-        )?)
+        Ok(q4::Int8Table::quantize(&self.tensor(name)?)?)
     }
 
     /// The layers of one fused group (q/k/v share an input, and so do gate/up), on `device`.
