@@ -13,8 +13,9 @@ fn bench(c: &mut Criterion) {
     let dev = Device::Cpu;
     let mut g = c.benchmark_group("gemm_1thread");
     g.sample_size(20);
-    // SmolLM2-135M: fused gate/up, down, fused q/k/v.
-    for (n, k) in [(3072usize, 576usize), (576, 1536), (960, 576)] {
+
+    // SmolLM2-135M: fused gate/up, down, fused q/k/v; and a 4096-wide layer (7B-sized rows).
+    for (n, k) in [(3072usize, 576usize), (576, 1536), (960, 576), (4096, 4096)] {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
         let w4a8 = QLinear::new(q.clone(), None)
