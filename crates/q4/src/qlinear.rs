@@ -253,7 +253,8 @@ impl QLinear {
 }
 
 /// The int8 round trip of activations `[..., k]` (k a multiple of 32) on any device, with the
-/// arithmetic of `Int8Acts::quantize`: `d = amax / 127`, `q = round(x * (127 / amax))`.
+/// arithmetic of `Int8Acts::quantize`: `d = amax / 127`, `q = round(x * (127 / amax))` (blocks
+/// with amax below 2^-100 scaled by 2^64 first).
 pub fn fake_quantize_int8(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let k = *dims.last().unwrap_or(&0);
@@ -265,8 +266,20 @@ pub fn fake_quantize_int8(x: &Tensor) -> Result<Tensor> {
     let zero = amax.eq(0f64)?;
     // All-zero blocks quantize to 0 with scale 0 (divide by 1 instead of 0).
     let safe = zero.where_cond(&amax.ones_like()?, &amax)?;
-    let inv = ((safe.ones_like()? * 127.0)? / &safe)?;
-    let q = xb.broadcast_mul(&inv)?.round()?.clamp(-127f32, 127f32)?;
+    // Tiny blocks are scaled by 2^64 first, as on the CPU path (127 / amax would overflow).
+    let ones = amax.ones_like()?;
+    let pre = amax
+        .lt(crate::kernels::cpu::w4a8::TINY_BLOCK as f64)?
+        .where_cond(
+            &(&ones * crate::kernels::cpu::w4a8::TINY_PRESCALE as f64)?,
+            &ones,
+        )?;
+    let inv = ((safe.ones_like()? * 127.0)? / (&safe * &pre)?)?;
+    let q = xb
+        .broadcast_mul(&pre)?
+        .broadcast_mul(&inv)?
+        .round()?
+        .clamp(-127f32, 127f32)?;
     // A zero block's codes are all 0, so its (nonzero) scale leaves it 0.
     let d = (&safe / (amax.ones_like()? * 127.0)?)?;
     Ok(q.broadcast_mul(&d)?.reshape(dims)?.to_dtype(dtype)?)

@@ -82,13 +82,16 @@ impl Int8Acts {
 pub fn round_trip_in_place(x: &mut [f32]) {
     debug_assert!(x.len().is_multiple_of(ACT_BLOCK));
     let work = |xs: &mut [f32]| {
-        let mut q = [0i8; ACT_BLOCK];
-        for xb in xs.chunks_exact_mut(ACT_BLOCK) {
-            let d = quantize_block(xb, &mut q);
-            for (o, &v) in xb.iter_mut().zip(&q) {
-                *o = v as f32 * d;
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::available() {
+            for xb in xs.chunks_exact_mut(ACT_BLOCK) {
+                let xb: &mut [f32; ACT_BLOCK] = xb.try_into().expect("whole blocks");
+                // SAFETY: AVX2 is present (checked above).
+                unsafe { super::x86::round_trip_block(xb) };
             }
+            return;
         }
+        round_trip_scalar(xs);
     };
     const PIECE: usize = 64 * ACT_BLOCK;
     if x.len() >= 16 * PIECE {
@@ -96,6 +99,22 @@ pub fn round_trip_in_place(x: &mut [f32]) {
         x.par_chunks_mut(PIECE).for_each(work);
     } else {
         x.chunks_mut(PIECE).for_each(work);
+    }
+}
+
+/// Block maxima below this (2^-100) are pre-scaled by [`TINY_PRESCALE`] before quantizing.
+pub(crate) const TINY_BLOCK: f32 = f32::from_bits(27 << 23);
+/// 2^64.
+pub(crate) const TINY_PRESCALE: f32 = f32::from_bits(191 << 23);
+
+/// [`round_trip_in_place`] without SIMD (and the reference its SIMD form is tested against).
+fn round_trip_scalar(xs: &mut [f32]) {
+    let mut q = [0i8; ACT_BLOCK];
+    for xb in xs.chunks_exact_mut(ACT_BLOCK) {
+        let d = quantize_block(xb, &mut q);
+        for (o, &v) in xb.iter_mut().zip(&q) {
+            *o = v as f32 * d;
+        }
     }
 }
 
@@ -112,9 +131,16 @@ fn quantize_block(xb: &[f32], qb: &mut [i8]) -> f32 {
         qb.fill(0);
         return 0.0;
     }
-    let inv = 127.0 / amax;
+    // 127 / amax overflows for amax below ~3.7e-37: such a block is scaled by 2^64 first
+    // (exact), so it gets the codes it would get at a normal magnitude.
+    let pre = if amax < TINY_BLOCK {
+        TINY_PRESCALE
+    } else {
+        1.0
+    };
+    let inv = 127.0 / (amax * pre);
     for (o, v) in qb.iter_mut().zip(xb) {
-        let t = v * inv;
+        let t = v * pre * inv;
         // |t| <= 127: the truncation is exact, and so is the fraction t - trunc(t).
         let i = t as i32;
         let f = t - i as f32;
@@ -261,6 +287,90 @@ mod rounding {
                 }
             }
         }
+    }
+
+    proptest! {
+        /// The AVX2 round trip equals the scalar one bit for bit: random blocks of mixed
+        /// magnitudes, halves, signed zeros, all-zero blocks and non-finite values.
+        #[test]
+        fn simd_round_trip_matches_the_scalar_one(
+            v in prop::collection::vec(
+                prop_oneof![
+                    4 => -1e4f32..1e4,
+                    2 => (-300i32..300).prop_map(|i| i as f32 * 0.5),
+                    1 => Just(-0.0f32),
+                    1 => Just(0.0f32),
+                    1 => prop::sample::select(vec![f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -3e38]),
+                ],
+                ACT_BLOCK * 4,
+            ),
+            zero_block in 0usize..5,
+        ) {
+            let mut v = v;
+            if zero_block < 4 {
+                v[zero_block * ACT_BLOCK..][..ACT_BLOCK].fill(0.0);
+            }
+            let mut want = v.clone();
+            round_trip_scalar(&mut want);
+            let mut got = v;
+            round_trip_in_place(&mut got);
+            let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            // NaN blocks: any NaN payload.
+            let canon = |x: &[f32]| bits(&x.iter().map(|f| if f.is_nan() { f32::NAN } else { *f }).collect::<Vec<_>>());
+            prop_assert_eq!(canon(&got), canon(&want));
+        }
+    }
+
+    /// Blocks of tiny values (127 / amax overflows f32) get the codes of the same block at a
+    /// normal magnitude; before the pre-scaling the largest value's code wrapped to -127.
+    #[test]
+    fn tiny_blocks_keep_their_codes() {
+        let normal: Vec<f32> = (0..ACT_BLOCK).map(|i| i as f32 - 13.0).collect();
+        let tiny: Vec<f32> = normal.iter().map(|v| v * 1e-40).collect();
+        let (mut qn, mut qt) = ([0i8; ACT_BLOCK], [0i8; ACT_BLOCK]);
+        quantize_block(&normal, &mut qn);
+        let d = quantize_block(&tiny, &mut qt);
+        assert_eq!(qt, qn);
+        assert_eq!(qt[ACT_BLOCK - 1], 127);
+        assert!(d > 0.0);
+        let mut rt = tiny.clone();
+        round_trip_in_place(&mut rt);
+        let mut want = tiny.clone();
+        round_trip_scalar(&mut want);
+        assert_eq!(rt, want);
+    }
+
+    /// The device-agnostic round trip (candle ops, what the CUDA path uses) agrees with the CPU
+    /// kernels' bit for bit, tiny and all-zero blocks included.
+    #[test]
+    fn tensor_round_trip_matches_the_kernels() {
+        let mut x: Vec<f32> = (0..4 * ACT_BLOCK)
+            .map(|i| (i as f32 * 0.37).sin() * 3.0)
+            .collect();
+        for v in &mut x[ACT_BLOCK..2 * ACT_BLOCK] {
+            *v *= 1e-39;
+        }
+        x[2 * ACT_BLOCK..3 * ACT_BLOCK].fill(0.0);
+        x[3 * ACT_BLOCK + 5] = 0.5;
+        let t =
+            candle_core::Tensor::from_vec(x.clone(), (2, 2 * ACT_BLOCK), &candle_core::Device::Cpu)
+                .unwrap();
+        let got: Vec<f32> = crate::qlinear::fake_quantize_int8(&t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut want = x;
+        round_trip_in_place(&mut want);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want));
+    }
+
+    #[test]
+    fn tiny_block_constants_are_powers_of_two() {
+        assert_eq!(TINY_BLOCK, 2f32.powi(-100));
+        assert_eq!(TINY_PRESCALE, 2f32.powi(64));
     }
 
     #[test]
