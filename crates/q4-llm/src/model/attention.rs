@@ -7,6 +7,7 @@ use q4::{Format, QLinear};
 use super::decode_attention::decode_attention;
 use super::fused::LinearGroup;
 use super::norm::RmsNorm;
+use super::softmax::causal_softmax;
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;
@@ -145,7 +146,13 @@ impl Attention {
         // head are stacked along the sequence axis, [b, kv_heads, n_rep * t, hd].
         let n_rep = nh / nkv;
         let q = q.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
+        let scores = q.matmul(&k.t()?)?;
+        // CPU: scale, causal mask and softmax fused, in place (`mask` is the causal mask of the
+        // same positions: query i at s - t + i).
+        if let Some(probs) = causal_softmax(scores.clone(), self.scale as f32, t, s - t)? {
+            return Ok(probs.matmul(v)?.reshape((b, nh, t, hd))?);
+        }
+        let scores = (scores * self.scale)?;
         let scores = match mask {
             Some(m) => scores
                 .reshape((b, nkv, n_rep, t, s))?

@@ -8,6 +8,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};
 
+use super::softmax::softmax_in_place;
+
 /// Above this many multiply-adds per product, the parallel matmul path is faster.
 const MAX_WORK: usize = 1 << 20;
 
@@ -90,17 +92,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
 }
 
 #[cfg(test)]

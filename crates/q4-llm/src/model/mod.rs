@@ -10,6 +10,7 @@ mod embedding;
 mod fused;
 mod mlp;
 mod norm;
+mod softmax;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
