@@ -4,10 +4,10 @@ use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use q4::{Format, QLinear};
 
+use super::cpu_ops::causal_softmax;
 use super::decode_attention::decode_attention;
 use super::fused::LinearGroup;
 use super::norm::RmsNorm;
-use super::softmax::causal_softmax;
 use crate::config::ModelConfig;
 use crate::kv_cache::KvCache;
 use crate::rope::Rope;

@@ -8,7 +8,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};
 
-use super::softmax::softmax_in_place;
+use super::cpu_ops::softmax_in_place;
 
 /// Above this many multiply-adds per product, the parallel matmul path is faster.
 const MAX_WORK: usize = 1 << 20;

@@ -4,6 +4,7 @@ use anyhow::Result;
 use candle_core::{Device, Module, Tensor};
 use q4::{Format, QLinear};
 
+use super::cpu_ops::silu_mul;
 use super::fused::LinearGroup;
 use crate::config::ModelConfig;
 use crate::weights::{checked_linears, LinearSpec, WeightSource};
@@ -59,6 +60,10 @@ impl Mlp {
             .forward(x)?
             .try_into()
             .expect("two projections");
-        Ok(self.down_proj.forward(&(gate.silu()? * up)?)?)
+        let h = match silu_mul(&gate, &up)? {
+            Some(h) => h,
+            None => (gate.silu()? * up)?,
+        };
+        Ok(self.down_proj.forward(&h)?)
     }
 }

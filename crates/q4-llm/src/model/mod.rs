@@ -5,12 +5,12 @@
 //! embeddings) is common.
 
 mod attention;
+mod cpu_ops;
 mod decode_attention;
 mod embedding;
 mod fused;
 mod mlp;
 mod norm;
-mod softmax;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Module, Tensor};
