@@ -300,18 +300,7 @@ mod tests {
         let s = offset + t;
         let scores = Tensor::randn(0f32, 3.0, (b, nkv, n_rep * t, s), &dev).unwrap();
         let scale = 0.125f32;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| {
-                (0..s).map(move |j| {
-                    if j > offset + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, s), &dev).unwrap();
+        let mask = crate::model::causal_mask(t, offset, &dev).unwrap();
         let want = (scores.clone() * scale as f64)
             .unwrap()
             .reshape((b, nkv, n_rep, t, s))
@@ -324,14 +313,7 @@ mod tests {
         let got = causal_softmax(scores.copy().unwrap(), scale, t, offset)
             .unwrap()
             .expect("CPU f32 scores");
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff = crate::model::max_abs_diff(&got, &want);
         assert!(diff < 1e-6, "max abs difference {diff}");
     }
 

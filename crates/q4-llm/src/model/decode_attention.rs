@@ -116,14 +116,7 @@ mod tests {
         let scores = (qg.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let p = candle_nn::ops::softmax_last_dim(&scores).unwrap();
         let want = p.matmul(&v).unwrap().reshape((b, nh, 1, hd)).unwrap();
-        let err: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let err = crate::model::max_abs_diff(&got, &want);
         assert!(err < 1e-5, "{err}");
     }
 }

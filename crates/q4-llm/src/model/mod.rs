@@ -403,6 +403,17 @@ impl Model {
     }
 }
 
+/// Largest absolute elementwise difference of two same-shaped tensors (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_dtype(candle_core::DType::F32))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("same-shaped tensors")
+}
+
 /// Additive mask `[t, offset + t]`: query `i` (at position `offset + i`) sees keys `<= offset + i`.
 fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
     let s = offset + t;

@@ -719,6 +719,34 @@ unsafe fn tile_i8_kernel<const B: usize>(
     }
 }
 
+/// Runs `$body` with `$bk` bound (as a constant) to the weight's block class, 16 or 32 — the two
+/// the int8 kernels take — and `$s` to its scales as a concrete `Scales` type, so that each of
+/// the four combinations compiles to its own kernel.
+macro_rules! with_i8_scales {
+    ($w:expr, |$bk:ident, $s:ident| $body:expr) => {
+        match ($w.block, $w.scales) {
+            (16, ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK16;
+                let $s = TableScales { bytes, table };
+                $body
+            }
+            (16, $s) => {
+                const $bk: u8 = BLOCK16;
+                $body
+            }
+            (_, ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK32;
+                let $s = TableScales { bytes, table };
+                $body
+            }
+            (_, $s) => {
+                const $bk: u8 = BLOCK32;
+                $body
+            }
+        }
+    };
+}
+
 /// Activation rows per pass over a weight row. Larger batches run in groups of this many over
 /// decoded tiles ([`rows_i8_tiled`]). Groups of 6 or 8, and two weight rows per pass over a
 /// group of 4 (which spills accumulators to the stack), were not faster at batches 16 and 64 in
@@ -744,31 +772,17 @@ pub unsafe fn rows_i8(
     out: &mut [f32],
 ) {
     macro_rules! run {
-        ($b:literal) => {{
-            let rows = r0..r1;
-            match (w.block, w.scales) {
-                (16, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK16, _>(
-                    w,
-                    TableScales { bytes, table },
-                    xs,
-                    rows,
-                    0,
-                    batch,
-                    out,
-                ),
-                (16, s) => rows_i8_kernel::<$b, BLOCK16, _>(w, s, xs, rows, 0, batch, out),
-                (_, ScaleSrc::Table { bytes, table }) => rows_i8_kernel::<$b, BLOCK32, _>(
-                    w,
-                    TableScales { bytes, table },
-                    xs,
-                    rows,
-                    0,
-                    batch,
-                    out,
-                ),
-                (_, s) => rows_i8_kernel::<$b, BLOCK32, _>(w, s, xs, rows, 0, batch, out),
-            }
-        }};
+        ($b:literal) => {
+            with_i8_scales!(w, |BK, s| rows_i8_kernel::<$b, BK, _>(
+                w,
+                s,
+                xs,
+                r0..r1,
+                0,
+                batch,
+                out
+            ))
+        };
     }
     match batch {
         1 => run!(1),
@@ -802,26 +816,14 @@ unsafe fn rows_i8_tiled(
     let mut t0 = r0;
     while t0 < r1 {
         let t1 = (t0 + step).min(r1);
-        match (w.block, w.scales) {
-            (16, ScaleSrc::Table { bytes, table }) => decode_tile_i8::<BLOCK16, _>(
-                w,
-                TableScales { bytes, table },
-                t0,
-                t1,
-                &mut codes,
-                &mut scales,
-            ),
-            (16, s) => decode_tile_i8::<BLOCK16, _>(w, s, t0, t1, &mut codes, &mut scales),
-            (_, ScaleSrc::Table { bytes, table }) => decode_tile_i8::<BLOCK32, _>(
-                w,
-                TableScales { bytes, table },
-                t0,
-                t1,
-                &mut codes,
-                &mut scales,
-            ),
-            (_, s) => decode_tile_i8::<BLOCK32, _>(w, s, t0, t1, &mut codes, &mut scales),
-        }
+        with_i8_scales!(w, |BK, s| decode_tile_i8::<BK, _>(
+            w,
+            s,
+            t0,
+            t1,
+            &mut codes,
+            &mut scales
+        ));
         let tile_out = &mut out[(t0 - r0) * batch..(t1 - r0) * batch];
         let mut m0 = 0;
         while m0 < batch {
