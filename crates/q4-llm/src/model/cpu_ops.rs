@@ -106,7 +106,7 @@ fn row_view(t: &Tensor) -> Option<(usize, usize)> {
     if !matches!(t.device(), candle_core::Device::Cpu) || t.dtype() != DType::F32 {
         return None;
     }
-    let (_, layout) = t.storage_and_layout();
+    let layout = t.layout();
     let (dims, stride) = (layout.dims(), layout.stride());
     let n = dims.len();
     if n == 0 || stride[n - 1] != 1 {
@@ -238,13 +238,16 @@ mod x86 {
         let mut lanes = [0f32; 8];
         _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
         let mut sum: f32 = lanes.iter().sum();
-        for v in chunks.into_remainder() {
-            let mut tail = [0f32; 8];
-            tail[0] = *v - max;
-            let mut out = [0f32; 8];
-            _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(tail.as_ptr())));
-            *v = out[0];
-            sum += out[0];
+        // The last < 8 values as one vector, padded with -inf (exp 0), summed in order.
+        let rest = chunks.into_remainder();
+        let mut tail = [f32::NEG_INFINITY; 8];
+        for (t, v) in tail.iter_mut().zip(rest.iter()) {
+            *t = *v - max;
+        }
+        _mm256_storeu_ps(tail.as_mut_ptr(), exp8(_mm256_loadu_ps(tail.as_ptr())));
+        for (v, e) in rest.iter_mut().zip(tail) {
+            *v = e;
+            sum += e;
         }
         sum
     }
