@@ -313,8 +313,40 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
     );
 }
 
+const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
+[--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N]";
+
+/// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
+/// rather than silently starting a several-minute run.
+fn check_args(args: &[String]) -> Result<bool> {
+    const VALUED: [&str; 6] = ["--new", "--reps", "--long", "--only", "--ppl-tokens", "--child"];
+    const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if a == "--help" || a == "-h" {
+            return Ok(false);
+        }
+        if VALUED.contains(&a) {
+            if args.get(i + 1).is_none() {
+                bail!("{a} needs a value\n{USAGE}");
+            }
+            i += 2;
+        } else if FLAGS.contains(&a) {
+            i += 1;
+        } else {
+            bail!("unknown argument `{a}`\n{USAGE}");
+        }
+    }
+    Ok(true)
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if !check_args(&args)? {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let new = arg("--new", 64);
     let reps = arg("--reps", 5);
     let long = arg("--long", 256);

@@ -391,6 +391,12 @@ fn missing_or_corrupt_gguf_input() {
         out.path(),
         &["bad.gguf"],
     );
+    fails_leaving(
+        &["inspect", s(&bad)],
+        &["bad.gguf", "not a valid GGUF file"],
+        out.path(),
+        &["bad.gguf"],
+    );
 }
 
 #[test]

@@ -115,3 +115,101 @@ fn reports_what_quantize_wrote() {
     assert_eq!(t["shape"], serde_json::json!([128, 64]));
     assert_eq!(t["bits_per_weight"].as_f64(), Some(4.25));
 }
+
+/// A GGUF file as llama.cpp lays one out: a Q4_0 weight, a Q8_0 table, an F32 norm, metadata
+/// with a tokenizer array.
+fn write_gguf(path: &std::path::Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 1.0, (64, 128), &dev).unwrap();
+    let tensors = [
+        (
+            "blk.0.ffn_up.weight",
+            QTensor::quantize(&w, GgmlDType::Q4_0).unwrap(),
+        ),
+        (
+            "token_embd.weight",
+            QTensor::quantize(&w, GgmlDType::Q8_0).unwrap(),
+        ),
+        (
+            "output_norm.weight",
+            QTensor::quantize(
+                &Tensor::ones(128, candle_core::DType::F32, &dev).unwrap(),
+                GgmlDType::F32,
+            )
+            .unwrap(),
+        ),
+    ];
+    let tokens = gguf_file::Value::Array(vec![
+        gguf_file::Value::String("a".into()),
+        gguf_file::Value::String("b".into()),
+    ]);
+    let md = [
+        (
+            "general.architecture",
+            gguf_file::Value::String("llama".into()),
+        ),
+        ("general.file_type", gguf_file::Value::U32(2)),
+        ("tokenizer.ggml.tokens", tokens),
+    ];
+    let md: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &md, &t).unwrap();
+}
+
+#[test]
+fn gguf_files_list_their_ggml_types_and_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    // Recognised by its magic bytes, not its name.
+    let path = dir.path().join("model.bin");
+    write_gguf(&path);
+    let (out, stderr) = inspect(&[s(&path)]);
+    assert!(stderr.is_empty(), "{stderr}");
+    let row = |name: &str| -> Vec<String> {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} in {out}"))
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    // Q4_0: 18 bytes per 32 weights; Q8_0: 34 per 32.
+    assert_eq!(
+        row("blk.0.ffn_up.weight"),
+        [
+            "blk.0.ffn_up.weight",
+            "gguf",
+            "q4_0",
+            "[64,",
+            "128]",
+            "Q4_0",
+            "4608",
+            "4.500"
+        ]
+    );
+    assert_eq!(row("token_embd.weight")[6..], ["8704", "8.500"]);
+    assert_eq!(row("output_norm.weight")[2], "f32");
+    assert!(
+        out.contains("gguf: 3 metadata keys, architecture llama, file_type 2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("quantized: 2 tensors, 16384 parameters, 13312 bytes"),
+        "{out}"
+    );
+
+    let (json, _) = inspect(&[s(&path), "--json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["gguf"]["metadata"]["general.architecture"], "llama");
+    assert_eq!(
+        v["gguf"]["metadata"]["tokenizer.ggml.tokens"],
+        serde_json::json!({"array": "string", "len": 2})
+    );
+    let t = v["tensors"].as_array().unwrap();
+    assert_eq!(t.len(), 3);
+    assert_eq!(t[0]["name"], "blk.0.ffn_up.weight");
+    assert_eq!(t[0]["bits_per_weight"], 4.5);
+    assert_eq!(v["totals"]["quantized_tensors"], 2);
+}

@@ -1,8 +1,10 @@
-//! `q4 inspect`: tensors, layouts, formats, shapes, storage and bits per weight.
+//! `q4 inspect`: tensors, layouts, formats, shapes, storage and bits per weight, of a
+//! safetensors checkpoint or a GGUF file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use candle_core::quantized::gguf_file;
 use q4::checkpoint::{Checkpoint, Entry};
 use serde_json::{json, Value};
 
@@ -13,7 +15,7 @@ use super::quantize::{one_line, print};
 /// Arguments of `q4 inspect`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// A `.safetensors` file or an HF model directory.
+    /// A `.safetensors` file, an HF model directory or a `.gguf` file.
     pub input: PathBuf,
     /// Machine-readable JSON instead of a table.
     #[arg(long)]
@@ -86,15 +88,160 @@ fn totals<'a>(rows: impl Iterator<Item = &'a Row>) -> (usize, usize, usize, f64)
     (n, bytes, params, bytes as f64 * 8.0 / params.max(1) as f64)
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let ckpt = Checkpoint::open(&args.input).map_err(one_line)?;
-    let rows: Vec<Row> = ckpt.entries().iter().map(row).collect();
-    let (n, bytes, params, bpw) = totals(rows.iter());
-    let (nq, qbytes, qparams, qbpw) = totals(rows.iter().filter(|r| r.quantized));
-    let declared = ckpt.declared().map(|d| {
+/// What the report says about the file as a whole besides its tensors.
+struct Header {
+    /// JSON `declared` (safetensors: the quantization config) or `gguf` (its metadata).
+    json_key: &'static str,
+    json: Option<Value>,
+    /// Text lines printed after the table.
+    lines: Vec<String>,
+}
+
+/// Whether `path` is a GGUF file: its first four bytes, whatever its name.
+fn is_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == b"GGUF"
+}
+
+/// A GGUF file's tensors (type, shape in row-major order, stored bytes) and metadata: scalars
+/// as they are, arrays (such as the tokenizer's vocabulary) by element type and length.
+fn gguf_report(path: &Path) -> Result<(Vec<Row>, Header)> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let content = gguf_file::Content::read(&mut f)
+        .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    // File order (by offset), as llama.cpp writes them: layer by layer.
+    names.sort_by_key(|n| content.tensor_infos[*n].offset);
+    let rows = names
+        .into_iter()
+        .map(|name| {
+            let info = &content.tensor_infos[name];
+            let dtype = info.ggml_dtype;
+            let params = info.shape.elem_count();
+            let bytes = params / dtype.block_size() * dtype.type_size();
+            let format = format!("{dtype:?}").to_ascii_lowercase();
+            Row {
+                name: name.clone(),
+                layout: "gguf".into(),
+                format: format.clone(),
+                shape: info.shape.dims().to_vec(),
+                storage: format!("{dtype:?}"),
+                bytes,
+                params,
+                quantized: !matches!(
+                    dtype,
+                    candle_core::quantized::GgmlDType::F32
+                        | candle_core::quantized::GgmlDType::F16
+                        | candle_core::quantized::GgmlDType::BF16
+                ),
+                detail: json!({"file": path.display().to_string(), "offset": info.offset,
+                               "block_size": dtype.block_size()}),
+            }
+        })
+        .collect();
+    let mut keys: Vec<&String> = content.metadata.keys().collect();
+    keys.sort();
+    let metadata: serde_json::Map<String, Value> = keys
+        .iter()
+        .map(|k| ((*k).clone(), gguf_value(&content.metadata[*k])))
+        .collect();
+    let text = |k: &str| {
+        content.metadata.get(k).map(|v| match gguf_value(v) {
+            Value::String(s) => s,
+            other => other.to_string(),
+        })
+    };
+    let mut line = format!("gguf: {} metadata keys", metadata.len());
+    for (key, label) in [
+        ("general.architecture", "architecture"),
+        ("general.name", "name"),
+        ("general.file_type", "file_type"),
+    ] {
+        if let Some(v) = text(key) {
+            line.push_str(&format!(", {label} {v}"));
+        }
+    }
+    Ok((
+        rows,
+        Header {
+            json_key: "gguf",
+            json: Some(json!({"metadata": metadata})),
+            lines: vec![line],
+        },
+    ))
+}
+
+fn gguf_value(v: &gguf_file::Value) -> Value {
+    use gguf_file::Value as G;
+    match v {
+        G::U8(x) => json!(x),
+        G::I8(x) => json!(x),
+        G::U16(x) => json!(x),
+        G::I16(x) => json!(x),
+        G::U32(x) => json!(x),
+        G::I32(x) => json!(x),
+        G::U64(x) => json!(x),
+        G::I64(x) => json!(x),
+        G::F32(x) => json!(x),
+        G::F64(x) => json!(x),
+        G::Bool(x) => json!(x),
+        G::String(x) => json!(x),
+        G::Array(a) => {
+            let ty = a
+                .first()
+                .map(|e| format!("{:?}", e.value_type()).to_ascii_lowercase())
+                .unwrap_or_else(|| "empty".into());
+            json!({"array": ty, "len": a.len()})
+        }
+    }
+}
+
+fn checkpoint_report(path: &Path) -> Result<(Vec<Row>, Header)> {
+    let ckpt = Checkpoint::open(path).map_err(one_line)?;
+    let rows = ckpt.entries().iter().map(row).collect();
+    let d = ckpt.declared();
+    let json = d.map(|d| {
         json!({"file": d.file, "quant_method": d.method, "detail": d.detail,
                "layout": d.layout().map(|l| l.to_string())})
     });
+    let lines = d
+        .map(|d| {
+            format!(
+                "declared: {}{} ({})",
+                d.method,
+                d.detail
+                    .as_deref()
+                    .map(|x| format!(" {x}"))
+                    .unwrap_or_default(),
+                d.file
+            )
+        })
+        .into_iter()
+        .collect();
+    Ok((
+        rows,
+        Header {
+            json_key: "declared",
+            json,
+            lines,
+        },
+    ))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let (rows, header) = if is_gguf(&args.input) {
+        gguf_report(&args.input)?
+    } else {
+        checkpoint_report(&args.input)?
+    };
+    let (n, bytes, params, bpw) = totals(rows.iter());
+    let (nq, qbytes, qparams, qbpw) = totals(rows.iter().filter(|r| r.quantized));
     if args.json {
         let tensors: Vec<Value> = rows
             .iter()
@@ -113,7 +260,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect();
         let report = json!({
             "path": args.input.display().to_string(),
-            "declared": declared,
+            header.json_key: header.json,
             "tensors": tensors,
             "totals": {
                 "tensors": n, "parameters": params, "bytes": bytes, "bits_per_weight": bpw,
@@ -124,17 +271,8 @@ pub fn run(args: Args) -> Result<()> {
         return print(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     }
     let mut out = table(&rows);
-    if let Some(d) = ckpt.declared() {
-        writeln!(
-            out,
-            "declared: {}{} ({})",
-            d.method,
-            d.detail
-                .as_deref()
-                .map(|x| format!(" {x}"))
-                .unwrap_or_default(),
-            d.file
-        )?;
+    for l in &header.lines {
+        writeln!(out, "{l}")?;
     }
     writeln!(
         out,
