@@ -10,6 +10,7 @@ mod gemv;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod no_simd;
 pub mod parallel;
+pub mod prefetch;
 pub mod rows;
 pub mod w4a4;
 pub mod w4a8;

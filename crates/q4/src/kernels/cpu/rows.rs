@@ -31,6 +31,9 @@ pub trait Scales: Copy {
     /// # Safety
     /// `i` must be a valid block index.
     unsafe fn at(&self, i: usize) -> f32;
+
+    /// Hints that block `i`'s scale (any index, even past the end) is read soon.
+    fn prefetch(&self, i: usize);
 }
 
 /// A byte per block decoded through a 256-entry table (NVFP4, MXFP4).
@@ -47,6 +50,11 @@ impl Scales for TableScales<'_> {
             .table
             .get_unchecked(*self.bytes.get_unchecked(i) as usize)
     }
+
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        super::prefetch::prefetch(self.bytes.as_ptr().wrapping_add(i));
+    }
 }
 
 /// An f32 per block (bitsandbytes absmax).
@@ -58,6 +66,11 @@ impl Scales for F32Scales<'_> {
     unsafe fn at(&self, i: usize) -> f32 {
         *self.0.get_unchecked(i)
     }
+
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        super::prefetch::prefetch(self.0.as_ptr().wrapping_add(i) as *const u8);
+    }
 }
 
 impl Scales for ScaleSrc<'_> {
@@ -66,6 +79,14 @@ impl Scales for ScaleSrc<'_> {
         match self {
             ScaleSrc::Table { bytes, table } => TableScales { bytes, table }.at(i),
             ScaleSrc::F32(v) => F32Scales(v).at(i),
+        }
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, i: usize) {
+        match self {
+            ScaleSrc::Table { bytes, table } => TableScales { bytes, table }.prefetch(i),
+            ScaleSrc::F32(v) => F32Scales(v).prefetch(i),
         }
     }
 }

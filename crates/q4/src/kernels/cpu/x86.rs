@@ -184,6 +184,8 @@ pub unsafe fn rows_kernel<
     let xptr = xp.as_ptr();
     let cp = w.codes.as_ptr();
     let shift = w.block.trailing_zeros();
+    // No weight prefetch here: this f32 kernel is bound by its decode, not by memory, and the
+    // prefetch instructions cost it 0-4% (examples/ab_prefetch).
     let mut acc = [[_mm256_setzero_ps(); B]; R];
     for c in 0..chunks {
         let col = c * CHUNK;
@@ -473,6 +475,25 @@ pub struct Int8Layout {
     chunks: usize,
 }
 
+/// Prefetches the 4-bit weight stream [`PREFETCH_AHEAD`](super::prefetch::PREFETCH_AHEAD) bytes
+/// past chunk `c` of the row whose codes start at `codes` (and whose scales start at block
+/// `sb`): one code line per chunk, one scale line every eight chunks. Rows are contiguous, so
+/// the lines ahead belong to the rows that follow.
+#[inline(always)]
+fn prefetch_chunk<const BK: u8, S: Scales>(codes: *const u8, scales: &S, sb: usize, c: usize) {
+    use super::prefetch::{prefetch, PREFETCH_AHEAD};
+    prefetch(codes.wrapping_add(c * 32 + PREFETCH_AHEAD));
+    if c.is_multiple_of(8) {
+        // Weights per block: 16, 32 or (BLOCK64 and up) at least 64.
+        let per_block = match BK {
+            BLOCK16 => 16,
+            BLOCK32 => 32,
+            _ => 64,
+        };
+        scales.prefetch(sb + (c * CHUNK + 2 * PREFETCH_AHEAD) / per_block);
+    }
+}
+
 /// Added to twice the E2M1 value so every weight byte is unsigned (0..=24), as `vpmaddubsw`
 /// wants; the kernel subtracts `W8_OFFSET * sum(x)` per lane instead of sign-flipping `x`.
 const W8_OFFSET: i32 = 12;
@@ -630,6 +651,7 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
     debug_assert!(xs.chunks == w.k / CHUNK && xs.eo.len() >= (m0 + B) * chunks * CHUNK);
     debug_assert!(rows.end <= w.n && out.len() >= rows.len() * batch && m0 + B <= batch);
     let table = offset_table();
+    let pf = super::prefetch::enabled();
     for (i, row) in rows.enumerate() {
         // From 4 activation rows on, their independent FMA chains hide the latency; below,
         // even and odd chunks accumulate apart (the compiler drops the unused half).
@@ -637,6 +659,9 @@ unsafe fn rows_i8_kernel<const B: usize, const BK: u8, S: Scales>(
         let codes = w.codes.as_ptr().add(row * w.row_bytes);
         let sb = row * w.row_blocks;
         for c in 0..chunks {
+            if pf {
+                prefetch_chunk::<BK, S>(codes, &scales, sb, c);
+            }
             let (wl, wh, ws) = decode_chunk_i8::<BK, S>(codes, &scales, sb, c, table);
             let slot = if B >= 4 { 0 } else { c & 1 };
             for m in 0..B {
@@ -863,6 +888,9 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
 ) {
     let nb = k / 32;
     let ones = _mm256_set1_epi16(1);
+    let pf = super::prefetch::enabled();
+    // The same number of weights ahead as the 4-bit kernels: twice the bytes.
+    let ahead = 2 * super::prefetch::PREFETCH_AHEAD;
     for (i, o) in out.chunks_exact_mut(B).enumerate() {
         let r = r0 + i;
         debug_assert!((r + 1) * k <= q.len() && x.q.len() >= B * k);
@@ -871,6 +899,13 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
         // Even and odd blocks accumulate apart so one FMA chain does not bound the loop.
         let mut acc = [[_mm256_setzero_ps(); B]; 2];
         for b in 0..nb {
+            if pf {
+                use super::prefetch::prefetch;
+                prefetch((wrow as *const u8).wrapping_add(32 * b + ahead));
+                if b.is_multiple_of(16) {
+                    prefetch((drow as *const u8).wrapping_add(4 * b + ahead / 8));
+                }
+            }
             let w = _mm256_loadu_si256(wrow.add(32 * b) as *const __m256i);
             let aw = _mm256_abs_epi8(w);
             let dw = *drow.add(b);
