@@ -42,6 +42,11 @@ pub struct Args {
     /// Most CPU (in cores) other processes may use during a measurement before it is repeated.
     #[arg(long, default_value_t = 0.15)]
     max_others: f64,
+    /// Make the timed calls from a rayon worker, as `q4 generate` does (each kernel's parallel
+    /// loop then forks with `join` instead of handing its work to the pool and sleeping until
+    /// it is done); applies to every contender alike. Default: from the main thread.
+    #[arg(long)]
+    in_pool: bool,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -71,7 +76,7 @@ fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 struct Contender {
     name: &'static str,
     bytes: usize,
-    layers: Vec<Box<dyn Module>>,
+    layers: Vec<Box<dyn Module + Send + Sync>>,
 }
 
 struct DenseF32(Tensor);
@@ -82,12 +87,12 @@ impl Module for DenseF32 {
 }
 
 fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
-    let mut layers: Vec<Box<dyn Module>> = Vec::with_capacity(copies);
+    let mut layers: Vec<Box<dyn Module + Send + Sync>> = Vec::with_capacity(copies);
     let mut bytes = 0;
     for _ in 0..copies {
         // Each copy is a separate allocation (same values).
         let w = w.copy()?;
-        let (layer, b): (Box<dyn Module>, usize) = match name {
+        let (layer, b): (Box<dyn Module + Send + Sync>, usize) = match name {
             "q4-nvfp4" | "q4-nf4" | "q4-nvfp4-w4a8" => {
                 let f = if name == "q4-nf4" {
                     Format::Nf4
@@ -136,8 +141,9 @@ pub fn run(args: Args) -> Result<()> {
     let mut out = String::new();
     writeln!(
         out,
-        "# q4 bench linear: {threads} threads, memory read bandwidth {:.1} GB/s (same run)",
-        bw / 1e9
+        "# q4 bench linear: {threads} threads, memory read bandwidth {:.1} GB/s (same run), calls from {}",
+        bw / 1e9,
+        if args.in_pool { "a rayon worker" } else { "the main thread" }
     )?;
     writeln!(
         out,
@@ -213,10 +219,19 @@ pub fn run(args: Args) -> Result<()> {
                 // Every copy is called once before timing: candle repacks a Q4K weight on its
                 // first call (and caches it per tensor), which must not land in the timed calls.
                 let warmup = layers.len().max(2);
-                let t = time(warmup, reps, args.max_others, |i| {
-                    let y = layers[i % layers.len()].forward(&x).expect("forward");
-                    std::hint::black_box(y);
-                });
+                let timed = || {
+                    time(warmup, reps, args.max_others, |i| {
+                        let y = layers[i % layers.len()].forward(&x).expect("forward");
+                        std::hint::black_box(y);
+                    })
+                };
+                let t = if args.in_pool {
+                    let mut t = None;
+                    rayon::scope(|_| t = Some(timed()));
+                    t.expect("the scope ran")
+                } else {
+                    timed()
+                };
                 results.push((c.name, c.bytes, t));
             }
             let get = |name: &str| results.iter().find(|r| r.0 == name).map(|r| r.2.median);
