@@ -3,7 +3,9 @@
 //! candle's CPU matmul always dispatches gemm onto the rayon pool; for the tiny products of a
 //! decode step (a few query rows against a few hundred keys) the dispatch costs tens of
 //! microseconds, twice per layer. A plain loop over the cached rows is several times cheaper
-//! until the cache gets long, where the matmul path takes over.
+//! until the cache gets long, where the matmul path takes over. The query heads that share a
+//! kv head go together, so each cached row is read once per step, and kv heads run in parallel
+//! once the cache holds a few hundred positions.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};
@@ -12,6 +14,10 @@ use super::cpu_ops::softmax_in_place;
 
 /// Above this many multiply-adds per product, the parallel matmul path is faster.
 const MAX_WORK: usize = 1 << 20;
+
+/// From this many multiply-adds per product on, the kv heads run in parallel (a few hundred
+/// cached positions for a small model; below, waking a worker costs more than it saves).
+const PARALLEL_WORK: usize = 1 << 16;
 
 /// `softmax(q kᵀ * scale) v` for `q` `[b, heads, 1, hd]` and `k`, `v` `[b, kv_heads, s, hd]`
 /// (views of the cache, rows contiguous). `None` when this path does not apply.
@@ -47,24 +53,39 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     let n_rep = nh / nkv;
     let scale = scale as f32;
     let mut out = vec![0f32; b * nh * hd];
-    let mut scores = vec![0f32; s];
-    for bi in 0..b {
-        for h in 0..nh {
-            let kvh = h / n_rep;
-            let qrow = &qs[(bi * nh + h) * hd..][..hd];
-            let k_base = k_off + bi * k_st[0] + kvh * k_st[1];
-            for (si, score) in scores.iter_mut().enumerate() {
-                *score = dot(qrow, &ks[k_base + si * hd..][..hd]) * scale;
+    // One unit per (batch row, kv head): its n_rep query heads read each cached key and value
+    // row once, while it is in L1, instead of once per head. Per head the arithmetic (and so
+    // the result) is what a head-by-head loop computes.
+    let unit = |(u, o): (usize, &mut [f32])| {
+        let (bi, kvh) = (u / nkv, u % nkv);
+        let k_base = k_off + bi * k_st[0] + kvh * k_st[1];
+        let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
+        let q0 = (bi * nh + kvh * n_rep) * hd;
+        let mut scores = vec![0f32; n_rep * s];
+        for si in 0..s {
+            let krow = &ks[k_base + si * hd..][..hd];
+            for j in 0..n_rep {
+                scores[j * s + si] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
             }
-            softmax_in_place(&mut scores);
-            let orow = &mut out[(bi * nh + h) * hd..][..hd];
-            let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
-            for (si, &p) in scores.iter().enumerate() {
-                for (o, &x) in orow.iter_mut().zip(&vs[v_base + si * hd..][..hd]) {
+        }
+        for row in scores.chunks_exact_mut(s) {
+            softmax_in_place(row);
+        }
+        for si in 0..s {
+            let vrow = &vs[v_base + si * hd..][..hd];
+            for (j, orow) in o.chunks_exact_mut(hd).enumerate() {
+                let p = scores[j * s + si];
+                for (o, &x) in orow.iter_mut().zip(vrow) {
                     *o += p * x;
                 }
             }
         }
+    };
+    if nh * s * hd >= PARALLEL_WORK {
+        use rayon::prelude::*;
+        out.par_chunks_mut(n_rep * hd).enumerate().for_each(unit);
+    } else {
+        out.chunks_mut(n_rep * hd).enumerate().for_each(unit);
     }
     Ok(Some(Tensor::from_vec(out, (b, nh, 1, hd), &Device::Cpu)?))
 }
@@ -98,11 +119,18 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// Same result as the matmul path on a strided cache view with GQA.
+    /// Same result as the matmul path on a strided cache view with GQA: a short cache (one
+    /// thread) and one long enough for the kv heads to run in parallel.
     #[test]
     fn matches_matmul_attention() {
+        check_against_matmul(2, 6, 2, 20, 16, 11);
+        let (nh, hd, s) = (6, 32, 400);
+        assert!(nh * s * hd >= PARALLEL_WORK && nh * s * hd <= MAX_WORK);
+        check_against_matmul(2, nh, 3, hd, 512, s);
+    }
+
+    fn check_against_matmul(b: usize, nh: usize, nkv: usize, hd: usize, cap: usize, s: usize) {
         let dev = Device::Cpu;
-        let (b, nh, nkv, hd, cap, s) = (2, 6, 2, 20, 16, 11);
         let q = Tensor::randn(0f32, 1., (b, nh, 1, hd), &dev).unwrap();
         let kc = Tensor::randn(0f32, 1., (b, nkv, cap, hd), &dev).unwrap();
         let vc = Tensor::randn(0f32, 1., (b, nkv, cap, hd), &dev).unwrap();
