@@ -386,6 +386,26 @@ fn matmul_matches_the_f32_reference() {
                     let y = layer.forward(&xd.to_device(&dev).unwrap()).unwrap();
                     assert_eq!(y.dims(), &[b, n]);
                     assert_eq!(y.dtype(), dt);
+                    let yv: Vec<f32> = y
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let bad: Vec<usize> = (0..yv.len()).filter(|&i| !yv[i].is_finite()).collect();
+                    assert!(
+                        bad.is_empty(),
+                        "{:?} {n}x{k} batch {b} {dt:?}: {} non-finite outputs, first at (row {}, col {}), last at (row {}, col {})",
+                        spec.format,
+                        bad.len(),
+                        bad[0] / n,
+                        bad[0] % n,
+                        bad[bad.len() - 1] / n,
+                        bad[bad.len() - 1] % n
+                    );
                     let e = rel_err(&y, &reference);
                     assert!(
                         e <= tol,
@@ -396,6 +416,50 @@ fn matmul_matches_the_f32_reference() {
             }
         }
     }
+}
+
+/// The prefill path over many decoded chunks and a partial last one (chunks forced to 128
+/// rows): f32, f16 and bf16 activations against the f32 reference, every 4-bit format.
+#[test]
+fn chunked_gemm_matches_the_f32_reference() {
+    let Some(dev) = gpu() else { return };
+    q4::kernels::cuda::gemm::set_chunk_rows_for_tests(128);
+    for (si, spec) in [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Mxfp4),
+        QuantSpec::new(Format::Nf4),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for (n, k) in [(300usize, 1024usize), (128, 1024), (1000, 512)] {
+            let w =
+                Tensor::from_vec(data(n * k, (si * 5 + n) as u64), (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, spec).unwrap();
+            let wd = q.dequantize(DType::F32).unwrap();
+            let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+            for b in [65usize, 200] {
+                let x = Tensor::from_vec(data(b * k, (b * 3 + k) as u64), (b, k), &Device::Cpu)
+                    .unwrap();
+                for (dt, tol) in [(DType::F32, 1e-3), (DType::F16, 1e-3), (DType::BF16, 4e-3)] {
+                    let xd = x.to_dtype(dt).unwrap();
+                    let reference = xd
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .matmul(&wd.t().unwrap())
+                        .unwrap();
+                    let y = layer.forward(&xd.to_device(&dev).unwrap()).unwrap();
+                    let e = rel_err(&y, &reference);
+                    assert!(
+                        e <= tol,
+                        "{:?} {n}x{k} batch {b} {dt:?}: rel. error {e:.2e}",
+                        spec.format
+                    );
+                }
+            }
+        }
+    }
+    q4::kernels::cuda::gemm::set_chunk_rows_for_tests(0);
 }
 
 #[test]

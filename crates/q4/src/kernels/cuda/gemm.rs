@@ -26,11 +26,23 @@ use crate::Format;
 /// of tiles per chunk while the chunk mostly stays in L2. Smaller batches take proportionally more rows, so that each chunk still fills the
 /// GPU. `Q4_GEMM_CHUNK_ROWS` overrides (for tuning).
 fn chunk_rows(m: usize, n: usize) -> usize {
+    let forced = CHUNK_ROWS_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed);
     let rows = std::env::var("Q4_GEMM_CHUNK_ROWS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
+        .or((forced > 0).then_some(forced))
         .unwrap_or_else(|| 4096 * 16usize.div_ceil(m.div_ceil(128)));
     rows.clamp(1, n.max(1))
+}
+
+static CHUNK_ROWS_FOR_TESTS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Forces the decoded chunk height (0: the default), so that tests reach many chunks and a
+/// partial last one on small weights.
+#[doc(hidden)]
+pub fn set_chunk_rows_for_tests(rows: usize) {
+    CHUNK_ROWS_FOR_TESTS.store(rows, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `y[batch, n] = x Wᵀ` in the activations' dtype.
@@ -71,7 +83,23 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         chunk_rows * kdim,
     );
     let y = empty_storage(dev, x.dtype, m * n)?;
-    let yp = storage_ptr(&y, 0)?;
+    // f16 operands: cuBLAS writes f32 (some of its algorithms for f16 outputs keep partial sums
+    // in f16, which overflow here since the NVFP4 tensor scale / the f16 factor is applied
+    // through alpha: NaN outputs at 128 x 1024 weights, batch 65), converted once at the end.
+    let y32 = if op_dtype == DType::F16 {
+        Some(empty_storage(dev, DType::F32, m * n)?)
+    } else {
+        None
+    };
+    let (out_type, yp) = match &y32 {
+        Some(t) => (cublas_sys::cudaDataType_t::CUDA_R_32F, storage_ptr(t, 0)?),
+        None => (cuda_type, storage_ptr(&y, 0)?),
+    };
+    let out_size = if y32.is_some() {
+        4
+    } else {
+        x.dtype.size_in_bytes()
+    };
     let wp = super::util::device_ptr(&scratch)?;
     let blas = dev.cublas_handle();
     let handle = *blas.handle();
@@ -80,7 +108,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     while r0 < n {
         let rows = chunk_rows.min(n - r0);
         decode_rows_into(k, w, r0, rows, s2, mul, &scratch)?;
-        let c = yp + (r0 * x.dtype.size_in_bytes()) as u64;
+        let c = yp + (r0 * out_size) as u64;
         // Row-major y[m, n] = x[m, k] W[rows, k]ᵀ is column-major y'[n, m] = W'ᵀ x': A = the
         // decoded chunk (k x rows, transposed), B = x (k x m), C = y at column r0, ldc = n.
         // SAFETY: the handle is candle's, bound to the stream all q4 kernels use; A holds
@@ -103,7 +131,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
                 kdim as i32,
                 &beta as *const f32 as *const c_void,
                 c as *mut c_void,
-                cuda_type,
+                out_type,
                 n as i32,
                 compute,
                 cublas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -112,5 +140,51 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .map_err(|e| Error::msg(format!("cuBLAS GEMM of a q4 weight chunk failed: {e:?}")))?;
         r0 += rows;
     }
+    if let Some(t) = &y32 {
+        to_f16(k, dev, t, &y, m * n)?;
+    }
     Ok(y)
+}
+
+/// `out[i] = f16(src[i])` for `len` values, with the GEMV module's split-K epilogue (one slice,
+/// factor 1, round to nearest even).
+fn to_f16(
+    k: &DeviceKernels,
+    dev: &candle_core::cuda_backend::CudaDevice,
+    src: &CudaStorage,
+    out: &CudaStorage,
+    len: usize,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    // No weight-dependent define reaches `gemv_reduce` but OUT_T (ARITH 0: no gain factor).
+    let defines = [
+        ("FMT", 0),
+        ("OPT", 2),
+        ("OUT_T", super::util::type_code(DType::F16)?),
+        ("NT", 1),
+        ("MT", 1),
+        ("WARPS", 8),
+        ("DEPTH", 2),
+        ("ARITH", 0),
+    ];
+    let func = k.function("gemv", super::module_cache::GEMV, &defines, "gemv_reduce")?;
+    let (sp, op) = (storage_ptr(src, 0)?, storage_ptr(out, 0)?);
+    let (xs, n_i, b_i, splits, factor) = (0u64, len as i32, 1i32, 1i32, 1.0f32);
+    let cfg = LaunchConfig {
+        grid_dim: (len.div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&sp)
+        .arg(&xs)
+        .arg(&op)
+        .arg(&n_i)
+        .arg(&b_i)
+        .arg(&splits)
+        .arg(&factor);
+    // SAFETY: `src` holds `len` f32 (one slice of [1][len]), `out` `len` f16; no activation
+    // scales (null pointer, read as 1).
+    super::util::launched("gemv_reduce", unsafe { b.launch(cfg) })
 }
