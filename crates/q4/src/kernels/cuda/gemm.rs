@@ -83,9 +83,10 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         chunk_rows * kdim,
     );
     let y = empty_storage(dev, x.dtype, m * n)?;
-    // f16 operands: cuBLAS writes f32 (some of its algorithms for f16 outputs keep partial sums
-    // in f16, which overflow here since the NVFP4 tensor scale / the f16 factor is applied
-    // through alpha: NaN outputs at 128 x 1024 weights, batch 65), converted once at the end.
+    // f16 operands: cuBLAS writes f32, converted once at the end. With f16 outputs it returned
+    // non-finite values for some shapes (128 x 1024 weights, batch 65; CUDA test
+    // `chunked_gemm_matches_the_f32_reference`) — apparently partial sums kept in f16, which
+    // overflow because the NVFP4 tensor scale / the f16 factor is applied through alpha.
     let y32 = if op_dtype == DType::F16 {
         Some(empty_storage(dev, DType::F32, m * n)?)
     } else {
