@@ -40,7 +40,19 @@ fn doctor_json_is_complete_and_consistent() {
     let cpu = &v["cpu"];
     assert!(cpu["threads"].as_u64().unwrap() >= 1);
     let kernels = cpu["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 8, "4 formats x 2 batch ranges");
+    assert_eq!(kernels.len(), 12, "4 formats x 3 batch ranges");
+    let names: Vec<&str> = kernels
+        .iter()
+        .map(|k| k["kernel"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("gemv passes")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.starts_with("tiled-gemm")),
+        "{names:?}"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         let simd: Vec<&str> = cpu["simd"]

@@ -10,7 +10,9 @@ use std::ffi::{c_char, c_int, c_uint, CStr};
 
 use serde::Serialize;
 
-use crate::kernels::cpu::{kernel_for, CpuKernel, GEMV_MAX_BATCH};
+use crate::kernels::cpu::{
+    kernel_for, CpuKernel, GEMV_MAX_BATCH, GEMV_PASSES_MAX_BATCH, GEMV_PASSES_MIN_K,
+};
 use crate::kernels::cuda::plan::{self, CudaPlan};
 use crate::Format;
 
@@ -130,6 +132,7 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
         CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm micro-kernel)",
+        CpuKernel::GemvPasses => "gemv passes (fused decode, up to 8 activation rows a pass)",
     }
 }
 
@@ -137,14 +140,27 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
 pub fn cpu_report() -> CpuReport {
     let mut kernels = Vec::new();
     for f in Format::ALL {
-        for (label, batch) in [
-            (format!("1-{GEMV_MAX_BATCH}"), 1),
-            (format!(">{GEMV_MAX_BATCH}"), GEMV_MAX_BATCH + 1),
+        for (label, batch, k) in [
+            (format!("1-{GEMV_MAX_BATCH}"), 1, 0),
+            (
+                format!(
+                    "{}-{GEMV_PASSES_MAX_BATCH}, rows > {} wide",
+                    GEMV_MAX_BATCH + 1,
+                    GEMV_PASSES_MIN_K - 1
+                ),
+                GEMV_MAX_BATCH + 1,
+                GEMV_PASSES_MIN_K,
+            ),
+            (
+                format!(">{GEMV_MAX_BATCH}, otherwise"),
+                GEMV_MAX_BATCH + 1,
+                0,
+            ),
         ] {
             kernels.push(CpuKernelRow {
                 format: f.name(),
                 batch: label,
-                kernel: cpu_kernel_name(kernel_for(batch)),
+                kernel: cpu_kernel_name(kernel_for(batch, k)),
             });
         }
     }
@@ -455,8 +471,19 @@ pub fn render_text(r: &Report) -> String {
             r.cpu.simd.join(" ")
         }
     );
+    let width = r
+        .cpu
+        .kernels
+        .iter()
+        .map(|k| k.batch.len())
+        .max()
+        .unwrap_or(0);
     for k in &r.cpu.kernels {
-        let _ = writeln!(s, "  {:<6} batch {:<5} {}", k.format, k.batch, k.kernel);
+        let _ = writeln!(
+            s,
+            "  {:<6} batch {:<width$}  {}",
+            k.format, k.batch, k.kernel
+        );
     }
     let c = &r.cuda;
     let _ = writeln!(s, "\nCUDA: {}", c.status);

@@ -124,10 +124,15 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     check(Format::Mxfp4, 32, 11, 72, 17, 11, false);
     // The tiled GEMM's K slices: blocks wider than a slice, padded rows whose last slice is
     // short and odd, rows that straddle blocks, several row tiles.
-    check(Format::Nf4, 1024, 40, 2048, 12, 12, false);
+    check(Format::Nf4, 1024, 40, 2048, 20, 12, false);
     check(Format::Nvfp4, 16, 19, 300, 9, 13, false);
     check(Format::Nf4, 64, 13, 96, 20, 14, false);
     check(Format::Fp4, 64, 1000, 640, 33, 15, true);
+    // Batches 9-16 over rows wider than 1024: passes of the GEMV (8 + the rest), a row tail.
+    check(Format::Nvfp4, 16, 70, 1088, 9, 24, false);
+    check(Format::Nf4, 64, 45, 1100, 12, 25, false);
+    check(Format::Nf4, 1024, 40, 2048, 16, 26, false);
+    check(Format::Mxfp4, 32, 33, 1536, 13, 27, false);
 }
 
 proptest! {

@@ -39,11 +39,40 @@ pub enum CpuKernel {
     /// Tile decode, then a dense micro-kernel (q4's AVX2 one up to 32 rows, else the `gemm`
     /// crate's).
     TiledGemm,
+    /// Groups of up to [`GEMV_MAX_BATCH`] activation rows, a GEMV each (batches 9-16 over wide
+    /// rows).
+    GemvPasses,
 }
 
-/// The kernel `matmul` picks for `batch` rows of activations.
-pub fn kernel_for(batch: usize) -> CpuKernel {
-    if batch > GEMV_MAX_BATCH {
+/// Up to this batch, weights with rows wider than [`GEMV_PASSES_MIN_K`] take passes of the GEMV
+/// instead of the tiled GEMM: there the tiles are cut into K slices, and same-process
+/// interleaved A/B runs (cache-cold NVFP4, this 2-core host) timed two GEMV passes at 0.57–0.81×
+/// the tiled GEMM at batches 9–16 on 576x1536, 2048x1280, 2560x2048, 4096x4096 and 9728x2560;
+/// at batch 24 they tie, from 32 the tiled GEMM wins, and rows of 1024 or fewer (whole rows
+/// per tile) stay faster tiled (1.04–1.34×).
+pub const GEMV_PASSES_MAX_BATCH: usize = 16;
+/// See [`GEMV_PASSES_MAX_BATCH`].
+pub const GEMV_PASSES_MIN_K: usize = 1025;
+
+static PASSES_MIN_K: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(GEMV_PASSES_MIN_K);
+
+/// Sets the row width from which batches 9-16 take the GEMV passes (default
+/// [`GEMV_PASSES_MIN_K`]; 0: always, `usize::MAX`: never), for same-process A/B measurements
+/// (`examples/ab_gemv_passes`).
+#[doc(hidden)]
+pub fn set_gemv_passes_min_k(k: usize) {
+    PASSES_MIN_K.store(k, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The kernel `matmul` picks for `batch` rows of activations and rows of `k` weights.
+pub fn kernel_for(batch: usize, k: usize) -> CpuKernel {
+    if batch > GEMV_MAX_BATCH
+        && batch <= GEMV_PASSES_MAX_BATCH
+        && k >= PASSES_MIN_K.load(std::sync::atomic::Ordering::Relaxed)
+    {
+        CpuKernel::GemvPasses
+    } else if batch > GEMV_MAX_BATCH {
         CpuKernel::TiledGemm
     } else if gemv::simd_available() {
         CpuKernel::GemvSimd
@@ -61,8 +90,23 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     if batch == 0 || rows.n == 0 {
         return;
     }
-    match kernel_for(batch) {
+    match kernel_for(batch, rows.k) {
         CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
+        CpuKernel::GemvPasses => {
+            // Groups of up to GEMV_MAX_BATCH activation rows, each a GEMV over the weight.
+            let (k, n) = (rows.k, rows.n);
+            let mut m0 = 0;
+            while m0 < batch {
+                let b = (batch - m0).min(GEMV_MAX_BATCH);
+                gemv::matmul(
+                    &rows,
+                    &x[m0 * k..(m0 + b) * k],
+                    b,
+                    &mut y[m0 * n..(m0 + b) * n],
+                );
+                m0 += b;
+            }
+        }
         _ => gemv::matmul(&rows, x, batch, y),
     }
 }
