@@ -2,8 +2,8 @@
 //! against the tiled GEMM, calls alternating on cache-cold NVFP4 weights (copies rotating over
 //! 3x a 32 MiB last-level cache); prints the median µs per call of each.
 //!
-//! `cargo run --release -p q4 --example ab_gemv_passes [-- ROUNDS [SHAPES [BATCHES]]]`, SHAPES
-//! like `576x1536,4096x4096`, BATCHES like `9,12,16`. Only batches 9-16 with rows wider than
+//! `cargo run --release -p q4 --example ab_gemv_passes [-- ROUNDS [SHAPES [BATCHES [FORMAT]]]]`,
+//! SHAPES like `576x1536,4096x4096`, BATCHES like `9,12,16`, FORMAT `nvfp4` (default) or `nf4`. Only batches 9-16 with rows wider than
 //! 1024 take the passes by default (`kernels::cpu::GEMV_PASSES_MAX_BATCH`); the comparison
 //! forces the choice both ways, whatever the width.
 
@@ -38,7 +38,11 @@ fn main() {
         .iter()
         .map(|b| b.parse().expect("batch"))
         .collect();
-    println!("shape      batch  gemv_passes_us  tiled_us  ratio");
+    let format = match args.next().as_deref() {
+        Some("nf4") => Format::Nf4,
+        _ => Format::Nvfp4,
+    };
+    println!("{format}: shape  batch  gemv_passes_us  tiled_us  ratio");
     for shape in shapes {
         let (n, k) = shape.split_once('x').expect("OUTxIN");
         let (n, k): (usize, usize) = (n.parse().unwrap(), k.parse().unwrap());
@@ -46,7 +50,7 @@ fn main() {
         let copies = (96usize << 20) / (n * k * 9 / 16) + 1;
         let lins: Vec<QLinear> = (0..copies)
             .map(|_| {
-                let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
                 QLinear::new(q, None).unwrap()
             })
             .collect();
