@@ -3,12 +3,15 @@
 //! 3x a 32 MiB last-level cache); prints the median µs per call of each.
 //!
 //! `cargo run --release -p q4 --example ab_gemv_passes [-- ROUNDS [SHAPES [BATCHES [FORMAT]]]]`,
-//! SHAPES like `576x1536,4096x4096`, BATCHES like `9,12,16`, FORMAT `nvfp4` (default) or `nf4`. Only batches 9-16 with rows wider than
+//! SHAPES like `576x1536,4096x4096`, BATCHES like `9,12,16`, FORMAT `nvfp4` (default), `nf4`,
+//! or `w4a8`: NVFP4 with int8 activations, whose kernel runs groups of four activation rows
+//! either as passes over the weight or over decoded tiles (`set_i8_passes_max_batch`). Only batches 9-16 with rows wider than
 //! 1024 take the passes by default (`kernels::cpu::GEMV_PASSES_MAX_BATCH`); the comparison
 //! forces the choice both ways, whatever the width.
 
 use candle_core::{Device, Module, Tensor};
-use q4::kernels::cpu::{set_gemv_passes_min_k, GEMV_PASSES_MIN_K};
+use q4::kernels::cpu::{set_gemv_passes_min_k, set_i8_passes_max_batch, GEMV_PASSES_MIN_K};
+use q4::ActQuant;
 use q4::{Format, QLinear, QTensor, QuantSpec};
 
 fn median(v: &mut [f64]) -> f64 {
@@ -38,11 +41,13 @@ fn main() {
         .iter()
         .map(|b| b.parse().expect("batch"))
         .collect();
-    let format = match args.next().as_deref() {
-        Some("nf4") => Format::Nf4,
-        _ => Format::Nvfp4,
+    let mode = args.next().unwrap_or_else(|| "nvfp4".into());
+    let (format, act) = match mode.as_str() {
+        "nf4" => (Format::Nf4, ActQuant::None),
+        "w4a8" => (Format::Nvfp4, ActQuant::Int8),
+        _ => (Format::Nvfp4, ActQuant::None),
     };
-    println!("{format}: shape  batch  gemv_passes_us  tiled_us  ratio");
+    println!("{mode}: shape  batch  passes_us  tiled_us  ratio");
     for shape in shapes {
         let (n, k) = shape.split_once('x').expect("OUTxIN");
         let (n, k): (usize, usize) = (n.parse().unwrap(), k.parse().unwrap());
@@ -51,7 +56,7 @@ fn main() {
         let lins: Vec<QLinear> = (0..copies)
             .map(|_| {
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
-                QLinear::new(q, None).unwrap()
+                QLinear::new(q, None).unwrap().with_act_quant(act).unwrap()
             })
             .collect();
         for &batch in &batches {
@@ -62,6 +67,7 @@ fn main() {
                     // Passes forced at any width, or never (the A/B covers both sides of the
                     // width threshold).
                     set_gemv_passes_min_k(if flag { 0 } else { usize::MAX });
+                    set_i8_passes_max_batch(if flag { 64 } else { 0 });
                     let l = &lins[(2 * i + usize::from(flag)) % copies];
                     let t = std::time::Instant::now();
                     std::hint::black_box(l.forward(&x).unwrap());
@@ -71,6 +77,7 @@ fn main() {
                 }
             }
             set_gemv_passes_min_k(GEMV_PASSES_MIN_K);
+            set_i8_passes_max_batch(12);
             let (a, b) = (median(&mut on), median(&mut off));
             println!("{shape:<10} {batch:>5} {a:>15.1} {b:>9.1} {:>6.3}", a / b);
         }

@@ -235,6 +235,8 @@ fn w4a8_matches_the_int8_round_trip_reference() {
             (9, 128, 64, 5),
             (6, 96, 5, 6),
             (11, 64, 80, 7),
+            (30, 192, 7, 8),
+            (25, 320, 12, 9),
         ] {
             let w = Tensor::from_vec(randn(seed, n * k), (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();

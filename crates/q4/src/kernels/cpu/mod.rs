@@ -57,6 +57,16 @@ pub const GEMV_PASSES_MIN_K: usize = 1025;
 static PASSES_MIN_K: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(GEMV_PASSES_MIN_K);
 
+/// Sets the largest batch the W4A8 int8 kernel runs as passes over groups of four activation
+/// rows instead of decoded tiles (default 12; 0: never), for same-process A/B measurements
+/// (`examples/ab_gemv_passes`). No effect without the x86-64 int8 kernel.
+#[doc(hidden)]
+pub fn set_i8_passes_max_batch(batch: usize) {
+    #[cfg(target_arch = "x86_64")]
+    x86::set_i8_passes_max_batch(batch);
+    let _ = batch;
+}
+
 /// Sets the row width from which batches 9-16 take the GEMV passes (default
 /// [`GEMV_PASSES_MIN_K`]; 0: always, `usize::MAX`: never), for same-process A/B measurements
 /// (`examples/ab_gemv_passes`).

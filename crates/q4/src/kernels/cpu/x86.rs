@@ -797,25 +797,55 @@ pub unsafe fn rows_i8(
     out: &mut [f32],
 ) {
     macro_rules! run {
-        ($b:literal) => {
+        ($b:literal, $m0:expr) => {
             with_i8_scales!(w, |BK, s| rows_i8_kernel::<$b, BK, _>(
                 w,
                 s,
                 xs,
                 r0..r1,
-                0,
+                $m0,
                 batch,
                 out
             ))
         };
     }
+    if batch > I8_GROUP && batch <= I8_PASSES_MAX.load(std::sync::atomic::Ordering::Relaxed) {
+        // Up to three groups: a pass of the register kernel per group of four activation rows
+        // (each decoding the weight again) beats decoding tiles once (`rows_i8_tiled`).
+        let mut m0 = 0;
+        while m0 < batch {
+            match (batch - m0).min(I8_GROUP) {
+                1 => run!(1, m0),
+                2 => run!(2, m0),
+                3 => run!(3, m0),
+                _ => run!(4, m0),
+            }
+            m0 += I8_GROUP;
+        }
+        return;
+    }
     match batch {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
+        1 => run!(1, 0),
+        2 => run!(2, 0),
+        3 => run!(3, 0),
+        4 => run!(4, 0),
         _ => rows_i8_tiled(w, xs, batch, r0, r1, out),
     }
+}
+
+/// Largest batch the int8 kernel runs as passes of [`rows_i8_kernel`] over groups of
+/// [`I8_GROUP`] activation rows rather than over decoded tiles. Same-process interleaved A/B
+/// (`examples/ab_gemv_passes`, mode `w4a8`; cache-cold NVFP4): batches 5-8 0.84-0.92x the time
+/// of the tiles on 3072x576, 960x576 and 4096x4096, batch 10 0.87-0.97x, 12 0.93-0.98x, 16
+/// 0.96-1.02x.
+pub const I8_PASSES_MAX_BATCH: usize = 12;
+
+static I8_PASSES_MAX: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(I8_PASSES_MAX_BATCH);
+
+/// Sets [`I8_PASSES_MAX_BATCH`] for the process (for same-process A/B measurements).
+pub fn set_i8_passes_max_batch(batch: usize) {
+    I8_PASSES_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// [`rows_i8`] above one group of activation rows: a few weight rows at a time decoded once
