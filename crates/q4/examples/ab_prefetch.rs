@@ -5,14 +5,11 @@
 //! `cargo run --release -p q4 --example ab_prefetch [-- SHAPES [ROUNDS]]`, SHAPES like
 //! `3072x576,576x1536` (default: SmolLM2's decode shapes and its LM head).
 
+mod ab;
+
 use candle_core::{Device, Module, Tensor};
 use q4::kernels::cpu::prefetch::set_enabled;
 use q4::{ActQuant, Format, Int8Table, QLinear, QTensor, QuantSpec};
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn main() {
     let dev = Device::Cpu;
@@ -24,25 +21,12 @@ fn main() {
         });
     let rounds: usize = args.get(2).and_then(|v| v.parse().ok()).unwrap_or(2000);
     println!("shape      mode            copies  prefetch_us  none_us  ratio");
-    // Interleaves `call(copy)` with the prefetch on and off; returns the two medians.
+    // `call(copy)` with the prefetch on and off, interleaved; the two medians.
     let ab = |copies: usize, call: &dyn Fn(usize)| {
-        let (mut on, mut off) = (Vec::new(), Vec::new());
-        for i in 0..rounds.max(copies) {
-            for (flag, times) in [(true, &mut on), (false, &mut off)] {
-                set_enabled(flag);
-                let t = std::time::Instant::now();
-                call((2 * i + usize::from(flag)) % copies);
-                if i >= 20 {
-                    times.push(t.elapsed().as_secs_f64() * 1e6);
-                }
-            }
-        }
-        set_enabled(true);
-        (median(&mut on), median(&mut off))
+        ab::interleave(rounds.max(copies), 20, copies, &set_enabled, call)
     };
     for shape in shapes.split(',') {
-        let (n, k) = shape.split_once('x').expect("OUTxIN");
-        let (n, k): (usize, usize) = (n.parse().unwrap(), k.parse().unwrap());
+        let (n, k) = ab::parse_shape(shape);
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap();
         for (mode, act) in [("nvfp4", ActQuant::None), ("nvfp4-w4a8", ActQuant::Int8)] {

@@ -376,45 +376,51 @@ fn matmul_matches_the_f32_reference() {
             for &b in &batches {
                 let x = Tensor::from_vec(data(b * k, (b * 13 + k) as u64), (b, k), &Device::Cpu)
                     .unwrap();
-                for (dt, tol) in [(DType::F32, 1e-3), (DType::F16, 1e-3), (DType::BF16, 4e-3)] {
-                    let xd = x.to_dtype(dt).unwrap();
-                    let reference = xd
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .matmul(&wd.t().unwrap())
-                        .unwrap();
-                    let y = layer.forward(&xd.to_device(&dev).unwrap()).unwrap();
-                    assert_eq!(y.dims(), &[b, n]);
-                    assert_eq!(y.dtype(), dt);
-                    let yv: Vec<f32> = y
-                        .to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
-                    let bad: Vec<usize> = (0..yv.len()).filter(|&i| !yv[i].is_finite()).collect();
-                    assert!(
-                        bad.is_empty(),
-                        "{:?} {n}x{k} batch {b} {dt:?}: {} non-finite outputs, first at (row {}, col {}), last at (row {}, col {})",
-                        spec.format,
-                        bad.len(),
-                        bad[0] / n,
-                        bad[0] % n,
-                        bad[bad.len() - 1] / n,
-                        bad[bad.len() - 1] % n
-                    );
-                    let e = rel_err(&y, &reference);
-                    assert!(
-                        e <= tol,
-                        "{:?} {n}x{k} batch {b} {dt:?}: rel. error {e:.2e}",
-                        spec.format
-                    );
-                }
+                check_activation_dtypes(&layer, &wd, &x, &dev, spec.format);
             }
         }
+    }
+}
+
+/// `layer` (on `dev`) against `x Wᵀ` in f32 for `x` as f32, f16 and bf16 activations: output
+/// shape and dtype, every output finite (else where the first and last bad ones are), and the
+/// relative error (1e-3 for f32 and f16, 4e-3 for bf16).
+fn check_activation_dtypes(layer: &QLinear, wd: &Tensor, x: &Tensor, dev: &Device, f: Format) {
+    let (b, n, k) = (x.dim(0).unwrap(), wd.dim(0).unwrap(), x.dim(1).unwrap());
+    for (dt, tol) in [(DType::F32, 1e-3), (DType::F16, 1e-3), (DType::BF16, 4e-3)] {
+        let xd = x.to_dtype(dt).unwrap();
+        let reference = xd
+            .to_dtype(DType::F32)
+            .unwrap()
+            .matmul(&wd.t().unwrap())
+            .unwrap();
+        let y = layer.forward(&xd.to_device(dev).unwrap()).unwrap();
+        assert_eq!(y.dims(), &[b, n]);
+        assert_eq!(y.dtype(), dt);
+        let yv: Vec<f32> = y
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let bad: Vec<usize> = (0..yv.len()).filter(|&i| !yv[i].is_finite()).collect();
+        assert!(
+            bad.is_empty(),
+            "{f:?} {n}x{k} batch {b} {dt:?}: {} non-finite outputs, first at (row {}, col {}), last at (row {}, col {})",
+            bad.len(),
+            bad[0] / n,
+            bad[0] % n,
+            bad[bad.len() - 1] / n,
+            bad[bad.len() - 1] % n
+        );
+        let e = rel_err(&y, &reference);
+        assert!(
+            e <= tol,
+            "{f:?} {n}x{k} batch {b} {dt:?}: rel. error {e:.2e}"
+        );
     }
 }
 
@@ -441,21 +447,7 @@ fn chunked_gemm_matches_the_f32_reference() {
             for b in [65usize, 200] {
                 let x = Tensor::from_vec(data(b * k, (b * 3 + k) as u64), (b, k), &Device::Cpu)
                     .unwrap();
-                for (dt, tol) in [(DType::F32, 1e-3), (DType::F16, 1e-3), (DType::BF16, 4e-3)] {
-                    let xd = x.to_dtype(dt).unwrap();
-                    let reference = xd
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .matmul(&wd.t().unwrap())
-                        .unwrap();
-                    let y = layer.forward(&xd.to_device(&dev).unwrap()).unwrap();
-                    let e = rel_err(&y, &reference);
-                    assert!(
-                        e <= tol,
-                        "{:?} {n}x{k} batch {b} {dt:?}: rel. error {e:.2e}",
-                        spec.format
-                    );
-                }
+                check_activation_dtypes(&layer, &wd, &x, &dev, spec.format);
             }
         }
     }

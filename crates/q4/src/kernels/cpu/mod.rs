@@ -58,7 +58,8 @@ static PASSES_MIN_K: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(GEMV_PASSES_MIN_K);
 
 /// Sets the largest batch the W4A8 int8 kernel runs as passes over groups of four activation
-/// rows instead of decoded tiles (default 12; 0: never), for same-process A/B measurements
+/// rows instead of decoded tiles (default [`w4a8::I8_PASSES_MAX_BATCH`]; 0: never), for
+/// same-process A/B measurements
 /// (`examples/ab_gemv_passes`). No effect without the x86-64 int8 kernel.
 #[doc(hidden)]
 pub fn set_i8_passes_max_batch(batch: usize) {

@@ -167,6 +167,13 @@ pub fn supported(w: &Rows<'_>) -> bool {
 /// batch 256: 87-110 GFLOP/s f32 against 70-95 int8; equal at 64).
 pub const INT8_MAX_BATCH: usize = 64;
 
+/// Largest batch the int8 kernel runs as passes of its register kernel over groups of four
+/// activation rows rather than over decoded tiles. Same-process interleaved A/B
+/// (`examples/ab_gemv_passes`, mode `w4a8`; cache-cold NVFP4): batches 5-8 0.84-0.92x the time
+/// of the tiles on 3072x576, 960x576 and 4096x4096, batch 10 0.87-0.97x, 12 0.93-0.98x, 16
+/// 0.96-1.02x.
+pub const I8_PASSES_MAX_BATCH: usize = 12;
+
 /// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with the int8
 /// kernel when this target has one and the weight and batch fit it (`true`; the activations are
 /// quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the

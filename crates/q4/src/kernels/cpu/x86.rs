@@ -833,17 +833,10 @@ pub unsafe fn rows_i8(
     }
 }
 
-/// Largest batch the int8 kernel runs as passes of [`rows_i8_kernel`] over groups of
-/// [`I8_GROUP`] activation rows rather than over decoded tiles. Same-process interleaved A/B
-/// (`examples/ab_gemv_passes`, mode `w4a8`; cache-cold NVFP4): batches 5-8 0.84-0.92x the time
-/// of the tiles on 3072x576, 960x576 and 4096x4096, batch 10 0.87-0.97x, 12 0.93-0.98x, 16
-/// 0.96-1.02x.
-pub const I8_PASSES_MAX_BATCH: usize = 12;
-
 static I8_PASSES_MAX: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(I8_PASSES_MAX_BATCH);
+    std::sync::atomic::AtomicUsize::new(super::w4a8::I8_PASSES_MAX_BATCH);
 
-/// Sets [`I8_PASSES_MAX_BATCH`] for the process (for same-process A/B measurements).
+/// Sets [`super::w4a8::I8_PASSES_MAX_BATCH`] for the process (for same-process A/B measurements).
 pub fn set_i8_passes_max_batch(batch: usize) {
     I8_PASSES_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
 }

@@ -142,50 +142,23 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         r0 += rows;
     }
     if let Some(t) = &y32 {
-        to_f16(k, dev, t, &y, m * n)?;
+        // One slice, factor 1: a plain f32 -> f16 conversion (round to nearest even).
+        let defines = super::gemv::reduce_only_defines(DType::F16)?;
+        // SAFETY: `t` holds m*n f32 written by the GEMMs above, `y` m*n f16; no scales.
+        unsafe {
+            super::gemv::reduce(
+                k,
+                &defines,
+                dev,
+                storage_ptr(t, 0)?,
+                0,
+                storage_ptr(&y, 0)?,
+                m * n,
+                1,
+                1,
+                1.0,
+            )
+        }?;
     }
     Ok(y)
-}
-
-/// `out[i] = f16(src[i])` for `len` values, with the GEMV module's split-K epilogue (one slice,
-/// factor 1, round to nearest even).
-fn to_f16(
-    k: &DeviceKernels,
-    dev: &candle_core::cuda_backend::CudaDevice,
-    src: &CudaStorage,
-    out: &CudaStorage,
-    len: usize,
-) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    // No weight-dependent define reaches `gemv_reduce` but OUT_T (ARITH 0: no gain factor).
-    let defines = [
-        ("FMT", 0),
-        ("OPT", 2),
-        ("OUT_T", super::util::type_code(DType::F16)?),
-        ("NT", 1),
-        ("MT", 1),
-        ("WARPS", 8),
-        ("DEPTH", 2),
-        ("ARITH", 0),
-    ];
-    let func = k.function("gemv", super::module_cache::GEMV, &defines, "gemv_reduce")?;
-    let (sp, op) = (storage_ptr(src, 0)?, storage_ptr(out, 0)?);
-    let (xs, n_i, b_i, splits, factor) = (0u64, len as i32, 1i32, 1i32, 1.0f32);
-    let cfg = LaunchConfig {
-        grid_dim: (len.div_ceil(256) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&sp)
-        .arg(&xs)
-        .arg(&op)
-        .arg(&n_i)
-        .arg(&b_i)
-        .arg(&splits)
-        .arg(&factor);
-    // SAFETY: `src` holds `len` f32 (one slice of [1][len]), `out` `len` f16; no activation
-    // scales (null pointer, read as 1).
-    super::util::launched("gemv_reduce", unsafe { b.launch(cfg) })
 }

@@ -6,7 +6,7 @@
 //! (so every finite value fits). Accumulation is f32 throughout.
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::CudaStorage;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::DType;
 
 use super::dequant::{codebook_index, device_parts};
@@ -212,27 +212,79 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     // 33 KiB of static shared memory (none with ARITH) is below the 48 KiB limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
-        let func = k.function("gemv", module_cache::GEMV, &defines, "gemv_reduce")?;
-        let pp = storage_ptr(p, 0)?;
-        let s_i = split as i32;
-        let total = batch * n;
-        let cfg = LaunchConfig {
-            grid_dim: (total.div_ceil(256) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut b = stream.launch_builder(&func);
-        b.arg(&pp)
-            .arg(&xsp)
-            .arg(&yp)
-            .arg(&n_i)
-            .arg(&b_i)
-            .arg(&s_i)
-            .arg(&wfactor);
         // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
-        launched("gemv_reduce", unsafe { b.launch(cfg) })?;
+        unsafe {
+            reduce(
+                k,
+                &defines,
+                dev,
+                storage_ptr(p, 0)?,
+                xsp,
+                yp,
+                n,
+                batch,
+                split,
+                wfactor,
+            )
+        }?;
     }
     Ok(y)
+}
+
+/// `y[b, i] = factor * gain * xscale[b] * sum over the `splits` f32 slices of `partial[s, b, i]`
+/// in the output type, with `gemv_reduce` of the GEMV module compiled with `defines` (`gain` is
+/// 2^7 / 2^14 when they set ARITH, else 1; `xscale` may be null, read as 1).
+///
+/// # Safety
+/// `partial` holds `splits * batch * n` f32, `y` `batch * n` values of the type OUT_T names,
+/// `xscale` (unless null) `batch` f32.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn reduce(
+    k: &DeviceKernels,
+    defines: &[(&str, i64)],
+    dev: &CudaDevice,
+    partial: u64,
+    xscale: u64,
+    y: u64,
+    n: usize,
+    batch: usize,
+    splits: usize,
+    factor: f32,
+) -> Result<()> {
+    let func = k.function("gemv", module_cache::GEMV, defines, "gemv_reduce")?;
+    let (n_i, b_i, s_i) = (n as i32, batch as i32, splits as i32);
+    let cfg = LaunchConfig {
+        grid_dim: ((batch * n).div_ceil(256) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&partial)
+        .arg(&xscale)
+        .arg(&y)
+        .arg(&n_i)
+        .arg(&b_i)
+        .arg(&s_i)
+        .arg(&factor);
+    // SAFETY: argument order and types match `gemv_reduce`; buffer sizes are the caller's
+    // contract above.
+    launched("gemv_reduce", unsafe { b.launch(cfg) })
+}
+
+/// The GEMV module's defines when only `gemv_reduce` is wanted, as a plain f32 -> `out`
+/// conversion (no ARITH gain).
+pub(super) fn reduce_only_defines(out: DType) -> Result<Vec<(&'static str, i64)>> {
+    Ok(vec![
+        ("FMT", 0),
+        ("OPT", 2),
+        ("OUT_T", type_code(out)?),
+        ("NT", 1),
+        ("MT", 1),
+        ("WARPS", 8),
+        ("DEPTH", 2),
+        ("ARITH", 0),
+    ])
 }
 
 /// Whether the fused kernel decodes this weight arithmetically (no shared-memory table): NVFP4,
