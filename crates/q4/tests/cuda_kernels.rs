@@ -124,6 +124,7 @@ fn nvrtc_compiles_every_kernel_family() {
                             ("ARITH", arith),
                             ("IN_T", out),
                             ("DEPTH", depth),
+                            ("KFULL", arith),
                         ];
                         compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                             .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));

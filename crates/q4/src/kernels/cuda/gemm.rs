@@ -1,7 +1,6 @@
-//! Prefill (large batches): the weight is decoded chunk by chunk into a scratch buffer (4096
-//! rows at m = 2048) and multiplied with cuBLAS on the same stream, writing
-//! the chunk's output columns in place. Each chunk's decode is a fraction of its GEMM's time,
-//! and the GEMM reads the decoded rows from L2 rather than from memory.
+//! Prefill (large batches): the weight is decoded chunk by chunk into a scratch buffer (up to
+//! 128 MB of operands at m = 2048) and multiplied with cuBLAS on the same stream, writing the
+//! chunk's output columns in place. Each chunk's decode is a fraction of its GEMM's time.
 //!
 //! Operands follow the activations: bf16 (NVFP4/MXFP4 weights exact, NF4/FP4 rounded once),
 //! f16 (with the same power-of-two factoring as the GEMV), or f32 (exact f32 weights, TF32
@@ -21,17 +20,27 @@ use crate::error::{Error, Result};
 use crate::qtensor::QTensor;
 use crate::Format;
 
-/// Decoded weight rows per chunk at large batches: 4096 rows at m = 2048 (measured on H100:
-/// 0.85x of cuBLAS bf16 at 8192x8192 against 0.83x with 2048 rows) give cuBLAS two full waves
-/// of tiles per chunk while the chunk mostly stays in L2. Smaller batches take proportionally more rows, so that each chunk still fills the
-/// GPU. `Q4_GEMM_CHUNK_ROWS` overrides (for tuning).
-fn chunk_rows(m: usize, n: usize) -> usize {
+/// Decoded bytes per chunk at m >= 2048. Same-call sweep on the H100
+/// (`scripts/gpu/results/h100-2026-11-26-s6/chunk_sweep.txt`, NVFP4 / NF4 at m = 2048): 8192x8192
+/// 405-409 µs with one 8192-row chunk against 410-415 with 4096 rows; 28672x4096 735-748 µs
+/// with two or one chunks against 776-793 with seven of 4096 rows. Fewer, larger cuBLAS GEMMs
+/// win more than an L2-resident chunk does.
+const CHUNK_BYTES: usize = 128 << 20;
+
+/// Decoded weight rows per chunk: [`CHUNK_BYTES`] of operands at m >= 2048, more at smaller
+/// batches (up to 4x) so that each chunk still fills the GPU, then evened out so that the
+/// chunks are of equal height. `Q4_GEMM_CHUNK_ROWS` overrides (for tuning).
+fn chunk_rows(m: usize, n: usize, k: usize, operand_bytes: usize) -> usize {
     let forced = CHUNK_ROWS_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed);
     let rows = std::env::var("Q4_GEMM_CHUNK_ROWS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .or((forced > 0).then_some(forced))
-        .unwrap_or_else(|| 4096 * 16usize.div_ceil(m.div_ceil(128)));
+        .unwrap_or_else(|| {
+            let bytes = (CHUNK_BYTES * 16usize.div_ceil(m.div_ceil(128))).min(4 * CHUNK_BYTES);
+            let rows = (bytes / (k.max(1) * operand_bytes)).max(128);
+            n.div_ceil(n.div_ceil(rows))
+        });
     rows.clamp(1, n.max(1))
 }
 
@@ -77,7 +86,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             (1.0, smul, factor)
         }
     };
-    let chunk_rows = chunk_rows(m, n);
+    let chunk_rows = chunk_rows(m, n, kdim, op_dtype.size_in_bytes());
     let scratch = tensor_from(
         empty_storage(dev, op_dtype, chunk_rows * kdim)?,
         chunk_rows * kdim,

@@ -59,6 +59,21 @@ fn min_steps() -> usize {
     });
     *M
 }
+/// Whether the kernel loads without zero fills (`CLAMPED` in gemv.cu: no predicated loads or
+/// zero fills, 20% fewer instructions per step): the arithmetic NVFP4 decode at batches 1-8.
+/// Same-call A/Bs (`scripts/gpu/results/h100-2026-11-26-s6/`): NVFP4 batch 1 0.90-0.95x the
+/// time on the H100 (8192x8192, 28672x4096, Qwen3-4B's projections), synthetic decode 385.6 vs
+/// 375.4 tok/s; with it, the pair-table formats ran 2-7% slower and batch 16 (two N tiles: fewer
+/// registers, a third resident block per SM, a partial second wave) up to 19% slower (H200).
+/// `Q4_GEMV_CLAMPED` overrides.
+fn clamped(w: &QTensor, nt: usize) -> bool {
+    static C: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED", -1));
+    match *C {
+        0 => false,
+        1.. => true,
+        _ => arith(w) && nt == 1,
+    }
+}
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH", DEPTH).clamp(2, 4));
@@ -152,7 +167,11 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let warps = warps(w);
     let tiles = n.div_ceil(16 * warps);
     let steps = kdim.div_ceil(128);
-    let defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
+    let mut defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
+    let clamped = clamped(w, nt);
+    defines.push(("CLAMPED", i64::from(clamped)));
+    // Rows of whole 128-wide steps: the clamped kernel drops its K-tail checks.
+    defines.push(("KFULL", i64::from(clamped && kdim.is_multiple_of(128))));
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
     // Persistent blocks: as many as fit on the GPU at once. Split K until there is an item for
     // each of them, keeping >= 4 steps per warp and slice.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::Format;
 
 /// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches
-/// dequantize L2-sized chunks of the weight and run cuBLAS.
+/// dequantize chunks of the weight (up to 128 MB) and run cuBLAS.
 pub const FUSED_MAX_BATCH: usize = 64;
 
 /// The kernels a format uses on one device.
@@ -54,7 +54,7 @@ pub mod names {
         "gemv-mma (fused 4-bit decode via pair table, bf16/f16 mma.sync, f32 accumulate)";
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
-    pub const DEQUANT_CUBLAS: &str = "dequant (L2-sized chunks) + cuBLAS GEMM";
+    pub const DEQUANT_CUBLAS: &str = "dequant (chunks up to 128 MB) + cuBLAS GEMM";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";

@@ -31,7 +31,8 @@
 //
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
 // OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
-// block, each owning 16 weight rows).
+// block, each owning 16 weight rows), KFULL (K a multiple of 128: no K-tail checks), CLAMPED
+// (loads without zero fills, see `load`).
 
 #if OPT == T_BF16
 #define MMA_INSTR "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -46,6 +47,12 @@
 #endif
 #ifndef DEPTH
 #define DEPTH 2
+#endif
+#ifndef KFULL
+#define KFULL 0
+#endif
+#ifndef CLAMPED
+#define CLAMPED 1
 #endif
 #define LUT_WORDS (256 * 32)
 // ARITH's operand layout: bit position of the E2M1 magnitude, the factor applied to the scales
@@ -192,6 +199,24 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[nt][c] = 0.0f;
 
+#if CLAMPED
+        // No zero fills: a step past the slice is not loaded (it is never computed, so the
+        // registers may keep stale data), and a chunk past the row's end or a row past N reads a
+        // clamped, in-bounds address instead (such data meets zero activations, or lands in
+        // rows that are not stored).
+        auto load = [&](Frag& f, int st) {
+            if (st >= send) return;
+            const int k0 = min(st * 128 + 32 * t, K - 32);
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                f.w[h] = ld_stream(crow[h] + (k0 >> 1));
+                if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
+                else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
+                else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
+            }
+        };
+#else
+        // Zero-filled loads outside the slice, the row or N.
         auto load = [&](Frag& f, int st) {
             const int k0 = st * 128 + 32 * t;
             const bool ok = st < send && k0 < K;
@@ -209,9 +234,12 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 }
             }
         };
+#endif
         auto compute = [&](const Frag& f, int st) {
             const int k0 = st * 128 + 32 * t;
-            const bool kvalid = k0 < K;
+            // KFULL (with CLAMPED): K is a multiple of 128, so every chunk of every step lies
+            // inside the row.
+            const bool kvalid = (CLAMPED && KFULL) || k0 < K;
             u32 sc[2][2];
 #pragma unroll
             for (int h = 0; h < 2; h++) {
@@ -226,13 +254,22 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     sc[h][1] = sc[h][0];
                 }
             }
+            // CLAMPED: activation rows past the batch read row B - 1 (mma columns are
+            // independent, and those columns are never stored); otherwise they read as zeros.
+            // Chunks past K read as zeros either way (with CLAMPED, the weight chunk there is a
+            // clamped copy, see `load`).
             const u16* xp[NT];
             bool xv_ok[NT];
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const int bi = nt * 8 + g;
+#if CLAMPED
+                xv_ok[nt] = kvalid;
+                xp[nt] = x + (i64)min(bi, B - 1) * K + (kvalid ? k0 : 0);
+#else
                 xv_ok[nt] = kvalid && bi < B;
                 xp[nt] = x + (i64)(xv_ok[nt] ? bi : 0) * K + (kvalid ? k0 : 0);
+#endif
             }
 #pragma unroll
             for (int wi = 0; wi < 4; wi++) {
