@@ -24,6 +24,8 @@ const DEPTH: i64 = 2;
 const SMALL_WEIGHTS: usize = 40 << 20;
 /// Split K only while each slice keeps at least this many 128-wide steps.
 const MIN_SPLIT_STEPS: usize = 4;
+/// Fixed cost of a work item in the split-K plan, in steps (see `plan::gemv_split`).
+const ITEM_COST: usize = 2;
 
 /// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block), `Q4_GEMV_DEPTH` (2-4) and
 /// `Q4_GEMV_MIN_STEPS` (split-K), for kernel development; the defaults are the measured best
@@ -72,6 +74,24 @@ fn clamped(w: &QTensor, nt: usize) -> bool {
         0 => false,
         1.. => true,
         _ => arith(w) && nt == 1,
+    }
+}
+/// The split-K plan ([`super::plan::gemv_split`]) for `nt` N tiles: the fewest waves of the
+/// longest slices (fixed cost per item `ITEM_COST` steps) from two N tiles on, the doubling
+/// rule at one. Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-26-s6/
+/// ab_split_plan.txt`): batch 16 0.89-0.97x the time on 8192x8192, 28672x4096, 19456x2560 and
+/// 2560x9728 (NF4 0.87x there), but batch 1-4 up to 8% slower (28672x4096, 19456x2560) and the
+/// synthetic decode 380 vs 385.5 tok/s. `Q4_GEMV_ITEM_COST` (negative: the doubling rule)
+/// overrides for every batch.
+fn item_cost(nt: usize) -> Option<usize> {
+    static C: std::sync::LazyLock<Option<i64>> = std::sync::LazyLock::new(|| {
+        std::env::var("Q4_GEMV_ITEM_COST")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
+    match *C {
+        Some(c) => usize::try_from(c).ok(),
+        None => (nt > 1).then_some(ITEM_COST),
     }
 }
 fn depth() -> i64 {
@@ -173,17 +193,14 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     // Rows of whole 128-wide steps: the clamped kernel drops its K-tail checks.
     defines.push(("KFULL", i64::from(clamped && kdim.is_multiple_of(128))));
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
-    // Persistent blocks: as many as fit on the GPU at once. Split K until there is an item for
-    // each of them, keeping >= 4 steps per warp and slice.
+    // Persistent blocks: as many as fit on the GPU at once, over (tile, K slice) items of >= 4
+    // steps each (see `item_cost` for how K is split).
     let per_sm = func
         .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, 0, None)
         .unwrap_or(1)
         .max(1) as usize;
     let resident = k.sm_count as usize * per_sm;
-    let mut split = 1usize;
-    while tiles * split < resident && steps >= split * 2 * min_steps() {
-        split *= 2;
-    }
+    let split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
     let grid_x = (tiles * split).min(resident).max(1);
     let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {

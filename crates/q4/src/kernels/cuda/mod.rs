@@ -4,7 +4,8 @@
 //! * [`dequant`]: whole-tensor decode, bit-exact with the CPU;
 //! * [`quant`]: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
 //! * [`gemv`]: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
-//! * [`gemm`]: larger batches: chunks of the weight (up to 128 MB) decoded to bf16/f16/f32, then cuBLAS;
+//! * [`gemm`]: larger batches: chunks of the weight (128 MB at M >= 2048, up to 512 MB below)
+//!   decoded to bf16/f16/f32, then cuBLAS;
 //! * [`w4a4`]: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;
 //! * [`blackwell`]: the native block-scaled FP4 kernels' addressing, emulated on the CPU as
 //!   their test oracle (compiled in every build).

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::Format;
 
 /// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches
-/// dequantize chunks of the weight (up to 128 MB) and run cuBLAS.
+/// dequantize chunks of the weight (128 MB at M >= 2048, up to 512 MB below) and run cuBLAS.
 pub const FUSED_MAX_BATCH: usize = 64;
 
 /// The kernels a format uses on one device.
@@ -54,7 +54,7 @@ pub mod names {
         "gemv-mma (fused 4-bit decode via pair table, bf16/f16 mma.sync, f32 accumulate)";
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
-    pub const DEQUANT_CUBLAS: &str = "dequant (chunks up to 128 MB) + cuBLAS GEMM";
+    pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
@@ -67,6 +67,46 @@ pub fn nvfp4_arith_decode() -> bool {
     static ON: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| std::env::var("Q4_GEMV_ARITH").ok().is_none_or(|v| v != "0"));
     *ON
+}
+
+/// K slices per row tile of the fused GEMV (split-K), for `tiles` row tiles of `steps` 128-wide
+/// steps on a GPU that holds `resident` blocks at once; each slice keeps at least `min_steps`
+/// steps (unless the row has fewer).
+///
+/// A work item (tile, slice) costs its steps plus `item_cost` steps of fixed overhead (pipeline
+/// fill, partial store); items beyond the resident blocks run as further waves. The split with
+/// the fewest step-times `waves * (steps per slice + item_cost)` wins, the smaller on ties, and
+/// is then trimmed so that no slice is empty. With `item_cost = None` the earlier rule: double
+/// the split while the items do not yet fill the GPU.
+pub fn gemv_split(
+    tiles: usize,
+    steps: usize,
+    resident: usize,
+    min_steps: usize,
+    item_cost: Option<usize>,
+) -> usize {
+    let (tiles, steps, resident, min_steps) = (
+        tiles.max(1),
+        steps.max(1),
+        resident.max(1),
+        min_steps.max(1),
+    );
+    let Some(c) = item_cost else {
+        let mut split = 1usize;
+        while tiles * split < resident && steps >= split * 2 * min_steps {
+            split *= 2;
+        }
+        return split;
+    };
+    let mut best = (usize::MAX, 1usize);
+    for split in 1..=(steps / min_steps).max(1) {
+        let per = steps.div_ceil(split);
+        let cost = (tiles * split).div_ceil(resident) * (per + c);
+        if cost < best.0 {
+            best = (cost, split);
+        }
+    }
+    steps.div_ceil(steps.div_ceil(best.1))
 }
 
 /// The plan for `format` on a device of compute capability `cc`.
@@ -110,5 +150,28 @@ mod tests {
         assert!(!arch_supported((7, 0)));
         assert_eq!(native_fp4_target((9, 0)), None);
         assert!(has_fp4_tensor_cores((11, 0)));
+    }
+
+    #[test]
+    fn gemv_split_fills_one_wave_without_empty_slices() {
+        // 8192x8192 on an H100 (64 tiles of 128 rows, 64 steps, 4 blocks per SM): eight slices
+        // of eight steps fill 512 of 528 block slots in one wave, where the doubling rule takes
+        // sixteen (two waves of four-step items).
+        assert_eq!(gemv_split(64, 64, 528, 4, Some(2)), 8);
+        assert_eq!(gemv_split(64, 64, 528, 4, None), 16);
+        // 28672x4096: 224 tiles, 32 steps -> two slices (448 items, one wave).
+        assert_eq!(gemv_split(224, 32, 528, 4, Some(2)), 2);
+        // Enough tiles to fill the GPU: no split.
+        assert_eq!(gemv_split(2000, 64, 528, 4, Some(2)), 1);
+        for tiles in [1, 3, 17, 64, 100, 224, 700] {
+            for steps in [1, 2, 5, 9, 20, 33, 63, 64, 77, 224] {
+                for resident in [132, 396, 528, 1056] {
+                    let split = gemv_split(tiles, steps, resident, 4, Some(2));
+                    let per = steps.div_ceil(split);
+                    assert!(split >= 1 && (split - 1) * per < steps, "empty slice");
+                    assert!(split == 1 || per >= 4, "slices of fewer than 4 steps");
+                }
+            }
+        }
     }
 }
