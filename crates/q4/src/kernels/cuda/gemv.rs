@@ -66,8 +66,8 @@ fn min_steps() -> usize {
 /// Same-call A/Bs (`scripts/gpu/results/h100-2026-11-26-s6/`): NVFP4 batch 1 0.90-0.95x the
 /// time on the H100 (8192x8192, 28672x4096, Qwen3-4B's projections), synthetic decode 385.6 vs
 /// 375.4 tok/s; with it, the pair-table formats ran 2-7% slower and batch 16 (two N tiles: fewer
-/// registers, a third resident block per SM, a partial second wave) up to 19% slower (H200).
-/// `Q4_GEMV_CLAMPED` overrides.
+/// registers, a third resident block per SM, a partial second wave) up to 19% slower on an H200,
+/// and still 5-17% on the H100 with the split plan below. `Q4_GEMV_CLAMPED` overrides.
 fn clamped(w: &QTensor, nt: usize) -> bool {
     static C: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED", -1));
     match *C {
