@@ -101,14 +101,13 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     } else {
         None
     };
-    let (out_type, yp) = match &y32 {
-        Some(t) => (cublas_sys::cudaDataType_t::CUDA_R_32F, storage_ptr(t, 0)?),
-        None => (cuda_type, storage_ptr(&y, 0)?),
-    };
-    let out_size = if y32.is_some() {
-        4
-    } else {
-        x.dtype.size_in_bytes()
+    let (out_type, yp, out_size) = match &y32 {
+        Some(t) => (
+            cublas_sys::cudaDataType_t::CUDA_R_32F,
+            storage_ptr(t, 0)?,
+            4,
+        ),
+        None => (cuda_type, storage_ptr(&y, 0)?, x.dtype.size_in_bytes()),
     };
     let wp = super::util::device_ptr(&scratch)?;
     let blas = dev.cublas_handle();

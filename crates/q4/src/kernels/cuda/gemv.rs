@@ -27,14 +27,12 @@ const MIN_SPLIT_STEPS: usize = 4;
 /// Fixed cost of a work item in the split-K plan, in steps (see `plan::gemv_split`).
 const ITEM_COST: usize = 2;
 
-/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block), `Q4_GEMV_DEPTH` (2-4) and
-/// `Q4_GEMV_MIN_STEPS` (split-K), for kernel development; the defaults are the measured best
-/// (`scripts/gpu/gemv_knob_sweep.sh`).
-fn knob(name: &str, default: i64) -> i64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block), `Q4_GEMV_DEPTH` (2-4),
+/// `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K), `Q4_GEMV_CLAMPED` (loads), for kernel
+/// development; the defaults are the measured best
+/// (`scripts/gpu/gemv_knob_sweep.sh`). `None`: unset or not a number.
+fn knob(name: &str) -> Option<i64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 /// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
 /// smaller blocks keep more loads in flight (Qwen3-4B's projections 2-5% faster per call, its
@@ -43,10 +41,11 @@ fn knob(name: &str, default: i64) -> i64 {
 /// 7% (`scripts/gpu/results/h100-2026-11-26-knobs/`). `Q4_GEMV_WARPS` overrides.
 fn warps(w: &QTensor) -> usize {
     let (n, k) = w.rows_cols();
-    // -1: unset (or not a number), so the shape decides.
+    // Unset, negative or not a number: the shape decides.
     static W: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
-        let set = knob("Q4_GEMV_WARPS", -1);
-        (set >= 0).then(|| set.clamp(1, 32) as usize)
+        knob("Q4_GEMV_WARPS")
+            .filter(|&set| set >= 0)
+            .map(|set| set.clamp(1, 32) as usize)
     });
     W.unwrap_or(if arith(w) && n * k < SMALL_WEIGHTS {
         WARPS / 2
@@ -57,7 +56,9 @@ fn warps(w: &QTensor) -> usize {
 /// Fewest 128-wide K steps a split-K slice keeps (`Q4_GEMV_MIN_STEPS`).
 fn min_steps() -> usize {
     static M: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        knob("Q4_GEMV_MIN_STEPS", MIN_SPLIT_STEPS as i64).clamp(1, 64) as usize
+        knob("Q4_GEMV_MIN_STEPS")
+            .unwrap_or(MIN_SPLIT_STEPS as i64)
+            .clamp(1, 64) as usize
     });
     *M
 }
@@ -69,10 +70,11 @@ fn min_steps() -> usize {
 /// registers, a third resident block per SM, a partial second wave) up to 19% slower on an H200,
 /// and still 5-17% on the H100 with the split plan below. `Q4_GEMV_CLAMPED` overrides.
 fn clamped(w: &QTensor, nt: usize) -> bool {
-    static C: std::sync::LazyLock<i64> = std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED", -1));
+    static C: std::sync::LazyLock<Option<i64>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED"));
     match *C {
-        0 => false,
-        1.. => true,
+        Some(0) => false,
+        Some(1..) => true,
         _ => arith(w) && nt == 1,
     }
 }
@@ -84,11 +86,8 @@ fn clamped(w: &QTensor, nt: usize) -> bool {
 /// synthetic decode 380 vs 385.5 tok/s. `Q4_GEMV_ITEM_COST` (negative: the doubling rule)
 /// overrides for every batch.
 fn item_cost(nt: usize) -> Option<usize> {
-    static C: std::sync::LazyLock<Option<i64>> = std::sync::LazyLock::new(|| {
-        std::env::var("Q4_GEMV_ITEM_COST")
-            .ok()
-            .and_then(|v| v.parse().ok())
-    });
+    static C: std::sync::LazyLock<Option<i64>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_ITEM_COST"));
     match *C {
         Some(c) => usize::try_from(c).ok(),
         None => (nt > 1).then_some(ITEM_COST),
@@ -96,7 +95,7 @@ fn item_cost(nt: usize) -> Option<usize> {
 }
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH", DEPTH).clamp(2, 4));
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH").unwrap_or(DEPTH).clamp(2, 4));
     *D
 }
 

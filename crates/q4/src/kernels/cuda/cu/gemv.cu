@@ -199,6 +199,13 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[nt][c] = 0.0f;
 
+        // Row h's 16 code bytes at element k0 and their block scale.
+        auto load_row = [&](Frag& f, int h, int k0) {
+            f.w[h] = ld_stream(crow[h] + (k0 >> 1));
+            if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
+            else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
+            else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
+        };
 #if CLAMPED
         // No zero fills: a step past the slice is not loaded (it is never computed, so the
         // registers may keep stale data), and a chunk past the row's end or a row past N reads a
@@ -208,12 +215,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             if (st >= send) return;
             const int k0 = min(st * 128 + 32 * t, K - 32);
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                f.w[h] = ld_stream(crow[h] + (k0 >> 1));
-                if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
-                else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
-                else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
-            }
+            for (int h = 0; h < 2; h++) load_row(f, h, k0);
         };
 #else
         // Zero-filled loads outside the slice, the row or N.
@@ -223,10 +225,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 if (ok && rv[h]) {
-                    f.w[h] = ld_stream(crow[h] + (k0 >> 1));
-                    if (FMT == 0) f.sraw[h] = *(const u16*)(srow[h] + (k0 >> 4));
-                    else if (FMT == 1) f.sraw[h] = srow[h][k0 >> 5];
-                    else f.sabs[h] = ((const float*)scales)[(frow[h] + k0) >> bs_shift];
+                    load_row(f, h, k0);
                 } else {
                     f.w[h] = make_uint4(0, 0, 0, 0);
                     f.sraw[h] = 0;
