@@ -115,6 +115,46 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
     run.report(config, prompt.len(), long.len())
 }
 
+/// Same-process A/B of the 12-token prefill with the tiled GEMM's tiles decoded in chunk order
+/// or in element order (`q4::kernels::cpu::set_chunk_order_tiles`), alternating per call so the
+/// host's noise hits both alike; prints the median tokens/s of each.
+fn ab_tile_decode(config: &str, reps: usize) -> Result<()> {
+    let quant = match config {
+        "q4-nvfp4" => q4::Format::Nvfp4,
+        "q4-nf4" => q4::Format::Nf4,
+        "q4-mxfp4" => q4::Format::Mxfp4,
+        other => bail!("--ab-tile-decode takes q4-nvfp4, q4-nf4 or q4-mxfp4, not {other}"),
+    };
+    let gguf = q4_llm::default_model::ensure()?;
+    let opts = LoadOptions {
+        quant: Some(quant),
+        ..Default::default()
+    };
+    let (model, tok) = q4_llm::load(&gguf, &opts)?;
+    let prompt = tok.encode(PROMPT, false)?;
+    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let (mut chunk, mut element) = (Vec::new(), Vec::new());
+    for i in 0..reps + 3 {
+        for (on, times) in [(true, &mut chunk), (false, &mut element)] {
+            q4::kernels::cpu::set_chunk_order_tiles(on);
+            let mut cache = model.new_cache(prompt.len());
+            let t = Instant::now();
+            model.forward_last(&ids, &mut cache)?;
+            if i >= 3 {
+                times.push(prompt.len() as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    q4::kernels::cpu::set_chunk_order_tiles(true);
+    let (a, b) = (median(&chunk), median(&element));
+    println!(
+        "{config} {}-token prefill, median of {reps} alternating calls: chunk order {a:.1} tok/s, element order {b:.1} tok/s, ratio x{:.3}",
+        prompt.len(),
+        a / b
+    );
+    Ok(())
+}
+
 fn long_prompt_ids(tok: &q4_llm::Tokenizer, n: usize) -> Result<Vec<u32>> {
     let text = q4_llm::text_data::moby_dick()?;
     // Only the start is needed: tokenizing the whole book would dominate the peak RSS.
@@ -314,12 +354,21 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 }
 
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
-[--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N]";
+[--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
+| --ab-tile-decode CONFIG [--reps N (200)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 6] = ["--new", "--reps", "--long", "--only", "--ppl-tokens", "--child"];
+    const VALUED: [&str; 7] = [
+        "--new",
+        "--reps",
+        "--long",
+        "--only",
+        "--ppl-tokens",
+        "--child",
+        "--ab-tile-decode",
+    ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
     let mut i = 1;
     while i < args.len() {
@@ -352,6 +401,9 @@ fn main() -> Result<()> {
     let long = arg("--long", 256);
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
+    }
+    if let Some(i) = args.iter().position(|a| a == "--ab-tile-decode") {
+        return ab_tile_decode(&args[i + 1], arg("--reps", 200));
     }
     if args.iter().any(|a| a == "--candle-ppl") {
         return candle_ppl(arg("--ppl-tokens", 256));

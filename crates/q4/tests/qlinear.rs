@@ -128,6 +128,10 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     check(Format::Nvfp4, 16, 19, 300, 9, 13, false);
     check(Format::Nf4, 64, 13, 96, 20, 14, false);
     check(Format::Fp4, 64, 1000, 640, 33, 15, true);
+    // Chunk-order tile decode: a padded row's tail after its last whole chunk in the last
+    // K slice, blocks of two chunks.
+    check(Format::Nvfp4, 16, 70, 1100, 20, 28, false);
+    check(Format::Nf4, 128, 50, 640, 12, 29, false);
     // Batches 9-16 over rows wider than 1024: passes of the GEMV (8 + the rest), a row tail.
     check(Format::Nvfp4, 16, 70, 1088, 9, 24, false);
     check(Format::Nf4, 64, 45, 1100, 12, 25, false);

@@ -76,6 +76,19 @@ pub fn set_gemv_passes_min_k(k: usize) {
     PASSES_MIN_K.store(k, std::sync::atomic::Ordering::Relaxed);
 }
 
+static CHUNK_ORDER_TILES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the tiled GEMM decodes its tiles in the GEMV's chunk order where AVX2 can (default)
+/// or in element order, for same-process A/B measurements (`examples/ab_tile_decode`).
+#[doc(hidden)]
+pub fn set_chunk_order_tiles(on: bool) {
+    CHUNK_ORDER_TILES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn chunk_order_tiles() -> bool {
+    CHUNK_ORDER_TILES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The kernel `matmul` picks for `batch` rows of activations and rows of `k` weights.
 pub fn kernel_for(batch: usize, k: usize) -> CpuKernel {
     if batch > GEMV_MAX_BATCH

@@ -33,6 +33,18 @@ pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
 /// Reorders activation rows (`batch x k`) into the order the kernels consume weights: each full
 /// 64-chunk is permuted, the tail (k % 64) stays in place.
 pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+    if available() {
+        out.clear();
+        out.resize(x.len(), 0.0);
+        // SAFETY: AVX2 is present; `out` holds as many values as `x`.
+        unsafe { permute_activations_avx(x, k, high_first, out) };
+    } else {
+        permute_activations_by_table(x, k, high_first, out);
+    }
+}
+
+/// [`permute_activations`] through the [`chunk_element`] table, one value at a time.
+fn permute_activations_by_table(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
     let mut order = [0usize; CHUNK];
     for t in 0..8 {
         for j in 0..8 {
@@ -40,6 +52,36 @@ pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<
         }
     }
     super::gemv::permute_chunks(x, k, &order, out);
+}
+
+/// [`permute_activations`] in registers: decoded vector `q` (and `q + 4`) holds the even (odd)
+/// elements of the chunk's 8-value groups `q` and `q + 4`, so two lane permutes and two shuffles
+/// produce both from two loads. At prefill batches the table walk cost as much as the decode it
+/// serves (64 x 576 activations: ~70 µs).
+///
+/// # Safety
+/// AVX2 present; `out.len() == x.len()`, a multiple of `k`.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn permute_activations_avx(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
+    debug_assert!(out.len() == x.len() && x.len().is_multiple_of(k));
+    let full = k / CHUNK * CHUNK;
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for c in (0..full).step_by(CHUNK) {
+            let (s, d) = (src.as_ptr().add(c), dst.as_mut_ptr().add(c));
+            for q in 0..4 {
+                let a = _mm256_loadu_ps(s.add(8 * q));
+                let b = _mm256_loadu_ps(s.add(32 + 8 * q));
+                let lo = _mm256_permute2f128_ps::<0x20>(a, b); // a0..3 | b0..3
+                let hi = _mm256_permute2f128_ps::<0x31>(a, b); // a4..7 | b4..7
+                let even = _mm256_shuffle_ps::<0b10_00_10_00>(lo, hi);
+                let odd = _mm256_shuffle_ps::<0b11_01_11_01>(lo, hi);
+                let (first, second) = if high_first { (odd, even) } else { (even, odd) };
+                _mm256_storeu_ps(d.add(8 * q), first);
+                _mm256_storeu_ps(d.add(32 + 8 * q), second);
+            }
+        }
+        dst[full..].copy_from_slice(&src[full..]);
+    }
 }
 
 /// Byte planes of a 16-entry f32 codebook, each duplicated in both 128-bit lanes for `vpshufb`.
@@ -225,6 +267,85 @@ pub unsafe fn rows_kernel<
         for m in 0..B {
             *out.get_unchecked_mut(r * B + m) = hsum(acc[r][m]);
         }
+    }
+}
+
+/// Decodes weight rows for the tiled GEMM in the GEMV's chunk order: each whole 64-chunk comes
+/// out as [`decode64`] produces it ([`chunk_element`] order, to be multiplied with activations
+/// permuted by [`permute_activations`]), scaled by its blocks' scales. Per 8 weights that is
+/// about half the instructions of [`decode_blocks`]' element-order decode (byte-plane lookups
+/// instead of two cross-lane permutes and a blend).
+pub struct ChunkDecoder<'a> {
+    w: Rows<'a>,
+    planes: Planes,
+    bf16: bool,
+    bk: u8,
+}
+
+impl<'a> ChunkDecoder<'a> {
+    /// `None` unless AVX2+FMA are present and the rows fit the chunk kernel (aligned rows, blocks
+    /// of 16 or 32, or multiples of 64).
+    pub fn new(w: &Rows<'a>) -> Option<ChunkDecoder<'a>> {
+        let b = w.block;
+        let fits = w.aligned && b.is_multiple_of(16) && (64 % b == 0 || b.is_multiple_of(64));
+        if !(available() && fits) {
+            return None;
+        }
+        Some(ChunkDecoder {
+            w: *w,
+            // SAFETY: AVX2 is present (checked above).
+            planes: unsafe { Planes::new(w.lut) },
+            bf16: Planes::bf16_exact(w.lut),
+            bk: block_class(b),
+        })
+    }
+
+    /// Decodes columns `k0 .. k0 + out.len()` of weight `row` (`k0` a multiple of 64): whole
+    /// chunks in chunk order, then the columns after the row's last whole chunk in element
+    /// order (where [`permute_activations`] leaves them).
+    pub fn decode(&self, row: usize, k0: usize, out: &mut [f32]) {
+        debug_assert!(k0.is_multiple_of(CHUNK) && k0 + out.len() <= self.w.k && row < self.w.n);
+        // SAFETY: the constructor checked AVX2 and the chunk geometry; `row` exists and the
+        // column range lies inside it (asserted above, the caller's contract).
+        let done = unsafe {
+            match (self.bf16, self.bk) {
+                (true, BLOCK16) => self.chunks::<true, BLOCK16>(row, k0, out),
+                (true, BLOCK32) => self.chunks::<true, BLOCK32>(row, k0, out),
+                (true, _) => self.chunks::<true, BLOCK64>(row, k0, out),
+                (false, BLOCK16) => self.chunks::<false, BLOCK16>(row, k0, out),
+                (false, BLOCK32) => self.chunks::<false, BLOCK32>(row, k0, out),
+                (false, _) => self.chunks::<false, BLOCK64>(row, k0, out),
+            }
+        };
+        if done < out.len() {
+            self.w.decode_range(row, k0 + done, &mut out[done..]);
+        }
+    }
+
+    /// The whole chunks of [`Self::decode`]; returns how many values it wrote.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn chunks<const BF16: bool, const BK: u8>(
+        &self,
+        row: usize,
+        k0: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let w = &self.w;
+        let (c0, c1) = (k0 / CHUNK, (k0 + out.len()) / CHUNK);
+        let shift = w.block.trailing_zeros();
+        let base = row * w.row_blocks;
+        let codes = w.codes.as_ptr().add(row * w.row_bytes);
+        let dst = out.as_mut_ptr();
+        for c in c0..c1 {
+            let (s1, s2) = chunk_scales::<BK, _>(&w.scales, base, c, shift);
+            let wv = decode64::<BF16>(codes.add(c * CHUNK / 2), &self.planes);
+            let o = dst.add((c - c0) * CHUNK);
+            for (t, v) in wv.iter().enumerate() {
+                let s = if t % 4 < 2 { s1 } else { s2 };
+                _mm256_storeu_ps(o.add(8 * t), _mm256_mul_ps(*v, s));
+            }
+        }
+        (c1 - c0) * CHUNK
     }
 }
 
@@ -1146,6 +1267,22 @@ mod tests {
                 }
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{format:?} block {block}");
+            }
+        }
+    }
+
+    #[test]
+    fn register_permute_matches_the_table() {
+        if !available() {
+            return;
+        }
+        for (k, batch) in [(64, 1), (576, 3), (100, 2), (32, 4), (1088, 2)] {
+            let x: Vec<f32> = (0..k * batch).map(|i| i as f32).collect();
+            for hf in [false, true] {
+                let (mut fast, mut table) = (Vec::new(), Vec::new());
+                permute_activations(&x, k, hf, &mut fast);
+                permute_activations_by_table(&x, k, hf, &mut table);
+                assert_eq!(fast, table, "k={k} batch={batch} high_first={hf}");
             }
         }
     }

@@ -1,0 +1,52 @@
+//! Same-process A/B of the tiled GEMM's decode: tiles decoded in the GEMV's chunk order (with
+//! permuted activations) against element order, calls alternating on weight copies rotating over
+//! 3x a 32 MiB last-level cache; prints the median µs per call of each.
+//!
+//! `cargo run --release -p q4 --example ab_tile_decode [-- ROUNDS [SHAPES [BATCHES [FORMAT]]]]`,
+//! SHAPES like `1536x576,576x1536`, BATCHES like `12,64`, FORMAT `nvfp4` (default), `nf4` or
+//! `mxfp4`. Batches 9-16 over rows wider than 1024 take GEMV passes, not tiles: the comparison
+//! there measures nothing.
+
+mod ab;
+
+use candle_core::{Device, Module, Tensor};
+use q4::kernels::cpu::set_chunk_order_tiles;
+use q4::{Format, QLinear, QTensor, QuantSpec};
+
+fn main() {
+    let dev = Device::Cpu;
+    let mut args = std::env::args().skip(1);
+    let rounds: usize = args.next().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let shapes = args
+        .next()
+        .unwrap_or_else(|| "1536x576,576x1536,576x576,4096x4096".into());
+    let batches = args.next().unwrap_or_else(|| "12,64".into());
+    let format = match args.next().as_deref() {
+        Some("nf4") => Format::Nf4,
+        Some("mxfp4") => Format::Mxfp4,
+        _ => Format::Nvfp4,
+    };
+    println!("{format}: shape  batch  chunk_us  element_us  ratio");
+    for shape in shapes.split(',') {
+        let (n, k) = ab::parse_shape(shape);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let copies = (96usize << 20) / (n * k * 9 / 16) + 1;
+        let lins: Vec<QLinear> = (0..copies)
+            .map(|_| {
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+                QLinear::new(q, None).unwrap()
+            })
+            .collect();
+        for batch in batches
+            .split(',')
+            .map(|b| b.parse::<usize>().expect("batch"))
+        {
+            let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
+            let (a, b) = ab::interleave(rounds, 5, copies, &set_chunk_order_tiles, &|c| {
+                std::hint::black_box(lins[c].forward(&x).unwrap());
+            });
+            set_chunk_order_tiles(true);
+            println!("{shape:<10} {batch:>5} {a:>9.1} {b:>11.1} {:>6.3}", a / b);
+        }
+    }
+}
