@@ -67,7 +67,7 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         "q4-none" => None,
         "q4-nvfp4" => Some(q4::Format::Nvfp4),
         "q4-nf4" => Some(q4::Format::Nf4),
-        "q4-nvfp4-w4a8" | "q4-nvfp4-w4a8-e8" => Some(q4::Format::Nvfp4),
+        "q4-nvfp4-ebf16" | "q4-nvfp4-w4a8" | "q4-nvfp4-w4a8-e8" => Some(q4::Format::Nvfp4),
         "candle-q4_1" => return child_candle(&gguf, new, reps, long_prompt),
         "llama.cpp-q4_1" | "llama.cpp-q4_0" => {
             let quant = &config["llama.cpp-".len()..];
@@ -75,13 +75,18 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
         }
         other => bail!("unknown configuration {other}"),
     };
-    // Suffixes: -w4a8 int8 activations in the decoder, -e8 int8 embeddings / LM head.
+    // Suffixes: -w4a8 int8 activations in the decoder, -e8 int8 / -ebf16 bf16 embeddings and
+    // LM head (otherwise the runner's default).
     let opts = LoadOptions {
         quant,
         w4a8: config.contains("-w4a8"),
-        embeddings: config
-            .ends_with("-e8")
-            .then_some(q4_llm::EmbeddingStorage::Int8),
+        embeddings: if config.ends_with("-e8") {
+            Some(q4_llm::EmbeddingStorage::Int8)
+        } else if config.ends_with("-ebf16") {
+            Some(q4_llm::EmbeddingStorage::Bf16)
+        } else {
+            None
+        },
         ..Default::default()
     };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
@@ -432,6 +437,7 @@ fn main() -> Result<()> {
         "candle-q4_1",
         "q4-none",
         "q4-nvfp4",
+        "q4-nvfp4-ebf16",
         "q4-nvfp4-w4a8",
         "q4-nvfp4-w4a8-e8",
         "q4-nf4",

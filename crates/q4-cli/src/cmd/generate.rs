@@ -71,10 +71,10 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceName,
     /// Storage of the token embeddings and a tied/unquantized lm_head [default: f32 without
-    /// --quant, bf16 with it]. For small models these tables are most of the bytes read per
-    /// token; `int8` stores them in blocks of 32 with an f32 scale and multiplies with int8
-    /// activations (CPU only, 0.56x the bytes of bf16); `4bit` uses the --quant format
-    /// (smallest, costs perplexity).
+    /// --quant; with it int8 on the CPU, bf16 on CUDA]. For small models these tables are most
+    /// of the bytes read per token; `int8` stores them in blocks of 32 with an f32 scale (GGUF
+    /// Q8_0's layout, as llama.cpp keeps them) and multiplies with int8 activations (CPU only,
+    /// 0.56x the bytes of bf16); `4bit` uses the --quant format (smallest, costs perplexity).
     #[arg(long, value_enum)]
     pub embeddings: Option<Embeddings>,
     /// NVFP4 checkpoints: use each layer's calibrated input_scale to quantize activations too
