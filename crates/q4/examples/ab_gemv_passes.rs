@@ -6,15 +6,15 @@
 //! SHAPES like `576x1536,4096x4096`, BATCHES like `9,12,16`, FORMAT `nvfp4` (default), `nf4`,
 //! or `w4a8`: NVFP4 with int8 activations, whose kernel runs groups of four activation rows
 //! either as passes over the weight or over decoded tiles (`set_i8_passes_max_batch`). By
-//! default only batches 9-16 with rows wider than 1024 take the GEMV passes
-//! (`kernels::cpu::GEMV_PASSES_MAX_BATCH`) and int8 batches up to 12 theirs; the comparison
-//! forces the choice both ways, whatever the width.
+//! default batches 9-16 with rows wider than 1024 take the GEMV passes only on hosts without
+//! the AVX2 tile kernel (`kernels::cpu::GEMV_PASSES_MAX_BATCH`) and int8 batches up to 12
+//! theirs; the comparison forces the choice both ways, whatever the width.
 
 mod ab;
 
 use candle_core::{Device, Module, Tensor};
 use q4::kernels::cpu::w4a8::I8_PASSES_MAX_BATCH;
-use q4::kernels::cpu::{set_gemv_passes_min_k, set_i8_passes_max_batch, GEMV_PASSES_MIN_K};
+use q4::kernels::cpu::{default_gemv_passes_min_k, set_gemv_passes_min_k, set_i8_passes_max_batch};
 use q4::{ActQuant, Format, QLinear, QTensor, QuantSpec};
 
 /// A comma-separated argument, or `default`.
@@ -65,7 +65,7 @@ fn main() {
             let (a, b) = ab::interleave(rounds, 5, copies, &select, &|c| {
                 std::hint::black_box(lins[c].forward(&x).unwrap());
             });
-            set_gemv_passes_min_k(GEMV_PASSES_MIN_K);
+            set_gemv_passes_min_k(default_gemv_passes_min_k());
             set_i8_passes_max_batch(I8_PASSES_MAX_BATCH);
             println!("{shape:<10} {batch:>5} {a:>15.1} {b:>9.1} {:>6.3}", a / b);
         }

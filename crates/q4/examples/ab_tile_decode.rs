@@ -1,16 +1,22 @@
-//! Same-process A/B of the tiled GEMM's decode: tiles decoded in the GEMV's chunk order (with
-//! permuted activations) against element order, calls alternating on weight copies rotating over
-//! 3x a 32 MiB last-level cache; prints the median µs per call of each.
+//! Same-process A/B of two choices of the tiled GEMM, calls alternating on weight copies rotating
+//! over 3x a 32 MiB last-level cache; prints the median µs per call of each.
 //!
-//! `cargo run --release -p q4 --example ab_tile_decode [-- ROUNDS [SHAPES [BATCHES [FORMAT]]]]`,
-//! SHAPES like `1536x576,576x1536`, BATCHES like `12,64`, FORMAT `nvfp4` (default), `nf4` or
-//! `mxfp4`. Batches 9-16 over rows wider than 1024 take GEMV passes, not tiles: the comparison
-//! there measures nothing.
+//! - `decode` (default): tiles decoded in the GEMV's chunk order (with permuted activations)
+//!   against element order.
+//! - `slices`: rows up to `UNSLICED_MAX_K` wide decoded whole (tiles of fewer rows) against the
+//!   earlier rule, 256-wide K slices above 1024. Batches 9-16 take the tiled GEMM on both sides.
+//!
+//! `cargo run --release -p q4 --example ab_tile_decode [-- ROUNDS [SHAPES [BATCHES [FORMAT
+//! [MODE]]]]]`, SHAPES like `1536x576,576x1536`, BATCHES like `12,64`, FORMAT `nvfp4` (default),
+//! `nf4` or `mxfp4`.
 
 mod ab;
 
 use candle_core::{Device, Module, Tensor};
-use q4::kernels::cpu::set_chunk_order_tiles;
+use q4::kernels::cpu::{
+    default_gemv_passes_min_k, set_chunk_order_tiles, set_gemv_passes_min_k, set_unsliced_max_k,
+    UNSLICED_MAX_K,
+};
 use q4::{Format, QLinear, QTensor, QuantSpec};
 
 fn main() {
@@ -26,7 +32,20 @@ fn main() {
         Some("mxfp4") => Format::Mxfp4,
         _ => Format::Nvfp4,
     };
-    println!("{format}: shape  batch  chunk_us  element_us  ratio");
+    let slices = args.next().as_deref() == Some("slices");
+    let select = |on: bool| {
+        if slices {
+            set_unsliced_max_k(if on { UNSLICED_MAX_K } else { 1024 });
+        } else {
+            set_chunk_order_tiles(on);
+        }
+    };
+    if slices {
+        set_gemv_passes_min_k(usize::MAX);
+        println!("{format}: shape  batch  whole_rows_us  k_slices_us  ratio");
+    } else {
+        println!("{format}: shape  batch  chunk_us  element_us  ratio");
+    }
     for shape in shapes.split(',') {
         let (n, k) = ab::parse_shape(shape);
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
@@ -42,11 +61,12 @@ fn main() {
             .map(|b| b.parse::<usize>().expect("batch"))
         {
             let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
-            let (a, b) = ab::interleave(rounds, 5, copies, &set_chunk_order_tiles, &|c| {
+            let (a, b) = ab::interleave(rounds, 5, copies, &select, &|c| {
                 std::hint::black_box(lins[c].forward(&x).unwrap());
             });
-            set_chunk_order_tiles(true);
+            select(true);
             println!("{shape:<10} {batch:>5} {a:>9.1} {b:>11.1} {:>6.3}", a / b);
         }
     }
+    set_gemv_passes_min_k(default_gemv_passes_min_k());
 }

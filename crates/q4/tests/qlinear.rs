@@ -132,11 +132,27 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     // K slice, blocks of two chunks.
     check(Format::Nvfp4, 16, 70, 1100, 20, 28, false);
     check(Format::Nf4, 128, 50, 640, 12, 29, false);
-    // Batches 9-16 over rows wider than 1024: passes of the GEMV (8 + the rest), a row tail.
+    // Above 32 rows the `gemm` crate's kernel takes K slices of wide rows (a short last one).
+    check(Format::Nvfp4, 16, 40, 1100, 40, 33, false);
+    // Batches 9-16 over rows wider than 1024 (whole-row tiles with AVX2, else passes of the
+    // GEMV, see `gemv_passes_agree_with_reference`), a row tail.
     check(Format::Nvfp4, 16, 70, 1088, 9, 24, false);
     check(Format::Nf4, 64, 45, 1100, 12, 25, false);
     check(Format::Nf4, 1024, 40, 2048, 16, 26, false);
     check(Format::Mxfp4, 32, 33, 1536, 13, 27, false);
+}
+
+/// The GEMV passes for batches 9-16 (8 rows + the rest), forced: hosts without AVX2 take them
+/// for rows wider than 1024. Other tests of this binary may run meanwhile with passes on: their
+/// kernel choice changes, not their tolerance.
+#[test]
+fn gemv_passes_agree_with_reference() {
+    use q4::kernels::cpu::{default_gemv_passes_min_k, set_gemv_passes_min_k};
+    set_gemv_passes_min_k(0);
+    check(Format::Nvfp4, 16, 70, 1088, 9, 30, false);
+    check(Format::Nf4, 64, 45, 1100, 12, 31, false);
+    check(Format::Mxfp4, 32, 33, 576, 16, 32, false);
+    set_gemv_passes_min_k(default_gemv_passes_min_k());
 }
 
 proptest! {

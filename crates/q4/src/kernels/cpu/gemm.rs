@@ -11,8 +11,25 @@ use super::rows::Rows;
 /// Columns of K per decoded tile: the activation slice the micro-kernel packs per call
 /// (batch x KC) stays small next to the tile it multiplies.
 const KC: usize = 256;
-/// Most rows per tile (128 x 256 f32 = 128 KiB, a quarter of this machine's L2).
+/// Most rows per tile.
 const MAX_TILE_ROWS: usize = 128;
+/// Most decoded values per tile (512 KiB of f32, this machine's L2): wide rows get fewer rows
+/// per tile instead of being cut into K slices.
+const TILE_VALUES: usize = 128 * 1024;
+/// Rows up to this wide are decoded whole (at least 8 rows of them fit [`TILE_VALUES`]); wider
+/// ones in K slices. Slices cost every tile a partial-sum pass per slice: same-process A/B
+/// (`examples/ab_tile_decode slices`) timed whole rows at 0.71-0.87x the time of 256-wide
+/// slices at batches 9-16 on 576x1536, 4096x4096 and 2560x9728.
+pub const UNSLICED_MAX_K: usize = 16 * 1024;
+
+static UNSLICED: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(UNSLICED_MAX_K);
+
+/// Sets the widest rows decoded whole (default [`UNSLICED_MAX_K`]), for same-process A/B
+/// measurements.
+pub fn set_unsliced_max_k(k: usize) {
+    UNSLICED.store(k, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Largest batch for the dot-product micro-kernel: measured faster than the `gemm` crate's
 /// packed kernel at 16-32 rows (1.2-1.5x) and mixed at 64, where the crate's packing pays off
@@ -25,6 +42,19 @@ const DOT_MAX_BATCH: usize = 32;
 #[cfg(target_arch = "x86_64")]
 static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("Q4_TILE_GEMM_CRATE").is_some_and(|v| v != "0"));
+
+/// Whether `batch` activation rows use q4's dot-product micro-kernel (AVX2 hosts, up to
+/// DOT_MAX_BATCH rows: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide decoded
+/// whole); larger batches, and other hosts, use the `gemm` crate's.
+pub(super) fn dot_kernel(batch: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return batch <= DOT_MAX_BATCH && super::x86::available() && !*USE_GEMM_CRATE;
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = batch;
+        false
+    }
+}
 
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -60,29 +90,29 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     batch: usize,
     y: &mut [f32],
 ) {
-    // Enough tiles for every thread to get several, but tall enough that the micro-kernel's
-    // per-call costs (packing the activation slice) stay small.
     let threads = rayon::current_num_threads();
-    let tile_rows = (n.div_ceil(4 * threads))
-        .next_multiple_of(8)
-        .clamp(8, MAX_TILE_ROWS)
-        .min(n);
-    // Equal slices (in whole 64-column steps) rather than a short last one: every slice starts
-    // on a 64-chunk, as the chunk-order decode needs.
-    // Rows up to 1024 long are not sliced at all (a 128-row tile of them still fits L2).
-    let kc = if k <= 1024 {
+    let simd = dot_kernel(batch);
+    // For the dot-product kernel, rows up to UNSLICED wide are decoded whole; otherwise (and
+    // for the `gemm` crate, which blocks K itself: whole 4096-wide rows cost it 14-23% at batch
+    // 64) in equal slices (in whole 64-column steps) rather than a short last one: every slice
+    // starts on a 64-chunk, as the chunk-order decode needs.
+    let kc = if k <= 1024 || (simd && k <= UNSLICED.load(std::sync::atomic::Ordering::Relaxed)) {
         k
     } else {
         k.div_ceil(k.div_ceil(KC)).next_multiple_of(64).min(k)
     };
+    // Tall enough tiles that the micro-kernel's per-call costs stay small, at most
+    // TILE_VALUES decoded values (at least 8 rows), and enough tiles for every thread to get
+    // several.
+    let tile_rows = (n.div_ceil(4 * threads))
+        .next_multiple_of(8)
+        .clamp(8, MAX_TILE_ROWS)
+        .min((TILE_VALUES / kc / 8 * 8).max(8))
+        .min(n);
     let tiles = n.div_ceil(tile_rows);
     // Each tile writes its own columns r0..r0+rows of every output row of `y` straight away
     // (no transposed staging buffer); the pointer crosses threads as an address.
     let y_addr = y.as_mut_ptr() as usize;
-    // Up to DOT_MAX_BATCH activation rows AVX2 hosts use q4's dot-product micro-kernel (no
-    // packing of the tile); larger batches, and other hosts, the `gemm` crate's.
-    #[cfg(target_arch = "x86_64")]
-    let simd = batch <= DOT_MAX_BATCH && super::x86::available() && !*USE_GEMM_CRATE;
     debug_assert_eq!(y.len(), batch * n);
     for_each_index(tiles, n * k * batch / 8, |t| {
         TILE.with_borrow_mut(|tile| {

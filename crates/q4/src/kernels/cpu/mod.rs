@@ -19,6 +19,8 @@ pub mod w8a8;
 mod x86;
 
 pub use decode::{dequantize_into, pairs};
+#[doc(hidden)]
+pub use gemm::{set_unsliced_max_k, UNSLICED_MAX_K};
 pub use rows::Rows;
 
 use rayon::prelude::*;
@@ -44,18 +46,29 @@ pub enum CpuKernel {
     GemvPasses,
 }
 
-/// Up to this batch, weights with rows wider than [`GEMV_PASSES_MIN_K`] take passes of the GEMV
-/// instead of the tiled GEMM: there the tiles are cut into K slices, and same-process
-/// interleaved A/B runs (cache-cold NVFP4, this 2-core host) timed two GEMV passes at 0.57–0.81×
-/// the tiled GEMM at batches 9–16 on 576x1536, 2048x1280, 2560x2048, 4096x4096 and 9728x2560;
-/// at batch 24 they tie, from 32 the tiled GEMM wins, and rows of 1024 or fewer (whole rows
-/// per tile) stay faster tiled (1.04–1.34×).
+/// Up to this batch, on hosts where the tiled GEMM cuts wide rows into K slices (no AVX2
+/// dot-product micro-kernel), weights with rows wider than [`GEMV_PASSES_MIN_K`] take passes of
+/// the GEMV instead: same-process interleaved A/B runs (cache-cold NVFP4, this 2-core host)
+/// timed two GEMV passes at 0.57–0.81× the sliced tiles at batches 9–16 on 576x1536, 2048x1280,
+/// 2560x2048, 4096x4096 and 9728x2560. Where the dot-product kernel decodes whole rows (AVX2),
+/// the tiles win at every width (passes 1.07–1.40× the time of whole-row tiles on 576x1536,
+/// 4096x4096 and 2560x9728 at batches 9 and 16), so no passes are taken there.
 pub const GEMV_PASSES_MAX_BATCH: usize = 16;
 /// See [`GEMV_PASSES_MAX_BATCH`].
 pub const GEMV_PASSES_MIN_K: usize = 1025;
 
-static PASSES_MIN_K: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(GEMV_PASSES_MIN_K);
+static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
+    std::sync::LazyLock::new(|| std::sync::atomic::AtomicUsize::new(default_gemv_passes_min_k()));
+
+/// The row width from which batches 9-16 take GEMV passes on this host: [`GEMV_PASSES_MIN_K`],
+/// or never (`usize::MAX`) where the tiled GEMM decodes whole rows.
+pub fn default_gemv_passes_min_k() -> usize {
+    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH) {
+        usize::MAX
+    } else {
+        GEMV_PASSES_MIN_K
+    }
+}
 
 /// Sets the largest batch the W4A8 int8 kernel runs as passes over groups of four activation
 /// rows instead of decoded tiles (default [`w4a8::I8_PASSES_MAX_BATCH`]; 0: never), for
@@ -69,7 +82,7 @@ pub fn set_i8_passes_max_batch(batch: usize) {
 }
 
 /// Sets the row width from which batches 9-16 take the GEMV passes (default
-/// [`GEMV_PASSES_MIN_K`]; 0: always, `usize::MAX`: never), for same-process A/B measurements
+/// [`default_gemv_passes_min_k`]; 0: always, `usize::MAX`: never), for same-process A/B measurements
 /// (`examples/ab_gemv_passes`).
 #[doc(hidden)]
 pub fn set_gemv_passes_min_k(k: usize) {
