@@ -5,6 +5,8 @@
 //!   against element order.
 //! - `slices`: rows up to `UNSLICED_MAX_K` wide decoded whole (tiles of fewer rows) against the
 //!   earlier rule, 256-wide K slices above 1024. Batches 9-16 take the tiled GEMM on both sides.
+//! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
+//!   crate's above `DOT_MAX_BATCH` (the rule before `DOT_MAX_BATCH_WIDE`).
 //!
 //! `cargo run --release -p q4 --example ab_tile_decode [-- ROUNDS [SHAPES [BATCHES [FORMAT
 //! [MODE]]]]]`, SHAPES like `1536x576,576x1536`, BATCHES like `12,64`, FORMAT `nvfp4` (default),
@@ -14,8 +16,8 @@ mod ab;
 
 use candle_core::{Device, Module, Tensor};
 use q4::kernels::cpu::{
-    default_gemv_passes_min_k, set_chunk_order_tiles, set_gemv_passes_min_k, set_unsliced_max_k,
-    UNSLICED_MAX_K,
+    default_gemv_passes_min_k, set_chunk_order_tiles, set_dot_max_batch, set_gemv_passes_min_k,
+    set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K,
 };
 use q4::{Format, QLinear, QTensor, QuantSpec};
 
@@ -32,9 +34,13 @@ fn main() {
         Some("mxfp4") => Format::Mxfp4,
         _ => Format::Nvfp4,
     };
-    let slices = args.next().as_deref() == Some("slices");
+    let mode = args.next().unwrap_or_default();
+    let slices = mode == "slices";
+    let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let select = |on: bool| {
-        if slices {
+        if let Some(max) = dot_max {
+            set_dot_max_batch(if on { max } else { DOT_MAX_BATCH });
+        } else if slices {
             set_unsliced_max_k(if on { UNSLICED_MAX_K } else { 1024 });
         } else {
             set_chunk_order_tiles(on);
@@ -43,6 +49,8 @@ fn main() {
     if slices {
         set_gemv_passes_min_k(usize::MAX);
         println!("{format}: shape  batch  whole_rows_us  k_slices_us  ratio");
+    } else if dot_max.is_some() {
+        println!("{format}: shape  batch  dot_kernel_us  gemm_crate_us  ratio");
     } else {
         println!("{format}: shape  batch  chunk_us  element_us  ratio");
     }
@@ -69,4 +77,5 @@ fn main() {
         }
     }
     set_gemv_passes_min_k(default_gemv_passes_min_k());
+    set_dot_max_batch(0);
 }

@@ -132,8 +132,10 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     // K slice, blocks of two chunks.
     check(Format::Nvfp4, 16, 70, 1100, 20, 28, false);
     check(Format::Nf4, 128, 50, 640, 12, 29, false);
-    // Above 32 rows the `gemm` crate's kernel takes K slices of wide rows (a short last one).
+    // Wide rows: whole in q4's dot-product kernel up to 64 activation rows, in K slices (a
+    // short last one) for the `gemm` crate's above.
     check(Format::Nvfp4, 16, 40, 1100, 40, 33, false);
+    check(Format::Nvfp4, 16, 40, 1100, 70, 34, false);
     // Batches 9-16 over rows wider than 1024 (whole-row tiles with AVX2, else passes of the
     // GEMV, see `gemv_passes_agree_with_reference`), a row tail.
     check(Format::Nvfp4, 16, 70, 1088, 9, 24, false);

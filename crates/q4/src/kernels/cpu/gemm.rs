@@ -31,11 +31,23 @@ pub fn set_unsliced_max_k(k: usize) {
     UNSLICED.store(k, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Largest batch for the dot-product micro-kernel: measured faster than the `gemm` crate's
-/// packed kernel at 16-32 rows (1.2-1.5x) and mixed at 64, where the crate's packing pays off
-/// and the activation slice no longer fits L1 (BENCHMARKS.md).
-#[cfg(target_arch = "x86_64")]
-const DOT_MAX_BATCH: usize = 32;
+/// Largest batch for the dot-product micro-kernel over rows up to 1024 wide: measured faster
+/// than the `gemm` crate's packed kernel at 16-32 rows (1.2-1.5x) and mixed at 64
+/// (`examples/ab_tile_decode dot64`: 0.94x the time on NVFP4 1536x576, 1.03-1.10x on NF4
+/// 1536x576 and 49152x576).
+pub const DOT_MAX_BATCH: usize = 32;
+/// Largest batch for the dot-product micro-kernel over wider rows, which it decodes whole
+/// while the `gemm` crate takes K slices: 0.83-1.00x the crate's time at batches 48-64 on
+/// 576x1536 and 4096x4096 (NVFP4 and NF4); mixed from 128 (0.9-1.09x), slower at 256.
+pub const DOT_MAX_BATCH_WIDE: usize = 64;
+
+static DOT_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets the largest batch of the dot-product micro-kernel at every width (0: the defaults
+/// above), for same-process A/B measurements. No effect without AVX2.
+pub fn set_dot_max_batch(batch: usize) {
+    DOT_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// `Q4_TILE_GEMM_CRATE=1`: the `gemm` crate's micro-kernel even where q4's AVX2 one runs (for
 /// same-binary comparisons).
@@ -43,15 +55,20 @@ const DOT_MAX_BATCH: usize = 32;
 static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("Q4_TILE_GEMM_CRATE").is_some_and(|v| v != "0"));
 
-/// Whether `batch` activation rows use q4's dot-product micro-kernel (AVX2 hosts, up to
-/// DOT_MAX_BATCH rows: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide decoded
-/// whole); larger batches, and other hosts, use the `gemm` crate's.
-pub(super) fn dot_kernel(batch: usize) -> bool {
+/// Whether `batch` activation rows over rows `k` wide use q4's dot-product micro-kernel (AVX2
+/// hosts, see [`DOT_MAX_BATCH`]: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide
+/// decoded whole); larger batches, and other hosts, use the `gemm` crate's.
+pub(super) fn dot_kernel(batch: usize, k: usize) -> bool {
+    let max = match DOT_MAX.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if k > 1024 => DOT_MAX_BATCH_WIDE,
+        0 => DOT_MAX_BATCH,
+        set => set,
+    };
     #[cfg(target_arch = "x86_64")]
-    return batch <= DOT_MAX_BATCH && super::x86::available() && !*USE_GEMM_CRATE;
+    return batch <= max && super::x86::available() && !*USE_GEMM_CRATE;
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = batch;
+        let _ = (batch, max);
         false
     }
 }
@@ -91,7 +108,7 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     y: &mut [f32],
 ) {
     let threads = rayon::current_num_threads();
-    let simd = dot_kernel(batch);
+    let simd = dot_kernel(batch, k);
     // For the dot-product kernel, rows up to UNSLICED wide are decoded whole; otherwise (and
     // for the `gemm` crate, which blocks K itself: whole 4096-wide rows cost it 14-23% at batch
     // 64) in equal slices (in whole 64-column steps) rather than a short last one: every slice

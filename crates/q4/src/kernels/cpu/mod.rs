@@ -20,7 +20,9 @@ mod x86;
 
 pub use decode::{dequantize_into, pairs};
 #[doc(hidden)]
-pub use gemm::{set_unsliced_max_k, UNSLICED_MAX_K};
+pub use gemm::{
+    set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, DOT_MAX_BATCH_WIDE, UNSLICED_MAX_K,
+};
 pub use rows::Rows;
 
 use rayon::prelude::*;
@@ -63,7 +65,7 @@ static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
 /// The row width from which batches 9-16 take GEMV passes on this host: [`GEMV_PASSES_MIN_K`],
 /// or never (`usize::MAX`) where the tiled GEMM decodes whole rows.
 pub fn default_gemv_passes_min_k() -> usize {
-    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH) {
+    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH, GEMV_PASSES_MIN_K) {
         usize::MAX
     } else {
         GEMV_PASSES_MIN_K
