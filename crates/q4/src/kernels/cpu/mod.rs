@@ -100,6 +100,7 @@ pub fn set_chunk_order_tiles(on: bool) {
     CHUNK_ORDER_TILES.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn chunk_order_tiles() -> bool {
     CHUNK_ORDER_TILES.load(std::sync::atomic::Ordering::Relaxed)
 }
