@@ -131,7 +131,10 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
         CpuKernel::GemvSimd if cfg!(target_arch = "aarch64") => "gemv-neon (fused decode, NEON)",
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
-        CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm micro-kernel)",
+        CpuKernel::TiledGemm if crate::kernels::cpu::tiles_use_dot_kernel() => {
+            "tiled-gemm (tile decode + q4's AVX2 dot kernel to 32 rows, 64 over rows > 1024 wide; gemm crate above)"
+        }
+        CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm crate micro-kernel)",
         CpuKernel::GemvPasses => "gemv passes (fused decode, up to 8 activation rows a pass)",
     }
 }

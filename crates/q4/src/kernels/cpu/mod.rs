@@ -62,6 +62,12 @@ pub const GEMV_PASSES_MIN_K: usize = 1025;
 static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
     std::sync::LazyLock::new(|| std::sync::atomic::AtomicUsize::new(default_gemv_passes_min_k()));
 
+/// Whether the tiled GEMM uses q4's dot-product micro-kernel on this host (AVX2), up to
+/// [`DOT_MAX_BATCH`] activation rows ([`DOT_MAX_BATCH_WIDE`] over rows wider than 1024).
+pub fn tiles_use_dot_kernel() -> bool {
+    gemm::dot_kernel(GEMV_MAX_BATCH + 1, 0)
+}
+
 /// The row width from which batches 9-16 take GEMV passes on this host: [`GEMV_PASSES_MIN_K`],
 /// or never (`usize::MAX`) where the tiled GEMM decodes whole rows.
 pub fn default_gemv_passes_min_k() -> usize {
