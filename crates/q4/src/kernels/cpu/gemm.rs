@@ -18,8 +18,9 @@ const MAX_TILE_ROWS: usize = 128;
 const TILE_VALUES: usize = 128 * 1024;
 /// Rows up to this wide are decoded whole (at least 8 rows of them fit [`TILE_VALUES`]); wider
 /// ones in K slices. Slices cost every tile a partial-sum pass per slice: same-process A/B
-/// (`examples/ab_tile_decode slices`) timed whole rows at 0.71-0.87x the time of 256-wide
-/// slices at batches 9-16 on 576x1536, 4096x4096 and 2560x9728.
+/// (`examples/ab_tile_decode slices`) timed whole rows at 0.57-0.80x the time of 256-wide
+/// slices at batches 12-32 on 576x1536, 4096x4096, 2560x9728 and 11008x4096 (dot-product
+/// kernel; the `gemm` crate keeps slices).
 pub const UNSLICED_MAX_K: usize = 16 * 1024;
 
 static UNSLICED: std::sync::atomic::AtomicUsize =
