@@ -122,14 +122,16 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     check(Format::Nf4, 64, 13, 96, 5, 9, false);
     check(Format::Nvfp4, 16, 11, 40, 4, 10, false);
     check(Format::Mxfp4, 32, 11, 72, 17, 11, false);
-    // The tiled GEMM's K slices: blocks wider than a slice, padded rows whose last slice is
-    // short and odd, rows that straddle blocks, several row tiles.
+    // The tiled GEMM: blocks wider than a K slice (batch 70: the `gemm` crate's slices; batch
+    // 20: whole rows), padded rows whose last slice is short and odd, rows that straddle
+    // blocks, several row tiles.
     check(Format::Nf4, 1024, 40, 2048, 20, 12, false);
+    check(Format::Nf4, 1024, 40, 2048, 70, 35, false);
     check(Format::Nvfp4, 16, 19, 300, 9, 13, false);
     check(Format::Nf4, 64, 13, 96, 20, 14, false);
     check(Format::Fp4, 64, 1000, 640, 33, 15, true);
-    // Chunk-order tile decode: a padded row's tail after its last whole chunk in the last
-    // K slice, blocks of two chunks.
+    // Chunk-order tile decode: a padded row's tail after its last whole chunk, blocks of two
+    // chunks.
     check(Format::Nvfp4, 16, 70, 1100, 20, 28, false);
     check(Format::Nf4, 128, 50, 640, 12, 29, false);
     // Wide rows: whole in q4's dot-product kernel up to 64 activation rows, in K slices (a

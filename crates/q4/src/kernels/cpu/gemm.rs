@@ -13,6 +13,9 @@ use super::rows::Rows;
 const KC: usize = 256;
 /// Most rows per tile.
 const MAX_TILE_ROWS: usize = 128;
+/// Rows up to this wide are decoded whole by either micro-kernel (a 128-row tile of them
+/// fits [`TILE_VALUES`]); the dot-product kernel takes more activation rows over wider ones.
+const NARROW_K: usize = 1024;
 /// Most decoded values per tile (512 KiB of f32, this machine's L2): wide rows get fewer rows
 /// per tile instead of being cut into K slices.
 const TILE_VALUES: usize = 128 * 1024;
@@ -61,7 +64,7 @@ static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
 /// decoded whole); larger batches, and other hosts, use the `gemm` crate's.
 pub(super) fn dot_kernel(batch: usize, k: usize) -> bool {
     let max = match DOT_MAX.load(std::sync::atomic::Ordering::Relaxed) {
-        0 if k > 1024 => DOT_MAX_BATCH_WIDE,
+        0 if k > NARROW_K => DOT_MAX_BATCH_WIDE,
         0 => DOT_MAX_BATCH,
         set => set,
     };
@@ -114,7 +117,8 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     // for the `gemm` crate, which blocks K itself: whole 4096-wide rows cost it 14-23% at batch
     // 64) in equal slices (in whole 64-column steps) rather than a short last one: every slice
     // starts on a 64-chunk, as the chunk-order decode needs.
-    let kc = if k <= 1024 || (simd && k <= UNSLICED.load(std::sync::atomic::Ordering::Relaxed)) {
+    let kc = if k <= NARROW_K || (simd && k <= UNSLICED.load(std::sync::atomic::Ordering::Relaxed))
+    {
         k
     } else {
         k.div_ceil(k.div_ceil(KC)).next_multiple_of(64).min(k)

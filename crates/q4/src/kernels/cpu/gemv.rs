@@ -22,7 +22,7 @@ pub fn simd_available() -> bool {
 
 /// Whether the SIMD chunk kernel can walk this weight's rows: rows aligned to blocks, and blocks
 /// that tile a chunk (16, 32) or are tiled by it (multiples of 64).
-fn simd_fits(w: &Rows<'_>) -> bool {
+pub(super) fn simd_fits(w: &Rows<'_>) -> bool {
     let b = w.block;
     simd_available() && w.aligned && b.is_multiple_of(16) && (64 % b == 0 || b.is_multiple_of(64))
 }

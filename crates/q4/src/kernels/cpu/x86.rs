@@ -283,20 +283,18 @@ pub struct ChunkDecoder<'a> {
 }
 
 impl<'a> ChunkDecoder<'a> {
-    /// `None` unless AVX2+FMA are present and the rows fit the chunk kernel (aligned rows, blocks
-    /// of 16 or 32, or multiples of 64).
+    /// `None` unless AVX2+FMA are present and the rows fit the chunk kernel (the GEMV's
+    /// `simd_fits`: aligned rows, blocks of 16 or 32, or multiples of 64).
     pub fn new(w: &Rows<'a>) -> Option<ChunkDecoder<'a>> {
-        let b = w.block;
-        let fits = w.aligned && b.is_multiple_of(16) && (64 % b == 0 || b.is_multiple_of(64));
-        if !(available() && fits) {
+        if !super::gemv::simd_fits(w) {
             return None;
         }
         Some(ChunkDecoder {
             w: *w,
-            // SAFETY: AVX2 is present (checked above).
+            // SAFETY: AVX2 is present (`simd_fits` checked it).
             planes: unsafe { Planes::new(w.lut) },
             bf16: Planes::bf16_exact(w.lut),
-            bk: block_class(b),
+            bk: block_class(w.block),
         })
     }
 
