@@ -5,8 +5,9 @@
 //!   against element order.
 //! - `slices`: rows up to `UNSLICED_MAX_K` wide decoded whole (tiles of fewer rows) against the
 //!   earlier rule, 256-wide K slices above 1024. Batches 9-16 take the tiled GEMM on both sides.
+//! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
-//!   crate's above `DOT_MAX_BATCH` (the rule before `DOT_MAX_BATCH_WIDE`).
+//!   crate's at every batch.
 //!
 //! `cargo run --release -p q4 --example ab_tile_decode [-- ROUNDS [SHAPES [BATCHES [FORMAT
 //! [MODE]]]]]`, SHAPES like `1536x576,576x1536`, BATCHES like `12,64`, FORMAT `nvfp4` (default),
@@ -17,7 +18,7 @@ mod ab;
 use candle_core::{Device, Module, Tensor};
 use q4::kernels::cpu::{
     default_gemv_passes_min_k, set_chunk_order_tiles, set_dot_max_batch, set_gemv_passes_min_k,
-    set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K,
+    set_unsliced_max_k, set_wide_tile_blocks, UNSLICED_MAX_K,
 };
 use q4::{Format, QLinear, QTensor, QuantSpec};
 
@@ -36,10 +37,14 @@ fn main() {
     };
     let mode = args.next().unwrap_or_default();
     let slices = mode == "slices";
+    let nr4 = mode == "nr4";
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let select = |on: bool| {
-        if let Some(max) = dot_max {
-            set_dot_max_batch(if on { max } else { DOT_MAX_BATCH });
+        if nr4 {
+            set_wide_tile_blocks(on);
+        } else if let Some(max) = dot_max {
+            // 1: no tiled batch (all above 8) takes the dot-product kernel.
+            set_dot_max_batch(if on { max } else { 1 });
         } else if slices {
             set_unsliced_max_k(if on { UNSLICED_MAX_K } else { 1024 });
         } else {
@@ -49,6 +54,8 @@ fn main() {
     if slices {
         set_gemv_passes_min_k(usize::MAX);
         println!("{format}: shape  batch  whole_rows_us  k_slices_us  ratio");
+    } else if nr4 {
+        println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
     } else if dot_max.is_some() {
         println!("{format}: shape  batch  dot_kernel_us  gemm_crate_us  ratio");
     } else {

@@ -14,7 +14,7 @@ const KC: usize = 256;
 /// Most rows per tile.
 const MAX_TILE_ROWS: usize = 128;
 /// Rows up to this wide are decoded whole by either micro-kernel (a 128-row tile of them
-/// fits [`TILE_VALUES`]); the dot-product kernel takes more activation rows over wider ones.
+/// fits [`TILE_VALUES`]); wider ones only by the dot-product kernel.
 const NARROW_K: usize = 1024;
 /// Most decoded values per tile (512 KiB of f32, this machine's L2): wide rows get fewer rows
 /// per tile instead of being cut into K slices.
@@ -35,15 +35,13 @@ pub fn set_unsliced_max_k(k: usize) {
     UNSLICED.store(k, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Largest batch for the dot-product micro-kernel over rows up to 1024 wide: measured faster
-/// than the `gemm` crate's packed kernel at 16-32 rows (1.2-1.5x) and mixed at 64
-/// (`examples/ab_tile_decode dot64`: 0.94x the time on NVFP4 1536x576, 1.03-1.10x on NF4
-/// 1536x576 and 49152x576).
-pub const DOT_MAX_BATCH: usize = 32;
-/// Largest batch for the dot-product micro-kernel over wider rows, which it decodes whole
-/// while the `gemm` crate takes K slices: 0.83-1.00x the crate's time at batches 48-64 on
-/// 576x1536 and 4096x4096 (NVFP4 and NF4); mixed from 128 (0.9-1.09x), slower at 256.
-pub const DOT_MAX_BATCH_WIDE: usize = 64;
+/// Largest batch for the dot-product micro-kernel (its 3 x 4 blocks: 3 activation rows by 4
+/// tile rows). Same-process A/B against the `gemm` crate's packed kernel
+/// (`examples/ab_tile_decode dotN`, NVFP4 unless noted): 0.78-0.86x the time at batches 48-64
+/// on 1536x576, 576x576 and 49152x576 (NF4 0.81-0.83x), 0.82-0.91x at 96-128 on 1536x576 and
+/// 576x1536, 0.88x / 1.00x on 4096x4096 at 96 / 128; from 192 on mixed (0.90-1.02x). With 3 x 3
+/// blocks it had been mixed from 64 over 576-wide rows.
+pub const DOT_MAX_BATCH: usize = 128;
 
 static DOT_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -62,9 +60,8 @@ static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
 /// Whether `batch` activation rows over rows `k` wide use q4's dot-product micro-kernel (AVX2
 /// hosts, see [`DOT_MAX_BATCH`]: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide
 /// decoded whole); larger batches, and other hosts, use the `gemm` crate's.
-pub(super) fn dot_kernel(batch: usize, k: usize) -> bool {
+pub(super) fn dot_kernel(batch: usize) -> bool {
     let max = match DOT_MAX.load(std::sync::atomic::Ordering::Relaxed) {
-        0 if k > NARROW_K => DOT_MAX_BATCH_WIDE,
         0 => DOT_MAX_BATCH,
         set => set,
     };
@@ -112,7 +109,7 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     y: &mut [f32],
 ) {
     let threads = rayon::current_num_threads();
-    let simd = dot_kernel(batch, k);
+    let simd = dot_kernel(batch);
     // For the dot-product kernel, rows up to UNSLICED wide are decoded whole; otherwise (and
     // for the `gemm` crate, which blocks K itself: whole 4096-wide rows cost it 14-23% at batch
     // 64) in equal slices (in whole 64-column steps) rather than a short last one: every slice

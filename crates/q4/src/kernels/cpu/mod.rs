@@ -20,9 +20,7 @@ mod x86;
 
 pub use decode::{dequantize_into, pairs};
 #[doc(hidden)]
-pub use gemm::{
-    set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, DOT_MAX_BATCH_WIDE, UNSLICED_MAX_K,
-};
+pub use gemm::{set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K};
 pub use rows::Rows;
 
 use rayon::prelude::*;
@@ -63,15 +61,15 @@ static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
     std::sync::LazyLock::new(|| std::sync::atomic::AtomicUsize::new(default_gemv_passes_min_k()));
 
 /// Whether the tiled GEMM uses q4's dot-product micro-kernel on this host (AVX2), up to
-/// [`DOT_MAX_BATCH`] activation rows ([`DOT_MAX_BATCH_WIDE`] over rows wider than 1024).
+/// [`DOT_MAX_BATCH`] activation rows.
 pub fn tiles_use_dot_kernel() -> bool {
-    gemm::dot_kernel(GEMV_MAX_BATCH + 1, 0)
+    gemm::dot_kernel(GEMV_MAX_BATCH + 1)
 }
 
 /// The row width from which batches 9-16 take GEMV passes on this host: [`GEMV_PASSES_MIN_K`],
 /// or never (`usize::MAX`) where the tiled GEMM decodes whole rows.
 pub fn default_gemv_passes_min_k() -> usize {
-    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH, GEMV_PASSES_MIN_K) {
+    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH) {
         usize::MAX
     } else {
         GEMV_PASSES_MIN_K
@@ -104,6 +102,20 @@ static CHUNK_ORDER_TILES: std::sync::atomic::AtomicBool = std::sync::atomic::Ato
 #[doc(hidden)]
 pub fn set_chunk_order_tiles(on: bool) {
     CHUNK_ORDER_TILES.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+static WIDE_TILE_BLOCKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether the dot-product micro-kernel multiplies 3 activation rows by 4 weight rows per block
+/// (default) or by 3, for same-process A/B measurements (`examples/ab_tile_decode nr4`).
+#[doc(hidden)]
+pub fn set_wide_tile_blocks(on: bool) {
+    WIDE_TILE_BLOCKS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn wide_tile_blocks() -> bool {
+    WIDE_TILE_BLOCKS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

@@ -522,9 +522,10 @@ pub unsafe fn tile_gemm(
 ) {
     debug_assert!(t.len() >= rows * w);
     let tp = t.as_ptr();
+    let nr_max = if super::wide_tile_blocks() { 4 } else { 3 };
     let mut j = 0;
     while j < rows {
-        let nr = (rows - j).min(3);
+        let nr = (rows - j).min(nr_max);
         let mut m = 0;
         while m < batch {
             let mr = (batch - m).min(3);
@@ -533,11 +534,11 @@ pub unsafe fn tile_gemm(
                 ($($a:literal, $b:literal);*) => {
                     match (mr, nr) {
                         $(($a, $b) => tile_block::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
-                        _ => unreachable!("blocks are 1-3 by 1-3"),
+                        _ => unreachable!("blocks are 1-3 by 1-4"),
                     }
                 };
             }
-            block!(3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+            block!(3, 4; 3, 3; 3, 2; 3, 1; 2, 4; 2, 3; 2, 2; 2, 1; 1, 4; 1, 3; 1, 2; 1, 1);
             m += mr;
         }
         j += nr;
@@ -1167,15 +1168,20 @@ mod tests {
             return;
         }
         // Block remainders in both directions, tails of K that are not a multiple of 8, and
-        // accumulation into existing outputs.
-        for (batch, rows, w) in [
-            (16, 128, 256),
-            (7, 5, 13),
-            (1, 1, 8),
-            (4, 10, 1),
-            (9, 3, 70),
-            (40, 7, 300),
-        ] {
+        // accumulation into existing outputs; 3 x 4 blocks (default) and 3 x 3 (the A/B knob:
+        // each output is the same dot product either way, so concurrent tests are unaffected).
+        for (wide, (batch, rows, w)) in [true, false].into_iter().flat_map(|wide| {
+            [
+                (16, 128, 256),
+                (7, 5, 13),
+                (1, 1, 8),
+                (4, 10, 1),
+                (9, 3, 70),
+                (40, 7, 300),
+            ]
+            .map(|c| (wide, c))
+        }) {
+            super::super::set_wide_tile_blocks(wide);
             let (xs, ys) = (w + 3, rows + 2);
             let x: Vec<f32> = (0..batch * xs)
                 .map(|i| ((i * 7919) % 97) as f32 / 13.0 - 3.5)
@@ -1220,12 +1226,13 @@ mod tests {
                         let tol = 1e-5 * (1.0 + want.abs()) * (w as f64).sqrt();
                         assert!(
                             (got as f64 - want).abs() <= tol,
-                            "{batch}x{rows}x{w} m={m} j={j}: {got} vs {want}"
+                            "{batch}x{rows}x{w} (4-wide blocks: {wide}) m={m} j={j}: {got} vs {want}"
                         );
                     }
                 }
             }
         }
+        super::super::set_wide_tile_blocks(true);
     }
 
     #[test]
