@@ -132,7 +132,7 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
         CpuKernel::TiledGemm if crate::kernels::cpu::tiles_use_dot_kernel() => {
-            "tiled-gemm (tile decode + q4's AVX2 dot kernel to 32 rows, 64 over rows > 1024 wide; gemm crate above)"
+            "tiled-gemm (tile decode + q4's AVX2 dot kernel up to 128 rows; gemm crate above)"
         }
         CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm crate micro-kernel)",
         CpuKernel::GemvPasses => "gemv passes (fused decode, up to 8 activation rows a pass)",
@@ -549,4 +549,19 @@ pub fn render_text(r: &Report) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The doctor's name for the tiled GEMM states the dot kernel's actual batch limit.
+    #[test]
+    fn tiled_gemm_name_states_the_batch_limit() {
+        if crate::kernels::cpu::tiles_use_dot_kernel() {
+            let name = cpu_kernel_name(CpuKernel::TiledGemm);
+            let limit = format!("up to {} rows", crate::kernels::cpu::DOT_MAX_BATCH);
+            assert!(name.contains(&limit), "{name}");
+        }
+    }
 }
