@@ -6,6 +6,8 @@
 //! - `slices`: rows up to `UNSLICED_MAX_K` wide decoded whole (tiles of fewer rows) against the
 //!   earlier rule, 256-wide K slices above 1024. Batches 9-16 take the tiled GEMM on both sides.
 //! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
+//! - `int8`: W4A8 (`ActQuant::Int8`) calls through the int8 kernel against the f32 kernels on
+//!   the activations' int8 round trip.
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
 //!   crate's at every batch.
 //!
@@ -16,11 +18,12 @@
 mod ab;
 
 use candle_core::{Device, Module, Tensor};
+use q4::kernels::cpu::w4a8::{set_int8_max_batch, INT8_MAX_BATCH};
 use q4::kernels::cpu::{
     default_gemv_passes_min_k, set_chunk_order_tiles, set_dot_max_batch, set_gemv_passes_min_k,
     set_unsliced_max_k, set_wide_tile_blocks, UNSLICED_MAX_K,
 };
-use q4::{Format, QLinear, QTensor, QuantSpec};
+use q4::{ActQuant, Format, QLinear, QTensor, QuantSpec};
 
 fn main() {
     let dev = Device::Cpu;
@@ -38,9 +41,14 @@ fn main() {
     let mode = args.next().unwrap_or_default();
     let slices = mode == "slices";
     let nr4 = mode == "nr4";
+    // `int8`: W4A8 calls, the int8 kernel against the f32 kernels on the activations' int8
+    // round trip.
+    let int8 = mode == "int8";
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let select = |on: bool| {
-        if nr4 {
+        if int8 {
+            set_int8_max_batch(if on { usize::MAX } else { 0 });
+        } else if nr4 {
             set_wide_tile_blocks(on);
         } else if let Some(max) = dot_max {
             // 1: no tiled batch (all above 8) takes the dot-product kernel.
@@ -54,6 +62,8 @@ fn main() {
     if slices {
         set_gemv_passes_min_k(usize::MAX);
         println!("{format}: shape  batch  whole_rows_us  k_slices_us  ratio");
+    } else if int8 {
+        println!("{format} W4A8: shape  batch  int8_us  f32_us  ratio");
     } else if nr4 {
         println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
     } else if dot_max.is_some() {
@@ -68,7 +78,12 @@ fn main() {
         let lins: Vec<QLinear> = (0..copies)
             .map(|_| {
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
-                QLinear::new(q, None).unwrap()
+                let lin = QLinear::new(q, None).unwrap();
+                if int8 {
+                    lin.with_act_quant(ActQuant::Int8).unwrap()
+                } else {
+                    lin
+                }
             })
             .collect();
         for batch in batches
@@ -84,5 +99,6 @@ fn main() {
         }
     }
     set_gemv_passes_min_k(default_gemv_passes_min_k());
+    set_int8_max_batch(INT8_MAX_BATCH);
     set_dot_max_batch(0);
 }

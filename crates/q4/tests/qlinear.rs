@@ -122,11 +122,12 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     check(Format::Nf4, 64, 13, 96, 5, 9, false);
     check(Format::Nvfp4, 16, 11, 40, 4, 10, false);
     check(Format::Mxfp4, 32, 11, 72, 17, 11, false);
-    // The tiled GEMM: blocks wider than a K slice (batch 70: the `gemm` crate's slices; batch
-    // 20: whole rows), padded rows whose last slice is short and odd, rows that straddle
-    // blocks, several row tiles.
+    // The tiled GEMM: blocks wider than a K slice (batch 140: the `gemm` crate's slices;
+    // batches 20 and 70: whole rows in q4's dot-product kernel), padded rows whose last slice is
+    // short and odd, rows that straddle blocks, several row tiles.
     check(Format::Nf4, 1024, 40, 2048, 20, 12, false);
     check(Format::Nf4, 1024, 40, 2048, 70, 35, false);
+    check(Format::Nf4, 1024, 40, 2048, 140, 36, false);
     check(Format::Nvfp4, 16, 19, 300, 9, 13, false);
     check(Format::Nf4, 64, 13, 96, 20, 14, false);
     check(Format::Fp4, 64, 1000, 640, 33, 15, true);
@@ -134,10 +135,10 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     // chunks.
     check(Format::Nvfp4, 16, 70, 1100, 20, 28, false);
     check(Format::Nf4, 128, 50, 640, 12, 29, false);
-    // Wide rows: whole in q4's dot-product kernel up to 64 activation rows, in K slices (a
+    // Wide rows: whole in q4's dot-product kernel up to 128 activation rows, in K slices (a
     // short last one) for the `gemm` crate's above.
     check(Format::Nvfp4, 16, 40, 1100, 40, 33, false);
-    check(Format::Nvfp4, 16, 40, 1100, 70, 34, false);
+    check(Format::Nvfp4, 16, 40, 1100, 140, 34, false);
     // Batches 9-16 over rows wider than 1024 (whole-row tiles with AVX2, else passes of the
     // GEMV, see `gemv_passes_agree_with_reference`), a row tail.
     check(Format::Nvfp4, 16, 70, 1088, 9, 24, false);

@@ -162,10 +162,21 @@ pub fn supported(w: &Rows<'_>) -> bool {
 }
 
 /// Largest batch the int8 kernel takes. Above it the f32 tiled GEMM on the round-tripped
-/// activations is faster: its micro-kernel keeps 12 FMAs per 8 loads, while the int8 one pays a
-/// convert, a scale product and an FMA per 64 products (`q4 bench linear`, SmolLM2's shapes at
-/// batch 256: 87-110 GFLOP/s f32 against 70-95 int8; equal at 64).
-pub const INT8_MAX_BATCH: usize = 64;
+/// activations is faster: its 3 x 4 micro-kernel keeps 12 FMAs per 7 loads, while the int8 one
+/// pays a convert, a scale product and an FMA per 64 products. Same-process A/B
+/// (`examples/ab_tile_decode int8`, NVFP4, int8 / f32 time): batches 9-16 0.73-1.07x on
+/// 1536x576, 576x1536, 4096x4096 and 49152x576; 24-64 0.93-1.32x, the f32 kernels ahead on
+/// three of the four shapes.
+pub const INT8_MAX_BATCH: usize = 16;
+
+static INT8_MAX: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(INT8_MAX_BATCH);
+
+/// Sets [`INT8_MAX_BATCH`] for the process (for same-process A/B measurements).
+#[doc(hidden)]
+pub fn set_int8_max_batch(batch: usize) {
+    INT8_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Largest batch the int8 kernel runs as passes of its register kernel over groups of four
 /// activation rows rather than over decoded tiles. Same-process interleaved A/B
@@ -180,7 +191,10 @@ pub const I8_PASSES_MAX_BATCH: usize = 12;
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if batch <= INT8_MAX_BATCH && supported(w) && super::x86::available() {
+    if batch <= INT8_MAX.load(std::sync::atomic::Ordering::Relaxed)
+        && supported(w)
+        && super::x86::available()
+    {
         let mut yt = vec![0f32; w.n * batch];
         let xs = super::x86::Int8Layout::new(&Int8Acts::quantize(x, w.k), batch);
         super::parallel::for_each_chunk_mut(
