@@ -123,12 +123,26 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// Same-process A/B of the 12-token prefill with the tiled GEMM's tiles decoded in chunk order
 /// or in element order (`q4::kernels::cpu::set_chunk_order_tiles`), alternating per call so the
 /// host's noise hits both alike; prints the median tokens/s of each.
-fn ab_tile_decode(config: &str, reps: usize) -> Result<()> {
+/// Same-process A/B of a tiled-GEMM choice on the 12-token prefill: `reps` alternating calls
+/// with the choice on and off.
+fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
+    let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
+        "--ab-tile-decode" => (
+            q4::kernels::cpu::set_chunk_order_tiles,
+            "chunk order",
+            "element order",
+        ),
+        _ => (
+            q4::kernels::cpu::set_wide_tile_blocks,
+            "3x4 blocks",
+            "3x3 blocks",
+        ),
+    };
     let quant = match config {
         "q4-nvfp4" => q4::Format::Nvfp4,
         "q4-nf4" => q4::Format::Nf4,
         "q4-mxfp4" => q4::Format::Mxfp4,
-        other => bail!("--ab-tile-decode takes q4-nvfp4, q4-nf4 or q4-mxfp4, not {other}"),
+        other => bail!("{flag} takes q4-nvfp4, q4-nf4 or q4-mxfp4, not {other}"),
     };
     let gguf = q4_llm::default_model::ensure()?;
     let opts = LoadOptions {
@@ -138,10 +152,10 @@ fn ab_tile_decode(config: &str, reps: usize) -> Result<()> {
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
     let prompt = tok.encode(PROMPT, false)?;
     let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-    let (mut chunk, mut element) = (Vec::new(), Vec::new());
+    let (mut on_times, mut off_times) = (Vec::new(), Vec::new());
     for i in 0..reps + 3 {
-        for (on, times) in [(true, &mut chunk), (false, &mut element)] {
-            q4::kernels::cpu::set_chunk_order_tiles(on);
+        for (on, times) in [(true, &mut on_times), (false, &mut off_times)] {
+            select(on);
             let mut cache = model.new_cache(prompt.len());
             let t = Instant::now();
             model.forward_last(&ids, &mut cache)?;
@@ -150,10 +164,10 @@ fn ab_tile_decode(config: &str, reps: usize) -> Result<()> {
             }
         }
     }
-    q4::kernels::cpu::set_chunk_order_tiles(true);
-    let (a, b) = (median(&chunk), median(&element));
+    select(true);
+    let (a, b) = (median(&on_times), median(&off_times));
     println!(
-        "{config} {}-token prefill, median of {reps} alternating calls: chunk order {a:.1} tok/s, element order {b:.1} tok/s, ratio x{:.3}",
+        "{config} {}-token prefill, median of {reps} alternating calls: {on_name} {a:.1} tok/s, {off_name} {b:.1} tok/s, ratio x{:.3}",
         prompt.len(),
         a / b
     );
@@ -360,12 +374,12 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
-| --ab-tile-decode CONFIG [--reps N (200)]";
+| --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 7] = [
+    const VALUED: [&str; 8] = [
         "--new",
         "--reps",
         "--long",
@@ -373,6 +387,7 @@ fn check_args(args: &[String]) -> Result<bool> {
         "--ppl-tokens",
         "--child",
         "--ab-tile-decode",
+        "--ab-micro-kernel",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
     let mut i = 1;
@@ -407,8 +422,10 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
     }
-    if let Some(i) = args.iter().position(|a| a == "--ab-tile-decode") {
-        return ab_tile_decode(&args[i + 1], arg("--reps", 200));
+    for flag in ["--ab-tile-decode", "--ab-micro-kernel"] {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            return ab_prefill(flag, &args[i + 1], arg("--reps", 200));
+        }
     }
     if args.iter().any(|a| a == "--candle-ppl") {
         return candle_ppl(arg("--ppl-tokens", 256));
