@@ -57,9 +57,9 @@ pub fn set_dot_max_batch(batch: usize) {
 static USE_GEMM_CRATE: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("Q4_TILE_GEMM_CRATE").is_some_and(|v| v != "0"));
 
-/// Whether `batch` activation rows over rows `k` wide use q4's dot-product micro-kernel (AVX2
-/// hosts, see [`DOT_MAX_BATCH`]: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide
-/// decoded whole); larger batches, and other hosts, use the `gemm` crate's.
+/// Whether `batch` activation rows use q4's dot-product micro-kernel (AVX2 hosts, up to
+/// [`DOT_MAX_BATCH`]: no packing of the tile, rows up to [`UNSLICED_MAX_K`] wide decoded
+/// whole); larger batches, and other hosts, use the `gemm` crate's.
 pub(super) fn dot_kernel(batch: usize) -> bool {
     let max = match DOT_MAX.load(std::sync::atomic::Ordering::Relaxed) {
         0 => DOT_MAX_BATCH,

@@ -499,8 +499,9 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
 /// Dense micro-kernel of the tiled GEMM (batches above the GEMV's): for `m < batch`,
 /// `j < rows`, `y[m * ys + j] = (accumulate ? y[..] : 0) + sum_kk x[m * xs + kk] * t[j * w + kk]`
 /// over `kk < w`. Dot-product form: the decoded tile rows and the activation rows are both read
-/// in their natural order, so nothing is packed or transposed; 3 x 3 blocks of (activation row,
-/// weight row) keep nine 8-wide accumulators in registers, and each tile row is loaded once per
+/// in their natural order, so nothing is packed or transposed; 3 x 4 blocks of (activation row,
+/// weight row) keep twelve 8-wide accumulators in registers (7 loads per 12 FMAs; 3 x 3 with
+/// `set_wide_tile_blocks(false)`), and each tile row is loaded once per
 /// batch (the activation slice stays in L1).
 ///
 /// # Safety
