@@ -144,7 +144,7 @@ pub fn softmax_in_place(x: &mut [f32]) {
 }
 
 /// `x[i] = exp(x[i] - max)`, returning the sum.
-fn exp_sub_in_place(x: &mut [f32], max: f32) -> f32 {
+pub(crate) fn exp_sub_in_place(x: &mut [f32], max: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: AVX2 and FMA are present (checked just above).

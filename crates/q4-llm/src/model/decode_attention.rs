@@ -10,7 +10,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};
 
-use super::cpu_ops::softmax_in_place;
+use super::cpu_ops::{exp_sub_in_place, softmax_in_place};
 
 /// Above this many multiply-adds per product, the parallel matmul path is faster.
 const MAX_WORK: usize = 1 << 20;
@@ -83,11 +83,85 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     };
     if nh * s * hd >= PARALLEL_WORK {
         use rayon::prelude::*;
+        let parts = position_parts(b * nkv, s, rayon::current_num_threads());
+        if parts > 1 {
+            // Fewer (batch row, kv head) units than the threads can share evenly (SmolLM2: 3 kv
+            // heads on 2 threads): each unit also splits the cached positions into `parts`,
+            // keeps its own softmax max, sum and unnormalized output, and the parts are merged.
+            let width = n_rep * (hd + 2);
+            let mut partial = vec![0f32; b * nkv * parts * width];
+            partial
+                .par_chunks_mut(width)
+                .enumerate()
+                .for_each(|(w, buf)| {
+                    let (u, p) = (w / parts, w % parts);
+                    let (bi, kvh) = (u / nkv, u % nkv);
+                    let (s0, s1) = (p * s / parts, (p + 1) * s / parts);
+                    let k_base = k_off + bi * k_st[0] + kvh * k_st[1];
+                    let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
+                    let q0 = (bi * nh + kvh * n_rep) * hd;
+                    let len = s1 - s0;
+                    let mut scores = vec![0f32; n_rep * len];
+                    for si in s0..s1 {
+                        let krow = &ks[k_base + si * hd..][..hd];
+                        for j in 0..n_rep {
+                            scores[j * len + si - s0] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
+                        }
+                    }
+                    for (j, row) in scores.chunks_exact_mut(len).enumerate() {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let sum = exp_sub_in_place(row, max);
+                        buf[j * (hd + 2)] = max;
+                        buf[j * (hd + 2) + 1] = sum;
+                    }
+                    for si in s0..s1 {
+                        let vrow = &vs[v_base + si * hd..][..hd];
+                        for j in 0..n_rep {
+                            let e = scores[j * len + si - s0];
+                            let o = &mut buf[j * (hd + 2) + 2..][..hd];
+                            for (o, &x) in o.iter_mut().zip(vrow) {
+                                *o += e * x;
+                            }
+                        }
+                    }
+                });
+            for (u, o) in out.chunks_mut(n_rep * hd).enumerate() {
+                let parts_of = &partial[u * parts * width..][..parts * width];
+                for (j, oj) in o.chunks_exact_mut(hd).enumerate() {
+                    let at = |p: usize| &parts_of[p * width + j * (hd + 2)..][..hd + 2];
+                    let max = (0..parts)
+                        .map(|p| at(p)[0])
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let mut total = 0f32;
+                    for p in 0..parts {
+                        let (m, l, op) = (at(p)[0], at(p)[1], &at(p)[2..]);
+                        let w = (m - max).exp();
+                        total += l * w;
+                        for (o, &x) in oj.iter_mut().zip(op) {
+                            *o += w * x;
+                        }
+                    }
+                    let inv = 1.0 / total;
+                    oj.iter_mut().for_each(|v| *v *= inv);
+                }
+            }
+            return Ok(Some(Tensor::from_vec(out, (b, nh, 1, hd), &Device::Cpu)?));
+        }
         out.par_chunks_mut(n_rep * hd).enumerate().for_each(unit);
     } else {
         out.chunks_mut(n_rep * hd).enumerate().for_each(unit);
     }
     Ok(Some(Tensor::from_vec(out, (b, nh, 1, hd), &Device::Cpu)?))
+}
+
+/// Parts each of `units` (batch row, kv head) pairs splits its `s` cached positions into, so
+/// that `threads` share the work evenly: 1 when the units already divide among the threads,
+/// else enough parts for about four per thread, none shorter than 64 positions.
+fn position_parts(units: usize, s: usize, threads: usize) -> usize {
+    if threads <= 1 || units.is_multiple_of(threads) {
+        return 1;
+    }
+    (4 * threads).div_ceil(units).min(s / 64).max(1)
 }
 
 fn f32_slice(s: &Storage) -> Option<&[f32]> {
@@ -127,6 +201,25 @@ mod tests {
         let (nh, hd, s) = (6, 32, 400);
         assert!(nh * s * hd >= PARALLEL_WORK && nh * s * hd <= MAX_WORK);
         check_against_matmul(2, nh, 3, hd, 512, s);
+    }
+
+    /// Three kv heads (SmolLM2's) over a cache long enough to run in parallel: with two or more
+    /// threads each head splits its positions into parts that are merged afterwards.
+    #[test]
+    fn split_positions_match_matmul_attention() {
+        let (nh, hd, s) = (9, 64, 700);
+        assert!(nh * s * hd >= PARALLEL_WORK && nh * s * hd <= MAX_WORK);
+        check_against_matmul(1, nh, 3, hd, 1024, s);
+        check_against_matmul(1, nh, 3, hd, 1024, 130);
+    }
+
+    #[test]
+    fn positions_split_only_where_heads_do_not_divide_among_threads() {
+        assert_eq!(position_parts(3, 400, 2), 3);
+        assert_eq!(position_parts(3, 700, 16), 10);
+        assert_eq!(position_parts(6, 400, 2), 1);
+        assert_eq!(position_parts(3, 100, 2), 1);
+        assert_eq!(position_parts(3, 400, 1), 1);
     }
 
     fn check_against_matmul(b: usize, nh: usize, nkv: usize, hd: usize, cap: usize, s: usize) {
