@@ -5,7 +5,8 @@
 //! microseconds, twice per layer. A plain loop over the cached rows is several times cheaper
 //! until the cache gets long, where the matmul path takes over. The query heads that share a
 //! kv head go together, so each cached row is read once per step, and kv heads run in parallel
-//! once the cache holds a few hundred positions.
+//! once the cache holds a few hundred positions (each split into position ranges merged
+//! afterwards where the kv heads alone would leave a thread idle).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};
