@@ -120,11 +120,10 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
     run.report(config, prompt.len(), long.len())
 }
 
-/// Same-process A/B of the 12-token prefill with the tiled GEMM's tiles decoded in chunk order
-/// or in element order (`q4::kernels::cpu::set_chunk_order_tiles`), alternating per call so the
-/// host's noise hits both alike; prints the median tokens/s of each.
-/// Same-process A/B of a tiled-GEMM choice on the 12-token prefill: `reps` alternating calls
-/// with the choice on and off.
+/// Same-process A/B of a tiled-GEMM choice on the 12-token prefill — tiles decoded in chunk or
+/// element order (`--ab-tile-decode`), or the micro-kernel's 3 x 4 or 3 x 3 blocks
+/// (`--ab-micro-kernel`) — alternating per call so the host's noise hits both alike; prints the
+/// median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
         "--ab-tile-decode" => (

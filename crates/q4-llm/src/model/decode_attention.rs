@@ -57,30 +57,48 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
     // One unit per (batch row, kv head): its n_rep query heads read each cached key and value
     // row once, while it is in L1, instead of once per head. Per head the arithmetic (and so
     // the result) is what a head-by-head loop computes.
-    let unit = |(u, o): (usize, &mut [f32])| {
-        let (bi, kvh) = (u / nkv, u % nkv);
+    // Scaled scores of unit (bi, kvh)'s query heads against cached positions s0..s1: head j's
+    // row at j * (s1 - s0).
+    let scores_of = |bi: usize, kvh: usize, s0: usize, s1: usize| {
         let k_base = k_off + bi * k_st[0] + kvh * k_st[1];
-        let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
         let q0 = (bi * nh + kvh * n_rep) * hd;
-        let mut scores = vec![0f32; n_rep * s];
-        for si in 0..s {
+        let len = s1 - s0;
+        let mut scores = vec![0f32; n_rep * len];
+        for si in s0..s1 {
             let krow = &ks[k_base + si * hd..][..hd];
             for j in 0..n_rep {
-                scores[j * s + si] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
+                scores[j * len + si - s0] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
             }
         }
-        for row in scores.chunks_exact_mut(s) {
-            softmax_in_place(row);
-        }
-        for si in 0..s {
+        scores
+    };
+    // Adds the cached values s0..s1 weighted by `weights` (laid out as `scores_of`'s) to head
+    // j's output at o[j * stride..][..hd].
+    let add_values = |bi: usize,
+                      kvh: usize,
+                      (s0, s1): (usize, usize),
+                      weights: &[f32],
+                      o: &mut [f32],
+                      stride: usize| {
+        let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
+        let len = s1 - s0;
+        for si in s0..s1 {
             let vrow = &vs[v_base + si * hd..][..hd];
-            for (j, orow) in o.chunks_exact_mut(hd).enumerate() {
-                let p = scores[j * s + si];
-                for (o, &x) in orow.iter_mut().zip(vrow) {
+            for j in 0..n_rep {
+                let p = weights[j * len + si - s0];
+                for (o, &x) in o[j * stride..][..hd].iter_mut().zip(vrow) {
                     *o += p * x;
                 }
             }
         }
+    };
+    let unit = |(u, o): (usize, &mut [f32])| {
+        let (bi, kvh) = (u / nkv, u % nkv);
+        let mut scores = scores_of(bi, kvh, 0, s);
+        for row in scores.chunks_exact_mut(s) {
+            softmax_in_place(row);
+        }
+        add_values(bi, kvh, (0, s), &scores, o, hd);
     };
     if nh * s * hd >= PARALLEL_WORK {
         use rayon::prelude::*;
@@ -89,6 +107,7 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
             // Fewer (batch row, kv head) units than the threads can share evenly (SmolLM2: 3 kv
             // heads on 2 threads): each unit also splits the cached positions into `parts`,
             // keeps its own softmax max, sum and unnormalized output, and the parts are merged.
+            // Per part and head: max, sum, then hd output values.
             let width = n_rep * (hd + 2);
             let mut partial = vec![0f32; b * nkv * parts * width];
             partial
@@ -98,33 +117,14 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
                     let (u, p) = (w / parts, w % parts);
                     let (bi, kvh) = (u / nkv, u % nkv);
                     let (s0, s1) = (p * s / parts, (p + 1) * s / parts);
-                    let k_base = k_off + bi * k_st[0] + kvh * k_st[1];
-                    let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
-                    let q0 = (bi * nh + kvh * n_rep) * hd;
-                    let len = s1 - s0;
-                    let mut scores = vec![0f32; n_rep * len];
-                    for si in s0..s1 {
-                        let krow = &ks[k_base + si * hd..][..hd];
-                        for j in 0..n_rep {
-                            scores[j * len + si - s0] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
-                        }
-                    }
-                    for (j, row) in scores.chunks_exact_mut(len).enumerate() {
+                    let mut scores = scores_of(bi, kvh, s0, s1);
+                    for (j, row) in scores.chunks_exact_mut(s1 - s0).enumerate() {
                         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                         let sum = exp_sub_in_place(row, max);
                         buf[j * (hd + 2)] = max;
                         buf[j * (hd + 2) + 1] = sum;
                     }
-                    for si in s0..s1 {
-                        let vrow = &vs[v_base + si * hd..][..hd];
-                        for j in 0..n_rep {
-                            let e = scores[j * len + si - s0];
-                            let o = &mut buf[j * (hd + 2) + 2..][..hd];
-                            for (o, &x) in o.iter_mut().zip(vrow) {
-                                *o += e * x;
-                            }
-                        }
-                    }
+                    add_values(bi, kvh, (s0, s1), &scores, &mut buf[2..], hd + 2);
                 });
             for (u, o) in out.chunks_mut(n_rep * hd).enumerate() {
                 let parts_of = &partial[u * parts * width..][..parts * width];
@@ -146,9 +146,9 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
                     oj.iter_mut().for_each(|v| *v *= inv);
                 }
             }
-            return Ok(Some(Tensor::from_vec(out, (b, nh, 1, hd), &Device::Cpu)?));
+        } else {
+            out.par_chunks_mut(n_rep * hd).enumerate().for_each(unit);
         }
-        out.par_chunks_mut(n_rep * hd).enumerate().for_each(unit);
     } else {
         out.chunks_mut(n_rep * hd).enumerate().for_each(unit);
     }

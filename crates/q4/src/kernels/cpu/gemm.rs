@@ -45,8 +45,8 @@ pub const DOT_MAX_BATCH: usize = 128;
 
 static DOT_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Sets the largest batch of the dot-product micro-kernel at every width (0: the defaults
-/// above), for same-process A/B measurements. No effect without AVX2.
+/// Sets the largest batch of the dot-product micro-kernel (0: [`DOT_MAX_BATCH`]), for
+/// same-process A/B measurements. No effect without AVX2.
 pub fn set_dot_max_batch(batch: usize) {
     DOT_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
 }
