@@ -122,8 +122,9 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 
 /// Same-process A/B of a tiled-GEMM choice on the 12-token prefill — tiles decoded in chunk or
 /// element order (`--ab-tile-decode`), or the micro-kernel's 3 x 4 or 3 x 3 blocks
-/// (`--ab-micro-kernel`) — alternating per call so the host's noise hits both alike; prints the
-/// median tokens/s of each.
+/// (`--ab-micro-kernel`) — or on a 256-token prefill, the AMX tile GEMM against the AVX2
+/// kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both alike;
+/// prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
         "--ab-tile-decode" => (
@@ -131,6 +132,10 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
             "chunk order",
             "element order",
         ),
+        #[cfg(target_arch = "x86_64")]
+        "--ab-amx" => (q4::kernels::cpu::amx::set_enabled, "AMX", "AVX2"),
+        #[cfg(not(target_arch = "x86_64"))]
+        "--ab-amx" => bail!("--ab-amx: AMX is an x86-64 feature"),
         _ => (
             q4::kernels::cpu::set_wide_tile_blocks,
             "3x4 blocks",
@@ -149,7 +154,16 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
         ..Default::default()
     };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
-    let prompt = tok.encode(PROMPT, false)?;
+    let prompt = if flag == "--ab-amx" {
+        #[cfg(target_arch = "x86_64")]
+        anyhow::ensure!(
+            q4::kernels::cpu::amx::usable(),
+            "--ab-amx: AMX is not usable on this host"
+        );
+        long_prompt_ids(&tok, 256)?
+    } else {
+        tok.encode(PROMPT, false)?
+    };
     let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
     let (mut on_times, mut off_times) = (Vec::new(), Vec::new());
     for i in 0..reps + 3 {
@@ -373,12 +387,13 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
-| --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)]";
+| --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)] \
+| --ab-amx CONFIG [--reps N (200)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 8] = [
+    const VALUED: [&str; 9] = [
         "--new",
         "--reps",
         "--long",
@@ -387,6 +402,7 @@ fn check_args(args: &[String]) -> Result<bool> {
         "--child",
         "--ab-tile-decode",
         "--ab-micro-kernel",
+        "--ab-amx",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
     let mut i = 1;
@@ -421,7 +437,7 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
     }
-    for flag in ["--ab-tile-decode", "--ab-micro-kernel"] {
+    for flag in ["--ab-tile-decode", "--ab-micro-kernel", "--ab-amx"] {
         if let Some(i) = args.iter().position(|a| a == flag) {
             return ab_prefill(flag, &args[i + 1], arg("--reps", 200));
         }

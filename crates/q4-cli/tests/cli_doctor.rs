@@ -40,7 +40,27 @@ fn doctor_json_is_complete_and_consistent() {
     let cpu = &v["cpu"];
     assert!(cpu["threads"].as_u64().unwrap() >= 1);
     let kernels = cpu["kernels"].as_array().unwrap();
-    assert_eq!(kernels.len(), 12, "4 formats x 3 batch ranges");
+    // AMX hosts add a row for NVFP4, whose decoded weights are exact in bf16.
+    let amx = cpu["simd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s.as_str() == Some("amx-bf16"));
+    let amx_rows: Vec<&str> = kernels
+        .iter()
+        .filter(|k| k["kernel"].as_str().unwrap().starts_with("tiled-gemm-amx"))
+        .map(|k| k["format"].as_str().unwrap())
+        .collect();
+    if amx {
+        assert_eq!(amx_rows, ["nvfp4"], "AMX rows");
+    } else {
+        assert!(amx_rows.is_empty(), "{amx_rows:?}");
+    }
+    assert_eq!(
+        kernels.len(),
+        12 + amx_rows.len(),
+        "4 formats x 3 batch ranges (+ AMX rows)"
+    );
     let names: Vec<&str> = kernels
         .iter()
         .map(|k| k["kernel"].as_str().unwrap())

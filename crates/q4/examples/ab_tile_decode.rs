@@ -8,6 +8,7 @@
 //! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
 //! - `int8`: W4A8 (`ActQuant::Int8`) calls through the int8 kernel against the f32 kernels on
 //!   the activations' int8 round trip.
+//! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts).
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
 //!   crate's at every batch.
 //!
@@ -44,9 +45,13 @@ fn main() {
     // `int8`: W4A8 calls, the int8 kernel against the f32 kernels on the activations' int8
     // round trip.
     let int8 = mode == "int8";
+    let amx = mode == "amx";
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let select = |on: bool| {
-        if int8 {
+        if amx {
+            #[cfg(target_arch = "x86_64")]
+            q4::kernels::cpu::amx::set_enabled(on);
+        } else if int8 {
             set_int8_max_batch(if on { usize::MAX } else { 0 });
         } else if nr4 {
             set_wide_tile_blocks(on);

@@ -166,6 +166,21 @@ pub fn cpu_report() -> CpuReport {
                 kernel: cpu_kernel_name(kernel_for(batch, k)),
             });
         }
+        // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4.
+        // (MXFP4's E8M0 scales reach 2^-127, where bf16 values are subnormal and the tile unit
+        // flushes them, so it stays on AVX2.)
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::cpu::amx::usable() && f == Format::Nvfp4 {
+            use crate::kernels::cpu::{AMX_MIN_BATCH, AMX_MIN_BATCH_NARROW, AMX_MIN_ROWS};
+            kernels.push(CpuKernelRow {
+                format: f.name(),
+                batch: format!(
+                    ">={AMX_MIN_BATCH} (>={AMX_MIN_BATCH_NARROW} under {AMX_MIN_ROWS} rows)"
+                ),
+                kernel: "tiled-gemm-amx (tiles decoded to bf16, AMX tdpbf16ps, f32 activations \
+                         as three bf16 pieces)",
+            });
+        }
     }
     CpuReport {
         arch: std::env::consts::ARCH,
@@ -198,6 +213,11 @@ fn simd_features() -> Vec<&'static str> {
             "avx512vl",
             "avx512vnni"
         );
+        if crate::kernels::cpu::amx::usable() {
+            v.push("amx-bf16");
+        } else if crate::kernels::cpu::amx::cpu_has_amx() {
+            v.push("amx-bf16 (no tile-data permission: unused)");
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {

@@ -3,6 +3,8 @@
 
 #[cfg(target_arch = "aarch64")]
 mod aarch64;
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 mod decode;
 pub mod dense;
 mod gemm;
@@ -21,6 +23,8 @@ mod x86;
 pub use decode::{dequantize_into, pairs};
 #[doc(hidden)]
 pub use gemm::{set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K};
+#[cfg(target_arch = "x86_64")]
+pub use gemm::{AMX_MIN_BATCH, AMX_MIN_BATCH_NARROW, AMX_MIN_ROWS};
 pub use rows::Rows;
 
 use rayon::prelude::*;
@@ -149,6 +153,26 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         return;
     }
     match kernel_for(batch, rows.k) {
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::TiledGemm if w.format == crate::Format::Nvfp4 => {
+            // E2M1 codes times unscaled E4M3 block scales are exact in bfloat16, so on AMX the
+            // tensor scale is applied to the sums instead of the weights.
+            let mut unscaled = rows;
+            if let rows::ScaleSrc::Table { bytes, .. } = rows.scales {
+                unscaled.scales = rows::ScaleSrc::Table {
+                    bytes,
+                    table: &NVFP4_UNSCALED,
+                };
+            }
+            if gemm::amx_takes(&unscaled, batch) {
+                gemm::matmul(&unscaled, x, batch, y);
+                if w.scale2 != 1.0 {
+                    y.iter_mut().for_each(|v| *v *= w.scale2);
+                }
+            } else {
+                gemm::matmul(&rows, x, batch, y);
+            }
+        }
         CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
         CpuKernel::GemvPasses => {
             // Groups of up to GEMV_MAX_BATCH activation rows, each a GEMV over the weight.
@@ -168,6 +192,11 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         _ => gemv::matmul(&rows, x, batch, y),
     }
 }
+
+/// NVFP4's E4M3 block scales without a tensor scale.
+#[cfg(target_arch = "x86_64")]
+static NVFP4_UNSCALED: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
 
 /// Transposes `src` (`rows x cols`) into `dst` (`cols x rows`); one column is a plain copy (the
 /// kernels' per-weight-row results at batch 1).
