@@ -12,6 +12,10 @@
 //! into pieces too, they needed six products per weight and measured slower than AVX2 at
 //! batch 16 (1.46x the time on 4096x4096 NF4) and even at 64.
 //!
+//! NVFP4 tiles are decoded straight from the packed codes into bf16 (per 32 values: the nibbles
+//! as 32 word indices, one permute through a 32-entry table of both blocks' code values times
+//! their scales), never through f32 rows.
+//!
 //! Layout: weights are the A operand (16 weight rows by 32 values of K per tile), activations
 //! the B operand in the tile unit's pair layout (row p of a tile holds, for 16 activation rows,
 //! the pairs `(x[2p], x[2p + 1])`), so a 16 x 16 result holds 16 weight rows by 16 activation
@@ -228,33 +232,31 @@ fn pieces(v: f32) -> [u16; PIECES] {
     [(h >> 16) as u16, (m >> 16) as u16, (l >> 16) as u16]
 }
 
-/// Source position (within a 32-value step) of the value at position `i` of a packed A-tile
-/// row: packing 2 x 16 values with `vpackusdw` interleaves them by 128-bit lane (four from the
-/// first vector, four from the second, per lane). The activations are laid out in the same
-/// order, so the dot products see matching pairs.
+/// Source column (within a 32-value step) of the value at position `i` of an A-tile row: the
+/// decoder emits a step's low nibbles (even columns) first, then its high nibbles (odd columns).
+/// The activations are laid out in the same order, so the dot products see matching pairs.
 #[inline]
-fn packed_source(i: usize) -> usize {
-    let (lane, j) = (i / 8, i % 8);
-    if j < 4 {
-        4 * lane + j
+fn step_source(i: usize) -> usize {
+    if i < STEP / 2 {
+        2 * i
     } else {
-        16 + 4 * lane + j - 4
+        2 * (i - STEP / 2) + 1
     }
 }
 
 /// Activations in the B layout: `[group of 16 rows][step of 32 K][piece][pair p][row j]` as u32
-/// (the bf16 pieces of the step's values at packed positions 2p and 2p + 1, low half first),
-/// zero past the batch and past K.
+/// (the bf16 pieces of the step's values at positions 2p and 2p + 1, low half first), zero past
+/// the batch and past K.
 fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut Vec<u32>) {
     let groups = batch.div_ceil(16);
     out.clear();
     out.resize(groups * steps * PIECES * TILE_WORDS, 0);
-    let src: [usize; STEP] = std::array::from_fn(packed_source);
-    for m in 0..batch {
-        let (g, j) = (m / 16, m % 16);
-        let row = &x[m * k..(m + 1) * k];
-        for s in 0..steps {
-            let base = (g * steps + s) * PIECES * TILE_WORDS;
+    let src: [usize; STEP] = std::array::from_fn(step_source);
+    // One (group, step) per chunk.
+    super::parallel::for_each_chunk_mut(out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
+        let (g, s) = (c / steps, c % steps);
+        for j in 0..16.min(batch - g * 16) {
+            let row = &x[(g * 16 + j) * k..][..k];
             let piece_of = |i: usize| {
                 let kk = s * STEP + src[i];
                 if kk < k {
@@ -266,36 +268,113 @@ fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut V
             for p in 0..STEP / 2 {
                 let (a, b) = (piece_of(2 * p), piece_of(2 * p + 1));
                 for q in 0..PIECES {
-                    out[base + q * TILE_WORDS + p * 16 + j] = a[q] as u32 | (b[q] as u32) << 16;
+                    tile[q * TILE_WORDS + p * 16 + j] = a[q] as u32 | (b[q] as u32) << 16;
                 }
             }
         }
-    }
+    });
 }
 
-/// Packs `UNIT_ROWS` decoded rows (`rows[r * width ..]`, `width` a multiple of [`STEP`], every
-/// value exact in bfloat16) into A tiles `[step][half][16 rows][32 values]` (bf16, values in
-/// [`packed_source`] order).
-///
-/// # Safety
-/// AVX-512F and BW present; `rows.len() >= UNIT_ROWS * width`,
-/// `out.len() >= width / STEP * 2 * TILE_BYTES / 2`.
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn weight_tiles(rows: &[f32], width: usize, out: &mut [u16]) {
-    debug_assert!(rows.len() >= UNIT_ROWS * width && width.is_multiple_of(STEP));
-    let steps = width / STEP;
-    debug_assert!(out.len() >= steps * TILE_BYTES);
-    let base = out.as_mut_ptr();
-    for r in 0..UNIT_ROWS {
-        for s in 0..steps {
-            let src = rows.as_ptr().add(r * width + s * STEP);
-            // The high halves of 2 x 16 f32 bit patterns (their exact bfloat16 values) as 32
-            // u16, lane-interleaved.
-            let v0 = _mm512_srli_epi32::<16>(_mm512_castps_si512(_mm512_loadu_ps(src)));
-            let v1 = _mm512_srli_epi32::<16>(_mm512_castps_si512(_mm512_loadu_ps(src.add(16))));
-            let dst = base.add(((s * 2 + r / 16) * 16 + r % 16) * STEP);
-            _mm512_storeu_si512(dst.cast(), _mm512_packus_epi32(v0, v1));
+/// NVFP4 weights as the tile GEMM reads them: packed codes (low nibble first), one E4M3 byte per
+/// 16 values looked up in `table` (block scales without the tensor scale, so that every decoded
+/// value is exact in bfloat16), and the code values.
+pub struct Nvfp4Tiles<'a> {
+    pub codes: &'a [u8],
+    pub scale_bytes: &'a [u8],
+    pub table: &'a [f32; 256],
+    pub values: &'a [f32; 16],
+    pub n: usize,
+    pub k: usize,
+    pub row_bytes: usize,
+    pub row_blocks: usize,
+}
+
+impl Nvfp4Tiles<'_> {
+    /// Decodes weight rows `r0..r0 + UNIT_ROWS` (rows from `n` on as zeros), columns
+    /// `k0..k0 + steps * STEP`, into A tiles `[step][half][16 rows][32 values]` (bf16, values in
+    /// [`step_source`] order; columns from `k` on as zeros).
+    ///
+    /// `products` is [`Nvfp4Tiles::products`].
+    ///
+    /// # Safety
+    /// AVX-512F/BW present; `k0` a multiple of [`STEP`]; `out.len() >= steps * TILE_BYTES`;
+    /// `products.len() == 256 * 16`; the codes and scale bytes hold `n` rows of `row_bytes` and
+    /// `row_blocks` (whole blocks covering `k`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn decode(&self, products: &[u16], r0: usize, k0: usize, steps: usize, out: &mut [u16]) {
+        debug_assert_eq!(products.len(), 256 * 16);
+        debug_assert!(out.len() >= steps * TILE_BYTES);
+        // Every (scale byte, code) product as bf16, 16 per scale byte: one 32-byte row per block.
+        let nibble = _mm256_set1_epi16(0x0f);
+        // Words 8-15 of each half hold the step's second block: index its half of the table.
+        let second = _mm512_set_epi16(
+            16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16,
+            0, 0, 0, 0, 0, 0, 0, 0,
+        );
+        let base = out.as_mut_ptr();
+        let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
+        for r in 0..UNIT_ROWS {
+            let row = r0 + r;
+            for s in 0..steps {
+                let dst = base
+                    .add(((s * 2 + r / 16) * 16 + r % 16) * STEP)
+                    .cast::<__m512i>();
+                let col = k0 + s * STEP;
+                if row >= self.n || col >= self.k {
+                    _mm512_storeu_si512(dst, _mm512_setzero_si512());
+                    continue;
+                }
+                let blk = row * self.row_blocks + col / 16;
+                let byte0 = row * self.row_bytes + col / 2;
+                let (codes, table) = if col + STEP <= self.k {
+                    (
+                        _mm_loadu_si128(self.codes.as_ptr().add(byte0).cast()),
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(row_of(
+                                *self.scale_bytes.get_unchecked(blk),
+                            ))),
+                            _mm256_loadu_si256(row_of(*self.scale_bytes.get_unchecked(blk + 1))),
+                        ),
+                    )
+                } else {
+                    // The row's last step, short of 32 columns: copy what the row holds (one or
+                    // two blocks); a missing second block reads as zeros.
+                    let two = col + 16 < self.k;
+                    let mut tmp = [0u8; 16];
+                    let avail = (self.row_bytes - col / 2).min(if two { 16 } else { 8 });
+                    tmp[..avail].copy_from_slice(&self.codes[byte0..byte0 + avail]);
+                    let lo = _mm256_loadu_si256(row_of(self.scale_bytes[blk]));
+                    let hi = if two {
+                        _mm256_loadu_si256(row_of(self.scale_bytes[blk + 1]))
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    (
+                        _mm_loadu_si128(tmp.as_ptr().cast()),
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+                    )
+                };
+                let w16 = _mm256_cvtepu8_epi16(codes);
+                let idx = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_and_si256(w16, nibble)),
+                    _mm256_srli_epi16::<4>(w16),
+                );
+                let idx = _mm512_add_epi16(idx, second);
+                _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, table));
+            }
         }
+    }
+
+    /// Every product of a scale byte's value and a code value as bf16 (`[byte][code]`; exact for
+    /// the tables [`products_exact`] accepts).
+    fn products(&self) -> Vec<u16> {
+        let mut t = Vec::with_capacity(256 * 16);
+        for s in self.table.iter() {
+            for v in self.values.iter() {
+                t.push(half::bf16::from_f32(s * v).to_bits());
+            }
+        }
+        t
     }
 }
 
@@ -381,36 +460,37 @@ unsafe fn one_group(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -> *const 
 }
 
 struct Scratch {
-    rows: Vec<f32>,
     a: Vec<u16>,
     c: Vec<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch { rows: Vec::new(), a: Vec::new(), c: Vec::new() })
+        RefCell::new(Scratch { a: Vec::new(), c: Vec::new() })
     };
 }
 
-/// `y[m, n] = sum_k x[m, k] W[n, k]` on AMX, for weights whose row pieces `decode(r, k0, out)`
-/// writes as f32 (`out.len()` values from column `k0`; `k0` is always a multiple of 64).
-/// Callers check [`usable`].
-/// Every decoded value must be exact in bfloat16 (callers check [`products_exact`]).
-pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
-    n: usize,
-    k: usize,
-    decode: &D,
-    x: &[f32],
-    batch: usize,
-    y: &mut [f32],
-) {
+/// `y[m, n] = sum_k x[m, k] W'[n, k]` on AMX for NVFP4 weights `w` (their values without the
+/// tensor scale; the caller applies it). Callers check [`usable`] and the exactness of `w`'s
+/// scale table ([`products_exact`]).
+pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     assert!(usable(), "AMX tile GEMM called where AMX is not usable");
+    let (n, k) = (w.n, w.k);
+    // The decoder reads whole steps unchecked within these bounds.
+    assert!(
+        w.row_blocks * 16 >= k
+            && w.row_bytes * 2 >= w.row_blocks * 16
+            && w.codes.len() >= n * w.row_bytes
+            && w.scale_bytes.len() >= n * w.row_blocks,
+        "NVFP4 tiles: buffers do not cover {n} x {k}"
+    );
     debug_assert_eq!(x.len(), batch * k);
     debug_assert_eq!(y.len(), batch * n);
     let steps = k.div_ceil(STEP);
     let groups = batch.div_ceil(16);
     let mut xb = Vec::new();
     activation_tiles(x, batch, k, steps, &mut xb);
+    let products = w.products();
     let units = n.div_ceil(UNIT_ROWS);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();
@@ -418,30 +498,23 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
         SCRATCH.with_borrow_mut(|sc| {
             let r0 = u * UNIT_ROWS;
             let rows = UNIT_ROWS.min(n - r0);
+            // Each K slice's weight tiles are decoded first, then multiplied with every group
+            // pair. (Decoding each step just before its products, with the accumulators kept
+            // over all of K, measured 1.03-1.38x the time at batches 16-32: the tile loads then
+            // wait for the decoder's stores.)
             let slice_max = SLICE.min(k.next_multiple_of(STEP));
-            sc.rows.resize(UNIT_ROWS * slice_max, 0.0);
             sc.a.resize(slice_max / STEP * TILE_BYTES, 0);
             sc.c.resize(4 * TILE_WORDS, 0.0);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
             unsafe { tile::configure(&cfg) };
             let mut k0 = 0;
             while k0 < k {
-                let w = SLICE.min(k - k0);
-                let wp = w.next_multiple_of(STEP);
-                let slice = &mut sc.rows[..UNIT_ROWS * wp];
-                for r in 0..UNIT_ROWS {
-                    let row = &mut slice[r * wp..(r + 1) * wp];
-                    if r < rows {
-                        decode(r0 + r, k0, &mut row[..w]);
-                        row[w..].fill(0.0);
-                    } else {
-                        row.fill(0.0);
-                    }
-                }
-                // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); `slice` holds
-                // UNIT_ROWS rows of wp (a multiple of STEP) values and `sc.a` was sized for the
-                // widest slice.
-                unsafe { weight_tiles(slice, wp, &mut sc.a) };
+                let w_cols = SLICE.min(k - k0);
+                let wp = w_cols.next_multiple_of(STEP);
+                // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); k0 is a multiple
+                // of SLICE (itself of STEP), `sc.a` holds the widest slice's tiles, `products`
+                // is the product table, and `w` describes its own buffers.
+                unsafe { w.decode(&products, r0, k0, wp / STEP, &mut sc.a) };
                 let step0 = k0 / STEP;
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
@@ -499,7 +572,7 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
                         }
                     }
                 }
-                k0 += w;
+                k0 += w_cols;
             }
             // SAFETY: this thread configured the tiles above.
             unsafe { tile::release() };
@@ -528,26 +601,95 @@ mod tests {
     }
 
     #[test]
-    fn packed_order_is_a_permutation_matching_vpackusdw() {
+    fn step_order_is_a_permutation() {
         let mut seen = [false; STEP];
         for i in 0..STEP {
-            seen[packed_source(i)] = true;
+            seen[step_source(i)] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    /// NVFP4's code values (ModelOpt decodes code 8 as +0).
+    const NVFP4_VALUES: [f32; 16] = {
+        let mut v = q4_formats::scalar::E2M1_VALUES;
+        v[8] = 0.0;
+        v
+    };
+
+    fn nvfp4(n: usize, k: usize, seed: u64) -> q4_formats::nvfp4::Nvfp4Tensor {
+        let mut s = seed | 1;
+        let w: Vec<f32> = (0..n * k)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+            })
+            .collect();
+        let opts = q4_formats::nvfp4::Nvfp4Options {
+            pad: true,
+            ..Default::default()
+        };
+        q4_formats::nvfp4::quantize(&w, k, &opts).unwrap()
+    }
+
+    /// The bf16 tiles hold exactly the scalar dequantization (without the tensor scale), in
+    /// `step_source` order, zeros past the rows and columns; the last step of a row with an odd
+    /// block count reads no byte past the row.
+    #[test]
+    fn nvfp4_tiles_decode_exactly() {
         if !cpu_has_amx() {
             return;
         }
-        // One row of 32 distinct bf16-exact values through the packing.
-        let mut rows = vec![0f32; UNIT_ROWS * STEP];
-        for (i, v) in rows.iter_mut().take(STEP).enumerate() {
-            *v = (i + 1) as f32;
-        }
-        let mut out = vec![0u16; TILE_BYTES];
-        // SAFETY: AVX-512F/BW present (cpu_has_amx); buffers sized as documented.
-        unsafe { weight_tiles(&rows, STEP, &mut out) };
-        for (i, &b) in out.iter().take(STEP).enumerate() {
-            let v = f32::from_bits((b as u32) << 16);
-            assert_eq!(v, (packed_source(i) + 1) as f32, "position {i}");
+        static UNSCALED: LazyLock<[f32; 256]> =
+            LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
+        for (n, k) in [(40, 48), (32, 64), (17, 1040)] {
+            let t = nvfp4(n, k, 7 + k as u64);
+            let mut dense = q4_formats::nvfp4::Nvfp4Tensor {
+                scale2: 1.0,
+                ..t.clone()
+            }
+            .dequantize::<f32>()
+            .unwrap();
+            let kp = q4_formats::nvfp4::padded_cols(k);
+            if dense.len() != n * k {
+                dense.truncate(n * k);
+            }
+            let src = Nvfp4Tiles {
+                codes: &t.packed,
+                scale_bytes: &t.scales,
+                table: &UNSCALED,
+                values: &NVFP4_VALUES,
+                n,
+                k,
+                row_bytes: kp / 2,
+                row_blocks: kp / 16,
+            };
+            let steps = k.div_ceil(STEP);
+            for r0 in (0..n).step_by(UNIT_ROWS) {
+                let mut out = vec![0xffffu16; steps * TILE_BYTES];
+                // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented; the
+                // tensor's own buffers.
+                unsafe { src.decode(&src.products(), r0, 0, steps, &mut out) };
+                for r in 0..UNIT_ROWS {
+                    for st in 0..steps {
+                        for i in 0..STEP {
+                            let got = out[((st * 2 + r / 16) * 16 + r % 16) * STEP + i];
+                            let (row, col) = (r0 + r, st * STEP + step_source(i));
+                            let want = if row < n && col < k {
+                                dense[row * k + col]
+                            } else {
+                                0.0
+                            };
+                            assert_eq!(
+                                f32::from_bits((got as u32) << 16).to_bits(),
+                                want.to_bits(),
+                                "{n}x{k} row {row} col {col}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -564,15 +706,16 @@ mod tests {
         assert!(significant_bits(1.75) == 3 && significant_bits(0.0) == 0);
     }
 
-    /// The AMX GEMM against an f64 reference, over shapes with row, batch and K remainders
-    /// (one and two activation groups), with E2M1-like weights (exact in bf16) and activations
-    /// that are not.
+    /// The AMX GEMM on quantized NVFP4 weights against an f64 product of their dequantized
+    /// values, over shapes with row, batch and K remainders (one and two activation groups).
     #[test]
     fn amx_matches_f64_reference() {
         if !usable() {
             eprintln!("AMX not usable here: skipped");
             return;
         }
+        static UNSCALED: LazyLock<[f32; 256]> =
+            LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
         let mut seed = 0x1234_5678_9abc_def1u64;
         let mut rnd = move || {
             seed ^= seed << 13;
@@ -582,22 +725,34 @@ mod tests {
         };
         for (n, k, batch) in [
             (32, 64, 16),
-            (45, 100, 9),
-            (70, 1100, 37),
+            (45, 96, 9),
+            (70, 1104, 37),
             (33, 2048, 64),
             (16, 32, 1),
-            (100, 3000, 20),
+            (100, 3008, 20),
+            (40, 48, 17),
         ] {
-            // Codes times block scales: exact in bfloat16.
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((rnd() * 12.0).round() / 2.0) * [0.375, 1.0, 0.0078125][i / 16 % 3])
-                .collect();
+            let t = nvfp4(n, k, n as u64 * 31 + k as u64);
+            let w = q4_formats::nvfp4::Nvfp4Tensor {
+                scale2: 1.0,
+                ..t.clone()
+            }
+            .dequantize::<f32>()
+            .unwrap();
+            let kp = q4_formats::nvfp4::padded_cols(k);
+            let src = Nvfp4Tiles {
+                codes: &t.packed,
+                scale_bytes: &t.scales,
+                table: &UNSCALED,
+                values: &NVFP4_VALUES,
+                n,
+                k,
+                row_bytes: kp / 2,
+                row_blocks: kp / 16,
+            };
             let x: Vec<f32> = (0..batch * k).map(|_| rnd()).collect();
             let mut y = vec![f32::NAN; batch * n];
-            let decode = |r: usize, k0: usize, out: &mut [f32]| {
-                out.copy_from_slice(&w[r * k + k0..r * k + k0 + out.len()])
-            };
-            matmul_decoded(n, k, &decode, &x, batch, &mut y);
+            matmul_nvfp4(&src, &x, batch, &mut y);
             let (mut num, mut den) = (0f64, 0f64);
             for m in 0..batch {
                 for r in 0..n {

@@ -117,18 +117,6 @@ thread_local! {
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // With AVX2, tiles are decoded in the GEMV's chunk order (half the decode instructions)
     // and the activations permuted once to match: the dot products see the same pairs.
-    // AMX hosts multiply weights that are exact in bfloat16 on the tile unit.
-    #[cfg(target_arch = "x86_64")]
-    if amx_takes(w, batch) {
-        if let Some(dec) = super::x86::ChunkDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
-            let mut xp = Vec::new();
-            super::x86::permute_activations(x, w.k, w.high_first, &mut xp);
-            let decode = |r: usize, k0: usize, out: &mut [f32]| dec.decode(r, k0, out);
-            return super::amx::matmul_decoded(w.n, w.k, &decode, &xp, batch, y);
-        }
-        let decode = |r: usize, k0: usize, out: &mut [f32]| w.decode_range(r, k0, out);
-        return super::amx::matmul_decoded(w.n, w.k, &decode, x, batch, y);
-    }
     #[cfg(target_arch = "x86_64")]
     if let Some(dec) = super::x86::ChunkDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
         let mut xp = Vec::new();

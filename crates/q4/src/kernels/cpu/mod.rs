@@ -165,7 +165,19 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
                 };
             }
             if gemm::amx_takes(&unscaled, batch) {
-                gemm::matmul(&unscaled, x, batch, y);
+                if let rows::ScaleSrc::Table { bytes, table } = unscaled.scales {
+                    let tiles = amx::Nvfp4Tiles {
+                        codes: rows.codes,
+                        scale_bytes: bytes,
+                        table,
+                        values: rows.values,
+                        n: rows.n,
+                        k: rows.k,
+                        row_bytes: rows.row_bytes,
+                        row_blocks: rows.row_blocks,
+                    };
+                    amx::matmul_nvfp4(&tiles, x, batch, y);
+                }
                 if w.scale2 != 1.0 {
                     y.iter_mut().for_each(|v| *v *= w.scale2);
                 }
