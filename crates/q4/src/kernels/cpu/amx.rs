@@ -33,7 +33,7 @@ use super::parallel::for_each_index;
 /// Weight rows per work unit (two A tiles).
 const UNIT_ROWS: usize = 32;
 /// K values per tile.
-const STEP: usize = 32;
+pub(super) const STEP: usize = 32;
 /// K values decoded per slice (a multiple of the 64-value decode chunk): 32 rows of it as f32
 /// and as bf16 stay in L2 next to the activations.
 const SLICE: usize = 1024;
@@ -42,7 +42,7 @@ const TILE_BYTES: usize = 1024;
 /// u32 words of one tile.
 const TILE_WORDS: usize = TILE_BYTES / 4;
 /// bf16 pieces per value.
-const PIECES: usize = 3;
+pub(super) const PIECES: usize = 3;
 
 /// AMX-BF16 usable by this process: the CPU has it, the OS saves its state, and the kernel
 /// granted this process the tile data permission (Linux asks processes to request it once).
@@ -223,7 +223,7 @@ mod tile {
 
 /// The three truncated bfloat16 pieces of `v` (as bit patterns).
 #[inline]
-fn pieces(v: f32) -> [u16; PIECES] {
+pub(super) fn pieces(v: f32) -> [u16; PIECES] {
     const HI: u32 = 0xffff_0000;
     let h = v.to_bits() & HI;
     let r = v - f32::from_bits(h);
@@ -236,7 +236,7 @@ fn pieces(v: f32) -> [u16; PIECES] {
 /// decoder emits a step's low nibbles (even columns) first, then its high nibbles (odd columns).
 /// The activations are laid out in the same order, so the dot products see matching pairs.
 #[inline]
-fn step_source(i: usize) -> usize {
+pub(super) fn step_source(i: usize) -> usize {
     if i < STEP / 2 {
         2 * i
     } else {
@@ -290,6 +290,20 @@ pub struct Nvfp4Tiles<'a> {
 }
 
 impl Nvfp4Tiles<'_> {
+    /// Panics unless the buffers cover `n` rows of `k` values: the decoder reads whole steps
+    /// unchecked within these bounds.
+    pub fn check(&self) {
+        assert!(
+            self.row_blocks * 16 >= self.k
+                && self.row_bytes * 2 >= self.row_blocks * 16
+                && self.codes.len() >= self.n * self.row_bytes
+                && self.scale_bytes.len() >= self.n * self.row_blocks,
+            "NVFP4 tiles: buffers do not cover {} x {}",
+            self.n,
+            self.k
+        );
+    }
+
     /// Decodes weight rows `r0..r0 + UNIT_ROWS` (rows from `n` on as zeros), columns
     /// `k0..k0 + steps * STEP`, into A tiles `[step][half][16 rows][32 values]` (bf16, values in
     /// [`step_source`] order; columns from `k` on as zeros).
@@ -305,14 +319,7 @@ impl Nvfp4Tiles<'_> {
         debug_assert_eq!(products.len(), 256 * 16);
         debug_assert!(out.len() >= steps * TILE_BYTES);
         // Every (scale byte, code) product as bf16, 16 per scale byte: one 32-byte row per block.
-        let nibble = _mm256_set1_epi16(0x0f);
-        // Words 8-15 of each half hold the step's second block: index its half of the table.
-        let second = _mm512_set_epi16(
-            16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16,
-            0, 0, 0, 0, 0, 0, 0, 0,
-        );
         let base = out.as_mut_ptr();
-        let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
         for r in 0..UNIT_ROWS {
             let row = r0 + r;
             for s in 0..steps {
@@ -320,54 +327,88 @@ impl Nvfp4Tiles<'_> {
                     .add(((s * 2 + r / 16) * 16 + r % 16) * STEP)
                     .cast::<__m512i>();
                 let col = k0 + s * STEP;
-                if row >= self.n || col >= self.k {
-                    _mm512_storeu_si512(dst, _mm512_setzero_si512());
-                    continue;
-                }
-                let blk = row * self.row_blocks + col / 16;
-                let byte0 = row * self.row_bytes + col / 2;
-                let (codes, table) = if col + STEP <= self.k {
-                    (
-                        _mm_loadu_si128(self.codes.as_ptr().add(byte0).cast()),
-                        _mm512_inserti64x4::<1>(
-                            _mm512_castsi256_si512(_mm256_loadu_si256(row_of(
-                                *self.scale_bytes.get_unchecked(blk),
-                            ))),
-                            _mm256_loadu_si256(row_of(*self.scale_bytes.get_unchecked(blk + 1))),
-                        ),
-                    )
+                let v = if row >= self.n || col >= self.k {
+                    _mm512_setzero_si512()
                 } else {
-                    // The row's last step, short of 32 columns: copy what the row holds (one or
-                    // two blocks); a missing second block reads as zeros.
-                    let two = col + 16 < self.k;
-                    let mut tmp = [0u8; 16];
-                    let avail = (self.row_bytes - col / 2).min(if two { 16 } else { 8 });
-                    tmp[..avail].copy_from_slice(&self.codes[byte0..byte0 + avail]);
-                    let lo = _mm256_loadu_si256(row_of(self.scale_bytes[blk]));
-                    let hi = if two {
-                        _mm256_loadu_si256(row_of(self.scale_bytes[blk + 1]))
-                    } else {
-                        _mm256_setzero_si256()
-                    };
-                    (
-                        _mm_loadu_si128(tmp.as_ptr().cast()),
-                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
-                    )
+                    self.step(products, row, col)
                 };
-                let w16 = _mm256_cvtepu8_epi16(codes);
-                let idx = _mm512_inserti64x4::<1>(
-                    _mm512_castsi256_si512(_mm256_and_si256(w16, nibble)),
-                    _mm256_srli_epi16::<4>(w16),
-                );
-                let idx = _mm512_add_epi16(idx, second);
-                _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(idx, table));
+                _mm512_storeu_si512(dst, v);
             }
         }
     }
 
+    /// The 32 values of `row` from column `col` (< `k`, a multiple of [`STEP`]) as bf16, in
+    /// [`step_source`] order, zeros past `k`. `products` is [`Nvfp4Tiles::products`].
+    ///
+    /// # Safety
+    /// AVX-512F/BW present; `row < n`; `products.len() == 256 * 16`; the codes and scale bytes
+    /// hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    pub(super) unsafe fn step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
+        if col + STEP <= self.k {
+            self.full_step(products, row, col)
+        } else {
+            self.last_step(products, row, col)
+        }
+    }
+
+    /// [`Nvfp4Tiles::step`] for a step inside the row (`col + STEP <= k`): no branch, no call,
+    /// so loops around it keep their accumulators in registers.
+    ///
+    /// # Safety
+    /// As for [`Nvfp4Tiles::step`], and `col + STEP <= k`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
+    pub(super) unsafe fn full_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
+        debug_assert!(row < self.n && col + STEP <= self.k && products.len() == 256 * 16);
+        let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
+        let blk = row * self.row_blocks + col / 16;
+        let codes = _mm_loadu_si128(
+            self.codes
+                .as_ptr()
+                .add(row * self.row_bytes + col / 2)
+                .cast(),
+        );
+        let table = _mm512_inserti64x4::<1>(
+            _mm512_castsi256_si512(_mm256_loadu_si256(row_of(
+                *self.scale_bytes.get_unchecked(blk),
+            ))),
+            _mm256_loadu_si256(row_of(*self.scale_bytes.get_unchecked(blk + 1))),
+        );
+        lookup(codes, table)
+    }
+
+    /// [`Nvfp4Tiles::step`] for the row's last step, short of 32 columns: copies what the row
+    /// holds (one or two blocks); a missing second block reads as zeros.
+    ///
+    /// # Safety
+    /// As for [`Nvfp4Tiles::step`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline(never)]
+    unsafe fn last_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
+        let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
+        let blk = row * self.row_blocks + col / 16;
+        let byte0 = row * self.row_bytes + col / 2;
+        let two = col + 16 < self.k;
+        let mut tmp = [0u8; 16];
+        let avail = (self.row_bytes - col / 2).min(if two { 16 } else { 8 });
+        tmp[..avail].copy_from_slice(&self.codes[byte0..byte0 + avail]);
+        let lo = _mm256_loadu_si256(row_of(self.scale_bytes[blk]));
+        let hi = if two {
+            _mm256_loadu_si256(row_of(self.scale_bytes[blk + 1]))
+        } else {
+            _mm256_setzero_si256()
+        };
+        lookup(
+            _mm_loadu_si128(tmp.as_ptr().cast()),
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi),
+        )
+    }
+
     /// Every product of a scale byte's value and a code value as bf16 (`[byte][code]`; exact for
     /// the tables [`products_exact`] accepts).
-    fn products(&self) -> Vec<u16> {
+    pub fn products(&self) -> Vec<u16> {
         let mut t = Vec::with_capacity(256 * 16);
         for s in self.table.iter() {
             for v in self.values.iter() {
@@ -376,6 +417,24 @@ impl Nvfp4Tiles<'_> {
         }
         t
     }
+}
+
+/// The 16 code bytes of a step looked up in `table` (its two blocks' 16 products each): low
+/// nibbles (even columns) to words 0-15, high nibbles to 16-31; words 8-15 of each half belong
+/// to the step's second block, so they index the table's second row.
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn lookup(codes: __m128i, table: __m512i) -> __m512i {
+    let second = _mm512_set_epi16(
+        16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16, 0,
+        0, 0, 0, 0, 0, 0, 0,
+    );
+    let w16 = _mm256_cvtepu8_epi16(codes);
+    let idx = _mm512_inserti64x4::<1>(
+        _mm512_castsi256_si512(_mm256_and_si256(w16, _mm256_set1_epi16(0x0f))),
+        _mm256_srli_epi16::<4>(w16),
+    );
+    _mm512_permutexvar_epi16(_mm512_add_epi16(idx, second), table)
 }
 
 /// Significant bits of `v`'s binary expansion (0 for zero, 24 for non-finite values).
@@ -471,26 +530,19 @@ thread_local! {
 }
 
 /// `y[m, n] = sum_k x[m, k] W'[n, k]` on AMX for NVFP4 weights `w` (their values without the
-/// tensor scale; the caller applies it). Callers check [`usable`] and the exactness of `w`'s
-/// scale table ([`products_exact`]).
-pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
+/// tensor scale; the caller applies it) and `products` = `w.products()`. Callers check
+/// [`usable`] and the exactness of `w`'s scale table ([`products_exact`]).
+pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usize, y: &mut [f32]) {
     assert!(usable(), "AMX tile GEMM called where AMX is not usable");
+    w.check();
+    assert_eq!(products.len(), 256 * 16);
     let (n, k) = (w.n, w.k);
-    // The decoder reads whole steps unchecked within these bounds.
-    assert!(
-        w.row_blocks * 16 >= k
-            && w.row_bytes * 2 >= w.row_blocks * 16
-            && w.codes.len() >= n * w.row_bytes
-            && w.scale_bytes.len() >= n * w.row_blocks,
-        "NVFP4 tiles: buffers do not cover {n} x {k}"
-    );
     debug_assert_eq!(x.len(), batch * k);
     debug_assert_eq!(y.len(), batch * n);
     let steps = k.div_ceil(STEP);
     let groups = batch.div_ceil(16);
     let mut xb = Vec::new();
     activation_tiles(x, batch, k, steps, &mut xb);
-    let products = w.products();
     let units = n.div_ceil(UNIT_ROWS);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();
@@ -514,7 +566,7 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) 
                 // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); k0 is a multiple
                 // of SLICE (itself of STEP), `sc.a` holds the widest slice's tiles, `products`
                 // is the product table, and `w` describes its own buffers.
-                unsafe { w.decode(&products, r0, k0, wp / STEP, &mut sc.a) };
+                unsafe { w.decode(products, r0, k0, wp / STEP, &mut sc.a) };
                 let step0 = k0 / STEP;
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
@@ -752,7 +804,7 @@ mod tests {
             };
             let x: Vec<f32> = (0..batch * k).map(|_| rnd()).collect();
             let mut y = vec![f32::NAN; batch * n];
-            matmul_nvfp4(&src, &x, batch, &mut y);
+            matmul_nvfp4(&src, &src.products(), &x, batch, &mut y);
             let (mut num, mut den) = (0f64, 0f64);
             for m in 0..batch {
                 for r in 0..n {

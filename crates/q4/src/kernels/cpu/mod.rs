@@ -5,6 +5,7 @@
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
+
 mod decode;
 pub mod dense;
 mod gemm;
@@ -154,37 +155,8 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     }
     match kernel_for(batch, rows.k) {
         #[cfg(target_arch = "x86_64")]
-        CpuKernel::TiledGemm if w.format == crate::Format::Nvfp4 => {
-            // E2M1 codes times unscaled E4M3 block scales are exact in bfloat16, so on AMX the
-            // tensor scale is applied to the sums instead of the weights.
-            let mut unscaled = rows;
-            if let rows::ScaleSrc::Table { bytes, .. } = rows.scales {
-                unscaled.scales = rows::ScaleSrc::Table {
-                    bytes,
-                    table: &NVFP4_UNSCALED,
-                };
-            }
-            if gemm::amx_takes(&unscaled, batch) {
-                if let rows::ScaleSrc::Table { bytes, table } = unscaled.scales {
-                    let tiles = amx::Nvfp4Tiles {
-                        codes: rows.codes,
-                        scale_bytes: bytes,
-                        table,
-                        values: rows.values,
-                        n: rows.n,
-                        k: rows.k,
-                        row_bytes: rows.row_bytes,
-                        row_blocks: rows.row_blocks,
-                    };
-                    amx::matmul_nvfp4(&tiles, x, batch, y);
-                }
-                if w.scale2 != 1.0 {
-                    y.iter_mut().for_each(|v| *v *= w.scale2);
-                }
-            } else {
-                gemm::matmul(&rows, x, batch, y);
-            }
-        }
+        CpuKernel::TiledGemm
+            if w.format == crate::Format::Nvfp4 && nvfp4_amx(&rows, batch, x, y, w.scale2) => {}
         CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
         CpuKernel::GemvPasses => {
             // Groups of up to GEMV_MAX_BATCH activation rows, each a GEMV over the weight.
@@ -204,6 +176,71 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         _ => gemv::matmul(&rows, x, batch, y),
     }
 }
+
+/// The NVFP4 tiled GEMM on AMX where [`gemm::amx_takes`] it: E2M1 codes times unscaled E4M3
+/// block scales are exact in bfloat16, so the tensor scale `scale2` is applied to the sums.
+/// Returns false (and does nothing) elsewhere.
+#[cfg(target_arch = "x86_64")]
+fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f32) -> bool {
+    let rows::ScaleSrc::Table { bytes, .. } = rows.scales else {
+        return false;
+    };
+    let mut unscaled = *rows;
+    unscaled.scales = rows::ScaleSrc::Table {
+        bytes,
+        table: &NVFP4_UNSCALED,
+    };
+    let tiles = amx::Nvfp4Tiles {
+        codes: rows.codes,
+        scale_bytes: bytes,
+        table: &NVFP4_UNSCALED,
+        values: rows.values,
+        n: rows.n,
+        k: rows.k,
+        row_bytes: rows.row_bytes,
+        row_blocks: rows.row_blocks,
+    };
+    if !gemm::amx_takes(&unscaled, batch) {
+        return false;
+    }
+    // The product table depends only on the code values: NVFP4's are fixed, so it is built once.
+    let own;
+    let products: &[u16] = if rows.values == &*NVFP4_VALUES {
+        &NVFP4_PRODUCTS
+    } else {
+        own = tiles.products();
+        &own
+    };
+    amx::matmul_nvfp4(&tiles, products, x, batch, y);
+    if scale2 != 1.0 {
+        y.iter_mut().for_each(|v| *v *= scale2);
+    }
+    true
+}
+
+/// NVFP4's code values (code 8 decodes as +0).
+#[cfg(target_arch = "x86_64")]
+static NVFP4_VALUES: std::sync::LazyLock<[f32; 16]> = std::sync::LazyLock::new(|| {
+    let mut v = q4_formats::scalar::E2M1_VALUES;
+    v[8] = 0.0;
+    v
+});
+
+/// [`amx::Nvfp4Tiles::products`] for NVFP4's code values and unscaled block scales.
+#[cfg(target_arch = "x86_64")]
+static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(|| {
+    amx::Nvfp4Tiles {
+        codes: &[],
+        scale_bytes: &[],
+        table: &NVFP4_UNSCALED,
+        values: &NVFP4_VALUES,
+        n: 0,
+        k: 0,
+        row_bytes: 0,
+        row_blocks: 0,
+    }
+    .products()
+});
 
 /// NVFP4's E4M3 block scales without a tensor scale.
 #[cfg(target_arch = "x86_64")]
