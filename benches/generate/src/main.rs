@@ -122,9 +122,9 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 
 /// Same-process A/B of a tiled-GEMM choice on the 12-token prefill — tiles decoded in chunk or
 /// element order (`--ab-tile-decode`), or the micro-kernel's 3 x 4 or 3 x 3 blocks
-/// (`--ab-micro-kernel`) — or on a 256-token prefill, the AMX tile GEMM against the AVX2
-/// kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both alike;
-/// prints the median tokens/s of each.
+/// (`--ab-micro-kernel`) — or on the 12- and a 256-token prefill, the AMX tile GEMM against the
+/// AVX2 kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both
+/// alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
         "--ab-tile-decode" => (
@@ -154,17 +154,33 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
         ..Default::default()
     };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
-    let prompt = if flag == "--ab-amx" {
+    let prompts = if flag == "--ab-amx" {
         #[cfg(target_arch = "x86_64")]
         anyhow::ensure!(
             q4::kernels::cpu::amx::usable(),
             "--ab-amx: AMX is not usable on this host"
         );
-        long_prompt_ids(&tok, 256)?
+        vec![tok.encode(PROMPT, false)?, long_prompt_ids(&tok, 256)?]
     } else {
-        tok.encode(PROMPT, false)?
+        vec![tok.encode(PROMPT, false)?]
     };
-    let ids = Tensor::new(prompt.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    for prompt in prompts {
+        ab_prompt(&model, &prompt, select, on_name, off_name, config, reps)?;
+    }
+    Ok(())
+}
+
+/// One prompt's alternating A/B for [`ab_prefill`].
+fn ab_prompt(
+    model: &q4_llm::Model,
+    prompt: &[u32],
+    select: fn(bool),
+    on_name: &str,
+    off_name: &str,
+    config: &str,
+    reps: usize,
+) -> Result<()> {
+    let ids = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
     let (mut on_times, mut off_times) = (Vec::new(), Vec::new());
     for i in 0..reps + 3 {
         for (on, times) in [(true, &mut on_times), (false, &mut off_times)] {

@@ -171,14 +171,11 @@ pub fn cpu_report() -> CpuReport {
         // flushes them, so it stays on AVX2.)
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::cpu::amx::usable() && f == Format::Nvfp4 {
-            use crate::kernels::cpu::{AMX_MIN_BATCH, AMX_MIN_BATCH_NARROW, AMX_MIN_ROWS};
             kernels.push(CpuKernelRow {
                 format: f.name(),
-                batch: format!(
-                    ">={AMX_MIN_BATCH} (>={AMX_MIN_BATCH_NARROW} under {AMX_MIN_ROWS} rows)"
-                ),
-                kernel: "tiled-gemm-amx (tiles decoded to bf16, AMX tdpbf16ps, f32 activations \
-                         as three bf16 pieces)",
+                batch: format!(">={}", crate::kernels::cpu::AMX_MIN_BATCH),
+                kernel: "tiled-gemm-amx (tiles decoded straight to bf16, AMX tdpbf16ps, f32 \
+                         activations as three bf16 pieces)",
             });
         }
     }

@@ -74,32 +74,19 @@ pub(super) fn dot_kernel(batch: usize) -> bool {
     }
 }
 
-/// Smallest batch the AMX tile GEMM takes over weights of at least [`AMX_MIN_ROWS`] rows, and
-/// over narrower ones. Same-process A/B against the AVX2 kernels (`examples/ab_tile_decode
-/// amx`, NVFP4, 2-core Xeon with AMX): AMX / AVX2 time 0.84x at batch 12 and 0.75x at 16 on
-/// 4096x4096, 0.75x at 24 on 49152x576, 0.71x at 32 on 2048x2048, 0.39-0.68x at 64 on every
-/// shape; but 1.10x at 12 and 0.92x at 16 on 1536x576, and 1.17x / 1.14x / 1.06x at 16 / 24 / 32
-/// on 576x1536 (576 output rows: per-call costs — activation pieces, tile configuration — weigh
-/// more, while AVX2 multiplies such a tile at its best rate).
+/// Smallest batch the AMX tile GEMM takes: every tiled batch. Same-process A/B against the AVX2
+/// kernels (`examples/ab_tile_decode amx`, NVFP4, 2-core Xeon with AMX, tiles decoded straight
+/// to bf16): AMX / AVX2 time 0.85-0.99x at batch 9, 0.74-0.91x at 12, 0.55-0.74x at 16 and
+/// 0.44-0.71x at 32 on 4096x4096, 11008x4096, 1536x576, 576x1536 and 576x576. (With tiles
+/// decoded to f32 and packed, the 576-row weights had lost up to batch 32.)
 #[cfg(target_arch = "x86_64")]
-pub const AMX_MIN_BATCH: usize = 16;
-/// See [`AMX_MIN_BATCH`].
-#[cfg(target_arch = "x86_64")]
-pub const AMX_MIN_BATCH_NARROW: usize = 48;
-/// See [`AMX_MIN_BATCH`].
-#[cfg(target_arch = "x86_64")]
-pub const AMX_MIN_ROWS: usize = 1024;
+pub const AMX_MIN_BATCH: usize = super::GEMV_MAX_BATCH + 1;
 
-/// Whether the tiled GEMM of `w` at `batch` runs on AMX: the host has it, every decoded value
-/// (code times block scale) is exact in bfloat16, and the shape is one where it measured faster.
+/// Whether the tiled GEMM of `w` at `batch` runs on AMX: the host has it, and every decoded
+/// value (code times block scale) is exact in bfloat16.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn amx_takes(w: &Rows<'_>, batch: usize) -> bool {
-    let min = if w.n >= AMX_MIN_ROWS {
-        AMX_MIN_BATCH
-    } else {
-        AMX_MIN_BATCH_NARROW
-    };
-    batch >= min
+    batch >= AMX_MIN_BATCH
         && super::amx::usable()
         && match w.scales {
             super::rows::ScaleSrc::Table { table, .. } => {

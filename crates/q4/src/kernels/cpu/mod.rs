@@ -22,10 +22,10 @@ pub mod w8a8;
 mod x86;
 
 pub use decode::{dequantize_into, pairs};
+#[cfg(target_arch = "x86_64")]
+pub use gemm::AMX_MIN_BATCH;
 #[doc(hidden)]
 pub use gemm::{set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K};
-#[cfg(target_arch = "x86_64")]
-pub use gemm::{AMX_MIN_BATCH, AMX_MIN_BATCH_NARROW, AMX_MIN_ROWS};
 pub use rows::Rows;
 
 use rayon::prelude::*;
