@@ -19,7 +19,7 @@
 mod ab;
 
 use candle_core::{Device, Module, Tensor};
-use q4::kernels::cpu::w4a8::{set_int8_max_batch, INT8_MAX_BATCH};
+use q4::kernels::cpu::w4a8::set_int8_max_batch;
 use q4::kernels::cpu::{
     default_gemv_passes_min_k, set_chunk_order_tiles, set_dot_max_batch, set_gemv_passes_min_k,
     set_unsliced_max_k, set_wide_tile_blocks, UNSLICED_MAX_K,
@@ -104,6 +104,5 @@ fn main() {
         }
     }
     set_gemv_passes_min_k(default_gemv_passes_min_k());
-    set_int8_max_batch(INT8_MAX_BATCH);
     set_dot_max_batch(0);
 }

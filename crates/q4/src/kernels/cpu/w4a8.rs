@@ -169,13 +169,37 @@ pub fn supported(w: &Rows<'_>) -> bool {
 /// three of the four shapes.
 pub const INT8_MAX_BATCH: usize = 16;
 
-static INT8_MAX: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(INT8_MAX_BATCH);
+/// [`INT8_MAX_BATCH`] for NVFP4 on AMX hosts, where the round trip's f32 product runs on the tile
+/// unit. Same-process A/B (`examples/ab_tile_decode int8`, 2-core Xeon with AMX, int8 / AMX
+/// time): batch 9 0.78x / 0.88x on 4096x4096 / 11008x4096 but 1.16x on 1536x576 and 1.00x on
+/// 576x1536; batch 12 0.93-0.96x / 1.23-1.30x; batch 16 1.23-1.67x on all four.
+pub const INT8_MAX_BATCH_AMX: usize = 8;
 
-/// Sets [`INT8_MAX_BATCH`] for the process (for same-process A/B measurements).
+static INT8_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static INT8_MAX_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the largest batch of the int8 kernel for the process, for every weight (default:
+/// [`INT8_MAX_BATCH`], [`INT8_MAX_BATCH_AMX`] for NVFP4 on AMX hosts), for same-process A/B
+/// measurements.
 #[doc(hidden)]
 pub fn set_int8_max_batch(batch: usize) {
     INT8_MAX.store(batch, std::sync::atomic::Ordering::Relaxed);
+    INT8_MAX_SET.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The int8 kernel's largest batch for `w`.
+fn int8_max_batch(w: &Rows<'_>) -> usize {
+    use std::sync::atomic::Ordering::Relaxed;
+    if INT8_MAX_SET.load(Relaxed) {
+        return INT8_MAX.load(Relaxed);
+    }
+    // NVFP4 (E2M1 in blocks of 16) goes to the tile unit where AMX is usable.
+    #[cfg(target_arch = "x86_64")]
+    if w.block == 16 && super::amx::usable() {
+        return INT8_MAX_BATCH_AMX;
+    }
+    let _ = w;
+    INT8_MAX_BATCH
 }
 
 /// Largest batch the int8 kernel runs as passes of its register kernel over groups of four
@@ -191,10 +215,7 @@ pub const I8_PASSES_MAX_BATCH: usize = 12;
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if batch <= INT8_MAX.load(std::sync::atomic::Ordering::Relaxed)
-        && supported(w)
-        && super::x86::available()
-    {
+    if batch <= int8_max_batch(w) && supported(w) && super::x86::available() {
         let mut yt = vec![0f32; w.n * batch];
         let xs = super::x86::Int8Layout::new(&Int8Acts::quantize(x, w.k), batch);
         super::parallel::for_each_chunk_mut(
