@@ -5,16 +5,17 @@
 //! Accuracy: the path takes only weights whose decoded values are exact, normal bfloat16 numbers
 //! (NVFP4: E2M1 codes times E4M3 block scales, at most 2 + 4 significant bits; its tensor scale
 //! is applied to the sums; MXFP4's E8M0 table reaches 2^-127, where the tile unit would flush
-//! subnormal products, so it is not taken), and splits every f32 activation `v` exactly into three bfloat16 pieces
-//! by truncation (`v = h + m + l`, 8 significant bits each). The tile unit sums the three
+//! subnormal products, so it is not taken), and splits every f32 activation `v` exactly into
+//! three bfloat16 pieces by truncation (`v = h + m + l`, 8 significant bits each). The tile unit sums the three
 //! products per weight in f32, so the result is the f32 dot product up to summation order.
 //! Codebooks that are not exact in bfloat16 (NF4, bitsandbytes FP4) keep the AVX2 kernels: split
 //! into pieces too, they needed six products per weight and measured slower than AVX2 at
 //! batch 16 (1.46x the time on 4096x4096 NF4) and even at 64.
 //!
 //! NVFP4 tiles are decoded straight from the packed codes into bf16 (per 32 values: the nibbles
-//! as 32 word indices, one permute through a 32-entry table of both blocks' code values times
-//! their scales), never through f32 rows.
+//! as 32 word indices, one `vpermw` through the two blocks' rows of a 256 x 16 table of scale
+//! byte x code products), never through f32 rows: on a VM with slow L2 traffic the f32 round
+//! trip had cost more than the tile products.
 //!
 //! Layout: weights are the A operand (16 weight rows by 32 values of K per tile), activations
 //! the B operand in the tile unit's pair layout (row p of a tile holds, for 16 activation rows,
@@ -668,6 +669,35 @@ mod tests {
         v
     };
 
+    static UNSCALED: LazyLock<[f32; 256]> = LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
+
+    /// `t` as the tile decoder reads it (block scales without the tensor scale).
+    fn tiles(t: &q4_formats::nvfp4::Nvfp4Tensor) -> Nvfp4Tiles<'_> {
+        let kp = q4_formats::nvfp4::padded_cols(t.cols);
+        Nvfp4Tiles {
+            codes: &t.packed,
+            scale_bytes: &t.scales,
+            table: &UNSCALED,
+            values: &NVFP4_VALUES,
+            n: t.rows,
+            k: t.cols,
+            row_bytes: kp / 2,
+            row_blocks: kp / 16,
+        }
+    }
+
+    /// `t`'s scalar dequantization without the tensor scale (`rows x cols`).
+    fn unscaled_dense(t: &q4_formats::nvfp4::Nvfp4Tensor) -> Vec<f32> {
+        let mut d = q4_formats::nvfp4::Nvfp4Tensor {
+            scale2: 1.0,
+            ..t.clone()
+        }
+        .dequantize::<f32>()
+        .unwrap();
+        d.truncate(t.rows * t.cols);
+        d
+    }
+
     fn nvfp4(n: usize, k: usize, seed: u64) -> q4_formats::nvfp4::Nvfp4Tensor {
         let mut s = seed | 1;
         let w: Vec<f32> = (0..n * k)
@@ -693,30 +723,10 @@ mod tests {
         if !cpu_has_amx() {
             return;
         }
-        static UNSCALED: LazyLock<[f32; 256]> =
-            LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
         for (n, k) in [(40, 48), (32, 64), (17, 1040)] {
             let t = nvfp4(n, k, 7 + k as u64);
-            let mut dense = q4_formats::nvfp4::Nvfp4Tensor {
-                scale2: 1.0,
-                ..t.clone()
-            }
-            .dequantize::<f32>()
-            .unwrap();
-            let kp = q4_formats::nvfp4::padded_cols(k);
-            if dense.len() != n * k {
-                dense.truncate(n * k);
-            }
-            let src = Nvfp4Tiles {
-                codes: &t.packed,
-                scale_bytes: &t.scales,
-                table: &UNSCALED,
-                values: &NVFP4_VALUES,
-                n,
-                k,
-                row_bytes: kp / 2,
-                row_blocks: kp / 16,
-            };
+            let dense = unscaled_dense(&t);
+            let src = tiles(&t);
             let steps = k.div_ceil(STEP);
             for r0 in (0..n).step_by(UNIT_ROWS) {
                 let mut out = vec![0xffffu16; steps * TILE_BYTES];
@@ -766,8 +776,6 @@ mod tests {
             eprintln!("AMX not usable here: skipped");
             return;
         }
-        static UNSCALED: LazyLock<[f32; 256]> =
-            LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
         let mut seed = 0x1234_5678_9abc_def1u64;
         let mut rnd = move || {
             seed ^= seed << 13;
@@ -785,23 +793,8 @@ mod tests {
             (40, 48, 17),
         ] {
             let t = nvfp4(n, k, n as u64 * 31 + k as u64);
-            let w = q4_formats::nvfp4::Nvfp4Tensor {
-                scale2: 1.0,
-                ..t.clone()
-            }
-            .dequantize::<f32>()
-            .unwrap();
-            let kp = q4_formats::nvfp4::padded_cols(k);
-            let src = Nvfp4Tiles {
-                codes: &t.packed,
-                scale_bytes: &t.scales,
-                table: &UNSCALED,
-                values: &NVFP4_VALUES,
-                n,
-                k,
-                row_bytes: kp / 2,
-                row_blocks: kp / 16,
-            };
+            let w = unscaled_dense(&t);
+            let src = tiles(&t);
             let x: Vec<f32> = (0..batch * k).map(|_| rnd()).collect();
             let mut y = vec![f32::NAN; batch * n];
             matmul_nvfp4(&src, &src.products(), &x, batch, &mut y);
