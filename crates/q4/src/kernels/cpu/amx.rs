@@ -34,16 +34,16 @@ use super::parallel::for_each_index;
 /// Weight rows per work unit (two A tiles).
 const UNIT_ROWS: usize = 32;
 /// K values per tile.
-pub(super) const STEP: usize = 32;
-/// K values decoded per slice (a multiple of the 64-value decode chunk): 32 rows of it as f32
-/// and as bf16 stay in L2 next to the activations.
+const STEP: usize = 32;
+/// K values decoded per slice: 32 rows of it as bf16 tiles (64 KiB) stay in L2 next to the
+/// activations, and a work unit's accumulators are stored once per slice.
 const SLICE: usize = 1024;
 /// Bytes of one tile (16 rows of 64 bytes).
 const TILE_BYTES: usize = 1024;
 /// u32 words of one tile.
 const TILE_WORDS: usize = TILE_BYTES / 4;
 /// bf16 pieces per value.
-pub(super) const PIECES: usize = 3;
+const PIECES: usize = 3;
 
 /// AMX-BF16 usable by this process: the CPU has it, the OS saves its state, and the kernel
 /// granted this process the tile data permission (Linux asks processes to request it once).
@@ -224,7 +224,7 @@ mod tile {
 
 /// The three truncated bfloat16 pieces of `v` (as bit patterns).
 #[inline]
-pub(super) fn pieces(v: f32) -> [u16; PIECES] {
+fn pieces(v: f32) -> [u16; PIECES] {
     const HI: u32 = 0xffff_0000;
     let h = v.to_bits() & HI;
     let r = v - f32::from_bits(h);
@@ -237,7 +237,7 @@ pub(super) fn pieces(v: f32) -> [u16; PIECES] {
 /// decoder emits a step's low nibbles (even columns) first, then its high nibbles (odd columns).
 /// The activations are laid out in the same order, so the dot products see matching pairs.
 #[inline]
-pub(super) fn step_source(i: usize) -> usize {
+fn step_source(i: usize) -> usize {
     if i < STEP / 2 {
         2 * i
     } else {
@@ -248,13 +248,12 @@ pub(super) fn step_source(i: usize) -> usize {
 /// Activations in the B layout: `[group of 16 rows][step of 32 K][piece][pair p][row j]` as u32
 /// (the bf16 pieces of the step's values at positions 2p and 2p + 1, low half first), zero past
 /// the batch and past K.
-fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut Vec<u32>) {
+fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32> {
     let groups = batch.div_ceil(16);
-    out.clear();
-    out.resize(groups * steps * PIECES * TILE_WORDS, 0);
+    let mut out = vec![0; groups * steps * PIECES * TILE_WORDS];
     let src: [usize; STEP] = std::array::from_fn(step_source);
     // One (group, step) per chunk.
-    super::parallel::for_each_chunk_mut(out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
+    super::parallel::for_each_chunk_mut(&mut out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
         let (g, s) = (c / steps, c % steps);
         for j in 0..16.min(batch - g * 16) {
             let row = &x[(g * 16 + j) * k..][..k];
@@ -274,6 +273,7 @@ fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut V
             }
         }
     });
+    out
 }
 
 /// NVFP4 weights as the tile GEMM reads them: packed codes (low nibble first), one E4M3 byte per
@@ -346,7 +346,7 @@ impl Nvfp4Tiles<'_> {
     /// hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub(super) unsafe fn step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
+    unsafe fn step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
         if col + STEP <= self.k {
             self.full_step(products, row, col)
         } else {
@@ -361,7 +361,7 @@ impl Nvfp4Tiles<'_> {
     /// As for [`Nvfp4Tiles::step`], and `col + STEP <= k`.
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline]
-    pub(super) unsafe fn full_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
+    unsafe fn full_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
         debug_assert!(row < self.n && col + STEP <= self.k && products.len() == 256 * 16);
         let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
         let blk = row * self.row_blocks + col / 16;
@@ -407,17 +407,22 @@ impl Nvfp4Tiles<'_> {
         )
     }
 
-    /// Every product of a scale byte's value and a code value as bf16 (`[byte][code]`; exact for
-    /// the tables [`products_exact`] accepts).
+    /// [`products`] of this weight's code values and scale table.
     pub fn products(&self) -> Vec<u16> {
-        let mut t = Vec::with_capacity(256 * 16);
-        for s in self.table.iter() {
-            for v in self.values.iter() {
-                t.push(half::bf16::from_f32(s * v).to_bits());
-            }
-        }
-        t
+        products(self.values, self.table)
     }
+}
+
+/// Every product of a scale-table entry and a code value as bf16 (`[byte][code]`; exact for the
+/// tables [`products_exact`] accepts): the decoder's lookup table.
+pub fn products(values: &[f32; 16], table: &[f32; 256]) -> Vec<u16> {
+    let mut t = Vec::with_capacity(256 * 16);
+    for s in table.iter() {
+        for v in values.iter() {
+            t.push(half::bf16::from_f32(s * v).to_bits());
+        }
+    }
+    t
 }
 
 /// The 16 code bytes of a step looked up in `table` (its two blocks' 16 products each): low
@@ -542,8 +547,7 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
     debug_assert_eq!(y.len(), batch * n);
     let steps = k.div_ceil(STEP);
     let groups = batch.div_ceil(16);
-    let mut xb = Vec::new();
-    activation_tiles(x, batch, k, steps, &mut xb);
+    let xb = activation_tiles(x, batch, k, steps);
     let units = n.div_ceil(UNIT_ROWS);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();

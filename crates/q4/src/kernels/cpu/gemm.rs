@@ -82,20 +82,6 @@ pub(super) fn dot_kernel(batch: usize) -> bool {
 #[cfg(target_arch = "x86_64")]
 pub const AMX_MIN_BATCH: usize = super::GEMV_MAX_BATCH + 1;
 
-/// Whether the tiled GEMM of `w` at `batch` runs on AMX: the host has it, and every decoded
-/// value (code times block scale) is exact in bfloat16.
-#[cfg(target_arch = "x86_64")]
-pub(super) fn amx_takes(w: &Rows<'_>, batch: usize) -> bool {
-    batch >= AMX_MIN_BATCH
-        && super::amx::usable()
-        && match w.scales {
-            super::rows::ScaleSrc::Table { table, .. } => {
-                super::amx::products_exact(w.values, table)
-            }
-            super::rows::ScaleSrc::F32(_) => false,
-        }
-}
-
 thread_local! {
     static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }

@@ -5,7 +5,6 @@
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
-
 mod decode;
 pub mod dense;
 mod gemm;
@@ -177,18 +176,27 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     }
 }
 
-/// The NVFP4 tiled GEMM on AMX where [`gemm::amx_takes`] it: E2M1 codes times unscaled E4M3
-/// block scales are exact in bfloat16, so the tensor scale `scale2` is applied to the sums.
-/// Returns false (and does nothing) elsewhere.
+/// The NVFP4 tiled GEMM on AMX, from [`AMX_MIN_BATCH`] rows where AMX is usable: E2M1 codes
+/// times unscaled E4M3 block scales are exact in bfloat16 (checked unless the code values are
+/// NVFP4's own), so the tensor scale `scale2` is applied to the sums. Returns false (and does
+/// nothing) elsewhere.
 #[cfg(target_arch = "x86_64")]
 fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f32) -> bool {
     let rows::ScaleSrc::Table { bytes, .. } = rows.scales else {
         return false;
     };
-    let mut unscaled = *rows;
-    unscaled.scales = rows::ScaleSrc::Table {
-        bytes,
-        table: &NVFP4_UNSCALED,
+    if batch < AMX_MIN_BATCH || !amx::usable() {
+        return false;
+    }
+    // The product table depends only on the code values: NVFP4's are fixed, so it is built once.
+    let own;
+    let products: &[u16] = if rows.values == &*NVFP4_VALUES {
+        &NVFP4_PRODUCTS
+    } else if amx::products_exact(rows.values, &*NVFP4_UNSCALED) {
+        own = amx::products(rows.values, &NVFP4_UNSCALED);
+        &own
+    } else {
+        return false;
     };
     let tiles = amx::Nvfp4Tiles {
         codes: rows.codes,
@@ -199,17 +207,6 @@ fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f3
         k: rows.k,
         row_bytes: rows.row_bytes,
         row_blocks: rows.row_blocks,
-    };
-    if !gemm::amx_takes(&unscaled, batch) {
-        return false;
-    }
-    // The product table depends only on the code values: NVFP4's are fixed, so it is built once.
-    let own;
-    let products: &[u16] = if rows.values == &*NVFP4_VALUES {
-        &NVFP4_PRODUCTS
-    } else {
-        own = tiles.products();
-        &own
     };
     amx::matmul_nvfp4(&tiles, products, x, batch, y);
     if scale2 != 1.0 {
@@ -226,21 +223,10 @@ static NVFP4_VALUES: std::sync::LazyLock<[f32; 16]> = std::sync::LazyLock::new(|
     v
 });
 
-/// [`amx::Nvfp4Tiles::products`] for NVFP4's code values and unscaled block scales.
+/// [`amx::products`] of NVFP4's code values and unscaled block scales.
 #[cfg(target_arch = "x86_64")]
-static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(|| {
-    amx::Nvfp4Tiles {
-        codes: &[],
-        scale_bytes: &[],
-        table: &NVFP4_UNSCALED,
-        values: &NVFP4_VALUES,
-        n: 0,
-        k: 0,
-        row_bytes: 0,
-        row_blocks: 0,
-    }
-    .products()
-});
+static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> =
+    std::sync::LazyLock::new(|| amx::products(&NVFP4_VALUES, &NVFP4_UNSCALED));
 
 /// NVFP4's E4M3 block scales without a tensor scale.
 #[cfg(target_arch = "x86_64")]
