@@ -129,6 +129,10 @@ pub fn probe() -> Report {
 fn cpu_kernel_name(k: CpuKernel) -> &'static str {
     match k {
         CpuKernel::GemvSimd if cfg!(target_arch = "aarch64") => "gemv-neon (fused decode, NEON)",
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::GemvSimd if crate::kernels::cpu::avx512::usable() => {
+            "gemv-avx512 (fused decode, AVX-512F: codebook in a register, vpermps lookups)"
+        }
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
         CpuKernel::TiledGemm if crate::kernels::cpu::tiles_use_dot_kernel() => {

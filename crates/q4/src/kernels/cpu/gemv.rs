@@ -32,8 +32,16 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // Results are produced row-major by weight row ([n][m]) and transposed at the end.
     let mut yt = vec![0f32; w.n * batch];
     let simd = simd_fits(w);
+    // Where AVX-512F is present its kernel replaces the AVX2 one (same chunks, other order).
+    #[cfg(target_arch = "x86_64")]
+    let wide = simd && super::avx512::usable();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     let mut xp = Vec::new();
-    if simd {
+    if wide {
+        #[cfg(target_arch = "x86_64")]
+        super::avx512::permute_activations(x, w.k, w.high_first, &mut xp);
+    } else if simd {
         arch::permute_activations(x, w.k, w.high_first, &mut xp);
     }
     for_each_chunk_mut(
@@ -43,7 +51,16 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         |t, out| {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.n);
-            if simd {
+            if wide {
+                // SAFETY: AVX-512F is present (`usable`) and the geometry fits the chunk kernel
+                // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` rows of k values
+                // permuted for this kernel.
+                #[cfg(target_arch = "x86_64")]
+                {
+                    unsafe { super::avx512::rows(w, &xp, batch, r0, r1, out) };
+                    add_tails(w, x, batch, r0, r1, super::avx512::CHUNK, out);
+                }
+            } else if simd {
                 // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
                 // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k
                 // values.

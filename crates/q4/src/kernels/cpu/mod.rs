@@ -5,6 +5,8 @@
 mod aarch64;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 mod decode;
 pub mod dense;
 mod gemm;

@@ -1,0 +1,442 @@
+//! AVX-512 micro-kernel of the fused 4-bit GEMV (batches 1-8), used where the CPU has AVX-512F.
+//!
+//! A 16-entry f32 codebook fits one zmm register, and `vpermps` looks up sixteen lanes at once
+//! using only the low four bits of each index lane. So 16 code bytes zero-extended to sixteen
+//! 32-bit lanes are already the indices of their low nibbles, and the same lanes shifted right by
+//! four those of their high nibbles: 32 weights cost one extension, one shift and two permutes,
+//! where the AVX2 kernel needs byte-plane lookups and six unpacks per 32 weights (its port-5
+//! shuffles made it compute-bound at batch 1).
+//!
+//! A 64-weight chunk (32 bytes) decodes into four vectors: the low nibbles of bytes 0-15, their
+//! high nibbles, then the same for bytes 16-31. The activations are permuted once per call to
+//! that order ([`chunk_element`]). With 16-wide blocks lanes 0-7 of each vector belong to one
+//! block and lanes 8-15 to the next, so products are summed per vector pair and scaled by a
+//! vector holding the two blocks' scales.
+
+use std::arch::x86_64::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
+
+use super::rows::{
+    block_class, F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32, BLOCK64,
+};
+
+/// Weights per decode step (the AVX2 kernel's chunk, so the tails are the same).
+pub const CHUNK: usize = 64;
+
+static AVAILABLE: LazyLock<bool> = LazyLock::new(|| std::is_x86_feature_detected!("avx512f"));
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+static ENV_OFF: LazyLock<bool> =
+    LazyLock::new(|| std::env::var_os("Q4_AVX512").is_some_and(|v| v == "0"));
+
+/// Whether the GEMV runs on this kernel here: AVX-512F present, not turned off by
+/// `Q4_AVX512=0` or [`set_enabled`].
+pub fn usable() -> bool {
+    *AVAILABLE && ENABLED.load(Ordering::Relaxed) && !*ENV_OFF
+}
+
+/// Turns the AVX-512 GEMV on or off (default on where available; off, the AVX2 kernel runs),
+/// for same-process A/B measurements (`examples/ab_gemv_avx512`).
+#[doc(hidden)]
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Position in the chunk of the weight that permuted slot `p` (0..64) holds. Slots 0-15: low
+/// nibbles of bytes 0-15, 16-31: their high nibbles, 32-63: the same for bytes 16-31. The low
+/// nibble holds a pair's first element unless `high_first` (bitsandbytes).
+#[inline]
+pub fn chunk_element(p: usize, high_first: bool) -> usize {
+    let quarter = p / 16;
+    let byte = (quarter / 2) * 16 + p % 16;
+    let high_nibble = quarter % 2 == 1;
+    2 * byte + usize::from(high_nibble != high_first)
+}
+
+/// Reorders activation rows (`batch x k`) into the order the kernel consumes weights: each full
+/// 64-chunk is permuted by [`chunk_element`], the tail (k % 64) stays in place.
+///
+/// # Panics
+/// If AVX-512F is absent (callers check [`usable`]).
+pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+    assert!(*AVAILABLE, "AVX-512F required");
+    out.clear();
+    out.resize(x.len(), 0.0);
+    // SAFETY: AVX-512F is present (asserted); `out` holds as many values as `x`, a multiple of k.
+    unsafe { permute_avx512(x, k, high_first, out) };
+}
+
+/// [`permute_activations`] in registers: the even and the odd elements of each 32 values are
+/// two two-source permutes.
+///
+/// # Safety
+/// AVX-512F present; `out.len() == x.len()`, a multiple of `k`.
+#[target_feature(enable = "avx512f")]
+unsafe fn permute_avx512(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
+    debug_assert!(out.len() == x.len() && x.len().is_multiple_of(k));
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    let (low, high) = if high_first { (odd, even) } else { (even, odd) };
+    let full = k / CHUNK * CHUNK;
+    for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+        for c in (0..full).step_by(32) {
+            let (s, d) = (src.as_ptr().add(c), dst.as_mut_ptr().add(c));
+            let a = _mm512_loadu_ps(s);
+            let b = _mm512_loadu_ps(s.add(16));
+            _mm512_storeu_ps(d, _mm512_permutex2var_ps(a, low, b));
+            _mm512_storeu_ps(d.add(16), _mm512_permutex2var_ps(a, high, b));
+        }
+        dst[full..].copy_from_slice(&src[full..]);
+    }
+}
+
+/// Decodes the 64 weights at `p` into four vectors in [`chunk_element`] order (unscaled).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn decode64(p: *const u8, lut: __m512) -> [__m512; 4] {
+    let b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+    let b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
+    [
+        _mm512_permutexvar_ps(b0, lut),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b0), lut),
+        _mm512_permutexvar_ps(b1, lut),
+        _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(b1), lut),
+    ]
+}
+
+/// Scales of chunk `c` of a row whose scales start at `base`: one vector for decoded vectors
+/// 0-1 (weights 0-31) and one for 2-3 (weights 32-63). With 16-wide blocks each is
+/// `[s(first block) x8 | s(second block) x8]`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn chunk_scales<const BK: u8, S: Scales>(
+    s: &S,
+    base: usize,
+    c: usize,
+    shift: u32,
+) -> (__m512, __m512) {
+    // Broadcasts from memory and a blend: no port-5 shuffle (the decode's permutes use it).
+    let halves =
+        |a: f32, b: f32| _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(a), _mm512_set1_ps(b));
+    match BK {
+        BLOCK16 => {
+            let i = base + 4 * c;
+            (
+                halves(s.at(i), s.at(i + 1)),
+                halves(s.at(i + 2), s.at(i + 3)),
+            )
+        }
+        BLOCK32 => {
+            let i = base + 2 * c;
+            (_mm512_set1_ps(s.at(i)), _mm512_set1_ps(s.at(i + 1)))
+        }
+        _ => {
+            let v = _mm512_set1_ps(s.at(base + ((c * CHUNK) >> shift)));
+            (v, v)
+        }
+    }
+}
+
+/// Where a pass of the kernel reads next, for the software prefetch.
+#[derive(Clone, Copy)]
+struct Pass {
+    /// Chunks `c0..c1` of each row.
+    c0: usize,
+    c1: usize,
+    /// Bytes from a code being read to the one to prefetch: [`PREFETCH_AHEAD`] along the row
+    /// when a pass reads whole rows, the next pass's rows when it reads a K slice.
+    ///
+    /// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
+    ahead: usize,
+}
+
+/// Adds `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R` rows to
+/// `out[r * B + m]`. `xp` holds the activations permuted by [`permute_activations`].
+///
+/// # Safety
+/// AVX-512F present; `w.aligned` with `w.block` a multiple of 16 (and of 64, or dividing 64);
+/// rows `row0..row0 + R` exist; the chunks lie inside the rows; `xp` holds `B` rows of `w.k`
+/// values; `out` `R * B` values.
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
+    w: &Rows<'_>,
+    scales: S,
+    lut: __m512,
+    xp: &[f32],
+    row0: usize,
+    pass: Pass,
+    out: &mut [f32],
+) {
+    debug_assert!(
+        w.aligned
+            && w.block.is_multiple_of(16)
+            && row0 + R <= w.n
+            && pass.c1 * CHUNK <= w.k
+            && xp.len() >= B * w.k
+            && out.len() >= R * B
+    );
+    let xptr = xp.as_ptr();
+    let cp = w.codes.as_ptr();
+    let shift = w.block.trailing_zeros();
+    // Weights per block: 16, 32 or (BLOCK64 and up) at least 64.
+    let per_block = match BK {
+        BLOCK16 => 16,
+        BLOCK32 => 32,
+        _ => 64,
+    };
+    // Two accumulators per output at batch 1 (the two halves of a chunk) keep the FMA chains short.
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
+    let mut acc2 = [_mm512_setzero_ps(); R];
+    let prefetch = super::prefetch::enabled();
+    for c in pass.c0..pass.c1 {
+        let col = c * CHUNK;
+        for r in 0..R {
+            let row = row0 + r;
+            let codes = cp.add(row * w.row_bytes + col / 2);
+            if prefetch {
+                // One code line per chunk, one scale line every eight chunks. Any address is
+                // allowed: a prefetch never faults.
+                super::prefetch::prefetch(codes.wrapping_add(pass.ahead));
+                if c.is_multiple_of(8) {
+                    scales.prefetch(row * w.row_blocks + (col + 2 * pass.ahead) / per_block);
+                }
+            }
+            let (s01, s23) = chunk_scales::<BK, S>(&scales, row * w.row_blocks, c, shift);
+            let v = decode64(codes, lut);
+            if B == 1 {
+                // Each block pair summed unscaled, then scaled once.
+                let x = xptr.add(col);
+                let p01 = _mm512_fmadd_ps(
+                    v[1],
+                    _mm512_loadu_ps(x.add(16)),
+                    _mm512_mul_ps(v[0], _mm512_loadu_ps(x)),
+                );
+                let p23 = _mm512_fmadd_ps(
+                    v[3],
+                    _mm512_loadu_ps(x.add(48)),
+                    _mm512_mul_ps(v[2], _mm512_loadu_ps(x.add(32))),
+                );
+                acc[r][0] = _mm512_fmadd_ps(p01, s01, acc[r][0]);
+                acc2[r] = _mm512_fmadd_ps(p23, s23, acc2[r]);
+            } else {
+                // Several activation rows: scale the weights once, reuse them B times.
+                let ws = [
+                    _mm512_mul_ps(v[0], s01),
+                    _mm512_mul_ps(v[1], s01),
+                    _mm512_mul_ps(v[2], s23),
+                    _mm512_mul_ps(v[3], s23),
+                ];
+                for m in 0..B {
+                    let x = xptr.add(m * w.k + col);
+                    for (t, wt) in ws.iter().enumerate() {
+                        acc[r][m] = _mm512_fmadd_ps(*wt, _mm512_loadu_ps(x.add(16 * t)), acc[r][m]);
+                    }
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for m in 0..B {
+            let total = if B == 1 {
+                _mm512_add_ps(acc[r][0], acc2[r])
+            } else {
+                acc[r][m]
+            };
+            *out.get_unchecked_mut(r * B + m) += _mm512_reduce_add_ps(total);
+        }
+    }
+}
+
+/// Activation bytes a K slice may span (all `B` rows together), so that they stay in L1 while
+/// the slice's rows stream past: at batch 4 the whole rows of 4096 values (64 KiB) did not, and
+/// the activation loads from L2 bounded the kernel.
+const SLICE_BYTES: usize = 16 << 10;
+
+/// Computes weight rows `r0..r1` into `out` (`[row - r0][m]`) over their whole chunks: in K
+/// slices whose activations fit L1, two rows at a time above batch 1 (they share each
+/// activation load).
+///
+/// # Safety
+/// As for [`rows_kernel`]: AVX-512F present ([`usable`]), the GEMV's `simd_fits` geometry, rows
+/// in range, `xp` holding `batch` (1-8) rows permuted by [`permute_activations`].
+#[target_feature(enable = "avx512f")]
+pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
+    let lut = _mm512_loadu_ps(w.lut.as_ptr());
+    let bk = block_class(w.block);
+    out[..(r1 - r0) * batch].fill(0.0);
+    let chunks = w.k / CHUNK;
+    let slice = (SLICE_BYTES / (4 * CHUNK * batch)).max(1);
+    // Monomorphised for the scale storage and block class each format produces.
+    macro_rules! call {
+        ($r:literal, $b:literal, $row:expr, $pass:expr) => {{
+            let o = &mut out[($row - r0) * $b..];
+            let p = $pass;
+            match (bk, w.scales) {
+                (BLOCK16, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK16, _>(
+                    w,
+                    TableScales { bytes, table },
+                    lut,
+                    xp,
+                    $row,
+                    p,
+                    o,
+                ),
+                (BLOCK32, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK32, _>(
+                    w,
+                    TableScales { bytes, table },
+                    lut,
+                    xp,
+                    $row,
+                    p,
+                    o,
+                ),
+                (_, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK64, _>(
+                    w,
+                    TableScales { bytes, table },
+                    lut,
+                    xp,
+                    $row,
+                    p,
+                    o,
+                ),
+                (BLOCK16, ScaleSrc::F32(v)) => {
+                    rows_kernel::<$r, $b, BLOCK16, _>(w, F32Scales(v), lut, xp, $row, p, o)
+                }
+                (BLOCK32, ScaleSrc::F32(v)) => {
+                    rows_kernel::<$r, $b, BLOCK32, _>(w, F32Scales(v), lut, xp, $row, p, o)
+                }
+                (_, ScaleSrc::F32(v)) => {
+                    rows_kernel::<$r, $b, BLOCK64, _>(w, F32Scales(v), lut, xp, $row, p, o)
+                }
+            }
+        }};
+    }
+    macro_rules! run {
+        ($r:literal, $b:literal) => {{
+            let mut c0 = 0;
+            while c0 < chunks {
+                let c1 = (c0 + slice).min(chunks);
+                let pass = Pass {
+                    c0,
+                    c1,
+                    ahead: if c1 - c0 == chunks {
+                        super::prefetch::PREFETCH_AHEAD
+                    } else {
+                        $r * w.row_bytes
+                    },
+                };
+                let mut r = r0;
+                while r1 - r >= $r {
+                    call!($r, $b, r, pass);
+                    r += $r;
+                }
+                while r < r1 {
+                    call!(1, $b, r, pass);
+                    r += 1;
+                }
+                c0 = c1;
+            }
+        }};
+    }
+    match batch {
+        1 => run!(1, 1),
+        2 => run!(2, 2),
+        3 => run!(2, 3),
+        4 => run!(2, 4),
+        5 => run!(2, 5),
+        6 => run!(2, 6),
+        7 => run!(2, 7),
+        8 => run!(2, 8),
+        _ => unreachable!("GEMV serves batches of 1-8"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::gemv::rows_portable;
+    use crate::{Format, QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn chunk_order_is_a_permutation_matching_the_nibbles() {
+        for high_first in [false, true] {
+            let mut seen = [false; CHUNK];
+            for p in 0..CHUNK {
+                let e = chunk_element(p, high_first);
+                assert!(!seen[e]);
+                seen[e] = true;
+                // Slot p reads byte e / 2: low nibble for slots 0-15 and 32-47.
+                let byte = (p / 32) * 16 + p % 16;
+                assert_eq!(e / 2, byte);
+            }
+        }
+    }
+
+    #[test]
+    fn register_permute_matches_the_order_table() {
+        if !*AVAILABLE {
+            return;
+        }
+        for high_first in [false, true] {
+            for k in [64usize, 128, 130, 576, 7] {
+                let x: Vec<f32> = (0..3 * k).map(|i| i as f32).collect();
+                let mut got = Vec::new();
+                permute_activations(&x, k, high_first, &mut got);
+                let order: Vec<usize> = (0..CHUNK).map(|p| chunk_element(p, high_first)).collect();
+                let mut want = Vec::new();
+                super::super::gemv::permute_chunks(&x, k, &order, &mut want);
+                assert_eq!(got, want, "k {k} high_first {high_first}");
+            }
+        }
+    }
+
+    /// The kernel equals the portable decode-and-dot path (to f32 summation order) for every
+    /// format (16-, 32- and 64-wide blocks, table and f32 scales, both nibble orders), every
+    /// GEMV batch and rows with K tails, which the caller adds.
+    #[test]
+    fn kernel_matches_the_portable_gemv() {
+        if !*AVAILABLE {
+            return;
+        }
+        let dev = Device::Cpu;
+        for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
+            for (n, k) in [(7usize, 64usize), (33, 576), (5, 1024), (3, 192)] {
+                let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+                let view = q.host_view().unwrap();
+                let rows_ = Rows::new(&view);
+                if !super::super::gemv::simd_fits(&rows_) {
+                    continue;
+                }
+                for batch in 1..=8 {
+                    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    let mut xp = Vec::new();
+                    permute_activations(&x, k, rows_.high_first, &mut xp);
+                    let mut got = vec![0f32; n * batch];
+                    // SAFETY: AVX-512F present (checked); simd_fits holds; rows 0..n exist; xp
+                    // holds batch permuted rows.
+                    unsafe { rows(&rows_, &xp, batch, 0, n, &mut got) };
+                    let mut want = vec![0f32; n * batch];
+                    rows_portable(&rows_, &x, batch, 0, n, &mut want);
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        // Whole chunks only: k is a multiple of 64 in every case here.
+                        let tol = 1e-5 * (1.0 + e.abs());
+                        assert!(
+                            (g - e).abs() <= tol,
+                            "{format} {n}x{k} b{batch} [{i}]: {g} vs {e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
