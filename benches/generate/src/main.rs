@@ -170,6 +170,63 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Same-process A/B of the AVX-512 GEMV against the AVX2 one (`--ab-avx512`, AVX-512 hosts):
+/// whole greedy generations (12-token prompt, `new` tokens) alternate between the two kernels;
+/// prints the median decode and prefill tokens/s of each and checks that both produce the same
+/// tokens.
+#[cfg(target_arch = "x86_64")]
+fn ab_decode(config: &str, new: usize, reps: usize) -> Result<()> {
+    use q4::kernels::cpu::avx512;
+    anyhow::ensure!(avx512::usable(), "--ab-avx512: AVX-512F is not usable on this host");
+    let quant = match config {
+        "q4-nvfp4" => q4::Format::Nvfp4,
+        "q4-nf4" => q4::Format::Nf4,
+        "q4-mxfp4" => q4::Format::Mxfp4,
+        other => bail!("--ab-avx512 takes q4-nvfp4, q4-nf4 or q4-mxfp4, not {other}"),
+    };
+    let gguf = q4_llm::default_model::ensure()?;
+    let opts = LoadOptions {
+        quant: Some(quant),
+        ..Default::default()
+    };
+    let (model, tok) = q4_llm::load(&gguf, &opts)?;
+    let prompt = tok.encode(PROMPT, false)?;
+    let gen_opts = GenerateOptions {
+        max_new_tokens: new,
+        sampling: SamplingParams {
+            temperature: 0.0,
+            ..SamplingParams::default()
+        },
+        stop_tokens: vec![],
+    };
+    let mut samples = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+    let mut texts = [Vec::new(), Vec::new()];
+    for i in 0..reps + 1 {
+        for (s, on) in [true, false].into_iter().enumerate() {
+            avx512::set_enabled(on);
+            let mut cache = model.new_cache(prompt.len() + new);
+            let g = generate(&model, &mut cache, &prompt, &gen_opts, |_| Ok(()))?;
+            if i >= 1 {
+                samples[s].0.push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
+                samples[s].1.push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
+            }
+            texts[s] = g.tokens;
+        }
+    }
+    avx512::set_enabled(true);
+    let (on, off) = (&samples[0], &samples[1]);
+    println!(
+        "{config} {new}-token greedy decode, median of {reps} alternating runs: AVX-512 {:.1} tok/s, AVX2 {:.1} tok/s, ratio x{:.3}; 12-token prefill {:.1} vs {:.1} tok/s; same tokens: {}",
+        median(&on.0),
+        median(&off.0),
+        median(&on.0) / median(&off.0),
+        median(&on.1),
+        median(&off.1),
+        texts[0] == texts[1]
+    );
+    Ok(())
+}
+
 /// One prompt's alternating A/B for [`ab_prefill`].
 fn ab_prompt(
     model: &q4_llm::Model,
@@ -404,12 +461,12 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
 | --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)] \
-| --ab-amx CONFIG [--reps N (200)]";
+| --ab-amx CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 9] = [
+    const VALUED: [&str; 10] = [
         "--new",
         "--reps",
         "--long",
@@ -419,6 +476,7 @@ fn check_args(args: &[String]) -> Result<bool> {
         "--ab-tile-decode",
         "--ab-micro-kernel",
         "--ab-amx",
+        "--ab-avx512",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
     let mut i = 1;
@@ -457,6 +515,12 @@ fn main() -> Result<()> {
         if let Some(i) = args.iter().position(|a| a == flag) {
             return ab_prefill(flag, &args[i + 1], arg("--reps", 200));
         }
+    }
+    if let Some(i) = args.iter().position(|a| a == "--ab-avx512") {
+        #[cfg(target_arch = "x86_64")]
+        return ab_decode(&args[i + 1], new, arg("--reps", 20));
+        #[cfg(not(target_arch = "x86_64"))]
+        bail!("--ab-avx512: AVX-512 is an x86-64 feature (argument {})", args[i + 1]);
     }
     if args.iter().any(|a| a == "--candle-ppl") {
         return candle_ppl(arg("--ppl-tokens", 256));
