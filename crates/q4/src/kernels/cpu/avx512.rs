@@ -354,6 +354,120 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
     }
 }
 
+static VNNI: LazyLock<bool> = LazyLock::new(|| {
+    std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni")
+});
+
+/// Whether the W8A8 GEMV runs on [`rows_w8a8`] here: [`usable`] and AVX-512 BW + VNNI.
+pub fn vnni_usable() -> bool {
+    usable() && *VNNI
+}
+
+/// Per-lane corrections for [`rows_w8a8`]: `-128 * (sum of each 4 consecutive activation
+/// codes)`, `batch x k / 4` values. `vpdpbusd` multiplies unsigned by signed bytes, so the
+/// kernel feeds it the weights plus 128 and starts each lane's sum from this.
+pub fn w8a8_corrections(x: &super::w4a8::Int8Acts) -> Vec<i32> {
+    x.q.chunks_exact(4)
+        .map(|c| -128 * c.iter().map(|&v| v as i32).sum::<i32>())
+        .collect()
+}
+
+/// W8A8 rows (see `w8a8`): `out[i * B + m]` for table rows `r0 + i` and `B` activation rows,
+/// each the sum over 32-wide blocks of the exact integer block product times both block
+/// scales — what the AVX2 kernel computes, with one `vpdpbusd` per 64 weights and activation
+/// row instead of sign, multiply-add and widening steps per 32.
+///
+/// # Safety
+/// [`vnni_usable`]; `k` a multiple of 32; rows `r0 .. r0 + out.len() / B` of `q` (`k` values
+/// each) and `d` (`k / 32` each) exist; `x` holds `B` rows of `k` values and `corr` their
+/// [`w8a8_corrections`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn rows_w8a8_kernel<const B: usize>(
+    q: &[i8],
+    d: &[f32],
+    k: usize,
+    x: &super::w4a8::Int8Acts,
+    corr: &[i32],
+    r0: usize,
+    out: &mut [f32],
+) {
+    let nb = k / 32;
+    debug_assert!(corr.len() >= B * k / 4 && x.q.len() >= B * k && x.d.len() >= B * nb);
+    // Weight + 128 as unsigned bytes.
+    let flip = _mm512_set1_epi8(-128);
+    let pf = super::prefetch::enabled();
+    // The same number of weights ahead as the 4-bit kernels: twice the bytes.
+    let ahead = 2 * super::prefetch::PREFETCH_AHEAD;
+    let (xq, xd, cp) = (x.q.as_ptr(), x.d.as_ptr(), corr.as_ptr());
+    for (i, o) in out.chunks_exact_mut(B).enumerate() {
+        let r = r0 + i;
+        debug_assert!((r + 1) * k <= q.len() && (r + 1) * nb <= d.len());
+        let wrow = q.as_ptr().add(r * k);
+        let drow = d.as_ptr().add(r * nb);
+        let mut acc = [_mm512_setzero_ps(); B];
+        // Block pairs (64 weights); an odd last block reads as a half pair (masked loads).
+        let mut b = 0;
+        while b < nb {
+            let full = b + 1 < nb;
+            let (mb, mi): (__mmask64, __mmask16) = if full {
+                (!0, !0)
+            } else {
+                (0xffff_ffff, 0x00ff)
+            };
+            if pf {
+                use super::prefetch::prefetch;
+                prefetch((wrow as *const u8).wrapping_add(32 * b + ahead));
+                if b.is_multiple_of(16) {
+                    prefetch((drow as *const u8).wrapping_add(4 * b + ahead / 8));
+                }
+            }
+            let wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mb, wrow.add(32 * b)), flip);
+            let (da, db) = (*drow.add(b), if full { *drow.add(b + 1) } else { 0.0 });
+            for m in 0..B {
+                let xv = _mm512_maskz_loadu_epi8(mb, xq.add(m * k + 32 * b));
+                let c = _mm512_maskz_loadu_epi32(mi, cp.add(m * k / 4 + 8 * b));
+                let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wu, xv));
+                let xa = *xd.add(m * nb + b);
+                let xb = if full { *xd.add(m * nb + b + 1) } else { 0.0 };
+                let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(da * xa), _mm512_set1_ps(db * xb));
+                acc[m] = _mm512_fmadd_ps(sums, sc, acc[m]);
+            }
+            b += 2;
+        }
+        for m in 0..B {
+            o[m] = _mm512_reduce_add_ps(acc[m]);
+        }
+    }
+}
+
+/// Dispatches [`rows_w8a8_kernel`] on `batch` (1-8).
+///
+/// # Safety
+/// As [`rows_w8a8_kernel`].
+pub unsafe fn rows_w8a8(
+    q: &[i8],
+    d: &[f32],
+    k: usize,
+    x: &super::w4a8::Int8Acts,
+    corr: &[i32],
+    batch: usize,
+    r0: usize,
+    out: &mut [f32],
+) {
+    match batch {
+        1 => rows_w8a8_kernel::<1>(q, d, k, x, corr, r0, out),
+        2 => rows_w8a8_kernel::<2>(q, d, k, x, corr, r0, out),
+        3 => rows_w8a8_kernel::<3>(q, d, k, x, corr, r0, out),
+        4 => rows_w8a8_kernel::<4>(q, d, k, x, corr, r0, out),
+        5 => rows_w8a8_kernel::<5>(q, d, k, x, corr, r0, out),
+        6 => rows_w8a8_kernel::<6>(q, d, k, x, corr, r0, out),
+        7 => rows_w8a8_kernel::<7>(q, d, k, x, corr, r0, out),
+        8 => rows_w8a8_kernel::<8>(q, d, k, x, corr, r0, out),
+        _ => unreachable!("the W8A8 GEMV serves batches of 1-8"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,8 +55,17 @@ pub fn matmul(q: &[i8], d: &[f32], n: usize, k: usize, x: &Int8Acts, batch: usiz
     let mut yt = vec![0f32; n * batch];
     #[cfg(target_arch = "x86_64")]
     let simd = super::x86::available();
+    #[cfg(target_arch = "x86_64")]
+    let vnni = super::avx512::vnni_usable().then(|| super::avx512::w8a8_corrections(x));
     for_each_chunk_mut(&mut yt, ROWS_PER_TASK * batch, n * k * batch, |t, out| {
         let r0 = t * ROWS_PER_TASK;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(corr) = &vnni {
+            // SAFETY: AVX-512 BW + VNNI present (`vnni_usable`); k is a multiple of 32; this
+            // task's rows exist in q and d; x holds `batch` rows and `corr` their corrections.
+            unsafe { super::avx512::rows_w8a8(q, d, k, x, corr, batch, r0, out) };
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: AVX2 and FMA are present (checked above); rows r0.. of `q`/`d` exist for
