@@ -32,7 +32,7 @@ fn main() {
         let (n, k) = ab::parse_shape(shape);
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         for format in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
-            let copies = (3 * llc_mib << 20) / (n * k * 9 / 16) + 1;
+            let copies = ((3 * llc_mib) << 20) / (n * k * 9 / 16) + 1;
             let lins: Vec<QLinear> = (0..copies)
                 .map(|_| {
                     let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();

@@ -346,10 +346,10 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
         2 => run!(2, 2),
         3 => run!(2, 3),
         4 => run!(2, 4),
-        5 => run!(2, 5),
-        6 => run!(2, 6),
-        7 => run!(2, 7),
-        8 => run!(2, 8),
+        5 => run!(1, 5),
+        6 => run!(1, 6),
+        7 => run!(1, 7),
+        8 => run!(1, 8),
         _ => unreachable!("GEMV serves batches of 1-8"),
     }
 }
@@ -430,7 +430,8 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
                 let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wu, xv));
                 let xa = *xd.add(m * nb + b);
                 let xb = if full { *xd.add(m * nb + b + 1) } else { 0.0 };
-                let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(da * xa), _mm512_set1_ps(db * xb));
+                let sc =
+                    _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(da * xa), _mm512_set1_ps(db * xb));
                 acc[m] = _mm512_fmadd_ps(sums, sc, acc[m]);
             }
             b += 2;
@@ -445,6 +446,7 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
 ///
 /// # Safety
 /// As [`rows_w8a8_kernel`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn rows_w8a8(
     q: &[i8],
     d: &[f32],
