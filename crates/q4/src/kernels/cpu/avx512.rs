@@ -543,6 +543,13 @@ mod tests {
                     unsafe { rows(&rows_, &xp, batch, 0, n, &mut got) };
                     let mut want = vec![0f32; n * batch];
                     rows_portable(&rows_, &x, batch, 0, n, &mut want);
+                    // The AVX2 kernel this one replaces (its fallback via `set_enabled(false)` or
+                    // `Q4_AVX512=0`), which the QLinear tests no longer reach on this host.
+                    let mut xp2 = Vec::new();
+                    super::super::x86::permute_activations(&x, k, rows_.high_first, &mut xp2);
+                    let mut avx2 = vec![0f32; n * batch];
+                    // SAFETY: AVX2 is present wherever AVX-512F is; same geometry as above.
+                    unsafe { super::super::x86::rows(&rows_, &xp2, batch, 0, n, &mut avx2) };
                     for (i, (g, e)) in got.iter().zip(&want).enumerate() {
                         // Whole chunks only: k is a multiple of 64 in every case here.
                         let tol = 1e-5 * (1.0 + e.abs());
@@ -550,6 +557,8 @@ mod tests {
                             (g - e).abs() <= tol,
                             "{format} {n}x{k} b{batch} [{i}]: {g} vs {e}"
                         );
+                        let a = avx2[i];
+                        assert!((a - e).abs() <= tol, "AVX2 {format} {n}x{k} b{batch} [{i}]");
                     }
                 }
             }
