@@ -109,6 +109,27 @@ mod tests {
             matmul(&t.q, &t.d, n, k, &xq, batch, &mut got);
             let mut port = vec![0f32; n * batch];
             rows_portable(&t.q, &t.d, k, &xq, batch, 0, &mut port);
+            // Both SIMD kernels directly, whichever `matmul` picked on this host.
+            #[allow(unused_mut)]
+            let mut simd: Vec<(&str, Vec<f32>)> = Vec::new();
+            #[cfg(target_arch = "x86_64")]
+            if batch <= GEMV_MAX_BATCH {
+                if super::super::x86::available() {
+                    let mut o = vec![0f32; n * batch];
+                    // SAFETY: AVX2 present (checked); k is a multiple of 32; rows 0..n exist.
+                    unsafe { super::super::x86::rows_w8a8(&t.q, &t.d, k, &xq, batch, 0, &mut o) };
+                    simd.push(("avx2", o));
+                }
+                if super::super::avx512::vnni_usable() {
+                    let corr = super::super::avx512::w8a8_corrections(&xq);
+                    let mut o = vec![0f32; n * batch];
+                    // SAFETY: AVX-512 VNNI present (checked); as above, with `corr` for `xq`.
+                    unsafe {
+                        super::super::avx512::rows_w8a8(&t.q, &t.d, k, &xq, &corr, batch, 0, &mut o)
+                    };
+                    simd.push(("avx512-vnni", o));
+                }
+            }
             for m in 0..batch {
                 for r in 0..n {
                     let w = want[m * n + r];
@@ -121,6 +142,10 @@ mod tests {
                         (port[r * batch + m] as f64 - w).abs() < tol,
                         "portable ({m}, {r})"
                     );
+                    for (name, o) in &simd {
+                        let v = o[r * batch + m] as f64;
+                        assert!((v - w).abs() < tol, "{name} batch {batch} ({m}, {r})");
+                    }
                 }
             }
         }
