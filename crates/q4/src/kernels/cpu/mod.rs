@@ -40,7 +40,8 @@ pub const GEMV_MAX_BATCH: usize = 8;
 /// Which kernel a CPU matmul of this shape uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CpuKernel {
-    /// Fused decode + dot products in SIMD registers (AVX2+FMA on x86-64, NEON on aarch64).
+    /// Fused decode + dot products in SIMD registers (AVX-512F where present, else AVX2+FMA, on
+    /// x86-64; NEON on aarch64).
     GemvSimd,
     /// Fused decode + dot products, portable Rust.
     GemvPortable,
