@@ -5,13 +5,27 @@
 //! `cargo run --release -p q4 --example ab_gemv_avx512 [-- SHAPES BATCHES ROUNDS LLC_MIB]`,
 //! SHAPES like `4096x4096,576x1536` (default: the shapes and SmolLM2's decode shapes).
 
+#[cfg(target_arch = "x86_64")]
 mod ab;
 
+#[cfg(target_arch = "x86_64")]
 use candle_core::{Device, Module, Tensor};
-use q4::kernels::cpu::avx512::set_enabled;
+#[cfg(target_arch = "x86_64")]
 use q4::{Format, QLinear, QTensor, QuantSpec};
 
+#[cfg(not(target_arch = "x86_64"))]
 fn main() {
+    eprintln!("ab_gemv_avx512: AVX-512 is an x86-64 feature");
+    std::process::exit(2);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    use q4::kernels::cpu::avx512::set_enabled;
+    if !q4::kernels::cpu::avx512::usable() {
+        eprintln!("ab_gemv_avx512: AVX-512F is not usable on this host");
+        std::process::exit(2);
+    }
     let dev = Device::Cpu;
     let args: Vec<String> = std::env::args().collect();
     let shapes = args

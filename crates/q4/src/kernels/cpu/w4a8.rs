@@ -187,7 +187,8 @@ pub fn set_int8_max_batch(batch: usize) {
     INT8_MAX_SET.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// The int8 kernel's largest batch for `w`.
+/// The int8 kernel's largest batch for `w` (only x86-64 has the int8 kernel).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn int8_max_batch(w: &Rows<'_>) -> usize {
     use std::sync::atomic::Ordering::Relaxed;
     if INT8_MAX_SET.load(Relaxed) {
