@@ -52,11 +52,11 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.n);
             if wide {
-                // SAFETY: AVX-512F is present (`usable`) and the geometry fits the chunk kernel
-                // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` rows of k values
-                // permuted for this kernel.
                 #[cfg(target_arch = "x86_64")]
                 {
+                    // SAFETY: AVX-512F is present (`usable`) and the geometry fits the chunk
+                    // kernel (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` rows of k
+                    // values permuted for this kernel.
                     unsafe { super::avx512::rows(w, &xp, batch, r0, r1, out) };
                     add_tails(w, x, batch, r0, r1, super::avx512::CHUNK, out);
                 }
