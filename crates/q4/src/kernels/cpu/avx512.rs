@@ -354,6 +354,128 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
     }
 }
 
+/// Decodes weight rows for the tiled GEMM in this kernel's chunk order (activations permuted by
+/// [`permute_activations`]), scaled by their blocks' scales: the AVX2 `ChunkDecoder`'s job
+/// with a quarter of its shuffles per 64 weights.
+pub struct TileDecoder<'a> {
+    w: Rows<'a>,
+    bk: u8,
+}
+
+impl<'a> TileDecoder<'a> {
+    /// `None` unless [`usable`] and the rows fit the chunk kernel (the GEMV's `simd_fits`).
+    pub fn new(w: &Rows<'a>) -> Option<TileDecoder<'a>> {
+        (usable() && super::gemv::simd_fits(w)).then(|| TileDecoder {
+            w: *w,
+            bk: block_class(w.block),
+        })
+    }
+
+    /// Decodes columns `k0 .. k0 + out.len()` of weight `row` (`k0` a multiple of 64): whole
+    /// chunks in chunk order, then the columns after the row's last whole chunk in element
+    /// order (where [`permute_activations`] leaves them).
+    pub fn decode(&self, row: usize, k0: usize, out: &mut [f32]) {
+        debug_assert!(k0.is_multiple_of(CHUNK) && k0 + out.len() <= self.w.k && row < self.w.n);
+        // SAFETY: the constructor checked AVX-512F and the chunk geometry; `row` exists and the
+        // column range lies inside it (asserted above, the caller's contract).
+        let done = unsafe {
+            match (self.bk, self.w.scales) {
+                (BLOCK16, ScaleSrc::Table { bytes, table }) => {
+                    self.chunks::<BLOCK16, _>(TableScales { bytes, table }, row, k0, out)
+                }
+                (BLOCK32, ScaleSrc::Table { bytes, table }) => {
+                    self.chunks::<BLOCK32, _>(TableScales { bytes, table }, row, k0, out)
+                }
+                (_, ScaleSrc::Table { bytes, table }) => {
+                    self.chunks::<BLOCK64, _>(TableScales { bytes, table }, row, k0, out)
+                }
+                (BLOCK16, ScaleSrc::F32(v)) => {
+                    self.chunks::<BLOCK16, _>(F32Scales(v), row, k0, out)
+                }
+                (BLOCK32, ScaleSrc::F32(v)) => {
+                    self.chunks::<BLOCK32, _>(F32Scales(v), row, k0, out)
+                }
+                (_, ScaleSrc::F32(v)) => self.chunks::<BLOCK64, _>(F32Scales(v), row, k0, out),
+            }
+        };
+        if done < out.len() {
+            self.w.decode_range(row, k0 + done, &mut out[done..]);
+        }
+    }
+
+    /// The whole chunks of [`Self::decode`]; returns how many values it wrote.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chunks<const BK: u8, S: Scales>(
+        &self,
+        scales: S,
+        row: usize,
+        k0: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let w = &self.w;
+        let lut = _mm512_loadu_ps(w.lut.as_ptr());
+        let (c0, c1) = (k0 / CHUNK, (k0 + out.len()) / CHUNK);
+        let shift = w.block.trailing_zeros();
+        let base = row * w.row_blocks;
+        let codes = w.codes.as_ptr().add(row * w.row_bytes);
+        let dst = out.as_mut_ptr();
+        for c in c0..c1 {
+            let (s01, s23) = chunk_scales::<BK, S>(&scales, base, c, shift);
+            let v = decode64(codes.add(c * CHUNK / 2), lut);
+            let o = dst.add((c - c0) * CHUNK);
+            _mm512_storeu_ps(o, _mm512_mul_ps(v[0], s01));
+            _mm512_storeu_ps(o.add(16), _mm512_mul_ps(v[1], s01));
+            _mm512_storeu_ps(o.add(32), _mm512_mul_ps(v[2], s23));
+            _mm512_storeu_ps(o.add(48), _mm512_mul_ps(v[3], s23));
+        }
+        (c1 - c0) * CHUNK
+    }
+}
+
+/// One `MR x NR` block of the tiled GEMM's dot-product micro-kernel (`x86::tile_gemm`) on
+/// 16-wide registers: where the CPU issues two 512-bit FMAs per cycle, as on this host, twice
+/// the AVX2 block's arithmetic per instruction.
+///
+/// # Safety
+/// AVX-512F present; `x` points at `MR` rows of stride `xs` with `w` readable values each, `t`
+/// at `NR` rows of `w` values, `y` at `MR` rows of stride `ys` with `NR` writable values each.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile_block<const MR: usize, const NR: usize>(
+    x: *const f32,
+    xs: usize,
+    t: *const f32,
+    w: usize,
+    y: *mut f32,
+    ys: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
+    let steps = w / 16;
+    for s in 0..steps {
+        let kk = s * 16;
+        let mut xv = [_mm512_setzero_ps(); MR];
+        for (i, v) in xv.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(x.add(i * xs + kk));
+        }
+        for jj in 0..NR {
+            let wv = _mm512_loadu_ps(t.add(jj * w + kk));
+            for (a, xi) in acc.iter_mut().zip(&xv) {
+                a[jj] = _mm512_fmadd_ps(*xi, wv, a[jj]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        for (jj, &a) in row.iter().enumerate() {
+            let mut sum = _mm512_reduce_add_ps(a);
+            for kk in steps * 16..w {
+                sum += *x.add(i * xs + kk) * *t.add(jj * w + kk);
+            }
+            let dst = y.add(i * ys + jj);
+            *dst = if accumulate { *dst + sum } else { sum };
+        }
+    }
+}
+
 static VNNI: LazyLock<bool> = LazyLock::new(|| {
     std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni")
 });
@@ -506,6 +628,48 @@ mod tests {
                 let mut want = Vec::new();
                 super::super::gemv::permute_chunks(&x, k, &order, &mut want);
                 assert_eq!(got, want, "k {k} high_first {high_first}");
+            }
+        }
+    }
+
+    /// Tile rows come out in chunk order, scaled, equal to the scalar decode of each weight; the columns after the last whole chunk in element order.
+    #[test]
+    fn tile_decoder_matches_the_scalar_decode() {
+        if !usable() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
+            // K tails (160: NVFP4 and MXFP4 only; formats that cannot take a width skip it).
+            for (n, k) in [(3usize, 576usize), (2, 1024), (2, 160)] {
+                let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+                let Ok(q) = QTensor::quantize(&w, &QuantSpec::new(format)) else {
+                    continue;
+                };
+                let view = q.host_view().unwrap();
+                let rows_ = Rows::new(&view);
+                let Some(dec) = TileDecoder::new(&rows_) else {
+                    continue;
+                };
+                for row in 0..n {
+                    for k0 in (0..k).step_by(CHUNK) {
+                        let len = (k - k0).min(3 * CHUNK);
+                        let mut out = vec![0f32; len];
+                        dec.decode(row, k0, &mut out);
+                        let whole = len / CHUNK * CHUNK;
+                        for (p, &v) in out.iter().enumerate() {
+                            let col = if p < whole {
+                                k0 + p / CHUNK * CHUNK + chunk_element(p % CHUNK, rows_.high_first)
+                            } else {
+                                k0 + p
+                            };
+                            let want = rows_.weight(row, col);
+                            // `==`: the tail's element-order decode keeps the sign of a zero
+                            // code, the codebook lookup need not.
+                            assert_eq!(v, want, "{format} {n}x{k} r{row} c{col}");
+                        }
+                    }
+                }
             }
         }
     }

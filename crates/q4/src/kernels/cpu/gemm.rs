@@ -90,6 +90,13 @@ thread_local! {
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // With AVX2, tiles are decoded in the GEMV's chunk order (half the decode instructions)
     // and the activations permuted once to match: the dot products see the same pairs.
+    // With AVX-512F the same, in its GEMV's chunk order.
+    #[cfg(target_arch = "x86_64")]
+    if let Some(dec) = super::avx512::TileDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
+        let mut xp = Vec::new();
+        super::avx512::permute_activations(x, w.k, w.high_first, &mut xp);
+        return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), &xp, batch, y);
+    }
     #[cfg(target_arch = "x86_64")]
     if let Some(dec) = super::x86::ChunkDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
         let mut xp = Vec::new();

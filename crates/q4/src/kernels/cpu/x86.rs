@@ -522,6 +522,29 @@ pub unsafe fn tile_gemm(
     accumulate: bool,
 ) {
     debug_assert!(t.len() >= rows * w);
+    let zmm = super::avx512::usable();
+    tile_gemm_with(zmm, x, xs, t, w, rows, batch, y, ys, accumulate)
+}
+
+/// [`tile_gemm`] with the blocks on 16-wide AVX-512 registers (`zmm`) or 8-wide AVX2 ones.
+///
+/// # Safety
+/// As [`tile_gemm`], and AVX-512F present if `zmm`.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile_gemm_with(
+    zmm: bool,
+    x: *const f32,
+    xs: usize,
+    t: &[f32],
+    w: usize,
+    rows: usize,
+    batch: usize,
+    y: *mut f32,
+    ys: usize,
+    accumulate: bool,
+) {
+    debug_assert!(t.len() >= rows * w);
     let tp = t.as_ptr();
     let nr_max = if super::wide_tile_blocks() { 4 } else { 3 };
     let mut j = 0;
@@ -534,6 +557,7 @@ pub unsafe fn tile_gemm(
             macro_rules! block {
                 ($($a:literal, $b:literal);*) => {
                     match (mr, nr) {
+                        $(($a, $b) if zmm => super::avx512::tile_block::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
                         $(($a, $b) => tile_block::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
                         _ => unreachable!("blocks are 1-3 by 1-4"),
                     }
@@ -1190,13 +1214,23 @@ mod tests {
             let t: Vec<f32> = (0..rows * w)
                 .map(|i| ((i * 104729) % 89) as f32 / 7.0 - 6.0)
                 .collect();
-            for accumulate in [false, true] {
+            // Both register widths: 16-wide where AVX-512F is present, always 8-wide.
+            let zmm_options: &[bool] = if super::super::avx512::usable() {
+                &[true, false]
+            } else {
+                &[false]
+            };
+            for (&zmm, accumulate) in zmm_options
+                .iter()
+                .flat_map(|z| [false, true].map(move |a| (z, a)))
+            {
                 let mut y: Vec<f32> = (0..batch * ys).map(|i| i as f32 * 0.25).collect();
                 let before = y.clone();
-                // SAFETY: AVX2 is present (checked above); x has batch rows of stride xs >= w,
-                // y batch rows of stride ys >= rows, t rows * w values.
+                // SAFETY: AVX2 is present (checked above), AVX-512F where `zmm`; x has batch
+                // rows of stride xs >= w, y batch rows of stride ys >= rows, t rows * w values.
                 unsafe {
-                    tile_gemm(
+                    tile_gemm_with(
+                        zmm,
                         x.as_ptr(),
                         xs,
                         &t,
