@@ -432,50 +432,6 @@ impl<'a> TileDecoder<'a> {
     }
 }
 
-/// One `MR x NR` block of the tiled GEMM's dot-product micro-kernel (`x86::tile_gemm`) on
-/// 16-wide registers: where the CPU issues two 512-bit FMAs per cycle, as on this host, twice
-/// the AVX2 block's arithmetic per instruction.
-///
-/// # Safety
-/// AVX-512F present; `x` points at `MR` rows of stride `xs` with `w` readable values each, `t`
-/// at `NR` rows of `w` values, `y` at `MR` rows of stride `ys` with `NR` writable values each.
-#[target_feature(enable = "avx512f")]
-pub unsafe fn tile_block<const MR: usize, const NR: usize>(
-    x: *const f32,
-    xs: usize,
-    t: *const f32,
-    w: usize,
-    y: *mut f32,
-    ys: usize,
-    accumulate: bool,
-) {
-    let mut acc = [[_mm512_setzero_ps(); NR]; MR];
-    let steps = w / 16;
-    for s in 0..steps {
-        let kk = s * 16;
-        let mut xv = [_mm512_setzero_ps(); MR];
-        for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm512_loadu_ps(x.add(i * xs + kk));
-        }
-        for jj in 0..NR {
-            let wv = _mm512_loadu_ps(t.add(jj * w + kk));
-            for (a, xi) in acc.iter_mut().zip(&xv) {
-                a[jj] = _mm512_fmadd_ps(*xi, wv, a[jj]);
-            }
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        for (jj, &a) in row.iter().enumerate() {
-            let mut sum = _mm512_reduce_add_ps(a);
-            for kk in steps * 16..w {
-                sum += *x.add(i * xs + kk) * *t.add(jj * w + kk);
-            }
-            let dst = y.add(i * ys + jj);
-            *dst = if accumulate { *dst + sum } else { sum };
-        }
-    }
-}
-
 static VNNI: LazyLock<bool> = LazyLock::new(|| {
     std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("avx512vnni")
 });

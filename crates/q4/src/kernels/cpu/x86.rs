@@ -557,7 +557,7 @@ pub(super) unsafe fn tile_gemm_with(
             macro_rules! block {
                 ($($a:literal, $b:literal);*) => {
                     match (mr, nr) {
-                        $(($a, $b) if zmm => super::avx512::tile_block::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
+                        $(($a, $b) if zmm => tile_block_512::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
                         $(($a, $b) => tile_block::<$a, $b>(xb, xs, tb, w, yb, ys, accumulate),)*
                         _ => unreachable!("blocks are 1-3 by 1-4"),
                     }
@@ -570,43 +570,66 @@ pub(super) unsafe fn tile_gemm_with(
     }
 }
 
-/// One `MR x NR` block of [`tile_gemm`].
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_block<const MR: usize, const NR: usize>(
-    x: *const f32,
-    xs: usize,
-    t: *const f32,
-    w: usize,
-    y: *mut f32,
-    ys: usize,
-    accumulate: bool,
-) {
-    let mut acc = [[_mm256_setzero_ps(); NR]; MR];
-    let steps = w / 8;
-    for s in 0..steps {
-        let kk = s * 8;
-        let mut xv = [_mm256_setzero_ps(); MR];
-        for (i, v) in xv.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(x.add(i * xs + kk));
-        }
-        for jj in 0..NR {
-            let wv = _mm256_loadu_ps(t.add(jj * w + kk));
-            for (a, xi) in acc.iter_mut().zip(&xv) {
-                a[jj] = _mm256_fmadd_ps(*xi, wv, a[jj]);
+/// Defines one `MR x NR` block of [`tile_gemm`] for a register width: the 8-wide AVX2 block and
+/// the 16-wide AVX-512 one are the same loop over different intrinsics.
+macro_rules! tile_block_fn {
+    ($(#[$doc:meta])* $name:ident, $feature:literal, $lanes:literal, $zero:ident, $load:ident,
+     $fma:ident, $sum:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// The target feature present; `x` points at `MR` rows of stride `xs` with `w` readable
+        /// values each, `t` at `NR` rows of `w` values, `y` at `MR` rows of stride `ys` with
+        /// `NR` writable values each.
+        #[target_feature(enable = $feature)]
+        pub(super) unsafe fn $name<const MR: usize, const NR: usize>(
+            x: *const f32,
+            xs: usize,
+            t: *const f32,
+            w: usize,
+            y: *mut f32,
+            ys: usize,
+            accumulate: bool,
+        ) {
+            let mut acc = [[$zero(); NR]; MR];
+            let steps = w / $lanes;
+            for s in 0..steps {
+                let kk = s * $lanes;
+                let mut xv = [$zero(); MR];
+                for (i, v) in xv.iter_mut().enumerate() {
+                    *v = $load(x.add(i * xs + kk));
+                }
+                for jj in 0..NR {
+                    let wv = $load(t.add(jj * w + kk));
+                    for (a, xi) in acc.iter_mut().zip(&xv) {
+                        a[jj] = $fma(*xi, wv, a[jj]);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                for (jj, &a) in row.iter().enumerate() {
+                    let mut sum = $sum(a);
+                    for kk in steps * $lanes..w {
+                        sum += *x.add(i * xs + kk) * *t.add(jj * w + kk);
+                    }
+                    let dst = y.add(i * ys + jj);
+                    *dst = if accumulate { *dst + sum } else { sum };
+                }
             }
         }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        for (jj, &a) in row.iter().enumerate() {
-            let mut sum = hsum(a);
-            for kk in steps * 8..w {
-                sum += *x.add(i * xs + kk) * *t.add(jj * w + kk);
-            }
-            let dst = y.add(i * ys + jj);
-            *dst = if accumulate { *dst + sum } else { sum };
-        }
-    }
+    };
 }
+
+tile_block_fn!(
+    /// One `MR x NR` block of [`tile_gemm`] on 8-wide AVX2 registers.
+    tile_block, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum
+);
+tile_block_fn!(
+    /// One `MR x NR` block of [`tile_gemm`] on 16-wide AVX-512 registers: this host issues two
+    /// 512-bit FMAs per cycle, as many as 256-bit ones, so twice the arithmetic per instruction.
+    tile_block_512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps,
+    _mm512_reduce_add_ps
+);
 
 /// Int8 activations laid out for [`rows_i8`]: per row and 64-value chunk, the 32 even-indexed
 /// values then the 32 odd-indexed ones (the order the low and high nibbles of the chunk's 32
