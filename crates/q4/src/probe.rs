@@ -136,7 +136,7 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
         CpuKernel::TiledGemm if crate::kernels::cpu::tiles_use_dot_kernel() => {
-            "tiled-gemm (tile decode + q4's AVX2 dot kernel up to 128 rows; gemm crate above)"
+            "tiled-gemm (tile decode + q4's dot kernel, AVX-512 or AVX2, up to 128 rows; gemm crate above)"
         }
         CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm crate micro-kernel)",
         CpuKernel::GemvPasses => "gemv passes (fused decode, up to 8 activation rows a pass)",

@@ -666,13 +666,6 @@ mod tests {
         assert!(seen.iter().all(|&s| s));
     }
 
-    /// NVFP4's code values (ModelOpt decodes code 8 as +0).
-    const NVFP4_VALUES: [f32; 16] = {
-        let mut v = q4_formats::scalar::E2M1_VALUES;
-        v[8] = 0.0;
-        v
-    };
-
     static UNSCALED: LazyLock<[f32; 256]> = LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
 
     /// `t` as the tile decoder reads it (block scales without the tensor scale).
@@ -682,7 +675,7 @@ mod tests {
             codes: &t.packed,
             scale_bytes: &t.scales,
             table: &UNSCALED,
-            values: &NVFP4_VALUES,
+            values: super::super::decode::code_values(crate::Format::Nvfp4),
             n: t.rows,
             k: t.cols,
             row_bytes: kp / 2,

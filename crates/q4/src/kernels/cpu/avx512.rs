@@ -12,6 +12,9 @@
 //! that order ([`chunk_element`]). With 16-wide blocks lanes 0-7 of each vector belong to one
 //! block and lanes 8-15 to the next, so products are summed per vector pair and scaled by a
 //! vector holding the two blocks' scales.
+//!
+//! The same decode serves the tiled GEMM's tiles ([`TileDecoder`]); the int8 W8A8 GEMV behind
+//! the int8 embedding / LM-head tables runs on AVX-512 VNNI here too ([`rows_w8a8`]).
 
 use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -256,8 +259,8 @@ unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
 const SLICE_BYTES: usize = 16 << 10;
 
 /// Computes weight rows `r0..r1` into `out` (`[row - r0][m]`) over their whole chunks: in K
-/// slices whose activations fit L1, two rows at a time above batch 1 (they share each
-/// activation load).
+/// slices whose activations fit L1, two rows at a time at batches 2-4 (they share each
+/// activation load; at 5-8 two rows' accumulators spill registers).
 ///
 /// # Safety
 /// As for [`rows_kernel`]: AVX-512F present ([`usable`]), the GEMV's `simd_fits` geometry, rows

@@ -88,9 +88,10 @@ thread_local! {
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]` for `batch > 8`.
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
-    // With AVX2, tiles are decoded in the GEMV's chunk order (half the decode instructions)
-    // and the activations permuted once to match: the dot products see the same pairs.
-    // With AVX-512F the same, in its GEMV's chunk order.
+    // Where the GEMV's SIMD decode applies, tiles are decoded in that kernel's chunk order
+    // (half the decode instructions of element order) and the activations permuted once to
+    // match, so the dot products see the same pairs: the AVX-512F decoder where present, else
+    // the AVX2 one.
     #[cfg(target_arch = "x86_64")]
     if let Some(dec) = super::avx512::TileDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
         let mut xp = Vec::new();

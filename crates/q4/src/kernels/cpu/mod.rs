@@ -193,7 +193,7 @@ fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f3
     }
     // The product table depends only on the code values: NVFP4's are fixed, so it is built once.
     let own;
-    let products: &[u16] = if rows.values == &*NVFP4_VALUES {
+    let products: &[u16] = if rows.values == decode::code_values(crate::Format::Nvfp4) {
         &NVFP4_PRODUCTS
     } else if amx::products_exact(rows.values, &*NVFP4_UNSCALED) {
         own = amx::products(rows.values, &NVFP4_UNSCALED);
@@ -218,18 +218,11 @@ fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f3
     true
 }
 
-/// NVFP4's code values (code 8 decodes as +0).
-#[cfg(target_arch = "x86_64")]
-static NVFP4_VALUES: std::sync::LazyLock<[f32; 16]> = std::sync::LazyLock::new(|| {
-    let mut v = q4_formats::scalar::E2M1_VALUES;
-    v[8] = 0.0;
-    v
-});
-
 /// [`amx::products`] of NVFP4's code values and unscaled block scales.
 #[cfg(target_arch = "x86_64")]
-static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> =
-    std::sync::LazyLock::new(|| amx::products(&NVFP4_VALUES, &NVFP4_UNSCALED));
+static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(|| {
+    amx::products(decode::code_values(crate::Format::Nvfp4), &NVFP4_UNSCALED)
+});
 
 /// NVFP4's E4M3 block scales without a tensor scale.
 #[cfg(target_arch = "x86_64")]

@@ -500,7 +500,8 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
 /// `j < rows`, `y[m * ys + j] = (accumulate ? y[..] : 0) + sum_kk x[m * xs + kk] * t[j * w + kk]`
 /// over `kk < w`. Dot-product form: the decoded tile rows and the activation rows are both read
 /// in their natural order, so nothing is packed or transposed; 3 x 4 blocks of (activation row,
-/// weight row) keep twelve 8-wide accumulators in registers (7 loads per 12 FMAs; 3 x 3 with
+/// weight row) keep twelve accumulators in registers, 16-wide where AVX-512F is present, else
+/// 8-wide (7 loads per 12 FMAs; 3 x 3 with
 /// `set_wide_tile_blocks(false)`), and each tile row is loaded once per
 /// batch (the activation slice stays in L1).
 ///
@@ -521,7 +522,6 @@ pub unsafe fn tile_gemm(
     ys: usize,
     accumulate: bool,
 ) {
-    debug_assert!(t.len() >= rows * w);
     let zmm = super::avx512::usable();
     tile_gemm_with(zmm, x, xs, t, w, rows, batch, y, ys, accumulate)
 }
