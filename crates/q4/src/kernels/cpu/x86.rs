@@ -625,8 +625,8 @@ tile_block_fn!(
     tile_block, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_fmadd_ps, hsum
 );
 tile_block_fn!(
-    /// One `MR x NR` block of [`tile_gemm`] on 16-wide AVX-512 registers: this host issues two
-    /// 512-bit FMAs per cycle, as many as 256-bit ones, so twice the arithmetic per instruction.
+    /// One `MR x NR` block of [`tile_gemm`] on 16-wide AVX-512 registers: on the Xeon host a
+    /// probe issued 512-bit FMAs at the rate of 256-bit ones, twice the arithmetic per instruction.
     tile_block_512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_fmadd_ps,
     _mm512_reduce_add_ps
 );
