@@ -222,8 +222,9 @@ mod tile {
     }
 }
 
-/// The three truncated bfloat16 pieces of `v` (as bit patterns).
-#[inline]
+/// The three truncated bfloat16 pieces of `v` (as bit patterns): what [`activation_tiles`]
+/// computes sixteen lanes at a time.
+#[cfg(test)]
 fn pieces(v: f32) -> [u16; PIECES] {
     const HI: u32 = 0xffff_0000;
     let h = v.to_bits() & HI;
@@ -245,10 +246,9 @@ fn step_source(i: usize) -> usize {
     }
 }
 
-/// Activations in the B layout: `[group of 16 rows][step of 32 K][piece][pair p][row j]` as u32
-/// (the bf16 pieces of the step's values at positions 2p and 2p + 1, low half first), zero past
-/// the batch and past K.
-fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32> {
+/// [`activation_tiles`] one value at a time: the test oracle.
+#[cfg(test)]
+fn activation_tiles_scalar(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32> {
     let groups = batch.div_ceil(16);
     let mut out = vec![0; groups * steps * PIECES * TILE_WORDS];
     let src: [usize; STEP] = std::array::from_fn(step_source);
@@ -269,6 +269,77 @@ fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32>
                 let (a, b) = (piece_of(2 * p), piece_of(2 * p + 1));
                 for q in 0..PIECES {
                     tile[q * TILE_WORDS + p * 16 + j] = a[q] as u32 | (b[q] as u32) << 16;
+                }
+            }
+        }
+    });
+    out
+}
+
+/// Activations in the B layout: `[group of 16 rows][step of 32 K][piece][pair p][row j]` as u32
+/// (the bf16 pieces of the step's values at positions 2p and 2p + 1, low half first), zero past
+/// the batch and past K. Each row's 32 values of a step are split in two registers, paired by
+/// one word permute and scattered to their tile column (the scalar loop cost ~5% of a 12-token
+/// prefill).
+///
+/// # Safety
+/// AVX-512F/BW present.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32> {
+    let groups = batch.div_ceil(16);
+    let mut out = vec![0; groups * steps * PIECES * TILE_WORDS];
+    // Output word 2p (low half of pair p) takes the bf16 (high word) of column a_p, word 2p + 1
+    // that of column b_p, in `step_source` order; columns 16-31 come from the second register.
+    let word_of = |c: usize| (2 * c + 1) as i16;
+    let mut idx = [0i16; 32];
+    for p in 0..16 {
+        idx[2 * p] = word_of(step_source(2 * p));
+        idx[2 * p + 1] = word_of(step_source(2 * p + 1));
+    }
+    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+    let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let col_offsets = _mm512_set_epi32(
+        240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0,
+    );
+    super::parallel::for_each_chunk_mut(&mut out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
+        let (g, s) = (c / steps, c % steps);
+        let col = s * STEP;
+        let valid = (k - col).min(STEP);
+        let m0 = if valid >= 16 {
+            0xffff
+        } else {
+            (1u16 << valid) - 1
+        };
+        let m1 = if valid >= 32 {
+            0xffff
+        } else if valid > 16 {
+            (1u16 << (valid - 16)) - 1
+        } else {
+            0
+        };
+        for j in 0..16.min(batch - g * 16) {
+            // SAFETY: the masks keep both loads inside row g * 16 + j of `x` (columns < k);
+            // the scatters write words p * 16 + j (< 256) of each of the chunk's three tiles.
+            unsafe {
+                let row = x.as_ptr().add((g * 16 + j) * k + col);
+                let v0 = _mm512_maskz_loadu_ps(m0, row);
+                let v1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+                let split = |v: __m512| {
+                    let h = _mm512_and_si512(_mm512_castps_si512(v), hi);
+                    let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
+                    let m = _mm512_and_si512(_mm512_castps_si512(r), hi);
+                    let r2 = _mm512_sub_ps(r, _mm512_castsi512_ps(m));
+                    // The permute keeps only each piece's high word: `l` needs no mask.
+                    [h, m, _mm512_castps_si512(r2)]
+                };
+                let (p0, p1) = (split(v0), split(v1));
+                for q in 0..PIECES {
+                    let words = _mm512_permutex2var_epi16(p0[q], idx, p1[q]);
+                    _mm512_i32scatter_epi32::<4>(
+                        tile.as_mut_ptr().add(q * TILE_WORDS + j).cast(),
+                        col_offsets,
+                        words,
+                    );
                 }
             }
         }
@@ -319,72 +390,53 @@ impl Nvfp4Tiles<'_> {
     unsafe fn decode(&self, products: &[u16], r0: usize, k0: usize, steps: usize, out: &mut [u16]) {
         debug_assert_eq!(products.len(), 256 * 16);
         debug_assert!(out.len() >= steps * TILE_BYTES);
-        // Every (scale byte, code) product as bf16, 16 per scale byte: one 32-byte row per block.
-        let base = out.as_mut_ptr();
+        let rows = UNIT_ROWS.min(self.n - r0);
+        let full = steps.min((self.k - k0) / STEP);
+        let table = products.as_ptr();
+        let base = out.as_mut_ptr().cast::<__m512i>();
         for r in 0..UNIT_ROWS {
-            let row = r0 + r;
-            for s in 0..steps {
-                let dst = base
-                    .add(((s * 2 + r / 16) * 16 + r % 16) * STEP)
-                    .cast::<__m512i>();
+            // Step s of row r is vector s * UNIT_ROWS + r.
+            let dst = base.add(r);
+            if r >= rows {
+                for s in 0..steps {
+                    _mm512_storeu_si512(dst.add(s * UNIT_ROWS), _mm512_setzero_si512());
+                }
+                continue;
+            }
+            let codes = self.codes.as_ptr().add((r0 + r) * self.row_bytes + k0 / 2);
+            let scales = self
+                .scale_bytes
+                .as_ptr()
+                .add((r0 + r) * self.row_blocks + k0 / 16);
+            for s in 0..full {
+                let c = _mm_loadu_si128(codes.add(s * 16).cast());
+                let b0 = *scales.add(2 * s) as usize;
+                let b1 = *scales.add(2 * s + 1) as usize;
+                let t = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_loadu_si256(table.add(b0 * 16).cast())),
+                    _mm256_loadu_si256(table.add(b1 * 16).cast()),
+                );
+                _mm512_storeu_si512(dst.add(s * UNIT_ROWS), lookup(c, t));
+            }
+            for s in full..steps {
                 let col = k0 + s * STEP;
-                let v = if row >= self.n || col >= self.k {
-                    _mm512_setzero_si512()
+                let v = if col < self.k {
+                    self.last_step(products, r0 + r, col)
                 } else {
-                    self.step(products, row, col)
+                    _mm512_setzero_si512()
                 };
-                _mm512_storeu_si512(dst, v);
+                _mm512_storeu_si512(dst.add(s * UNIT_ROWS), v);
             }
         }
     }
 
-    /// The 32 values of `row` from column `col` (< `k`, a multiple of [`STEP`]) as bf16, in
-    /// [`step_source`] order, zeros past `k`. `products` is [`Nvfp4Tiles::products`].
+    /// The row's last step, short of 32 columns (from `col`, a multiple of [`STEP`] below `k`),
+    /// as bf16 in [`step_source`] order: copies what the row holds (one or two blocks); a
+    /// missing second block and the columns past `k` read as zeros.
     ///
     /// # Safety
     /// AVX-512F/BW present; `row < n`; `products.len() == 256 * 16`; the codes and scale bytes
     /// hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    unsafe fn step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
-        if col + STEP <= self.k {
-            self.full_step(products, row, col)
-        } else {
-            self.last_step(products, row, col)
-        }
-    }
-
-    /// [`Nvfp4Tiles::step`] for a step inside the row (`col + STEP <= k`): no branch, no call,
-    /// so loops around it keep their accumulators in registers.
-    ///
-    /// # Safety
-    /// As for [`Nvfp4Tiles::step`], and `col + STEP <= k`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    #[inline]
-    unsafe fn full_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
-        debug_assert!(row < self.n && col + STEP <= self.k && products.len() == 256 * 16);
-        let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
-        let blk = row * self.row_blocks + col / 16;
-        let codes = _mm_loadu_si128(
-            self.codes
-                .as_ptr()
-                .add(row * self.row_bytes + col / 2)
-                .cast(),
-        );
-        let table = _mm512_inserti64x4::<1>(
-            _mm512_castsi256_si512(_mm256_loadu_si256(row_of(
-                *self.scale_bytes.get_unchecked(blk),
-            ))),
-            _mm256_loadu_si256(row_of(*self.scale_bytes.get_unchecked(blk + 1))),
-        );
-        lookup(codes, table)
-    }
-
-    /// [`Nvfp4Tiles::step`] for the row's last step, short of 32 columns: copies what the row
-    /// holds (one or two blocks); a missing second block reads as zeros.
-    ///
-    /// # Safety
-    /// As for [`Nvfp4Tiles::step`].
     #[target_feature(enable = "avx512f,avx512bw")]
     #[inline(never)]
     unsafe fn last_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
@@ -547,7 +599,8 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
     debug_assert_eq!(y.len(), batch * n);
     let steps = k.div_ceil(STEP);
     let groups = batch.div_ceil(16);
-    let xb = activation_tiles(x, batch, k, steps);
+    // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`).
+    let xb = unsafe { activation_tiles(x, batch, k, steps) };
     let units = n.div_ceil(UNIT_ROWS);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();
@@ -658,6 +711,37 @@ mod tests {
     }
 
     #[test]
+    fn activation_tiles_match_the_scalar_layout() {
+        if !cpu_has_amx() {
+            return;
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for (batch, k) in [(1usize, 48usize), (12, 576), (17, 70), (33, 1104), (16, 31)] {
+            let x: Vec<f32> = (0..batch * k)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    // Wide exponents, both signs, some exact zeros and bf16-exact values.
+                    match seed % 7 {
+                        0 => 0.0,
+                        1 => -1.5,
+                        _ => f32::from_bits((seed >> 32) as u32 & 0xbfff_ffff),
+                    }
+                })
+                .collect();
+            let steps = k.div_ceil(STEP);
+            // SAFETY: AVX-512F/BW present (cpu_has_amx).
+            let got = unsafe { activation_tiles(&x, batch, k, steps) };
+            assert_eq!(
+                got,
+                activation_tiles_scalar(&x, batch, k, steps),
+                "{batch}x{k}"
+            );
+        }
+    }
+
+    #[test]
     fn step_order_is_a_permutation() {
         let mut seen = [false; STEP];
         for i in 0..STEP {
@@ -720,21 +804,42 @@ mod tests {
         if !cpu_has_amx() {
             return;
         }
-        for (n, k) in [(40, 48), (32, 64), (17, 1040)] {
+        for (n, k) in [(40, 48), (32, 64), (17, 1040), (33, 2100)] {
             let t = nvfp4(n, k, 7 + k as u64);
             let dense = unscaled_dense(&t);
             let src = tiles(&t);
-            let steps = k.div_ceil(STEP);
-            for r0 in (0..n).step_by(UNIT_ROWS) {
-                let mut out = vec![0xffffu16; steps * TILE_BYTES];
-                // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented; the
-                // tensor's own buffers.
-                unsafe { src.decode(&src.products(), r0, 0, steps, &mut out) };
+            // The whole row from column 0, and (past a slice) from a later slice start.
+            for k0 in (0..k).step_by(SLICE) {
+                let steps = (k - k0).div_ceil(STEP);
+                for r0 in (0..n).step_by(UNIT_ROWS) {
+                    let mut out = vec![0xffffu16; steps * TILE_BYTES];
+                    // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented; the
+                    // tensor's own buffers; k0 a multiple of STEP.
+                    unsafe { src.decode(&src.products(), r0, k0, steps, &mut out) };
+                    check_tiles(&out, &dense, n, k, r0, k0, steps);
+                }
+            }
+        }
+    }
+
+    /// Asserts that `out` holds the decoded tiles of rows `r0..r0 + UNIT_ROWS`, columns from
+    /// `k0`, of the dense (unscaled) weight `dense` (`n x k`), zeros outside it.
+    fn check_tiles(
+        out: &[u16],
+        dense: &[f32],
+        n: usize,
+        k: usize,
+        r0: usize,
+        k0: usize,
+        steps: usize,
+    ) {
+        {
+            {
                 for r in 0..UNIT_ROWS {
                     for st in 0..steps {
                         for i in 0..STEP {
                             let got = out[((st * 2 + r / 16) * 16 + r % 16) * STEP + i];
-                            let (row, col) = (r0 + r, st * STEP + step_source(i));
+                            let (row, col) = (r0 + r, k0 + st * STEP + step_source(i));
                             let want = if row < n && col < k {
                                 dense[row * k + col]
                             } else {
