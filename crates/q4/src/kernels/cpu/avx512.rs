@@ -155,31 +155,31 @@ struct Pass {
     ahead: usize,
 }
 
-/// Adds `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R` rows to
-/// `out[r * B + m]`. `xp` holds the activations permuted by [`permute_activations`].
+/// The lanes of `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R`
+/// rows, as `[r][m]` vectors whose lanes sum to it. `xp` holds the activations permuted by
+/// [`permute_activations`].
 ///
 /// # Safety
 /// AVX-512F present; `w.aligned` with `w.block` a multiple of 16 (and of 64, or dividing 64);
 /// rows `row0..row0 + R` exist; the chunks lie inside the rows; `xp` holds `B` rows of `w.k`
-/// values; `out` `R * B` values.
+/// values.
 #[target_feature(enable = "avx512f")]
+#[inline]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
-unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
+unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, S: Scales>(
     w: &Rows<'_>,
-    scales: S,
+    scales: &S,
     lut: __m512,
     xp: &[f32],
     row0: usize,
     pass: Pass,
-    out: &mut [f32],
-) {
+) -> [[__m512; B]; R] {
     debug_assert!(
         w.aligned
             && w.block.is_multiple_of(16)
             && row0 + R <= w.n
             && pass.c1 * CHUNK <= w.k
             && xp.len() >= B * w.k
-            && out.len() >= R * B
     );
     let xptr = xp.as_ptr();
     let cp = w.codes.as_ptr();
@@ -207,7 +207,7 @@ unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
                     scales.prefetch(row * w.row_blocks + (col + 2 * pass.ahead) / per_block);
                 }
             }
-            let (s01, s23) = chunk_scales::<BK, S>(&scales, row * w.row_blocks, c, shift);
+            let (s01, s23) = chunk_scales::<BK, S>(scales, row * w.row_blocks, c, shift);
             let v = decode64(codes, lut);
             if B == 1 {
                 // Each block pair summed unscaled, then scaled once.
@@ -241,16 +241,97 @@ unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
             }
         }
     }
-    for r in 0..R {
-        for m in 0..B {
-            let total = if B == 1 {
-                _mm512_add_ps(acc[r][0], acc2[r])
-            } else {
-                acc[r][m]
-            };
-            *out.get_unchecked_mut(r * B + m) += _mm512_reduce_add_ps(total);
+    if B == 1 {
+        for r in 0..R {
+            acc[r][0] = _mm512_add_ps(acc[r][0], acc2[r]);
         }
     }
+    acc
+}
+
+/// [`rows_acc`] added to `out[r * B + m]`, each output reduced on its own.
+///
+/// # Safety
+/// As for [`rows_acc`], and `out` holds `R * B` values.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
+    w: &Rows<'_>,
+    scales: S,
+    lut: __m512,
+    xp: &[f32],
+    row0: usize,
+    pass: Pass,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() >= R * B);
+    let acc = rows_acc::<R, B, BK, S>(w, &scales, lut, xp, row0, pass);
+    for (r, row) in acc.iter().enumerate() {
+        for (m, v) in row.iter().enumerate() {
+            *out.get_unchecked_mut(r * B + m) += _mm512_reduce_add_ps(*v);
+        }
+    }
+}
+
+/// Where [`sum16`] leaves the sum of its input `i`: lane `SUM16_LANE[i]` (an involution).
+const SUM16_LANE: [usize; 16] = [0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15];
+
+/// The lane sums of sixteen vectors in one vector, the sum of `v[i]` in lane [`SUM16_LANE`]`[i]`:
+/// 15 adds and 30 shuffles for all sixteen, where one reduction alone is a chain of eight
+/// dependent operations (with rows of 576 values, that chain cost as much as the row's decode).
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
+    let halves = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    };
+    let w: [__m512; 8] = std::array::from_fn(|i| halves(v[i], v[i + 8]));
+    let quarters = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b),
+        )
+    };
+    let u: [__m512; 4] = std::array::from_fn(|i| quarters(w[i], w[i + 4]));
+    let pairs = |a: __m512, b: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x44>(a, b),
+            _mm512_shuffle_ps::<0xEE>(a, b),
+        )
+    };
+    let t = [pairs(u[0], u[2]), pairs(u[1], u[3])];
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x88>(t[0], t[1]),
+        _mm512_shuffle_ps::<0xDD>(t[0], t[1]),
+    )
+}
+
+/// Batch 1, sixteen rows from `row0`: each row's vector from [`rows_acc`], then all sixteen
+/// reduced together by [`sum16`] and added to `out[0..16]`.
+///
+/// # Safety
+/// As for [`rows_acc`] with `R = 16`, `B = 1`; `out` holds 16 values.
+#[target_feature(enable = "avx512f")]
+unsafe fn rows16_batch1<const BK: u8, S: Scales>(
+    w: &Rows<'_>,
+    scales: S,
+    lut: __m512,
+    xp: &[f32],
+    row0: usize,
+    pass: Pass,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() >= 16);
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (r, &lane) in SUM16_LANE.iter().enumerate() {
+        // Row r's vector goes to input `lane`: SUM16_LANE is an involution, so its sum lands
+        // in lane r.
+        v[lane] = rows_acc::<1, 1, BK, S>(w, &scales, lut, xp, row0 + r, pass)[0][0];
+    }
+    let o = out.as_mut_ptr();
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum16(&v)));
 }
 
 /// Activation bytes a K slice may span (all `B` rows together), so that they stay in L1 while
@@ -272,48 +353,28 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
     out[..(r1 - r0) * batch].fill(0.0);
     let chunks = w.k / CHUNK;
     let slice = (SLICE_BYTES / (4 * CHUNK * batch)).max(1);
-    // Monomorphised for the scale storage and block class each format produces.
+    // Monomorphised for the scale storage and block class each format produces: `$f` is
+    // called as `$f::<$($g)* BK, S>(w, scales, lut, xp, row, pass, out)`.
     macro_rules! call {
-        ($r:literal, $b:literal, $row:expr, $pass:expr) => {{
-            let o = &mut out[($row - r0) * $b..];
-            let p = $pass;
+        ($f:ident, [$($g:tt)*], $row:expr, $pass:expr, $o:expr) => {{
+            let (o, p, row) = ($o, $pass, $row);
             match (bk, w.scales) {
-                (BLOCK16, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK16, _>(
-                    w,
-                    TableScales { bytes, table },
-                    lut,
-                    xp,
-                    $row,
-                    p,
-                    o,
-                ),
-                (BLOCK32, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK32, _>(
-                    w,
-                    TableScales { bytes, table },
-                    lut,
-                    xp,
-                    $row,
-                    p,
-                    o,
-                ),
-                (_, ScaleSrc::Table { bytes, table }) => rows_kernel::<$r, $b, BLOCK64, _>(
-                    w,
-                    TableScales { bytes, table },
-                    lut,
-                    xp,
-                    $row,
-                    p,
-                    o,
-                ),
+                (BLOCK16, ScaleSrc::Table { bytes, table }) => {
+                    $f::<$($g)* BLOCK16, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
+                }
+                (BLOCK32, ScaleSrc::Table { bytes, table }) => {
+                    $f::<$($g)* BLOCK32, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
+                }
+                (_, ScaleSrc::Table { bytes, table }) => {
+                    $f::<$($g)* BLOCK64, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
+                }
                 (BLOCK16, ScaleSrc::F32(v)) => {
-                    rows_kernel::<$r, $b, BLOCK16, _>(w, F32Scales(v), lut, xp, $row, p, o)
+                    $f::<$($g)* BLOCK16, _>(w, F32Scales(v), lut, xp, row, p, o)
                 }
                 (BLOCK32, ScaleSrc::F32(v)) => {
-                    rows_kernel::<$r, $b, BLOCK32, _>(w, F32Scales(v), lut, xp, $row, p, o)
+                    $f::<$($g)* BLOCK32, _>(w, F32Scales(v), lut, xp, row, p, o)
                 }
-                (_, ScaleSrc::F32(v)) => {
-                    rows_kernel::<$r, $b, BLOCK64, _>(w, F32Scales(v), lut, xp, $row, p, o)
-                }
+                (_, ScaleSrc::F32(v)) => $f::<$($g)* BLOCK64, _>(w, F32Scales(v), lut, xp, row, p, o),
             }
         }};
     }
@@ -332,12 +393,18 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
                     },
                 };
                 let mut r = r0;
+                if $b == 1 {
+                    while r1 - r >= 16 {
+                        call!(rows16_batch1, [], r, pass, &mut out[r - r0..]);
+                        r += 16;
+                    }
+                }
                 while r1 - r >= $r {
-                    call!($r, $b, r, pass);
+                    call!(rows_kernel, [$r, $b,], r, pass, &mut out[(r - r0) * $b..]);
                     r += $r;
                 }
                 while r < r1 {
-                    call!(1, $b, r, pass);
+                    call!(rows_kernel, [1, $b,], r, pass, &mut out[(r - r0) * $b..]);
                     r += 1;
                 }
                 c0 = c1;
@@ -633,6 +700,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn sum16_puts_each_vectors_sum_in_its_lane() {
+        if !*AVAILABLE {
+            return;
+        }
+        // Vector i holds 16 distinct powers of two scaled by i + 1: every sum is exact, and a
+        // lane that mixed two vectors or dropped a lane would differ.
+        let vals: Vec<[f32; 16]> = (0..16)
+            .map(|i| std::array::from_fn(|l| (i + 1) as f32 * (1u32 << l) as f32 / 65536.0))
+            .collect();
+        let mut got = [0f32; 16];
+        // SAFETY: AVX-512F present (checked); loads and the store cover 16 floats each.
+        unsafe {
+            let v: [__m512; 16] = std::array::from_fn(|i| _mm512_loadu_ps(vals[i].as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), sum16(&v));
+        }
+        for (i, row) in vals.iter().enumerate() {
+            assert_eq!(got[SUM16_LANE[i]], row.iter().sum::<f32>(), "vector {i}");
+            assert_eq!(SUM16_LANE[SUM16_LANE[i]], i, "not an involution at {i}");
+        }
+    }
+
     /// The kernel equals the portable decode-and-dot path (to f32 summation order) for every
     /// format (16-, 32- and 64-wide blocks, table and f32 scales, both nibble orders), every
     /// GEMV batch and rows with K tails, which the caller adds.
@@ -643,7 +732,15 @@ mod tests {
         }
         let dev = Device::Cpu;
         for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
-            for (n, k) in [(7usize, 64usize), (33, 576), (5, 1024), (3, 192)] {
+            // 33 and 18 rows: sixteen-row groups at batch 1 and a remainder; K = 4160: two K
+            // passes at batch 1.
+            for (n, k) in [
+                (7usize, 64usize),
+                (33, 576),
+                (5, 1024),
+                (3, 192),
+                (18, 4160),
+            ] {
                 let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
                 let view = q.host_view().unwrap();
@@ -682,6 +779,14 @@ mod tests {
                         );
                         let a = avx2[i];
                         assert!((a - e).abs() <= tol, "AVX2 {format} {n}x{k} b{batch} [{i}]");
+                    }
+                    // Rows from an offset (the parallel GEMV's row ranges).
+                    let mut part = vec![0f32; (n - 1) * batch];
+                    // SAFETY: as above, rows 1..n.
+                    unsafe { rows(&rows_, &xp, batch, 1, n, &mut part) };
+                    for (i, (g, e)) in part.iter().zip(&want[batch..]).enumerate() {
+                        let tol = 1e-5 * (1.0 + e.abs());
+                        assert!((g - e).abs() <= tol, "{format} rows 1.. b{batch} [{i}]");
                     }
                 }
             }
