@@ -530,7 +530,6 @@ pub fn w8a8_corrections(x: &super::w4a8::Int8Acts) -> Vec<i32> {
 /// each) and `d` (`k / 32` each) exist; `x` holds `B` rows of `k` values and `corr` their
 /// [`w8a8_corrections`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
 unsafe fn rows_w8a8_kernel<const B: usize>(
     q: &[i8],
     d: &[f32],
@@ -540,16 +539,52 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
     r0: usize,
     out: &mut [f32],
 ) {
+    debug_assert!(corr.len() >= B * k / 4 && x.q.len() >= B * k && x.d.len() >= B * (k / 32));
+    let rows = out.len() / B;
+    let mut i = 0;
+    if B == 1 {
+        // Sixteen rows' vectors reduced together (see `rows16_batch1`).
+        while rows - i >= 16 {
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (j, &lane) in SUM16_LANE.iter().enumerate() {
+                v[lane] = w8a8_row::<1>(q, d, k, x, corr, r0 + i + j)[0];
+            }
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), sum16(&v));
+            i += 16;
+        }
+    }
+    for (o, r) in out[i * B..].chunks_exact_mut(B).zip(r0 + i..) {
+        let acc = w8a8_row::<B>(q, d, k, x, corr, r);
+        for m in 0..B {
+            o[m] = _mm512_reduce_add_ps(acc[m]);
+        }
+    }
+}
+
+/// One table row `r` of [`rows_w8a8_kernel`]: per activation row, a vector whose lanes sum to
+/// the output.
+///
+/// # Safety
+/// As for [`rows_w8a8_kernel`], row `r` existing.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn w8a8_row<const B: usize>(
+    q: &[i8],
+    d: &[f32],
+    k: usize,
+    x: &super::w4a8::Int8Acts,
+    corr: &[i32],
+    r: usize,
+) -> [__m512; B] {
     let nb = k / 32;
-    debug_assert!(corr.len() >= B * k / 4 && x.q.len() >= B * k && x.d.len() >= B * nb);
     // Weight + 128 as unsigned bytes.
     let flip = _mm512_set1_epi8(-128);
     let pf = super::prefetch::enabled();
     // The same number of weights ahead as the 4-bit kernels: twice the bytes.
     let ahead = 2 * super::prefetch::PREFETCH_AHEAD;
     let (xq, xd, cp) = (x.q.as_ptr(), x.d.as_ptr(), corr.as_ptr());
-    for (i, o) in out.chunks_exact_mut(B).enumerate() {
-        let r = r0 + i;
+    {
         debug_assert!((r + 1) * k <= q.len() && (r + 1) * nb <= d.len());
         let wrow = q.as_ptr().add(r * k);
         let drow = d.as_ptr().add(r * nb);
@@ -584,9 +619,7 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
             }
             b += 2;
         }
-        for m in 0..B {
-            o[m] = _mm512_reduce_add_ps(acc[m]);
-        }
+        acc
     }
 }
 

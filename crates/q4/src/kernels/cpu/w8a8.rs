@@ -127,6 +127,19 @@ mod tests {
                     unsafe {
                         super::super::avx512::rows_w8a8(&t.q, &t.d, k, &xq, &corr, batch, 0, &mut o)
                     };
+                    // From an offset row (the parallel GEMV's ranges): the same values.
+                    let mut part = vec![0f32; (n - 5) * batch];
+                    // SAFETY: as above, rows 5..n.
+                    unsafe {
+                        super::super::avx512::rows_w8a8(
+                            &t.q, &t.d, k, &xq, &corr, batch, 5, &mut part,
+                        )
+                    };
+                    assert_eq!(
+                        part[..],
+                        o[5 * batch..],
+                        "avx512-vnni from row 5, batch {batch}"
+                    );
                     simd.push(("avx512-vnni", o));
                 }
             }
