@@ -813,13 +813,21 @@ mod tests {
                         let a = avx2[i];
                         assert!((a - e).abs() <= tol, "AVX2 {format} {n}x{k} b{batch} [{i}]");
                     }
-                    // Rows from an offset (the parallel GEMV's row ranges).
+                    // Rows from an offset (the parallel GEMV's row ranges), both kernels.
                     let mut part = vec![0f32; (n - 1) * batch];
+                    let mut part2 = vec![0f32; (n - 1) * batch];
                     // SAFETY: as above, rows 1..n.
-                    unsafe { rows(&rows_, &xp, batch, 1, n, &mut part) };
-                    for (i, (g, e)) in part.iter().zip(&want[batch..]).enumerate() {
+                    unsafe {
+                        rows(&rows_, &xp, batch, 1, n, &mut part);
+                        super::super::x86::rows(&rows_, &xp2, batch, 1, n, &mut part2);
+                    }
+                    for (i, e) in want[batch..].iter().enumerate() {
                         let tol = 1e-5 * (1.0 + e.abs());
-                        assert!((g - e).abs() <= tol, "{format} rows 1.. b{batch} [{i}]");
+                        assert!(
+                            (part[i] - e).abs() <= tol,
+                            "{format} rows 1.. b{batch} [{i}]"
+                        );
+                        assert!((part2[i] - e).abs() <= tol, "AVX2 rows 1.. b{batch} [{i}]");
                     }
                 }
             }
