@@ -64,12 +64,13 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
         let q0 = (bi * nh + kvh * n_rep) * hd;
         let len = s1 - s0;
         let mut scores = vec![0f32; n_rep * len];
-        for si in s0..s1 {
-            let krow = &ks[k_base + si * hd..][..hd];
-            for j in 0..n_rep {
-                scores[j * len + si - s0] = dot(&qs[q0 + j * hd..][..hd], krow) * scale;
-            }
-        }
+        scores_block(
+            &qs[q0..][..n_rep * hd],
+            &ks[k_base + s0 * hd..][..len * hd],
+            hd,
+            scale,
+            &mut scores,
+        );
         scores
     };
     // Adds the cached values s0..s1 weighted by `weights` (laid out as `scores_of`'s) to head
@@ -82,15 +83,7 @@ pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resul
                       stride: usize| {
         let v_base = v_off + bi * v_st[0] + kvh * v_st[1];
         let len = s1 - s0;
-        for si in s0..s1 {
-            let vrow = &vs[v_base + si * hd..][..hd];
-            for j in 0..n_rep {
-                let p = weights[j * len + si - s0];
-                for (o, &x) in o[j * stride..][..hd].iter_mut().zip(vrow) {
-                    *o += p * x;
-                }
-            }
-        }
+        add_weighted(&vs[v_base + s0 * hd..][..len * hd], weights, hd, o, stride);
     };
     let unit = |(u, o): (usize, &mut [f32])| {
         let (bi, kvh) = (u / nkv, u % nkv);
@@ -172,6 +165,171 @@ fn f32_slice(s: &Storage) -> Option<&[f32]> {
     }
 }
 
+/// `out[j * len + i] = scale * (q_j · k_i)` for the query rows `q_j` (`q`, `hd` values each) and
+/// the `len` key rows `k_i` (`keys`, contiguous).
+fn scores_block(q: &[f32], keys: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::applies(hd) {
+        // SAFETY: AVX2 and FMA present and hd a supported multiple of 8 (`applies`).
+        return unsafe { x86::scores_block(q, keys, hd, scale, out) };
+    }
+    let len = keys.len() / hd;
+    for (i, krow) in keys.chunks_exact(hd).enumerate() {
+        for (j, qrow) in q.chunks_exact(hd).enumerate() {
+            out[j * len + i] = dot(qrow, krow) * scale;
+        }
+    }
+}
+
+/// `o_j += sum_i w[j * len + i] * v_i` for the `len` value rows `v_i` (`values`, contiguous),
+/// head `j`'s output at `o[j * stride..][..hd]`.
+fn add_weighted(values: &[f32], weights: &[f32], hd: usize, o: &mut [f32], stride: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::applies(hd) {
+        // SAFETY: AVX2 and FMA present and hd a supported multiple of 8 (`applies`).
+        return unsafe { x86::add_weighted(values, weights, hd, o, stride) };
+    }
+    let len = values.len() / hd;
+    for (i, vrow) in values.chunks_exact(hd).enumerate() {
+        for (j, w) in weights.chunks_exact(len).enumerate() {
+            let p = w[i];
+            for (o, &x) in o[j * stride..][..hd].iter_mut().zip(vrow) {
+                *o += p * x;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+    use std::sync::LazyLock;
+
+    static AVX2_FMA: LazyLock<bool> =
+        LazyLock::new(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"));
+
+    /// Whether these kernels serve head size `hd` here (64 and 128: the runner's models).
+    pub fn applies(hd: usize) -> bool {
+        *AVX2_FMA && (hd == 64 || hd == 128)
+    }
+
+    /// See [`super::scores_block`]: eight key rows at a time against one query row, their
+    /// eight sums reduced together.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `hd` 64 or 128; `q` a multiple of `hd` values, `keys` too, and
+    /// `out` `q.len() / hd * keys.len() / hd` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_block(q: &[f32], keys: &[f32], hd: usize, scale: f32, out: &mut [f32]) {
+        match hd {
+            64 => scores::<8>(q, keys, scale, out),
+            _ => scores::<16>(q, keys, scale, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn scores<const NCH: usize>(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        let hd = 8 * NCH;
+        let len = keys.len() / hd;
+        debug_assert!(out.len() >= q.len() / hd * len);
+        let sc = _mm256_set1_ps(scale);
+        let kp = keys.as_ptr();
+        for (j, qrow) in q.chunks_exact(hd).enumerate() {
+            let qv: [__m256; NCH] =
+                std::array::from_fn(|c| _mm256_loadu_ps(qrow.as_ptr().add(8 * c)));
+            let o = out.as_mut_ptr().add(j * len);
+            let mut i = 0;
+            while len - i >= 8 {
+                let acc: [__m256; 8] = std::array::from_fn(|r| products(&qv, kp.add((i + r) * hd)));
+                _mm256_storeu_ps(o.add(i), _mm256_mul_ps(sum8(&acc), sc));
+                i += 8;
+            }
+            for i in i..len {
+                *o.add(i) = hsum(products(&qv, kp.add(i * hd))) * scale;
+            }
+        }
+    }
+
+    /// The products of `q` with the `8 * NCH` values at `k`, summed per lane.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `k` readable for `8 * NCH` values.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn products<const NCH: usize>(q: &[__m256; NCH], k: *const f32) -> __m256 {
+        let mut a = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
+        for (c, qc) in q.iter().enumerate().skip(1) {
+            a = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(k.add(8 * c)), a);
+        }
+        a
+    }
+
+    /// See [`super::add_weighted`]: per head, its output held in registers across a block of
+    /// value rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; `hd` 64 or 128; `values` a multiple of `hd` values; `weights`
+    /// heads x `values.len() / hd`; `o` holding each head's `hd` values at `j * stride`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn add_weighted(
+        values: &[f32],
+        weights: &[f32],
+        hd: usize,
+        o: &mut [f32],
+        stride: usize,
+    ) {
+        match hd {
+            64 => add::<8>(values, weights, o, stride),
+            _ => add::<16>(values, weights, o, stride),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn add<const NCH: usize>(values: &[f32], weights: &[f32], o: &mut [f32], stride: usize) {
+        let hd = 8 * NCH;
+        let len = values.len() / hd;
+        let vp = values.as_ptr();
+        for (j, w) in weights.chunks_exact(len).enumerate() {
+            debug_assert!(o.len() >= j * stride + hd);
+            let op = o.as_mut_ptr().add(j * stride);
+            let mut acc: [__m256; NCH] = std::array::from_fn(|c| _mm256_loadu_ps(op.add(8 * c)));
+            for (i, &p) in w.iter().enumerate() {
+                let pv = _mm256_set1_ps(p);
+                let v = vp.add(i * hd);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(8 * c)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(8 * c), *a);
+            }
+        }
+    }
+
+    /// The lane sums of eight vectors, in order, in one vector.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn sum8(v: &[__m256; 8]) -> __m256 {
+        let u0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        let u1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        // u0: rows 0-3 over elements 0-3, then over elements 4-7; u1 the same for rows 4-7.
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+}
+
 /// Dot product with 8 independent accumulators so it vectorizes.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -212,6 +370,16 @@ mod tests {
         assert!(nh * s * hd >= PARALLEL_WORK && nh * s * hd <= MAX_WORK);
         check_against_matmul(1, nh, 3, hd, 1024, s);
         check_against_matmul(1, nh, 3, hd, 1024, 130);
+    }
+
+    /// The head sizes with SIMD kernels (64, 128), short caches and lengths that are not a
+    /// multiple of the eight keys scored together.
+    #[test]
+    fn simd_head_sizes_match_matmul_attention() {
+        check_against_matmul(1, 9, 3, 64, 16, 5);
+        check_against_matmul(2, 9, 3, 64, 64, 37);
+        check_against_matmul(1, 8, 2, 128, 256, 45);
+        check_against_matmul(1, 16, 8, 128, 64, 8);
     }
 
     #[test]
