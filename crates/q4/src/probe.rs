@@ -135,8 +135,15 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
         }
         CpuKernel::GemvSimd => "gemv-avx2 (fused decode, AVX2+FMA)",
         CpuKernel::GemvPortable => "gemv-portable (fused decode)",
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::TiledGemm
+            if crate::kernels::cpu::tiles_use_dot_kernel()
+                && crate::kernels::cpu::avx512::usable() =>
+        {
+            "tiled-gemm (tile decode + q4's dot kernel, AVX-512, up to 256 rows over K <= 2048, else 128; gemm crate above)"
+        }
         CpuKernel::TiledGemm if crate::kernels::cpu::tiles_use_dot_kernel() => {
-            "tiled-gemm (tile decode + q4's dot kernel, AVX-512 or AVX2, up to 128 rows; gemm crate above)"
+            "tiled-gemm (tile decode + q4's dot kernel, AVX2, up to 128 rows; gemm crate above)"
         }
         CpuKernel::TiledGemm => "tiled-gemm (tile decode + gemm crate micro-kernel)",
         CpuKernel::GemvPasses => "gemv passes (fused decode, up to 8 activation rows a pass)",
@@ -582,7 +589,13 @@ mod tests {
         if crate::kernels::cpu::tiles_use_dot_kernel() {
             let name = cpu_kernel_name(CpuKernel::TiledGemm);
             let limit = format!("up to {} rows", crate::kernels::cpu::DOT_MAX_BATCH);
-            assert!(name.contains(&limit), "{name}");
+            let wide = format!(
+                "up to {} rows over K <= {}, else {}",
+                crate::kernels::cpu::DOT_WIDE_MAX_BATCH,
+                crate::kernels::cpu::DOT_WIDE_MAX_K,
+                crate::kernels::cpu::DOT_MAX_BATCH
+            );
+            assert!(name.contains(&limit) || name.contains(&wide), "{name}");
         }
     }
 }

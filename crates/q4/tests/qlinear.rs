@@ -122,12 +122,17 @@ fn fused_agrees_with_reference_on_fixed_shapes() {
     check(Format::Nf4, 64, 13, 96, 5, 9, false);
     check(Format::Nvfp4, 16, 11, 40, 4, 10, false);
     check(Format::Mxfp4, 32, 11, 72, 17, 11, false);
-    // The tiled GEMM: blocks wider than a K slice (batch 140: the `gemm` crate's slices;
-    // batches 20 and 70: whole rows in q4's dot-product kernel), padded rows whose last slice is
-    // short and odd, rows that straddle blocks, several row tiles.
+    // The tiled GEMM: blocks wider than a K slice (batch 300, and 140 on AVX2 hosts: the `gemm`
+    // crate's slices; batches 20 and 70, and 140 on AVX-512 hosts: whole rows in q4's
+    // dot-product kernel), padded rows whose last slice is short and odd, rows that straddle
+    // blocks, several row tiles.
     check(Format::Nf4, 1024, 40, 2048, 20, 12, false);
     check(Format::Nf4, 1024, 40, 2048, 70, 35, false);
     check(Format::Nf4, 1024, 40, 2048, 140, 36, false);
+    check(Format::Nf4, 1024, 40, 2048, 300, 37, false);
+    // 576-wide rows at batch 200: the dot-product kernel on AVX-512 hosts, the `gemm` crate's
+    // elsewhere.
+    check(Format::Nf4, 64, 70, 576, 200, 38, false);
     check(Format::Nvfp4, 16, 19, 300, 9, 13, false);
     check(Format::Nf4, 64, 13, 96, 20, 14, false);
     check(Format::Fp4, 64, 1000, 640, 33, 15, true);

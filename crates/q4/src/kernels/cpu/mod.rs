@@ -26,7 +26,10 @@ pub use decode::{dequantize_into, pairs};
 #[cfg(target_arch = "x86_64")]
 pub use gemm::AMX_MIN_BATCH;
 #[doc(hidden)]
-pub use gemm::{set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, UNSLICED_MAX_K};
+pub use gemm::{
+    set_dot_max_batch, set_unsliced_max_k, DOT_MAX_BATCH, DOT_WIDE_MAX_BATCH, DOT_WIDE_MAX_K,
+    UNSLICED_MAX_K,
+};
 pub use rows::Rows;
 
 use rayon::prelude::*;
@@ -70,13 +73,13 @@ static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
 /// Whether the tiled GEMM uses q4's dot-product micro-kernel on this host (AVX2), up to
 /// [`DOT_MAX_BATCH`] activation rows.
 pub fn tiles_use_dot_kernel() -> bool {
-    gemm::dot_kernel(GEMV_MAX_BATCH + 1)
+    gemm::dot_kernel(GEMV_MAX_BATCH + 1, 0)
 }
 
 /// The row width from which batches 9-16 take GEMV passes on this host: [`GEMV_PASSES_MIN_K`],
 /// or never (`usize::MAX`) where the tiled GEMM decodes whole rows.
 pub fn default_gemv_passes_min_k() -> usize {
-    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH) {
+    if gemm::dot_kernel(GEMV_PASSES_MAX_BATCH, 0) {
         usize::MAX
     } else {
         GEMV_PASSES_MIN_K
