@@ -123,7 +123,7 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// Same-process A/B of a tiled-GEMM choice on the 12-token prefill — tiles decoded in chunk or
 /// element order (`--ab-tile-decode`), or the micro-kernel's 3 x 4 or 3 x 3 blocks
 /// (`--ab-micro-kernel`) — or on the 12- and a 256-token prefill, the AMX tile GEMM against the
-/// AVX2 kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both
+/// SIMD tile kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both
 /// alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
@@ -133,7 +133,7 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
             "element order",
         ),
         #[cfg(target_arch = "x86_64")]
-        "--ab-amx" => (q4::kernels::cpu::amx::set_enabled, "AMX", "AVX2"),
+        "--ab-amx" => (q4::kernels::cpu::amx::set_enabled, "AMX", "SIMD tiles"),
         #[cfg(not(target_arch = "x86_64"))]
         "--ab-amx" => bail!("--ab-amx: AMX is an x86-64 feature"),
         _ => (

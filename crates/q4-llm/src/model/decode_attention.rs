@@ -6,7 +6,11 @@
 //! until the cache gets long, where the matmul path takes over. The query heads that share a
 //! kv head go together, so each cached row is read once per step, and kv heads run in parallel
 //! once the cache holds a few hundred positions (each split into position ranges merged
-//! afterwards where the kv heads alone would leave a thread idle).
+//! afterwards where the kv heads alone would leave a thread idle). For head sizes 64 and 128 the
+//! scores and the weighted value sums run on AVX2+FMA where present (eight keys per pass with
+//! their sums reduced together; each head's output kept in registers across the value rows);
+//! the portable loops compile for the baseline target (SSE2) and cost 1.22x the time of a
+//! 600-token generation.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Storage, Tensor};

@@ -11,7 +11,9 @@
 //! high nibbles, then the same for bytes 16-31. The activations are permuted once per call to
 //! that order ([`chunk_element`]). With 16-wide blocks lanes 0-7 of each vector belong to one
 //! block and lanes 8-15 to the next, so products are summed per vector pair and scaled by a
-//! vector holding the two blocks' scales.
+//! vector holding the two blocks' scales. At batch 1 each row leaves a vector of partial sums,
+//! and sixteen rows' vectors are reduced together (`sum16`): on 576-wide rows a reduction per
+//! row had cost about as much as the row's decode.
 //!
 //! The same decode serves the tiled GEMM's tiles ([`TileDecoder`]); the int8 W8A8 GEMV behind
 //! the int8 embedding / LM-head tables runs on AVX-512 VNNI here too ([`rows_w8a8`]).
