@@ -310,6 +310,21 @@ unsafe fn sum16(v: &[__m512; 16]) -> __m512 {
     )
 }
 
+/// The lane sums of `row(0)`, ..., `row(15)` in order in one vector ([`sum16`] with each row's
+/// vector placed where its sum lands in lane `r`: [`SUM16_LANE`] is an involution).
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn sum16_rows(mut row: impl FnMut(usize) -> __m512) -> __m512 {
+    let mut v = [_mm512_setzero_ps(); 16];
+    for (r, &lane) in SUM16_LANE.iter().enumerate() {
+        v[lane] = row(r);
+    }
+    sum16(&v)
+}
+
 /// Batch 1, sixteen rows from `row0`: each row's vector from [`rows_acc`], then all sixteen
 /// reduced together by [`sum16`] and added to `out[0..16]`.
 ///
@@ -326,14 +341,9 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let mut v = [_mm512_setzero_ps(); 16];
-    for (r, &lane) in SUM16_LANE.iter().enumerate() {
-        // Row r's vector goes to input `lane`: SUM16_LANE is an involution, so its sum lands
-        // in lane r.
-        v[lane] = rows_acc::<1, 1, BK, S>(w, &scales, lut, xp, row0 + r, pass)[0][0];
-    }
+    let sums = sum16_rows(|r| rows_acc::<1, 1, BK, S>(w, &scales, lut, xp, row0 + r, pass)[0][0]);
     let o = out.as_mut_ptr();
-    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sum16(&v)));
+    _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sums));
 }
 
 /// Activation bytes a K slice may span (all `B` rows together), so that they stay in L1 while
@@ -547,11 +557,8 @@ unsafe fn rows_w8a8_kernel<const B: usize>(
     if B == 1 {
         // Sixteen rows' vectors reduced together (see `rows16_batch1`).
         while rows - i >= 16 {
-            let mut v = [_mm512_setzero_ps(); 16];
-            for (j, &lane) in SUM16_LANE.iter().enumerate() {
-                v[lane] = w8a8_row::<1>(q, d, k, x, corr, r0 + i + j)[0];
-            }
-            _mm512_storeu_ps(out.as_mut_ptr().add(i), sum16(&v));
+            let sums = sum16_rows(|j| w8a8_row::<1>(q, d, k, x, corr, r0 + i + j)[0]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(i), sums);
             i += 16;
         }
     }
