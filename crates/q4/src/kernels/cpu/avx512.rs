@@ -593,43 +593,40 @@ unsafe fn w8a8_row<const B: usize>(
     // The same number of weights ahead as the 4-bit kernels: twice the bytes.
     let ahead = 2 * super::prefetch::PREFETCH_AHEAD;
     let (xq, xd, cp) = (x.q.as_ptr(), x.d.as_ptr(), corr.as_ptr());
-    {
-        debug_assert!((r + 1) * k <= q.len() && (r + 1) * nb <= d.len());
-        let wrow = q.as_ptr().add(r * k);
-        let drow = d.as_ptr().add(r * nb);
-        let mut acc = [_mm512_setzero_ps(); B];
-        // Block pairs (64 weights); an odd last block reads as a half pair (masked loads).
-        let mut b = 0;
-        while b < nb {
-            let full = b + 1 < nb;
-            let (mb, mi): (__mmask64, __mmask16) = if full {
-                (!0, !0)
-            } else {
-                (0xffff_ffff, 0x00ff)
-            };
-            if pf {
-                use super::prefetch::prefetch;
-                prefetch((wrow as *const u8).wrapping_add(32 * b + ahead));
-                if b.is_multiple_of(16) {
-                    prefetch((drow as *const u8).wrapping_add(4 * b + ahead / 8));
-                }
+    debug_assert!((r + 1) * k <= q.len() && (r + 1) * nb <= d.len());
+    let wrow = q.as_ptr().add(r * k);
+    let drow = d.as_ptr().add(r * nb);
+    let mut acc = [_mm512_setzero_ps(); B];
+    // Block pairs (64 weights); an odd last block reads as a half pair (masked loads).
+    let mut b = 0;
+    while b < nb {
+        let full = b + 1 < nb;
+        let (mb, mi): (__mmask64, __mmask16) = if full {
+            (!0, !0)
+        } else {
+            (0xffff_ffff, 0x00ff)
+        };
+        if pf {
+            use super::prefetch::prefetch;
+            prefetch((wrow as *const u8).wrapping_add(32 * b + ahead));
+            if b.is_multiple_of(16) {
+                prefetch((drow as *const u8).wrapping_add(4 * b + ahead / 8));
             }
-            let wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mb, wrow.add(32 * b)), flip);
-            let (da, db) = (*drow.add(b), if full { *drow.add(b + 1) } else { 0.0 });
-            for m in 0..B {
-                let xv = _mm512_maskz_loadu_epi8(mb, xq.add(m * k + 32 * b));
-                let c = _mm512_maskz_loadu_epi32(mi, cp.add(m * k / 4 + 8 * b));
-                let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wu, xv));
-                let xa = *xd.add(m * nb + b);
-                let xb = if full { *xd.add(m * nb + b + 1) } else { 0.0 };
-                let sc =
-                    _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(da * xa), _mm512_set1_ps(db * xb));
-                acc[m] = _mm512_fmadd_ps(sums, sc, acc[m]);
-            }
-            b += 2;
         }
-        acc
+        let wu = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mb, wrow.add(32 * b)), flip);
+        let (da, db) = (*drow.add(b), if full { *drow.add(b + 1) } else { 0.0 });
+        for m in 0..B {
+            let xv = _mm512_maskz_loadu_epi8(mb, xq.add(m * k + 32 * b));
+            let c = _mm512_maskz_loadu_epi32(mi, cp.add(m * k / 4 + 8 * b));
+            let sums = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(c, wu, xv));
+            let xa = *xd.add(m * nb + b);
+            let xb = if full { *xd.add(m * nb + b + 1) } else { 0.0 };
+            let sc = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(da * xa), _mm512_set1_ps(db * xb));
+            acc[m] = _mm512_fmadd_ps(sums, sc, acc[m]);
+        }
+        b += 2;
     }
+    acc
 }
 
 /// Dispatches [`rows_w8a8_kernel`] on `batch` (1-8).

@@ -70,9 +70,11 @@ pub const GEMV_PASSES_MIN_K: usize = 1025;
 static PASSES_MIN_K: std::sync::LazyLock<std::sync::atomic::AtomicUsize> =
     std::sync::LazyLock::new(|| std::sync::atomic::AtomicUsize::new(default_gemv_passes_min_k()));
 
-/// Whether the tiled GEMM uses q4's dot-product micro-kernel on this host (AVX2), up to
-/// [`DOT_MAX_BATCH`] activation rows.
+/// Whether the tiled GEMM uses q4's dot-product micro-kernel on this host (AVX2 or AVX-512) for
+/// its smallest batches; its limit is [`DOT_MAX_BATCH`] activation rows, on AVX-512 hosts
+/// [`DOT_WIDE_MAX_BATCH`] over rows up to [`DOT_WIDE_MAX_K`] wide.
 pub fn tiles_use_dot_kernel() -> bool {
+    // At 9 rows the row width does not change the answer: any `k` will do.
     gemm::dot_kernel(GEMV_MAX_BATCH + 1, 0)
 }
 
