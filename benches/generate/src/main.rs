@@ -123,7 +123,9 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// Same-process A/B of a tiled-GEMM choice on the 12-token prefill — tiles decoded in chunk or
 /// element order (`--ab-tile-decode`), or the micro-kernel's 3 x 4 or 3 x 3 blocks
 /// (`--ab-micro-kernel`) — or on the 12- and a 256-token prefill, the AMX tile GEMM against the
-/// SIMD tile kernels (`--ab-amx`, AMX hosts) — alternating per call so the host's noise hits both
+/// SIMD tile kernels (`--ab-amx`, AMX hosts), or on the 12-token prefill the AMX kernel with the
+/// activation pieces resident against the two-register one (`--ab-amx-resident`) or the tile
+/// decoder with and without its prefetch (`--ab-amx-prefetch`) — alternating per call so the host's noise hits both
 /// alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
@@ -134,8 +136,20 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
         ),
         #[cfg(target_arch = "x86_64")]
         "--ab-amx" => (q4::kernels::cpu::amx::set_enabled, "AMX", "SIMD tiles"),
+        #[cfg(target_arch = "x86_64")]
+        "--ab-amx-resident" => (
+            q4::kernels::cpu::amx::set_resident,
+            "AMX resident pieces",
+            "AMX two-register",
+        ),
+        #[cfg(target_arch = "x86_64")]
+        "--ab-amx-prefetch" => (
+            q4::kernels::cpu::amx::set_decode_prefetch,
+            "decode prefetch",
+            "no decode prefetch",
+        ),
         #[cfg(not(target_arch = "x86_64"))]
-        "--ab-amx" => bail!("--ab-amx: AMX is an x86-64 feature"),
+        "--ab-amx" | "--ab-amx-resident" => bail!("{flag}: AMX is an x86-64 feature"),
         _ => (
             q4::kernels::cpu::set_wide_tile_blocks,
             "3x4 blocks",
@@ -154,13 +168,18 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
         ..Default::default()
     };
     let (model, tok) = q4_llm::load(&gguf, &opts)?;
-    let prompts = if flag == "--ab-amx" {
+    let prompts = if flag.starts_with("--ab-amx") {
         #[cfg(target_arch = "x86_64")]
         anyhow::ensure!(
             q4::kernels::cpu::amx::usable(),
-            "--ab-amx: AMX is not usable on this host"
+            "{flag}: AMX is not usable on this host"
         );
-        vec![tok.encode(PROMPT, false)?, long_prompt_ids(&tok, 256)?]
+        if flag == "--ab-amx" {
+            vec![tok.encode(PROMPT, false)?, long_prompt_ids(&tok, 256)?]
+        } else {
+            // The resident kernel serves one activation group (up to 16 rows).
+            vec![tok.encode(PROMPT, false)?]
+        }
     } else {
         vec![tok.encode(PROMPT, false)?]
     };
@@ -177,7 +196,10 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
 #[cfg(target_arch = "x86_64")]
 fn ab_decode(config: &str, new: usize, reps: usize) -> Result<()> {
     use q4::kernels::cpu::avx512;
-    anyhow::ensure!(avx512::usable(), "--ab-avx512: AVX-512F is not usable on this host");
+    anyhow::ensure!(
+        avx512::usable(),
+        "--ab-avx512: AVX-512F is not usable on this host"
+    );
     let quant = match config {
         "q4-nvfp4" => q4::Format::Nvfp4,
         "q4-nf4" => q4::Format::Nf4,
@@ -207,8 +229,12 @@ fn ab_decode(config: &str, new: usize, reps: usize) -> Result<()> {
             let mut cache = model.new_cache(prompt.len() + new);
             let g = generate(&model, &mut cache, &prompt, &gen_opts, |_| Ok(()))?;
             if i >= 1 {
-                samples[s].0.push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
-                samples[s].1.push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
+                samples[s]
+                    .0
+                    .push(g.decode_steps as f64 / g.decode_time.as_secs_f64());
+                samples[s]
+                    .1
+                    .push(g.prompt_tokens as f64 / g.prefill_time.as_secs_f64());
             }
             texts[s] = g.tokens;
         }
@@ -461,12 +487,12 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
 | --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)] \
-| --ab-amx CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
+| --ab-amx CONFIG [--reps N (200)] | --ab-amx-resident CONFIG [--reps N (200)] | --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 10] = [
+    const VALUED: [&str; 12] = [
         "--new",
         "--reps",
         "--long",
@@ -476,6 +502,8 @@ fn check_args(args: &[String]) -> Result<bool> {
         "--ab-tile-decode",
         "--ab-micro-kernel",
         "--ab-amx",
+        "--ab-amx-resident",
+        "--ab-amx-prefetch",
         "--ab-avx512",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
@@ -500,6 +528,9 @@ fn check_args(args: &[String]) -> Result<bool> {
 }
 
 fn main() -> Result<()> {
+    // q4's own setting, for q4's configurations (the children); candle's peer gets it too, so
+    // its matmuls stop re-reading /proc/cpuinfo as well (same thread count either way here).
+    q4_llm::pin_candle_thread_count();
     let args: Vec<String> = std::env::args().collect();
     if !check_args(&args)? {
         println!("{USAGE}");
@@ -511,7 +542,13 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
     }
-    for flag in ["--ab-tile-decode", "--ab-micro-kernel", "--ab-amx"] {
+    for flag in [
+        "--ab-tile-decode",
+        "--ab-micro-kernel",
+        "--ab-amx",
+        "--ab-amx-resident",
+        "--ab-amx-prefetch",
+    ] {
         if let Some(i) = args.iter().position(|a| a == flag) {
             return ab_prefill(flag, &args[i + 1], arg("--reps", 200));
         }
@@ -520,7 +557,10 @@ fn main() -> Result<()> {
         #[cfg(target_arch = "x86_64")]
         return ab_decode(&args[i + 1], new, arg("--reps", 20));
         #[cfg(not(target_arch = "x86_64"))]
-        bail!("--ab-avx512: AVX-512 is an x86-64 feature (argument {})", args[i + 1]);
+        bail!(
+            "--ab-avx512: AVX-512 is an x86-64 feature (argument {})",
+            args[i + 1]
+        );
     }
     if args.iter().any(|a| a == "--candle-ppl") {
         return candle_ppl(arg("--ppl-tokens", 256));

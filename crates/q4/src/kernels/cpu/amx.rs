@@ -21,7 +21,11 @@
 //! the B operand in the tile unit's pair layout (row p of a tile holds, for 16 activation rows,
 //! the pairs `(x[2p], x[2p + 1])`), so a 16 x 16 result holds 16 weight rows by 16 activation
 //! rows. A work unit is 32 weight rows (two A tiles) by up to 32 activation rows (two B tiles):
-//! four accumulator tiles stay in the tile registers across a K slice.
+//! four accumulator tiles stay in the tile registers across a K slice. With a single activation
+//! group (batches 9-16: short prompts) a unit is 48 weight rows instead, and each K step keeps
+//! the group's three activation pieces in tile registers while three weight tiles pass through
+//! (six tile loads for nine products instead of five for six: on this VM a tile load costs
+//! about three tile products).
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -30,14 +34,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
 use super::parallel::for_each_index;
+use super::prefetch::prefetch;
 
 /// Weight rows per work unit (two A tiles).
 const UNIT_ROWS: usize = 32;
+/// Weight rows per work unit of the resident layout (three A tiles).
+const RESIDENT_ROWS: usize = 48;
 /// K values per tile.
 const STEP: usize = 32;
 /// K values decoded per slice: 32 rows of it as bf16 tiles (64 KiB) stay in L2 next to the
 /// activations, and a work unit's accumulators are stored once per slice.
 const SLICE: usize = 1024;
+/// Rows ahead of the decoded one whose codes the tile decoder prefetches.
+const DECODE_AHEAD: usize = 8;
 /// Bytes of one tile (16 rows of 64 bytes).
 const TILE_BYTES: usize = 1024;
 /// u32 words of one tile.
@@ -60,6 +69,24 @@ pub fn set_enabled(on: bool) {
 
 static ENV_OFF: LazyLock<bool> =
     LazyLock::new(|| std::env::var_os("Q4_AMX").is_some_and(|v| v == "0"));
+
+static DECODE_PREFETCH: AtomicBool = AtomicBool::new(true);
+
+/// Turns the tile decoder's prefetch of later rows on or off (default on), for same-process
+/// A/B measurements (`q4-bench-generate --ab-amx-prefetch`).
+#[doc(hidden)]
+pub fn set_decode_prefetch(on: bool) {
+    DECODE_PREFETCH.store(on, Ordering::Relaxed);
+}
+
+static RESIDENT: AtomicBool = AtomicBool::new(true);
+
+/// Turns the resident-activation kernel for one activation group on or off (default on), for
+/// same-process A/B measurements (`q4-bench-generate --ab-amx-resident`).
+#[doc(hidden)]
+pub fn set_resident(on: bool) {
+    RESIDENT.store(on, Ordering::Relaxed);
+}
 
 /// Whether the tiled GEMM runs on AMX here.
 pub fn usable() -> bool {
@@ -136,8 +163,10 @@ impl TileConfig {
     }
 }
 
-/// Tile registers: accumulators 0-3 (weight tile a, activation tile b at 2b + a), weight tiles
-/// 4-5, activation tiles 6-7.
+/// Tile registers. Two-register layout ([`two_groups`], [`one_group`]): accumulators 0-3
+/// (weight tile a, activation tile b at 2b + a), weight tiles 4-5, activation tiles 6-7.
+/// Resident layout ([`one_group_resident`]): accumulators 0-2, weight tiles 3-4, the three
+/// activation pieces 5-7.
 mod tile {
     use super::*;
 
@@ -187,6 +216,8 @@ mod tile {
     load!(load_a1, "tmm5");
     load!(load_b0, "tmm6");
     load!(load_b1, "tmm7");
+    load!(load_t3, "tmm3");
+    load!(load_t5, "tmm5");
 
     macro_rules! dp {
         ($name:ident, $c:literal, $a:literal, $b:literal) => {
@@ -205,6 +236,15 @@ mod tile {
     dp!(c1_a1_b0, "tmm1", "tmm5", "tmm6");
     dp!(c2_a0_b1, "tmm2", "tmm4", "tmm7");
     dp!(c3_a1_b1, "tmm3", "tmm5", "tmm7");
+    dp!(c0_t3_t5, "tmm0", "tmm3", "tmm5");
+    dp!(c0_t3_t6, "tmm0", "tmm3", "tmm6");
+    dp!(c0_t3_t7, "tmm0", "tmm3", "tmm7");
+    dp!(c1_t4_t5, "tmm1", "tmm4", "tmm5");
+    dp!(c1_t4_t6, "tmm1", "tmm4", "tmm6");
+    dp!(c1_t4_t7, "tmm1", "tmm4", "tmm7");
+    dp!(c2_t3_t5, "tmm2", "tmm3", "tmm5");
+    dp!(c2_t3_t6, "tmm2", "tmm3", "tmm6");
+    dp!(c2_t3_t7, "tmm2", "tmm3", "tmm7");
 
     /// # Safety
     /// Tiles configured; `p` points at 4 KiB writable memory.
@@ -376,30 +416,39 @@ impl Nvfp4Tiles<'_> {
         );
     }
 
-    /// Decodes weight rows `r0..r0 + UNIT_ROWS` (rows from `n` on as zeros), columns
-    /// `k0..k0 + steps * STEP`, into A tiles `[step][half][16 rows][32 values]` (bf16, values in
+    /// Decodes weight rows `r0..r0 + unit_rows` (rows from `n` on as zeros), columns
+    /// `k0..k0 + steps * STEP`, into A tiles `[step][tile][16 rows][32 values]` (bf16, values in
     /// [`step_source`] order; columns from `k` on as zeros).
     ///
     /// `products` is [`Nvfp4Tiles::products`].
     ///
     /// # Safety
-    /// AVX-512F/BW present; `k0` a multiple of [`STEP`]; `out.len() >= steps * TILE_BYTES`;
-    /// `products.len() == 256 * 16`; the codes and scale bytes hold `n` rows of `row_bytes` and
+    /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
+    /// `out.len() >= steps * unit_rows * STEP`; `products.len() == 256 * 16`; the codes and scale bytes hold `n` rows of `row_bytes` and
     /// `row_blocks` (whole blocks covering `k`).
     #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn decode(&self, products: &[u16], r0: usize, k0: usize, steps: usize, out: &mut [u16]) {
+    unsafe fn decode(
+        &self,
+        products: &[u16],
+        r0: usize,
+        unit_rows: usize,
+        k0: usize,
+        steps: usize,
+        out: &mut [u16],
+    ) {
         debug_assert_eq!(products.len(), 256 * 16);
-        debug_assert!(out.len() >= steps * TILE_BYTES);
-        let rows = UNIT_ROWS.min(self.n - r0);
+        debug_assert!(unit_rows.is_multiple_of(16) && out.len() >= steps * unit_rows * STEP);
+        let rows = unit_rows.min(self.n - r0);
         let full = steps.min((self.k - k0) / STEP);
         let table = products.as_ptr();
         let base = out.as_mut_ptr().cast::<__m512i>();
-        for r in 0..UNIT_ROWS {
-            // Step s of row r is vector s * UNIT_ROWS + r.
+        let prefetch_on = super::prefetch::enabled() && DECODE_PREFETCH.load(Ordering::Relaxed);
+        for r in 0..unit_rows {
+            // Step s of row r is vector s * unit_rows + r.
             let dst = base.add(r);
             if r >= rows {
                 for s in 0..steps {
-                    _mm512_storeu_si512(dst.add(s * UNIT_ROWS), _mm512_setzero_si512());
+                    _mm512_storeu_si512(dst.add(s * unit_rows), _mm512_setzero_si512());
                 }
                 continue;
             }
@@ -408,6 +457,15 @@ impl Nvfp4Tiles<'_> {
                 .scale_bytes
                 .as_ptr()
                 .add((r0 + r) * self.row_blocks + k0 / 16);
+            // Each row is a short stream of its own (a slice of it: at most 512 code bytes), so
+            // the hardware prefetcher barely ramps up: ask for a later row's lines now.
+            if prefetch_on && r + DECODE_AHEAD < rows {
+                let ahead = DECODE_AHEAD * self.row_bytes;
+                for b in (0..steps * 16).step_by(64) {
+                    prefetch(codes.wrapping_add(ahead + b));
+                }
+                prefetch(scales.wrapping_add(DECODE_AHEAD * self.row_blocks));
+            }
             for s in 0..full {
                 let c = _mm_loadu_si128(codes.add(s * 16).cast());
                 let b0 = *scales.add(2 * s) as usize;
@@ -416,7 +474,7 @@ impl Nvfp4Tiles<'_> {
                     _mm512_castsi256_si512(_mm256_loadu_si256(table.add(b0 * 16).cast())),
                     _mm256_loadu_si256(table.add(b1 * 16).cast()),
                 );
-                _mm512_storeu_si512(dst.add(s * UNIT_ROWS), lookup(c, t));
+                _mm512_storeu_si512(dst.add(s * unit_rows), lookup(c, t));
             }
             for s in full..steps {
                 let col = k0 + s * STEP;
@@ -425,7 +483,7 @@ impl Nvfp4Tiles<'_> {
                 } else {
                     _mm512_setzero_si512()
                 };
-                _mm512_storeu_si512(dst.add(s * UNIT_ROWS), v);
+                _mm512_storeu_si512(dst.add(s * unit_rows), v);
             }
         }
     }
@@ -576,6 +634,33 @@ unsafe fn one_group(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -> *const 
     tile::c1_a1_b0();
 }
 
+/// One K step for one activation group with its three pieces resident in tiles 5-7 and three
+/// weight tiles (48 rows): six tile loads serve nine products, where [`one_group`] needs five
+/// for six. On the AMX host of the twelfth session a `tileloadd` costs ~20 ns and a
+/// `tdpbf16ps` ~6 ns, so a step's time follows its loads (probe: 2.7 vs 3.4 ns per weight row
+/// and step).
+///
+/// # Safety
+/// Tiles configured; `a(tile)` (tile < 3) and `b(piece)` point at readable 1 KiB tiles.
+#[inline(always)]
+unsafe fn one_group_resident(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -> *const u8) {
+    tile::load_t5(b(0));
+    tile::load_b0(b(1));
+    tile::load_b1(b(2));
+    tile::load_t3(a(0));
+    tile::load_a0(a(1));
+    tile::c0_t3_t5();
+    tile::c1_t4_t5();
+    tile::c0_t3_t6();
+    tile::c1_t4_t6();
+    tile::c0_t3_t7();
+    tile::load_t3(a(2));
+    tile::c1_t4_t7();
+    tile::c2_t3_t5();
+    tile::c2_t3_t6();
+    tile::c2_t3_t7();
+}
+
 struct Scratch {
     a: Vec<u16>,
     c: Vec<f32>,
@@ -591,6 +676,19 @@ thread_local! {
 /// tensor scale; the caller applies it) and `products` = `w.products()`. Callers check
 /// [`usable`] and the exactness of `w`'s scale table ([`products_exact`]).
 pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usize, y: &mut [f32]) {
+    matmul_nvfp4_with(w, products, x, batch, y, RESIDENT.load(Ordering::Relaxed));
+}
+
+/// [`matmul_nvfp4`] with the resident-activation kernel allowed (for one activation group) or
+/// not, whatever the process-wide switch says (tests run both kernels side by side).
+fn matmul_nvfp4_with(
+    w: &Nvfp4Tiles<'_>,
+    products: &[u16],
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    allow_resident: bool,
+) {
     assert!(usable(), "AMX tile GEMM called where AMX is not usable");
     w.check();
     assert_eq!(products.len(), 256 * 16);
@@ -601,19 +699,24 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
     let groups = batch.div_ceil(16);
     // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`).
     let xb = unsafe { activation_tiles(x, batch, k, steps) };
-    let units = n.div_ceil(UNIT_ROWS);
+    // One activation group: 48-row units with the activation pieces resident
+    // ([`one_group_resident`]); more: 32-row units, each weight tile serving two groups.
+    let resident = groups == 1 && allow_resident;
+    let unit_rows = if resident { RESIDENT_ROWS } else { UNIT_ROWS };
+    let unit_tiles = unit_rows / 16;
+    let units = n.div_ceil(unit_rows);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();
     for_each_index(units, n * k * batch / 8, |u| {
         SCRATCH.with_borrow_mut(|sc| {
-            let r0 = u * UNIT_ROWS;
-            let rows = UNIT_ROWS.min(n - r0);
+            let r0 = u * unit_rows;
+            let rows = unit_rows.min(n - r0);
             // Each K slice's weight tiles are decoded first, then multiplied with every group
             // pair. (Decoding each step just before its products, with the accumulators kept
             // over all of K, measured 1.03-1.38x the time at batches 16-32: the tile loads then
             // wait for the decoder's stores.)
             let slice_max = SLICE.min(k.next_multiple_of(STEP));
-            sc.a.resize(slice_max / STEP * TILE_BYTES, 0);
+            sc.a.resize(slice_max / STEP * unit_rows * STEP, 0);
             sc.c.resize(4 * TILE_WORDS, 0.0);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
             unsafe { tile::configure(&cfg) };
@@ -621,15 +724,16 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
             while k0 < k {
                 let w_cols = SLICE.min(k - k0);
                 let wp = w_cols.next_multiple_of(STEP);
-                // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); k0 is a multiple
-                // of SLICE (itself of STEP), `sc.a` holds the widest slice's tiles, `products`
-                // is the product table, and `w` describes its own buffers.
-                unsafe { w.decode(products, r0, k0, wp / STEP, &mut sc.a) };
+                // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); unit_rows is a
+                // multiple of 16; k0 is a multiple of SLICE (itself of STEP), `sc.a` holds the
+                // widest slice's tiles, `products` is the product table, and `w` describes its
+                // own buffers.
+                unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, &mut sc.a) };
                 let step0 = k0 / STEP;
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
                     // SAFETY: tiles configured above. Every tile load reads 1 KiB inside
-                    // `sc.a` (step s < wp / STEP, half < 2) or inside `xb`
+                    // `sc.a` (step s < wp / STEP, tile < unit_tiles) or inside `xb`
                     // (group < groups, step < steps, piece < PIECES); the store writes the 4 KiB
                     // of `sc.c`.
                     unsafe {
@@ -640,12 +744,14 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
                                     .add(((grp * steps + step0 + s) * PIECES + q) * TILE_WORDS)
                                     .cast::<u8>()
                             };
-                            let a = |half: usize| {
+                            let a = |t: usize| {
                                 sc.a.as_ptr()
-                                    .add((s * 2 + half) * TILE_BYTES / 2)
+                                    .add((s * unit_tiles + t) * TILE_BYTES / 2)
                                     .cast::<u8>()
                             };
-                            if two {
+                            if resident {
+                                one_group_resident(a, |q| xs(g, q));
+                            } else if two {
                                 two_groups(a, |q| xs(g, q), |q| xs(g + 1, q));
                             } else {
                                 one_group(a, |q| xs(g, q));
@@ -653,10 +759,11 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
                         }
                         tile::store_accumulators(sc.c.as_mut_ptr());
                     }
-                    // Accumulator 2b + a holds weight rows r0 + 16a + i by activation rows
-                    // 16(g + b) + j at [i][j]; for one group, accumulators 2 and 3 hold more
-                    // of the sums of 0 and 1.
-                    if !two {
+                    // Two-register layout: accumulator 2b + a holds weight rows r0 + 16a + i by
+                    // activation rows 16(g + b) + j at [i][j]; for one group, accumulators 2 and
+                    // 3 hold more of the sums of 0 and 1. Resident layout: accumulator t holds
+                    // weight rows r0 + 16t + i by activation rows j.
+                    if !two && !resident {
                         let (c01, c23) = sc.c.split_at_mut(2 * TILE_WORDS);
                         c01.iter_mut().zip(c23.iter()).for_each(|(a, b)| *a += b);
                     }
@@ -672,7 +779,8 @@ pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usiz
                                 )
                             };
                             for (r, o) in out.iter_mut().enumerate() {
-                                let v = sc.c[(2 * b + r / 16) * TILE_WORDS + (r % 16) * 16 + j];
+                                let acc = if resident { r / 16 } else { 2 * b + r / 16 };
+                                let v = sc.c[acc * TILE_WORDS + (r % 16) * 16 + j];
                                 if k0 == 0 {
                                     *o = v;
                                 } else {
@@ -811,34 +919,39 @@ mod tests {
             // The whole row from column 0, and (past a slice) from a later slice start.
             for k0 in (0..k).step_by(SLICE) {
                 let steps = (k - k0).div_ceil(STEP);
-                for r0 in (0..n).step_by(UNIT_ROWS) {
-                    let mut out = vec![0xffffu16; steps * TILE_BYTES];
-                    // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented; the
-                    // tensor's own buffers; k0 a multiple of STEP.
-                    unsafe { src.decode(&src.products(), r0, k0, steps, &mut out) };
-                    check_tiles(&out, &dense, n, k, r0, k0, steps);
+                for unit_rows in [UNIT_ROWS, RESIDENT_ROWS] {
+                    for r0 in (0..n).step_by(unit_rows) {
+                        let mut out = vec![0xffffu16; steps * unit_rows * STEP];
+                        // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented;
+                        // the tensor's own buffers; k0 a multiple of STEP; unit_rows of 16s.
+                        unsafe { src.decode(&src.products(), r0, unit_rows, k0, steps, &mut out) };
+                        check_tiles(&out, &dense, n, k, r0, unit_rows, k0, steps);
+                    }
                 }
             }
         }
     }
 
-    /// Asserts that `out` holds the decoded tiles of rows `r0..r0 + UNIT_ROWS`, columns from
+    /// Asserts that `out` holds the decoded tiles of rows `r0..r0 + unit_rows`, columns from
     /// `k0`, of the dense (unscaled) weight `dense` (`n x k`), zeros outside it.
+    #[allow(clippy::too_many_arguments)]
     fn check_tiles(
         out: &[u16],
         dense: &[f32],
         n: usize,
         k: usize,
         r0: usize,
+        unit_rows: usize,
         k0: usize,
         steps: usize,
     ) {
         {
             {
-                for r in 0..UNIT_ROWS {
+                for r in 0..unit_rows {
                     for st in 0..steps {
                         for i in 0..STEP {
-                            let got = out[((st * 2 + r / 16) * 16 + r % 16) * STEP + i];
+                            let tile = st * (unit_rows / 16) + r / 16;
+                            let got = out[(tile * 16 + r % 16) * STEP + i];
                             let (row, col) = (r0 + r, k0 + st * STEP + step_source(i));
                             let want = if row < n && col < k {
                                 dense[row * k + col]
@@ -885,21 +998,26 @@ mod tests {
             seed ^= seed << 17;
             ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
         };
-        for (n, k, batch) in [
-            (32, 64, 16),
-            (45, 96, 9),
-            (70, 1104, 37),
-            (33, 2048, 64),
-            (16, 32, 1),
-            (100, 3008, 20),
-            (40, 48, 17),
+        for (n, k, batch, resident) in [
+            (32, 64, 16, true),
+            (32, 64, 16, false),
+            (45, 96, 9, true),
+            (45, 96, 9, false),
+            (70, 1104, 37, true),
+            (33, 2048, 64, true),
+            (16, 32, 1, true),
+            (100, 3008, 20, true),
+            (40, 48, 17, true),
+            (97, 2100, 12, true),
+            (97, 2100, 12, false),
+            (48, 576, 3, true),
         ] {
             let t = nvfp4(n, k, n as u64 * 31 + k as u64);
             let w = unscaled_dense(&t);
             let src = tiles(&t);
             let x: Vec<f32> = (0..batch * k).map(|_| rnd()).collect();
             let mut y = vec![f32::NAN; batch * n];
-            matmul_nvfp4(&src, &src.products(), &x, batch, &mut y);
+            matmul_nvfp4_with(&src, &src.products(), &x, batch, &mut y, resident);
             let (mut num, mut den) = (0f64, 0f64);
             for m in 0..batch {
                 for r in 0..n {
@@ -911,7 +1029,10 @@ mod tests {
                 }
             }
             let e = (num / den).sqrt();
-            assert!(e < 1e-6, "{n}x{k} batch {batch}: relative error {e}");
+            assert!(
+                e < 1e-6,
+                "{n}x{k} batch {batch} (resident {resident}): relative error {e}"
+            );
         }
     }
 }
