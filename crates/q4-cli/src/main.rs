@@ -62,6 +62,7 @@ fn init_logging(verbose: u8) {
 }
 
 fn main() -> std::process::ExitCode {
+    q4_llm::pin_candle_thread_count();
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {

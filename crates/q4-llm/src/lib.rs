@@ -23,6 +23,7 @@ pub mod ppl;
 pub mod rope;
 pub mod sampling;
 pub mod text_data;
+pub mod threads;
 pub mod tokenizer;
 pub mod weights;
 
@@ -32,6 +33,7 @@ pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use kv_cache::KvCache;
 pub use model::{EmbeddingStorage, LoadOptions, Model};
 pub use sampling::{Sampler, SamplingParams};
+pub use threads::pin_candle_thread_count;
 pub use tokenizer::Tokenizer;
 pub use weights::{open_weights, LinearSpec, WeightSource};
 
