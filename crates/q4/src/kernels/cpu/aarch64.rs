@@ -27,7 +27,8 @@ pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
 }
 
 /// Reorders activation rows (`batch x k`) to the kernel's weight order (full chunks only).
-pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+/// `out` holds as many values as `x`.
+pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
     let mut order = [0usize; CHUNK];
     for t in 0..8 {
         for j in 0..4 {

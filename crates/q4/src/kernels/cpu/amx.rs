@@ -33,6 +33,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
+use super::aligned::AlignedBuf;
 use super::parallel::for_each_index;
 use super::prefetch::prefetch;
 
@@ -322,12 +323,13 @@ fn activation_tiles_scalar(x: &[f32], batch: usize, k: usize, steps: usize) -> V
 /// one word permute and scattered to their tile column (the scalar loop cost ~5% of a 12-token
 /// prefill).
 ///
+/// `out` (zeros, `groups * steps * PIECES * TILE_WORDS` words) receives the tiles.
+///
 /// # Safety
 /// AVX-512F/BW present.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> Vec<u32> {
-    let groups = batch.div_ceil(16);
-    let mut out = vec![0; groups * steps * PIECES * TILE_WORDS];
+unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut [u32]) {
+    assert_eq!(out.len(), batch.div_ceil(16) * steps * PIECES * TILE_WORDS);
     // Output word 2p (low half of pair p) takes the bf16 (high word) of column a_p, word 2p + 1
     // that of column b_p, in `step_source` order; columns 16-31 come from the second register.
     let word_of = |c: usize| (2 * c + 1) as i16;
@@ -341,7 +343,7 @@ unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> V
     let col_offsets = _mm512_set_epi32(
         240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0,
     );
-    super::parallel::for_each_chunk_mut(&mut out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
+    super::parallel::for_each_chunk_mut(out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
         let (g, s) = (c / steps, c % steps);
         let col = s * STEP;
         let valid = (k - col).min(STEP);
@@ -384,7 +386,6 @@ unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize) -> V
             }
         }
     });
-    out
 }
 
 /// NVFP4 weights as the tile GEMM reads them: packed codes (low nibble first), one E4M3 byte per
@@ -661,14 +662,16 @@ unsafe fn one_group_resident(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -
     tile::c2_t3_t7();
 }
 
+/// A thread's decoded weight tiles and stored accumulators (64-byte aligned: see
+/// [`AlignedBuf`]).
 struct Scratch {
-    a: Vec<u16>,
-    c: Vec<f32>,
+    a: AlignedBuf<u16>,
+    c: AlignedBuf<f32>,
 }
 
 thread_local! {
     static SCRATCH: RefCell<Scratch> = const {
-        RefCell::new(Scratch { a: Vec::new(), c: Vec::new() })
+        RefCell::new(Scratch { a: AlignedBuf::new(), c: AlignedBuf::new() })
     };
 }
 
@@ -697,8 +700,12 @@ fn matmul_nvfp4_with(
     debug_assert_eq!(y.len(), batch * n);
     let steps = k.div_ceil(STEP);
     let groups = batch.div_ceil(16);
+    // Fresh per call (zeros past the batch and K), aligned so that every tile row is one line.
+    let mut xb_buf = AlignedBuf::<u32>::new();
+    let xb = xb_buf.slice(groups * steps * PIECES * TILE_WORDS);
     // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`).
-    let xb = unsafe { activation_tiles(x, batch, k, steps) };
+    unsafe { activation_tiles(x, batch, k, steps, xb) };
+    let xb = &*xb;
     // One activation group: 48-row units with the activation pieces resident
     // ([`one_group_resident`]); more: 32-row units, each weight tile serving two groups.
     let resident = groups == 1 && allow_resident;
@@ -716,8 +723,8 @@ fn matmul_nvfp4_with(
             // over all of K, measured 1.03-1.38x the time at batches 16-32: the tile loads then
             // wait for the decoder's stores.)
             let slice_max = SLICE.min(k.next_multiple_of(STEP));
-            sc.a.resize(slice_max / STEP * unit_rows * STEP, 0);
-            sc.c.resize(4 * TILE_WORDS, 0.0);
+            let sa = sc.a.slice(slice_max / STEP * unit_rows * STEP);
+            let scc = sc.c.slice(4 * TILE_WORDS);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
             unsafe { tile::configure(&cfg) };
             let mut k0 = 0;
@@ -728,7 +735,7 @@ fn matmul_nvfp4_with(
                 // multiple of 16; k0 is a multiple of SLICE (itself of STEP), `sc.a` holds the
                 // widest slice's tiles, `products` is the product table, and `w` describes its
                 // own buffers.
-                unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, &mut sc.a) };
+                unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) };
                 let step0 = k0 / STEP;
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
@@ -745,7 +752,7 @@ fn matmul_nvfp4_with(
                                     .cast::<u8>()
                             };
                             let a = |t: usize| {
-                                sc.a.as_ptr()
+                                sa.as_ptr()
                                     .add((s * unit_tiles + t) * TILE_BYTES / 2)
                                     .cast::<u8>()
                             };
@@ -757,14 +764,14 @@ fn matmul_nvfp4_with(
                                 one_group(a, |q| xs(g, q));
                             }
                         }
-                        tile::store_accumulators(sc.c.as_mut_ptr());
+                        tile::store_accumulators(scc.as_mut_ptr());
                     }
                     // Two-register layout: accumulator 2b + a holds weight rows r0 + 16a + i by
                     // activation rows 16(g + b) + j at [i][j]; for one group, accumulators 2 and
                     // 3 hold more of the sums of 0 and 1. Resident layout: accumulator t holds
                     // weight rows r0 + 16t + i by activation rows j.
                     if !two && !resident {
-                        let (c01, c23) = sc.c.split_at_mut(2 * TILE_WORDS);
+                        let (c01, c23) = scc.split_at_mut(2 * TILE_WORDS);
                         c01.iter_mut().zip(c23.iter()).for_each(|(a, b)| *a += b);
                     }
                     for b in 0..if two { 2 } else { 1 } {
@@ -780,7 +787,7 @@ fn matmul_nvfp4_with(
                             };
                             for (r, o) in out.iter_mut().enumerate() {
                                 let acc = if resident { r / 16 } else { 2 * b + r / 16 };
-                                let v = sc.c[acc * TILE_WORDS + (r % 16) * 16 + j];
+                                let v = scc[acc * TILE_WORDS + (r % 16) * 16 + j];
                                 if k0 == 0 {
                                     *o = v;
                                 } else {
@@ -839,8 +846,9 @@ mod tests {
                 })
                 .collect();
             let steps = k.div_ceil(STEP);
+            let mut got = vec![0u32; batch.div_ceil(16) * steps * PIECES * TILE_WORDS];
             // SAFETY: AVX-512F/BW present (cpu_has_amx).
-            let got = unsafe { activation_tiles(&x, batch, k, steps) };
+            unsafe { activation_tiles(&x, batch, k, steps, &mut got) };
             assert_eq!(
                 got,
                 activation_tiles_scalar(&x, batch, k, steps),

@@ -65,10 +65,10 @@ pub fn chunk_element(p: usize, high_first: bool) -> usize {
 ///
 /// # Panics
 /// If AVX-512F is absent (callers check [`usable`]).
-pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+/// `out` holds as many values as `x`.
+pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
     assert!(*AVAILABLE, "AVX-512F required");
-    out.clear();
-    out.resize(x.len(), 0.0);
+    assert_eq!(out.len(), x.len());
     // SAFETY: AVX-512F is present (asserted); `out` holds as many values as `x`, a multiple of k.
     unsafe { permute_avx512(x, k, high_first, out) };
 }
@@ -687,10 +687,10 @@ mod tests {
         for high_first in [false, true] {
             for k in [64usize, 128, 130, 576, 7] {
                 let x: Vec<f32> = (0..3 * k).map(|i| i as f32).collect();
-                let mut got = Vec::new();
+                let mut got = vec![0f32; x.len()];
                 permute_activations(&x, k, high_first, &mut got);
                 let order: Vec<usize> = (0..CHUNK).map(|p| chunk_element(p, high_first)).collect();
-                let mut want = Vec::new();
+                let mut want = vec![0f32; x.len()];
                 super::super::gemv::permute_chunks(&x, k, &order, &mut want);
                 assert_eq!(got, want, "k {k} high_first {high_first}");
             }
@@ -794,7 +794,7 @@ mod tests {
                         .unwrap()
                         .to_vec1()
                         .unwrap();
-                    let mut xp = Vec::new();
+                    let mut xp = vec![0f32; x.len()];
                     permute_activations(&x, k, rows_.high_first, &mut xp);
                     let mut got = vec![0f32; n * batch];
                     // SAFETY: AVX-512F present (checked); simd_fits holds; rows 0..n exist; xp
@@ -804,7 +804,7 @@ mod tests {
                     rows_portable(&rows_, &x, batch, 0, n, &mut want);
                     // The AVX2 kernel this one replaces (its fallback via `set_enabled(false)` or
                     // `Q4_AVX512=0`), which the QLinear tests no longer reach on this host.
-                    let mut xp2 = Vec::new();
+                    let mut xp2 = vec![0f32; x.len()];
                     super::super::x86::permute_activations(&x, k, rows_.high_first, &mut xp2);
                     let mut avx2 = vec![0f32; n * batch];
                     // SAFETY: AVX2 is present wherever AVX-512F is; same geometry as above.

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 
+use super::aligned::AlignedBuf;
 use super::parallel::for_each_index;
 use super::rows::Rows;
 
@@ -96,7 +97,7 @@ pub(super) fn dot_kernel(batch: usize, k: usize) -> bool {
 pub const AMX_MIN_BATCH: usize = super::GEMV_MAX_BATCH + 1;
 
 thread_local! {
-    static TILE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static TILE: RefCell<AlignedBuf<f32>> = const { RefCell::new(AlignedBuf::new()) };
 }
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]` for `batch > 8`.
@@ -107,15 +108,17 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     // the AVX2 one.
     #[cfg(target_arch = "x86_64")]
     if let Some(dec) = super::avx512::TileDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
-        let mut xp = Vec::new();
-        super::avx512::permute_activations(x, w.k, w.high_first, &mut xp);
-        return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), &xp, batch, y);
+        let mut xp = AlignedBuf::new();
+        let xp = xp.slice(x.len());
+        super::avx512::permute_activations(x, w.k, w.high_first, xp);
+        return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), xp, batch, y);
     }
     #[cfg(target_arch = "x86_64")]
     if let Some(dec) = super::x86::ChunkDecoder::new(w).filter(|_| super::chunk_order_tiles()) {
-        let mut xp = Vec::new();
-        super::x86::permute_activations(x, w.k, w.high_first, &mut xp);
-        return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), &xp, batch, y);
+        let mut xp = AlignedBuf::new();
+        let xp = xp.slice(x.len());
+        super::x86::permute_activations(x, w.k, w.high_first, xp);
+        return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), xp, batch, y);
     }
     matmul_decoded(
         w.n,
@@ -165,10 +168,8 @@ pub fn matmul_decoded<D: Fn(usize, usize, &mut [f32]) + Sync + Send>(
     for_each_index(tiles, n * k * batch / 8, |t| {
         TILE.with_borrow_mut(|tile| {
             // One tile buffer per thread, kept across calls: repeated forwards allocate nothing
-            // weight-sized.
-            if tile.len() < tile_rows * kc {
-                tile.resize(tile_rows * kc, 0.0);
-            }
+            // weight-sized. Aligned, so that no vector load of it straddles two lines.
+            let tile = tile.slice(tile_rows * kc);
             let r0 = t * tile_rows;
             let rows = tile_rows.min(n - r0);
             let mut k0 = 0;

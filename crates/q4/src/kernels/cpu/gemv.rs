@@ -1,6 +1,7 @@
 //! Fused GEMV for batches of 1-8 activation rows: each task walks a chunk of weight rows,
 //! decoding 4-bit codes through the codebook in registers; the dense weight never exists.
 
+use super::aligned::AlignedBuf;
 use super::parallel::for_each_chunk_mut;
 use super::rows::Rows;
 use super::transpose_into;
@@ -37,13 +38,17 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     let wide = simd && super::avx512::usable();
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
-    let mut xp = Vec::new();
+    // The permuted activations start on a cache line, so the kernels' vector loads never
+    // straddle two (see `aligned`).
+    let mut xp_buf = AlignedBuf::new();
+    let xp = xp_buf.slice(if simd { x.len() } else { 0 });
     if wide {
         #[cfg(target_arch = "x86_64")]
-        super::avx512::permute_activations(x, w.k, w.high_first, &mut xp);
+        super::avx512::permute_activations(x, w.k, w.high_first, xp);
     } else if simd {
-        arch::permute_activations(x, w.k, w.high_first, &mut xp);
+        arch::permute_activations(x, w.k, w.high_first, xp);
     }
+    let xp = &*xp;
     for_each_chunk_mut(
         &mut yt,
         ROWS_PER_TASK * batch,
@@ -57,14 +62,14 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
                     // SAFETY: AVX-512F is present (`usable`) and the geometry fits the chunk
                     // kernel (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` rows of k
                     // values permuted for this kernel.
-                    unsafe { super::avx512::rows(w, &xp, batch, r0, r1, out) };
+                    unsafe { super::avx512::rows(w, xp, batch, r0, r1, out) };
                     add_tails(w, x, batch, r0, r1, super::avx512::CHUNK, out);
                 }
             } else if simd {
                 // SAFETY: the SIMD extension is present and the geometry fits the chunk kernel
                 // (`simd_fits`); rows r0..r1 exist and `xp` holds `batch` permuted rows of k
                 // values.
-                unsafe { arch::rows(w, &xp, batch, r0, r1, out) };
+                unsafe { arch::rows(w, xp, batch, r0, r1, out) };
                 add_tails(w, x, batch, r0, r1, arch::CHUNK, out);
             } else {
                 rows_portable(w, x, batch, r0, r1, out);
@@ -77,10 +82,9 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
 /// Reorders each activation row (`k` values) chunk by chunk: `out[c + p] = x[c + order[p]]` for
 /// every whole chunk of `order.len()` values; the tail stays in place. The SIMD kernels decode
 /// weights in a fixed permuted order and permute the activations once per call to match.
-pub(super) fn permute_chunks(x: &[f32], k: usize, order: &[usize], out: &mut Vec<f32>) {
+pub(super) fn permute_chunks(x: &[f32], k: usize, order: &[usize], out: &mut [f32]) {
     let chunk = order.len();
-    out.clear();
-    out.resize(x.len(), 0.0);
+    assert_eq!(out.len(), x.len());
     let full = k / chunk * chunk;
     for (src, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
         for (s, d) in src[..full]

@@ -8,9 +8,8 @@ pub fn available() -> bool {
     false
 }
 
-pub fn permute_activations(x: &[f32], _k: usize, _high_first: bool, out: &mut Vec<f32>) {
-    out.clear();
-    out.extend_from_slice(x);
+pub fn permute_activations(x: &[f32], _k: usize, _high_first: bool, out: &mut [f32]) {
+    out.copy_from_slice(x);
 }
 
 /// # Safety

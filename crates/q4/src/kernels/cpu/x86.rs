@@ -32,10 +32,10 @@ pub fn chunk_element(t: usize, j: usize, high_first: bool) -> usize {
 
 /// Reorders activation rows (`batch x k`) into the order the kernels consume weights: each full
 /// 64-chunk is permuted, the tail (k % 64) stays in place.
-pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+/// `out` holds as many values as `x`.
+pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
+    assert_eq!(out.len(), x.len());
     if available() {
-        out.clear();
-        out.resize(x.len(), 0.0);
         // SAFETY: AVX2 is present; `out` holds as many values as `x`.
         unsafe { permute_activations_avx(x, k, high_first, out) };
     } else {
@@ -44,7 +44,7 @@ pub fn permute_activations(x: &[f32], k: usize, high_first: bool, out: &mut Vec<
 }
 
 /// [`permute_activations`] through the [`chunk_element`] table, one value at a time.
-fn permute_activations_by_table(x: &[f32], k: usize, high_first: bool, out: &mut Vec<f32>) {
+fn permute_activations_by_table(x: &[f32], k: usize, high_first: bool, out: &mut [f32]) {
     let mut order = [0usize; CHUNK];
     for t in 0..8 {
         for j in 0..8 {
@@ -1342,7 +1342,7 @@ mod tests {
         for (k, batch) in [(64, 1), (576, 3), (100, 2), (32, 4), (1088, 2)] {
             let x: Vec<f32> = (0..k * batch).map(|i| i as f32).collect();
             for hf in [false, true] {
-                let (mut fast, mut table) = (Vec::new(), Vec::new());
+                let (mut fast, mut table) = (vec![0f32; x.len()], vec![0f32; x.len()]);
                 permute_activations(&x, k, hf, &mut fast);
                 permute_activations_by_table(&x, k, hf, &mut table);
                 assert_eq!(fast, table, "k={k} batch={batch} high_first={hf}");

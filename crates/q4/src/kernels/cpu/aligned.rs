@@ -1,0 +1,57 @@
+//! Cache-line-aligned scratch buffers for the SIMD and tile kernels.
+//!
+//! The global allocator aligns a `Vec<u16>` or `Vec<f32>` to 16 bytes at most (large ones come
+//! from `mmap` plus a 16-byte header), so 64-byte vector stores and AMX tile rows into such a
+//! buffer straddle two cache lines each. On the AMX host a `tileloadd` from a misaligned buffer
+//! took 23 ns against 12.5 ns aligned, and the NVFP4 tile decoder's stores 12.7 against 8.3
+//! cycles per 32 weights. [`AlignedBuf`] hands out slices that start on a 64-byte boundary,
+//! without `unsafe`: it over-allocates by a line and slices from the first aligned element.
+
+/// Cache line (and AVX-512 vector, and AMX tile row) bytes.
+pub const LINE: usize = 64;
+
+/// A growable buffer whose [`AlignedBuf::slice`] starts on a [`LINE`] boundary.
+#[derive(Debug, Default)]
+pub struct AlignedBuf<T> {
+    buf: Vec<T>,
+}
+
+impl<T: Copy + Default> AlignedBuf<T> {
+    pub const fn new() -> Self {
+        Self { buf: Vec::new() }
+    }
+
+    /// An aligned slice of `len` elements. Elements first handed out read as `T::default()`;
+    /// later calls keep what earlier ones wrote only where the buffer did not have to grow
+    /// (callers overwrite what they read).
+    pub fn slice(&mut self, len: usize) -> &mut [T] {
+        let pad = LINE / std::mem::size_of::<T>().max(1);
+        if self.buf.len() < len + pad {
+            // A fresh allocation: its alignment offset may differ from the old one's.
+            self.buf = vec![T::default(); len + pad];
+        }
+        let off = self.buf.as_ptr().align_offset(LINE);
+        // `align_offset` may decline (usize::MAX); the slice is then merely unaligned.
+        let off = if off < pad { off } else { 0 };
+        &mut self.buf[off..off + len]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slices_start_on_a_line_and_have_the_asked_length() {
+        let mut b = AlignedBuf::<u16>::new();
+        for len in [1usize, 31, 4096, 100, 70_000, 3] {
+            let s = b.slice(len);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr() as usize % LINE, 0, "len {len}");
+            s.fill(7);
+        }
+        let mut f = AlignedBuf::<f32>::new();
+        assert!(f.slice(1000).iter().all(|&v| v == 0.0));
+        assert_eq!(f.slice(1000).as_ptr() as usize % LINE, 0);
+    }
+}
