@@ -37,6 +37,55 @@ impl<T: Copy + Default> AlignedBuf<T> {
     }
 }
 
+/// A fixed-length buffer whose elements start on a [`LINE`] boundary (for long-lived data the
+/// kernels stream with vector loads, such as an int8 table).
+#[derive(Debug, Clone)]
+pub struct AlignedVec<T> {
+    buf: Vec<T>,
+    off: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> AlignedVec<T> {
+    /// `len` elements of `T::default()`.
+    pub fn zeroed(len: usize) -> Self {
+        let pad = LINE / std::mem::size_of::<T>().max(1);
+        let buf = vec![T::default(); len + pad];
+        let off = buf.as_ptr().align_offset(LINE);
+        let off = if off < pad { off } else { 0 };
+        Self { buf, off, len }
+    }
+
+    pub fn as_slice(&self) -> &[T] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<T: Copy + Default> std::ops::Deref for AlignedVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        self.as_slice()
+    }
+}
+
+impl<T: Copy + Default> std::ops::DerefMut for AlignedVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        self.as_mut_slice()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -49,6 +98,13 @@ mod tests {
             assert_eq!(s.len(), len);
             assert_eq!(s.as_ptr() as usize % LINE, 0, "len {len}");
             s.fill(7);
+        }
+        for len in [0usize, 1, 1000, 200_000] {
+            let mut v = AlignedVec::<i8>::zeroed(len);
+            assert_eq!((v.len(), v.as_slice().as_ptr() as usize % LINE), (len, 0));
+            assert!(v.as_slice().iter().all(|&b| b == 0));
+            v.as_mut_slice().fill(3);
+            assert_eq!(v.clone().as_slice(), v.as_slice());
         }
         let mut f = AlignedBuf::<f32>::new();
         assert!(f.slice(1000).iter().all(|&v| v == 0.0));

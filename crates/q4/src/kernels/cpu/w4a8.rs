@@ -9,6 +9,7 @@
 //! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
 //! to f32 rounding; that is the reference this mode is tested against.
 
+use super::aligned::AlignedVec;
 use super::rows::Rows;
 
 /// Activations per int8 scale.
@@ -19,8 +20,9 @@ pub const E2M1_X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -
 
 /// Activation rows quantized to int8, one f32 scale per 32 values.
 pub struct Int8Acts {
-    /// `batch x k` values (`k` a multiple of 32), row-major, natural order.
-    pub q: Vec<i8>,
+    /// `batch x k` values (`k` a multiple of 32), row-major, natural order; 64-byte aligned,
+    /// so that rows of a multiple of 64 values start on cache lines.
+    pub q: AlignedVec<i8>,
     /// `batch x k / 32` scales.
     pub d: Vec<f32>,
     pub k: usize,
@@ -31,7 +33,7 @@ impl Int8Acts {
     /// block's scale non-finite, so they propagate to the output as they would in f32.
     pub fn quantize(x: &[f32], k: usize) -> Int8Acts {
         debug_assert!(k.is_multiple_of(ACT_BLOCK) && x.len().is_multiple_of(k.max(1)));
-        let mut q = vec![0i8; x.len()];
+        let mut q = AlignedVec::<i8>::zeroed(x.len());
         let mut d = vec![0f32; x.len() / ACT_BLOCK];
         // Prefill-sized inputs in parallel, in pieces of whole blocks.
         const PIECE: usize = 64 * ACT_BLOCK;
