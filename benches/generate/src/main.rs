@@ -125,8 +125,8 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// (`--ab-micro-kernel`) — or on the 12- and a 256-token prefill, the AMX tile GEMM against the
 /// SIMD tile kernels (`--ab-amx`, AMX hosts), or on the 12-token prefill the AMX kernel with the
 /// activation pieces resident against the two-register one (`--ab-amx-resident`) or the tile
-/// decoder with and without its prefetch (`--ab-amx-prefetch`) — alternating per call so the host's noise hits both
-/// alike; prints the median tokens/s of each.
+/// decoder with and without its prefetch (`--ab-amx-prefetch`) — alternating per call so the
+/// host's noise hits both alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
         "--ab-tile-decode" => (
@@ -149,7 +149,9 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
             "no decode prefetch",
         ),
         #[cfg(not(target_arch = "x86_64"))]
-        "--ab-amx" | "--ab-amx-resident" => bail!("{flag}: AMX is an x86-64 feature"),
+        "--ab-amx" | "--ab-amx-resident" | "--ab-amx-prefetch" => {
+            bail!("{flag}: AMX is an x86-64 feature")
+        }
         _ => (
             q4::kernels::cpu::set_wide_tile_blocks,
             "3x4 blocks",
@@ -487,7 +489,8 @@ fn print_ratio(r: &serde_json::Value, base: &serde_json::Value) {
 const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--long N (256)] \
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
 | --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)] \
-| --ab-amx CONFIG [--reps N (200)] | --ab-amx-resident CONFIG [--reps N (200)] | --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
+| --ab-amx CONFIG [--reps N (200)] | --ab-amx-resident CONFIG [--reps N (200)] \
+| --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.

@@ -39,7 +39,7 @@ impl<T: Copy + Default> AlignedBuf<T> {
 
 /// A fixed-length buffer whose elements start on a [`LINE`] boundary (for long-lived data the
 /// kernels stream with vector loads, such as an int8 table).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AlignedVec<T> {
     buf: Vec<T>,
     off: usize,
@@ -70,6 +70,15 @@ impl<T: Copy + Default> AlignedVec<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+// Not derived: a cloned `Vec` may land on another alignment, so the clone re-aligns.
+impl<T: Copy + Default> Clone for AlignedVec<T> {
+    fn clone(&self) -> Self {
+        let mut v = Self::zeroed(self.len);
+        v.as_mut_slice().copy_from_slice(self.as_slice());
+        v
     }
 }
 
@@ -104,7 +113,9 @@ mod tests {
             assert_eq!((v.len(), v.as_slice().as_ptr() as usize % LINE), (len, 0));
             assert!(v.as_slice().iter().all(|&b| b == 0));
             v.as_mut_slice().fill(3);
-            assert_eq!(v.clone().as_slice(), v.as_slice());
+            let c = v.clone();
+            assert_eq!(c.as_slice(), v.as_slice());
+            assert_eq!(c.as_slice().as_ptr() as usize % LINE, 0);
         }
         let mut f = AlignedBuf::<f32>::new();
         assert!(f.slice(1000).iter().all(|&v| v == 0.0));

@@ -24,8 +24,11 @@
 //! four accumulator tiles stay in the tile registers across a K slice. With a single activation
 //! group (batches 9-16: short prompts) a unit is 48 weight rows instead, and each K step keeps
 //! the group's three activation pieces in tile registers while three weight tiles pass through
-//! (six tile loads for nine products instead of five for six: on this VM a tile load costs
-//! about three tile products).
+//! (six tile loads for nine products instead of five for six: on this VM a tile load from
+//! aligned memory costs about two tile products, 12.5 against 6 ns).
+//!
+//! Every buffer the tile unit reads or the decoder writes is 64-byte aligned
+//! ([`AlignedBuf`]): a misaligned tile row spans two cache lines and doubled a tile load's cost.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -43,8 +46,10 @@ const UNIT_ROWS: usize = 32;
 const RESIDENT_ROWS: usize = 48;
 /// K values per tile.
 const STEP: usize = 32;
-/// K values decoded per slice: 32 rows of it as bf16 tiles (64 KiB) stay in L2 next to the
-/// activations, and a work unit's accumulators are stored once per slice.
+/// K values decoded per slice: a unit's rows of it as bf16 tiles (64 KiB for 32 rows, 96 KiB
+/// for 48) stay in L2 next to the activations, and a work unit's accumulators are stored once
+/// per slice. (Slices narrow enough for 48 rows to fit L1, 288-384 values, measured 0.90-0.98x
+/// the speed.)
 const SLICE: usize = 1024;
 /// Rows ahead of the decoded one whose codes the tile decoder prefetches.
 const DECODE_AHEAD: usize = 8;
@@ -425,8 +430,8 @@ impl Nvfp4Tiles<'_> {
     ///
     /// # Safety
     /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
-    /// `out.len() >= steps * unit_rows * STEP`; `products.len() == 256 * 16`; the codes and scale bytes hold `n` rows of `row_bytes` and
-    /// `row_blocks` (whole blocks covering `k`).
+    /// `out.len() >= steps * unit_rows * STEP`; `products.len() == 256 * 16`; the codes and
+    /// scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn decode(
         &self,
@@ -637,9 +642,10 @@ unsafe fn one_group(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -> *const 
 
 /// One K step for one activation group with its three pieces resident in tiles 5-7 and three
 /// weight tiles (48 rows): six tile loads serve nine products, where [`one_group`] needs five
-/// for six. On the AMX host of the twelfth session a `tileloadd` costs ~20 ns and a
-/// `tdpbf16ps` ~6 ns, so a step's time follows its loads (probe: 2.7 vs 3.4 ns per weight row
-/// and step).
+/// for six. On the AMX host a `tileloadd` costs about two `tdpbf16ps` (12.5 vs 6 ns from
+/// aligned memory), so a step's time follows its loads: 12-token prefill 1.06x (same-process
+/// A/B). Four weight tiles through one register (7 loads, 12 products) were slower per row:
+/// each reload waits for the products still reading that register.
 ///
 /// # Safety
 /// Tiles configured; `a(tile)` (tile < 3) and `b(piece)` point at readable 1 KiB tiles.
@@ -732,7 +738,7 @@ fn matmul_nvfp4_with(
                 let w_cols = SLICE.min(k - k0);
                 let wp = w_cols.next_multiple_of(STEP);
                 // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); unit_rows is a
-                // multiple of 16; k0 is a multiple of SLICE (itself of STEP), `sc.a` holds the
+                // multiple of 16; k0 is a multiple of SLICE (itself of STEP), `sa` holds the
                 // widest slice's tiles, `products` is the product table, and `w` describes its
                 // own buffers.
                 unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) };
@@ -740,9 +746,9 @@ fn matmul_nvfp4_with(
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
                     // SAFETY: tiles configured above. Every tile load reads 1 KiB inside
-                    // `sc.a` (step s < wp / STEP, tile < unit_tiles) or inside `xb`
+                    // `sa` (step s < wp / STEP, tile < unit_tiles) or inside `xb`
                     // (group < groups, step < steps, piece < PIECES); the store writes the 4 KiB
-                    // of `sc.c`.
+                    // of `scc`.
                     unsafe {
                         tile::zero_accumulators();
                         for s in 0..wp / STEP {
