@@ -186,7 +186,8 @@ pub fn cpu_report() -> CpuReport {
                 format: f.name(),
                 batch: format!(">={}", crate::kernels::cpu::AMX_MIN_BATCH),
                 kernel: "tiled-gemm-amx (tiles decoded straight to bf16, AMX tdpbf16ps, f32 \
-                         activations as three bf16 pieces)",
+                         activations as three bf16 pieces, held in tile registers at batches \
+                         9-16)",
             });
         }
     }
