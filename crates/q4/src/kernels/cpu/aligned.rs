@@ -10,30 +10,34 @@
 /// Cache line (and AVX-512 vector, and AMX tile row) bytes.
 pub const LINE: usize = 64;
 
-/// A growable buffer whose [`AlignedBuf::slice`] starts on a [`LINE`] boundary.
-#[derive(Debug, Default)]
+/// A growable buffer whose [`AlignedBuf::slice`] starts on a [`LINE`] boundary (an
+/// [`AlignedVec`] replaced by a longer one when a call asks for more).
+#[derive(Debug)]
 pub struct AlignedBuf<T> {
-    buf: Vec<T>,
+    buf: AlignedVec<T>,
 }
 
 impl<T: Copy + Default> AlignedBuf<T> {
     pub const fn new() -> Self {
-        Self { buf: Vec::new() }
+        Self {
+            buf: AlignedVec::new(),
+        }
     }
 
     /// An aligned slice of `len` elements. Elements first handed out read as `T::default()`;
     /// later calls keep what earlier ones wrote only where the buffer did not have to grow
     /// (callers overwrite what they read).
     pub fn slice(&mut self, len: usize) -> &mut [T] {
-        let pad = LINE / std::mem::size_of::<T>().max(1);
-        if self.buf.len() < len + pad {
-            // A fresh allocation: its alignment offset may differ from the old one's.
-            self.buf = vec![T::default(); len + pad];
+        if self.buf.len() < len {
+            self.buf = AlignedVec::zeroed(len);
         }
-        let off = self.buf.as_ptr().align_offset(LINE);
-        // `align_offset` may decline (usize::MAX); the slice is then merely unaligned.
-        let off = if off < pad { off } else { 0 };
-        &mut self.buf[off..off + len]
+        &mut self.buf.as_mut_slice()[..len]
+    }
+}
+
+impl<T: Copy + Default> Default for AlignedBuf<T> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -47,11 +51,22 @@ pub struct AlignedVec<T> {
 }
 
 impl<T: Copy + Default> AlignedVec<T> {
-    /// `len` elements of `T::default()`.
+    /// No elements (no allocation).
+    pub const fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            off: 0,
+            len: 0,
+        }
+    }
+
+    /// `len` elements of `T::default()`, over-allocated by a line and sliced from the first
+    /// aligned element.
     pub fn zeroed(len: usize) -> Self {
         let pad = LINE / std::mem::size_of::<T>().max(1);
         let buf = vec![T::default(); len + pad];
         let off = buf.as_ptr().align_offset(LINE);
+        // `align_offset` may decline (usize::MAX); the slice is then merely unaligned.
         let off = if off < pad { off } else { 0 };
         Self { buf, off, len }
     }
@@ -70,6 +85,12 @@ impl<T: Copy + Default> AlignedVec<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+impl<T: Copy + Default> Default for AlignedVec<T> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
