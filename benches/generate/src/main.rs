@@ -125,7 +125,8 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// (`--ab-micro-kernel`) — or on the 12- and a 256-token prefill, the AMX tile GEMM against the
 /// SIMD tile kernels (`--ab-amx`, AMX hosts), or on the 12-token prefill the AMX kernel with the
 /// activation pieces resident against the two-register one (`--ab-amx-resident`) or the tile
-/// decoder with and without its prefetch (`--ab-amx-prefetch`) — alternating per call so the
+/// decoder with and without its prefetch (`--ab-amx-prefetch`), or the accumulators held in
+/// their tile registers over all of K against stored per K slice (`--ab-amx-persist`) — alternating per call so the
 /// host's noise hits both alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
@@ -148,8 +149,14 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
             "decode prefetch",
             "no decode prefetch",
         ),
+        #[cfg(target_arch = "x86_64")]
+        "--ab-amx-persist" => (
+            q4::kernels::cpu::amx::set_persist,
+            "accumulators held over K",
+            "accumulators stored per slice",
+        ),
         #[cfg(not(target_arch = "x86_64"))]
-        "--ab-amx" | "--ab-amx-resident" | "--ab-amx-prefetch" => {
+        "--ab-amx" | "--ab-amx-resident" | "--ab-amx-prefetch" | "--ab-amx-persist" => {
             bail!("{flag}: AMX is an x86-64 feature")
         }
         _ => (
@@ -179,7 +186,8 @@ fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
         if flag == "--ab-amx" {
             vec![tok.encode(PROMPT, false)?, long_prompt_ids(&tok, 256)?]
         } else {
-            // The resident kernel serves one activation group (up to 16 rows).
+            // The resident kernel serves one activation group (up to 16 rows), held
+            // accumulators one group pair: the 12-token prompt has both.
             vec![tok.encode(PROMPT, false)?]
         }
     } else {
@@ -490,12 +498,13 @@ const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--l
 [--no-llama-cpp] [--only CONFIG,...] | --candle-ppl [--ppl-tokens N] | --llama-cpp-ppl [--ppl-tokens N] \
 | --ab-tile-decode CONFIG [--reps N (200)] | --ab-micro-kernel CONFIG [--reps N (200)] \
 | --ab-amx CONFIG [--reps N (200)] | --ab-amx-resident CONFIG [--reps N (200)] \
-| --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
+| --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-amx-persist CONFIG [--reps N (200)] \
+| --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
 
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 12] = [
+    const VALUED: [&str; 13] = [
         "--new",
         "--reps",
         "--long",
@@ -507,6 +516,7 @@ fn check_args(args: &[String]) -> Result<bool> {
         "--ab-amx",
         "--ab-amx-resident",
         "--ab-amx-prefetch",
+        "--ab-amx-persist",
         "--ab-avx512",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
@@ -551,6 +561,7 @@ fn main() -> Result<()> {
         "--ab-amx",
         "--ab-amx-resident",
         "--ab-amx-prefetch",
+        "--ab-amx-persist",
     ] {
         if let Some(i) = args.iter().position(|a| a == flag) {
             return ab_prefill(flag, &args[i + 1], arg("--reps", 200));

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use q4::qtensor::QuantSpec;
 use q4::{Format, QLinear};
 
-use super::measure::{read_bandwidth, time, Timing};
+use super::measure::{read_bandwidth, time, time_interleaved, Timing};
 
 /// Arguments of `q4 bench linear`.
 #[derive(clap::Args, Debug)]
@@ -47,6 +47,11 @@ pub struct Args {
     /// it is done); applies to every contender alike. Default: from the main thread.
     #[arg(long)]
     in_pool: bool,
+    /// Time each contender's calls in one run of their own, one contender after the other.
+    /// Default: interleaved, every contender called once per round, so that a change of the
+    /// host's speed during the measurement hits all of them alike.
+    #[arg(long)]
+    sequential: bool,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -77,6 +82,17 @@ struct Contender {
     name: &'static str,
     bytes: usize,
     layers: Vec<Box<dyn Module + Send + Sync>>,
+}
+
+impl Contender {
+    /// The layers a measurement rotates over: every copy when cache-cold, else the first.
+    fn layers(&self, cold: bool) -> &[Box<dyn Module + Send + Sync>] {
+        if cold {
+            &self.layers
+        } else {
+            &self.layers[..1]
+        }
+    }
 }
 
 struct DenseF32(Tensor);
@@ -208,32 +224,54 @@ pub fn run(args: Args) -> Result<()> {
             let x = Tensor::from_vec(xs[..batch * k].to_vec(), (batch, k), &Device::Cpu)?
                 .to_dtype(DType::F32)?;
             let cold = batch <= args.cold_up_to;
-            let mut results: Vec<(&str, usize, Timing)> = Vec::new();
-            for c in &contenders {
-                let layers = if cold { &c.layers[..] } else { &c.layers[..1] };
-                let reps = if n * k * batch > 200_000_000 {
-                    args.reps.min(10)
+            let reps = if n * k * batch > 200_000_000 {
+                args.reps.min(10)
+            } else {
+                args.reps
+            };
+            // Every copy is called once before timing: candle repacks a Q4K weight on its first
+            // call (and caches it per tensor), which must not land in the timed calls.
+            let warmup = contenders
+                .iter()
+                .map(|c| c.layers(cold).len())
+                .max()
+                .unwrap_or(0)
+                .max(2);
+            let call = |c: &Contender, i: usize| {
+                let layers = c.layers(cold);
+                let y = layers[i % layers.len()].forward(&x).expect("forward");
+                std::hint::black_box(y);
+            };
+            let timed = || -> Vec<Timing> {
+                if args.sequential {
+                    contenders
+                        .iter()
+                        .map(|c| time(warmup, reps, args.max_others, |i| call(c, i)))
+                        .collect()
                 } else {
-                    args.reps
-                };
-                // Every copy is called once before timing: candle repacks a Q4K weight on its
-                // first call (and caches it per tensor), which must not land in the timed calls.
-                let warmup = layers.len().max(2);
-                let timed = || {
-                    time(warmup, reps, args.max_others, |i| {
-                        let y = layers[i % layers.len()].forward(&x).expect("forward");
-                        std::hint::black_box(y);
-                    })
-                };
-                let t = if args.in_pool {
-                    let mut t = None;
-                    rayon::scope(|_| t = Some(timed()));
-                    t.expect("the scope ran")
-                } else {
-                    timed()
-                };
-                results.push((c.name, c.bytes, t));
-            }
+                    let mut fs: Vec<Box<dyn FnMut(usize) + '_>> = contenders
+                        .iter()
+                        .map(|c| Box::new(move |i| call(c, i)) as Box<dyn FnMut(usize)>)
+                        .collect();
+                    let mut refs: Vec<&mut dyn FnMut(usize)> = fs
+                        .iter_mut()
+                        .map(|f| &mut **f as &mut dyn FnMut(usize))
+                        .collect();
+                    time_interleaved(warmup, reps, args.max_others, &mut refs)
+                }
+            };
+            let timings = if args.in_pool {
+                let mut t = None;
+                rayon::scope(|_| t = Some(timed()));
+                t.expect("the scope ran")
+            } else {
+                timed()
+            };
+            let results: Vec<(&str, usize, Timing)> = contenders
+                .iter()
+                .zip(timings)
+                .map(|(c, t)| (c.name, c.bytes, t))
+                .collect();
             let get = |name: &str| results.iter().find(|r| r.0 == name).map(|r| r.2.median);
             for (name, bytes, t) in &results {
                 let flops = 2.0 * (n * k * batch) as f64;

@@ -90,6 +90,56 @@ pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f:
     last
 }
 
+/// Like [`time`] for several contenders at once, their calls interleaved (each round calls every
+/// contender once, in turn): a change of the host's speed during the measurement then hits all
+/// of them alike, so their ratios hold even where the absolute times drift. Retries the whole
+/// measurement like [`time`]; every contender reports the same `others`.
+pub fn time_interleaved(
+    warmup: usize,
+    reps: usize,
+    max_others: f64,
+    fs: &mut [&mut dyn FnMut(usize)],
+) -> Vec<Timing> {
+    let mut last = Vec::new();
+    for _attempt in 0..3 {
+        for i in 0..warmup {
+            fs.iter_mut().for_each(|f| f(i));
+        }
+        let start_cpu = CpuSnapshot::take();
+        let start = Instant::now();
+        let mut samples = vec![Vec::with_capacity(reps); fs.len()];
+        for i in 0..reps {
+            for (f, s) in fs.iter_mut().zip(samples.iter_mut()) {
+                let t = Instant::now();
+                f(warmup + i);
+                s.push(t.elapsed().as_secs_f64());
+            }
+        }
+        let wall = start.elapsed();
+        let others = match (start_cpu, CpuSnapshot::take()) {
+            (Some(a), Some(b)) => a.others_since(&b, wall),
+            _ => 0.0,
+        };
+        last = samples
+            .into_iter()
+            .map(|mut s| {
+                s.sort_by(f64::total_cmp);
+                Timing {
+                    median: s[s.len() / 2],
+                    others,
+                }
+            })
+            .collect();
+        if others <= max_others {
+            break;
+        }
+        tracing::warn!(
+            "disturbed measurement ({others:.2} cores used by other processes); repeating"
+        );
+    }
+    last
+}
+
 /// Memory-read bandwidth in bytes/s: a parallel sum over a buffer much larger than the caches,
 /// median of several passes.
 pub fn read_bandwidth(bytes: usize) -> f64 {

@@ -48,9 +48,21 @@ const RESIDENT_ROWS: usize = 48;
 const STEP: usize = 32;
 /// K values decoded per slice: a unit's rows of it as bf16 tiles (64 KiB for 32 rows, 96 KiB
 /// for 48) stay in L2 next to the activations, and a work unit's accumulators are stored once
-/// per slice. (Slices narrow enough for 48 rows to fit L1, 288-384 values, measured 0.90-0.98x
-/// the speed.)
+/// per slice unless they stay in their registers (one group pair). (Slices narrow enough for 48
+/// rows to fit L1 measured slower: 288-384 values 0.90-0.98x the speed; with the accumulators
+/// held over K, 128 / 256 / 512 values 1.63x / 1.09-1.16x / 1.01x the time at batch 16 — the
+/// tile loads then meet the decoder's fresh stores.)
 const SLICE: usize = 1024;
+
+static SLICE_VALUES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SLICE);
+
+/// K values per decoded slice (a multiple of [`STEP`]; default [`SLICE`]), for same-process A/B
+/// measurements (`ab_tile_decode ... sliceA-B`).
+#[doc(hidden)]
+pub fn set_slice(values: usize) {
+    assert!(values > 0 && values.is_multiple_of(STEP));
+    SLICE_VALUES.store(values, Ordering::Relaxed);
+}
 /// Rows ahead of the decoded one whose codes the tile decoder prefetches.
 const DECODE_AHEAD: usize = 8;
 /// Bytes of one tile (16 rows of 64 bytes).
@@ -83,6 +95,16 @@ static DECODE_PREFETCH: AtomicBool = AtomicBool::new(true);
 #[doc(hidden)]
 pub fn set_decode_prefetch(on: bool) {
     DECODE_PREFETCH.store(on, Ordering::Relaxed);
+}
+
+static PERSIST: AtomicBool = AtomicBool::new(true);
+
+/// Turns on or off (default on) keeping the accumulators in their tile registers over all of K
+/// when the batch is one group pair, for same-process A/B measurements
+/// (`q4-bench-generate --ab-amx-persist`).
+#[doc(hidden)]
+pub fn set_persist(on: bool) {
+    PERSIST.store(on, Ordering::Relaxed);
 }
 
 static RESIDENT: AtomicBool = AtomicBool::new(true);
@@ -720,6 +742,10 @@ fn matmul_nvfp4_with(
     let units = n.div_ceil(unit_rows);
     let y_addr = y.as_mut_ptr() as usize;
     let cfg = TileConfig::full();
+    let slice = SLICE_VALUES.load(Ordering::Relaxed);
+    // One group pair: the accumulators stay in their tile registers over all of K (the decoder
+    // between slices touches no tile), stored once per unit.
+    let persist = groups <= 2 && PERSIST.load(Ordering::Relaxed);
     for_each_index(units, n * k * batch / 8, |u| {
         SCRATCH.with_borrow_mut(|sc| {
             let r0 = u * unit_rows;
@@ -728,14 +754,14 @@ fn matmul_nvfp4_with(
             // pair. (Decoding each step just before its products, with the accumulators kept
             // over all of K, measured 1.03-1.38x the time at batches 16-32: the tile loads then
             // wait for the decoder's stores.)
-            let slice_max = SLICE.min(k.next_multiple_of(STEP));
+            let slice_max = slice.min(k.next_multiple_of(STEP));
             let sa = sc.a.slice(slice_max / STEP * unit_rows * STEP);
             let scc = sc.c.slice(4 * TILE_WORDS);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
             unsafe { tile::configure(&cfg) };
             let mut k0 = 0;
             while k0 < k {
-                let w_cols = SLICE.min(k - k0);
+                let w_cols = slice.min(k - k0);
                 let wp = w_cols.next_multiple_of(STEP);
                 // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); unit_rows is a
                 // multiple of 16; k0 is a multiple of SLICE (itself of STEP), `sa` holds the
@@ -743,6 +769,7 @@ fn matmul_nvfp4_with(
                 // own buffers.
                 unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) };
                 let step0 = k0 / STEP;
+                let last = k0 + w_cols >= k;
                 for g in (0..groups).step_by(2) {
                     let two = g + 1 < groups;
                     // SAFETY: tiles configured above. Every tile load reads 1 KiB inside
@@ -750,7 +777,9 @@ fn matmul_nvfp4_with(
                     // (group < groups, step < steps, piece < PIECES); the store writes the 4 KiB
                     // of `scc`.
                     unsafe {
-                        tile::zero_accumulators();
+                        if !persist || k0 == 0 {
+                            tile::zero_accumulators();
+                        }
                         for s in 0..wp / STEP {
                             let xs = |grp: usize, q: usize| {
                                 xb.as_ptr()
@@ -770,7 +799,12 @@ fn matmul_nvfp4_with(
                                 one_group(a, |q| xs(g, q));
                             }
                         }
-                        tile::store_accumulators(scc.as_mut_ptr());
+                        if !persist || last {
+                            tile::store_accumulators(scc.as_mut_ptr());
+                        }
+                    }
+                    if persist && !last {
+                        continue;
                     }
                     // Two-register layout: accumulator 2b + a holds weight rows r0 + 16a + i by
                     // activation rows 16(g + b) + j at [i][j]; for one group, accumulators 2 and
@@ -794,7 +828,7 @@ fn matmul_nvfp4_with(
                             for (r, o) in out.iter_mut().enumerate() {
                                 let acc = if resident { r / 16 } else { 2 * b + r / 16 };
                                 let v = scc[acc * TILE_WORDS + (r % 16) * 16 + j];
-                                if k0 == 0 {
+                                if k0 == 0 || persist {
                                     *o = v;
                                 } else {
                                     *o += v;
