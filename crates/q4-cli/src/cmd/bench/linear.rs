@@ -14,6 +14,9 @@ use q4::{Format, QLinear};
 
 use super::measure::{read_bandwidth, time, time_interleaved, Timing};
 
+/// Calls of one contender in a row when interleaving (see `time_interleaved`).
+const INTERLEAVE_BLOCK: usize = 5;
+
 /// Arguments of `q4 bench linear`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -48,8 +51,8 @@ pub struct Args {
     #[arg(long)]
     in_pool: bool,
     /// Time each contender's calls in one run of their own, one contender after the other.
-    /// Default: interleaved, every contender called once per round, so that a change of the
-    /// host's speed during the measurement hits all of them alike.
+    /// Default: interleaved, every contender called in blocks of 5 calls per round, so that a
+    /// change of the host's speed during the measurement hits all of them alike.
     #[arg(long)]
     sequential: bool,
 }
@@ -257,7 +260,7 @@ pub fn run(args: Args) -> Result<()> {
                         .iter_mut()
                         .map(|f| &mut **f as &mut dyn FnMut(usize))
                         .collect();
-                    time_interleaved(warmup, reps, args.max_others, &mut refs)
+                    time_interleaved(warmup, reps, INTERLEAVE_BLOCK, args.max_others, &mut refs)
                 }
             };
             let timings = if args.in_pool {
