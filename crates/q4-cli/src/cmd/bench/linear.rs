@@ -50,11 +50,13 @@ pub struct Args {
     /// it is done); applies to every contender alike. Default: from the main thread.
     #[arg(long)]
     in_pool: bool,
-    /// Time each contender's calls in one run of their own, one contender after the other.
-    /// Default: interleaved, every contender called in blocks of 5 calls per round, so that a
-    /// change of the host's speed during the measurement hits all of them alike.
+    /// Interleave the contenders' calls: rounds of 5 calls of each contender in turn, so that a
+    /// change of the host's speed during the measurement hits all of them alike. Default: each
+    /// contender's calls in one run of their own, one contender after the other (interleaving
+    /// measured q4's sub-0.1 ms calls up to 1.7x slower than back to back, and sometimes its
+    /// NVFP4 batch-1 calls 2x, causes not found; see BENCHMARKS.md).
     #[arg(long)]
-    sequential: bool,
+    interleave: bool,
 }
 
 fn parse_shape(s: &str) -> Result<(usize, usize)> {
@@ -246,7 +248,7 @@ pub fn run(args: Args) -> Result<()> {
                 std::hint::black_box(y);
             };
             let timed = || -> Vec<Timing> {
-                if args.sequential {
+                if !args.interleave {
                     contenders
                         .iter()
                         .map(|c| time(warmup, reps, args.max_others, |i| call(c, i)))
