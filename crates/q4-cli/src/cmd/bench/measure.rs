@@ -93,10 +93,9 @@ pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f:
 /// Like [`time`] for several contenders at once, their calls interleaved in blocks: each round
 /// makes `block` calls of every contender in turn, starting one contender further each round.
 /// A change of the host's speed during the measurement then hits all of them alike, so their
-/// ratios hold even where the absolute times drift; within a block a contender's own small state
-/// (lookup tables) is as warm as in a model whose layers share one format, which one call at a
-/// time between other contenders' would not be (that cost q4's NVFP4 GEMV 1.5-2.5x per call).
-/// Retries the whole measurement like [`time`]; every contender reports the same `others`.
+/// ratios hold even where the absolute times drift. Blocks rather than single calls: one call at
+/// a time between other contenders' cost q4's NVFP4 GEMV 1.5-2.5x per call. Retries the whole
+/// measurement like [`time`]; every contender reports the same `others`.
 pub fn time_interleaved(
     warmup: usize,
     reps: usize,

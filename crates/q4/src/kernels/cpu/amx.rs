@@ -50,8 +50,8 @@ const STEP: usize = 32;
 /// for 48) stay in L2 next to the activations, and a work unit's accumulators are stored once
 /// per slice unless they stay in their registers (one group pair). (Slices narrow enough for 48
 /// rows to fit L1 measured slower: 288-384 values 0.90-0.98x the speed; with the accumulators
-/// held over K, 128 / 256 / 512 values 1.63x / 1.09-1.16x / 1.01x the time at batch 16 — the
-/// tile loads then meet the decoder's fresh stores.)
+/// held over K, 128 / 256 / 512 values 1.63x / 1.09-1.16x / 1.01x the time at batch 16, and
+/// double-buffered so that no tile load meets fresh stores, no better: cause not found.)
 const SLICE: usize = 1024;
 
 static SLICE_VALUES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(SLICE);
