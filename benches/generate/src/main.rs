@@ -126,8 +126,8 @@ fn child(config: &str, new: usize, reps: usize, long_prompt: usize) -> Result<()
 /// SIMD tile kernels (`--ab-amx`, AMX hosts), or on the 12-token prefill the AMX kernel with the
 /// activation pieces resident against the two-register one (`--ab-amx-resident`) or the tile
 /// decoder with and without its prefetch (`--ab-amx-prefetch`), or the accumulators held in
-/// their tile registers over all of K against stored per K slice (`--ab-amx-persist`) — alternating per call so the
-/// host's noise hits both alike; prints the median tokens/s of each.
+/// their tile registers over all of K against stored per K slice (`--ab-amx-persist`) —
+/// alternating per call so the host's noise hits both alike; prints the median tokens/s of each.
 fn ab_prefill(flag: &str, config: &str, reps: usize) -> Result<()> {
     let (select, on_name, off_name): (fn(bool), &str, &str) = match flag {
         "--ab-tile-decode" => (
