@@ -54,40 +54,10 @@ pub struct Timing {
 /// Times `f` `reps` times after `warmup` calls; retries up to 3 times when other processes used
 /// more than `max_others` cores during the measurement, and reports the last attempt.
 pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f: F) -> Timing {
-    let mut last = Timing {
-        median: f64::NAN,
-        others: f64::NAN,
-    };
-    for _attempt in 0..3 {
-        for i in 0..warmup {
-            f(i);
-        }
-        let start_cpu = CpuSnapshot::take();
-        let start = Instant::now();
-        let mut samples = Vec::with_capacity(reps);
-        for i in 0..reps {
-            let t = Instant::now();
-            f(warmup + i);
-            samples.push(t.elapsed().as_secs_f64());
-        }
-        let wall = start.elapsed();
-        let others = match (start_cpu, CpuSnapshot::take()) {
-            (Some(a), Some(b)) => a.others_since(&b, wall),
-            _ => 0.0,
-        };
-        samples.sort_by(f64::total_cmp);
-        last = Timing {
-            median: samples[samples.len() / 2],
-            others,
-        };
-        if others <= max_others {
-            break;
-        }
-        tracing::warn!(
-            "disturbed measurement ({others:.2} cores used by other processes); repeating"
-        );
-    }
-    last
+    // One contender in one block: its calls back to back.
+    time_interleaved(warmup, reps, reps, max_others, &mut [&mut f])
+        .pop()
+        .expect("one timing per contender")
 }
 
 /// Like [`time`] for several contenders at once, their calls interleaved in blocks: each round
