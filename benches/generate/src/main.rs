@@ -501,22 +501,26 @@ const USAGE: &str = "usage: q4-bench-generate [--new N (64)] [--reps N (5)] [--l
 | --ab-amx-prefetch CONFIG [--reps N (200)] | --ab-amx-persist CONFIG [--reps N (200)] \
 | --ab-avx512 CONFIG [--new N (64)] [--reps N (20)]";
 
+/// The prefill A/B flags, each taking a configuration ([`ab_prefill`]).
+const AB_PREFILL: [&str; 6] = [
+    "--ab-tile-decode",
+    "--ab-micro-kernel",
+    "--ab-amx",
+    "--ab-amx-resident",
+    "--ab-amx-prefetch",
+    "--ab-amx-persist",
+];
+
 /// Flags this binary takes (`--child` is its own re-invocation); anything else is refused
 /// rather than silently starting a several-minute run.
 fn check_args(args: &[String]) -> Result<bool> {
-    const VALUED: [&str; 13] = [
+    const VALUED: [&str; 7] = [
         "--new",
         "--reps",
         "--long",
         "--only",
         "--ppl-tokens",
         "--child",
-        "--ab-tile-decode",
-        "--ab-micro-kernel",
-        "--ab-amx",
-        "--ab-amx-resident",
-        "--ab-amx-prefetch",
-        "--ab-amx-persist",
         "--ab-avx512",
     ];
     const FLAGS: [&str; 3] = ["--no-llama-cpp", "--candle-ppl", "--llama-cpp-ppl"];
@@ -526,7 +530,7 @@ fn check_args(args: &[String]) -> Result<bool> {
         if a == "--help" || a == "-h" {
             return Ok(false);
         }
-        if VALUED.contains(&a) {
+        if VALUED.contains(&a) || AB_PREFILL.contains(&a) {
             if args.get(i + 1).is_none() {
                 bail!("{a} needs a value\n{USAGE}");
             }
@@ -555,14 +559,7 @@ fn main() -> Result<()> {
     if let Some(i) = args.iter().position(|a| a == "--child") {
         return child(&args[i + 1], new, reps, long);
     }
-    for flag in [
-        "--ab-tile-decode",
-        "--ab-micro-kernel",
-        "--ab-amx",
-        "--ab-amx-resident",
-        "--ab-amx-prefetch",
-        "--ab-amx-persist",
-    ] {
+    for flag in AB_PREFILL {
         if let Some(i) = args.iter().position(|a| a == flag) {
             return ab_prefill(flag, &args[i + 1], arg("--reps", 200));
         }
