@@ -72,7 +72,7 @@ impl Int8Table {
                 )));
             }
             let a = Int8Acts::quantize(&part, cols);
-            q.as_mut_slice()[r0 * cols..(r0 + n) * cols].copy_from_slice(&a.q);
+            q[r0 * cols..(r0 + n) * cols].copy_from_slice(&a.q);
             d[r0 * cols / ACT_BLOCK..(r0 + n) * cols / ACT_BLOCK].copy_from_slice(&a.d);
         }
         Ok(Int8Table { q, d, rows, cols })
@@ -91,7 +91,7 @@ impl Int8Table {
 
     /// Row `r` as f32 into `out` (`cols` values).
     fn decode_row(&self, r: usize, out: &mut [f32]) {
-        let q = &self.q.as_slice()[r * self.cols..(r + 1) * self.cols];
+        let q = &self.q[r * self.cols..(r + 1) * self.cols];
         let d = &self.d[r * self.cols / ACT_BLOCK..];
         for ((o, qb), &s) in out.chunks_mut(ACT_BLOCK).zip(q.chunks(ACT_BLOCK)).zip(d) {
             for (o, &v) in o.iter_mut().zip(qb) {
@@ -143,13 +143,7 @@ impl Int8Table {
         let xq = Int8Acts::quantize(&xf, self.cols);
         let mut y = vec![0f32; batch * self.rows];
         crate::kernels::cpu::w8a8::matmul(
-            self.q.as_slice(),
-            &self.d,
-            self.rows,
-            self.cols,
-            &xq,
-            batch,
-            &mut y,
+            &self.q, &self.d, self.rows, self.cols, &xq, batch, &mut y,
         );
         let mut out_dims = dims;
         *out_dims.last_mut().expect("rank >= 1") = self.rows;
