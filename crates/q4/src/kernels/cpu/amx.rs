@@ -764,9 +764,9 @@ fn matmul_nvfp4_with(
                 let w_cols = slice.min(k - k0);
                 let wp = w_cols.next_multiple_of(STEP);
                 // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`); unit_rows is a
-                // multiple of 16; k0 is a multiple of the slice width (itself of STEP), `sa` holds the
-                // widest slice's tiles, `products` is the product table, and `w` describes its
-                // own buffers.
+                // multiple of 16; k0 is a multiple of the slice width (itself of STEP), `sa`
+                // holds the widest slice's tiles, `products` is the product table, and `w`
+                // describes its own buffers.
                 unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) };
                 let step0 = k0 / STEP;
                 let last = k0 + w_cols >= k;
