@@ -8,10 +8,12 @@
 //! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
 //! - `int8`: W4A8 (`ActQuant::Int8`) calls through the int8 kernel against the f32 kernels on
 //!   the activations' int8 round trip.
-//! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts).
+//! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts; NVFP4, or with `nf4` the
+//!   codebook one).
 //! - `persist`: the AMX GEMM's accumulators held in tile registers over all of K (one group
 //!   pair) against stored per K slice.
 //! - `sliceA-B` (e.g. `slice256-1024`): the AMX GEMM's K slice of A values against B.
+//! - `cbsliceA-B`: the codebook (NF4) AMX GEMM's K slice for one activation group, A against B.
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
 //!   crate's at every batch.
 //!
@@ -50,15 +52,22 @@ fn main() {
     let int8 = mode == "int8";
     let amx = mode == "amx";
     // `sliceA-B` (e.g. `slice256-1024`): the AMX GEMM's K slice A against B.
-    let slice_ab: Option<(usize, usize)> = mode.strip_prefix("slice").and_then(|m| {
+    let pair = |m: &str| -> Option<(usize, usize)> {
         let (a, b) = m.split_once('-')?;
         Some((a.parse().ok()?, b.parse().ok()?))
-    });
+    };
+    let slice_ab = mode.strip_prefix("slice").and_then(pair);
+    // `cbsliceA-B`: the codebook AMX GEMM's one-group K slice A against B.
+    let cb_slice_ab = mode.strip_prefix("cbslice").and_then(pair);
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let select = |on: bool| {
         if mode == "persist" {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_persist(on);
+        } else if let Some((a, b)) = cb_slice_ab {
+            #[cfg(target_arch = "x86_64")]
+            q4::kernels::cpu::amx::codebook::set_one_group_slice(if on { a } else { b });
+            let _ = (a, b);
         } else if let Some((a, b)) = slice_ab {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_slice(if on { a } else { b });

@@ -165,6 +165,8 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         CpuKernel::TiledGemm
             if w.format == crate::Format::Nvfp4 && nvfp4_amx(&rows, batch, x, y, w.scale2) => {}
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::TiledGemm if codebook_amx(&rows, batch, x, y) => {}
         CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
         CpuKernel::GemvPasses => {
             // Groups of up to GEMV_MAX_BATCH activation rows, each a GEMV over the weight.
@@ -222,6 +224,32 @@ fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f3
         y.iter_mut().for_each(|v| *v *= scale2);
     }
     true
+}
+
+/// The codebook (NF4, bitsandbytes FP4) tiled GEMM on AMX, from [`AMX_MIN_BATCH`] rows where
+/// AMX is usable and the rows are whole blocks of whole K steps (three bf16 products per
+/// weight: see [`amx::codebook`]). Returns false (`y` then unspecified) elsewhere, and where a
+/// block scale lies outside the range that path takes.
+#[cfg(target_arch = "x86_64")]
+fn codebook_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32]) -> bool {
+    let rows::ScaleSrc::F32(scales) = rows.scales else {
+        return false;
+    };
+    if batch < AMX_MIN_BATCH || !rows.aligned || !amx::usable() {
+        return false;
+    }
+    let tiles = amx::codebook::CodebookTiles {
+        codes: rows.codes,
+        scales,
+        values: rows.values,
+        high_first: rows.high_first,
+        block: rows.block,
+        n: rows.n,
+        k: rows.k,
+        row_bytes: rows.row_bytes,
+        row_blocks: rows.row_blocks,
+    };
+    tiles.supported() && amx::codebook::matmul(&tiles, x, batch, y)
 }
 
 /// [`amx::products`] of NVFP4's code values and unscaled block scales.

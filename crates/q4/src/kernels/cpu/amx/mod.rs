@@ -40,6 +40,8 @@ use super::aligned::AlignedBuf;
 use super::parallel::for_each_index;
 use super::prefetch::prefetch;
 
+pub mod codebook;
+
 /// Weight rows per work unit (two A tiles).
 const UNIT_ROWS: usize = 32;
 /// Weight rows per work unit of the resident layout (three A tiles).
@@ -129,6 +131,7 @@ pub fn cpu_has_amx() -> bool {
     tile && bf16
         && std::is_x86_feature_detected!("avx512f")
         && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512bf16")
         && os_saves_tiles()
 }
 
@@ -244,6 +247,7 @@ mod tile {
     load!(load_a1, "tmm5");
     load!(load_b0, "tmm6");
     load!(load_b1, "tmm7");
+    load!(load_t2, "tmm2");
     load!(load_t3, "tmm3");
     load!(load_t5, "tmm5");
 
@@ -273,6 +277,10 @@ mod tile {
     dp!(c2_t3_t5, "tmm2", "tmm3", "tmm5");
     dp!(c2_t3_t6, "tmm2", "tmm3", "tmm6");
     dp!(c2_t3_t7, "tmm2", "tmm3", "tmm7");
+    // The codebook layout ([`super::codebook`]).
+    dp!(c0_t2_t6, "tmm0", "tmm2", "tmm6");
+    dp!(c0_t2_t7, "tmm0", "tmm2", "tmm7");
+    dp!(c1_t5_t6, "tmm1", "tmm5", "tmm6");
 
     /// # Safety
     /// Tiles configured; `p` points at 4 KiB writable memory.
@@ -354,9 +362,27 @@ fn activation_tiles_scalar(x: &[f32], batch: usize, k: usize, steps: usize) -> V
 ///
 /// # Safety
 /// AVX-512F/BW present.
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out: &mut [u32]) {
-    assert_eq!(out.len(), batch.div_ceil(16) * steps * PIECES * TILE_WORDS);
+    activation_pieces::<PIECES>(x, batch, k, steps, out)
+}
+
+/// [`activation_tiles`] with `P` pieces per value: three exact ones by truncation (`P == 3`), or
+/// two by rounding to nearest (`P == 2`: `x ≈ h + m`, `h` the nearest bfloat16 to `x` and `m`
+/// the nearest to `x - h`, for [`codebook`]'s three-product sums).
+///
+/// # Safety
+/// AVX-512F/BW and AVX512-BF16 present.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn activation_pieces<const P: usize>(
+    x: &[f32],
+    batch: usize,
+    k: usize,
+    steps: usize,
+    out: &mut [u32],
+) {
+    const { assert!(P == 2 || P == 3) };
+    assert_eq!(out.len(), batch.div_ceil(16) * steps * P * TILE_WORDS);
     // Output word 2p (low half of pair p) takes the bf16 (high word) of column a_p, word 2p + 1
     // that of column b_p, in `step_source` order; columns 16-31 come from the second register.
     let word_of = |c: usize| (2 * c + 1) as i16;
@@ -370,7 +396,7 @@ unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out:
     let col_offsets = _mm512_set_epi32(
         240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0,
     );
-    super::parallel::for_each_chunk_mut(out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
+    super::parallel::for_each_chunk_mut(out, P * TILE_WORDS, batch * k * 8, |c, tile| {
         let (g, s) = (c / steps, c % steps);
         let col = s * STEP;
         let valid = (k - col).min(STEP);
@@ -388,21 +414,35 @@ unsafe fn activation_tiles(x: &[f32], batch: usize, k: usize, steps: usize, out:
         };
         for j in 0..16.min(batch - g * 16) {
             // SAFETY: the masks keep both loads inside row g * 16 + j of `x` (columns < k);
-            // the scatters write words p * 16 + j (< 256) of each of the chunk's three tiles.
+            // the scatters write words p * 16 + j (< 256) of each of the chunk's P tiles.
             unsafe {
                 let row = x.as_ptr().add((g * 16 + j) * k + col);
                 let v0 = _mm512_maskz_loadu_ps(m0, row);
                 let v1 = _mm512_maskz_loadu_ps(m1, row.add(16));
-                let split = |v: __m512| {
-                    let h = _mm512_and_si512(_mm512_castps_si512(v), hi);
-                    let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
-                    let m = _mm512_and_si512(_mm512_castps_si512(r), hi);
-                    let r2 = _mm512_sub_ps(r, _mm512_castsi512_ps(m));
-                    // The permute keeps only each piece's high word: `l` needs no mask.
-                    [h, m, _mm512_castps_si512(r2)]
+                let split = |v: __m512| -> [__m512i; P] {
+                    if P == 2 {
+                        // Each piece as an f32 whose high word is the rounded bfloat16.
+                        let widen =
+                            |b: __m256bh| {
+                                _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                                    std::mem::transmute::<__m256bh, __m256i>(b),
+                                ))
+                            };
+                        let h = widen(_mm512_cvtneps_pbh(v));
+                        let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
+                        let m = widen(_mm512_cvtneps_pbh(r));
+                        std::array::from_fn(|q| [h, m][q])
+                    } else {
+                        let h = _mm512_and_si512(_mm512_castps_si512(v), hi);
+                        let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
+                        let m = _mm512_and_si512(_mm512_castps_si512(r), hi);
+                        let r2 = _mm512_sub_ps(r, _mm512_castsi512_ps(m));
+                        // The permute keeps only each piece's high word: `l` needs no mask.
+                        std::array::from_fn(|q| [h, m, _mm512_castps_si512(r2)][q])
+                    }
                 };
                 let (p0, p1) = (split(v0), split(v1));
-                for q in 0..PIECES {
+                for q in 0..P {
                     let words = _mm512_permutex2var_epi16(p0[q], idx, p1[q]);
                     _mm512_i32scatter_epi32::<4>(
                         tile.as_mut_ptr().add(q * TILE_WORDS + j).cast(),
@@ -731,7 +771,7 @@ fn matmul_nvfp4_with(
     // Fresh per call (zeros past the batch and K), aligned so that every tile row is one line.
     let mut xb_buf = AlignedBuf::<u32>::new();
     let xb = xb_buf.slice(groups * steps * PIECES * TILE_WORDS);
-    // SAFETY: AMX implies AVX-512F/BW (checked in `cpu_has_amx`).
+    // SAFETY: AMX implies AVX-512F/BW and AVX512-BF16 (checked in `cpu_has_amx`).
     unsafe { activation_tiles(x, batch, k, steps, xb) };
     let xb = &*xb;
     // One activation group: 48-row units with the activation pieces resident
