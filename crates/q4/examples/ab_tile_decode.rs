@@ -10,6 +10,7 @@
 //!   the activations' int8 round trip.
 //! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts; NVFP4, or with `nf4` the
 //!   codebook one).
+//! - `amxpf`: the AMX tile decoders' prefetch of later rows on against off.
 //! - `persist`: the AMX GEMM's accumulators held in tile registers over all of K (one group
 //!   pair) against stored per K slice.
 //! - `sliceA-B` (e.g. `slice256-1024`): the AMX GEMM's K slice of A values against B.
@@ -51,6 +52,8 @@ fn main() {
     // round trip.
     let int8 = mode == "int8";
     let amx = mode == "amx";
+    // `amxpf`: the AMX tile decoders' prefetch of later rows on against off.
+    let amx_prefetch = mode == "amxpf";
     // `sliceA-B` (e.g. `slice256-1024`): the AMX GEMM's K slice A against B.
     let pair = |m: &str| -> Option<(usize, usize)> {
         let (a, b) = m.split_once('-')?;
@@ -72,6 +75,9 @@ fn main() {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_slice(if on { a } else { b });
             let _ = (a, b);
+        } else if amx_prefetch {
+            #[cfg(target_arch = "x86_64")]
+            q4::kernels::cpu::amx::set_decode_prefetch(on);
         } else if amx {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_enabled(on);

@@ -25,18 +25,20 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{
     activation_pieces, for_each_index, prefetch, tile, AlignedBuf, TileConfig, DECODE_AHEAD,
-    DECODE_PREFETCH, PERSIST, SCRATCH, SLICE_VALUES, STEP, TILE_BYTES, TILE_WORDS,
+    DECODE_PREFETCH, PERSIST, SCRATCH, SLICE_VALUES, STEP, TILE_STRIDE, TILE_WORDS,
 };
 
+/// Smallest batch the codebook tile GEMM takes. Same-process A/B against the AVX2 kernels
+/// (`ab_tile_decode ... nf4 amx`, 2-core Xeon): AMX / AVX2 time 0.84-1.18x at batch 9 on
+/// 4096x4096, 11008x4096, 1536x576 and 576x1536 (the AVX2 kernel's 3-row blocks fit 9 rows
+/// exactly), 0.74-0.97x at 10, 0.71-0.91x at 12, 0.55-0.76x at 16, 0.58-0.74x at 64, 0.38-0.75x
+/// at 128.
+pub const MIN_BATCH: usize = 10;
 /// Weight rows per work unit (two A tiles of each piece).
 const UNIT_ROWS: usize = 32;
 /// Weight tiles per work unit.
 const UNIT_TILES: usize = UNIT_ROWS / 16;
-/// Bytes from one decoded tile to the next: a tile and one line more. With tiles back to back,
-/// every row's steps (4 KiB apart) fell into one L1 set, and the decoder's stores evicted each
-/// other: padded, 0.86-0.99x the time at batches 12-16 (same-process A/B on 4096x4096,
-/// 11008x4096, 576x1536, 1536x576), the decoder alone 0.84x.
-const TILE_STRIDE: usize = TILE_BYTES + 64;
+
 /// Pieces per weight and per activation.
 const PIECES: usize = 2;
 /// Smallest and largest nonzero absmax magnitude the path takes: the low piece of the smallest

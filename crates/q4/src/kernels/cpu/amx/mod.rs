@@ -69,6 +69,15 @@ pub fn set_slice(values: usize) {
 const DECODE_AHEAD: usize = 8;
 /// Bytes of one tile (16 rows of 64 bytes).
 const TILE_BYTES: usize = 1024;
+/// Bytes from one decoded weight tile to the next: a tile and one line more. Back to back,
+/// every row's steps of a slice fell into a few L1 sets (steps 2-4 KiB apart), and the
+/// decoder's stores evicted each other. Same-process A/B (`ab_tile_decode`, padded against
+/// not, two runs): NVFP4 0.88-0.99x the time at batches 12-64 on 4096- and 11008x4096 (one
+/// outlier 1.09x), 0.89-1.03x on 576x1536 and 1536x576 (one slice per row); NF4 0.86-0.99x at
+/// batches 12-16; the NF4 decoder alone 0.84x.
+const TILE_STRIDE: usize = TILE_BYTES + 64;
+/// [`TILE_STRIDE`] in 64-byte vectors.
+const TILE_VECS: usize = TILE_STRIDE / 64;
 /// u32 words of one tile.
 const TILE_WORDS: usize = TILE_BYTES / 4;
 /// bf16 pieces per value.
@@ -485,14 +494,14 @@ impl Nvfp4Tiles<'_> {
     }
 
     /// Decodes weight rows `r0..r0 + unit_rows` (rows from `n` on as zeros), columns
-    /// `k0..k0 + steps * STEP`, into A tiles `[step][tile][16 rows][32 values]` (bf16, values in
-    /// [`step_source`] order; columns from `k` on as zeros).
+    /// `k0..k0 + steps * STEP`, into A tiles `[step][tile]` [`TILE_STRIDE`] bytes apart, each
+    /// 16 rows by 32 values (bf16, in [`step_source`] order; columns from `k` on as zeros).
     ///
     /// `products` is [`Nvfp4Tiles::products`].
     ///
     /// # Safety
     /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
-    /// `out.len() >= steps * unit_rows * STEP`; `products.len() == 256 * 16`; the codes and
+    /// `out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2`; `products.len() == 256 * 16`; the codes and
     /// scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn decode(
@@ -505,18 +514,21 @@ impl Nvfp4Tiles<'_> {
         out: &mut [u16],
     ) {
         debug_assert_eq!(products.len(), 256 * 16);
-        debug_assert!(unit_rows.is_multiple_of(16) && out.len() >= steps * unit_rows * STEP);
+        debug_assert!(
+            unit_rows.is_multiple_of(16) && out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2
+        );
         let rows = unit_rows.min(self.n - r0);
         let full = steps.min((self.k - k0) / STEP);
         let table = products.as_ptr();
         let base = out.as_mut_ptr().cast::<__m512i>();
         let prefetch_on = super::prefetch::enabled() && DECODE_PREFETCH.load(Ordering::Relaxed);
         for r in 0..unit_rows {
-            // Step s of row r is vector s * unit_rows + r.
-            let dst = base.add(r);
+            // Step s of row r is vector (s * unit_tiles + r / 16) * TILE_VECS + r % 16.
+            let dst = base.add((r / 16) * TILE_VECS + r % 16);
+            let step_vecs = unit_rows / 16 * TILE_VECS;
             if r >= rows {
                 for s in 0..steps {
-                    _mm512_storeu_si512(dst.add(s * unit_rows), _mm512_setzero_si512());
+                    _mm512_storeu_si512(dst.add(s * step_vecs), _mm512_setzero_si512());
                 }
                 continue;
             }
@@ -542,7 +554,7 @@ impl Nvfp4Tiles<'_> {
                     _mm512_castsi256_si512(_mm256_loadu_si256(table.add(b0 * 16).cast())),
                     _mm256_loadu_si256(table.add(b1 * 16).cast()),
                 );
-                _mm512_storeu_si512(dst.add(s * unit_rows), lookup(c, t));
+                _mm512_storeu_si512(dst.add(s * step_vecs), lookup(c, t));
             }
             for s in full..steps {
                 let col = k0 + s * STEP;
@@ -551,7 +563,7 @@ impl Nvfp4Tiles<'_> {
                 } else {
                     _mm512_setzero_si512()
                 };
-                _mm512_storeu_si512(dst.add(s * unit_rows), v);
+                _mm512_storeu_si512(dst.add(s * step_vecs), v);
             }
         }
     }
@@ -795,7 +807,7 @@ fn matmul_nvfp4_with(
             // over all of K, measured 1.03-1.38x the time at batches 16-32: the tile loads then
             // wait for the decoder's stores.)
             let slice_max = slice.min(k.next_multiple_of(STEP));
-            let sa = sc.a.slice(slice_max / STEP * unit_rows * STEP);
+            let sa = sc.a.slice(slice_max / STEP * unit_tiles * TILE_STRIDE / 2);
             let scc = sc.c.slice(4 * TILE_WORDS);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
             unsafe { tile::configure(&cfg) };
@@ -828,7 +840,7 @@ fn matmul_nvfp4_with(
                             };
                             let a = |t: usize| {
                                 sa.as_ptr()
-                                    .add((s * unit_tiles + t) * TILE_BYTES / 2)
+                                    .add((s * unit_tiles + t) * TILE_STRIDE / 2)
                                     .cast::<u8>()
                             };
                             if resident {
@@ -1009,7 +1021,7 @@ mod tests {
                 let steps = (k - k0).div_ceil(STEP);
                 for unit_rows in [UNIT_ROWS, RESIDENT_ROWS] {
                     for r0 in (0..n).step_by(unit_rows) {
-                        let mut out = vec![0xffffu16; steps * unit_rows * STEP];
+                        let mut out = vec![0xffffu16; steps * unit_rows / 16 * TILE_STRIDE / 2];
                         // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented;
                         // the tensor's own buffers; k0 a multiple of STEP; unit_rows of 16s.
                         unsafe { src.decode(&src.products(), r0, unit_rows, k0, steps, &mut out) };
@@ -1039,7 +1051,7 @@ mod tests {
                     for st in 0..steps {
                         for i in 0..STEP {
                             let tile = st * (unit_rows / 16) + r / 16;
-                            let got = out[(tile * 16 + r % 16) * STEP + i];
+                            let got = out[(tile * TILE_STRIDE + (r % 16) * 64) / 2 + i];
                             let (row, col) = (r0 + r, k0 + st * STEP + step_source(i));
                             let want = if row < n && col < k {
                                 dense[row * k + col]
