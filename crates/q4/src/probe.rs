@@ -178,17 +178,29 @@ pub fn cpu_report() -> CpuReport {
             });
         }
         // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4.
-        // (MXFP4's E8M0 scales reach 2^-127, where bf16 values are subnormal and the tile unit
-        // flushes them, so it stays on AVX2.)
+        // Codebook formats (NF4, bnb-FP4) go to it as two rounded bf16 pieces of weight and
+        // activation (where the rows are whole blocks). (MXFP4's E8M0 scales reach 2^-127,
+        // where bf16 values are subnormal and the tile unit flushes them, so it stays on AVX2.)
         #[cfg(target_arch = "x86_64")]
-        if crate::kernels::cpu::amx::usable() && f == Format::Nvfp4 {
-            kernels.push(CpuKernelRow {
-                format: f.name(),
-                batch: format!(">={}", crate::kernels::cpu::AMX_MIN_BATCH),
-                kernel: "tiled-gemm-amx (tiles decoded straight to bf16, AMX tdpbf16ps, f32 \
-                         activations as three bf16 pieces, held in tile registers at batches \
-                         9-16)",
-            });
+        if crate::kernels::cpu::amx::usable() {
+            use crate::kernels::cpu::amx::codebook;
+            match f {
+                Format::Nvfp4 => kernels.push(CpuKernelRow {
+                    format: f.name(),
+                    batch: format!(">={}", crate::kernels::cpu::AMX_MIN_BATCH),
+                    kernel: "tiled-gemm-amx (tiles decoded straight to bf16, AMX tdpbf16ps, \
+                             f32 activations as three exact bf16 pieces, held in tile registers \
+                             at batches 9-16)",
+                }),
+                Format::Nf4 | Format::Fp4 => kernels.push(CpuKernelRow {
+                    format: f.name(),
+                    batch: format!(">={}, rows of whole blocks", codebook::MIN_BATCH),
+                    kernel: "tiled-gemm-amx-codebook (weights and f32 activations as two \
+                             rounded bf16 pieces each, three AMX tdpbf16ps products per \
+                             weight: about 4e-6 relative error)",
+                }),
+                Format::Mxfp4 => {}
+            }
         }
     }
     CpuReport {
