@@ -194,7 +194,12 @@ pub fn cpu_report() -> CpuReport {
                 }),
                 Format::Nf4 | Format::Fp4 => kernels.push(CpuKernelRow {
                     format: f.name(),
-                    batch: format!(">={}, rows of whole blocks", codebook::MIN_BATCH),
+                    batch: format!(
+                        ">={} (>={} under {} wide), rows of whole blocks",
+                        codebook::MIN_BATCH,
+                        codebook::MIN_BATCH_NARROW,
+                        codebook::WIDE_K
+                    ),
                     kernel: "tiled-gemm-amx-codebook (weights and f32 activations as two \
                              rounded bf16 pieces each, three AMX tdpbf16ps products per \
                              weight: about 4e-6 relative error)",

@@ -305,6 +305,41 @@ fn w4a8_matches_the_int8_round_trip_reference() {
     }
 }
 
+/// Codebook weights whose absmax lies outside the range the AMX codebook kernel takes (all tiny,
+/// or one block huge) still agree with the reference at batches that would take
+/// it: the kernel refuses them and the f32 kernels answer instead.
+#[test]
+fn codebook_weights_with_extreme_scales_agree_with_reference() {
+    let (n, k) = (48, 2048);
+    for format in [Format::Nf4, Format::Fp4] {
+        // Every weight tiny (the low bf16 pieces would be subnormal, which the tile unit
+        // flushes: about 1e-3 relative error had the kernel taken them), or one block huge.
+        for (extreme, all) in [(1e-36f32, true), (1e30, false)] {
+            let mut w = randn(77, n * k);
+            let scaled = if all {
+                0..n * k
+            } else {
+                5 * k + 64..5 * k + 128
+            };
+            for v in &mut w[scaled] {
+                *v *= extreme;
+            }
+            let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+            let layer = QLinear::new(q, None).unwrap();
+            for batch in [16, 33] {
+                let x = Tensor::from_vec(randn(batch as u64, batch * k), (batch, k), &Device::Cpu)
+                    .unwrap();
+                // Outputs brought back near 1 (rel_err floors its denominator at 1e-30).
+                let unit = |t: Tensor| (t / extreme as f64).unwrap();
+                let y = unit(layer.forward(&x).unwrap());
+                let e = rel_err(&y, &unit(layer.forward_reference(&x).unwrap()));
+                assert!(e < 1e-5, "{format} scale x{extreme} batch {batch}: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_input_is_a_clear_error() {
     let w = Tensor::from_vec(randn(1, 8 * 32), (8, 32), &Device::Cpu).unwrap();

@@ -226,7 +226,8 @@ fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f3
     true
 }
 
-/// The codebook (NF4, bitsandbytes FP4) tiled GEMM on AMX, from [`amx::codebook::MIN_BATCH`] rows where
+/// The codebook (NF4, bitsandbytes FP4) tiled GEMM on AMX, from [`amx::codebook::MIN_BATCH`] rows
+/// ([`amx::codebook::MIN_BATCH_NARROW`] over rows narrower than [`amx::codebook::WIDE_K`]) where
 /// AMX is usable and the rows are whole blocks of whole K steps (three bf16 products per
 /// weight: see [`amx::codebook`]). Returns false (`y` then unspecified) elsewhere, and where a
 /// block scale lies outside the range that path takes.
@@ -235,7 +236,7 @@ fn codebook_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32]) -> bool
     let rows::ScaleSrc::F32(scales) = rows.scales else {
         return false;
     };
-    if batch < amx::codebook::MIN_BATCH || !rows.aligned || !amx::usable() {
+    if !amx::codebook::takes(batch, rows.k) || !rows.aligned || !amx::usable() {
         return false;
     }
     let tiles = amx::codebook::CodebookTiles {

@@ -28,12 +28,29 @@ use super::{
     DECODE_PREFETCH, PERSIST, SCRATCH, SLICE_VALUES, STEP, TILE_STRIDE, TILE_WORDS,
 };
 
-/// Smallest batch the codebook tile GEMM takes. Same-process A/B against the AVX2 kernels
-/// (`ab_tile_decode ... nf4 amx`, 2-core Xeon): AMX / AVX2 time 0.84-1.18x at batch 9 on
-/// 4096x4096, 11008x4096, 1536x576 and 576x1536 (the AVX2 kernel's 3-row blocks fit 9 rows
-/// exactly), 0.74-0.97x at 10, 0.71-0.91x at 12, 0.55-0.76x at 16, 0.58-0.74x at 64, 0.38-0.75x
-/// at 128.
+/// Smallest batch the codebook tile GEMM takes over rows at least [`WIDE_K`] wide; narrower
+/// rows from [`MIN_BATCH_NARROW`]. Same-process A/B against the AVX2 / AVX-512 kernels
+/// (`ab_tile_decode ... nf4 amx`, 2-core Xeon, several runs): on 4096-wide rows (4096x4096,
+/// 11008x4096) AMX / AVX time 0.74-0.79x at batch 10, 0.71-0.75x at 12, 0.55-0.84x at 16 (one
+/// slow-host run 1.19x / 1.08x at 10 / 12 on 4096x4096); on 576x576, 576x1536 and 1536x576
+/// 0.96-1.30x at 10-13 and 0.79-1.08x at 16 (the tile GEMM's time there hardly grows with the
+/// batch: its decode dominates); from 32 on 0.49-0.83x everywhere.
 pub const MIN_BATCH: usize = 10;
+/// See [`MIN_BATCH`].
+pub const MIN_BATCH_NARROW: usize = 16;
+/// See [`MIN_BATCH`].
+pub const WIDE_K: usize = 2048;
+
+/// Whether `batch` activation rows over rows `k` wide take the codebook tile GEMM.
+pub fn takes(batch: usize, k: usize) -> bool {
+    batch
+        >= if k >= WIDE_K {
+            MIN_BATCH
+        } else {
+            MIN_BATCH_NARROW
+        }
+}
+
 /// Weight rows per work unit (two A tiles of each piece).
 const UNIT_ROWS: usize = 32;
 /// Weight tiles per work unit.
