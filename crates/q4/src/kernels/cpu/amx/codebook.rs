@@ -29,12 +29,12 @@ use super::{
 };
 
 /// Smallest batch the codebook tile GEMM takes over rows at least [`WIDE_K`] wide; narrower
-/// rows from [`MIN_BATCH_NARROW`]. Same-process A/B against the AVX2 / AVX-512 kernels
-/// (`ab_tile_decode ... nf4 amx`, 2-core Xeon, several runs): on 4096-wide rows (4096x4096,
-/// 11008x4096) AMX / AVX time 0.74-0.79x at batch 10, 0.71-0.75x at 12, 0.55-0.84x at 16 (one
-/// slow-host run 1.19x / 1.08x at 10 / 12 on 4096x4096); on 576x576, 576x1536 and 1536x576
-/// 0.96-1.30x at 10-13 and 0.79-1.08x at 16 (the tile GEMM's time there hardly grows with the
-/// batch: its decode dominates); from 32 on 0.49-0.83x everywhere.
+/// rows from [`MIN_BATCH_NARROW`]. Same-process A/B against the AVX-512 / AVX2 kernels
+/// (`ab_tile_decode ... nf4 amx`, 2-core Xeon, several runs): on 4096x4096 and 11008x4096
+/// AMX / AVX time 0.76-0.80x at batch 10, 0.72-0.75x at 12, 0.64-0.83x at 16 (one slow-host
+/// run 1.19x / 1.08x at 10 / 12); on 576x576, 576x1536 and 1536x576 1.00-1.30x at 10,
+/// 0.92-1.22x at 12, 0.79-1.08x at 16 (the tile GEMM's time there hardly grows with the batch:
+/// its decode dominates); from 32 on 0.49-0.83x everywhere. BENCHMARKS.md, fourteenth session.
 pub const MIN_BATCH: usize = 10;
 /// See [`MIN_BATCH`].
 pub const MIN_BATCH_NARROW: usize = 16;
