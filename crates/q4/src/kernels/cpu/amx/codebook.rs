@@ -43,12 +43,12 @@ pub const WIDE_K: usize = 2048;
 
 /// Whether `batch` activation rows over rows `k` wide take the codebook tile GEMM.
 pub fn takes(batch: usize, k: usize) -> bool {
-    batch
-        >= if k >= WIDE_K {
-            MIN_BATCH
-        } else {
-            MIN_BATCH_NARROW
-        }
+    let min = if k >= WIDE_K {
+        MIN_BATCH
+    } else {
+        MIN_BATCH_NARROW
+    };
+    batch >= min
 }
 
 /// Weight rows per work unit (two A tiles of each piece).

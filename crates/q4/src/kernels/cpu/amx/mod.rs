@@ -1,6 +1,7 @@
 //! The tiled GEMM on Intel AMX (Sapphire Rapids and later): decoded weight tiles and the
 //! activations go to the tile unit's bf16 dot products (`tdpbf16ps`, 16 x 16 f32 sums of 32
-//! products per instruction, about ten times the AVX-512 FMA rate) with f32 accuracy kept.
+//! products per instruction, about ten times the AVX-512 FMA rate), with f32 accuracy kept for
+//! NVFP4 and near it for the codebook formats.
 //!
 //! Accuracy: the path takes only weights whose decoded values are exact, normal bfloat16 numbers
 //! (NVFP4: E2M1 codes times E4M3 block scales, at most 2 + 4 significant bits; its tensor scale
