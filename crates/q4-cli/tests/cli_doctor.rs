@@ -40,8 +40,8 @@ fn doctor_json_is_complete_and_consistent() {
     let cpu = &v["cpu"];
     assert!(cpu["threads"].as_u64().unwrap() >= 1);
     let kernels = cpu["kernels"].as_array().unwrap();
-    // AMX hosts add a row for NVFP4, whose decoded weights are exact in bf16, and one for each
-    // codebook format (NF4, bnb-FP4: two bf16 pieces per value).
+    // AMX hosts add a row for each format: E2M1 ones (NVFP4, MXFP4) decode exactly to bf16, the
+    // codebook ones (NF4, bnb-FP4) to two bf16 pieces per value.
     let amx = cpu["simd"]
         .as_array()
         .unwrap()
@@ -53,7 +53,7 @@ fn doctor_json_is_complete_and_consistent() {
         .map(|k| k["format"].as_str().unwrap())
         .collect();
     if amx {
-        assert_eq!(amx_rows, ["nvfp4", "nf4", "fp4"], "AMX rows");
+        assert_eq!(amx_rows, ["nvfp4", "nf4", "fp4", "mxfp4"], "AMX rows");
     } else {
         assert!(amx_rows.is_empty(), "{amx_rows:?}");
     }

@@ -177,10 +177,10 @@ pub fn cpu_report() -> CpuReport {
                 kernel: cpu_kernel_name(kernel_for(batch, k)),
             });
         }
-        // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4.
-        // Codebook formats (NF4, bnb-FP4) go to it as two rounded bf16 pieces of weight and
-        // activation (where the rows are whole blocks). (MXFP4's E8M0 scales reach 2^-127,
-        // where bf16 values are subnormal and the tile unit flushes them, so it stays on AVX2.)
+        // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4, and
+        // MXFP4 where its E8M0 scales lie within 2^±90 (smaller ones would make subnormal
+        // products, which the tile unit flushes). Codebook formats (NF4, bnb-FP4) go to it as
+        // two rounded bf16 pieces of weight and activation (where the rows are whole blocks).
         #[cfg(target_arch = "x86_64")]
         if crate::kernels::cpu::amx::usable() {
             use crate::kernels::cpu::amx::codebook;
@@ -204,7 +204,15 @@ pub fn cpu_report() -> CpuReport {
                              rounded bf16 pieces each, three AMX tdpbf16ps products per \
                              weight: about 4e-6 relative error)",
                 }),
-                Format::Mxfp4 => {}
+                Format::Mxfp4 => kernels.push(CpuKernelRow {
+                    format: f.name(),
+                    batch: format!(
+                        ">={}, scales within 2^-90..2^90",
+                        crate::kernels::cpu::AMX_MIN_BATCH
+                    ),
+                    kernel: "tiled-gemm-amx (tiles decoded straight to bf16, AMX tdpbf16ps, \
+                             f32 activations as three exact bf16 pieces)",
+                }),
             }
         }
     }

@@ -305,13 +305,13 @@ fn w4a8_matches_the_int8_round_trip_reference() {
     }
 }
 
-/// Codebook weights whose absmax lies outside the range the AMX codebook kernel takes (all tiny,
-/// or one block huge) still agree with the reference at batches that would take
-/// it: the kernel refuses them and the f32 kernels answer instead.
+/// Weights whose block scales lie outside the range the AMX kernels take (NF4 / bnb-FP4 absmax,
+/// MXFP4 E8M0 bytes; all tiny, or one block huge) still agree with the reference at batches
+/// that would take them: the kernels refuse them and the f32 kernels answer instead.
 #[test]
-fn codebook_weights_with_extreme_scales_agree_with_reference() {
+fn weights_with_extreme_scales_agree_with_reference() {
     let (n, k) = (48, 2048);
-    for format in [Format::Nf4, Format::Fp4] {
+    for format in [Format::Nf4, Format::Fp4, Format::Mxfp4] {
         // Every weight tiny (the low bf16 pieces would be subnormal, which the tile unit
         // flushes: about 1e-3 relative error had the kernel taken them), or one block huge.
         for (extreme, all) in [(1e-36f32, true), (1e30, false)] {

@@ -163,8 +163,7 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     }
     match kernel_for(batch, rows.k) {
         #[cfg(target_arch = "x86_64")]
-        CpuKernel::TiledGemm
-            if w.format == crate::Format::Nvfp4 && nvfp4_amx(&rows, batch, x, y, w.scale2) => {}
+        CpuKernel::TiledGemm if e2m1_amx(&rows, w.format, batch, x, y, w.scale2) => {}
         #[cfg(target_arch = "x86_64")]
         CpuKernel::TiledGemm if codebook_amx(&rows, batch, x, y) => {}
         CpuKernel::TiledGemm => gemm::matmul(&rows, x, batch, y),
@@ -187,43 +186,91 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     }
 }
 
-/// The NVFP4 tiled GEMM on AMX, from [`AMX_MIN_BATCH`] rows where AMX is usable: E2M1 codes
-/// times unscaled E4M3 block scales are exact in bfloat16 (checked unless the code values are
-/// NVFP4's own), so the tensor scale `scale2` is applied to the sums. Returns false (and does
-/// nothing) elsewhere.
+/// The E2M1 (NVFP4, MXFP4) tiled GEMM on AMX, from [`AMX_MIN_BATCH`] rows where AMX is usable:
+/// E2M1 codes times unscaled E4M3 block scales are exact in bfloat16 (checked unless the code
+/// values are NVFP4's own), so the tensor scale `scale2` is applied to the sums; times E8M0
+/// scales they are exact and normal for scale bytes within 2^±90, which the decoder checks
+/// (others send the call to the f32 kernels). Returns false (`y` then unspecified) elsewhere.
 #[cfg(target_arch = "x86_64")]
-fn nvfp4_amx(rows: &Rows<'_>, batch: usize, x: &[f32], y: &mut [f32], scale2: f32) -> bool {
-    let rows::ScaleSrc::Table { bytes, .. } = rows.scales else {
+fn e2m1_amx(
+    rows: &Rows<'_>,
+    format: crate::Format,
+    batch: usize,
+    x: &[f32],
+    y: &mut [f32],
+    scale2: f32,
+) -> bool {
+    let rows::ScaleSrc::Table { bytes, table } = rows.scales else {
         return false;
     };
     if batch < AMX_MIN_BATCH || !amx::usable() {
         return false;
     }
-    // The product table depends only on the code values: NVFP4's are fixed, so it is built once.
     let own;
-    let products: &[u16] = if rows.values == decode::code_values(crate::Format::Nvfp4) {
-        &NVFP4_PRODUCTS
-    } else if amx::products_exact(rows.values, &*NVFP4_UNSCALED) {
-        own = amx::products(rows.values, &NVFP4_UNSCALED);
-        &own
-    } else {
-        return false;
+    let (products, table, byte_range): (&[u16], &[f32; 256], _) = match format {
+        // The product table depends only on the code values: NVFP4's are fixed, so it is
+        // built once.
+        crate::Format::Nvfp4 if rows.block == 16 => {
+            if rows.values == decode::code_values(crate::Format::Nvfp4) {
+                (&NVFP4_PRODUCTS, &NVFP4_UNSCALED, None)
+            } else if amx::products_exact(rows.values, &*NVFP4_UNSCALED) {
+                own = amx::products(rows.values, &NVFP4_UNSCALED);
+                (&own, &NVFP4_UNSCALED, None)
+            } else {
+                return false;
+            }
+        }
+        crate::Format::Mxfp4
+            if rows.block == 32
+                && rows.values == decode::code_values(crate::Format::Mxfp4)
+                && same_bits(table, &MXFP4_SCALES) =>
+        {
+            (&MXFP4_PRODUCTS, table, Some(MXFP4_AMX_BYTES))
+        }
+        _ => return false,
     };
     let tiles = amx::Nvfp4Tiles {
         codes: rows.codes,
         scale_bytes: bytes,
-        table: &NVFP4_UNSCALED,
+        table,
         values: rows.values,
+        block: rows.block,
+        byte_range,
         n: rows.n,
         k: rows.k,
         row_bytes: rows.row_bytes,
         row_blocks: rows.row_blocks,
     };
-    amx::matmul_nvfp4(&tiles, products, x, batch, y);
+    if !amx::matmul_nvfp4(&tiles, products, x, batch, y) {
+        return false;
+    }
     if scale2 != 1.0 {
         y.iter_mut().for_each(|v| *v *= scale2);
     }
     true
+}
+
+/// E8M0 scale bytes whose products with E2M1 values the MXFP4 tile path takes: 2^-90 .. 2^90
+/// (exact, normal bfloat16 numbers far from both ends of the range).
+#[cfg(target_arch = "x86_64")]
+const MXFP4_AMX_BYTES: std::ops::RangeInclusive<u8> = 127 - 90..=127 + 90;
+
+/// MXFP4's E8M0 scale table.
+#[cfg(target_arch = "x86_64")]
+static MXFP4_SCALES: std::sync::LazyLock<[f32; 256]> =
+    std::sync::LazyLock::new(q4_formats::mxfp4::scale_table);
+
+/// [`amx::products`] of E2M1 code values and MXFP4's E8M0 scales (exact for
+/// [`MXFP4_AMX_BYTES`]).
+#[cfg(target_arch = "x86_64")]
+static MXFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(|| {
+    amx::products(decode::code_values(crate::Format::Mxfp4), &MXFP4_SCALES)
+});
+
+/// Whether two scale tables hold the same bits (E8M0's NaN entry included).
+#[cfg(target_arch = "x86_64")]
+fn same_bits(a: &[f32; 256], b: &[f32; 256]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// The codebook (NF4, bitsandbytes FP4) tiled GEMM on AMX, from [`amx::codebook::MIN_BATCH`] rows

@@ -3,10 +3,11 @@
 //! products per instruction, about ten times the AVX-512 FMA rate), with f32 accuracy kept for
 //! NVFP4 and near it for the codebook formats.
 //!
-//! Accuracy: the path takes only weights whose decoded values are exact, normal bfloat16 numbers
-//! (NVFP4: E2M1 codes times E4M3 block scales, at most 2 + 4 significant bits; its tensor scale
-//! is applied to the sums; MXFP4's E8M0 table reaches 2^-127, where the tile unit would flush
-//! subnormal products, so it is not taken), and splits every f32 activation `v` exactly into
+//! Accuracy: the E2M1 path takes only weights whose decoded values are exact, normal bfloat16
+//! numbers (NVFP4: E2M1 codes times E4M3 block scales, at most 2 + 4 significant bits; its
+//! tensor scale is applied to the sums; MXFP4: E2M1 codes times powers of two, taken where every
+//! E8M0 scale lies within 2^±90 — the table reaches 2^-127, where the tile unit would flush
+//! subnormal products — and checked by the decoder), and splits every f32 activation `v` exactly into
 //! three bfloat16 pieces by truncation (`v = h + m + l`, 8 significant bits each). The tile unit sums the three
 //! products per weight in f32, so the result is the f32 dot product up to summation order.
 //! Codebooks that are not exact in bfloat16 (NF4, bitsandbytes FP4) take [`codebook`]'s kernel:
@@ -466,14 +467,21 @@ unsafe fn activation_pieces<const P: usize>(
     });
 }
 
-/// NVFP4 weights as the tile GEMM reads them: packed codes (low nibble first), one E4M3 byte per
-/// 16 values looked up in `table` (block scales without the tensor scale, so that every decoded
-/// value is exact in bfloat16), and the code values.
+/// E2M1 weights (NVFP4, MXFP4) as the tile GEMM reads them: packed codes (low nibble first),
+/// one scale byte per block of 16 (NVFP4's E4M3, without the tensor scale, so that every decoded
+/// value is exact in bfloat16) or 32 values (MXFP4's E8M0) looked up in `table`, and the code
+/// values.
 pub struct Nvfp4Tiles<'a> {
     pub codes: &'a [u8],
     pub scale_bytes: &'a [u8],
     pub table: &'a [f32; 256],
     pub values: &'a [f32; 16],
+    /// Values per scale byte: 16 or 32.
+    pub block: usize,
+    /// Scale bytes outside this range make the GEMM refuse the weight (MXFP4: products that
+    /// would be subnormal or near overflow in bfloat16); `None` where every byte's products are
+    /// exact normal numbers ([`products_exact`]).
+    pub byte_range: Option<std::ops::RangeInclusive<u8>>,
     pub n: usize,
     pub k: usize,
     pub row_bytes: usize,
@@ -485,13 +493,15 @@ impl Nvfp4Tiles<'_> {
     /// unchecked within these bounds.
     pub fn check(&self) {
         assert!(
-            self.row_blocks * 16 >= self.k
-                && self.row_bytes * 2 >= self.row_blocks * 16
+            (self.block == 16 || self.block == 32)
+                && self.row_blocks * self.block >= self.k
+                && self.row_bytes * 2 >= self.row_blocks * self.block
                 && self.codes.len() >= self.n * self.row_bytes
                 && self.scale_bytes.len() >= self.n * self.row_blocks,
-            "NVFP4 tiles: buffers do not cover {} x {}",
+            "E2M1 tiles: buffers do not cover {} x {} in blocks of {}",
             self.n,
-            self.k
+            self.k,
+            self.block
         );
     }
 
@@ -505,6 +515,9 @@ impl Nvfp4Tiles<'_> {
     /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
     /// `out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2`; `products.len() == 256 * 16`; the codes and
     /// scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
+    ///
+    /// Returns false if a scale byte lies outside [`Nvfp4Tiles::byte_range`] (the tiles are then
+    /// not to be used).
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn decode(
         &self,
@@ -514,7 +527,36 @@ impl Nvfp4Tiles<'_> {
         k0: usize,
         steps: usize,
         out: &mut [u16],
-    ) {
+    ) -> bool {
+        match &self.byte_range {
+            None => {
+                self.decode_with::<false>(products, r0, unit_rows, k0, steps, out, 0..=255);
+                true
+            }
+            Some(range) => {
+                self.decode_with::<true>(products, r0, unit_rows, k0, steps, out, range.clone())
+            }
+        }
+    }
+
+    /// [`decode`](Self::decode), checking the scale bytes against `range` or not.
+    ///
+    /// # Safety
+    /// As for [`decode`](Self::decode).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn decode_with<const CHECK: bool>(
+        &self,
+        products: &[u16],
+        r0: usize,
+        unit_rows: usize,
+        k0: usize,
+        steps: usize,
+        out: &mut [u16],
+        range: std::ops::RangeInclusive<u8>,
+    ) -> bool {
+        let (lo_byte, hi_byte) = (*range.start(), *range.end());
+        let mut in_range = true;
         debug_assert_eq!(products.len(), 256 * 16);
         debug_assert!(
             unit_rows.is_multiple_of(16) && out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2
@@ -538,7 +580,9 @@ impl Nvfp4Tiles<'_> {
             let scales = self
                 .scale_bytes
                 .as_ptr()
-                .add((r0 + r) * self.row_blocks + k0 / 16);
+                .add((r0 + r) * self.row_blocks + k0 / self.block);
+            // A step's two halves: two 16-value blocks, or both in one 32-value block.
+            let (first, second) = if self.block == 16 { (2, 1) } else { (1, 0) };
             // Each row is a short stream of its own (a slice of it: at most 512 code bytes), so
             // the hardware prefetcher barely ramps up: ask for a later row's lines now.
             if prefetch_on && r + DECODE_AHEAD < rows {
@@ -550,8 +594,11 @@ impl Nvfp4Tiles<'_> {
             }
             for s in 0..full {
                 let c = _mm_loadu_si128(codes.add(s * 16).cast());
-                let b0 = *scales.add(2 * s) as usize;
-                let b1 = *scales.add(2 * s + 1) as usize;
+                let (b0, b1) = (*scales.add(first * s), *scales.add(first * s + second));
+                if CHECK {
+                    in_range &= b0.min(b1) >= lo_byte && b0.max(b1) <= hi_byte;
+                }
+                let (b0, b1) = (b0 as usize, b1 as usize);
                 let t = _mm512_inserti64x4::<1>(
                     _mm512_castsi256_si512(_mm256_loadu_si256(table.add(b0 * 16).cast())),
                     _mm256_loadu_si256(table.add(b1 * 16).cast()),
@@ -561,6 +608,13 @@ impl Nvfp4Tiles<'_> {
             for s in full..steps {
                 let col = k0 + s * STEP;
                 let v = if col < self.k {
+                    if CHECK {
+                        let blk = (r0 + r) * self.row_blocks + col / self.block;
+                        let last = (r0 + r + 1) * self.row_blocks;
+                        in_range &= self.scale_bytes[blk..last.min(blk + 2)]
+                            .iter()
+                            .all(|b| (lo_byte..=hi_byte).contains(b));
+                    }
                     self.last_step(products, r0 + r, col)
                 } else {
                     _mm512_setzero_si512()
@@ -568,11 +622,12 @@ impl Nvfp4Tiles<'_> {
                 _mm512_storeu_si512(dst.add(s * step_vecs), v);
             }
         }
+        in_range
     }
 
     /// The row's last step, short of 32 columns (from `col`, a multiple of [`STEP`] below `k`),
-    /// as bf16 in [`step_source`] order: copies what the row holds (one or two blocks); a
-    /// missing second block and the columns past `k` read as zeros.
+    /// as bf16 in [`step_source`] order: copies what the row holds (one or two 16-value blocks,
+    /// or part of a 32-value one); a missing second half and the columns past `k` read as zeros.
     ///
     /// # Safety
     /// AVX-512F/BW present; `row < n`; `products.len() == 256 * 16`; the codes and scale bytes
@@ -581,7 +636,7 @@ impl Nvfp4Tiles<'_> {
     #[inline(never)]
     unsafe fn last_step(&self, products: &[u16], row: usize, col: usize) -> __m512i {
         let row_of = |b: u8| products.as_ptr().add(b as usize * 16).cast::<__m256i>();
-        let blk = row * self.row_blocks + col / 16;
+        let blk = row * self.row_blocks + col / self.block;
         let byte0 = row * self.row_bytes + col / 2;
         let two = col + 16 < self.k;
         let mut tmp = [0u8; 16];
@@ -589,7 +644,8 @@ impl Nvfp4Tiles<'_> {
         tmp[..avail].copy_from_slice(&self.codes[byte0..byte0 + avail]);
         let lo = _mm256_loadu_si256(row_of(self.scale_bytes[blk]));
         let hi = if two {
-            _mm256_loadu_si256(row_of(self.scale_bytes[blk + 1]))
+            let second = if self.block == 16 { blk + 1 } else { blk };
+            _mm256_loadu_si256(row_of(self.scale_bytes[second]))
         } else {
             _mm256_setzero_si256()
         };
@@ -760,8 +816,17 @@ thread_local! {
 /// `y[m, n] = sum_k x[m, k] W'[n, k]` on AMX for NVFP4 weights `w` (their values without the
 /// tensor scale; the caller applies it) and `products` = `w.products()`. Callers check
 /// [`usable`] and the exactness of `w`'s scale table ([`products_exact`]).
-pub fn matmul_nvfp4(w: &Nvfp4Tiles<'_>, products: &[u16], x: &[f32], batch: usize, y: &mut [f32]) {
-    matmul_nvfp4_with(w, products, x, batch, y, RESIDENT.load(Ordering::Relaxed));
+///
+/// Returns false, with `y` unspecified, where a scale byte lies outside `w.byte_range`: the
+/// caller then runs the f32 kernels.
+pub fn matmul_nvfp4(
+    w: &Nvfp4Tiles<'_>,
+    products: &[u16],
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) -> bool {
+    matmul_nvfp4_with(w, products, x, batch, y, RESIDENT.load(Ordering::Relaxed))
 }
 
 /// [`matmul_nvfp4`] with the resident-activation kernel allowed (for one activation group) or
@@ -773,7 +838,7 @@ fn matmul_nvfp4_with(
     batch: usize,
     y: &mut [f32],
     allow_resident: bool,
-) {
+) -> bool {
     assert!(usable(), "AMX tile GEMM called where AMX is not usable");
     w.check();
     assert_eq!(products.len(), 256 * 16);
@@ -800,7 +865,11 @@ fn matmul_nvfp4_with(
     // One group pair: the accumulators stay in their tile registers over all of K (the decoder
     // between slices touches no tile), stored once per unit.
     let persist = groups <= 2 && PERSIST.load(Ordering::Relaxed);
+    let in_range = AtomicBool::new(true);
     for_each_index(units, n * k * batch / 8, |u| {
+        if !in_range.load(Ordering::Relaxed) {
+            return;
+        }
         SCRATCH.with_borrow_mut(|sc| {
             let r0 = u * unit_rows;
             let rows = unit_rows.min(n - r0);
@@ -821,7 +890,10 @@ fn matmul_nvfp4_with(
                 // multiple of 16; k0 is a multiple of the slice width (itself of STEP), `sa`
                 // holds the widest slice's tiles, `products` is the product table, and `w`
                 // describes its own buffers.
-                unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) };
+                if !unsafe { w.decode(products, r0, unit_rows, k0, wp / STEP, sa) } {
+                    in_range.store(false, Ordering::Relaxed);
+                    break;
+                }
                 let step0 = k0 / STEP;
                 let last = k0 + w_cols >= k;
                 for g in (0..groups).step_by(2) {
@@ -897,6 +969,7 @@ fn matmul_nvfp4_with(
             unsafe { tile::release() };
         })
     });
+    in_range.into_inner()
 }
 
 #[cfg(test)]
@@ -970,6 +1043,8 @@ mod tests {
             scale_bytes: &t.scales,
             table: &UNSCALED,
             values: super::super::decode::code_values(crate::Format::Nvfp4),
+            block: 16,
+            byte_range: None,
             n: t.rows,
             k: t.cols,
             row_bytes: kp / 2,
@@ -1114,27 +1189,128 @@ mod tests {
             (97, 2100, 12, false),
             (48, 576, 3, true),
         ] {
-            let t = nvfp4(n, k, n as u64 * 31 + k as u64);
-            let w = unscaled_dense(&t);
-            let src = tiles(&t);
             let x: Vec<f32> = (0..batch * k).map(|_| rnd()).collect();
-            let mut y = vec![f32::NAN; batch * n];
-            matmul_nvfp4_with(&src, &src.products(), &x, batch, &mut y, resident);
-            let (mut num, mut den) = (0f64, 0f64);
-            for m in 0..batch {
-                for r in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| w[r * k + i] as f64 * x[m * k + i] as f64)
-                        .sum();
-                    num += (y[m * n + r] as f64 - want).powi(2);
-                    den += want * want;
+            let t = nvfp4(n, k, n as u64 * 31 + k as u64);
+            let mx = mxfp4(n, k, n as u64 * 7 + k as u64);
+            let mx_dense = mx.dequantize::<f32>().unwrap();
+            for (src, w, name) in [
+                (tiles(&t), unscaled_dense(&t), "nvfp4"),
+                (mx_tiles(&mx), mx_dense, "mxfp4"),
+            ] {
+                let mut y = vec![f32::NAN; batch * n];
+                assert!(matmul_nvfp4_with(
+                    &src,
+                    &src.products(),
+                    &x,
+                    batch,
+                    &mut y,
+                    resident
+                ));
+                let (mut num, mut den) = (0f64, 0f64);
+                for m in 0..batch {
+                    for r in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|i| w[r * k + i] as f64 * x[m * k + i] as f64)
+                            .sum();
+                        num += (y[m * n + r] as f64 - want).powi(2);
+                        den += want * want;
+                    }
+                }
+                let e = (num / den).sqrt();
+                assert!(
+                    e < 1e-6,
+                    "{name} {n}x{k} batch {batch} (resident {resident}): relative error {e}"
+                );
+            }
+        }
+    }
+
+    static MX_SCALES: LazyLock<[f32; 256]> = LazyLock::new(q4_formats::mxfp4::scale_table);
+
+    fn mxfp4(n: usize, k: usize, seed: u64) -> q4_formats::mxfp4::Mxfp4Tensor {
+        let mut s = seed | 1;
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                // Blocks of widely different magnitudes (E8M0 scales 2^-20 .. 2^20).
+                let mag = 2f32.powi((i / 32 % 41) as i32 - 20);
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * mag
+            })
+            .collect();
+        let opts = q4_formats::mxfp4::Mxfp4Options {
+            pad: true,
+            ..Default::default()
+        };
+        q4_formats::mxfp4::quantize(&w, k, &opts).unwrap()
+    }
+
+    /// `t` as the tile decoder reads it (scale bytes checked against 2^-90 .. 2^90).
+    fn mx_tiles(t: &q4_formats::mxfp4::Mxfp4Tensor) -> Nvfp4Tiles<'_> {
+        let kp = q4_formats::mxfp4::padded_cols(t.cols);
+        Nvfp4Tiles {
+            codes: &t.packed,
+            scale_bytes: &t.scales,
+            table: &MX_SCALES,
+            values: super::super::decode::code_values(crate::Format::Mxfp4),
+            block: 32,
+            byte_range: Some(37..=217),
+            n: t.rows,
+            k: t.cols,
+            row_bytes: kp / 2,
+            row_blocks: kp / 32,
+        }
+    }
+
+    /// MXFP4 tiles hold exactly the scalar dequantization, zeros past the rows and columns.
+    #[test]
+    fn mxfp4_tiles_decode_exactly() {
+        if !cpu_has_amx() {
+            return;
+        }
+        for (n, k) in [(40, 48), (32, 64), (17, 1040), (33, 2100)] {
+            let t = mxfp4(n, k, 3 + k as u64);
+            let dense = t.dequantize::<f32>().unwrap();
+            let src = mx_tiles(&t);
+            for k0 in (0..k).step_by(SLICE) {
+                let steps = (k - k0).div_ceil(STEP);
+                for unit_rows in [UNIT_ROWS, RESIDENT_ROWS] {
+                    for r0 in (0..n).step_by(unit_rows) {
+                        let mut out = vec![0xffffu16; steps * unit_rows / 16 * TILE_STRIDE / 2];
+                        // SAFETY: AVX-512F/BW present (cpu_has_amx); `out` sized as documented;
+                        // the tensor's own buffers; k0 a multiple of STEP; unit_rows of 16s.
+                        let ok = unsafe {
+                            src.decode(&src.products(), r0, unit_rows, k0, steps, &mut out)
+                        };
+                        assert!(ok, "{n}x{k}: scale bytes in range");
+                        check_tiles(&out, &dense, n, k, r0, unit_rows, k0, steps);
+                    }
                 }
             }
-            let e = (num / den).sqrt();
-            assert!(
-                e < 1e-6,
-                "{n}x{k} batch {batch} (resident {resident}): relative error {e}"
-            );
+        }
+    }
+
+    /// An E8M0 byte outside the range (or in a row's last, short step) makes the GEMM refuse
+    /// the weight.
+    #[test]
+    fn mxfp4_out_of_range_bytes_are_refused() {
+        if !usable() {
+            return;
+        }
+        let (n, k) = (40, 80);
+        for (row, block) in [(3, 0), (39, 2)] {
+            for byte in [0u8, 36, 218, 255] {
+                let mut t = mxfp4(n, k, 5);
+                t.scales[row * 3 + block] = byte;
+                let src = mx_tiles(&t);
+                let mut y = vec![0.0; 16 * n];
+                let x = vec![1.0; 16 * k];
+                assert!(
+                    !matmul_nvfp4_with(&src, &src.products(), &x, 16, &mut y, true),
+                    "byte {byte} at row {row} block {block}"
+                );
+            }
         }
     }
 }
