@@ -24,8 +24,8 @@ use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::{
-    activation_pieces, for_each_index, prefetch, tile, AlignedBuf, TileConfig, DECODE_AHEAD,
-    DECODE_PREFETCH, PERSIST, SCRATCH, SLICE_VALUES, STEP, TILE_STRIDE, TILE_WORDS,
+    activation_pieces, for_each_index, prefetch, tile, write_sums, AlignedBuf, TileConfig,
+    DECODE_AHEAD, DECODE_PREFETCH, PERSIST, SCRATCH, SLICE_VALUES, STEP, TILE_STRIDE, TILE_WORDS,
 };
 
 /// Smallest batch the codebook tile GEMM takes over rows at least [`WIDE_K`] wide; narrower
@@ -350,25 +350,10 @@ pub fn matmul(w: &CodebookTiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> 
                     }
                     // Accumulator t holds weight rows r0 + 16t + i by activation rows
                     // 16g + j at [i][j].
-                    let m0 = g * 16;
-                    for j in 0..16.min(batch - m0) {
-                        // SAFETY: row m0 + j < batch of `y`, columns r0..r0 + rows < n: in
-                        // bounds, and only this unit writes these columns.
-                        let out = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                (y_addr as *mut f32).add((m0 + j) * n + r0),
-                                rows,
-                            )
-                        };
-                        for (r, o) in out.iter_mut().enumerate() {
-                            let v = scc[(r / 16) * TILE_WORDS + (r % 16) * 16 + j];
-                            if k0 == 0 || persist {
-                                *o = v;
-                            } else {
-                                *o += v;
-                            }
-                        }
-                    }
+                    let (m0, add) = (g * 16, k0 > 0 && !persist);
+                    // SAFETY: `y_addr` is `y` (batch x n); m0 < batch, r0 + rows <= n, and
+                    // only this unit writes columns r0..r0 + rows.
+                    unsafe { write_sums(y_addr, n, batch, r0, rows, m0, scc, add, |r| r / 16) };
                 }
                 k0 += w_cols;
             }

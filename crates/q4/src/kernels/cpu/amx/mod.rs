@@ -7,9 +7,10 @@
 //! numbers (NVFP4: E2M1 codes times E4M3 block scales, at most 2 + 4 significant bits; its
 //! tensor scale is applied to the sums; MXFP4: E2M1 codes times powers of two, taken where every
 //! E8M0 scale lies within 2^±90 — the table reaches 2^-127, where the tile unit would flush
-//! subnormal products — and checked by the decoder), and splits every f32 activation `v` exactly into
-//! three bfloat16 pieces by truncation (`v = h + m + l`, 8 significant bits each). The tile unit sums the three
-//! products per weight in f32, so the result is the f32 dot product up to summation order.
+//! subnormal products — and checked by the decoder), and splits every f32 activation `v`
+//! exactly into three bfloat16 pieces by truncation (`v = h + m + l`, 8 significant bits each).
+//! The tile unit sums the three products per weight in f32, so the result is the f32 dot
+//! product up to summation order.
 //! Codebooks that are not exact in bfloat16 (NF4, bitsandbytes FP4) take [`codebook`]'s kernel:
 //! two rounded pieces of weight and activation and three products per weight, at about 4e-6
 //! relative error instead of f32's summation error (exact pieces would need six products,
@@ -513,8 +514,9 @@ impl Nvfp4Tiles<'_> {
     ///
     /// # Safety
     /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
-    /// `out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2`; `products.len() == 256 * 16`; the codes and
-    /// scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks covering `k`).
+    /// `out.len() >= steps * unit_rows / 16 * TILE_STRIDE / 2`; `products.len() == 256 * 16`;
+    /// the codes and scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks
+    /// covering `k`).
     ///
     /// Returns false if a scale byte lies outside [`Nvfp4Tiles::byte_range`] (the tiles are then
     /// not to be used).
@@ -800,6 +802,42 @@ unsafe fn one_group_resident(a: impl Fn(usize) -> *const u8, b: impl Fn(usize) -
     tile::c2_t3_t7();
 }
 
+/// Writes, or (`add`) adds, the sums of stored accumulator tiles to `y` (`batch x n` at
+/// `y_addr`): weight rows `r0..r0 + rows` by activation rows `m0..m0 + 16` (those below
+/// `batch`), the sum of weight row `r0 + r` and activation row `m0 + j` at
+/// `scc[acc(r) * TILE_WORDS + (r % 16) * 16 + j]`.
+///
+/// # Safety
+/// `y_addr` is the address of a `batch x n` f32 matrix; `m0 < batch`, `r0 + rows <= n`; no
+/// other thread accesses its columns `r0..r0 + rows` meanwhile.
+#[allow(clippy::too_many_arguments)]
+unsafe fn write_sums(
+    y_addr: usize,
+    n: usize,
+    batch: usize,
+    r0: usize,
+    rows: usize,
+    m0: usize,
+    scc: &[f32],
+    add: bool,
+    acc: impl Fn(usize) -> usize,
+) {
+    for j in 0..16.min(batch - m0) {
+        // SAFETY: row m0 + j < batch, columns r0..r0 + rows <= n (the caller's promise).
+        let out = unsafe {
+            std::slice::from_raw_parts_mut((y_addr as *mut f32).add((m0 + j) * n + r0), rows)
+        };
+        for (r, o) in out.iter_mut().enumerate() {
+            let v = scc[acc(r) * TILE_WORDS + (r % 16) * 16 + j];
+            if add {
+                *o += v;
+            } else {
+                *o = v;
+            }
+        }
+    }
+}
+
 /// A thread's decoded weight tiles and stored accumulators (64-byte aligned: see
 /// [`AlignedBuf`]).
 struct Scratch {
@@ -942,25 +980,11 @@ fn matmul_nvfp4_with(
                     }
                     for b in 0..if two { 2 } else { 1 } {
                         let m0 = (g + b) * 16;
-                        for j in 0..16.min(batch - m0) {
-                            // SAFETY: row m0 + j < batch of `y`, columns r0..r0 + rows < n:
-                            // in bounds, and only this unit writes these columns.
-                            let out = unsafe {
-                                std::slice::from_raw_parts_mut(
-                                    (y_addr as *mut f32).add((m0 + j) * n + r0),
-                                    rows,
-                                )
-                            };
-                            for (r, o) in out.iter_mut().enumerate() {
-                                let acc = if resident { r / 16 } else { 2 * b + r / 16 };
-                                let v = scc[acc * TILE_WORDS + (r % 16) * 16 + j];
-                                if k0 == 0 || persist {
-                                    *o = v;
-                                } else {
-                                    *o += v;
-                                }
-                            }
-                        }
+                        let acc = |r: usize| if resident { r / 16 } else { 2 * b + r / 16 };
+                        let add = k0 > 0 && !persist;
+                        // SAFETY: `y_addr` is `y` (batch x n); m0 < batch, r0 + rows <= n, and
+                        // only this unit writes columns r0..r0 + rows.
+                        unsafe { write_sums(y_addr, n, batch, r0, rows, m0, scc, add, acc) };
                     }
                 }
                 k0 += w_cols;
