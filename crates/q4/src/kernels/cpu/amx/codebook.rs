@@ -507,17 +507,7 @@ mod tests {
                 let x: Vec<f32> = (0..batch * k).map(|_| r()).collect();
                 let mut y = vec![f32::NAN; batch * n];
                 assert!(matmul(&w, &x, batch, &mut y));
-                let (mut num, mut den) = (0f64, 0f64);
-                for m in 0..batch {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|i| d[j * k + i] as f64 * x[m * k + i] as f64)
-                            .sum();
-                        num += (y[m * n + j] as f64 - want).powi(2);
-                        den += want * want;
-                    }
-                }
-                let e = (num / den).sqrt();
+                let e = super::super::f64_rel_err(&y, &d, &x, n, k);
                 assert!(e < 1e-5, "{name} {n}x{k} batch {batch}: relative error {e}");
             }
         }

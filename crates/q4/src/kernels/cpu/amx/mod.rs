@@ -996,6 +996,21 @@ fn matmul_nvfp4_with(
     in_range.into_inner()
 }
 
+/// Norm-wise relative error of `y` (`batch x n`) against the f64 product of `x` (`batch x k`)
+/// and `w'` (`w`: `n x k`).
+#[cfg(test)]
+fn f64_rel_err(y: &[f32], w: &[f32], x: &[f32], n: usize, k: usize) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (m, xm) in x.chunks(k).enumerate() {
+        for (r, wr) in w.chunks(k).enumerate().take(n) {
+            let want: f64 = wr.iter().zip(xm).map(|(a, b)| *a as f64 * *b as f64).sum();
+            num += (y[m * n + r] as f64 - want).powi(2);
+            den += want * want;
+        }
+    }
+    (num / den).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1230,17 +1245,7 @@ mod tests {
                     &mut y,
                     resident
                 ));
-                let (mut num, mut den) = (0f64, 0f64);
-                for m in 0..batch {
-                    for r in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|i| w[r * k + i] as f64 * x[m * k + i] as f64)
-                            .sum();
-                        num += (y[m * n + r] as f64 - want).powi(2);
-                        den += want * want;
-                    }
-                }
-                let e = (num / den).sqrt();
+                let e = f64_rel_err(&y, &w, &x, n, k);
                 assert!(
                     e < 1e-6,
                     "{name} {n}x{k} batch {batch} (resident {resident}): relative error {e}"
