@@ -188,7 +188,7 @@ pub fn matmul(w: &HostView<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
 
 /// The E2M1 (NVFP4, MXFP4) tiled GEMM on AMX, from [`AMX_MIN_BATCH`] rows where AMX is usable:
 /// E2M1 codes times unscaled E4M3 block scales are exact in bfloat16 (checked unless the code
-/// values are NVFP4's own), so the tensor scale `scale2` is applied to the sums; times E8M0
+/// values are NVFP4's own), so NVFP4's tensor scale `scale2` is applied to the sums; times E8M0
 /// scales they are exact and normal for scale bytes within 2^±90, which the decoder checks
 /// (others send the call to the f32 kernels). Returns false (`y` then unspecified) elsewhere.
 #[cfg(target_arch = "x86_64")]
@@ -207,15 +207,17 @@ fn e2m1_amx(
         return false;
     }
     let own;
-    let (products, table, byte_range): (&[u16], &[f32; 256], _) = match format {
+    // The tile tables, and the factor left for the sums: NVFP4's tensor scale, which its
+    // kernels' table holds but the tile table must not (MXFP4's table is the plain E8M0 one).
+    let (products, table, byte_range, factor): (&[u16], &[f32; 256], _, f32) = match format {
         // The product table depends only on the code values: NVFP4's are fixed, so it is
         // built once.
         crate::Format::Nvfp4 if rows.block == 16 => {
             if rows.values == decode::code_values(crate::Format::Nvfp4) {
-                (&NVFP4_PRODUCTS, &NVFP4_UNSCALED, None)
+                (&NVFP4_PRODUCTS, &NVFP4_UNSCALED, None, scale2)
             } else if amx::products_exact(rows.values, &*NVFP4_UNSCALED) {
                 own = amx::products(rows.values, &NVFP4_UNSCALED);
-                (&own, &NVFP4_UNSCALED, None)
+                (&own, &NVFP4_UNSCALED, None, scale2)
             } else {
                 return false;
             }
@@ -225,7 +227,7 @@ fn e2m1_amx(
                 && rows.values == decode::code_values(crate::Format::Mxfp4)
                 && same_bits(table, &MXFP4_SCALES) =>
         {
-            (&MXFP4_PRODUCTS, table, Some(MXFP4_AMX_BYTES))
+            (&MXFP4_PRODUCTS, table, Some(MXFP4_AMX_BYTES), 1.0)
         }
         _ => return false,
     };
@@ -244,8 +246,8 @@ fn e2m1_amx(
     if !amx::matmul_nvfp4(&tiles, products, x, batch, y) {
         return false;
     }
-    if scale2 != 1.0 {
-        y.iter_mut().for_each(|v| *v *= scale2);
+    if factor != 1.0 {
+        y.iter_mut().for_each(|v| *v *= factor);
     }
     true
 }
