@@ -171,17 +171,19 @@ pub fn supported(w: &Rows<'_>) -> bool {
 /// three of the four shapes.
 pub const INT8_MAX_BATCH: usize = 16;
 
-/// [`INT8_MAX_BATCH`] for NVFP4 on AMX hosts, where the round trip's f32 product runs on the tile
-/// unit. Same-process A/B (`examples/ab_tile_decode int8`, 2-core Xeon with AMX, int8 / AMX
-/// time): batch 9 0.78x / 0.88x on 4096x4096 / 11008x4096 but 1.16x on 1536x576 and 1.00x on
-/// 576x1536; batch 12 0.93-0.96x / 1.23-1.30x; batch 16 1.23-1.67x on all four.
+/// [`INT8_MAX_BATCH`] for E2M1 weights (NVFP4, MXFP4) on AMX hosts, where the round trip's f32
+/// product runs on the tile unit. Same-process A/B (`examples/ab_tile_decode int8`, 2-core Xeon
+/// with AMX, int8 / AMX time): NVFP4 batch 9 0.78x / 0.88x on 4096x4096 / 11008x4096 but 1.16x
+/// on 1536x576 and 1.00x on 576x1536; batch 12 0.93-0.96x / 1.23-1.30x; batch 16 1.23-1.67x on
+/// all four. MXFP4 (its tile path since the fourteenth session): 1.17-1.29x at batch 9,
+/// 1.38-1.53x at 12, 1.69-2.05x at 16 on the same four shapes.
 pub const INT8_MAX_BATCH_AMX: usize = 8;
 
 static INT8_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static INT8_MAX_SET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Sets the largest batch of the int8 kernel for the process, for every weight (default:
-/// [`INT8_MAX_BATCH`], [`INT8_MAX_BATCH_AMX`] for NVFP4 on AMX hosts), for same-process A/B
+/// [`INT8_MAX_BATCH`], [`INT8_MAX_BATCH_AMX`] for E2M1 weights on AMX hosts), for same-process A/B
 /// measurements.
 #[doc(hidden)]
 pub fn set_int8_max_batch(batch: usize) {
@@ -196,9 +198,9 @@ fn int8_max_batch(w: &Rows<'_>) -> usize {
     if INT8_MAX_SET.load(Relaxed) {
         return INT8_MAX.load(Relaxed);
     }
-    // NVFP4 (E2M1 in blocks of 16) goes to the tile unit where AMX is usable.
+    // E2M1 weights (NVFP4: blocks of 16, MXFP4: of 32) go to the tile unit where AMX is usable.
     #[cfg(target_arch = "x86_64")]
-    if w.block == 16 && super::amx::usable() {
+    if (w.block == 16 || w.block == 32) && super::amx::usable() {
         return INT8_MAX_BATCH_AMX;
     }
     let _ = w;
