@@ -227,11 +227,11 @@ fn e2m1_amx(
                 && rows.values == decode::code_values(crate::Format::Mxfp4)
                 && same_bits(table, &MXFP4_SCALES) =>
         {
-            (&MXFP4_PRODUCTS, table, Some(MXFP4_AMX_BYTES), 1.0)
+            (&MXFP4_PRODUCTS, table, Some(amx::E8M0_BYTES), 1.0)
         }
         _ => return false,
     };
-    let tiles = amx::Nvfp4Tiles {
+    let tiles = amx::E2m1Tiles {
         codes: rows.codes,
         scale_bytes: bytes,
         table,
@@ -243,7 +243,7 @@ fn e2m1_amx(
         row_bytes: rows.row_bytes,
         row_blocks: rows.row_blocks,
     };
-    if !amx::matmul_nvfp4(&tiles, products, x, batch, y) {
+    if !amx::matmul_e2m1(&tiles, products, x, batch, y) {
         return false;
     }
     if factor != 1.0 {
@@ -252,18 +252,13 @@ fn e2m1_amx(
     true
 }
 
-/// E8M0 scale bytes whose products with E2M1 values the MXFP4 tile path takes: 2^-90 .. 2^90
-/// (exact, normal bfloat16 numbers far from both ends of the range).
-#[cfg(target_arch = "x86_64")]
-const MXFP4_AMX_BYTES: std::ops::RangeInclusive<u8> = 127 - 90..=127 + 90;
-
 /// MXFP4's E8M0 scale table.
 #[cfg(target_arch = "x86_64")]
 static MXFP4_SCALES: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(q4_formats::mxfp4::scale_table);
 
 /// [`amx::products`] of E2M1 code values and MXFP4's E8M0 scales (exact for
-/// [`MXFP4_AMX_BYTES`]).
+/// [`amx::E8M0_BYTES`]).
 #[cfg(target_arch = "x86_64")]
 static MXFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(|| {
     amx::products(decode::code_values(crate::Format::Mxfp4), &MXFP4_SCALES)

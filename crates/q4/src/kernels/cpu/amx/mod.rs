@@ -468,11 +468,16 @@ unsafe fn activation_pieces<const P: usize>(
     });
 }
 
+/// E8M0 scale bytes whose products with E2M1 values the tile GEMM takes: 2^-90 .. 2^90 (exact,
+/// normal bfloat16 numbers far from both ends of the range; the E8M0 table itself reaches
+/// 2^-127, where the tile unit would flush subnormal products).
+pub const E8M0_BYTES: std::ops::RangeInclusive<u8> = 127 - 90..=127 + 90;
+
 /// E2M1 weights (NVFP4, MXFP4) as the tile GEMM reads them: packed codes (low nibble first),
 /// one scale byte per block of 16 (NVFP4's E4M3, without the tensor scale, so that every decoded
 /// value is exact in bfloat16) or 32 values (MXFP4's E8M0) looked up in `table`, and the code
 /// values.
-pub struct Nvfp4Tiles<'a> {
+pub struct E2m1Tiles<'a> {
     pub codes: &'a [u8],
     pub scale_bytes: &'a [u8],
     pub table: &'a [f32; 256],
@@ -489,7 +494,7 @@ pub struct Nvfp4Tiles<'a> {
     pub row_blocks: usize,
 }
 
-impl Nvfp4Tiles<'_> {
+impl E2m1Tiles<'_> {
     /// Panics unless the buffers cover `n` rows of `k` values: the decoder reads whole steps
     /// unchecked within these bounds.
     pub fn check(&self) {
@@ -510,7 +515,7 @@ impl Nvfp4Tiles<'_> {
     /// `k0..k0 + steps * STEP`, into A tiles `[step][tile]` [`TILE_STRIDE`] bytes apart, each
     /// 16 rows by 32 values (bf16, in [`step_source`] order; columns from `k` on as zeros).
     ///
-    /// `products` is [`Nvfp4Tiles::products`].
+    /// `products` is [`E2m1Tiles::products`].
     ///
     /// # Safety
     /// AVX-512F/BW present; `unit_rows` a multiple of 16; `k0` a multiple of [`STEP`];
@@ -518,7 +523,7 @@ impl Nvfp4Tiles<'_> {
     /// the codes and scale bytes hold `n` rows of `row_bytes` and `row_blocks` (whole blocks
     /// covering `k`).
     ///
-    /// Returns false if a scale byte lies outside [`Nvfp4Tiles::byte_range`] (the tiles are then
+    /// Returns false if a scale byte lies outside [`E2m1Tiles::byte_range`] (the tiles are then
     /// not to be used).
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn decode(
@@ -557,7 +562,6 @@ impl Nvfp4Tiles<'_> {
         out: &mut [u16],
         range: std::ops::RangeInclusive<u8>,
     ) -> bool {
-        let (lo_byte, hi_byte) = (*range.start(), *range.end());
         let mut in_range = true;
         debug_assert_eq!(products.len(), 256 * 16);
         debug_assert!(
@@ -598,7 +602,7 @@ impl Nvfp4Tiles<'_> {
                 let c = _mm_loadu_si128(codes.add(s * 16).cast());
                 let (b0, b1) = (*scales.add(first * s), *scales.add(first * s + second));
                 if CHECK {
-                    in_range &= b0.min(b1) >= lo_byte && b0.max(b1) <= hi_byte;
+                    in_range &= range.contains(&b0) && range.contains(&b1);
                 }
                 let (b0, b1) = (b0 as usize, b1 as usize);
                 let t = _mm512_inserti64x4::<1>(
@@ -615,7 +619,7 @@ impl Nvfp4Tiles<'_> {
                         let last = (r0 + r + 1) * self.row_blocks;
                         in_range &= self.scale_bytes[blk..last.min(blk + 2)]
                             .iter()
-                            .all(|b| (lo_byte..=hi_byte).contains(b));
+                            .all(|b| range.contains(b));
                     }
                     self.last_step(products, r0 + r, col)
                 } else {
@@ -857,20 +861,20 @@ thread_local! {
 ///
 /// Returns false, with `y` unspecified, where a scale byte lies outside `w.byte_range`: the
 /// caller then runs the f32 kernels.
-pub fn matmul_nvfp4(
-    w: &Nvfp4Tiles<'_>,
+pub fn matmul_e2m1(
+    w: &E2m1Tiles<'_>,
     products: &[u16],
     x: &[f32],
     batch: usize,
     y: &mut [f32],
 ) -> bool {
-    matmul_nvfp4_with(w, products, x, batch, y, RESIDENT.load(Ordering::Relaxed))
+    matmul_e2m1_with(w, products, x, batch, y, RESIDENT.load(Ordering::Relaxed))
 }
 
-/// [`matmul_nvfp4`] with the resident-activation kernel allowed (for one activation group) or
+/// [`matmul_e2m1`] with the resident-activation kernel allowed (for one activation group) or
 /// not, whatever the process-wide switch says (tests run both kernels side by side).
-fn matmul_nvfp4_with(
-    w: &Nvfp4Tiles<'_>,
+fn matmul_e2m1_with(
+    w: &E2m1Tiles<'_>,
     products: &[u16],
     x: &[f32],
     batch: usize,
@@ -1075,9 +1079,9 @@ mod tests {
     static UNSCALED: LazyLock<[f32; 256]> = LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
 
     /// `t` as the tile decoder reads it (block scales without the tensor scale).
-    fn tiles(t: &q4_formats::nvfp4::Nvfp4Tensor) -> Nvfp4Tiles<'_> {
+    fn tiles(t: &q4_formats::nvfp4::Nvfp4Tensor) -> E2m1Tiles<'_> {
         let kp = q4_formats::nvfp4::padded_cols(t.cols);
-        Nvfp4Tiles {
+        E2m1Tiles {
             codes: &t.packed,
             scale_bytes: &t.scales,
             table: &UNSCALED,
@@ -1237,7 +1241,7 @@ mod tests {
                 (mx_tiles(&mx), mx_dense, "mxfp4"),
             ] {
                 let mut y = vec![f32::NAN; batch * n];
-                assert!(matmul_nvfp4_with(
+                assert!(matmul_e2m1_with(
                     &src,
                     &src.products(),
                     &x,
@@ -1276,15 +1280,15 @@ mod tests {
     }
 
     /// `t` as the tile decoder reads it (scale bytes checked against 2^-90 .. 2^90).
-    fn mx_tiles(t: &q4_formats::mxfp4::Mxfp4Tensor) -> Nvfp4Tiles<'_> {
+    fn mx_tiles(t: &q4_formats::mxfp4::Mxfp4Tensor) -> E2m1Tiles<'_> {
         let kp = q4_formats::mxfp4::padded_cols(t.cols);
-        Nvfp4Tiles {
+        E2m1Tiles {
             codes: &t.packed,
             scale_bytes: &t.scales,
             table: &MX_SCALES,
             values: super::super::decode::code_values(crate::Format::Mxfp4),
             block: 32,
-            byte_range: Some(37..=217),
+            byte_range: Some(E8M0_BYTES),
             n: t.rows,
             k: t.cols,
             row_bytes: kp / 2,
@@ -1336,7 +1340,7 @@ mod tests {
                 let mut y = vec![0.0; 16 * n];
                 let x = vec![1.0; 16 * k];
                 assert!(
-                    !matmul_nvfp4_with(&src, &src.products(), &x, 16, &mut y, true),
+                    !matmul_e2m1_with(&src, &src.products(), &x, 16, &mut y, true),
                     "byte {byte} at row {row} block {block}"
                 );
             }
