@@ -175,8 +175,8 @@ pub const INT8_MAX_BATCH: usize = 16;
 /// product runs on the tile unit. Same-process A/B (`examples/ab_tile_decode int8`, 2-core Xeon
 /// with AMX, int8 / AMX time): NVFP4 batch 9 0.78x / 0.88x on 4096x4096 / 11008x4096 but 1.16x
 /// on 1536x576 and 1.00x on 576x1536; batch 12 0.93-0.96x / 1.23-1.30x; batch 16 1.23-1.67x on
-/// all four. MXFP4 (its tile path since the fourteenth session): 1.17-1.29x at batch 9,
-/// 1.38-1.53x at 12, 1.69-2.05x at 16 on the same four shapes.
+/// all four. MXFP4 (its tile path since the fourteenth session): 1.17-1.36x at batch 9,
+/// 1.38-1.64x at 12, 1.69-2.21x at 16 on the same four shapes (two runs).
 pub const INT8_MAX_BATCH_AMX: usize = 8;
 
 static INT8_MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
