@@ -1,6 +1,9 @@
 //! Parallel loops for the CPU kernels, with a cut-off below which work runs inline: waking a
 //! worker costs microseconds, more than a small layer's whole GEMV at decode time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 /// Below this many weights a matmul runs on the calling thread alone.
@@ -10,6 +13,55 @@ pub const INLINE_WEIGHTS: usize = 1 << 16;
 /// to balance, few enough that rayon's per-split cost (~1 us) stays far below the work.
 fn min_len(pieces: usize) -> usize {
     (pieces / (4 * rayon::current_num_threads())).max(1)
+}
+
+static CALLER_JOINS: AtomicBool = AtomicBool::new(true);
+
+/// Turns on or off (default on) the calling thread's share of a parallel loop called from
+/// outside the pool, for same-process A/B measurements.
+#[doc(hidden)]
+pub fn set_caller_joins(on: bool) {
+    CALLER_JOINS.store(on, Ordering::Relaxed);
+}
+
+/// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
+/// being handed to the pool: from a thread outside the pool, which would otherwise sleep while
+/// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
+fn caller_joins() -> bool {
+    rayon::current_thread_index().is_none()
+        && rayon::current_num_threads() > 1
+        && CALLER_JOINS.load(Ordering::Relaxed)
+}
+
+/// Runs `drain(true)` on the calling thread and `drain(false)` on `threads - 1` pool workers;
+/// each claims pieces until none are left (the caller from the front, the workers from the
+/// back, so that each streams through adjacent memory), so a worker that wakes late takes fewer.
+fn with_helpers(drain: impl Fn(bool) + Sync) {
+    rayon::in_place_scope(|s| {
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(|_| drain(false));
+        }
+        drain(true);
+    });
+}
+
+/// Takes the next pieces off the front or the back of `left`: a share of what is left
+/// (guided self-scheduling: few claims, each a lock whose cache line crosses cores, and small
+/// ones at the end so that both threads finish together), none when `left` is empty.
+fn claim(left: &mut std::ops::Range<usize>, front: bool) -> Option<std::ops::Range<usize>> {
+    if left.start >= left.end {
+        return None;
+    }
+    let n = ((left.end - left.start) / (4 * rayon::current_num_threads())).max(1);
+    Some(if front {
+        let r = left.start..left.start + n;
+        left.start += n;
+        r
+    } else {
+        let r = left.end - n..left.end;
+        left.end -= n;
+        r
+    })
 }
 
 /// Calls `f(i, chunk)` for consecutive `chunk`-sized pieces of `data`: in parallel when
@@ -25,6 +77,32 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
+    } else if caller_joins() {
+        // The unclaimed pieces and the data they cover.
+        let left = Mutex::new((0..data.len().div_ceil(chunk), data));
+        with_helpers(|front| loop {
+            let (first, claimed) = {
+                let mut guard = left.lock().unwrap_or_else(|e| e.into_inner());
+                let (pieces, rest) = &mut *guard;
+                let Some(take) = claim(pieces, front) else {
+                    break;
+                };
+                let all = std::mem::take(rest);
+                let (claimed, kept) = if front {
+                    // The last piece may be short.
+                    let (c, k) = all.split_at_mut((take.len() * chunk).min(all.len()));
+                    (c, k)
+                } else {
+                    let (k, c) = all.split_at_mut((take.start - pieces.start) * chunk);
+                    (c, k)
+                };
+                *rest = kept;
+                (take.start, claimed)
+            };
+            for (i, c) in claimed.chunks_mut(chunk).enumerate() {
+                f(first + i, c);
+            }
+        });
     } else {
         let min_len = min_len(data.len().div_ceil(chunk));
         data.par_chunks_mut(chunk)
@@ -39,6 +117,15 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
 pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: F) {
     if work < INLINE_WEIGHTS || count <= 1 {
         (0..count).for_each(f);
+    } else if caller_joins() {
+        let left = Mutex::new(0..count);
+        with_helpers(|front| loop {
+            let take = claim(&mut left.lock().unwrap_or_else(|e| e.into_inner()), front);
+            match take {
+                Some(range) => range.for_each(&f),
+                None => break,
+            }
+        });
     } else {
         (0..count)
             .into_par_iter()
@@ -50,6 +137,59 @@ pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Claims from both ends cover every index once, in shrinking shares.
+    #[test]
+    fn claims_from_both_ends_cover_everything_once() {
+        for count in [1, 2, 7, 48, 1536] {
+            let mut left = 0..count;
+            let mut seen = vec![0; count];
+            let mut sizes = Vec::new();
+            let mut front = true;
+            while let Some(r) = claim(&mut left, front) {
+                sizes.push(r.len());
+                r.for_each(|i| seen[i] += 1);
+                front = !front;
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{count}");
+            assert!(sizes.windows(2).all(|w| w[1] <= w[0]), "{count}: {sizes:?}");
+        }
+    }
+
+    /// From outside the pool (the caller joining in) and from inside it, with the caller's
+    /// share on and off: every piece is visited once.
+    #[test]
+    fn every_piece_is_visited_once_from_outside_and_inside_the_pool() {
+        let check = || {
+            for (count, chunk) in [(1000, 7), (97, 1), (4096, 64)] {
+                let seen: Vec<_> = (0..count)
+                    .map(|_| std::sync::atomic::AtomicU32::new(0))
+                    .collect();
+                for_each_index(count, INLINE_WEIGHTS, |i| {
+                    seen[i].fetch_add(1, Ordering::Relaxed);
+                });
+                assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+                let mut v = vec![0u32; count];
+                for_each_chunk_mut(&mut v, chunk, INLINE_WEIGHTS, |i, c| {
+                    c.iter_mut().for_each(|x| *x += i as u32 + 1)
+                });
+                for (j, x) in v.iter().enumerate() {
+                    assert_eq!(*x, (j / chunk) as u32 + 1, "{count} / {chunk}");
+                }
+            }
+        };
+        // Several threads in the global pool, if this test builds it first.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build_global();
+        assert!(rayon::current_thread_index().is_none());
+        for on in [true, false] {
+            set_caller_joins(on);
+            check();
+            rayon::scope(|_| check());
+        }
+        set_caller_joins(true);
+    }
 
     #[test]
     fn every_chunk_is_visited_once_inline_and_in_parallel() {
