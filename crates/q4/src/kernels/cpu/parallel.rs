@@ -1,7 +1,7 @@
 //! Parallel loops for the CPU kernels, with a cut-off below which work runs inline: waking a
 //! worker costs microseconds, more than a small layer's whole GEMV at decode time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use rayon::prelude::*;
@@ -37,13 +37,31 @@ fn caller_joins() -> bool {
 /// each claims pieces until none are left (the caller from the front, the workers from the
 /// back, so that each streams through adjacent memory), so a worker that wakes late takes fewer.
 fn with_helpers(drain: impl Fn(bool) + Sync) {
+    let helpers = rayon::current_num_threads() - 1;
+    let finished = AtomicUsize::new(0);
     rayon::in_place_scope(|s| {
-        for _ in 1..rayon::current_num_threads() {
-            s.spawn(|_| drain(false));
+        for _ in 0..helpers {
+            s.spawn(|_| {
+                drain(false);
+                finished.fetch_add(1, Ordering::Release);
+            });
         }
         drain(true);
+        // The scope's own wait would put this thread to sleep until the last helper is done,
+        // and waking it costs more than a small call's last piece: spin a while first.
+        let start = std::time::Instant::now();
+        while finished.load(Ordering::Acquire) < helpers {
+            std::hint::spin_loop();
+            if start.elapsed() > SPIN_WAIT {
+                break;
+            }
+        }
     });
 }
+
+/// Longest the caller spins for its helpers before it sleeps: about the wake-up latency it
+/// avoids, short enough not to take a core from the pool for long when its workers are busy.
+const SPIN_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Takes the next pieces off the front or the back of `left`: a share of what is left
 /// (guided self-scheduling: few claims, each a lock whose cache line crosses cores, and small
