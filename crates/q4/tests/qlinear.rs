@@ -476,3 +476,40 @@ fn dense_bf16_weights_agree_with_the_f32_matmul() {
         assert!(e <= 1e-5, "n={n} k={k} batch={batch}: {e}");
     }
 }
+
+/// candle's Q4K matmul (AMX where the host has it, configuring each thread's tiles once) and
+/// q4's tile kernels take turns on one thread: q4 must leave candle's tile configuration in
+/// place. (Before it did, candle's next call faulted with an invalid opcode in `q4 bench
+/// linear`, once q4's kernels also ran on the calling thread.) Elsewhere this is a plain
+/// agreement test.
+#[test]
+fn candle_q4k_and_q4_take_turns_on_one_thread() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor as CandleQTensor};
+    let dev = Device::Cpu;
+    let w = Tensor::randn(0f32, 0.05, (256, 512), &dev).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (64, 512), &dev).unwrap();
+    let q4k = QMatMul::from_qtensor(CandleQTensor::quantize(&w, GgmlDType::Q4K).unwrap()).unwrap();
+    let first = q4k.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+    // Small enough to run on this thread alone, batch 16: q4's tile kernels where AMX is usable.
+    let small = w.narrow(0, 0, 64).unwrap().narrow(1, 0, 256).unwrap();
+    let xs = x
+        .narrow(0, 0, 16)
+        .unwrap()
+        .narrow(1, 0, 256)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    for format in [Format::Nvfp4, Format::Nf4] {
+        let lin = QLinear::new(
+            QTensor::quantize(&small, &QuantSpec::new(format)).unwrap(),
+            None,
+        )
+        .unwrap();
+        let y = lin.forward(&xs).unwrap();
+        let reference = lin.forward_reference(&xs).unwrap();
+        let err = rel_err(&y, &reference);
+        assert!(err < 1e-5, "{format}: {err}");
+        let again = q4k.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(first, again, "candle's Q4K after q4 {format}");
+    }
+}

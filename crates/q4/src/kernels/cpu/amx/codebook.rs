@@ -307,7 +307,7 @@ pub fn matmul(w: &CodebookTiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> 
                 sc.a.slice(slice_max / STEP * UNIT_TILES * PIECES * TILE_STRIDE / 2);
             let scc = sc.c.slice(4 * TILE_WORDS);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
-            unsafe { tile::configure(&cfg) };
+            let tiles = unsafe { tile::Configured::new(&cfg) };
             let mut k0 = 0;
             while k0 < k {
                 let w_cols = slice.min(k - k0);
@@ -357,8 +357,7 @@ pub fn matmul(w: &CodebookTiles<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> 
                 }
                 k0 += w_cols;
             }
-            // SAFETY: this thread configured the tiles above.
-            unsafe { tile::release() };
+            drop(tiles);
         })
     });
     in_range.into_inner()

@@ -214,18 +214,68 @@ impl TileConfig {
 mod tile {
     use super::*;
 
-    /// # Safety
-    /// AMX usable; `cfg` a valid configuration.
-    #[inline(always)]
-    pub unsafe fn configure(cfg: &TileConfig) {
-        asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+    /// The tiles configured for q4's kernels on this thread while it lives; dropping it puts
+    /// back the configuration the thread had before (or none). Other code on the thread may
+    /// rely on its own: candle's AMX kernels configure a thread once and keep using that
+    /// configuration, so releasing the tiles (or leaving q4's configuration in place) under
+    /// them makes their next tile instruction fault (or compute with the wrong tile shapes).
+    pub struct Configured {
+        saved: TileConfig,
     }
 
+    impl Configured {
+        /// Stores the thread's configuration and loads `cfg`.
+        ///
+        /// # Safety
+        /// AMX usable; `cfg` a valid configuration.
+        #[inline(always)]
+        pub unsafe fn new(cfg: &TileConfig) -> Configured {
+            let mut saved = TileConfig([0; 64]);
+            // STTILECFG writes zeros where no configuration is loaded.
+            asm!("sttilecfg [{}]", in(reg) saved.0.as_mut_ptr(), options(nostack));
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            Configured { saved }
+        }
+    }
+
+    impl Drop for Configured {
+        #[inline(always)]
+        fn drop(&mut self) {
+            // SAFETY: a `Configured` exists only where AMX is usable (`new`'s contract); the
+            // saved bytes are a configuration the CPU stored itself, or zeros (palette 0: none
+            // was loaded), for which the tiles are released instead.
+            unsafe {
+                if self.saved.0[0] == 0 {
+                    asm!("tilerelease", options(nostack, nomem));
+                } else {
+                    asm!("ldtilecfg [{}]", in(reg) self.saved.0.as_ptr(), options(nostack, readonly));
+                }
+            }
+        }
+    }
+
+    /// The thread's current tile configuration (zeros where none is loaded).
+    ///
     /// # Safety
-    /// Tiles configured by this thread.
-    #[inline(always)]
-    pub unsafe fn release() {
-        asm!("tilerelease", options(nostack, nomem));
+    /// AMX usable.
+    #[cfg(test)]
+    pub unsafe fn current() -> [u8; 64] {
+        let mut c = TileConfig([0; 64]);
+        asm!("sttilecfg [{}]", in(reg) c.0.as_mut_ptr(), options(nostack));
+        c.0
+    }
+
+    /// Loads `cfg` with nothing to put back, or releases the tiles (`None`): for tests that
+    /// stand in for other code on the thread.
+    ///
+    /// # Safety
+    /// AMX usable; `cfg` a valid configuration.
+    #[cfg(test)]
+    pub unsafe fn set(cfg: Option<&TileConfig>) {
+        match cfg {
+            Some(c) => asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly)),
+            None => asm!("tilerelease", options(nostack, nomem)),
+        }
     }
 
     /// # Safety
@@ -923,7 +973,7 @@ fn matmul_e2m1_with(
             let sa = sc.a.slice(slice_max / STEP * unit_tiles * TILE_STRIDE / 2);
             let scc = sc.c.slice(4 * TILE_WORDS);
             // SAFETY: AMX is usable (asserted above) and the configuration is valid.
-            unsafe { tile::configure(&cfg) };
+            let tiles = unsafe { tile::Configured::new(&cfg) };
             let mut k0 = 0;
             while k0 < k {
                 let w_cols = slice.min(k - k0);
@@ -993,8 +1043,7 @@ fn matmul_e2m1_with(
                 }
                 k0 += w_cols;
             }
-            // SAFETY: this thread configured the tiles above.
-            unsafe { tile::release() };
+            drop(tiles);
         })
     });
     in_range.into_inner()
@@ -1256,6 +1305,76 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A configuration such as candle's AMX kernels load once per thread (tiles 4-5 of 16 rows
+    /// by 32 bytes, 6-7 of 8 rows by 64).
+    fn foreign_config() -> TileConfig {
+        let mut c = TileConfig::full();
+        for t in 4..6 {
+            c.0[16 + 2 * t] = 32;
+        }
+        for t in 6..8 {
+            c.0[48 + t] = 8;
+        }
+        c
+    }
+
+    /// A call that runs on this thread (too small to go parallel) leaves the thread's tile
+    /// configuration as it found it: another kernel's, or none. (It used to release the tiles,
+    /// and candle's next Q4K AMX call on that thread faulted with an invalid opcode.)
+    #[test]
+    fn calls_leave_the_threads_tile_configuration_as_they_found_it() {
+        if !usable() {
+            return;
+        }
+        let (n, k, batch) = (64, 256, 16);
+        assert!(n * k * batch / 8 < super::super::parallel::INLINE_WEIGHTS);
+        let x: Vec<f32> = (0..batch * k)
+            .map(|i| (i % 13) as f32 * 0.1 - 0.6)
+            .collect();
+        let t = nvfp4(n, k, 5);
+        let src = tiles(&t);
+        let (codes, scales): (Vec<u8>, Vec<f32>) = (
+            (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect(),
+            (0..n * k / 64).map(|i| 0.5 + i as f32 * 0.01).collect(),
+        );
+        let cb = codebook::CodebookTiles {
+            codes: &codes,
+            scales: &scales,
+            values: &q4_formats::codebook::NF4,
+            high_first: true,
+            block: 64,
+            n,
+            k,
+            row_bytes: k / 2,
+            row_blocks: k / 64,
+        };
+        let foreign = foreign_config();
+        for before in [Some(&foreign), None] {
+            for call in 0..3 {
+                // SAFETY: AMX usable (checked above); the configuration is valid.
+                unsafe { tile::set(before) };
+                let mut y = vec![0.0; batch * n];
+                let ok = match call {
+                    0 => matmul_e2m1_with(&src, &src.products(), &x, batch, &mut y, true),
+                    1 => matmul_e2m1_with(&src, &src.products(), &x, batch, &mut y, false),
+                    _ => codebook::matmul(&cb, &x, batch, &mut y),
+                };
+                assert!(ok);
+                // SAFETY: AMX usable.
+                let after = unsafe { tile::current() };
+                let want = before.map_or([0; 64], |c| c.0);
+                assert_eq!(
+                    after,
+                    want,
+                    "call {call}, configured before: {}",
+                    before.is_some()
+                );
+            }
+        }
+        // SAFETY: AMX usable.
+        unsafe { tile::set(None) };
     }
 
     static MX_SCALES: LazyLock<[f32; 256]> = LazyLock::new(q4_formats::mxfp4::scale_table);
