@@ -15,6 +15,13 @@ fn min_len(pieces: usize) -> usize {
     (pieces / (4 * rayon::current_num_threads())).max(1)
 }
 
+/// Below this much work (weights touched) a loop called from outside the pool is handed to the
+/// pool whole: the caller would finish its share before the woken worker arrives, then wait
+/// for it. Same-process A/B (`ab_caller_joins`): the AMX calls' activation loops (75-200 K)
+/// made batch-16 calls on 576-wide shapes 1.04-1.26x slower with the caller joining; from
+/// batch-1 GEMVs of 1536x576 (0.9 M) up, joining was 0.84-0.98x the time.
+pub const JOIN_MIN_WEIGHTS: usize = 1 << 19;
+
 static CALLER_JOINS: AtomicBool = AtomicBool::new(true);
 
 /// Turns on or off (default on) the calling thread's share of a parallel loop called from
@@ -27,8 +34,9 @@ pub fn set_caller_joins(on: bool) {
 /// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
 /// being handed to the pool: from a thread outside the pool, which would otherwise sleep while
 /// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
-fn caller_joins() -> bool {
-    rayon::current_thread_index().is_none()
+fn caller_joins(work: usize) -> bool {
+    work >= JOIN_MIN_WEIGHTS
+        && rayon::current_thread_index().is_none()
         && rayon::current_num_threads() > 1
         && CALLER_JOINS.load(Ordering::Relaxed)
 }
@@ -95,7 +103,7 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
-    } else if caller_joins() {
+    } else if caller_joins(work) {
         // The unclaimed pieces and the data they cover.
         let left = Mutex::new((0..data.len().div_ceil(chunk), data));
         with_helpers(|front| loop {
@@ -135,7 +143,7 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
 pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: F) {
     if work < INLINE_WEIGHTS || count <= 1 {
         (0..count).for_each(f);
-    } else if caller_joins() {
+    } else if caller_joins(work) {
         let left = Mutex::new(0..count);
         with_helpers(|front| loop {
             let take = claim(&mut left.lock().unwrap_or_else(|e| e.into_inner()), front);
@@ -183,12 +191,12 @@ mod tests {
                 let seen: Vec<_> = (0..count)
                     .map(|_| std::sync::atomic::AtomicU32::new(0))
                     .collect();
-                for_each_index(count, INLINE_WEIGHTS, |i| {
+                for_each_index(count, JOIN_MIN_WEIGHTS, |i| {
                     seen[i].fetch_add(1, Ordering::Relaxed);
                 });
                 assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
                 let mut v = vec![0u32; count];
-                for_each_chunk_mut(&mut v, chunk, INLINE_WEIGHTS, |i, c| {
+                for_each_chunk_mut(&mut v, chunk, JOIN_MIN_WEIGHTS, |i, c| {
                     c.iter_mut().for_each(|x| *x += i as u32 + 1)
                 });
                 for (j, x) in v.iter().enumerate() {
