@@ -1,6 +1,6 @@
-//! Same-process A/B of the parallel loops' caller share: a GEMV called from the main thread runs
-//! on it and one pool worker (claiming pieces as they go) against handing the whole loop to the
-//! pool. Calls alternate on cache-cold weights (copies rotating over `LLC_MIB` x 3 of memory);
+//! Same-process A/B of the parallel loops' caller share: a matmul called from the main thread
+//! runs its loops on it and the pool's other workers (claiming pieces as they go) against
+//! handing each whole loop to the pool. Calls alternate on cache-cold weights (copies rotating over `LLC_MIB` x 3 of memory);
 //! prints the median µs per call of each and their ratio.
 //!
 //! `cargo run --release -p q4 --example ab_caller_joins [-- SHAPES BATCHES ROUNDS LLC_MIB]`.
