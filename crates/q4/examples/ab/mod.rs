@@ -36,3 +36,67 @@ fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// The command line the cache-cold A/B examples share: `[SHAPES [BATCHES [ROUNDS [LLC_MIB]]]]`.
+#[allow(dead_code)] // not every example that includes this module uses it
+pub struct ColdArgs {
+    pub shapes: String,
+    pub batches: Vec<usize>,
+    pub rounds: usize,
+    pub llc_mib: usize,
+}
+
+#[allow(dead_code)]
+impl ColdArgs {
+    /// From the process arguments, with these defaults for the first two.
+    pub fn parse(shapes: &str, batches: &str) -> ColdArgs {
+        let args: Vec<String> = std::env::args().collect();
+        ColdArgs {
+            shapes: args.get(1).map_or(shapes, |s| s.as_str()).to_string(),
+            batches: args
+                .get(2)
+                .map_or(batches, |s| s.as_str())
+                .split(',')
+                .map(|b| b.parse().expect("batch"))
+                .collect(),
+            rounds: args.get(3).and_then(|v| v.parse().ok()).unwrap_or(200),
+            llc_mib: args.get(4).and_then(|v| v.parse().ok()).unwrap_or(32),
+        }
+    }
+
+    /// For every shape, format and batch: the median µs of `select(true)` against
+    /// `select(false)` on weight copies rotating over 3 x `llc_mib` of memory, one printed row
+    /// each under a header naming the two variants.
+    pub fn run(&self, formats: &[q4::Format], names: (&str, &str), select: &dyn Fn(bool)) {
+        use candle_core::{Device, Module, Tensor};
+        let dev = Device::Cpu;
+        let (on, off) = (format!("{}_us", names.0), format!("{}_us", names.1));
+        println!("shape        format batch copies  {on:>14} {off:>14}  ratio");
+        for shape in self.shapes.split(',') {
+            let (n, k) = parse_shape(shape);
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+            for &format in formats {
+                let copies = ((3 * self.llc_mib) << 20) / (n * k * 9 / 16) + 1;
+                let lins: Vec<q4::QLinear> = (0..copies)
+                    .map(|_| {
+                        let spec = q4::QuantSpec::new(format);
+                        let q = q4::QTensor::quantize(&w, &spec).unwrap();
+                        q4::QLinear::new(q, None).unwrap()
+                    })
+                    .collect();
+                for &batch in &self.batches {
+                    let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
+                    let rounds = self.rounds.max(copies);
+                    let (a, b) = interleave(rounds, 10, copies, select, &|c| {
+                        std::hint::black_box(lins[c].forward(&x).unwrap());
+                    });
+                    println!(
+                        "{shape:<12} {:<6} {batch:>5} {copies:>6} {a:>16.1} {b:>14.1} {:>6.3}",
+                        format.name(),
+                        a / b
+                    );
+                }
+            }
+        }
+    }
+}
