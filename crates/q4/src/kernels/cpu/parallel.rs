@@ -219,6 +219,30 @@ mod tests {
         set_caller_joins(true);
     }
 
+    /// Several threads outside the pool run loops at once (each joining its own with the shared
+    /// workers): every result is right, nothing deadlocks.
+    #[test]
+    fn concurrent_callers_outside_the_pool_each_get_their_loop_done() {
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build_global();
+        std::thread::scope(|s| {
+            for t in 0..3u32 {
+                s.spawn(move || {
+                    for round in 0..50u32 {
+                        let mut v = vec![0u32; 4099];
+                        for_each_chunk_mut(&mut v, 64, JOIN_MIN_WEIGHTS, |i, c| {
+                            c.iter_mut().for_each(|x| *x = t * 1000 + round + i as u32)
+                        });
+                        for (j, x) in v.iter().enumerate() {
+                            assert_eq!(*x, t * 1000 + round + (j / 64) as u32);
+                        }
+                    }
+                });
+            }
+        });
+    }
+
     #[test]
     fn every_chunk_is_visited_once_inline_and_in_parallel() {
         for work in [0, INLINE_WEIGHTS] {
