@@ -20,8 +20,9 @@ fn min_len(pieces: usize) -> usize {
 /// Below this much work (weights touched) a loop called from outside the pool is handed to the
 /// pool whole: the caller would finish its share before the woken worker arrives, then wait
 /// for it. Same-process A/B (`ab_caller_joins`): the AMX calls' activation loops (75-200 K)
-/// made batch-16 calls on 576-wide shapes 1.04-1.26x slower with the caller joining; from
-/// batch-1 GEMVs of 1536x576 (0.9 M) up, joining was 0.84-0.98x the time.
+/// made batch-16 calls on 576-wide shapes 1.04-1.26x slower with the caller joining; with this
+/// floor, batch-1 GEMVs (from 1536x576, 0.9 M) took 0.86-0.99x the time and no point of
+/// batches 1-16 over 1.01x (`scripts/cpu/results/ab-caller-joins-2026-11-27-s15.txt`).
 pub const JOIN_MIN_WEIGHTS: usize = 1 << 19;
 
 static CALLER_JOINS: AtomicBool = AtomicBool::new(true);

@@ -214,6 +214,30 @@ impl TileConfig {
 mod tile {
     use super::*;
 
+    /// The thread's tile configuration (zeros where none is loaded).
+    ///
+    /// # Safety
+    /// AMX usable.
+    #[inline(always)]
+    pub unsafe fn stored() -> TileConfig {
+        let mut c = TileConfig([0; 64]);
+        asm!("sttilecfg [{}]", in(reg) c.0.as_mut_ptr(), options(nostack));
+        c
+    }
+
+    /// Loads `cfg`, or releases the tiles where it is all zeros (palette 0: no configuration).
+    ///
+    /// # Safety
+    /// AMX usable; `cfg` a valid configuration or zeros.
+    #[inline(always)]
+    pub unsafe fn load(cfg: &TileConfig) {
+        if cfg.0[0] == 0 {
+            asm!("tilerelease", options(nostack, nomem));
+        } else {
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+        }
+    }
+
     /// The tiles configured for q4's kernels on this thread while it lives; dropping it puts
     /// back the configuration the thread had before (or none). Other code on the thread may
     /// rely on its own: candle's AMX kernels configure a thread once and keep using that
@@ -230,10 +254,8 @@ mod tile {
         /// AMX usable; `cfg` a valid configuration.
         #[inline(always)]
         pub unsafe fn new(cfg: &TileConfig) -> Configured {
-            let mut saved = TileConfig([0; 64]);
-            // STTILECFG writes zeros where no configuration is loaded.
-            asm!("sttilecfg [{}]", in(reg) saved.0.as_mut_ptr(), options(nostack));
-            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly));
+            let saved = stored();
+            load(cfg);
             Configured { saved }
         }
     }
@@ -242,39 +264,9 @@ mod tile {
         #[inline(always)]
         fn drop(&mut self) {
             // SAFETY: a `Configured` exists only where AMX is usable (`new`'s contract); the
-            // saved bytes are a configuration the CPU stored itself, or zeros (palette 0: none
-            // was loaded), for which the tiles are released instead.
-            unsafe {
-                if self.saved.0[0] == 0 {
-                    asm!("tilerelease", options(nostack, nomem));
-                } else {
-                    asm!("ldtilecfg [{}]", in(reg) self.saved.0.as_ptr(), options(nostack, readonly));
-                }
-            }
-        }
-    }
-
-    /// The thread's current tile configuration (zeros where none is loaded).
-    ///
-    /// # Safety
-    /// AMX usable.
-    #[cfg(test)]
-    pub unsafe fn current() -> [u8; 64] {
-        let mut c = TileConfig([0; 64]);
-        asm!("sttilecfg [{}]", in(reg) c.0.as_mut_ptr(), options(nostack));
-        c.0
-    }
-
-    /// Loads `cfg` with nothing to put back, or releases the tiles (`None`): for tests that
-    /// stand in for other code on the thread.
-    ///
-    /// # Safety
-    /// AMX usable; `cfg` a valid configuration.
-    #[cfg(test)]
-    pub unsafe fn set(cfg: Option<&TileConfig>) {
-        match cfg {
-            Some(c) => asm!("ldtilecfg [{}]", in(reg) c.0.as_ptr(), options(nostack, readonly)),
-            None => asm!("tilerelease", options(nostack, nomem)),
+            // saved bytes are a configuration the CPU stored itself, or zeros (none was loaded:
+            // the tiles are released).
+            unsafe { load(&self.saved) };
         }
     }
 
@@ -1353,8 +1345,8 @@ mod tests {
         let foreign = foreign_config();
         for before in [Some(&foreign), None] {
             for call in 0..3 {
-                // SAFETY: AMX usable (checked above); the configuration is valid.
-                unsafe { tile::set(before) };
+                // SAFETY: AMX usable (checked above); the configuration is valid or none.
+                unsafe { tile::load(before.unwrap_or(&TileConfig([0; 64]))) };
                 let mut y = vec![0.0; batch * n];
                 let ok = match call {
                     0 => matmul_e2m1_with(&src, &src.products(), &x, batch, &mut y, true),
@@ -1363,7 +1355,7 @@ mod tests {
                 };
                 assert!(ok);
                 // SAFETY: AMX usable.
-                let after = unsafe { tile::current() };
+                let after = unsafe { tile::stored() }.0;
                 let want = before.map_or([0; 64], |c| c.0);
                 assert_eq!(
                     after,
@@ -1373,8 +1365,8 @@ mod tests {
                 );
             }
         }
-        // SAFETY: AMX usable.
-        unsafe { tile::set(None) };
+        // SAFETY: AMX usable; zeros release the tiles.
+        unsafe { tile::load(&TileConfig([0; 64])) };
     }
 
     static MX_SCALES: LazyLock<[f32; 256]> = LazyLock::new(q4_formats::mxfp4::scale_table);
