@@ -4,7 +4,9 @@
 //! * [`dequant`]: whole-tensor decode, bit-exact with the CPU;
 //! * [`quant`]: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
 //! * [`gemv`]: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
-//! * [`gemm`]: larger batches: chunks of the weight (128 MB at M >= 2048, up to 512 MB below)
+//! * [`gemm_sm90`]: larger batches on Hopper, NVFP4 with bf16 activations: the weight decoded
+//!   tile by tile into shared memory and multiplied with `wgmma`;
+//! * [`gemm`]: larger batches otherwise: chunks of the weight (128 MB at M >= 2048, up to 512 MB below)
 //!   decoded to bf16/f16/f32, then cuBLAS;
 //! * [`w4a4`]: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;
 //! * [`blackwell`]: the native block-scaled FP4 kernels' addressing, emulated on the CPU as
@@ -19,6 +21,8 @@ pub mod plan;
 pub mod dequant;
 #[cfg(feature = "cuda")]
 pub mod gemm;
+#[cfg(feature = "cuda")]
+pub mod gemm_sm90;
 #[cfg(feature = "cuda")]
 pub mod gemv;
 #[cfg(feature = "cuda")]
@@ -81,6 +85,8 @@ pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend:
         && x.ptr.is_multiple_of(16);
     if fused {
         gemv::matmul_act(&kernels, w, x)
+    } else if gemm_sm90::supports(&kernels, w, x) {
+        gemm_sm90::matmul_act(&kernels, w, x)
     } else {
         gemm::matmul_act(&kernels, w, x)
     }

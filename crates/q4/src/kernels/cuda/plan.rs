@@ -6,8 +6,9 @@ use serde::Serialize;
 
 use crate::Format;
 
-/// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches
-/// dequantize chunks of the weight (128 MB at M >= 2048, up to 512 MB below) and run cuBLAS.
+/// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches take
+/// the fused wgmma GEMM on Hopper (NVFP4, bf16 activations, K % 256 == 0) or dequantize chunks
+/// of the weight (128 MB at M >= 2048, up to 512 MB below) and run cuBLAS.
 pub const FUSED_MAX_BATCH: usize = 64;
 
 /// The kernels a format uses on one device.
@@ -29,6 +30,11 @@ pub fn arch_supported(cc: (u32, u32)) -> bool {
 /// `mma.sync.m16n8k16` with f16 operands (sm_80+), used by the fused GEMV.
 pub fn has_mma_f16(cc: (u32, u32)) -> bool {
     cc >= (8, 0)
+}
+
+/// Hopper's warpgroup MMA (`wgmma`, sm_90a only), used by the fused prefill GEMM.
+pub fn has_wgmma(cc: (u32, u32)) -> bool {
+    cc == (9, 0)
 }
 
 /// Blackwell FP4 tensor cores.
@@ -55,6 +61,7 @@ pub mod names {
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
+    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused NVFP4 decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0, else dequant + cuBLAS)";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
@@ -124,9 +131,14 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
         (Format::Nvfp4, None) => names::W4A4_EXACT,
         _ => names::NOT_APPLICABLE,
     };
+    let prefill = if has_wgmma(cc) && format == Format::Nvfp4 {
+        names::GEMM_WGMMA
+    } else {
+        names::DEQUANT_CUBLAS
+    };
     CudaPlan {
         decode,
-        prefill: names::DEQUANT_CUBLAS,
+        prefill,
         w4a4,
     }
 }
@@ -141,6 +153,11 @@ mod tests {
         assert_eq!(h100.decode, names::GEMV_MMA_ARITH);
         assert_eq!(plan((9, 0), Format::Nf4).decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
+        // The fused prefill GEMM needs wgmma (sm_90a only) and serves NVFP4.
+        assert_eq!(h100.prefill, names::GEMM_WGMMA);
+        assert_eq!(plan((9, 0), Format::Nf4).prefill, names::DEQUANT_CUBLAS);
+        assert_eq!(plan((12, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
+        assert_eq!(plan((8, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((12, 1), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM120);
         // sm_100 has FP4 tensor cores but no q4 kernel for them (tcgen05): exact emulation.
         assert!(has_fp4_tensor_cores((10, 0)));

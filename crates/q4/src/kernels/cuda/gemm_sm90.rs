@@ -1,0 +1,224 @@
+//! Fused prefill GEMM on Hopper (`cu/gemm_sm90.cu`): the NVFP4 weight is decoded tile by tile
+//! straight into `wgmma`'s register operand (bf16, f32 accumulation) while the tokens stream
+//! through shared memory, so a large batch never writes a decoded copy of the weight to device
+//! memory as the chunked dequantize + cuBLAS path does. Tiles arrive by TMA (tensor maps built
+//! here per call).
+//!
+//! Serves NVFP4 weights with bf16 activations on compute capability 9.0, K a multiple of 256,
+//! batches above the GEMV's; everything else keeps the chunked path. `Q4_GEMM_FUSED=0` turns it
+//! off (same-process A/B against the chunked path).
+
+use std::ffi::c_void;
+
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    self as cu, CUfunction_attribute_enum, CUtensorMap, CUtensorMapDataType,
+    CUtensorMapFloatOOBfill, CUtensorMapInterleave, CUtensorMapL2promotion, CUtensorMapSwizzle,
+};
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::DType;
+
+use super::dequant::device_parts;
+use super::module_cache::{self, DeviceKernels};
+use super::util::{device_ptr, empty_storage, launched, storage_ptr, Act};
+use crate::error::{Error, Result};
+use crate::qtensor::QTensor;
+use crate::Format;
+
+/// Weight rows and tokens per block (`BM`, `BN` in the kernel).
+const BLOCK_ROWS: usize = 128;
+const BLOCK_TOKENS: usize = 256;
+/// K per pipeline step.
+const STEP_K: usize = 64;
+/// K granularity the kernel needs: one 16-byte scale copy covers four steps.
+const K_MULTIPLE: usize = 4 * STEP_K;
+
+/// Ring stages of the kernel's pipeline (`Q4_GEMM_STAGES`, 2-5, for tuning).
+fn stages() -> usize {
+    static S: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        std::env::var("Q4_GEMM_STAGES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|s| (2..=5).contains(s))
+            .unwrap_or(4)
+    });
+    *S
+}
+
+/// Dynamic shared memory of the kernel for `stages` (its `SMEM_BYTES`): per stage the token
+/// tile, the code bytes and the scale bytes; 1 KiB of alignment slack.
+pub fn smem_bytes(stages: usize) -> usize {
+    let stage = BLOCK_TOKENS * STEP_K * 2 + BLOCK_ROWS * STEP_K / 2 + BLOCK_ROWS * 16;
+    stages * stage + 1024
+}
+
+/// Whether the fused kernel is switched on: `Q4_GEMM_FUSED=0` turns it off, unless
+/// [`set_enabled_for_tests`] decided.
+pub fn enabled() -> bool {
+    static ON: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| std::env::var("Q4_GEMM_FUSED").ok().is_none_or(|v| v != "0"));
+    match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *ON,
+    }
+}
+
+/// 0: the environment decides; 1: on; 2: off.
+static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Forces the fused kernel on or off (`None`: the environment decides), so that a test can
+/// compare it with the chunked path in one process.
+#[doc(hidden)]
+pub fn set_enabled_for_tests(on: Option<bool>) {
+    let v = match on {
+        None => 0,
+        Some(true) => 1,
+        Some(false) => 2,
+    };
+    FORCED.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether this call can take the fused kernel: see the module documentation.
+pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
+    let (_, kdim) = w.rows_cols();
+    super::plan::has_wgmma(k.cc)
+        && enabled()
+        && w.format() == Format::Nvfp4
+        && x.dtype == DType::BF16
+        && kdim.is_multiple_of(K_MULTIPLE)
+        && x.ptr.is_multiple_of(16)
+}
+
+/// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
+#[repr(C, align(64))]
+struct TensorMapArg(CUtensorMap);
+
+// SAFETY: a plain 128-byte, 64-byte aligned struct of integers, copied into the kernel's
+// parameter space as the kernel's `TensorMap` parameter expects.
+unsafe impl DeviceRepr for TensorMapArg {}
+
+/// A 2-D tensor map over `shape` = (rows, cols) elements of `dtype` (u8 or bf16) at device
+/// address `ptr` (row stride `cols` elements), copied in boxes of `tile` = (rows, cols); rows
+/// past the end read as zeros.
+fn tensor_map(
+    ptr: u64,
+    dtype: CUtensorMapDataType,
+    shape: (usize, usize),
+    tile: (u32, u32),
+    swizzle: CUtensorMapSwizzle,
+) -> Result<TensorMapArg> {
+    let ((rows, cols), (box_rows, box_cols)) = (shape, tile);
+    let elem_bytes = match dtype {
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 => 2,
+        _ => 1,
+    };
+    let dims = [cols as u64, rows as u64];
+    let strides = [(cols * elem_bytes) as u64];
+    let boxes = [box_cols, box_rows];
+    let elem_strides = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<CUtensorMap>::zeroed();
+    // SAFETY: all arrays hold `rank` (2) entries (strides rank - 1); `map` is a writable
+    // CUtensorMap; the driver only encodes the description (nothing is read from `ptr`).
+    let rc = unsafe {
+        cu::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            dtype,
+            2,
+            ptr as *mut c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle,
+            CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+            CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != cu::CUresult::CUDA_SUCCESS {
+        return Err(Error::msg(format!(
+            "cuTensorMapEncodeTiled failed for a {rows}x{cols} operand (box {box_rows}x{box_cols}): {rc:?}"
+        )));
+    }
+    // SAFETY: initialised by the successful call above.
+    Ok(TensorMapArg(unsafe { map.assume_init() }))
+}
+
+/// `y[batch, n] = x Wᵀ` (bf16 activations and output, f32 accumulation).
+pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaStorage> {
+    let (n, kdim) = w.rows_cols();
+    let m = x.batch;
+    let dev = x.dev;
+    let stages = stages();
+    // Kernel development: Q4_GEMM_PROBE=2 drops the decode, 3 the wgmmas (wrong results; for
+    // timing where the step's time goes).
+    let probe = std::env::var("Q4_GEMM_PROBE")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(0);
+    let defines = [("STAGES", stages as i64), ("PROBE", probe)];
+    let func = k.function_for_arch(
+        "gemm_sm90",
+        module_cache::GEMM_SM90,
+        &defines,
+        "gemm_sm90",
+        "sm_90a",
+    )?;
+    let smem = smem_bytes(stages);
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| {
+        Error::msg(format!(
+            "the fused GEMM needs {smem} bytes of shared memory per block: {e}"
+        ))
+    })?;
+    let parts = device_parts(w)?;
+    let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
+    if !codes.is_multiple_of(16) || !scales.is_multiple_of(16) {
+        return Err(Error::msg(
+            "the fused GEMM needs 16-byte aligned codes and scales",
+        ));
+    }
+    use CUtensorMapDataType::{
+        CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 as BF16, CU_TENSOR_MAP_DATA_TYPE_UINT8 as U8,
+    };
+    use CUtensorMapSwizzle::{
+        CU_TENSOR_MAP_SWIZZLE_128B as SW128, CU_TENSOR_MAP_SWIZZLE_NONE as FLAT,
+    };
+    let (bt, br, sk) = (BLOCK_TOKENS as u32, BLOCK_ROWS as u32, STEP_K as u32);
+    let x_map = tensor_map(x.ptr, BF16, (m, kdim), (bt, sk), SW128)?;
+    let code_map = tensor_map(codes, U8, (n, kdim / 2), (br, sk / 2), FLAT)?;
+    let scale_map = tensor_map(scales, U8, (n, kdim / 16), (br, 16), FLAT)?;
+    let y = empty_storage(dev, DType::BF16, m * n)?;
+    let yp = storage_ptr(&y, 0)?;
+    // Operands are value * scale * 2^-7 (see the kernel): 128 and the tensor scale come back here.
+    let wfactor = w.scale2() * 128.0;
+    let (m_i, n_i, k_i) = (m as i32, n as i32, kdim as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            n.div_ceil(BLOCK_ROWS) as u32,
+            m.div_ceil(BLOCK_TOKENS) as u32,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&func);
+    b.arg(&x_map)
+        .arg(&code_map)
+        .arg(&scale_map)
+        .arg(&yp)
+        .arg(&m_i)
+        .arg(&n_i)
+        .arg(&k_i)
+        .arg(&wfactor);
+    // SAFETY: the tensor maps describe x (m x k bf16), the codes (n x k/2 bytes) and the scales
+    // (n x k/16 E4M3 bytes), all 16-byte aligned, with k a multiple of 256; y holds m*n bf16;
+    // the block uses `smem` bytes of dynamic shared memory, allowed just above.
+    launched("gemm_sm90", unsafe { b.launch(cfg) })?;
+    Ok(y)
+}

@@ -1,0 +1,324 @@
+// Fused 4-bit prefill GEMM for Hopper (sm_90a): y[m, n] = wfactor * sum_k W[n, k] x[m, k] with
+// the NVFP4 weight decoded straight into wgmma's register operand, never written to memory.
+//
+// Blocks run in pairs (a cluster of two along the weight rows) that share their token tile:
+// each block copies half of it to both (TMA multicast), which halves the bytes the token tiles
+// take from L2 (the operand re-read by every block row, and L2 bandwidth is what this kernel
+// runs short of); a stage is refilled only once both blocks have retired it.
+//
+// A block computes 128 weight rows x 256 tokens with two warpgroups; warpgroup wg owns weight
+// rows 64wg .. 64wg + 63 and issues wgmma.m64n256k16 with A from registers (its decoded weight
+// rows) and B = the block's token tile in shared memory (K-major, 128-byte swizzle), f32
+// accumulators in registers (the weight rows are wgmma's M, so the output tile is transposed
+// through shared memory at the end).
+//
+// Tensor-memory-accelerator copies (TMA) bring each 64-wide K step's token tile (256 x 64
+// bf16), code bytes (128 x 32) and scale bytes (128 x 16: the four steps around this one) into a
+// ring of STAGES stages; one thread issues step kt + STAGES - 1's copies as soon as both
+// warpgroups have retired step kt - 1's wgmmas (mbarriers `loaded` and `free`). Each thread
+// decodes its own A fragments of step kt + 1 (two weight rows, 32 weights; three fragment sets
+// in rotation) from the staged code bytes while steps kt - 1 and kt's wgmmas run: a code byte's two E2M1 nibbles become a bf16 pair with
+// their bits placed in the exponent field (value * 2^-126) times the row's E4M3 scale
+// pre-multiplied by 2^119, exact; the pair (k, k + 1) is one register of the fragment.
+//
+// Rows past N and tokens past M are zero-filled by the TMA (never stored). Needs K % 256 == 0
+// (the scale copy is 16 bytes wide).
+//
+// Operands are exactly the chunked path's (bf16 value * E4M3 scale, times 2^-7 here), so the
+// two paths differ only in f32 summation order.
+//
+// Defines: STAGES (2..5), PROBE (kernel development: 2 skips the decode, 3 the wgmmas).
+
+#ifndef STAGES
+#define STAGES 4
+#endif
+#ifndef PROBE
+#define PROBE 0
+#endif
+#define BM 128
+#define BN 256
+#define BK 64
+#define X_BYTES (BN * BK * 2)      // token tile: 256 rows of 128 bytes
+#define C_BYTES (BM * BK / 2)      // code bytes: 128 rows of 32
+#define S_BYTES (BM * 16)          // scale bytes: 128 rows of 16
+#define STAGE_BYTES (X_BYTES + C_BYTES + S_BYTES)
+#define SMEM_BYTES (STAGES * STAGE_BYTES + 1024)
+
+#define MAG_POS 6
+#define ARITH_PRE 6.64613997892457936e35f /* 2^119 */
+
+struct __align__(64) TensorMap {
+    u64 opaque[16];
+};
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n"
+        ".reg .pred done;\n"
+        "WAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n"
+        "}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+// The same box delivered to the same shared-memory offset (and mbarrier) of every block of the
+// cluster in `mask`.
+__device__ __forceinline__ void tma_load_2d_multicast(u32 dst, const TensorMap* map, int c0, int c1, u32 bar, u16 mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+        : "memory");
+}
+// Arrival on the mbarrier at shared address `bar` of cluster block `rank`.
+__device__ __forceinline__ void mbar_arrive_cluster(u32 bar, u32 rank) {
+    asm volatile(
+        "{\n"
+        ".reg .b32 remote;\n"
+        "mapa.shared::cluster.u32 remote, %0, %1;\n"
+        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n"
+        "}\n" ::"r"(bar),
+        "r"(rank)
+        : "memory");
+}
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ u32 cluster_rank() {
+    u32 r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+// 2-D TMA copy of the box at element coordinates (c0 inner, c1 outer) into shared memory.
+__device__ __forceinline__ void tma_load_2d(u32 dst, const TensorMap* map, int c0, int c1, u32 bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
+        "l"((u64)map), "r"(c0), "r"(c1), "r"(bar)
+        : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// Keeps the compiler from moving accumulator accesses across the asynchronous wgmmas.
+__device__ __forceinline__ void fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ u64 desc_sw128(u32 addr) {
+    return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// Exact product of a bf16 pair and a splatted scale (the -0 addend keeps signed zeros).
+__device__ __forceinline__ u32 pair_scale(u32 a, u32 s) {
+    u32 d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(s), "r"(0x80008000u));
+    return d;
+}
+// bf16 pair (low nibble, high nibble) of the byte of `w` that `sel` (0x4440 | byte) picks, as
+// value * 2^-126: the byte is copied 12 bits up, so both magnitudes move into place with one
+// shift (bits 0-2 -> 6-8, 16-18 -> 22-24) and both signs with another (bits 3 -> 15, 19 -> 31).
+__device__ __forceinline__ u32 e2m1_byte_pair(u32 w, u32 sel) {
+    const u32 v = prmt(w, 0u, sel) * 0x1001u;
+    return ((v << 6) & 0x01c001c0u) | ((v << 12) & 0x80008000u);
+}
+// D[64 x 256] += A[64 x 16] * B[16 x 256]: A from registers (the m16n8k16 A-fragment layout per
+// warp, rows 16w .. 16w + 15), B from shared memory (K-major, 128-byte swizzle), f32
+// accumulators in the m64n256 fragment layout.
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %133, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+        "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+          "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+          "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+          "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+          "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+          "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+          "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+          "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+          "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "n"(1));
+}
+
+__shared__ u32 scale_tab[256];
+__shared__ __align__(8) u64 bars[2 * STAGES];
+
+// A fragments of one 64-wide step: 4 k16 slices x 4 registers.
+struct Frags {
+    u32 a[4][4];
+};
+
+extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256, 1)
+gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ TensorMap code_map,
+          const __grid_constant__ TensorMap scale_map, u16* __restrict__ y, int M, int N, int K,
+          float wfactor) {
+    extern __shared__ u8 dyn[];
+    const u32 tid = threadIdx.x;
+    const int wg = (int)(tid >> 7);
+    {
+        const u16 h = f32_to_bf16(e4m3_decode(tid) * ARITH_PRE);
+        scale_tab[tid] = (u32)h | ((u32)h << 16);
+    }
+    // The swizzle pattern repeats every 1024 bytes: tiles start on such a boundary.
+    const u32 base = (smem_addr(dyn) + 1023u) & ~1023u;
+    u8* const gbase = dyn + (base - smem_addr(dyn));
+    const u32 bar0 = smem_addr(bars);
+#define LOADED(s) (bar0 + 8u * (u32)(s))
+#define FREE(s) (bar0 + 8u * (u32)(STAGES + (s)))
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) {
+            mbar_init(LOADED(s), 1);
+            mbar_init(FREE(s), 512);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    // Both blocks' barriers exist before either block's copies or arrivals reach them.
+    cluster_sync();
+    const u32 rank = cluster_rank(), peer = rank ^ 1u;
+    const int n0 = (int)blockIdx.x * BM, m0 = (int)blockIdx.y * BN;
+    const int steps = K / BK;
+#define X_AT(s) (base + (u32)(s) * STAGE_BYTES)
+#define C_AT(s) (X_AT(s) + X_BYTES)
+#define S_AT(s) (C_AT(s) + C_BYTES)
+
+    auto issue = [&](int kt) {
+        const int s = kt % STAGES;
+        if (kt >= STAGES) mbar_wait(FREE(s), (u32)((kt / STAGES) - 1) & 1u);
+        mbar_expect_tx(LOADED(s), X_BYTES + C_BYTES + S_BYTES);
+        // This block's half of the token tile, to both blocks of the pair.
+        tma_load_2d_multicast(X_AT(s) + rank * (X_BYTES / 2), &x_map, kt * BK, m0 + (int)rank * (BN / 2),
+                              LOADED(s), (u16)3);
+        tma_load_2d(C_AT(s), &code_map, kt * (BK / 2), n0, LOADED(s));
+        tma_load_2d(S_AT(s), &scale_map, (kt >> 2) * 16, n0, LOADED(s));
+    };
+
+    // This thread's fragment rows (16w + g and + 8 of its warpgroup's 64) and byte column t.
+    const int warp = (int)(tid >> 5) & 3, lane = (int)(tid & 31), g = lane >> 2, t = lane & 3;
+    const int row = 64 * wg + 16 * warp + g;
+    const u32 sel = 0x4440u | (u32)t;
+
+    // Waits for step kt's copies and decodes its fragments.
+    auto decode = [&](Frags& f, int kt) {
+        const int s = kt % STAGES;
+        mbar_wait(LOADED(s), (u32)(kt / STAGES) & 1u);
+        if (PROBE == 2) return;
+        const u8* cp = gbase + (C_AT(s) - base);
+        const u8* sp = gbase + (S_AT(s) - base) + 4 * (kt & 3);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = row + 8 * h;
+            const uint4 lo = *(const uint4*)(cp + r * 32);
+            const uint4 hi = *(const uint4*)(cp + r * 32 + 16);
+            const u32 sc4 = *(const u32*)(sp + r * 16);
+            const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                // k16 slice j = 16-element block j of the step: words 2j (k 2t, 2t+1) and
+                // 2j + 1 (k 2t+8, 2t+9), byte t of each.
+                const u32 sc = scale_tab[(sc4 >> (8 * j)) & 0xffu];
+                f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);  // a0 / a1
+                f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);  // a2 / a3
+            }
+        }
+    };
+
+    float acc[128];
+#pragma unroll
+    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
+    if (tid == 0)
+        for (int kt = 0; kt < STAGES - 1 && kt < steps; kt++) issue(kt);
+    __syncwarp();  // the wgmma instructions below need the whole warp converged
+
+    // Step kt's wgmmas from `cur`; then step kt + 1's decode into `next` (last read by step
+    // kt - 2's wgmmas, retired) while steps kt - 1 and kt run; then step kt - 1's retirement
+    // frees its stage.
+    auto step = [&](Frags& cur, Frags& next, int kt) {
+        const int s = kt % STAGES;
+        wgmma_fence();
+        fence_acc(acc);
+        const u32 b_addr = X_AT(s);
+#pragma unroll
+        for (int ks = 0; ks < BK / 16 && PROBE != 3; ks++)
+            wgmma_m64n256k16_rs(acc, cur.a[ks][0], cur.a[ks][1], cur.a[ks][2], cur.a[ks][3],
+                                desc_sw128(b_addr + 32 * ks));
+        wgmma_commit();
+        if (kt + 1 < steps) decode(next, kt + 1);
+        wgmma_wait<1>();
+        fence_acc(acc);
+        if (kt > 0) {
+            mbar_arrive(FREE((kt - 1) % STAGES));
+            mbar_arrive_cluster(FREE((kt - 1) % STAGES), peer);
+        }
+        if (tid == 0 && kt + STAGES - 1 < steps) issue(kt + STAGES - 1);
+        __syncwarp();
+    };
+    Frags fa, fb, fc;
+    decode(fa, 0);
+    int kt = 0;
+    for (; kt + 2 < steps; kt += 3) {
+        step(fa, fb, kt);
+        step(fb, fc, kt + 1);
+        step(fc, fa, kt + 2);
+    }
+    if (kt < steps) step(fa, fb, kt);
+    if (kt + 1 < steps) step(fb, fc, kt + 1);
+    wgmma_wait<0>();
+    fence_acc(acc);
+
+    // Epilogue: the warpgroup's 64 x 256 tile, transposed through shared memory (rows of 72
+    // so that the fragment stores do not conflict), then 16-byte stores along y's rows.
+    __syncthreads();
+    u16* stg = (u16*)gbase + wg * (BN * 72);
+#pragma unroll
+    for (int j = 0; j < 32; j++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int token = 8 * j + 2 * t + (i & 1), r = 16 * warp + g + 8 * (i >> 1);
+            stg[token * 72 + r] = f32_to_bf16(acc[4 * j + i] * wfactor);
+        }
+    asm volatile("bar.sync %0, 128;" ::"r"(wg + 1) : "memory");
+    const bool vec = (N & 7) == 0;
+    for (int c = (int)(tid & 127); c < BN * 8; c += 128) {
+        const int token = c >> 3, ch = c & 7;
+        const int m = m0 + token, n = n0 + 64 * wg + 8 * ch;
+        if (m >= M || n >= N) continue;
+        const u16* src = stg + token * 72 + 8 * ch;
+        if (vec) {
+            *(uint4*)(y + (i64)m * N + n) = *(const uint4*)src;
+        } else {
+            for (int e = 0; e < 8 && n + e < N; e++) y[(i64)m * N + n + e] = src[e];
+        }
+    }
+    // The peer's last arrivals on this block's barriers may still be on their way.
+    cluster_sync();
+}
