@@ -136,13 +136,15 @@ fn nvrtc_compiles_every_kernel_family() {
 }
 
 /// The fused prefill GEMM needs `wgmma`, which exists only for sm_90a: it compiles there for
-/// every pipeline depth, and NVRTC refuses it for plain sm_90.
+/// both weight families and every pipeline depth, and NVRTC refuses it for plain sm_90.
 #[test]
 fn nvrtc_compiles_the_wgmma_gemm_for_sm90a_only() {
-    for stages in 2..=5 {
-        let src = source(module_cache::GEMM_SM90, &[("STAGES", stages)]);
-        compile_cubin("gemm_sm90", &src, "sm_90a")
-            .unwrap_or_else(|e| panic!("STAGES {stages}: {e}"));
+    for fmt in [0, 2] {
+        for stages in 2..=5 {
+            let src = source(module_cache::GEMM_SM90, &[("STAGES", stages), ("FMT", fmt)]);
+            compile_cubin("gemm_sm90", &src, "sm_90a")
+                .unwrap_or_else(|e| panic!("FMT {fmt} STAGES {stages}: {e}"));
+        }
     }
     let src = source(module_cache::GEMM_SM90, &[("STAGES", 4)]);
     assert!(compile_cubin("gemm_sm90", &src, "sm_90").is_err());
@@ -468,23 +470,33 @@ fn chunked_gemm_matches_the_f32_reference() {
     q4::kernels::cuda::gemm::set_chunk_rows_for_tests(0);
 }
 
-/// The fused Hopper prefill GEMM (NVFP4, bf16 activations; runs only on compute capability
-/// 9.0): against the f32 reference and against the chunked dequantize + cuBLAS path in the same
-/// process, over K of one scale copy (256), partial row and token tiles, rows not a multiple of 8 (element
+/// The fused Hopper prefill GEMM (NVFP4, NF4, FP4 with blocks of 128; bf16 activations; runs
+/// only on compute capability 9.0): against the f32 reference and against the chunked
+/// dequantize + cuBLAS path in the same process, over K of one scale copy (256; FP4's blocks of
+/// 128 need 512, so there both sides take the chunked path), partial row and token tiles, rows not a multiple of 8 (element
 /// stores) and a weight narrower than one tile.
 #[test]
 fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
     let Some(dev) = gpu() else { return };
-    let spec = QuantSpec::new(Format::Nvfp4);
-    for (n, k) in [
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Fp4).with_block(128),
+    ];
+    let shapes = [
         (128usize, 256usize),
         (300, 1024),
         (8, 4096),
         (1003, 512),
         (2048, 2560),
-    ] {
+    ];
+    for (spec, (n, k)) in specs
+        .iter()
+        .flat_map(|s| shapes.iter().map(move |&nk| (s, nk)))
+    {
+        let f = spec.format;
         let w = Tensor::from_vec(data(n * k, (n + 3 * k) as u64), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, &spec).unwrap();
+        let q = QTensor::quantize(&w, spec).unwrap();
         let wd = q.dequantize(DType::F32).unwrap();
         let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
         for b in [65usize, 256, 300, 513] {
@@ -506,14 +518,20 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
             assert_eq!(fused.dims(), &[b, n]);
             assert_eq!(fused.dtype(), DType::BF16);
             let e = rel_err(&fused, &reference);
-            assert!(e <= 4e-3, "{n}x{k} batch {b}: fused rel. error {e:.2e}");
+            assert!(
+                e <= 4e-3,
+                "{f:?} {n}x{k} batch {b}: fused rel. error {e:.2e}"
+            );
             let chunked32 = chunked
                 .to_device(&Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
             let d = rel_err(&fused, &chunked32);
-            assert!(d <= 4e-3, "{n}x{k} batch {b}: fused vs chunked {d:.2e}");
+            assert!(
+                d <= 4e-3,
+                "{f:?} {n}x{k} batch {b}: fused vs chunked {d:.2e}"
+            );
         }
     }
 }

@@ -4,9 +4,10 @@
 //! memory as the chunked dequantize + cuBLAS path does. Tiles arrive by TMA (tensor maps built
 //! here per call).
 //!
-//! Serves NVFP4 weights with bf16 activations on compute capability 9.0, K a multiple of 256,
-//! batches above the GEMV's; everything else keeps the chunked path. `Q4_GEMM_FUSED=0` turns it
-//! off (same-process A/B against the chunked path).
+//! Serves NVFP4 (K a multiple of 256) and bitsandbytes NF4 / FP4 weights (blocks of at least 64
+//! within a row, K a multiple of four blocks, batches up to 1024) with bf16 activations on
+//! compute capability 9.0, batches above the GEMV's (`plan::gemm_wgmma_serves`); everything else
+//! (MXFP4, f16 / f32 activations, other shapes) keeps the chunked path. `Q4_GEMM_FUSED=0` turns it off (same-process A/B against the chunked path).
 
 use std::ffi::c_void;
 
@@ -30,8 +31,6 @@ const BLOCK_ROWS: usize = 128;
 const BLOCK_TOKENS: usize = 256;
 /// K per pipeline step.
 const STEP_K: usize = 64;
-/// K granularity the kernel needs: one 16-byte scale copy covers four steps.
-const K_MULTIPLE: usize = 4 * STEP_K;
 
 /// Ring stages of the kernel's pipeline (`Q4_GEMM_STAGES`, 2-5, for tuning).
 fn stages() -> usize {
@@ -79,15 +78,14 @@ pub fn set_enabled_for_tests(on: Option<bool>) {
     FORCED.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether this call can take the fused kernel: see the module documentation.
+/// Whether this call can take the fused kernel: [`super::plan::gemm_wgmma_serves`], the
+/// switch, and 16-byte aligned activations.
 pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
     let (_, kdim) = w.rows_cols();
-    super::plan::has_wgmma(k.cc)
-        && enabled()
-        && w.format() == Format::Nvfp4
+    enabled()
         && x.dtype == DType::BF16
-        && kdim.is_multiple_of(K_MULTIPLE)
         && x.ptr.is_multiple_of(16)
+        && super::plan::gemm_wgmma_serves(k.cc, w.format(), kdim, w.block_size(), x.batch)
 }
 
 /// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
@@ -111,6 +109,7 @@ fn tensor_map(
     let ((rows, cols), (box_rows, box_cols)) = (shape, tile);
     let elem_bytes = match dtype {
         CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 => 2,
+        CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT32 => 4,
         _ => 1,
     };
     let dims = [cols as u64, rows as u64];
@@ -157,7 +156,12 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(0);
-    let defines = [("STAGES", stages as i64), ("PROBE", probe)];
+    let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
+    let defines = [
+        ("STAGES", stages as i64),
+        ("FMT", if bnb { 2 } else { 0 }),
+        ("PROBE", probe),
+    ];
     let func = k.function_for_arch(
         "gemm_sm90",
         module_cache::GEMM_SM90,
@@ -183,7 +187,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         ));
     }
     use CUtensorMapDataType::{
-        CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 as BF16, CU_TENSOR_MAP_DATA_TYPE_UINT8 as U8,
+        CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 as BF16, CU_TENSOR_MAP_DATA_TYPE_FLOAT32 as F32,
+        CU_TENSOR_MAP_DATA_TYPE_UINT8 as U8,
     };
     use CUtensorMapSwizzle::{
         CU_TENSOR_MAP_SWIZZLE_128B as SW128, CU_TENSOR_MAP_SWIZZLE_NONE as FLAT,
@@ -191,11 +196,19 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let (bt, br, sk) = (BLOCK_TOKENS as u32, BLOCK_ROWS as u32, STEP_K as u32);
     let x_map = tensor_map(x.ptr, BF16, (m, kdim), (bt, sk), SW128)?;
     let code_map = tensor_map(codes, U8, (n, kdim / 2), (br, sk / 2), FLAT)?;
-    let scale_map = tensor_map(scales, U8, (n, kdim / 16), (br, 16), FLAT)?;
+    // NVFP4: 16 E4M3 bytes per row (four steps); bitsandbytes: four f32 absmax values.
+    let scale_map = if bnb {
+        tensor_map(scales, F32, (n, kdim / w.block_size()), (br, 4), FLAT)?
+    } else {
+        tensor_map(scales, U8, (n, kdim / 16), (br, 16), FLAT)?
+    };
     let y = empty_storage(dev, DType::BF16, m * n)?;
     let yp = storage_ptr(&y, 0)?;
-    // Operands are value * scale * 2^-7 (see the kernel): 128 and the tensor scale come back here.
-    let wfactor = w.scale2() * 128.0;
+    // NVFP4 operands are value * scale * 2^-7 (see the kernel): 128 and the tensor scale come
+    // back here; bitsandbytes operands are the weights themselves.
+    let wfactor = if bnb { 1.0f32 } else { w.scale2() * 128.0 };
+    let cb = super::dequant::codebook_index(w.format());
+    let bs_shift = w.block_size().trailing_zeros() as i32;
     let (m_i, n_i, k_i) = (m as i32, n as i32, kdim as i32);
     let cfg = LaunchConfig {
         grid_dim: (
@@ -215,9 +228,12 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .arg(&m_i)
         .arg(&n_i)
         .arg(&k_i)
-        .arg(&wfactor);
+        .arg(&wfactor)
+        .arg(&cb)
+        .arg(&bs_shift);
     // SAFETY: the tensor maps describe x (m x k bf16), the codes (n x k/2 bytes) and the scales
-    // (n x k/16 E4M3 bytes), all 16-byte aligned, with k a multiple of 256; y holds m*n bf16;
+    // (n x k/16 E4M3 bytes, or n x k/bs f32), all 16-byte aligned, with k a multiple of 256
+    // (bitsandbytes: of 4 bs, bs >= 64); y holds m*n bf16; cb indexes the codebook table;
     // the block uses `smem` bytes of dynamic shared memory, allowed just above.
     launched("gemm_sm90", unsafe { b.launch(cfg) })?;
     Ok(y)

@@ -4,8 +4,8 @@
 //! * [`dequant`]: whole-tensor decode, bit-exact with the CPU;
 //! * [`quant`]: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
 //! * [`gemv`]: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
-//! * [`gemm_sm90`]: larger batches on Hopper, NVFP4 with bf16 activations: the weight decoded
-//!   tile by tile into shared memory and multiplied with `wgmma`;
+//! * [`gemm_sm90`]: larger batches on Hopper with bf16 activations (NVFP4; NF4 / FP4 up to
+//!   batch 1024): the weight decoded step by step into `wgmma`'s register operand;
 //! * [`gemm`]: larger batches otherwise: chunks of the weight (128 MB at M >= 2048, up to 512 MB below)
 //!   decoded to bf16/f16/f32, then cuBLAS;
 //! * [`w4a4`]: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;

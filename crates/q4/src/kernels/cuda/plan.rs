@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::Format;
 
 /// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches take
-/// the fused wgmma GEMM on Hopper (NVFP4, bf16 activations, K % 256 == 0) or dequantize chunks
+/// the fused wgmma GEMM on Hopper (NVFP4, NF4, FP4 with bf16 activations) or dequantize chunks
 /// of the weight (128 MB at M >= 2048, up to 512 MB below) and run cuBLAS.
 pub const FUSED_MAX_BATCH: usize = 64;
 
@@ -37,6 +37,39 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
     cc == (9, 0)
 }
 
+/// Largest batch at which bitsandbytes weights (NF4 / FP4) take the fused wgmma GEMM: its
+/// codebook decode (two shared-memory lookups per code byte) outweighs the chunked path's one
+/// full decode at larger batches. Same-call A/B on the H100
+/// (`scripts/gpu/results/h100-2026-11-27-s16/final-nf4/`), NF4 fused vs chunked: M = 256
+/// 1.24x / 1.93x faster (8192x8192 / 28672x4096), M = 1024 1.07x / 1.05x, M = 2048 0.92x /
+/// 0.91x. NVFP4's decode is cheaper: it takes the fused kernel at every batch (1.01x / 0.99x at
+/// M = 2048, 1.2-2.3x faster below).
+pub const WGMMA_BNB_MAX_BATCH: usize = 1024;
+
+/// Whether the fused wgmma prefill GEMM serves a call with bf16 activations: a Hopper GPU,
+/// NVFP4 with `k` a multiple of 256 (one 16-byte scale copy covers four 64-wide steps), or
+/// bitsandbytes blocks of `block` >= 64 (a power of two) with `k` a multiple of four blocks
+/// (16-byte copies of four f32 absmax values) and at most [`WGMMA_BNB_MAX_BATCH`] rows.
+pub fn gemm_wgmma_serves(
+    cc: (u32, u32),
+    format: Format,
+    k: usize,
+    block: usize,
+    batch: usize,
+) -> bool {
+    let shape_ok = match format {
+        Format::Nvfp4 => k.is_multiple_of(256),
+        Format::Nf4 | Format::Fp4 => {
+            block >= 64
+                && block.is_power_of_two()
+                && k.is_multiple_of(4 * block)
+                && batch <= WGMMA_BNB_MAX_BATCH
+        }
+        Format::Mxfp4 => false,
+    };
+    has_wgmma(cc) && batch > FUSED_MAX_BATCH && shape_ok
+}
+
 /// Blackwell FP4 tensor cores.
 pub fn has_fp4_tensor_cores(cc: (u32, u32)) -> bool {
     matches!(cc.0, 10..=12)
@@ -61,7 +94,7 @@ pub mod names {
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
-    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused NVFP4 decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0, else dequant + cuBLAS)";
+    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 1024), else dequant + cuBLAS)";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
@@ -131,7 +164,7 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
         (Format::Nvfp4, None) => names::W4A4_EXACT,
         _ => names::NOT_APPLICABLE,
     };
-    let prefill = if has_wgmma(cc) && format == Format::Nvfp4 {
+    let prefill = if has_wgmma(cc) && format != Format::Mxfp4 {
         names::GEMM_WGMMA
     } else {
         names::DEQUANT_CUBLAS
@@ -153,9 +186,10 @@ mod tests {
         assert_eq!(h100.decode, names::GEMV_MMA_ARITH);
         assert_eq!(plan((9, 0), Format::Nf4).decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
-        // The fused prefill GEMM needs wgmma (sm_90a only) and serves NVFP4.
+        // The fused prefill GEMM needs wgmma (sm_90a only) and serves all but MXFP4.
         assert_eq!(h100.prefill, names::GEMM_WGMMA);
-        assert_eq!(plan((9, 0), Format::Nf4).prefill, names::DEQUANT_CUBLAS);
+        assert_eq!(plan((9, 0), Format::Nf4).prefill, names::GEMM_WGMMA);
+        assert_eq!(plan((9, 0), Format::Mxfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((12, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((8, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((12, 1), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM120);
@@ -167,6 +201,26 @@ mod tests {
         assert!(!arch_supported((7, 0)));
         assert_eq!(native_fp4_target((9, 0)), None);
         assert!(has_fp4_tensor_cores((11, 0)));
+    }
+
+    #[test]
+    fn the_wgmma_gemm_serves_hopper_prefill_of_supported_shapes() {
+        let h100 = (9, 0);
+        // NVFP4 at any prefill batch with K a multiple of 256.
+        assert!(gemm_wgmma_serves(h100, Format::Nvfp4, 4096, 16, 65));
+        assert!(gemm_wgmma_serves(h100, Format::Nvfp4, 4096, 16, 8192));
+        assert!(!gemm_wgmma_serves(h100, Format::Nvfp4, 4096, 16, 64));
+        assert!(!gemm_wgmma_serves(h100, Format::Nvfp4, 576, 16, 512));
+        // bitsandbytes: blocks of >= 64 inside rows, K a multiple of four blocks, batch <= 1024.
+        assert!(gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 1024));
+        assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 1025));
+        assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 32, 512));
+        assert!(!gemm_wgmma_serves(h100, Format::Fp4, 1280, 128, 512));
+        assert!(gemm_wgmma_serves(h100, Format::Fp4, 2048, 128, 512));
+        // MXFP4, and anything not Hopper, keep the chunked path.
+        assert!(!gemm_wgmma_serves(h100, Format::Mxfp4, 4096, 32, 512));
+        assert!(!gemm_wgmma_serves((8, 0), Format::Nvfp4, 4096, 16, 512));
+        assert!(!gemm_wgmma_serves((12, 0), Format::Nvfp4, 4096, 16, 512));
     }
 
     #[test]

@@ -22,13 +22,22 @@
 // Operands are exactly the chunked path's (bf16 value * E4M3 scale, times 2^-7 here), so the
 // two paths differ only in f32 summation order.
 //
-// Defines: STAGES (2..5), PROBE (kernel development: 2 skips the decode, 3 the wgmmas).
+// FMT 2 (bitsandbytes NF4 / FP4, high nibble first, f32 absmax per block of bs >= 64 within a
+// row, codebook `cb`): each nibble's codebook value times the absmax in f32, rounded once to
+// bf16 (again the chunked path's operands); the scale copy is 4 absmax values (needs
+// K % (4 bs) == 0).
+//
+// Defines: STAGES (2..5), FMT (0 NVFP4, 2 bitsandbytes), PROBE (kernel development: 2 skips the
+// decode, 3 the wgmmas).
 
 #ifndef STAGES
 #define STAGES 4
 #endif
 #ifndef PROBE
 #define PROBE 0
+#endif
+#ifndef FMT
+#define FMT 0
 #endif
 #define BM 128
 #define BN 256
@@ -138,7 +147,15 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, u32 a0, u32 a1, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "n"(1));
 }
 
-__shared__ u32 scale_tab[256];
+__shared__ u32 scale_tab[256];  // FMT 0: E4M3 byte -> splatted bf16 scale * 2^119
+__shared__ float codebook[16];   // FMT 2
+
+// bf16 pair (lo, hi) of two f32 values, each rounded to nearest even.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
 __shared__ __align__(8) u64 bars[2 * STAGES];
 
 // A fragments of one 64-wide step: 4 k16 slices x 4 registers.
@@ -149,13 +166,15 @@ struct Frags {
 extern "C" __global__ void __launch_bounds__(256, 1)
 gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ TensorMap code_map,
           const __grid_constant__ TensorMap scale_map, u16* __restrict__ y, int M, int N, int K,
-          float wfactor) {
+          float wfactor, int cb, int bs_shift) {
     extern __shared__ u8 dyn[];
     const u32 tid = threadIdx.x;
     const int wg = (int)(tid >> 7);
-    {
+    if (FMT == 0) {
         const u16 h = f32_to_bf16(e4m3_decode(tid) * ARITH_PRE);
         scale_tab[tid] = (u32)h | ((u32)h << 16);
+    } else if (tid < 16) {
+        codebook[tid] = u2f(CB_BITS[cb][tid]);
     }
     // The swizzle pattern repeats every 1024 bytes: tiles start on such a boundary.
     const u32 base = (smem_addr(dyn) + 1023u) & ~1023u;
@@ -183,7 +202,10 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         mbar_expect_tx(LOADED(s), X_BYTES + C_BYTES + S_BYTES);
         tma_load_2d(X_AT(s), &x_map, kt * BK, m0, LOADED(s));
         tma_load_2d(C_AT(s), &code_map, kt * (BK / 2), n0, LOADED(s));
-        tma_load_2d(S_AT(s), &scale_map, (kt >> 2) * 16, n0, LOADED(s));
+        // NVFP4: 16 scale bytes = steps 4 (kt / 4) .. + 3; bitsandbytes: 4 absmax values from
+        // the step's block rounded down to a multiple of 4.
+        const int sc0 = FMT == 0 ? (kt >> 2) * 16 : ((kt * BK) >> bs_shift) & ~3;
+        tma_load_2d(S_AT(s), &scale_map, sc0, n0, LOADED(s));
     };
 
     // This thread's fragment rows (16w + g and + 8 of its warpgroup's 64) and byte column t.
@@ -197,7 +219,8 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         mbar_wait(LOADED(s), (u32)(kt / STAGES) & 1u);
         if (PROBE == 2) return;
         const u8* cp = gbase + (C_AT(s) - base);
-        const u8* sp = gbase + (S_AT(s) - base) + 4 * (kt & 3);
+        const int sidx = FMT == 0 ? (kt & 3) : (((kt * BK) >> bs_shift) & 3);
+        const u8* sp = gbase + (S_AT(s) - base) + 4 * sidx;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = row + 8 * h;
@@ -207,11 +230,21 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
             const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
-                // k16 slice j = 16-element block j of the step: words 2j (k 2t, 2t+1) and
-                // 2j + 1 (k 2t+8, 2t+9), byte t of each.
-                const u32 sc = scale_tab[(sc4 >> (8 * j)) & 0xffu];
-                f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);  // a0 / a1
-                f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);  // a2 / a3
+                // k16 slice j: words 2j (k 2t, 2t+1) and 2j + 1 (k 2t+8, 2t+9), byte t of each.
+                if (FMT == 0) {
+                    // NVFP4: slice j is scale block j of the step, low nibble first.
+                    const u32 sc = scale_tab[(sc4 >> (8 * j)) & 0xffu];
+                    f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);  // a0 / a1
+                    f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);  // a2 / a3
+                } else {
+                    // bitsandbytes: one absmax for the step, high nibble first.
+                    const float am = u2f(sc4);
+#pragma unroll
+                    for (int q = 0; q < 2; q++) {
+                        const u32 b = (words[2 * j + q] >> (8 * t)) & 0xffu;
+                        f.a[j][2 * q + h] = pack_bf16x2(codebook[b >> 4] * am, codebook[b & 15u] * am);
+                    }
+                }
             }
         }
     };
