@@ -1,4 +1,4 @@
-//! Fused prefill GEMM on Hopper (`cu/gemm_sm90.cu`): the NVFP4 weight is decoded tile by tile
+//! Fused prefill GEMM on Hopper (`cu/gemm_sm90.cu`): the 4-bit weight is decoded step by step
 //! straight into `wgmma`'s register operand (bf16, f32 accumulation) while the tokens stream
 //! through shared memory, so a large batch never writes a decoded copy of the weight to device
 //! memory as the chunked dequantize + cuBLAS path does. Tiles arrive by TMA (tensor maps built

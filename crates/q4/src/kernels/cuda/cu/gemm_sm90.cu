@@ -1,5 +1,6 @@
 // Fused 4-bit prefill GEMM for Hopper (sm_90a): y[m, n] = wfactor * sum_k W[n, k] x[m, k] with
-// the NVFP4 weight decoded straight into wgmma's register operand, never written to memory.
+// the 4-bit weight (NVFP4, or bitsandbytes with FMT 2) decoded straight into wgmma's register
+// operand, never written to memory.
 //
 // A block computes 128 weight rows x 256 tokens with two warpgroups; warpgroup wg owns weight
 // rows 64wg .. 64wg + 63 and issues wgmma.m64n256k16 with A from registers (its decoded weight
