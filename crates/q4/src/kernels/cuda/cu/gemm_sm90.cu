@@ -47,9 +47,9 @@
 #define C_BYTES (BM * BK / 2)      // code bytes: 128 rows of 32
 #define S_BYTES (BM * 16)          // scale bytes: 128 rows of 16
 #define STAGE_BYTES (X_BYTES + C_BYTES + S_BYTES)
-#define SMEM_BYTES (STAGES * STAGE_BYTES + 1024)
+// Dynamic shared memory: STAGES * STAGE_BYTES + 1024 (alignment slack); gemm_sm90.rs's
+// `smem_bytes` computes the same.
 
-#define MAG_POS 6
 #define ARITH_PRE 6.64613997892457936e35f /* 2^119 */
 
 struct __align__(64) TensorMap {
