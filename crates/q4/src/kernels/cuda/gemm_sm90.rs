@@ -79,13 +79,20 @@ pub fn set_enabled_for_tests(on: Option<bool>) {
 }
 
 /// Whether this call can take the fused kernel: [`super::plan::gemm_wgmma_serves`], the
-/// switch, and 16-byte aligned activations.
+/// switch, and 16-byte aligned activations, codes and scales (TMA copies need them).
 pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
     let (_, kdim) = w.rows_cols();
+    let aligned = || {
+        device_parts(w).is_ok_and(|p| {
+            let ok = |t| device_ptr(t).is_ok_and(|a| a.is_multiple_of(16));
+            ok(p.codes) && ok(p.scales)
+        })
+    };
     enabled()
         && x.dtype == DType::BF16
         && x.ptr.is_multiple_of(16)
         && super::plan::gemm_wgmma_serves(k.cc, w.format(), kdim, w.block_size(), x.batch)
+        && aligned()
 }
 
 /// A `CUtensorMap` passed by value as a `__grid_constant__` kernel parameter.
@@ -182,6 +189,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let parts = device_parts(w)?;
     let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
     if !codes.is_multiple_of(16) || !scales.is_multiple_of(16) {
+        // `supports` checked this; a direct caller gets an error, not a bad copy.
         return Err(Error::msg(
             "the fused GEMM needs 16-byte aligned codes and scales",
         ));
