@@ -15,7 +15,7 @@ use candle_core::DType;
 use super::dequant::decode_rows_into;
 use super::gemv::scale_factors;
 use super::module_cache::DeviceKernels;
-use super::util::{empty_storage, storage_ptr, tensor_from, Act};
+use super::util::{empty_storage, knob, storage_ptr, tensor_from, Act};
 use crate::error::{Error, Result};
 use crate::qtensor::QTensor;
 use crate::Format;
@@ -29,18 +29,17 @@ const CHUNK_BYTES: usize = 128 << 20;
 
 /// Decoded weight rows per chunk: [`CHUNK_BYTES`] of operands at m >= 2048, more at smaller
 /// batches (up to 4x) so that each chunk still fills the GPU, then evened out so that the
-/// chunks are of equal height. `Q4_GEMM_CHUNK_ROWS` overrides (for tuning).
+/// chunks are of equal height. `Q4_GEMM_CHUNK_ROWS` (read once) overrides (for tuning).
 fn chunk_rows(m: usize, n: usize, k: usize, operand_bytes: usize) -> usize {
+    static SET: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
+        knob("Q4_GEMM_CHUNK_ROWS").and_then(|v| usize::try_from(v).ok())
+    });
     let forced = CHUNK_ROWS_FOR_TESTS.load(std::sync::atomic::Ordering::Relaxed);
-    let rows = std::env::var("Q4_GEMM_CHUNK_ROWS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .or((forced > 0).then_some(forced))
-        .unwrap_or_else(|| {
-            let bytes = (CHUNK_BYTES * 16usize.div_ceil(m.div_ceil(128))).min(4 * CHUNK_BYTES);
-            let rows = (bytes / (k.max(1) * operand_bytes)).max(128);
-            n.div_ceil(n.div_ceil(rows))
-        });
+    let rows = SET.or((forced > 0).then_some(forced)).unwrap_or_else(|| {
+        let bytes = (CHUNK_BYTES * 16usize.div_ceil(m.div_ceil(128))).min(4 * CHUNK_BYTES);
+        let rows = (bytes / (k.max(1) * operand_bytes)).max(128);
+        n.div_ceil(n.div_ceil(rows))
+    });
     rows.clamp(1, n.max(1))
 }
 

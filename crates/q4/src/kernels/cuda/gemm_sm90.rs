@@ -21,7 +21,7 @@ use candle_core::DType;
 
 use super::dequant::device_parts;
 use super::module_cache::{self, DeviceKernels};
-use super::util::{device_ptr, empty_storage, launched, storage_ptr, Act};
+use super::util::{device_ptr, empty_storage, knob, launched, storage_ptr, Act};
 use crate::error::{Error, Result};
 use crate::qtensor::QTensor;
 use crate::Format;
@@ -35,13 +35,19 @@ const STEP_K: usize = 64;
 /// Ring stages of the kernel's pipeline (`Q4_GEMM_STAGES`, 2-5, for tuning).
 fn stages() -> usize {
     static S: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        std::env::var("Q4_GEMM_STAGES")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
+        knob("Q4_GEMM_STAGES")
             .filter(|s| (2..=5).contains(s))
-            .unwrap_or(4)
+            .unwrap_or(4) as usize
     });
     *S
+}
+
+/// Kernel development: `Q4_GEMM_PROBE=2` drops the decode, 3 the wgmmas (wrong results; for
+/// timing where a step's time goes).
+fn probe() -> i64 {
+    static P: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMM_PROBE").unwrap_or(0));
+    *P
 }
 
 /// Dynamic shared memory of the kernel for `stages` (its `SMEM_BYTES`): per stage the token
@@ -157,17 +163,11 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let m = x.batch;
     let dev = x.dev;
     let stages = stages();
-    // Kernel development: Q4_GEMM_PROBE=2 drops the decode, 3 the wgmmas (wrong results; for
-    // timing where the step's time goes).
-    let probe = std::env::var("Q4_GEMM_PROBE")
-        .ok()
-        .and_then(|v| v.parse::<i64>().ok())
-        .unwrap_or(0);
     let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
     let defines = [
         ("STAGES", stages as i64),
         ("FMT", if bnb { 2 } else { 0 }),
-        ("PROBE", probe),
+        ("PROBE", probe()),
     ];
     let func = k.function_for_arch(
         "gemm_sm90",

@@ -11,7 +11,7 @@ use candle_core::DType;
 
 use super::dequant::{codebook_index, device_parts};
 use super::module_cache::{self, DeviceKernels};
-use super::util::{device_ptr, empty_storage, launched, storage_ptr, type_code, Act};
+use super::util::{device_ptr, empty_storage, knob, launched, storage_ptr, type_code, Act};
 use crate::error::Result;
 use crate::qtensor::QTensor;
 use crate::Format;
@@ -27,13 +27,10 @@ const MIN_SPLIT_STEPS: usize = 4;
 /// Fixed cost of a work item in the split-K plan, in steps (see `plan::gemv_split`).
 const ITEM_COST: usize = 2;
 
-/// Tuning knobs read once: `Q4_GEMV_WARPS` (warps per block), `Q4_GEMV_DEPTH` (2-4),
-/// `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K), `Q4_GEMV_CLAMPED` (loads), for kernel
-/// development; the defaults are the measured best
-/// (`scripts/gpu/gemv_knob_sweep.sh`). `None`: unset or not a number.
-fn knob(name: &str) -> Option<i64> {
-    std::env::var(name).ok().and_then(|v| v.parse().ok())
-}
+// Tuning knobs (`util::knob`, each read once): `Q4_GEMV_WARPS` (warps per block),
+// `Q4_GEMV_DEPTH` (2-4), `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K),
+// `Q4_GEMV_CLAMPED` (loads), for kernel development; the defaults are the measured best
+// (`scripts/gpu/gemv_knob_sweep.sh`).
 /// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
 /// smaller blocks keep more loads in flight (Qwen3-4B's projections 2-5% faster per call, its
 /// synthetic decode +2%), else 8 (8192x8192: 24.1 against 28.2 us with 4). The pair-table

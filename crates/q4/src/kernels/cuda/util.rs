@@ -194,6 +194,12 @@ pub fn type_code(dtype: DType) -> Result<i64> {
     }
 }
 
+/// An integer kernel-development knob from the environment (`None`: unset or not a number);
+/// callers read each once.
+pub fn knob(name: &str) -> Option<i64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
 /// Maps a launch failure to an error naming the kernel.
 pub fn launched<T>(
     name: &str,
