@@ -101,6 +101,13 @@ __device__ __forceinline__ u32 e2m1_mag(float a) {
            (u32)(a > 2.5f) + (u32)(a >= 3.5f) + (u32)(a > 5.0f);
 }
 
+// Byte permute: the 4 bytes of (a, b) that `sel`'s nibbles pick (PTX prmt.b32).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
 // Warp-wide reductions.
 __device__ __forceinline__ u32 warp_max_u32(u32 v) {
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));

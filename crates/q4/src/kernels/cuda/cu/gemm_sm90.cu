@@ -99,11 +99,6 @@ __device__ __forceinline__ void fence_acc(float* d) {
 __device__ __forceinline__ u64 desc_sw128(u32 addr) {
     return (u64)((addr & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
 }
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
 // Exact product of a bf16 pair and a splatted scale (the -0 addend keeps signed zeros).
 __device__ __forceinline__ u32 pair_scale(u32 a, u32 s) {
     u32 d;
