@@ -473,8 +473,8 @@ fn chunked_gemm_matches_the_f32_reference() {
 /// The fused Hopper prefill GEMM (NVFP4, NF4, FP4 with blocks of 128; bf16 activations; runs
 /// only on compute capability 9.0): against the f32 reference and against the chunked
 /// dequantize + cuBLAS path in the same process, over K of one scale copy (256; FP4's blocks of
-/// 128 need 512, so there both sides take the chunked path), partial row and token tiles, rows not a multiple of 8 (element
-/// stores) and a weight narrower than one tile.
+/// 128 need 512, so there both sides take the chunked path), partial row and token tiles, rows
+/// not a multiple of 8 (element stores) and a weight narrower than one tile.
 #[test]
 fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
     let Some(dev) = gpu() else { return };

@@ -7,7 +7,8 @@
 //! Serves NVFP4 (K a multiple of 256) and bitsandbytes NF4 / FP4 weights (blocks of at least 64
 //! within a row, K a multiple of four blocks, batches up to 1024) with bf16 activations on
 //! compute capability 9.0, batches above the GEMV's (`plan::gemm_wgmma_serves`); everything else
-//! (MXFP4, f16 / f32 activations, other shapes) keeps the chunked path. `Q4_GEMM_FUSED=0` turns it off (same-process A/B against the chunked path).
+//! (MXFP4, f16 / f32 activations, other shapes) keeps the chunked path. `Q4_GEMM_FUSED=0`
+//! turns it off (same-process A/B against the chunked path).
 
 use std::ffi::c_void;
 
@@ -109,7 +110,7 @@ struct TensorMapArg(CUtensorMap);
 // parameter space as the kernel's `TensorMap` parameter expects.
 unsafe impl DeviceRepr for TensorMapArg {}
 
-/// A 2-D tensor map over `shape` = (rows, cols) elements of `dtype` (u8 or bf16) at device
+/// A 2-D tensor map over `shape` = (rows, cols) elements of `dtype` (u8, bf16 or f32) at device
 /// address `ptr` (row stride `cols` elements), copied in boxes of `tile` = (rows, cols); rows
 /// past the end read as zeros.
 fn tensor_map(
