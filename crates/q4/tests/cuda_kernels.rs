@@ -30,6 +30,14 @@ fn gpu() -> Option<Device> {
     Some(Device::new_cuda(0).expect("CUDA device 0"))
 }
 
+/// The multiprocessor count of device 0 where it runs the fused wgmma prefill GEMM (Hopper,
+/// compute capability 9.0).
+fn fused_gemm_sms(_dev: &Device) -> Option<usize> {
+    let report = q4::probe::cuda_report();
+    let d = report.devices.first()?;
+    (d.compute_capability == "9.0").then_some(d.multiprocessors as usize)
+}
+
 /// Deterministic pseudo-random values with a spread of magnitudes, signed zeros and zero blocks.
 fn data(len: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -144,6 +152,13 @@ fn nvrtc_compiles_the_wgmma_gemm_for_sm90a_only() {
             let src = source(module_cache::GEMM_SM90, &[("STAGES", stages), ("FMT", fmt)]);
             compile_cubin("gemm_sm90", &src, "sm_90a")
                 .unwrap_or_else(|e| panic!("FMT {fmt} STAGES {stages}: {e}"));
+        }
+        // The narrow build (128 tokens per block) and the producer warpgroup.
+        for (bn, producer) in [(128, 0), (128, 1), (256, 1)] {
+            let defines = [("FMT", fmt), ("BN", bn), ("PRODUCER", producer)];
+            let src = source(module_cache::GEMM_SM90, &defines);
+            compile_cubin("gemm_sm90", &src, "sm_90a")
+                .unwrap_or_else(|e| panic!("FMT {fmt} BN {bn} PRODUCER {producer}: {e}"));
         }
     }
     let src = source(module_cache::GEMM_SM90, &[("STAGES", 4)]);
@@ -499,7 +514,7 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
         let q = QTensor::quantize(&w, spec).unwrap();
         let wd = q.dequantize(DType::F32).unwrap();
         let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
-        for b in [65usize, 256, 300, 513] {
+        for b in [65usize, 256, 300, 384, 513] {
             let x = Tensor::from_vec(data(b * k, (b * 7 + k) as u64), (b, k), &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)
@@ -511,7 +526,21 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
                 .unwrap();
             let xd = x.to_device(&dev).unwrap();
             q4::kernels::cuda::gemm_sm90::set_enabled_for_tests(Some(true));
+            let before = q4::kernels::cuda::gemm_sm90::launches();
             let fused = layer.forward(&xd).unwrap();
+            // On Hopper the fused kernel served it (one launch per token-tile kind); elsewhere
+            // both sides are the chunked path.
+            let want = match fused_gemm_sms(&dev) {
+                Some(sms) if plan::gemm_wgmma_serves((9, 0), f, k, spec.block_size, b) => {
+                    plan::wgmma_token_launches(b, n.div_ceil(128), sms, true).len()
+                }
+                _ => 0,
+            };
+            assert_eq!(
+                q4::kernels::cuda::gemm_sm90::launches() - before,
+                want,
+                "{f:?} {n}x{k} batch {b}: fused kernel launches"
+            );
             q4::kernels::cuda::gemm_sm90::set_enabled_for_tests(Some(false));
             let chunked = layer.forward(&xd).unwrap();
             q4::kernels::cuda::gemm_sm90::set_enabled_for_tests(None);

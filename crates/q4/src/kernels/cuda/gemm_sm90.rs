@@ -9,6 +9,11 @@
 //! compute capability 9.0, batches above the GEMV's (`plan::gemm_wgmma_serves`); everything else
 //! (MXFP4, f16 / f32 activations, other shapes) keeps the chunked path. `Q4_GEMM_FUSED=0`
 //! turns it off (same-process A/B against the chunked path).
+//!
+//! Tiles are 128 weight rows by 256 tokens, or 128 tokens where that takes fewer waves of blocks
+//! (`plan::wgmma_token_launches`: small batches, a short last tile); a producer warpgroup issues
+//! the copies and blocks run token tiles fastest (`Q4_GEMM_PRODUCER=0`, `Q4_GEMM_NARROW=0`,
+//! `Q4_GEMM_RASTER=0` turn these off for A/B runs).
 
 use std::ffi::c_void;
 
@@ -22,14 +27,15 @@ use candle_core::DType;
 
 use super::dequant::device_parts;
 use super::module_cache::{self, DeviceKernels};
+use super::plan;
 use super::util::{device_ptr, empty_storage, knob, launched, storage_ptr, Act};
 use crate::error::{Error, Result};
 use crate::qtensor::QTensor;
 use crate::Format;
 
-/// Weight rows and tokens per block (`BM`, `BN` in the kernel).
+/// Weight rows per block (`BM` in the kernel); tokens per block are `BN`, one of
+/// [`plan::WGMMA_TOKENS`] and [`plan::WGMMA_NARROW_TOKENS`] (`plan::wgmma_token_launches`).
 const BLOCK_ROWS: usize = 128;
-const BLOCK_TOKENS: usize = 256;
 /// K per pipeline step.
 const STEP_K: usize = 64;
 
@@ -51,11 +57,56 @@ fn probe() -> i64 {
     *P
 }
 
-/// Dynamic shared memory of the kernel for `stages` (its `SMEM_BYTES`): per stage the token
-/// tile, the code bytes and the scale bytes; 1 KiB of alignment slack.
-pub fn smem_bytes(stages: usize) -> usize {
-    let stage = BLOCK_TOKENS * STEP_K * 2 + BLOCK_ROWS * STEP_K / 2 + BLOCK_ROWS * 16;
-    stages * stage + 1024
+/// Whether a third warpgroup issues the TMA copies (default; `Q4_GEMM_PRODUCER=0`: the first
+/// MMA thread does, for A/B measurements).
+fn producer() -> bool {
+    static P: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMM_PRODUCER").is_none_or(|v| v != 0));
+    *P
+}
+
+/// Largest batch of bitsandbytes weights the kernel takes (`Q4_GEMM_BNB_MAX`, for A/B runs;
+/// default [`plan::WGMMA_BNB_MAX_BATCH`]).
+fn bnb_max_batch() -> usize {
+    static B: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+        knob("Q4_GEMM_BNB_MAX").map_or(plan::WGMMA_BNB_MAX_BATCH, |v| v.max(0) as usize)
+    });
+    *B
+}
+
+/// Block order (`Q4_GEMM_RASTER`): 1 (default) token tiles fastest in groups of eight, so the
+/// blocks running at once share weight rows; 0 weight-row tiles fastest (A/B runs).
+fn raster() -> i64 {
+    static R: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMM_RASTER").unwrap_or(1));
+    *R
+}
+
+/// Whether tiles may be narrow (`plan::wgmma_token_launches`; `Q4_GEMM_NARROW=0`: never).
+fn narrow_tiles() -> bool {
+    static N: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0));
+    *N
+}
+
+/// Dynamic shared memory of the kernel for `stages` and `tokens` per block (its `BN`): per
+/// stage the token tile, the code bytes and the scale bytes, at least the epilogue's transpose
+/// buffers (two warpgroups' `tokens x 72` bf16, which reuse the ring); 1 KiB of alignment slack.
+pub fn smem_bytes(stages: usize, tokens: usize) -> usize {
+    let stage = tokens * STEP_K * 2 + BLOCK_ROWS * STEP_K / 2 + BLOCK_ROWS * 16;
+    (stages * stage).max(2 * tokens * 72 * 2) + 1024
+}
+
+/// Dynamic shared memory a block may have on Hopper (227 KiB), less the kernel's static tables.
+const SMEM_LIMIT: usize = 227 * 1024 - 2048;
+
+/// The configured ring depth, or the deepest that fits with `tokens` per block.
+fn stages_for(tokens: usize) -> usize {
+    let mut s = stages();
+    while s > 2 && smem_bytes(s, tokens) > SMEM_LIMIT {
+        s -= 1;
+    }
+    s
 }
 
 /// Whether the fused kernel is switched on: `Q4_GEMM_FUSED=0` turns it off, unless
@@ -68,6 +119,15 @@ pub fn enabled() -> bool {
         2 => false,
         _ => *ON,
     }
+}
+
+/// Kernel launches so far in this process (tests check that the fused path ran).
+static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times the fused kernel has been launched in this process.
+#[doc(hidden)]
+pub fn launches() -> usize {
+    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// 0: the environment decides; 1: on; 2: off.
@@ -85,7 +145,7 @@ pub fn set_enabled_for_tests(on: Option<bool>) {
     FORCED.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Whether this call can take the fused kernel: [`super::plan::gemm_wgmma_serves`], the
+/// Whether this call can take the fused kernel: [`plan::gemm_wgmma_serves`], the
 /// switch, and 16-byte aligned activations, codes and scales (TMA copies need them).
 pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
     let (_, kdim) = w.rows_cols();
@@ -98,7 +158,14 @@ pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
     enabled()
         && x.dtype == DType::BF16
         && x.ptr.is_multiple_of(16)
-        && super::plan::gemm_wgmma_serves(k.cc, w.format(), kdim, w.block_size(), x.batch)
+        && plan::gemm_wgmma_serves_up_to(
+            k.cc,
+            w.format(),
+            kdim,
+            w.block_size(),
+            x.batch,
+            bnb_max_batch(),
+        )
         && aligned()
 }
 
@@ -163,30 +230,37 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let (n, kdim) = w.rows_cols();
     let m = x.batch;
     let dev = x.dev;
-    let stages = stages();
     let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
-    let defines = [
-        ("STAGES", stages as i64),
-        ("FMT", if bnb { 2 } else { 0 }),
-        ("PROBE", probe()),
-    ];
-    let func = k.function_for_arch(
-        "gemm_sm90",
-        module_cache::GEMM_SM90,
-        &defines,
-        "gemm_sm90",
-        "sm_90a",
-    )?;
-    let smem = smem_bytes(stages);
-    func.set_attribute(
-        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        smem as i32,
-    )
-    .map_err(|e| {
-        Error::msg(format!(
-            "the fused GEMM needs {smem} bytes of shared memory per block: {e}"
-        ))
-    })?;
+    let producer = producer();
+    let kernel = |tokens: usize| -> Result<_> {
+        let stages = stages_for(tokens);
+        let defines = [
+            ("STAGES", stages as i64),
+            ("FMT", if bnb { 2 } else { 0 }),
+            ("PROBE", probe()),
+            ("BN", tokens as i64),
+            ("PRODUCER", producer as i64),
+            ("RASTER", raster()),
+        ];
+        let func = k.function_for_arch(
+            "gemm_sm90",
+            module_cache::GEMM_SM90,
+            &defines,
+            "gemm_sm90",
+            "sm_90a",
+        )?;
+        let smem = smem_bytes(stages, tokens);
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(|e| {
+            Error::msg(format!(
+                "the fused GEMM needs {smem} bytes of shared memory per block: {e}"
+            ))
+        })?;
+        Ok((func, smem))
+    };
     let parts = device_parts(w)?;
     let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
     if !codes.is_multiple_of(16) || !scales.is_multiple_of(16) {
@@ -202,8 +276,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     use CUtensorMapSwizzle::{
         CU_TENSOR_MAP_SWIZZLE_128B as SW128, CU_TENSOR_MAP_SWIZZLE_NONE as FLAT,
     };
-    let (bt, br, sk) = (BLOCK_TOKENS as u32, BLOCK_ROWS as u32, STEP_K as u32);
-    let x_map = tensor_map(x.ptr, BF16, (m, kdim), (bt, sk), SW128)?;
+    let (br, sk) = (BLOCK_ROWS as u32, STEP_K as u32);
     let code_map = tensor_map(codes, U8, (n, kdim / 2), (br, sk / 2), FLAT)?;
     // NVFP4: 16 E4M3 bytes per row (four steps); bitsandbytes: four f32 absmax values.
     let scale_map = if bnb {
@@ -219,31 +292,38 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let cb = super::dequant::codebook_index(w.format());
     let bs_shift = w.block_size().trailing_zeros() as i32;
     let (m_i, n_i, k_i) = (m as i32, n as i32, kdim as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (
-            n.div_ceil(BLOCK_ROWS) as u32,
-            m.div_ceil(BLOCK_TOKENS) as u32,
-            1,
-        ),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&x_map)
-        .arg(&code_map)
-        .arg(&scale_map)
-        .arg(&yp)
-        .arg(&m_i)
-        .arg(&n_i)
-        .arg(&k_i)
-        .arg(&wfactor)
-        .arg(&cb)
-        .arg(&bs_shift);
-    // SAFETY: the tensor maps describe x (m x k bf16), the codes (n x k/2 bytes) and the scales
-    // (n x k/16 E4M3 bytes, or n x k/bs f32), all 16-byte aligned, with k a multiple of 256
-    // (bitsandbytes: of 4 bs, bs >= 64); y holds m*n bf16; cb indexes the codebook table;
-    // the block uses `smem` bytes of dynamic shared memory, allowed just above.
-    launched("gemm_sm90", unsafe { b.launch(cfg) })?;
+    let threads = 256 + if producer { 128 } else { 0 };
+    let row_blocks = n.div_ceil(BLOCK_ROWS);
+    let sms = k.sm_count as usize;
+    for (first, tokens, tiles_m) in plan::wgmma_token_launches(m, row_blocks, sms, narrow_tiles()) {
+        let (func, smem) = kernel(tokens)?;
+        let x_map = tensor_map(x.ptr, BF16, (m, kdim), (tokens as u32, sk), SW128)?;
+        let cfg = LaunchConfig {
+            grid_dim: (row_blocks as u32, tiles_m as u32, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let m_base = first as i32;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&x_map)
+            .arg(&code_map)
+            .arg(&scale_map)
+            .arg(&yp)
+            .arg(&m_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&wfactor)
+            .arg(&cb)
+            .arg(&bs_shift)
+            .arg(&m_base);
+        // SAFETY: the tensor maps describe x (m x k bf16, boxes of `tokens` rows), the codes
+        // (n x k/2 bytes) and the scales (n x k/16 E4M3 bytes, or n x k/bs f32), all 16-byte
+        // aligned, with k a multiple of 256 (bitsandbytes: of 4 bs, bs >= 64); y holds m*n
+        // bf16; cb indexes the codebook table; the launch's tiles start at token `first` < m;
+        // the block uses `smem` bytes of dynamic shared memory, allowed in `kernel`.
+        launched("gemm_sm90", unsafe { b.launch(cfg) })?;
+        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(y)
 }

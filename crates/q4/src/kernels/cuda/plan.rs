@@ -57,17 +57,77 @@ pub fn gemm_wgmma_serves(
     block: usize,
     batch: usize,
 ) -> bool {
+    gemm_wgmma_serves_up_to(cc, format, k, block, batch, WGMMA_BNB_MAX_BATCH)
+}
+
+/// [`gemm_wgmma_serves`] with another largest batch for bitsandbytes weights (A/B runs).
+pub fn gemm_wgmma_serves_up_to(
+    cc: (u32, u32),
+    format: Format,
+    k: usize,
+    block: usize,
+    batch: usize,
+    bnb_max_batch: usize,
+) -> bool {
     let shape_ok = match format {
         Format::Nvfp4 => k.is_multiple_of(256),
         Format::Nf4 | Format::Fp4 => {
             block >= 64
                 && block.is_power_of_two()
                 && k.is_multiple_of(4 * block)
-                && batch <= WGMMA_BNB_MAX_BATCH
+                && batch <= bnb_max_batch
         }
         Format::Mxfp4 => false,
     };
     has_wgmma(cc) && batch > FUSED_MAX_BATCH && shape_ok
+}
+
+/// Tokens per block of the fused wgmma GEMM, and of its narrow build for a last partial tile.
+pub const WGMMA_TOKENS: usize = 256;
+pub const WGMMA_NARROW_TOKENS: usize = 128;
+
+/// Time of a narrow tile relative to a wide one in the wave model of
+/// [`wgmma_token_launches`]: same-call measurements on an H200 put it at 0.54-0.78 (the choices
+/// below come out the same anywhere in that range for 8192x8192 and 28672x4096).
+const NARROW_TILE_COST: f64 = 0.7;
+
+/// The launches covering `m` tokens over `row_blocks` tiles of weight rows on a GPU of `sms`
+/// multiprocessors (one block each): `(first token, tokens per tile, token tiles)`. Of all
+/// wide tiles ([`WGMMA_TOKENS`]), all narrow ones ([`WGMMA_NARROW_TOKENS`]: twice the blocks,
+/// each with half the MMA work) and wide ones with a narrow last tile (where at most
+/// [`WGMMA_NARROW_TOKENS`] tokens remain), the one with the fewest waves of blocks, a narrow
+/// wave counting [`NARROW_TILE_COST`]. `narrow: false` keeps every tile wide (A/B runs).
+pub fn wgmma_token_launches(
+    m: usize,
+    row_blocks: usize,
+    sms: usize,
+    narrow: bool,
+) -> Vec<(usize, usize, usize)> {
+    let waves = |tiles: usize| (row_blocks * tiles).div_ceil(sms.max(1)) as f64;
+    let wide = m.div_ceil(WGMMA_TOKENS);
+    let mut best = (waves(wide), vec![(0, WGMMA_TOKENS, wide)]);
+    if !narrow {
+        return best.1;
+    }
+    let all_narrow = m.div_ceil(WGMMA_NARROW_TOKENS);
+    let cost = waves(all_narrow) * NARROW_TILE_COST;
+    if cost < best.0 {
+        best = (cost, vec![(0, WGMMA_NARROW_TOKENS, all_narrow)]);
+    }
+    let (full, rest) = (m / WGMMA_TOKENS, m % WGMMA_TOKENS);
+    if full > 0 && (1..=WGMMA_NARROW_TOKENS).contains(&rest) {
+        let cost = waves(full) + waves(1) * NARROW_TILE_COST;
+        if cost < best.0 {
+            best = (
+                cost,
+                vec![
+                    (0, WGMMA_TOKENS, full),
+                    (full * WGMMA_TOKENS, WGMMA_NARROW_TOKENS, 1),
+                ],
+            );
+        }
+    }
+    best.1
 }
 
 /// Blackwell FP4 tensor cores.
@@ -201,6 +261,50 @@ mod tests {
         assert!(!arch_supported((7, 0)));
         assert_eq!(native_fp4_target((9, 0)), None);
         assert!(has_fp4_tensor_cores((11, 0)));
+    }
+
+    #[test]
+    fn wgmma_token_launches_cover_every_token_once_in_the_fewest_waves() {
+        for (row_blocks, sms) in [(64, 132), (224, 132), (1, 8), (300, 132)] {
+            for narrow in [false, true] {
+                for m in 1..1100 {
+                    let launches = wgmma_token_launches(m, row_blocks, sms, narrow);
+                    let mut next = 0;
+                    for (i, &(first, tokens, tiles)) in launches.iter().enumerate() {
+                        assert_eq!(first, next, "m {m}: launches contiguous");
+                        assert!(tiles > 0);
+                        if tokens == WGMMA_NARROW_TOKENS {
+                            // All narrow, or one narrow last tile after wide ones.
+                            assert!(narrow && (launches.len() == 1 || (i == 1 && tiles == 1)));
+                        } else {
+                            assert_eq!(tokens, WGMMA_TOKENS);
+                        }
+                        next = first + tokens * tiles;
+                    }
+                    // Covers m, wasting less than one tile of its kind.
+                    let (_, last_tokens, _) = *launches.last().unwrap();
+                    assert!(next >= m && next - m < last_tokens, "m {m}: {launches:?}");
+                    if !narrow {
+                        assert_eq!(launches.len(), 1);
+                        assert_eq!(last_tokens, WGMMA_TOKENS);
+                    }
+                }
+            }
+        }
+        // The choices measured (BENCHMARKS.md, seventeenth session): 8192 rows (64 row tiles)
+        // on 132 SMs ...
+        let h100 = |m, rows: usize| wgmma_token_launches(m, rows / 128, 132, true);
+        assert_eq!(h100(128, 8192), vec![(0, 128, 1)]);
+        assert_eq!(h100(256, 8192), vec![(0, 128, 2)]);
+        assert_eq!(h100(384, 8192), vec![(0, 256, 2)]);
+        assert_eq!(h100(640, 8192), vec![(0, 256, 2), (512, 128, 1)]);
+        assert_eq!(h100(2048, 8192), vec![(0, 256, 8)]);
+        // ... and 28672 rows (224 row tiles).
+        assert_eq!(h100(128, 28672), vec![(0, 128, 1)]);
+        assert_eq!(h100(256, 28672), vec![(0, 256, 1)]);
+        assert_eq!(h100(384, 28672), vec![(0, 256, 1), (256, 128, 1)]);
+        assert_eq!(h100(640, 28672), vec![(0, 256, 2), (512, 128, 1)]);
+        assert_eq!(h100(2048, 28672), vec![(0, 256, 8)]);
     }
 
     #[test]

@@ -2,20 +2,24 @@
 // the 4-bit weight (NVFP4, or bitsandbytes with FMT 2) decoded straight into wgmma's register
 // operand, never written to memory.
 //
-// A block computes 128 weight rows x 256 tokens with two warpgroups; warpgroup wg owns weight
-// rows 64wg .. 64wg + 63 and issues wgmma.m64n256k16 with A from registers (its decoded weight
-// rows) and B = the block's token tile in shared memory (K-major, 128-byte swizzle), f32
-// accumulators in registers (the weight rows are wgmma's M, so the output tile is transposed
-// through shared memory at the end).
+// A block computes 128 weight rows x BN tokens (256, or 128 for narrow tiles) with two MMA
+// warpgroups; warpgroup wg owns weight rows 64wg .. 64wg + 63 and issues wgmma.m64nBNk16 with A
+// from registers (its decoded weight rows) and B = the block's token tile in shared memory
+// (K-major, 128-byte swizzle), f32 accumulators in registers (the weight rows are wgmma's M, so
+// the output tile is transposed through shared memory at the end).
 //
-// Tensor-memory-accelerator copies (TMA) bring each 64-wide K step's token tile (256 x 64
+// Tensor-memory-accelerator copies (TMA) bring each 64-wide K step's token tile (BN x 64
 // bf16), code bytes (128 x 32) and scale bytes (128 x 16: the four steps around this one) into a
-// ring of STAGES stages; one thread issues step kt + STAGES - 1's copies as soon as both
-// warpgroups have retired step kt - 1's wgmmas (mbarriers `loaded` and `free`). Each thread
-// decodes its own A fragments of step kt + 1 (two weight rows, 32 weights) from the staged code
-// bytes while step kt's wgmmas run: a code byte's two E2M1 nibbles become a bf16 pair with
-// their bits placed in the exponent field (value * 2^-126) times the row's E4M3 scale
+// ring of STAGES stages (mbarriers `loaded` and `free`). With PRODUCER a third warpgroup, which
+// gives most of its registers to the other two, issues each step's copies as soon as both MMA
+// warpgroups have retired that stage's wgmmas; without, the first MMA thread does. Each MMA
+// thread decodes its own A fragments of step kt + 1 (two weight rows, 32 weights) from the
+// staged code bytes while step kt's wgmmas run: a code byte's two E2M1 nibbles become a bf16
+// pair with their bits placed in the exponent field (value * 2^-126) times the row's E4M3 scale
 // pre-multiplied by 2^119, exact; the pair (k, k + 1) is one register of the fragment.
+//
+// Block order (RASTER): token tiles fastest in groups of eight, so that the blocks running at
+// once read the same weight rows.
 //
 // Rows past N and tokens past M are zero-filled by the TMA (never stored). Needs K % 256 == 0
 // (the scale copy is 16 bytes wide).
@@ -28,8 +32,10 @@
 // bf16 (again the chunked path's operands); the scale copy is 4 absmax values (needs
 // K % (4 bs) == 0).
 //
-// Defines: STAGES (2..5), FMT (0 NVFP4, 2 bitsandbytes), PROBE (kernel development: 2 skips the
-// decode, 3 the wgmmas).
+// Defines: STAGES (2..5), FMT (0 NVFP4, 2 bitsandbytes), BN (tokens per block: 256, or 128 for
+// narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
+// 0 weight-row tiles fastest, 1 token tiles fastest in groups of 8), PROBE (kernel
+// development: 2 skips the decode, 3 the wgmmas, 4 both).
 
 #ifndef STAGES
 #define STAGES 4
@@ -40,15 +46,27 @@
 #ifndef FMT
 #define FMT 0
 #endif
-#define BM 128
+#ifndef BN
 #define BN 256
+#endif
+#ifndef PRODUCER
+#define PRODUCER 0
+#endif
+#ifndef RASTER
+#define RASTER 1
+#endif
+#define RASTER_GROUP 8
+#define THREADS (256 + 128 * PRODUCER)
+#define ACC (BN / 2)
+#define BM 128
 #define BK 64
 #define X_BYTES (BN * BK * 2)      // token tile: 256 rows of 128 bytes
 #define C_BYTES (BM * BK / 2)      // code bytes: 128 rows of 32
 #define S_BYTES (BM * 16)          // scale bytes: 128 rows of 16
 #define STAGE_BYTES (X_BYTES + C_BYTES + S_BYTES)
-// Dynamic shared memory: STAGES * STAGE_BYTES + 1024 (alignment slack); gemm_sm90.rs's
-// `smem_bytes` computes the same.
+// Dynamic shared memory: STAGES * STAGE_BYTES (at least the epilogue's two 64 x BN transpose
+// buffers, 2 * BN * 72 * 2 bytes) + 1024 (alignment slack); gemm_sm90.rs's `smem_bytes`
+// computes the same.
 
 #define ARITH_PRE 6.64613997892457936e35f /* 2^119 */
 
@@ -93,7 +111,7 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Keeps the compiler from moving accumulator accesses across the asynchronous wgmmas.
 __device__ __forceinline__ void fence_acc(float* d) {
 #pragma unroll
-    for (int i = 0; i < 128; i++) asm volatile("" : "+f"(d[i])::"memory");
+    for (int i = 0; i < ACC; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 // Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
 __device__ __forceinline__ u64 desc_sw128(u32 addr) {
@@ -143,6 +161,27 @@ __device__ __forceinline__ void wgmma_m64n256k16_rs(float* d, u32 a0, u32 a1, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "n"(1));
 }
 
+// As wgmma_m64n256k16_rs for 128 tokens (64 accumulators).
+__device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc_b) {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "setp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+        "{%64, %65, %66, %67}, %68, p, 1, 1, 0;\n"
+        "}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "n"(1));
+}
+
 __shared__ u32 scale_tab[256];  // FMT 0: E4M3 byte -> splatted bf16 scale * 2^119
 __shared__ float codebook[16];   // FMT 2
 
@@ -159,16 +198,18 @@ struct Frags {
     u32 a[4][4];
 };
 
-extern "C" __global__ void __launch_bounds__(256, 1)
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
 gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ TensorMap code_map,
           const __grid_constant__ TensorMap scale_map, u16* __restrict__ y, int M, int N, int K,
-          float wfactor, int cb, int bs_shift) {
+          float wfactor, int cb, int bs_shift, int m_base) {
     extern __shared__ u8 dyn[];
     const u32 tid = threadIdx.x;
     const int wg = (int)(tid >> 7);
     if (FMT == 0) {
-        const u16 h = f32_to_bf16(e4m3_decode(tid) * ARITH_PRE);
-        scale_tab[tid] = (u32)h | ((u32)h << 16);
+        if (tid < 256) {
+            const u16 h = f32_to_bf16(e4m3_decode(tid) * ARITH_PRE);
+            scale_tab[tid] = (u32)h | ((u32)h << 16);
+        }
     } else if (tid < 16) {
         codebook[tid] = u2f(CB_BITS[cb][tid]);
     }
@@ -186,7 +227,18 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    const int n0 = (int)blockIdx.x * BM, m0 = (int)blockIdx.y * BN;
+#if RASTER
+    // Token tiles fastest within groups of RASTER_GROUP: the blocks running at once share
+    // weight rows (read from memory about once) and a group's token tiles stay in L2.
+    const int bid = (int)(blockIdx.y * gridDim.x + blockIdx.x), rows_n = (int)gridDim.x;
+    const int group = bid / (rows_n * RASTER_GROUP), in_group = bid % (rows_n * RASTER_GROUP);
+    const int group_tiles = min(RASTER_GROUP, (int)gridDim.y - group * RASTER_GROUP);
+    const int n0 = (in_group / group_tiles) * BM;
+    const int m0 = m_base + (group * RASTER_GROUP + in_group % group_tiles) * BN;
+#else
+    // Weight-row tiles fastest: the blocks running at once share token tiles.
+    const int n0 = (int)blockIdx.x * BM, m0 = m_base + (int)blockIdx.y * BN;
+#endif
     const int steps = K / BK;
 #define X_AT(s) (base + (u32)(s) * STAGE_BYTES)
 #define C_AT(s) (X_AT(s) + X_BYTES)
@@ -213,7 +265,7 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
     auto decode = [&](Frags& f, int kt) {
         const int s = kt % STAGES;
         mbar_wait(LOADED(s), (u32)(kt / STAGES) & 1u);
-        if (PROBE == 2) return;
+        if (PROBE == 2 || PROBE == 4) return;
         const u8* cp = gbase + (C_AT(s) - base);
         const int sidx = FMT == 0 ? (kt & 3) : (((kt * BK) >> bs_shift) & 3);
         const u8* sp = gbase + (S_AT(s) - base) + 4 * sidx;
@@ -245,10 +297,22 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         }
     };
 
-    float acc[128];
+#if PRODUCER
+    // A producer warpgroup: one thread issues every step's copies as soon as its stage is free,
+    // so that the MMA warpgroups never wait for each other to refill the ring. It hands most of
+    // its registers to them (168 each at launch: 40 here, 232 there).
+    if (tid >= 256) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (tid == 256)
+            for (int kt = 0; kt < steps; kt++) issue(kt);
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+#endif
+    float acc[ACC];
 #pragma unroll
-    for (int i = 0; i < 128; i++) acc[i] = 0.0f;
-    if (tid == 0)
+    for (int i = 0; i < ACC; i++) acc[i] = 0.0f;
+    if (!PRODUCER && tid == 0)
         for (int kt = 0; kt < STAGES - 1 && kt < steps; kt++) issue(kt);
     __syncwarp();  // the wgmma instructions below need the whole warp converged
 
@@ -259,16 +323,21 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         fence_acc(acc);
         const u32 b_addr = X_AT(s);
 #pragma unroll
-        for (int ks = 0; ks < BK / 16 && PROBE != 3; ks++)
-            wgmma_m64n256k16_rs(acc, cur.a[ks][0], cur.a[ks][1], cur.a[ks][2], cur.a[ks][3],
-                                desc_sw128(b_addr + 32 * ks));
+        for (int ks = 0; ks < BK / 16 && PROBE != 3 && PROBE != 4; ks++) {
+            if (BN == 256)
+                wgmma_m64n256k16_rs(acc, cur.a[ks][0], cur.a[ks][1], cur.a[ks][2], cur.a[ks][3],
+                                    desc_sw128(b_addr + 32 * ks));
+            else
+                wgmma_m64n128k16_rs(acc, cur.a[ks][0], cur.a[ks][1], cur.a[ks][2], cur.a[ks][3],
+                                    desc_sw128(b_addr + 32 * ks));
+        }
         wgmma_commit();
         // Step kt - 1's wgmmas have retired: `next` (their fragments) may be overwritten, and
         // their stage refilled with step kt + STAGES - 1 once the other warpgroup's have too.
         wgmma_wait<1>();
         fence_acc(acc);
         if (kt > 0) mbar_arrive(FREE((kt - 1) % STAGES));
-        if (tid == 0 && kt + STAGES - 1 < steps) issue(kt + STAGES - 1);
+        if (!PRODUCER && tid == 0 && kt + STAGES - 1 < steps) issue(kt + STAGES - 1);
         __syncwarp();
         if (kt + 1 < steps) decode(next, kt + 1);
     };
@@ -283,12 +352,16 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
     wgmma_wait<0>();
     fence_acc(acc);
 
-    // Epilogue: the warpgroup's 64 x 256 tile, transposed through shared memory (rows of 72
-    // so that the fragment stores do not conflict), then 16-byte stores along y's rows.
-    __syncthreads();
+    // Epilogue: the warpgroup's 64 x BN tile, transposed through shared memory (rows of 72
+    // so that the fragment stores do not conflict; the ring's space, free once both MMA
+    // warpgroups are here), then 16-byte stores along y's rows.
+    if (PRODUCER)
+        asm volatile("bar.sync 3, 256;" ::: "memory");  // the MMA warpgroups only
+    else
+        __syncthreads();
     u16* stg = (u16*)gbase + wg * (BN * 72);
 #pragma unroll
-    for (int j = 0; j < 32; j++)
+    for (int j = 0; j < BN / 8; j++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             const int token = 8 * j + 2 * t + (i & 1), r = 16 * warp + g + 8 * (i >> 1);
