@@ -4,10 +4,11 @@
 //! memory as the chunked dequantize + cuBLAS path does. Tiles arrive by TMA (tensor maps built
 //! here per call).
 //!
-//! Serves NVFP4 (K a multiple of 256) and bitsandbytes NF4 / FP4 weights (blocks of at least 64
-//! within a row, K a multiple of four blocks, batches up to 1024) with bf16 activations on
-//! compute capability 9.0, batches above the GEMV's (`plan::gemm_wgmma_serves`); everything else
-//! (MXFP4, f16 / f32 activations, other shapes) keeps the chunked path. `Q4_GEMM_FUSED=0`
+//! Serves NVFP4 (K a multiple of 256), MXFP4 (K a multiple of 512) and bitsandbytes NF4 / FP4
+//! weights (blocks of at least 64 within a row, K a multiple of four blocks, batches up to 1024)
+//! with bf16 activations on compute capability 9.0, batches above the GEMV's
+//! (`plan::gemm_wgmma_serves`); everything else (f16 / f32 activations, other shapes) keeps the
+//! chunked path. `Q4_GEMM_FUSED=0`
 //! turns it off (same-process A/B against the chunked path).
 //!
 //! Tiles are 128 weight rows by 256 tokens, or 128 tokens where that takes fewer waves of blocks
@@ -230,13 +231,17 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let (n, kdim) = w.rows_cols();
     let m = x.batch;
     let dev = x.dev;
-    let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
+    let fmt = match w.format() {
+        Format::Nvfp4 => 0,
+        Format::Mxfp4 => 1,
+        Format::Nf4 | Format::Fp4 => 2,
+    };
     let producer = producer();
     let kernel = |tokens: usize| -> Result<_> {
         let stages = stages_for(tokens);
         let defines = [
             ("STAGES", stages as i64),
-            ("FMT", if bnb { 2 } else { 0 }),
+            ("FMT", fmt),
             ("PROBE", probe()),
             ("BN", tokens as i64),
             ("PRODUCER", producer as i64),
@@ -278,17 +283,18 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     };
     let (br, sk) = (BLOCK_ROWS as u32, STEP_K as u32);
     let code_map = tensor_map(codes, U8, (n, kdim / 2), (br, sk / 2), FLAT)?;
-    // NVFP4: 16 E4M3 bytes per row (four steps); bitsandbytes: four f32 absmax values.
-    let scale_map = if bnb {
-        tensor_map(scales, F32, (n, kdim / w.block_size()), (br, 4), FLAT)?
-    } else {
-        tensor_map(scales, U8, (n, kdim / 16), (br, 16), FLAT)?
+    // NVFP4: 16 E4M3 bytes per row (four steps); MXFP4: 16 E8M0 bytes (eight steps);
+    // bitsandbytes: four f32 absmax values.
+    let scale_map = match fmt {
+        0 => tensor_map(scales, U8, (n, kdim / 16), (br, 16), FLAT)?,
+        1 => tensor_map(scales, U8, (n, kdim / 32), (br, 16), FLAT)?,
+        _ => tensor_map(scales, F32, (n, kdim / w.block_size()), (br, 4), FLAT)?,
     };
     let y = empty_storage(dev, DType::BF16, m * n)?;
     let yp = storage_ptr(&y, 0)?;
     // NVFP4 operands are value * scale * 2^-7 (see the kernel): 128 and the tensor scale come
-    // back here; bitsandbytes operands are the weights themselves.
-    let wfactor = if bnb { 1.0f32 } else { w.scale2() * 128.0 };
+    // back here; MXFP4 and bitsandbytes operands are the weights themselves.
+    let wfactor = if fmt == 0 { w.scale2() * 128.0 } else { 1.0f32 };
     let cb = super::dequant::codebook_index(w.format());
     let bs_shift = w.block_size().trailing_zeros() as i32;
     let (m_i, n_i, k_i) = (m as i32, n as i32, kdim as i32);
@@ -318,8 +324,9 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             .arg(&bs_shift)
             .arg(&m_base);
         // SAFETY: the tensor maps describe x (m x k bf16, boxes of `tokens` rows), the codes
-        // (n x k/2 bytes) and the scales (n x k/16 E4M3 bytes, or n x k/bs f32), all 16-byte
-        // aligned, with k a multiple of 256 (bitsandbytes: of 4 bs, bs >= 64); y holds m*n
+        // (n x k/2 bytes) and the scales (n x k/16 E4M3 bytes, n x k/32 E8M0 bytes or n x k/bs
+        // f32), all 16-byte aligned, with k a multiple of 256 (MXFP4: of 512; bitsandbytes: of 4
+        // bs, bs >= 64); y holds m*n
         // bf16; cb indexes the codebook table; the launch's tiles start at token `first` < m;
         // the block uses `smem` bytes of dynamic shared memory, allowed in `kernel`.
         launched("gemm_sm90", unsafe { b.launch(cfg) })?;

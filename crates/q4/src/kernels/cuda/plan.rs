@@ -47,7 +47,8 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
 pub const WGMMA_BNB_MAX_BATCH: usize = 1024;
 
 /// Whether the fused wgmma prefill GEMM serves a call with bf16 activations: a Hopper GPU,
-/// NVFP4 with `k` a multiple of 256 (one 16-byte scale copy covers four 64-wide steps), or
+/// NVFP4 with `k` a multiple of 256 (one 16-byte scale copy covers four 64-wide steps), MXFP4
+/// with `k` a multiple of 512 (eight steps), or
 /// bitsandbytes blocks of `block` >= 64 (a power of two) with `k` a multiple of four blocks
 /// (16-byte copies of four f32 absmax values) and at most [`WGMMA_BNB_MAX_BATCH`] rows.
 pub fn gemm_wgmma_serves(
@@ -77,7 +78,8 @@ pub fn gemm_wgmma_serves_up_to(
                 && k.is_multiple_of(4 * block)
                 && batch <= bnb_max_batch
         }
-        Format::Mxfp4 => false,
+        // Sixteen E8M0 bytes per scale copy: eight 64-wide steps.
+        Format::Mxfp4 => k.is_multiple_of(512),
     };
     has_wgmma(cc) && batch > FUSED_MAX_BATCH && shape_ok
 }
@@ -154,7 +156,7 @@ pub mod names {
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
-    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 1024), else dequant + cuBLAS)";
+    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (MXFP4: K % 512 == 0; bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 1024), else dequant + cuBLAS)";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
@@ -224,7 +226,7 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
         (Format::Nvfp4, None) => names::W4A4_EXACT,
         _ => names::NOT_APPLICABLE,
     };
-    let prefill = if has_wgmma(cc) && format != Format::Mxfp4 {
+    let prefill = if has_wgmma(cc) {
         names::GEMM_WGMMA
     } else {
         names::DEQUANT_CUBLAS
@@ -246,10 +248,10 @@ mod tests {
         assert_eq!(h100.decode, names::GEMV_MMA_ARITH);
         assert_eq!(plan((9, 0), Format::Nf4).decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
-        // The fused prefill GEMM needs wgmma (sm_90a only) and serves all but MXFP4.
+        // The fused prefill GEMM needs wgmma (sm_90a only) and serves every format.
         assert_eq!(h100.prefill, names::GEMM_WGMMA);
         assert_eq!(plan((9, 0), Format::Nf4).prefill, names::GEMM_WGMMA);
-        assert_eq!(plan((9, 0), Format::Mxfp4).prefill, names::DEQUANT_CUBLAS);
+        assert_eq!(plan((9, 0), Format::Mxfp4).prefill, names::GEMM_WGMMA);
         assert_eq!(plan((12, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((8, 0), Format::Nvfp4).prefill, names::DEQUANT_CUBLAS);
         assert_eq!(plan((12, 1), Format::Nvfp4).w4a4, names::W4A4_NATIVE_SM120);
@@ -321,8 +323,11 @@ mod tests {
         assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 32, 512));
         assert!(!gemm_wgmma_serves(h100, Format::Fp4, 1280, 128, 512));
         assert!(gemm_wgmma_serves(h100, Format::Fp4, 2048, 128, 512));
-        // MXFP4, and anything not Hopper, keep the chunked path.
-        assert!(!gemm_wgmma_serves(h100, Format::Mxfp4, 4096, 32, 512));
+        // MXFP4 with K a multiple of 512 (gpt-oss's 2880 is not); nothing that is not Hopper.
+        assert!(gemm_wgmma_serves(h100, Format::Mxfp4, 4096, 32, 512));
+        assert!(gemm_wgmma_serves(h100, Format::Mxfp4, 9728, 32, 4096));
+        assert!(!gemm_wgmma_serves(h100, Format::Mxfp4, 2880, 32, 512));
+        assert!(!gemm_wgmma_serves(h100, Format::Mxfp4, 4096, 32, 64));
         assert!(!gemm_wgmma_serves((8, 0), Format::Nvfp4, 4096, 16, 512));
         assert!(!gemm_wgmma_serves((12, 0), Format::Nvfp4, 4096, 16, 512));
     }

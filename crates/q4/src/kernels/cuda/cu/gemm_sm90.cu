@@ -27,12 +27,16 @@
 // Operands are exactly the chunked path's (bf16 value * E4M3 scale, times 2^-7 here), so the
 // two paths differ only in f32 summation order.
 //
+// FMT 1 (MXFP4, OCP: E2M1 codes low nibble first, an E8M0 scale per 32): the same placed pairs
+// times 2^(e - 1) (and 2^(e - 128) more where e > 128), exactly the chunked path's bf16(value *
+// 2^(e - 127)); the scale copy covers eight steps (needs K % 512 == 0).
+//
 // FMT 2 (bitsandbytes NF4 / FP4, high nibble first, f32 absmax per block of bs >= 64 within a
 // row, codebook `cb`): each nibble's codebook value times the absmax in f32, rounded once to
 // bf16 (again the chunked path's operands); the scale copy is 4 absmax values (needs
 // K % (4 bs) == 0).
 //
-// Defines: STAGES (2..5), FMT (0 NVFP4, 2 bitsandbytes), BN (tokens per block: 256, or 128 for
+// Defines: STAGES (2..5), FMT (0 NVFP4, 1 MXFP4, 2 bitsandbytes), BN (tokens per block: 256, or 128 for
 // narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
 // 0 weight-row tiles fastest, 1 token tiles fastest in groups of 8), PROBE (kernel
 // development: 2 skips the decode, 3 the wgmmas, 4 both).
@@ -210,6 +214,13 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
             const u16 h = f32_to_bf16(e4m3_decode(tid) * ARITH_PRE);
             scale_tab[tid] = (u32)h | ((u32)h << 16);
         }
+    } else if (FMT == 1) {
+        // MXFP4: E8M0 byte e -> 2^(e - 1) (the placed pair's 2^-126 makes it 2^(e - 127)),
+        // capped at 2^127 (larger scales take a second factor, see the decode); 0xff is NaN.
+        if (tid < 256) {
+            const u32 h = tid == 255u ? 0x7fc0u : (u32)(min((int)tid - 1, 127) + 127) << 7;
+            scale_tab[tid] = h | (h << 16);
+        }
     } else if (tid < 16) {
         codebook[tid] = u2f(CB_BITS[cb][tid]);
     }
@@ -250,9 +261,12 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         mbar_expect_tx(LOADED(s), X_BYTES + C_BYTES + S_BYTES);
         tma_load_2d(X_AT(s), &x_map, kt * BK, m0, LOADED(s));
         tma_load_2d(C_AT(s), &code_map, kt * (BK / 2), n0, LOADED(s));
-        // NVFP4: 16 scale bytes = steps 4 (kt / 4) .. + 3; bitsandbytes: 4 absmax values from
-        // the step's block rounded down to a multiple of 4.
-        const int sc0 = FMT == 0 ? (kt >> 2) * 16 : ((kt * BK) >> bs_shift) & ~3;
+        // NVFP4: 16 scale bytes = steps 4 (kt / 4) .. + 3; MXFP4: 16 bytes = steps 8 (kt / 8)
+        // .. + 7; bitsandbytes: 4 absmax values from the step's block rounded down to a
+        // multiple of 4.
+        const int sc0 = FMT == 0   ? (kt >> 2) * 16
+                        : FMT == 1 ? (kt >> 3) * 16
+                                   : ((kt * BK) >> bs_shift) & ~3;
         tma_load_2d(S_AT(s), &scale_map, sc0, n0, LOADED(s));
     };
 
@@ -267,14 +281,16 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
         mbar_wait(LOADED(s), (u32)(kt / STAGES) & 1u);
         if (PROBE == 2 || PROBE == 4) return;
         const u8* cp = gbase + (C_AT(s) - base);
-        const int sidx = FMT == 0 ? (kt & 3) : (((kt * BK) >> bs_shift) & 3);
-        const u8* sp = gbase + (S_AT(s) - base) + 4 * sidx;
+        // This step's scales in the staged 16 bytes of a row: NVFP4 four bytes, MXFP4 two,
+        // bitsandbytes one f32.
+        const int soff = FMT == 0 ? 4 * (kt & 3) : FMT == 1 ? 2 * (kt & 7) : 4 * (((kt * BK) >> bs_shift) & 3);
+        const u8* sp = gbase + (S_AT(s) - base) + soff;
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const int r = row + 8 * h;
             const uint4 lo = *(const uint4*)(cp + r * 32);
             const uint4 hi = *(const uint4*)(cp + r * 32 + 16);
-            const u32 sc4 = *(const u32*)(sp + r * 16);
+            const u32 sc4 = FMT == 1 ? (u32) * (const u16*)(sp + r * 16) : *(const u32*)(sp + r * 16);
             const u32 words[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
 #pragma unroll
             for (int j = 0; j < 4; j++) {
@@ -284,6 +300,12 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
                     const u32 sc = scale_tab[(sc4 >> (8 * j)) & 0xffu];
                     f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);  // a0 / a1
                     f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);  // a2 / a3
+                } else if (FMT == 1) {
+                    // MXFP4: slices 2i and 2i + 1 are scale block i of the step (scales above
+                    // 2 take a second factor below).
+                    const u32 sc = scale_tab[(sc4 >> (8 * (j >> 1))) & 0xffu];
+                    f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);
+                    f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);
                 } else {
                     // bitsandbytes: one absmax for the step, high nibble first.
                     const float am = u2f(sc4);
@@ -291,6 +313,21 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
                     for (int q = 0; q < 2; q++) {
                         const u32 b = (words[2 * j + q] >> (8 * t)) & 0xffu;
                         f.a[j][2 * q + h] = pack_bf16x2(codebook[b >> 4] * am, codebook[b & 15u] * am);
+                    }
+                }
+            }
+            if (FMT == 1) {
+                // MXFP4 scales above 2 (E8M0 e > 128, rare in real weights) were capped at
+                // 2^127: the exact remaining factor 2^(e - 128).
+                for (int i = 0; i < 2; i++) {
+                    const u32 e = (sc4 >> (8 * i)) & 0xffu;
+                    if (e > 128u && e != 255u) {
+                        const u32 x = (e - 1u) << 7;  // bf16 bits of 2^(e - 128)
+#pragma unroll
+                        for (int j = 2 * i; j < 2 * i + 2; j++) {
+                            f.a[j][h] = pair_scale(f.a[j][h], x | (x << 16));
+                            f.a[j][2 + h] = pair_scale(f.a[j][2 + h], x | (x << 16));
+                        }
                     }
                 }
             }
