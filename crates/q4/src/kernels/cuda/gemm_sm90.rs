@@ -50,7 +50,7 @@ fn stages() -> usize {
     *S
 }
 
-/// Kernel development: `Q4_GEMM_PROBE=2` drops the decode, 3 the wgmmas (wrong results; for
+/// Kernel development: `Q4_GEMM_PROBE=2` drops the decode, 3 the wgmmas, 4 both (wrong results; for
 /// timing where a step's time goes).
 fn probe() -> i64 {
     static P: std::sync::LazyLock<i64> =
