@@ -40,54 +40,39 @@ const BLOCK_ROWS: usize = 128;
 /// K per pipeline step.
 const STEP_K: usize = 64;
 
-/// Ring stages of the kernel's pipeline (`Q4_GEMM_STAGES`, 2-5, for tuning).
-fn stages() -> usize {
-    static S: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        knob("Q4_GEMM_STAGES")
+/// The kernel's environment knobs for A/B measurements, read once per process; the defaults
+/// are the measured best (BENCHMARKS.md).
+struct Knobs {
+    /// Ring stages (`Q4_GEMM_STAGES`, 2-5; 4).
+    stages: usize,
+    /// Kernel development (`Q4_GEMM_PROBE`): 2 drops the decode, 3 the wgmmas, 4 both (wrong
+    /// results; for timing where a step's time goes).
+    probe: i64,
+    /// A third warpgroup issues the TMA copies (`Q4_GEMM_PRODUCER=0`: the first MMA thread).
+    producer: bool,
+    /// Largest batch of bitsandbytes weights the kernel takes (`Q4_GEMM_BNB_MAX`;
+    /// [`plan::WGMMA_BNB_MAX_BATCH`]).
+    bnb_max_batch: usize,
+    /// Block order (`Q4_GEMM_RASTER`): 1 token tiles fastest in groups of eight, so that the
+    /// blocks running at once share weight rows; 0 weight-row tiles fastest.
+    raster: i64,
+    /// Tiles may be narrow (`plan::wgmma_token_launches`; `Q4_GEMM_NARROW=0`: never).
+    narrow: bool,
+}
+
+fn knobs() -> &'static Knobs {
+    static K: std::sync::LazyLock<Knobs> = std::sync::LazyLock::new(|| Knobs {
+        stages: knob("Q4_GEMM_STAGES")
             .filter(|s| (2..=5).contains(s))
-            .unwrap_or(4) as usize
+            .unwrap_or(4) as usize,
+        probe: knob("Q4_GEMM_PROBE").unwrap_or(0),
+        producer: knob("Q4_GEMM_PRODUCER").is_none_or(|v| v != 0),
+        bnb_max_batch: knob("Q4_GEMM_BNB_MAX")
+            .map_or(plan::WGMMA_BNB_MAX_BATCH, |v| v.max(0) as usize),
+        raster: knob("Q4_GEMM_RASTER").unwrap_or(1),
+        narrow: knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0),
     });
-    *S
-}
-
-/// Kernel development: `Q4_GEMM_PROBE=2` drops the decode, 3 the wgmmas, 4 both (wrong results; for
-/// timing where a step's time goes).
-fn probe() -> i64 {
-    static P: std::sync::LazyLock<i64> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMM_PROBE").unwrap_or(0));
-    *P
-}
-
-/// Whether a third warpgroup issues the TMA copies (default; `Q4_GEMM_PRODUCER=0`: the first
-/// MMA thread does, for A/B measurements).
-fn producer() -> bool {
-    static P: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMM_PRODUCER").is_none_or(|v| v != 0));
-    *P
-}
-
-/// Largest batch of bitsandbytes weights the kernel takes (`Q4_GEMM_BNB_MAX`, for A/B runs;
-/// default [`plan::WGMMA_BNB_MAX_BATCH`]).
-fn bnb_max_batch() -> usize {
-    static B: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        knob("Q4_GEMM_BNB_MAX").map_or(plan::WGMMA_BNB_MAX_BATCH, |v| v.max(0) as usize)
-    });
-    *B
-}
-
-/// Block order (`Q4_GEMM_RASTER`): 1 (default) token tiles fastest in groups of eight, so the
-/// blocks running at once share weight rows; 0 weight-row tiles fastest (A/B runs).
-fn raster() -> i64 {
-    static R: std::sync::LazyLock<i64> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMM_RASTER").unwrap_or(1));
-    *R
-}
-
-/// Whether tiles may be narrow (`plan::wgmma_token_launches`; `Q4_GEMM_NARROW=0`: never).
-fn narrow_tiles() -> bool {
-    static N: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0));
-    *N
+    &K
 }
 
 /// Dynamic shared memory of the kernel for `stages` and `tokens` per block (its `BN`): per
@@ -96,18 +81,6 @@ fn narrow_tiles() -> bool {
 pub fn smem_bytes(stages: usize, tokens: usize) -> usize {
     let stage = tokens * STEP_K * 2 + BLOCK_ROWS * STEP_K / 2 + BLOCK_ROWS * 16;
     (stages * stage).max(2 * tokens * 72 * 2) + 1024
-}
-
-/// Dynamic shared memory a block may have on Hopper (227 KiB), less the kernel's static tables.
-const SMEM_LIMIT: usize = 227 * 1024 - 2048;
-
-/// The configured ring depth, or the deepest that fits with `tokens` per block.
-fn stages_for(tokens: usize) -> usize {
-    let mut s = stages();
-    while s > 2 && smem_bytes(s, tokens) > SMEM_LIMIT {
-        s -= 1;
-    }
-    s
 }
 
 /// Whether the fused kernel is switched on: `Q4_GEMM_FUSED=0` turns it off, unless
@@ -165,7 +138,7 @@ pub fn supports(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
             kdim,
             w.block_size(),
             x.batch,
-            bnb_max_batch(),
+            knobs().bnb_max_batch,
         )
         && aligned()
 }
@@ -236,16 +209,17 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         Format::Mxfp4 => 1,
         Format::Nf4 | Format::Fp4 => 2,
     };
-    let producer = producer();
+    let kn = knobs();
+    let producer = kn.producer;
     let kernel = |tokens: usize| -> Result<_> {
-        let stages = stages_for(tokens);
+        let stages = kn.stages;
         let defines = [
             ("STAGES", stages as i64),
             ("FMT", fmt),
-            ("PROBE", probe()),
+            ("PROBE", kn.probe),
             ("BN", tokens as i64),
             ("PRODUCER", producer as i64),
-            ("RASTER", raster()),
+            ("RASTER", kn.raster),
         ];
         let func = k.function_for_arch(
             "gemm_sm90",
@@ -302,7 +276,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let threads = 256 + if producer { 128 } else { 0 };
     let row_blocks = n.div_ceil(BLOCK_ROWS);
     let sms = k.sm_count as usize;
-    for (first, tokens, tiles_m) in plan::wgmma_token_launches(m, row_blocks, sms, narrow_tiles()) {
+    for (first, tokens, tiles_m) in plan::wgmma_token_launches(m, row_blocks, sms, kn.narrow) {
         let (func, smem) = kernel(tokens)?;
         let x_map = tensor_map(x.ptr, BF16, (m, kdim), (tokens as u32, sk), SW128)?;
         let cfg = LaunchConfig {
