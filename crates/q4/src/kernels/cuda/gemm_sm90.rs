@@ -8,8 +8,7 @@
 //! weights (blocks of at least 64 within a row, K a multiple of four blocks, batches up to 1024)
 //! with bf16 activations on compute capability 9.0, batches above the GEMV's
 //! (`plan::gemm_wgmma_serves`); everything else (f16 / f32 activations, other shapes) keeps the
-//! chunked path. `Q4_GEMM_FUSED=0`
-//! turns it off (same-process A/B against the chunked path).
+//! chunked path. `Q4_GEMM_FUSED=0` turns it off (same-process A/B against the chunked path).
 //!
 //! Tiles are 128 weight rows by 256 tokens, or 128 tokens where that takes fewer waves of blocks
 //! (`plan::wgmma_token_launches`: small batches, a short last tile); a producer warpgroup issues
