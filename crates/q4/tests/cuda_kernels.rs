@@ -522,7 +522,8 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
         let q = QTensor::quantize(&w, spec).unwrap();
         let wd = q.dequantize(DType::F32).unwrap();
         let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
-        for b in [65usize, 256, 300, 384, 513] {
+        // 1300 tokens over 300 rows run as eleven narrow token tiles: several raster groups.
+        for b in [65usize, 256, 300, 384, 513, 1300] {
             let x = Tensor::from_vec(data(b * k, (b * 7 + k) as u64), (b, k), &Device::Cpu)
                 .unwrap()
                 .to_dtype(DType::BF16)

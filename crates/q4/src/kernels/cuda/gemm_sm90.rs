@@ -52,9 +52,12 @@ struct Knobs {
     /// Largest batch of bitsandbytes weights the kernel takes (`Q4_GEMM_BNB_MAX`;
     /// [`plan::WGMMA_BNB_MAX_BATCH`]).
     bnb_max_batch: usize,
-    /// Block order (`Q4_GEMM_RASTER`): 1 token tiles fastest in groups of eight, so that the
+    /// Block order (`Q4_GEMM_RASTER`): 1 token tiles fastest in groups (below), so that the
     /// blocks running at once share weight rows; 0 weight-row tiles fastest.
     raster: i64,
+    /// Token tiles per raster group (`Q4_GEMM_RASTER_GROUP`; 4: M = 2048 / 4096 1-2% faster
+    /// than 8, 2 or 16 on 8192x8192 and 28672x4096, BENCHMARKS.md).
+    raster_group: i64,
     /// Tiles may be narrow (`plan::wgmma_token_launches`; `Q4_GEMM_NARROW=0`: never).
     narrow: bool,
 }
@@ -69,6 +72,7 @@ fn knobs() -> &'static Knobs {
         bnb_max_batch: knob("Q4_GEMM_BNB_MAX")
             .map_or(plan::WGMMA_BNB_MAX_BATCH, |v| v.max(0) as usize),
         raster: knob("Q4_GEMM_RASTER").unwrap_or(1),
+        raster_group: knob("Q4_GEMM_RASTER_GROUP").filter(|&g| g > 0).unwrap_or(8),
         narrow: knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0),
     });
     &K
@@ -219,6 +223,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             ("BN", tokens as i64),
             ("PRODUCER", producer as i64),
             ("RASTER", kn.raster),
+            ("RASTER_GROUP", kn.raster_group),
         ];
         let func = k.function_for_arch(
             "gemm_sm90",

@@ -18,8 +18,8 @@
 // pair with their bits placed in the exponent field (value * 2^-126) times the row's E4M3 scale
 // pre-multiplied by 2^119, exact; the pair (k, k + 1) is one register of the fragment.
 //
-// Block order (RASTER): token tiles fastest in groups of eight, so that the blocks running at
-// once read the same weight rows.
+// Block order (RASTER): token tiles fastest in groups of RASTER_GROUP (4), so that the blocks
+// running at once read the same weight rows.
 //
 // Rows past N and tokens past M are zero-filled by the TMA (never stored). Needs K % 256 == 0
 // (the scale copy is 16 bytes wide).
@@ -38,7 +38,7 @@
 //
 // Defines: STAGES (2..5), FMT (0 NVFP4, 1 MXFP4, 2 bitsandbytes), BN (tokens per block: 256, or 128 for
 // narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
-// 0 weight-row tiles fastest, 1 token tiles fastest in groups of 8), PROBE (kernel
+// 0 weight-row tiles fastest, 1 token tiles fastest in groups of RASTER_GROUP), PROBE (kernel
 // development: 2 skips the decode, 3 the wgmmas, 4 both).
 
 #ifndef STAGES
@@ -59,7 +59,9 @@
 #ifndef RASTER
 #define RASTER 1
 #endif
-#define RASTER_GROUP 8
+#ifndef RASTER_GROUP
+#define RASTER_GROUP 4
+#endif
 #define THREADS (256 + 128 * PRODUCER)
 #define ACC (BN / 2)
 #define BM 128
