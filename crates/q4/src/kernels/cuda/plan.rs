@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::Format;
 
 /// Largest activation batch the fused dequantize-on-the-fly GEMV serves; larger batches take
-/// the fused wgmma GEMM on Hopper (NVFP4, NF4, FP4 with bf16 activations) or dequantize chunks
+/// the fused wgmma GEMM on Hopper (every format, bf16 activations) or dequantize chunks
 /// of the weight (128 MB at M >= 2048, up to 512 MB below) and run cuBLAS.
 pub const FUSED_MAX_BATCH: usize = 64;
 
@@ -42,8 +42,9 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
 /// full decode at larger batches. Same-call A/B on the H100
 /// (`scripts/gpu/results/h100-2026-11-27-s16/final-nf4/`), NF4 fused vs chunked: M = 256
 /// 1.24x / 1.93x faster (8192x8192 / 28672x4096), M = 1024 1.07x / 1.05x, M = 2048 0.92x /
-/// 0.91x. NVFP4's decode is cheaper: it takes the fused kernel at every batch (1.01x / 0.99x at
-/// M = 2048, 1.2-2.3x faster below).
+/// 0.91x; with the seventeenth session's kernel (`h100-2026-11-27-s17/call5/`) still 418 vs 408
+/// and 761 vs 737 us at M = 2048. NVFP4's decode is cheaper: it takes the fused kernel at every
+/// batch (0.94x / 0.90x cuBLAS bf16 at M = 2048, 1.2-2.3x faster than the chunked path below).
 pub const WGMMA_BNB_MAX_BATCH: usize = 1024;
 
 /// Whether the fused wgmma prefill GEMM serves a call with bf16 activations: a Hopper GPU,
@@ -84,7 +85,8 @@ pub fn gemm_wgmma_serves_up_to(
     has_wgmma(cc) && batch > FUSED_MAX_BATCH && shape_ok
 }
 
-/// Tokens per block of the fused wgmma GEMM, and of its narrow build for a last partial tile.
+/// Tokens per block of the fused wgmma GEMM, and of its narrow build (small batches, a short
+/// last tile: [`wgmma_token_launches`]).
 pub const WGMMA_TOKENS: usize = 256;
 pub const WGMMA_NARROW_TOKENS: usize = 128;
 

@@ -1,6 +1,6 @@
 // Fused 4-bit prefill GEMM for Hopper (sm_90a): y[m, n] = wfactor * sum_k W[n, k] x[m, k] with
-// the 4-bit weight (NVFP4, or bitsandbytes with FMT 2) decoded straight into wgmma's register
-// operand, never written to memory.
+// the 4-bit weight (NVFP4; MXFP4 with FMT 1, bitsandbytes with FMT 2) decoded straight into
+// wgmma's register operand, never written to memory.
 //
 // A block computes 128 weight rows x BN tokens (256, or 128 for narrow tiles) with two MMA
 // warpgroups; warpgroup wg owns weight rows 64wg .. 64wg + 63 and issues wgmma.m64nBNk16 with A
@@ -21,8 +21,8 @@
 // Block order (RASTER): token tiles fastest in groups of RASTER_GROUP (4), so that the blocks
 // running at once read the same weight rows.
 //
-// Rows past N and tokens past M are zero-filled by the TMA (never stored). Needs K % 256 == 0
-// (the scale copy is 16 bytes wide).
+// Rows past N and tokens past M are zero-filled by the TMA (never stored). NVFP4 needs
+// K % 256 == 0 (the scale copy is 16 bytes wide).
 //
 // Operands are exactly the chunked path's (bf16 value * E4M3 scale, times 2^-7 here), so the
 // two paths differ only in f32 summation order.
@@ -36,8 +36,8 @@
 // bf16 (again the chunked path's operands); the scale copy is 4 absmax values (needs
 // K % (4 bs) == 0).
 //
-// Defines: STAGES (2..5), FMT (0 NVFP4, 1 MXFP4, 2 bitsandbytes), BN (tokens per block: 256, or 128 for
-// narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
+// Defines: STAGES (2..5), FMT (0 NVFP4, 1 MXFP4, 2 bitsandbytes), BN (tokens per block: 256,
+// or 128 for narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
 // 0 weight-row tiles fastest, 1 token tiles fastest in groups of RASTER_GROUP), PROBE (kernel
 // development: 2 skips the decode, 3 the wgmmas, 4 both).
 
@@ -66,7 +66,7 @@
 #define ACC (BN / 2)
 #define BM 128
 #define BK 64
-#define X_BYTES (BN * BK * 2)      // token tile: 256 rows of 128 bytes
+#define X_BYTES (BN * BK * 2)      // token tile: BN rows of 128 bytes
 #define C_BYTES (BM * BK / 2)      // code bytes: 128 rows of 32
 #define S_BYTES (BM * 16)          // scale bytes: 128 rows of 16
 #define STAGE_BYTES (X_BYTES + C_BYTES + S_BYTES)
@@ -188,7 +188,7 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, u32 a0, u32 a1, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "n"(1));
 }
 
-__shared__ u32 scale_tab[256];  // FMT 0: E4M3 byte -> splatted bf16 scale * 2^119
+__shared__ u32 scale_tab[256];  // FMT 0 / 1: scale byte -> splatted bf16 factor (see the decode)
 __shared__ float codebook[16];   // FMT 2
 
 // bf16 pair (lo, hi) of two f32 values, each rounded to nearest even.
