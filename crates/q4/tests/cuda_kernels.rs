@@ -136,6 +136,13 @@ fn nvrtc_compiles_every_kernel_family() {
                         ];
                         compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                             .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                        if nt == 1 {
+                            // The warps of a block splitting K (batches 1-8).
+                            let mut d = d.to_vec();
+                            d.push(("KWARPS", 2));
+                            compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                                .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                        }
                     }
                 }
             }
@@ -572,6 +579,79 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
             );
         }
     }
+}
+
+/// Split-K GEMVs (batches 1-16) sum their K slices either inside each block (the warps split K)
+/// or through a partial buffer and `gemv_reduce`: both add the same slices in the same order,
+/// so their outputs are identical bit for bit, and the warp split launches no reduction.
+#[test]
+fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
+    let Some(dev) = gpu() else { return };
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Mxfp4),
+    ];
+    // (n, k): few row tiles and many steps (split K), rows not a multiple of 16, K not a
+    // multiple of 128 (a partial last step).
+    let shapes = [
+        (1000usize, 2560usize),
+        (64, 4096),
+        (300, 1024),
+        (77, 4160),
+        (6144, 2560),
+    ];
+    let mut grid_reduces = 0;
+    for (spec, (n, k)) in specs
+        .iter()
+        .flat_map(|s| shapes.iter().map(move |&nk| (s, nk)))
+    {
+        let f = spec.format;
+        let w = Tensor::from_vec(data(n * k, (n + 5 * k) as u64), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, spec).unwrap();
+        let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+        for b in [1usize, 3, 8, 16] {
+            for dt in [DType::F32, DType::BF16] {
+                let x = Tensor::from_vec(data(b * k, (b * 11 + k) as u64), (b, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                let gemv = q4::kernels::cuda::gemv::set_warp_split_for_tests;
+                let reduces = q4::kernels::cuda::gemv::reduce_launches;
+                gemv(Some(true));
+                let before = reduces();
+                let warp = layer.forward(&x).unwrap();
+                // Batches 1-8 split K into powers of two (at most 16 here), which always fit a
+                // block; batch 16's split may not.
+                if b <= 8 {
+                    assert_eq!(
+                        reduces(),
+                        before,
+                        "{f:?} {n}x{k} batch {b}: warp split reduced"
+                    );
+                }
+                gemv(Some(false));
+                let before = reduces();
+                let grid = layer.forward(&x).unwrap();
+                grid_reduces += reduces() - before;
+                gemv(None);
+                // bf16 outputs widen to f32 exactly.
+                let (wb, gb) = (bits_f32(&warp), bits_f32(&grid));
+                assert_eq!(wb.len(), b * n);
+                if let Some(i) = (0..wb.len()).find(|&i| wb[i] != gb[i]) {
+                    panic!(
+                        "{f:?} {n}x{k} batch {b} {dt:?}: output {i} differs: {:#x} vs {:#x}",
+                        wb[i], gb[i]
+                    );
+                }
+            }
+        }
+    }
+    // The shapes above do split K (into at most 16 slices, which always fit a block): with the
+    // warp split off, reductions ran.
+    assert!(grid_reduces > 0, "no shape took a split-K plan");
 }
 
 #[test]

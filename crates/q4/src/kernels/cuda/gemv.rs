@@ -8,6 +8,7 @@
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::DType;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::dequant::{codebook_index, device_parts};
 use super::module_cache::{self, DeviceKernels};
@@ -89,6 +90,41 @@ fn item_cost(nt: usize) -> Option<usize> {
         Some(c) => usize::try_from(c).ok(),
         None => (nt > 1).then_some(ITEM_COST),
     }
+}
+/// Whether a split-K GEMV at batches 1-16 splits K among the warps of a block (`KWARPS` in
+/// gemv.cu: sums meet in shared memory, no partial buffer, no second kernel) rather than across
+/// blocks (`gemv_reduce` after the GEMV). Same work per warp either way; `Q4_GEMV_WSPLIT=0` keeps
+/// the grid split.
+pub fn warp_split() -> bool {
+    static W: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_WSPLIT") != Some(0));
+    match WARP_SPLIT_FORCED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *W,
+    }
+}
+
+/// 0: the environment decides; 1: on; 2: off.
+static WARP_SPLIT_FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the warp split on or off (`None`: the environment decides), so that a test can compare
+/// it with the grid split in one process.
+#[doc(hidden)]
+pub fn set_warp_split_for_tests(on: Option<bool>) {
+    WARP_SPLIT_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
+}
+
+thread_local! {
+    /// `gemv_reduce` launches made by this thread (tests check which split ran; per thread, so
+    /// that tests running at once do not count each other's).
+    static REDUCES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times this thread has launched the split-K reduction kernel.
+#[doc(hidden)]
+pub fn reduce_launches() -> usize {
+    REDUCES.with(|c| c.get())
 }
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
@@ -196,8 +232,32 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         .unwrap_or(1)
         .max(1) as usize;
     let resident = k.sm_count as usize * per_sm;
-    let split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
-    let grid_x = (tiles * split).min(resident).max(1);
+    let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
+    let mut grid_x = (tiles * split).min(resident).max(1);
+    let mut func = func;
+    let mut block_warps = warps;
+    let fits = warps.is_multiple_of(split) || (split.is_multiple_of(warps) && split <= 16);
+    if nt <= 2 && split > 1 && fits && warp_split() {
+        // The same warps and steps per warp, the slices summed inside each block: blocks of
+        // warps / split row groups, or of one row group of `split` warps where the split is
+        // the larger, unless those larger blocks take more waves (fewer of them fit an SM).
+        let bw = warps.max(split);
+        let mut kdefines = defines.clone();
+        kdefines.retain(|(name, _)| name != &"WARPS");
+        kdefines.extend([("WARPS", bw as i64), ("KWARPS", split as i64)]);
+        let kfunc = k.function("gemv", module_cache::GEMV, &kdefines, "gemv")?;
+        let per_sm = kfunc
+            .occupancy_max_active_blocks_per_multiprocessor((bw * 32) as u32, 0, None)
+            .unwrap_or(1)
+            .max(1) as usize;
+        let kresident = k.sm_count as usize * per_sm;
+        let row_tiles = n.div_ceil(16 * (bw / split));
+        if row_tiles.div_ceil(kresident) <= (tiles * split).div_ceil(resident) {
+            (func, block_warps, defines) = (kfunc, bw, kdefines);
+            grid_x = row_tiles.min(kresident).max(1);
+            split = 1;
+        }
+    }
     let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {
         Some(empty_storage(dev, DType::F32, split * batch * n)?)
@@ -219,7 +279,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let cb = codebook_index(w.format());
     let cfg = LaunchConfig {
         grid_dim: (grid_x as u32, 1, 1),
-        block_dim: ((warps * 32) as u32, 1, 1),
+        block_dim: ((block_warps * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = stream.launch_builder(&func);
@@ -241,7 +301,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
-    // 33 KiB of static shared memory (none with ARITH) is below the 48 KiB limit.
+    // 33 KiB of static shared memory (none with ARITH; 4 KiB more with KWARPS) is below the
+    // 48 KiB limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
@@ -299,6 +360,7 @@ pub(super) unsafe fn reduce(
         .arg(&b_i)
         .arg(&s_i)
         .arg(&factor);
+    REDUCES.with(|c| c.set(c.get() + 1));
     // SAFETY: argument order and types match `gemv_reduce`; buffer sizes are the caller's
     // contract above.
     launched("gemv_reduce", unsafe { b.launch(cfg) })

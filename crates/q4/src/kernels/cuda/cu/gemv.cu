@@ -29,6 +29,12 @@
 //
 // DEPTH (2, 3, 4): weight steps in flight per thread.
 //
+// KWARPS (1, or a divisor of WARPS): the block's warps split K among themselves instead of
+// taking separate rows: RWARPS = WARPS / KWARPS row groups of 16 rows, each walked by KWARPS
+// warps over consecutive runs of steps, whose f32 sums meet in shared memory at the end and are
+// added in slice order, exactly as `gemv_reduce` adds a grid split's slices. Split-K without
+// the partial buffer and the second kernel (then `split` is 1).
+//
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
 // OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
 // block, each owning 16 weight rows), KFULL (K a multiple of 128: no K-tail checks), CLAMPED
@@ -54,6 +60,10 @@
 #ifndef CLAMPED
 #define CLAMPED 1
 #endif
+#ifndef KWARPS
+#define KWARPS 1
+#endif
+#define RWARPS (WARPS / KWARPS)
 #define LUT_WORDS (256 * 32)
 // ARITH's operand layout: bit position of the E2M1 magnitude, the factor applied to the scales
 // and the one left for the f32 result (exact powers of two, see ARITH above).
@@ -138,11 +148,19 @@ __device__ __forceinline__ u32 e2m1_pair(u32 w) {
 }
 __shared__ u32 scale_tab[256];
 
-// Work item = (tile of 16*WARPS rows, K slice ky of `split`): warp w owns rows
-// tile*16*WARPS + 16w .. +16 and the ky-th of `split` contiguous runs of steps; the warps of a
+// Work item = (tile of 16*RWARPS rows, K slice ky of `split`): warp w owns rows
+// tile*16*RWARPS + 16 (w / KWARPS) .. +16 and the ky-th of `split` contiguous runs of steps
+// (with KWARPS > 1, run w % KWARPS of that slice's KWARPS); with KWARPS == 1 the warps of a
 // block walk the same steps, so the activations they read come from L1. Persistent blocks take
 // items blockIdx.x, += gridDim.x.
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+#if KWARPS > 1 && NT == 1
+// 64 registers, as the KWARPS == 1 kernels get unasked at one N tile (the pair-table one would
+// take 80).
+#define GEMV_BOUNDS __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
+#else
+#define GEMV_BOUNDS __launch_bounds__(WARPS * 32)
+#endif
+extern "C" __global__ void GEMV_BOUNDS
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
      int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul, int split) {
@@ -168,15 +186,25 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #endif
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
-    const int tiles = (N + 16 * WARPS - 1) / (16 * WARPS);
+    const int tiles = (N + 16 * RWARPS - 1) / (16 * RWARPS);
     const int items = tiles * split;
+    const int rw = (int)warp / KWARPS, kw = (int)warp % KWARPS;
+#if KWARPS > 1
+    // Each warp's f32 sums, for the slice-order reduction at the end of an item.
+    __shared__ float kred[WARPS][NT * 4][32];
+#endif
 
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item / split, ky = item - tile * split;
         // This slice's steps are contiguous, so each row is read in long runs.
         const int per = (steps + split - 1) / split;
+#if KWARPS > 1
+        const int kper = (per + KWARPS - 1) / KWARPS;
+        const int sbegin = ky * per + kw * kper, send = min(min(steps, ky * per + per), sbegin + kper);
+#else
         const int sbegin = ky * per, send = min(steps, sbegin + per);
-        const int row0 = tile * 16 * WARPS + 16 * (int)warp + g;
+#endif
+        const int row0 = tile * 16 * RWARPS + 16 * rw + g;
         const bool rv[2] = {row0 < N, row0 + 8 < N};
         const u8* crow[2];
         const u8* srow[2];
@@ -378,6 +406,33 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         }
 #endif
 
+#if KWARPS > 1
+        // The row group's KWARPS runs of steps, summed in order by its first warp (as
+        // gemv_reduce sums a grid split's slices: 0 + s0 + s1 + ...). The thread index is read
+        // afresh, so that the step loop does not hold it in a register.
+        u32 rtid;
+        asm volatile("mov.u32 %0, %%tid.x;" : "=r"(rtid));
+        const u32 rwarp = rtid >> 5, rlane = rtid & 31;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) kred[rwarp][nt * 4 + c][rlane] = acc[nt][c];
+        __syncthreads();
+        if (rwarp % KWARPS == 0) {
+            // One output at a time: all KWARPS * 4 * NT loads at once would cost registers.
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll 1
+                for (int c = 0; c < 4; c++) {
+                    float v = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < KWARPS; j++) v += kred[rwarp + j][nt * 4 + c][rlane];
+                    acc[nt][c] = v;
+                }
+        }
+        __syncthreads();  // kred is free for the next item
+        if (rwarp % KWARPS != 0) continue;
+#endif
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
