@@ -137,9 +137,10 @@ fn nvrtc_compiles_every_kernel_family() {
                         compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                             .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         if nt == 1 {
-                            // The warps of a block splitting K (batches 1-8).
+                            // The warps of a block splitting K (batches 1-8), with the
+                            // multiply-add E2M1 decode.
                             let mut d = d.to_vec();
-                            d.push(("KWARPS", 2));
+                            d.extend([("KWARPS", 2), ("IMADDEC", 1)]);
                             compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                                 .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         }

@@ -72,7 +72,7 @@ fn knobs() -> &'static Knobs {
         bnb_max_batch: knob("Q4_GEMM_BNB_MAX")
             .map_or(plan::WGMMA_BNB_MAX_BATCH, |v| v.max(0) as usize),
         raster: knob("Q4_GEMM_RASTER").unwrap_or(1),
-        raster_group: knob("Q4_GEMM_RASTER_GROUP").filter(|&g| g > 0).unwrap_or(8),
+        raster_group: knob("Q4_GEMM_RASTER_GROUP").filter(|&g| g > 0).unwrap_or(4),
         narrow: knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0),
     });
     &K

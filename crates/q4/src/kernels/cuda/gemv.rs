@@ -126,6 +126,17 @@ thread_local! {
 pub fn reduce_launches() -> usize {
     REDUCES.with(|c| c.get())
 }
+/// The arithmetic NVFP4 decode with one integer multiply-add per pair (`IMADDEC` in gemv.cu,
+/// bf16 operands, 7% fewer instructions per step) at one N tile (batches 1-8): same-call A/B
+/// on the H100 (`scripts/gpu/results/h100-2026-11-27-s18/call4-ab-imad.txt`): batch 1
+/// 0.97-0.99x the time on 8192x8192, 28672x4096 and Qwen3-4B's projections, synthetic decode
+/// 401 vs 398 tok/s; at batch 16 (two N tiles) up to 4% slower, so not there.
+/// `Q4_GEMV_IMAD=0` turns it off.
+fn imad_decode(nt: i64) -> bool {
+    static I: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_IMAD") != Some(0));
+    nt == 1 && *I
+}
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH").unwrap_or(DEPTH).clamp(2, 4));
@@ -405,5 +416,6 @@ fn gemv_defines(
         ("WARPS", warps),
         ("DEPTH", depth()),
         ("ARITH", i64::from(arith(w))),
+        ("IMADDEC", i64::from(imad_decode(nt))),
     ]
 }

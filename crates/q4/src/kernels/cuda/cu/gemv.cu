@@ -135,7 +135,21 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
     return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
+#ifndef IMADDEC
+#define IMADDEC 0
+#endif
 // Operand pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (f16) or 2^-126 (bf16).
+// IMADDEC: the pair's two nibbles, masked, times 2^a + 2^(a + 6) in one integer multiply-add
+// (the copies land on disjoint bits, so nothing carries): the first copy puts the magnitudes
+// in place, the second the signs (bit 3 of a nibble + a + 6 = 15), one mask keeps those. For
+// J = 2, 3 the caller passes the word shifted right by 8 as nibbles 0, 1. bf16 only: f16's
+// copies (magnitude at 9, sign 3 bits further) would overlap.
+template <int J>
+__device__ __forceinline__ u32 e2m1_pair_imad(u32 w) {
+    constexpr int a = MAG_POS - 4 * J;  // J = 0, 1
+    constexpr u32 mul = (1u << a) + (1u << (a + 6));
+    return ((w & (0x000f000fu << (4 * J))) * mul) & ((0x80008000u) | (0x00070007u << MAG_POS));
+}
 template <int J>
 __device__ __forceinline__ u32 e2m1_pair(u32 w) {
     constexpr int up = MAG_POS - 4 * J;
@@ -307,6 +321,17 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #if ARITH
                 // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
                 u32 a[2][4];
+#if IMADDEC && MAG_POS == 6
+                const u32 w08 = w0 >> 8, w18 = w1 >> 8;
+                a[0][0] = pair_scale(e2m1_pair_imad<0>(w0), s0);
+                a[0][1] = pair_scale(e2m1_pair_imad<0>(w1), s1);
+                a[0][2] = pair_scale(e2m1_pair_imad<1>(w0), s0);
+                a[0][3] = pair_scale(e2m1_pair_imad<1>(w1), s1);
+                a[1][0] = pair_scale(e2m1_pair_imad<0>(w08), s0);
+                a[1][1] = pair_scale(e2m1_pair_imad<0>(w18), s1);
+                a[1][2] = pair_scale(e2m1_pair_imad<1>(w08), s0);
+                a[1][3] = pair_scale(e2m1_pair_imad<1>(w18), s1);
+#else
                 a[0][0] = pair_scale(e2m1_pair<0>(w0), s0);
                 a[0][1] = pair_scale(e2m1_pair<0>(w1), s1);
                 a[0][2] = pair_scale(e2m1_pair<1>(w0), s0);
@@ -315,6 +340,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 a[1][1] = pair_scale(e2m1_pair<2>(w1), s1);
                 a[1][2] = pair_scale(e2m1_pair<3>(w0), s0);
                 a[1][3] = pair_scale(e2m1_pair<3>(w1), s1);
+#endif
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
