@@ -30,8 +30,9 @@ const ITEM_COST: usize = 2;
 
 // Tuning knobs (`util::knob`, each read once): `Q4_GEMV_WARPS` (warps per block),
 // `Q4_GEMV_DEPTH` (2-4), `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K),
-// `Q4_GEMV_CLAMPED` (loads), for kernel development; the defaults are the measured best
-// (`scripts/gpu/gemv_knob_sweep.sh`).
+// `Q4_GEMV_WSPLIT` (split-K inside the block), `Q4_GEMV_CLAMPED` (loads), `Q4_GEMV_IMAD`
+// (E2M1 decode), for kernel development; the defaults are the measured best
+// (`scripts/gpu/gemv_knob_sweep.sh`, `scripts/gpu/ab.sh`).
 /// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
 /// smaller blocks keep more loads in flight (Qwen3-4B's projections 2-5% faster per call, its
 /// synthetic decode +2%), else 8 (8192x8192: 24.1 against 28.2 us with 4). The pair-table
@@ -93,8 +94,10 @@ fn item_cost(nt: usize) -> Option<usize> {
 }
 /// Whether a split-K GEMV at batches 1-16 splits K among the warps of a block (`KWARPS` in
 /// gemv.cu: sums meet in shared memory, no partial buffer, no second kernel) rather than across
-/// blocks (`gemv_reduce` after the GEMV). Same work per warp either way; `Q4_GEMV_WSPLIT=0` keeps
-/// the grid split.
+/// blocks (`gemv_reduce` after the GEMV). Same work per warp either way; same-call A/B on the
+/// H100 (`scripts/gpu/results/h100-2026-11-27-s18/call3-ab-knobs.txt`): NVFP4 batch 1 0.78-0.98x
+/// the time on 8192x8192, 28672x4096 and Qwen3-4B's projections, synthetic decode 397-400 vs
+/// 384 tok/s. `Q4_GEMV_WSPLIT=0` keeps the grid split.
 pub fn warp_split() -> bool {
     static W: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_WSPLIT") != Some(0));
