@@ -112,10 +112,15 @@ pub fn warp_split() -> bool {
 static WARP_SPLIT_FORCED: AtomicU8 = AtomicU8::new(0);
 
 /// Forces the warp split on or off (`None`: the environment decides), so that a test can compare
-/// it with the grid split in one process.
+/// it with the grid split in one process; forced on, it keeps the grid plan's number of slices
+/// (no halving), so that both add the same slices.
 #[doc(hidden)]
 pub fn set_warp_split_for_tests(on: Option<bool>) {
     WARP_SPLIT_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
+}
+
+fn warp_split_forced() -> bool {
+    WARP_SPLIT_FORCED.load(Ordering::Relaxed) == 1
 }
 
 thread_local! {
@@ -250,25 +255,46 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let mut grid_x = (tiles * split).min(resident).max(1);
     let mut func = func;
     let mut block_warps = warps;
-    let fits = warps.is_multiple_of(split) || (split.is_multiple_of(warps) && split <= 16);
-    if nt <= 2 && split > 1 && fits && warp_split() {
+    if nt <= 2 && split > 1 && warp_split() {
         // The same warps and steps per warp, the slices summed inside each block: blocks of
-        // warps / split row groups, or of one row group of `split` warps where the split is
-        // the larger, unless those larger blocks take more waves (fewer of them fit an SM).
-        let bw = warps.max(split);
-        let mut kdefines = defines.clone();
-        kdefines.retain(|(name, _)| name != &"WARPS");
-        kdefines.extend([("WARPS", bw as i64), ("KWARPS", split as i64)]);
-        let kfunc = k.function("gemv", module_cache::GEMV, &kdefines, "gemv")?;
-        let per_sm = kfunc
-            .occupancy_max_active_blocks_per_multiprocessor((bw * 32) as u32, 0, None)
-            .unwrap_or(1)
-            .max(1) as usize;
-        let kresident = k.sm_count as usize * per_sm;
-        let row_tiles = n.div_ceil(16 * (bw / split));
-        if row_tiles.div_ceil(kresident) <= (tiles * split).div_ceil(resident) {
-            (func, block_warps, defines) = (kfunc, bw, kdefines);
-            grid_x = row_tiles.min(kresident).max(1);
+        // `warps / s` row groups, or of one row group of `s` warps where the split is the
+        // larger. Such larger blocks fit fewer to an SM, so half the split is tried too (8192^2
+        // at batch 1: sixteen 16-warp slices took two waves, eight 8-warp slices one, 19.4
+        // against 21.0 us; `scripts/gpu/results/h100-2026-11-27-s18/call9-ab-plan.txt`). The
+        // fewest waves win, ties the larger split, and none that takes more waves than the
+        // grid split.
+        let grid_waves = (tiles * split).div_ceil(resident);
+        let mut best = None; // (waves, kernel, block warps, defines, grid)
+        for s in [split, split / 2] {
+            let fits = warps.is_multiple_of(s) || (s.is_multiple_of(warps) && s <= 16);
+            // Halving: one N tile only (at two, 2560x9728 and 6144x2560 ran 5-8% slower), and
+            // not when a test forces the warp split to compare it with the grid split's slices.
+            let halved = s < split;
+            if s < 2 || !fits || (halved && (split <= warps || nt > 1 || warp_split_forced())) {
+                continue;
+            }
+            let bw = warps.max(s);
+            let mut kdefines = defines.clone();
+            kdefines.retain(|(name, _)| name != &"WARPS");
+            kdefines.extend([("WARPS", bw as i64), ("KWARPS", s as i64)]);
+            let kfunc = k.function("gemv", module_cache::GEMV, &kdefines, "gemv")?;
+            let per_sm = kfunc
+                .occupancy_max_active_blocks_per_multiprocessor((bw * 32) as u32, 0, None)
+                .unwrap_or(1)
+                .max(1) as usize;
+            let kresident = k.sm_count as usize * per_sm;
+            let row_tiles = n.div_ceil(16 * (bw / s));
+            let waves = row_tiles.div_ceil(kresident);
+            if waves <= grid_waves
+                && best
+                    .as_ref()
+                    .is_none_or(|b: &(usize, _, _, _, _)| waves < b.0)
+            {
+                best = Some((waves, kfunc, bw, kdefines, row_tiles.min(kresident).max(1)));
+            }
+        }
+        if let Some((_, kfunc, bw, kdefines, grid)) = best {
+            (func, block_warps, defines, grid_x) = (kfunc, bw, kdefines, grid);
             split = 1;
         }
     }
