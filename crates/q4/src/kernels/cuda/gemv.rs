@@ -5,7 +5,7 @@
 //! with f16 operands; f32 activations are converted to f16 with a power-of-two scale per row
 //! (so every finite value fits). Accumulation is f32 throughout.
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::DType;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -151,6 +151,15 @@ fn depth() -> i64 {
     *D
 }
 
+/// Blocks of `warps` warps of `func` that fit on the device at once.
+fn resident_blocks(k: &DeviceKernels, func: &CudaFunction, warps: usize) -> usize {
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, 0, None)
+        .unwrap_or(1)
+        .max(1) as usize;
+    k.sm_count as usize * per_sm
+}
+
 /// Whether the fused kernel can tile this weight: rows of whole 32-element chunks.
 pub fn supports(w: &QTensor) -> bool {
     let (n, k) = w.rows_cols();
@@ -246,11 +255,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
     // Persistent blocks: as many as fit on the GPU at once, over (tile, K slice) items of >= 4
     // steps each (see `item_cost` for how K is split).
-    let per_sm = func
-        .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, 0, None)
-        .unwrap_or(1)
-        .max(1) as usize;
-    let resident = k.sm_count as usize * per_sm;
+    let resident = resident_blocks(k, &func, warps);
     let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
     let mut grid_x = (tiles * split).min(resident).max(1);
     let mut func = func;
@@ -278,11 +283,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             kdefines.retain(|(name, _)| name != &"WARPS");
             kdefines.extend([("WARPS", bw as i64), ("KWARPS", s as i64)]);
             let kfunc = k.function("gemv", module_cache::GEMV, &kdefines, "gemv")?;
-            let per_sm = kfunc
-                .occupancy_max_active_blocks_per_multiprocessor((bw * 32) as u32, 0, None)
-                .unwrap_or(1)
-                .max(1) as usize;
-            let kresident = k.sm_count as usize * per_sm;
+            let kresident = resident_blocks(k, &kfunc, bw);
             let row_tiles = n.div_ceil(16 * (bw / s));
             let waves = row_tiles.div_ceil(kresident);
             if waves <= grid_waves

@@ -142,7 +142,7 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 // IMADDEC: the pair's two nibbles, masked, times 2^a + 2^(a + 6) in one integer multiply-add
 // (the copies land on disjoint bits, so nothing carries): the first copy puts the magnitudes
 // in place, the second the signs (bit 3 of a nibble + a + 6 = 15), one mask keeps those. For
-// J = 2, 3 the caller passes the word shifted right by 8 as nibbles 0, 1. bf16 only: f16's
+// J = 2, 3 `e2m1_pair_of` passes the word shifted right by 8 as nibbles 0, 1. bf16 only: f16's
 // copies (magnitude at 9, sign 3 bits further) would overlap.
 template <int J>
 __device__ __forceinline__ u32 e2m1_pair_imad(u32 w) {
@@ -159,6 +159,16 @@ __device__ __forceinline__ u32 e2m1_pair(u32 w) {
     mag &= 0x00070007u << MAG_POS;
     const u32 sgn = (w << (12 - 4 * J)) & 0x80008000u;
     return mag | sgn;
+}
+// The pair (nibble J, nibble J + 4) of `w` by the decode the build selects (IMADDEC: bf16 only).
+template <int J>
+__device__ __forceinline__ u32 e2m1_pair_of(u32 w) {
+#if IMADDEC && MAG_POS == 6
+    if constexpr (J < 2) return e2m1_pair_imad<J>(w);
+    else return e2m1_pair_imad<J - 2>(w >> 8);
+#else
+    return e2m1_pair<J>(w);
+#endif
 }
 __shared__ u32 scale_tab[256];
 
@@ -321,26 +331,14 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #if ARITH
                 // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
                 u32 a[2][4];
-#if IMADDEC && MAG_POS == 6
-                const u32 w08 = w0 >> 8, w18 = w1 >> 8;
-                a[0][0] = pair_scale(e2m1_pair_imad<0>(w0), s0);
-                a[0][1] = pair_scale(e2m1_pair_imad<0>(w1), s1);
-                a[0][2] = pair_scale(e2m1_pair_imad<1>(w0), s0);
-                a[0][3] = pair_scale(e2m1_pair_imad<1>(w1), s1);
-                a[1][0] = pair_scale(e2m1_pair_imad<0>(w08), s0);
-                a[1][1] = pair_scale(e2m1_pair_imad<0>(w18), s1);
-                a[1][2] = pair_scale(e2m1_pair_imad<1>(w08), s0);
-                a[1][3] = pair_scale(e2m1_pair_imad<1>(w18), s1);
-#else
-                a[0][0] = pair_scale(e2m1_pair<0>(w0), s0);
-                a[0][1] = pair_scale(e2m1_pair<0>(w1), s1);
-                a[0][2] = pair_scale(e2m1_pair<1>(w0), s0);
-                a[0][3] = pair_scale(e2m1_pair<1>(w1), s1);
-                a[1][0] = pair_scale(e2m1_pair<2>(w0), s0);
-                a[1][1] = pair_scale(e2m1_pair<2>(w1), s1);
-                a[1][2] = pair_scale(e2m1_pair<3>(w0), s0);
-                a[1][3] = pair_scale(e2m1_pair<3>(w1), s1);
-#endif
+                a[0][0] = pair_scale(e2m1_pair_of<0>(w0), s0);
+                a[0][1] = pair_scale(e2m1_pair_of<0>(w1), s1);
+                a[0][2] = pair_scale(e2m1_pair_of<1>(w0), s0);
+                a[0][3] = pair_scale(e2m1_pair_of<1>(w1), s1);
+                a[1][0] = pair_scale(e2m1_pair_of<2>(w0), s0);
+                a[1][1] = pair_scale(e2m1_pair_of<2>(w1), s1);
+                a[1][2] = pair_scale(e2m1_pair_of<3>(w0), s0);
+                a[1][3] = pair_scale(e2m1_pair_of<3>(w1), s1);
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
