@@ -138,9 +138,18 @@ fn nvrtc_compiles_every_kernel_family() {
                             .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         if nt == 1 {
                             // The warps of a block splitting K (batches 1-8), with the
-                            // multiply-add E2M1 decode.
+                            // multiply-add E2M1 decode, and the largest such blocks the plan
+                            // takes (`plan::gemv_static_smem`): 16 warps at one N tile, and two
+                            // N tiles for the arithmetic decode.
                             let mut d = d.to_vec();
                             d.extend([("KWARPS", 2), ("IMADDEC", 1)]);
+                            compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                                .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                            let big_nt = if arith == 1 { 2 } else { 1 };
+                            for (name, v) in [("WARPS", 16), ("KWARPS", 16), ("NT", big_nt)] {
+                                d.retain(|(n, _)| *n != name);
+                                d.push((name, v));
+                            }
                             compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                                 .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         }

@@ -279,6 +279,10 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
                 continue;
             }
             let bw = warps.max(s);
+            let smem = super::plan::gemv_static_smem(!arith(w), bw, nt, true);
+            if smem > super::plan::GEMV_STATIC_SMEM_LIMIT {
+                continue;
+            }
             let mut kdefines = defines.clone();
             kdefines.retain(|(name, _)| name != &"WARPS");
             kdefines.extend([("WARPS", bw as i64), ("KWARPS", s as i64)]);
@@ -342,8 +346,8 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
-    // 33 KiB of static shared memory (none with ARITH; 4 KiB more with KWARPS) is below the
-    // 48 KiB limit.
+    // static shared memory (`plan::gemv_static_smem`: 33 KiB at most without KWARPS, checked
+    // above with it) is within the 48 KiB limit.
     launched("gemv", unsafe { b.launch(cfg) })?;
     if let Some(p) = &partial {
         // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.

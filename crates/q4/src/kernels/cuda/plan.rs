@@ -213,6 +213,22 @@ pub fn gemv_split(
     steps.div_ceil(steps.div_ceil(best.1))
 }
 
+/// Static shared memory of a GEMV kernel (gemv.cu) with `warps` warps and `nt` N tiles: the
+/// pair table (32 KiB, none for the arithmetic NVFP4 decode), the scale table (1 KiB) and, when
+/// its warps split K, their f32 sums (`warps x nt x 4 x 32`). Kernels above
+/// [`GEMV_STATIC_SMEM_LIMIT`] do not compile.
+pub fn gemv_static_smem(pair_table: bool, warps: usize, nt: usize, warp_split: bool) -> usize {
+    let table = if pair_table { 256 * 32 * 4 } else { 0 };
+    let sums = if warp_split {
+        warps * nt * 4 * 32 * 4
+    } else {
+        0
+    };
+    table + 256 * 4 + sums
+}
+/// The static shared memory a kernel may declare (48 KiB).
+pub const GEMV_STATIC_SMEM_LIMIT: usize = 48 << 10;
+
 /// The plan for `format` on a device of compute capability `cc`.
 pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
     // Before sm_80 (Turing) every batch takes the dequantize + cuBLAS path.
@@ -332,6 +348,16 @@ mod tests {
         assert!(!gemm_wgmma_serves(h100, Format::Mxfp4, 4096, 32, 64));
         assert!(!gemm_wgmma_serves((8, 0), Format::Nvfp4, 4096, 16, 512));
         assert!(!gemm_wgmma_serves((12, 0), Format::Nvfp4, 4096, 16, 512));
+    }
+
+    #[test]
+    fn gemv_warp_split_fits_static_shared_memory_where_taken() {
+        // Blocks up to 16 warps: the arithmetic kernel fits at every N tile count it takes;
+        // the pair-table kernel at one N tile, not at two with 16 warps (32 + 1 + 16 KiB).
+        let fits = |t, w, nt| gemv_static_smem(t, w, nt, true) <= GEMV_STATIC_SMEM_LIMIT;
+        assert!(fits(false, 16, 2) && fits(true, 16, 1) && fits(true, 8, 2));
+        assert!(!fits(true, 16, 2));
+        assert_eq!(gemv_static_smem(true, 8, 1, false), 33 << 10);
     }
 
     #[test]
