@@ -304,9 +304,9 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         // SAFETY: the tensor maps describe x (m x k bf16, boxes of `tokens` rows), the codes
         // (n x k/2 bytes) and the scales (n x k/16 E4M3 bytes, n x k/32 E8M0 bytes or n x k/bs
         // f32), all 16-byte aligned, with k a multiple of 256 (MXFP4: of 512; bitsandbytes: of 4
-        // bs, bs >= 64); y holds m*n
-        // bf16; cb indexes the codebook table; the launch's tiles start at token `first` < m;
-        // the block uses `smem` bytes of dynamic shared memory, allowed in `kernel`.
+        // bs, bs >= 64); y holds m*n bf16; cb indexes the codebook table; the launch's tiles
+        // start at token `first` < m; the block uses `smem` bytes of dynamic shared memory,
+        // allowed in `kernel`.
         launched("gemm_sm90", unsafe { b.launch(cfg) })?;
         LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }

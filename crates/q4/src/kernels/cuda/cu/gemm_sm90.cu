@@ -297,17 +297,14 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
 #pragma unroll
             for (int j = 0; j < 4; j++) {
                 // k16 slice j: words 2j (k 2t, 2t+1) and 2j + 1 (k 2t+8, 2t+9), byte t of each.
-                if (FMT == 0) {
-                    // NVFP4: slice j is scale block j of the step, low nibble first.
-                    const u32 sc = scale_tab[(sc4 >> (8 * j)) & 0xffu];
+                if (FMT != 2) {
+                    // E2M1, low nibble first. NVFP4: slice j is scale block j of the step;
+                    // MXFP4: slices 2i and 2i + 1 are scale block i (scales above 2 take a
+                    // second factor below).
+                    const int block = FMT == 0 ? j : j >> 1;
+                    const u32 sc = scale_tab[(sc4 >> (8 * block)) & 0xffu];
                     f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);  // a0 / a1
                     f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);  // a2 / a3
-                } else if (FMT == 1) {
-                    // MXFP4: slices 2i and 2i + 1 are scale block i of the step (scales above
-                    // 2 take a second factor below).
-                    const u32 sc = scale_tab[(sc4 >> (8 * (j >> 1))) & 0xffu];
-                    f.a[j][h] = pair_scale(e2m1_byte_pair(words[2 * j], sel), sc);
-                    f.a[j][2 + h] = pair_scale(e2m1_byte_pair(words[2 * j + 1], sel), sc);
                 } else {
                     // bitsandbytes: one absmax for the step, high nibble first.
                     const float am = u2f(sc4);
