@@ -98,13 +98,17 @@ pub fn enabled() -> bool {
     }
 }
 
-/// Kernel launches so far in this process (tests check that the fused path ran).
-static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    /// Fused-kernel launches made by this thread (tests check that the fused path ran; per
+    /// thread, as `gemv::reduce_launches`, so that tests running at once do not count each
+    /// other's).
+    static LAUNCHES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
-/// How many times the fused kernel has been launched in this process.
+/// How many times this thread has launched the fused kernel.
 #[doc(hidden)]
 pub fn launches() -> usize {
-    LAUNCHES.load(std::sync::atomic::Ordering::Relaxed)
+    LAUNCHES.with(|c| c.get())
 }
 
 /// 0: the environment decides; 1: on; 2: off.
@@ -308,7 +312,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         // start at token `first` < m; the block uses `smem` bytes of dynamic shared memory,
         // allowed in `kernel`.
         launched("gemm_sm90", unsafe { b.launch(cfg) })?;
-        LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        LAUNCHES.with(|c| c.set(c.get() + 1));
     }
     Ok(y)
 }
