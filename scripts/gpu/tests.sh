@@ -8,14 +8,16 @@ set -uo pipefail
 "$B/q4" doctor --json > "$OUT/doctor.json"
 fails=0
 : > "$OUT/tests.log"
-for t in $("$B/cuda_kernels" --list 2>/dev/null | sed -n 's/: test$//p'); do
+for exe in cuda_kernels cuda_early_start; do
+for t in $("$B/$exe" --list 2>/dev/null | sed -n 's/: test$//p'); do
   if [ -n "${TESTS:-}" ] && ! echo "$t" | grep -qE "$TESTS"; then continue; fi
   start=$(date +%s%N)
-  if timeout "${TEST_TIMEOUT:-240}" "$B/cuda_kernels" "$t" --exact --nocapture >/tmp/q4/test.log 2>&1; then r=ok; else r=FAIL; fails=$((fails+1)); fi
+  if timeout "${TEST_TIMEOUT:-240}" "$B/$exe" "$t" --exact --nocapture >/tmp/q4/test.log 2>&1; then r=ok; else r=FAIL; fails=$((fails+1)); fi
   grep -q "^skipped" /tmp/q4/test.log && r="$r(skipped)"
   { echo "=== $t: $r"; cat /tmp/q4/test.log; } >> "$OUT/tests.log"
   printf '%-55s %-12s %6d ms\n' "$t" "$r" $(( ($(date +%s%N) - start) / 1000000 ))
   [ "${r%%(*}" = FAIL ] && tail -15 /tmp/q4/test.log
+done
 done
 grep -h "device memory" "$OUT/tests.log" || true
 echo "failed tests: $fails"

@@ -365,6 +365,41 @@ impl QLinear {
         Ok(self.add_bias(y.reshape(out_dims)?)?.to_dtype(x.dtype())?)
     }
 
+    /// `out = x Wᵀ (+ b)` written into `out`, a contiguous tensor shaped as [`Self::forward`]'s
+    /// result, of `x`'s dtype and device; `out`'s storage is overwritten in place (as by
+    /// [`Tensor::slice_set`], which other views of it see). On CUDA the fused GEMV (batches up
+    /// to 16, no bias, no activation quantization) writes it directly and allocates nothing,
+    /// so that a captured CUDA graph keeps its kernels adjacent (each GEMV then starts while
+    /// the kernel before it finishes); everything else computes [`Self::forward`] and copies.
+    pub fn forward_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {
+        self.check_input(x)?;
+        let mut out_dims = x.dims().to_vec();
+        *out_dims.last_mut().expect("rank >= 1") = self.out_features;
+        if out.dims() != out_dims.as_slice() || out.dtype() != x.dtype() || !out.is_contiguous() {
+            return Err(Error::msg(format!(
+                "linear layer output buffer must be a contiguous {out_dims:?} {:?} tensor, got \
+                 {:?} {:?}",
+                x.dtype(),
+                out.dims(),
+                out.dtype()
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if let (LinearWeight::Quant(q), true, None, ActQuant::None) =
+            (&self.weight, x.device().is_cuda(), &self.bias, self.act)
+        {
+            let batch = x.elem_count() / self.in_features;
+            let x2 = x.reshape((batch, self.in_features))?;
+            let y2 = out.reshape((batch, self.out_features))?;
+            if crate::kernels::cuda::matmul_into(q, &x2, &y2)? {
+                return Ok(());
+            }
+        }
+        let y = self.forward_fused(x)?;
+        out.slice_set(&y, 0, 0)?;
+        Ok(())
+    }
+
     /// Exact W4A4 emulation (see `kernels::cpu::w4a4`); `x` is `[batch, k]` f32.
     fn forward_w4a4(&self, q: &QTensor, x: &Tensor, act: ActQuant) -> Result<Tensor> {
         use crate::kernels::cpu::w4a4;

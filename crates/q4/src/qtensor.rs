@@ -151,6 +151,17 @@ fn host_values<T: candle_core::WithDType>(t: &Tensor) -> Result<Vec<T>> {
     Ok(t.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<T>()?)
 }
 
+/// Waits until everything queued on `device` (the copies or kernels that wrote a new QTensor's
+/// storage) has completed. A QTensor's storage is immutable once built, so kernels may then read
+/// it ahead of their stream order (the GEMV, launched early, loads weights before it waits for
+/// the kernel before it).
+fn settle(device: &Device) -> Result<()> {
+    if !device.is_cpu() {
+        device.synchronize()?;
+    }
+    Ok(())
+}
+
 impl QTensor {
     /// Quantizes a dense tensor (f32, bf16 or f16; other dtypes are converted to f32 first).
     pub fn quantize(t: &Tensor, spec: &QuantSpec) -> Result<QTensor> {
@@ -388,6 +399,7 @@ impl QTensor {
         }
         let device = codes.device().clone();
         let scale_max = scale_max_of(&scales)?;
+        settle(&device)?;
         Ok(QTensor {
             inner: Arc::new(Inner {
                 format,
@@ -444,12 +456,14 @@ impl QTensor {
                 }
             }
         };
+        let codes = move_buf(&self.inner.codes)?;
+        settle(device)?;
         Ok(QTensor {
             inner: Arc::new(Inner {
                 format: self.inner.format,
                 block_size: self.inner.block_size,
                 shape: self.inner.shape.clone(),
-                codes: move_buf(&self.inner.codes)?,
+                codes,
                 scales,
                 scale2: self.inner.scale2,
                 scale_max: self.inner.scale_max,

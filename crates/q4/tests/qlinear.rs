@@ -513,3 +513,39 @@ fn candle_q4k_and_q4_take_turns_on_one_thread() {
         assert_eq!(first, again, "candle's Q4K after q4 {format}");
     }
 }
+
+/// `forward_into` writes exactly `forward`'s result into the caller's buffer (with a bias and
+/// leading dimensions too), and refuses a buffer of the wrong shape or dtype by name.
+#[test]
+fn forward_into_writes_the_forward_result_in_place() {
+    let w = Tensor::from_vec(randn(7, 24 * 64), (24, 64), &Device::Cpu).unwrap();
+    let bias = Tensor::from_vec(randn(8, 24), 24, &Device::Cpu).unwrap();
+    for (layer, dt) in [
+        (
+            QLinear::from_dense(&w, None, Some(&QuantSpec::new(Format::Nvfp4))).unwrap(),
+            DType::F32,
+        ),
+        (
+            QLinear::from_dense(&w, Some(bias), Some(&QuantSpec::new(Format::Nf4))).unwrap(),
+            DType::BF16,
+        ),
+    ] {
+        let x = Tensor::from_vec(randn(9, 2 * 3 * 64), (2, 3, 64), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let out = Tensor::zeros((2, 3, 24), dt, &Device::Cpu).unwrap();
+        layer.forward_into(&x, &out).unwrap();
+        assert_eq!(
+            f32_values(&out),
+            f32_values(&layer.forward(&x).unwrap()),
+            "{dt:?}"
+        );
+        let wrong = Tensor::zeros((2, 3, 23), dt, &Device::Cpu).unwrap();
+        let e = layer.forward_into(&x, &wrong).unwrap_err().to_string();
+        assert!(e.contains("[2, 3, 24]") && e.contains("[2, 3, 23]"), "{e}");
+        let wrong = Tensor::zeros((2, 3, 24), DType::F16, &Device::Cpu).unwrap();
+        let e = layer.forward_into(&x, &wrong).unwrap_err().to_string();
+        assert!(e.contains("F16"), "{e}");
+    }
+}

@@ -48,9 +48,9 @@ mod imp {
     use super::*;
     use crate::cmd::bench::gpu::{Gpu, KERNELS};
     use anyhow::Context;
-    use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{sys, LaunchConfig};
     use candle_core::{DType, Device, Module, Tensor};
-    use q4::kernels::cuda::device_ptr;
+    use q4::kernels::cuda::{device_ptr, launch_ex};
     use q4::qtensor::QuantSpec;
     use q4::{Format, QLinear};
 
@@ -88,7 +88,28 @@ mod imp {
         q: Tensor,
         attn: Tensor,
         act: Tensor,
+        // Projection outputs, written in place (`QLinear::forward_into`) when `into`: the 4-bit
+        // formats, unless `Q4_BENCH_INTO=0`. Then the captured graph holds no memory nodes
+        // between its kernels, and each GEMV starts while the kernel before it finishes. bf16
+        // layers (candle's cuBLAS matmul) allocate their outputs: writing them in place would
+        // add a copy.
+        into: bool,
+        qkv_out: Tensor,
+        o_out: Tensor,
+        gu_out: Tensor,
+        down_out: Tensor,
+        logits: Tensor,
         weight_bytes: usize,
+    }
+
+    /// `layer(x)`, into `out` when the model writes projections in place.
+    fn project(m: &Model, layer: &QLinear, x: &Tensor, out: &Tensor) -> Result<Tensor> {
+        if m.into {
+            layer.forward_into(x, out)?;
+            Ok(out.clone())
+        } else {
+            Ok(layer.forward(x)?)
+        }
     }
 
     fn linear(
@@ -161,6 +182,12 @@ mod imp {
             q: Tensor::zeros((1, HEADS * HEAD_DIM), DType::BF16, dev)?,
             attn: Tensor::zeros((1, HEADS * HEAD_DIM), DType::BF16, dev)?,
             act: Tensor::zeros((1, INTER), DType::BF16, dev)?,
+            into: format.is_some() && std::env::var("Q4_BENCH_INTO").as_deref() != Ok("0"),
+            qkv_out: Tensor::zeros((1, (HEADS + 2 * KV_HEADS) * HEAD_DIM), DType::BF16, dev)?,
+            o_out: Tensor::zeros((1, HIDDEN), DType::BF16, dev)?,
+            gu_out: Tensor::zeros((1, 2 * INTER), DType::BF16, dev)?,
+            down_out: Tensor::zeros((1, HIDDEN), DType::BF16, dev)?,
+            logits: Tensor::zeros((1, VOCAB), DType::BF16, dev)?,
             weight_bytes: bytes,
         })
     }
@@ -178,16 +205,20 @@ mod imp {
         let k = &gpu.kernels;
         let f = |name: &str| k.function("bench", KERNELS, &[], name);
         let s = &gpu.stream;
+        // Launched early (programmatic dependent launch, compute capability 9.0 on), each step
+        // kernel lets the next one start, and waits for the previous one before it reads
+        // anything (`pdl_wait` first in each, gpu_kernels.cu): the SAFETY comments below cover
+        // both ways. `Q4_BENCH_PDL=0` launches them in plain stream order.
+        let pdl = gpu.kernels.cc.0 >= 9 && std::env::var("Q4_BENCH_PDL").as_deref() != Ok("0");
         let (hidden, inter) = (HIDDEN as i32, INTER as i32);
         let (resid, h) = (device_ptr(&m.resid)?, device_ptr(&m.h)?);
         let eps = EPS;
         {
             let func = f("embed")?;
             let (table, tok) = (device_ptr(&m.embed)?, device_ptr(&m.token)?);
-            let mut b = s.launch_builder(&func);
-            b.arg(&table).arg(&tok).arg(&resid).arg(&hidden);
+            let mut args = q4::kernel_args![&table, &tok, &resid, &hidden];
             // SAFETY: table is [VOCAB][HIDDEN] bf16, token one u32 < VOCAB, resid HIDDEN bf16.
-            unsafe { b.launch(cfg(1, 256, 0)) }?;
+            unsafe { launch_ex(s, &func, cfg(1, 256, 0), &mut args, pdl) }?;
         }
         let mut delta: Option<Tensor> = None;
         let add_norm = |delta: &Option<Tensor>, w: &Tensor, out: u64| -> Result<()> {
@@ -197,15 +228,9 @@ mod imp {
                 None => 0u64,
             };
             let wp = device_ptr(w)?;
-            let mut b = s.launch_builder(&func);
-            b.arg(&resid)
-                .arg(&dp)
-                .arg(&wp)
-                .arg(&out)
-                .arg(&hidden)
-                .arg(&eps);
+            let mut args = q4::kernel_args![&resid, &dp, &wp, &out, &hidden, &eps];
             // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null).
-            unsafe { b.launch(cfg(1, 512, 0)) }?;
+            unsafe { launch_ex(s, &func, cfg(1, 512, 0), &mut args, pdl) }?;
             Ok(())
         };
         let pos = device_ptr(&m.pos)?;
@@ -213,7 +238,7 @@ mod imp {
         let (hq, hkv, hd) = (HEADS as i32, KV_HEADS as i32, HEAD_DIM as i32);
         for l in &m.layers {
             add_norm(&delta, &l.ln1, h)?;
-            let qkv = l.qkv.forward(&m.h)?;
+            let qkv = project(m, &l.qkv, &m.h, &m.qkv_out)?;
             {
                 let func = f("rope_append")?;
                 let (src, inv, kc, vc) = (
@@ -222,60 +247,40 @@ mod imp {
                     device_ptr(&l.k_cache)?,
                     device_ptr(&l.v_cache)?,
                 );
-                let mut b = s.launch_builder(&func);
-                b.arg(&src)
-                    .arg(&inv)
-                    .arg(&pos)
-                    .arg(&qp)
-                    .arg(&kc)
-                    .arg(&vc)
-                    .arg(&hq)
-                    .arg(&hkv)
-                    .arg(&hd);
+                let mut args = q4::kernel_args![&src, &inv, &pos, &qp, &kc, &vc, &hq, &hkv, &hd];
                 // SAFETY: qkv holds (HEADS + 2 KV_HEADS) * HEAD_DIM bf16; caches max_len rows;
                 // the position stays below max_len (the caller bounds the steps).
-                unsafe { b.launch(cfg(HEADS + KV_HEADS, 64, 0)) }?;
+                unsafe { launch_ex(s, &func, cfg(HEADS + KV_HEADS, 64, 0), &mut args, pdl) }?;
             }
             {
                 let func = f("attend")?;
                 let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
                 let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
-                let mut b = s.launch_builder(&func);
-                b.arg(&qp)
-                    .arg(&kc)
-                    .arg(&vc)
-                    .arg(&pos)
-                    .arg(&attn)
-                    .arg(&hq)
-                    .arg(&hkv)
-                    .arg(&hd)
-                    .arg(&scale);
+                let mut args = q4::kernel_args![&qp, &kc, &vc, &pos, &attn, &hq, &hkv, &hd, &scale];
                 // SAFETY: q and attn hold HEADS * HEAD_DIM bf16; max_len floats of shared memory
                 // cover every position.
-                unsafe { b.launch(cfg(HEADS, 256, max_len * 4)) }?;
+                unsafe { launch_ex(s, &func, cfg(HEADS, 256, max_len * 4), &mut args, pdl) }?;
             }
-            let o = l.o.forward(&m.attn)?;
+            let o = project(m, &l.o, &m.attn, &m.o_out)?;
             add_norm(&Some(o), &l.ln2, h)?;
-            let gu = l.gate_up.forward(&m.h)?;
+            let gu = project(m, &l.gate_up, &m.h, &m.gu_out)?;
             {
                 let func = f("silu_mul")?;
                 let gp = device_ptr(&gu)?;
-                let mut b = s.launch_builder(&func);
-                b.arg(&gp).arg(&act).arg(&inter);
+                let mut args = q4::kernel_args![&gp, &act, &inter];
                 // SAFETY: gu holds 2 * INTER bf16, act INTER.
-                unsafe { b.launch(cfg(INTER.div_ceil(256), 256, 0)) }?;
+                unsafe { launch_ex(s, &func, cfg(INTER.div_ceil(256), 256, 0), &mut args, pdl) }?;
             }
-            delta = Some(l.down.forward(&m.act)?);
+            delta = Some(project(m, &l.down, &m.act, &m.down_out)?);
         }
         add_norm(&delta, &m.norm, h)?;
-        let logits = m.lm_head.forward(&m.h)?;
+        let logits = project(m, &m.lm_head, &m.h, &m.logits)?;
         {
             let func = f("argmax_next")?;
             let (lp, tok, vocab) = (device_ptr(&logits)?, device_ptr(&m.token)?, VOCAB as i32);
-            let mut b = s.launch_builder(&func);
-            b.arg(&lp).arg(&vocab).arg(&tok).arg(&pos);
+            let mut args = q4::kernel_args![&lp, &vocab, &tok, &pos];
             // SAFETY: logits hold VOCAB bf16; token and pos one u32 each.
-            unsafe { b.launch(cfg(1, 1024, 0)) }?;
+            unsafe { launch_ex(s, &func, cfg(1, 1024, 0), &mut args, pdl) }?;
         }
         Ok(())
     }

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::dequant::{codebook_index, device_parts};
 use super::module_cache::{self, DeviceKernels};
-use super::util::{device_ptr, empty_storage, knob, launched, storage_ptr, type_code, Act};
+use super::util::{
+    device_ptr, empty_storage, knob, launch_ex, launched, storage_ptr, type_code, Act,
+};
 use crate::error::Result;
 use crate::qtensor::QTensor;
 use crate::Format;
@@ -145,6 +147,46 @@ fn imad_decode(nt: i64) -> bool {
         std::sync::LazyLock::new(|| knob("Q4_GEMV_IMAD") != Some(0));
     nt == 1 && *I
 }
+/// Whether the GEMV is launched early (programmatic dependent launch, compute capability 9.0
+/// on): its blocks start while the kernel before it in the stream finishes, building their
+/// tables and issuing their first weight loads, and wait for it only before reading the
+/// activations. Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s19/
+/// call5-final/ab.txt`): 0.76-0.97x the time on all six benchmark shapes at batches 1 and 16
+/// (NVFP4 8192x8192 batch 1 17.5 against 19.6 us), synthetic decode 432 against 401 tok/s
+/// (NF4 410 against 347). `Q4_GEMV_PDL=0` turns it off.
+fn early_start(k: &DeviceKernels) -> bool {
+    static P: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_PDL") != Some(0));
+    let on = match EARLY_START_FORCED.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => *P,
+    };
+    k.cc.0 >= 9 && on
+}
+
+/// 0: the environment decides; 1: on; 2: off.
+static EARLY_START_FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the GEMV's early start on or off (`None`: the environment decides), so that a test can
+/// compare both in one process.
+#[doc(hidden)]
+pub fn set_early_start_for_tests(on: Option<bool>) {
+    EARLY_START_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
+}
+/// Where the GEMV lets the next early-launched kernel start (`TRIGGER` in gemv.cu): at its
+/// blocks' exit (2, no explicit trigger), unless `Q4_GEMV_TRIGGER` says 0 (at the start) or 1
+/// (after each block's last step loop). Same-call A/B on the H100
+/// (`scripts/gpu/results/h100-2026-11-27-s19/call4-ab-trigger.txt`): triggering at the start
+/// ran 8192x8192 at batch 16 1.29x (NVFP4) / 1.32x (NF4) slower than no early start at all,
+/// and the synthetic decode 402.6 against 429 tok/s at the exit (NF4 330 against 407): blocks
+/// of later kernels, launched long before they can run, stand in the way. At the exit, every
+/// GEMV of that A/B ran at most as long as without the early start.
+fn trigger() -> i64 {
+    static T: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_TRIGGER").unwrap_or(2).clamp(0, 2));
+    *T
+}
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH").unwrap_or(DEPTH).clamp(2, 4));
@@ -200,6 +242,21 @@ fn fmt_code(f: Format) -> i64 {
 
 /// `y[batch, n] = x Wᵀ` in the activations' dtype.
 pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaStorage> {
+    let y = empty_storage(x.dev, x.dtype, x.batch * w.rows_cols().0)?;
+    // SAFETY: y was just allocated with batch * n elements of the activations' dtype.
+    unsafe { matmul_act_into(k, w, x, storage_ptr(&y, 0)?) }?;
+    Ok(y)
+}
+
+/// [`matmul_act`] into `y`, `batch * n` values of the activations' dtype (no allocation of its
+/// own unless f32 activations need f16 copies or the plan splits K across blocks: a CUDA graph
+/// of such calls holds no memory nodes between its kernels, which would keep them from starting
+/// early).
+///
+/// # Safety
+/// `y` is the device address of `x.batch * n` elements of `x.dtype` on `x.dev`, free for this
+/// call's stream to write.
+pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u64) -> Result<()> {
     let (n, kdim) = w.rows_cols();
     let batch = x.batch;
     let dev = x.dev;
@@ -303,7 +360,6 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             split = 1;
         }
     }
-    let y = empty_storage(dev, x.dtype, batch * n)?;
     let partial = if split > 1 {
         Some(empty_storage(dev, DType::F32, split * batch * n)?)
     } else {
@@ -311,7 +367,6 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
     };
     let parts = device_parts(w)?;
     let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
-    let yp = storage_ptr(&y, 0)?;
     let pp = match &partial {
         Some(p) => storage_ptr(p, 0)?,
         None => 0u64,
@@ -327,28 +382,20 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
         block_dim: ((block_warps * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(&func);
-    b.arg(&codes)
-        .arg(&scales)
-        .arg(&xp)
-        .arg(&xsp)
-        .arg(&yp)
-        .arg(&pp);
-    b.arg(&n_i)
-        .arg(&k_i)
-        .arg(&b_i)
-        .arg(&row_bytes)
-        .arg(&bs_shift)
-        .arg(&cb)
-        .arg(&wfactor)
-        .arg(&smul)
-        .arg(&split_i);
+    let mut args = crate::kernel_args![
+        &codes, &scales, &xp, &xsp, &yp, &pp, &n_i, &k_i, &b_i, &row_bytes, &bs_shift, &cb,
+        &wfactor, &smul, &split_i,
+    ];
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
     // static shared memory (`plan::gemv_static_smem`: 33 KiB at most without KWARPS, checked
-    // above with it) is within the 48 KiB limit.
-    launched("gemv", unsafe { b.launch(cfg) })?;
+    // above with it) is within the 48 KiB limit. Started early, it reads only the weight and
+    // its own tables before `pdl_wait` (a QTensor's device storage is complete once built: its
+    // constructors wait for the device) and writes nothing before it.
+    launched("gemv", unsafe {
+        launch_ex(&stream, &func, cfg, &mut args, early_start(k))
+    })?;
     if let Some(p) = &partial {
         // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
         unsafe {
@@ -366,7 +413,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             )
         }?;
     }
-    Ok(y)
+    Ok(())
 }
 
 /// `y[b, i] = factor * gain * xscale[b] * sum over the `splits` f32 slices of `partial[s, b, i]`
@@ -451,5 +498,6 @@ fn gemv_defines(
         ("DEPTH", depth()),
         ("ARITH", i64::from(arith(w))),
         ("IMADDEC", i64::from(imad_decode(nt))),
+        ("TRIGGER", trigger()),
     ]
 }

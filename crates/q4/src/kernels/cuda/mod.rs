@@ -35,7 +35,7 @@ mod util;
 pub mod w4a4;
 
 #[cfg(feature = "cuda")]
-pub use util::{device_ptr, empty, poison_outputs, Act};
+pub use util::{device_ptr, empty, launch_ex, poison_outputs, Act};
 
 #[cfg(feature = "cuda")]
 use candle_core::Tensor;
@@ -90,6 +90,44 @@ pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend:
     } else {
         gemm::matmul_act(&kernels, w, x)
     }
+}
+
+/// [`matmul`] into `y`, a contiguous `[batch, n]` tensor of `x`'s dtype on `x`'s device, where
+/// the fused GEMV serves the call (returns whether it did; `false`: nothing was written, use
+/// [`matmul`]). The GEMV then allocates nothing for bf16 / f16 activations, so that a CUDA graph
+/// of such calls keeps its kernels adjacent.
+#[cfg(feature = "cuda")]
+pub fn matmul_into(w: &QTensor, x: &Tensor, y: &Tensor) -> Result<bool> {
+    let x = x.contiguous()?;
+    let act = Act::from_tensor(&x)?;
+    let (n, k) = w.rows_cols();
+    if y.dims() != [act.batch, n] || y.dtype() != act.dtype || !y.is_contiguous() {
+        return Err(crate::Error::msg(format!(
+            "output buffer {:?} {:?} does not fit a [{}, {n}] {:?} product",
+            y.dims(),
+            y.dtype(),
+            act.batch,
+            act.dtype
+        )));
+    }
+    if k != act.k || !w.device().same_device(x.device()) || !y.device().same_device(x.device()) {
+        return Err(crate::Error::msg(
+            "matmul_into: the weight, activations and output must share a CUDA device and K",
+        ));
+    }
+    let kernels = module_cache::for_device(act.dev)?;
+    let fused = act.batch >= 1
+        && act.batch <= plan::FUSED_MAX_BATCH
+        && plan::has_mma_f16(kernels.cc)
+        && gemv::supports(w)
+        && act.ptr.is_multiple_of(16);
+    if !fused {
+        return Ok(false);
+    }
+    // SAFETY: y is a contiguous [batch, n] tensor of the activations' dtype on their device
+    // (checked above), which the caller hands over for writing.
+    unsafe { gemv::matmul_act_into(&kernels, w, &act, device_ptr(y)?) }?;
+    Ok(true)
 }
 
 /// Fills the `q4 doctor` report's CUDA-build-only fields: free memory (needs a context) and an

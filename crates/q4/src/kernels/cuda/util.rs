@@ -208,3 +208,62 @@ pub fn launched<T>(
     r.map(|_| ())
         .map_err(|e| Error::msg(format!("launching q4 kernel `{name}` failed: {e}")))
 }
+
+/// Launches `func` on `stream`; with `early_start`, as a programmatic dependent launch
+/// (`CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`, compute capability 9.0 on): its
+/// blocks may start once every block of the kernel before it in the stream has run
+/// `pdl_trigger()` (common.cuh) or exited, and run up to their `pdl_wait()` while that kernel
+/// still runs — so the kernel's start, and whatever it does before the wait, hides behind the
+/// previous kernel's tail.
+///
+/// # Safety
+/// `args` point to the kernel's arguments, in its parameter order, each of its parameter's type,
+/// alive for the call; the buffers they name are large enough for the launch; with
+/// `early_start`, the kernel reads nothing before its `pdl_wait()` that an earlier kernel in the
+/// stream may still write, and writes nothing before it at all.
+pub unsafe fn launch_ex(
+    stream: &candle_core::cuda_backend::cudarc::driver::CudaStream,
+    func: &candle_core::cuda_backend::cudarc::driver::CudaFunction,
+    cfg: LaunchConfig,
+    args: &mut [*mut std::ffi::c_void],
+    early_start: bool,
+) -> std::result::Result<(), candle_core::cuda_backend::cudarc::driver::DriverError> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    stream.context().bind_to_thread()?;
+    // SAFETY: a plain-old-data C struct; the union member set is the one the id names.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: cfg.grid_dim.0,
+        gridDimY: cfg.grid_dim.1,
+        gridDimZ: cfg.grid_dim.2,
+        blockDimX: cfg.block_dim.0,
+        blockDimY: cfg.block_dim.1,
+        blockDimZ: cfg.block_dim.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: u32::from(early_start),
+    };
+    // SAFETY: FFI call; `config` and `attr` outlive it, the function belongs to the stream's
+    // context (bound above), and the caller vouches for `args`.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            func.cu_function(),
+            args.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+}
+
+/// Kernel argument pointers for [`launch_ex`], in order: `kernel_args![a, b, c]`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! kernel_args {
+    ($($a:expr),* $(,)?) => {
+        [$(($a) as *const _ as *mut ::std::ffi::c_void),*]
+    };
+}

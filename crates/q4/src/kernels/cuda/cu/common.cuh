@@ -113,3 +113,21 @@ __device__ __forceinline__ u32 warp_max_u32(u32 v) {
     for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Programmatic dependent launch (compute capability 9.0 on; no-ops below). A kernel launched
+// with the programmatic-serialization attribute (`util::launch_ex` with `early_start`) may start
+// while the kernel before it in the stream still runs: `pdl_trigger` lets the next such kernel's
+// blocks start; `pdl_wait` returns once every earlier kernel has completed and its writes are
+// visible (at once when the kernel was launched without the attribute). Before the wait a
+// kernel may read only what no earlier kernel writes (q4's weights: a QTensor's constructor
+// waits for its device) and write nothing.
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}

@@ -63,6 +63,9 @@
 #ifndef KWARPS
 #define KWARPS 1
 #endif
+#ifndef TRIGGER
+#define TRIGGER 2
+#endif
 #define RWARPS (WARPS / KWARPS)
 #define LUT_WORDS (256 * 32)
 // ARITH's operand layout: bit position of the E2M1 magnitude, the factor applied to the scales
@@ -188,6 +191,13 @@ extern "C" __global__ void GEMV_BOUNDS
 gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* __restrict__ x,
      const float* __restrict__ xscale, void* __restrict__ y, float* __restrict__ partial,
      int N, int K, int B, i64 row_bytes, int bs_shift, int cb, float wfactor, float smul, int split) {
+    // Launched early (PDL), the tables and the first weight loads below overlap the previous
+    // kernel; the activations are read, and anything written, only after `pdl_wait`.
+    // TRIGGER: when the next kernel may start (once every block of this one got there):
+    // 0 at the start, 1 after the block's last step loop, 2 at its exit (no explicit trigger).
+#if TRIGGER == 0
+    pdl_trigger();
+#endif
     const u32 tid = threadIdx.x;
     for (u32 byte = tid; byte < 256; byte += WARPS * 32) {
 #if !ARITH
@@ -378,6 +388,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         load(fb, st + 1);
         load(fc, st + 2);
         load(fd, st + 3);
+        pdl_wait();
         while (st < send) {
             compute(fa, st);
             load(fa, st + 4);
@@ -401,6 +412,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         load(fa, st);
         load(fb, st + 1);
         load(fc, st + 2);
+        pdl_wait();
         while (st < send) {
             compute(fa, st);
             load(fa, st + 3);
@@ -419,6 +431,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         int st = sbegin;
         load(fa, st);
         load(fb, st + 1);
+        pdl_wait();
         while (st < send) {
             compute(fa, st);
             load(fa, st + 2);
@@ -430,6 +443,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         }
 #endif
 
+#if TRIGGER == 1
+        if (item + (int)gridDim.x >= items) pdl_trigger();
+#endif
 #if KWARPS > 1
         // The row group's KWARPS runs of steps, summed in order by its first warp (as
         // gemv_reduce sums a grid split's slices: 0 + s0 + s1 + ...). The thread index is read
