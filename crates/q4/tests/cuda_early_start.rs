@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use q4::qtensor::QuantSpec;
 use q4::{Format, QLinear, QTensor};
 
+mod cuda_common;
+use cuda_common::{bits_f32, data};
+
 fn gpu() -> Option<Device> {
     let report = q4::probe::cuda_report();
     if report.status != "ok" || report.devices.is_empty() {
@@ -15,30 +18,6 @@ fn gpu() -> Option<Device> {
         return None;
     }
     Some(Device::new_cuda(0).expect("CUDA device 0"))
-}
-
-fn data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
-}
-
-fn bits(t: &Tensor) -> Vec<u32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
 }
 
 /// A chain of dependent GEMVs (each one's input is the previous one's output, the first of them
@@ -57,7 +36,12 @@ fn early_started_gemvs_read_their_predecessors_outputs() {
             .enumerate()
             .map(|(i, d)| {
                 let (n, k) = (d[1], d[0]);
-                let w = Tensor::from_vec(data(n * k, i as u64 + 1), (n, k), &dev).unwrap();
+                // Spread magnitudes (`data`), scaled so that each layer keeps the activations'
+                // size over the chain's 18 layers.
+                let w = Tensor::from_vec(data(n * k, i as u64 + 1), (n, k), &dev)
+                    .unwrap()
+                    .affine(1.0 / (5.0 * (k as f64).sqrt()), 0.0)
+                    .unwrap();
                 // Quantized on the GPU, then used at once: its storage must be complete first.
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
                 QLinear::new(q, None).unwrap()
@@ -89,7 +73,7 @@ fn early_started_gemvs_read_their_predecessors_outputs() {
                         }
                     }
                     gemv(None);
-                    bits(&y)
+                    bits_f32(&y)
                 };
                 let plain = run(false, false);
                 assert_eq!(plain.len(), batch * dims[dims.len() - 1]);

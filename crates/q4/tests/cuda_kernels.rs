@@ -16,6 +16,9 @@ use q4::{ActQuant, Format, NonFinite, QLinear, QTensor};
 use q4_formats::bnb::Absmax;
 use q4_formats::mxfp4::ScaleRule;
 
+mod cuda_common;
+use cuda_common::{bits_f32, data};
+
 fn gpu() -> Option<Device> {
     let report = q4::probe::cuda_report();
     if report.status != "ok" || report.devices.is_empty() {
@@ -36,43 +39,6 @@ fn fused_gemm_sms(_dev: &Device) -> Option<usize> {
     let report = q4::probe::cuda_report();
     let d = report.devices.first()?;
     (d.compute_capability == "9.0").then_some(d.multiprocessors as usize)
-}
-
-/// Deterministic pseudo-random values with a spread of magnitudes, signed zeros and zero blocks.
-fn data(len: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    (0..len)
-        .map(|i| {
-            let r = next();
-            let u = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-            let scale = [1.0f32, 0.01, 30.0, 1e-4][(r % 4) as usize];
-            match i % 97 {
-                0 => -0.0,
-                1..=16 if (i / 97) % 5 == 0 => 0.0,
-                _ => u * scale,
-            }
-        })
-        .collect()
-}
-
-fn bits_f32(t: &Tensor) -> Vec<u32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .into_iter()
-        .map(f32::to_bits)
-        .collect()
 }
 
 fn bits_u16(t: &Tensor) -> Vec<u16> {
