@@ -60,30 +60,12 @@ pub fn matmul(w: &QTensor, x: &Tensor) -> Result<Tensor> {
 /// [`matmul`] on raw activations (the candle custom op's entry point).
 #[cfg(feature = "cuda")]
 pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend::CudaStorage> {
-    let (n, k) = w.rows_cols();
-    if k != x.k {
-        return Err(crate::Error::msg(format!(
-            "activations have {} features, the weight {k}",
-            x.k
-        )));
-    }
-    if !w
-        .device()
-        .same_device(&candle_core::Device::Cuda(x.dev.clone()))
-    {
-        return Err(crate::Error::msg(
-            "the weight and the activations are on different CUDA devices",
-        ));
-    }
+    check_operands(w, x)?;
     let kernels = module_cache::for_device(x.dev)?;
-    if x.batch == 0 || n == 0 {
+    if x.batch == 0 || w.rows_cols().0 == 0 {
         return util::empty_storage(x.dev, x.dtype, 0);
     }
-    let fused = x.batch <= plan::FUSED_MAX_BATCH
-        && plan::has_mma_f16(kernels.cc)
-        && gemv::supports(w)
-        && x.ptr.is_multiple_of(16);
-    if fused {
+    if gemv_serves(&kernels, w, x) {
         gemv::matmul_act(&kernels, w, x)
     } else if gemm_sm90::supports(&kernels, w, x) {
         gemm_sm90::matmul_act(&kernels, w, x)
@@ -100,7 +82,7 @@ pub fn matmul_act(w: &QTensor, x: &Act<'_>) -> Result<candle_core::cuda_backend:
 pub fn matmul_into(w: &QTensor, x: &Tensor, y: &Tensor) -> Result<bool> {
     let x = x.contiguous()?;
     let act = Act::from_tensor(&x)?;
-    let (n, k) = w.rows_cols();
+    let n = w.rows_cols().0;
     if y.dims() != [act.batch, n] || y.dtype() != act.dtype || !y.is_contiguous() {
         return Err(crate::Error::msg(format!(
             "output buffer {:?} {:?} does not fit a [{}, {n}] {:?} product",
@@ -110,24 +92,51 @@ pub fn matmul_into(w: &QTensor, x: &Tensor, y: &Tensor) -> Result<bool> {
             act.dtype
         )));
     }
-    if k != act.k || !w.device().same_device(x.device()) || !y.device().same_device(x.device()) {
+    check_operands(w, &act)?;
+    if !y.device().same_device(x.device()) {
         return Err(crate::Error::msg(
-            "matmul_into: the weight, activations and output must share a CUDA device and K",
+            "the output buffer and the activations are on different devices",
         ));
     }
     let kernels = module_cache::for_device(act.dev)?;
-    let fused = act.batch >= 1
-        && act.batch <= plan::FUSED_MAX_BATCH
-        && plan::has_mma_f16(kernels.cc)
-        && gemv::supports(w)
-        && act.ptr.is_multiple_of(16);
-    if !fused {
+    if act.batch == 0 || n == 0 || !gemv_serves(&kernels, w, &act) {
         return Ok(false);
     }
     // SAFETY: y is a contiguous [batch, n] tensor of the activations' dtype on their device
     // (checked above), which the caller hands over for writing.
     unsafe { gemv::matmul_act_into(&kernels, w, &act, device_ptr(y)?) }?;
     Ok(true)
+}
+
+/// The weight and the activations agree in K and share a CUDA device.
+#[cfg(feature = "cuda")]
+fn check_operands(w: &QTensor, x: &Act<'_>) -> Result<()> {
+    let k = w.rows_cols().1;
+    if k != x.k {
+        return Err(crate::Error::msg(format!(
+            "activations have {} features, the weight {k}",
+            x.k
+        )));
+    }
+    if !w
+        .device()
+        .same_device(&candle_core::Device::Cuda(x.dev.clone()))
+    {
+        return Err(crate::Error::msg(
+            "the weight and the activations are on different CUDA devices",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the fused GEMV takes this (non-empty) product: small batches, tensor cores with f16
+/// / bf16 `mma`, a weight it can tile, 16-byte aligned activations.
+#[cfg(feature = "cuda")]
+fn gemv_serves(kernels: &module_cache::DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
+    x.batch <= plan::FUSED_MAX_BATCH
+        && plan::has_mma_f16(kernels.cc)
+        && gemv::supports(w)
+        && x.ptr.is_multiple_of(16)
 }
 
 /// Fills the `q4 doctor` report's CUDA-build-only fields: free memory (needs a context) and an
