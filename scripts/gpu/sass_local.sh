@@ -24,6 +24,6 @@ fi
 } > "$work/k.cu"
 eval "$(/work/shared/cuda/toolchain.sh)" >/dev/null 2>&1 || eval "$(../shared/cuda/toolchain.sh)" >/dev/null
 nvcc -cubin -arch="${ARCH:-sm_90}" --std=c++17 -ftz=false -prec-div=true -fmad=false -Xptxas -v \
-  -o "$work/k.cubin" "$work/k.cu" 2>&1 | grep -E "registers|error" >&2 || true
+  -o "$work/k.cubin" "$work/k.cu" 2>&1 | grep -E "registers|error|spill" >&2 || true
 "$tools/nvidia/cu13/bin/nvdisasm" -c "$work/k.cubin" > "${OUT_SASS:-$work/k.sass}"
 python3 "$(dirname "$0")/sass_loop.py" "${OUT_SASS:-$work/k.sass}"

@@ -102,6 +102,22 @@ fn nvrtc_compiles_every_kernel_family() {
                         ];
                         compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                             .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                        // The activation ring (batches 9-64), at two and at eight N tiles,
+                        // with the most stages the plan takes there.
+                        for xnt in [2, 8] {
+                            let base = plan::gemv_static_smem(arith == 0, 4, xnt, false);
+                            let Some(stages) = (2..=4).rev().find(|&s| {
+                                base + plan::gemv_stage_smem(xnt, s) <= plan::GEMV_STATIC_SMEM_LIMIT
+                            }) else {
+                                continue;
+                            };
+                            let (xnt, stages) = (xnt as i64, stages as i64);
+                            let mut d = d.to_vec();
+                            d.retain(|(n, _)| *n != "NT");
+                            d.extend([("NT", xnt), ("XSTAGE", stages)]);
+                            compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                                .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                        }
                         if nt == 1 {
                             // The warps of a block splitting K (batches 1-8), with the
                             // multiply-add E2M1 decode, and the largest such blocks the plan
@@ -628,6 +644,78 @@ fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
     // The shapes above do split K (into at most 16 slices, which always fit a block): with the
     // warp split off, reductions ran.
     assert!(grid_reduces > 0, "no shape took a split-K plan");
+}
+
+/// The shared-memory activation ring changes where the activations are read from, not the
+/// sums: GEMVs with the same K slices (forced: the ring changes occupancy, and so the plan's
+/// split) are identical bit for bit with and without it, at every number of stages, with rows
+/// past the batch and a partial last K step (zeros in the ring).
+#[test]
+fn gemv_activation_ring_is_bit_identical_with_global_loads() {
+    let Some(dev) = gpu() else { return };
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Mxfp4),
+    ];
+    let shapes = [
+        (1000usize, 2560usize),
+        (77, 4160),
+        (6144, 2560),
+        (300, 1024),
+    ];
+    let ring = q4::kernels::cuda::gemv::set_xstage_for_tests;
+    let staged = q4::kernels::cuda::gemv::staged_launches;
+    let slices = q4::kernels::cuda::gemv::set_split_for_tests;
+    q4::kernels::cuda::gemv::set_warp_split_for_tests(Some(false));
+    let mut ran = 0;
+    for (spec, (n, k)) in specs
+        .iter()
+        .flat_map(|s| shapes.iter().map(move |&nk| (s, nk)))
+    {
+        let f = spec.format;
+        let w = Tensor::from_vec(data(n * k, (n + 3 * k) as u64), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, spec).unwrap();
+        let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+        for b in [3usize, 9, 16, 24, 33, 64] {
+            for (dt, split) in [(DType::F32, 1), (DType::BF16, 3)] {
+                slices(Some(split));
+                let x = Tensor::from_vec(data(b * k, (b * 7 + k) as u64), (b, k), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dt)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap();
+                ring(Some(0));
+                let before = staged();
+                let plain = bits_f32(&layer.forward(&x).unwrap());
+                assert_eq!(
+                    staged(),
+                    before,
+                    "{f:?} {n}x{k} batch {b}: staged with the ring off"
+                );
+                for stages in [2u8, 3, 4] {
+                    ring(Some(stages));
+                    let before = staged();
+                    let ringed = bits_f32(&layer.forward(&x).unwrap());
+                    ran += staged() - before;
+                    assert_eq!(ringed.len(), b * n);
+                    if let Some(i) = (0..ringed.len()).find(|&i| ringed[i] != plain[i]) {
+                        panic!(
+                            "{f:?} {n}x{k} batch {b} {dt:?} {stages} stages: output {i} \
+                             differs: {:#x} vs {:#x}",
+                            ringed[i], plain[i]
+                        );
+                    }
+                }
+                ring(None);
+                slices(None);
+            }
+        }
+    }
+    q4::kernels::cuda::gemv::set_warp_split_for_tests(None);
+    // Every format fits the ring at two stages up to two N tiles (batch 16), so it ran.
+    assert!(ran > 0, "no GEMV used the activation ring");
 }
 
 #[test]

@@ -33,7 +33,8 @@ const ITEM_COST: usize = 2;
 // Tuning knobs (`util::knob`, each read once): `Q4_GEMV_WARPS` (warps per block),
 // `Q4_GEMV_DEPTH` (2-4), `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K),
 // `Q4_GEMV_WSPLIT` (split-K inside the block), `Q4_GEMV_CLAMPED` (loads), `Q4_GEMV_IMAD`
-// (E2M1 decode), for kernel development; the defaults are the measured best
+// (E2M1 decode), `Q4_GEMV_XSTAGE` (activation ring), `Q4_GEMV_REDUCE_PDL`, for kernel
+// development; the defaults are the measured best
 // (`scripts/gpu/gemv_knob_sweep.sh`, `scripts/gpu/ab.sh`).
 /// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
 /// smaller blocks keep more loads in flight (Qwen3-4B's projections 2-5% faster per call, its
@@ -174,6 +175,15 @@ static EARLY_START_FORCED: AtomicU8 = AtomicU8::new(0);
 pub fn set_early_start_for_tests(on: Option<bool>) {
     EARLY_START_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
 }
+/// Whether `gemv_reduce` is launched early after its GEMV, like the GEMV itself: its launch
+/// then hides behind the GEMV's tail. Same-call A/B on the H100
+/// (`scripts/gpu/results/h100-2026-11-27-s20/`): split-K GEMVs 0.84-0.98x the time (6144x2560
+/// at batch 16 10.8 against 12.9 us, 2560x9728 14.4 against 16.5). `Q4_GEMV_REDUCE_PDL=0`: not.
+fn reduce_early_start(k: &DeviceKernels) -> bool {
+    static P: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_REDUCE_PDL") != Some(0));
+    early_start(k) && *P
+}
 /// Where the GEMV lets the next early-launched kernel start (`TRIGGER` in gemv.cu): at its
 /// blocks' exit (2, no explicit trigger), unless `Q4_GEMV_TRIGGER` says 0 (at the start) or 1
 /// (after each block's last step loop). Same-call A/B on the H100
@@ -187,6 +197,73 @@ fn trigger() -> i64 {
         std::sync::LazyLock::new(|| knob("Q4_GEMV_TRIGGER").unwrap_or(2).clamp(0, 2));
     *T
 }
+/// Stages of the GEMV's shared-memory activation ring (`XSTAGE` in gemv.cu) for a kernel with
+/// `nt` N tiles and `warps` warps, or 0 for none: two, where it was measured faster than each
+/// warp loading its activations from global memory — the pair-table formats from two N tiles
+/// (batches 9-16; at four their 32 KiB table leaves no room), the arithmetic NVFP4 decode from
+/// eight (batches 33-64), and from four (17-32) in blocks of 8 warps (weights of 40 M and more).
+/// Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s20/`): NVFP4 batch 64
+/// 0.47x / 0.43x the time on 8192x8192 / 28672x4096, batch 32 0.78x / 0.82x, NF4 batch 16
+/// 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast or faster without
+/// it. `Q4_GEMV_XSTAGE` overrides: 0 off, 2-4 stages at every batch.
+fn xstage(w: &QTensor, nt: usize, warps: usize) -> usize {
+    static X: std::sync::LazyLock<Option<i64>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_XSTAGE"));
+    let set = match XSTAGE_FORCED.load(Ordering::Relaxed) {
+        0 => *X,
+        forced => Some(i64::from(forced) - 1),
+    };
+    let want = match set {
+        Some(v) if v <= 0 => return 0,
+        Some(v) => v.clamp(2, 4) as usize,
+        None if !arith(w) && nt >= 2 => 2,
+        None if nt >= 8 || (nt >= 4 && warps >= WARPS) => 2,
+        None => return 0,
+    };
+    (2..=want)
+        .rev()
+        .find(|&stages| {
+            super::plan::gemv_static_smem(!arith(w), warps, nt, false)
+                + super::plan::gemv_stage_smem(nt, stages)
+                <= super::plan::GEMV_STATIC_SMEM_LIMIT
+        })
+        .unwrap_or(0)
+}
+/// 0: the plan decides; else the number of K slices.
+static SPLIT_FORCED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Forces the number of K slices of the grid split (`None`: the plan decides), so that a test
+/// can compare kernels whose occupancy, and so whose plan, differs, with the same sums.
+#[doc(hidden)]
+pub fn set_split_for_tests(slices: Option<usize>) {
+    SPLIT_FORCED.store(slices.unwrap_or(0), Ordering::Relaxed);
+}
+
+fn split_forced() -> Option<usize> {
+    Some(SPLIT_FORCED.load(Ordering::Relaxed)).filter(|&s| s > 0)
+}
+
+/// 0: the environment decides; else the stages + 1 (1: off).
+static XSTAGE_FORCED: AtomicU8 = AtomicU8::new(0);
+
+/// Forces the activation ring's stages (`Some(0)`: off; `None`: the environment decides), so
+/// that a test can compare staged and unstaged GEMVs in one process.
+#[doc(hidden)]
+pub fn set_xstage_for_tests(stages: Option<u8>) {
+    XSTAGE_FORCED.store(stages.map_or(0, |s| s.min(4) + 1), Ordering::Relaxed);
+}
+
+thread_local! {
+    /// GEMV launches with the activation ring made by this thread (tests check that it ran).
+    static STAGED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many GEMVs with the shared-memory activation ring this thread has launched.
+#[doc(hidden)]
+pub fn staged_launches() -> usize {
+    STAGED.with(|c| c.get())
+}
+
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH").unwrap_or(DEPTH).clamp(2, 4));
@@ -307,6 +384,8 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     let mut defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
     let clamped = clamped(w, nt);
     defines.push(("CLAMPED", i64::from(clamped)));
+    let stages = xstage(w, nt, warps);
+    defines.push(("XSTAGE", stages as i64));
     // Rows of whole 128-wide steps: the clamped kernel drops its K-tail checks.
     defines.push(("KFULL", i64::from(clamped && kdim.is_multiple_of(128))));
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
@@ -314,10 +393,15 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // steps each (see `item_cost` for how K is split).
     let resident = resident_blocks(k, &func, warps);
     let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
+    if let Some(forced) = split_forced() {
+        // As many slices as asked, none empty.
+        split = steps.div_ceil(steps.div_ceil(forced.clamp(1, steps)));
+    }
     let mut grid_x = (tiles * split).min(resident).max(1);
     let mut func = func;
     let mut block_warps = warps;
-    if nt <= 2 && split > 1 && warp_split() {
+    // The warp split walks different steps in each warp: no shared activation ring.
+    if nt <= 2 && split > 1 && stages == 0 && warp_split() {
         // The same warps and steps per warp, the slices summed inside each block: blocks of
         // `warps / s` row groups, or of one row group of `s` warps where the split is the
         // larger. Such larger blocks fit fewer to an SM, so half the split is tried too (8192^2
@@ -389,13 +473,16 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // SAFETY: argument order and types match `gemv`; codes hold n rows of k/2 bytes (k % 32 ==
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
-    // static shared memory (`plan::gemv_static_smem`: 33 KiB at most without KWARPS, checked
-    // above with it) is within the 48 KiB limit. Started early, it reads only the weight and
+    // static shared memory (`plan::gemv_static_smem`: 33 KiB at most without KWARPS or the
+    // activation ring, checked above with either) is within the 48 KiB limit. Started early, it reads only the weight and
     // its own tables before `pdl_wait` (a QTensor's device storage is complete once built: its
     // constructors wait for the device) and writes nothing before it.
     launched("gemv", unsafe {
         launch_ex(&stream, &func, cfg, &mut args, early_start(k))
     })?;
+    if stages > 0 {
+        STAGED.with(|c| c.set(c.get() + 1));
+    }
     if let Some(p) = &partial {
         // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
         unsafe {
@@ -444,18 +531,13 @@ pub(super) unsafe fn reduce(
         shared_mem_bytes: 0,
     };
     let stream = dev.cuda_stream();
-    let mut b = stream.launch_builder(&func);
-    b.arg(&partial)
-        .arg(&xscale)
-        .arg(&y)
-        .arg(&n_i)
-        .arg(&b_i)
-        .arg(&s_i)
-        .arg(&factor);
+    let mut args = crate::kernel_args![&partial, &xscale, &y, &n_i, &b_i, &s_i, &factor];
     REDUCES.with(|c| c.set(c.get() + 1));
     // SAFETY: argument order and types match `gemv_reduce`; buffer sizes are the caller's
-    // contract above.
-    launched("gemv_reduce", unsafe { b.launch(cfg) })
+    // contract above. Started early, it reads and writes nothing before its `pdl_wait`.
+    launched("gemv_reduce", unsafe {
+        launch_ex(&stream, &func, cfg, &mut args, reduce_early_start(k))
+    })
 }
 
 /// The GEMV module's defines when only `gemv_reduce` is wanted, as a plain f32 -> `out`

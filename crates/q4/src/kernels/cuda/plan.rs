@@ -226,6 +226,11 @@ pub fn gemv_static_smem(pair_table: bool, warps: usize, nt: usize, warp_split: b
     };
     table + 256 * 4 + sums
 }
+/// Static shared memory of the GEMV's activation ring (`XSTAGE` in gemv.cu): `stages` steps of
+/// `nt * 8` rows of 128 16-bit operands.
+pub fn gemv_stage_smem(nt: usize, stages: usize) -> usize {
+    stages * nt * 8 * 128 * 2
+}
 /// The static shared memory a kernel may declare (48 KiB).
 pub const GEMV_STATIC_SMEM_LIMIT: usize = 48 << 10;
 
@@ -351,13 +356,21 @@ mod tests {
     }
 
     #[test]
-    fn gemv_warp_split_fits_static_shared_memory_where_taken() {
+    fn gemv_warp_split_and_activation_ring_fit_static_shared_memory_where_taken() {
         // Blocks up to 16 warps: the arithmetic kernel fits at every N tile count it takes;
         // the pair-table kernel at one N tile, not at two with 16 warps (32 + 1 + 16 KiB).
         let fits = |t, w, nt| gemv_static_smem(t, w, nt, true) <= GEMV_STATIC_SMEM_LIMIT;
         assert!(fits(false, 16, 2) && fits(true, 16, 1) && fits(true, 8, 2));
         assert!(!fits(true, 16, 2));
         assert_eq!(gemv_static_smem(true, 8, 1, false), 33 << 10);
+        // The activation ring (no warp split): two stages fit beside the pair table at two N
+        // tiles, not at four; the arithmetic decode takes two at eight N tiles, four at four.
+        let ring = |t, nt, s| {
+            gemv_static_smem(t, 8, nt, false) + gemv_stage_smem(nt, s) <= GEMV_STATIC_SMEM_LIMIT
+        };
+        assert!(ring(true, 2, 2) && ring(true, 2, 3) && !ring(true, 2, 4) && !ring(true, 4, 2));
+        assert!(ring(false, 8, 2) && !ring(false, 8, 3) && ring(false, 4, 4));
+        assert_eq!(gemv_stage_smem(2, 2), 8 << 10);
     }
 
     #[test]

@@ -35,6 +35,13 @@
 // added in slice order, exactly as `gemv_reduce` adds a grid split's slices. Split-K without
 // the partial buffer and the second kernel (then `split` is 1).
 //
+// XSTAGE (0, or 2-4; KWARPS == 1 only): the activations go through a ring of XSTAGE steps in
+// shared memory instead of each warp loading them from global memory as it multiplies. All
+// threads of the block copy each step once (cp.async, coalesced 16-byte chunks, XSTAGE - 1 steps
+// ahead) into mma fragment order, so a warp reads a step's B fragments as contiguous 512-byte
+// runs (conflict-free); one barrier a step. At two or more N tiles, global activation loads
+// spread over 8 rows and 2 cache lines each stalled every step on L1/L2 latency.
+//
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
 // OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
 // block, each owning 16 weight rows), KFULL (K a multiple of 128: no K-tail checks), CLAMPED
@@ -66,6 +73,14 @@
 #ifndef TRIGGER
 #define TRIGGER 2
 #endif
+#ifndef XSTAGE
+#define XSTAGE 0
+#endif
+#if XSTAGE && KWARPS > 1
+#error "XSTAGE needs KWARPS == 1"
+#endif
+// One staged step: NT * 8 activation rows of 128 operands, in fragment order (see `stage`).
+#define XSTEP_BYTES (NT * 8 * 128 * 2)
 #define RWARPS (WARPS / KWARPS)
 #define LUT_WORDS (256 * 32)
 // ARITH's operand layout: bit position of the E2M1 magnitude, the factor applied to the scales
@@ -174,12 +189,55 @@ __device__ __forceinline__ u32 e2m1_pair_of(u32 w) {
 #endif
 }
 __shared__ u32 scale_tab[256];
+#if XSTAGE
+__shared__ __align__(16) u8 xring[XSTAGE * XSTEP_BYTES];
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, u32 src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+
+// The chunks a thread copies into the ring: chunk c (elements 8c .. 8c+7 of a step) of row b,
+// for i = threadIdx.x + j * WARPS * 32 = 16 b + c, lands where thread (g = b % 8, t = c / 4)
+// reads it as word group wi = c % 4 of N tile b / 8. Per-thread constants, set up once.
+#define XCHUNKS ((NT * 8 * 16 + WARPS * 32 - 1) / (WARPS * 32))
+struct Stager {
+    const u16* src[XCHUNKS];  // row b, element 8c (row 0 for rows past B)
+    u32 dst[XCHUNKS];         // byte offset in a slot
+    int kc[XCHUNKS];          // 8c, or K for rows past B (never in bounds)
+};
+__device__ __forceinline__ Stager stager(const u16* __restrict__ x, int B, int K) {
+    Stager s;
+#pragma unroll
+    for (int j = 0; j < XCHUNKS; j++) {
+        const int i = (int)threadIdx.x + j * WARPS * 32;
+        const int b = i >> 4, c = i & 15;
+        const bool row = b < B && i < NT * 8 * 16;
+        s.src[j] = x + (row ? (i64)b * K + 8 * c : 0);
+        s.dst[j] = (u32)(((((c & 3) * NT + (b >> 3)) * 32 + (b & 7) * 4 + (c >> 2)) * 16));
+        s.kc[j] = row ? 8 * c : K;
+    }
+    return s;
+}
+// Copies step `st`'s activations into ring slot st % XSTAGE (zeros past B and K).
+__device__ __forceinline__ void stage(const Stager& s, int st, int K) {
+    const u32 base = (u32)__cvta_generic_to_shared(xring) + (u32)(st % XSTAGE) * XSTEP_BYTES;
+#pragma unroll
+    for (int j = 0; j < XCHUNKS; j++) {
+        if (j * WARPS * 32 + (int)threadIdx.x >= NT * 8 * 16) break;
+        const bool ok = st * 128 + s.kc[j] < K;
+        cp_async16(base + s.dst[j], ok ? s.src[j] + st * 128 : s.src[j], ok ? 16u : 0u);
+    }
+}
+#endif
 
 // Work item = (tile of 16*RWARPS rows, K slice ky of `split`): warp w owns rows
 // tile*16*RWARPS + 16 (w / KWARPS) .. +16 and the ky-th of `split` contiguous runs of steps
 // (with KWARPS > 1, run w % KWARPS of that slice's KWARPS); with KWARPS == 1 the warps of a
-// block walk the same steps, so the activations they read come from L1. Persistent blocks take
-// items blockIdx.x, += gridDim.x.
+// block walk the same steps, so the activations they read come from L1 (or, with XSTAGE, from
+// the block's ring). Persistent blocks take items blockIdx.x, += gridDim.x.
 #if KWARPS > 1 && NT == 1 && ARITH
 // 64 registers, as the KWARPS == 1 kernel gets unasked at one N tile. (The pair-table kernel
 // takes 80 and is left to: held to 64 it spilled, and ran 28672x4096 at batch 1 4% slower.)
@@ -223,6 +281,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
     const int tiles = (N + 16 * RWARPS - 1) / (16 * RWARPS);
     const int items = tiles * split;
     const int rw = (int)warp / KWARPS, kw = (int)warp % KWARPS;
+#if XSTAGE
+    const Stager xst = stager(x, B, K);
+#endif
 #if KWARPS > 1
     // Each warp's f32 sums, for the slice-order reduction at the end of an item.
     __shared__ float kred[WARPS][NT * 4][32];
@@ -292,6 +353,16 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         };
 #endif
         auto compute = [&](const Frag& f, int st) {
+#if XSTAGE
+            // Step st is in its slot (this thread's copies, then everyone's); every warp is done
+            // with step st - 1, whose slot now takes step st + XSTAGE - 1 (a group is committed
+            // even when empty, so that the wait counts stay uniform).
+            cp_async_wait<XSTAGE - 2>();
+            __syncthreads();
+            if (st + XSTAGE - 1 < send) stage(xst, st + XSTAGE - 1, K);
+            cp_async_commit();
+            const uint4* xs = (const uint4*)(xring + (st % XSTAGE) * XSTEP_BYTES) + lane;
+#endif
             const int k0 = st * 128 + 32 * t;
             // KFULL (with CLAMPED): K is a multiple of 128, so every chunk of every step lies
             // inside the row.
@@ -331,8 +402,13 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             for (int wi = 0; wi < 4; wi++) {
                 // Activations for mma 2wi and 2wi+1: elements 8wi .. 8wi+7 of the chunk.
                 uint4 xv[NT];
+#if XSTAGE
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) xv[nt] = xs[(wi * NT + nt) * 32];
+#else
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) xv[nt] = xv_ok[nt] ? ld_act(xp[nt] + 8 * wi) : make_uint4(0, 0, 0, 0);
+#endif
                 // Word wi of the 16 code bytes: bytes 0, 1 feed mma 2wi, bytes 2, 3 mma 2wi+1;
                 // NVFP4's second block starts at word 2.
                 const int sb = FMT == 0 ? (wi >> 1) : 0;
@@ -379,6 +455,17 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             }
         };
 
+        // The first XSTAGE - 1 steps' activations, copied once the previous kernel is done.
+        auto prologue = [&](int st) {
+#if XSTAGE
+#pragma unroll
+            for (int j = 0; j < XSTAGE - 1; j++) {
+                if (st + j < send) stage(xst, st + j, K);
+                cp_async_commit();
+            }
+#endif
+        };
+
         // DEPTH buffers, each reloaded right after use: the next DEPTH - 1 steps' loads stay in
         // flight while a step is multiplied.
 #if DEPTH >= 4
@@ -389,6 +476,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         load(fc, st + 2);
         load(fd, st + 3);
         pdl_wait();
+        prologue(st);
         while (st < send) {
             compute(fa, st);
             load(fa, st + 4);
@@ -413,6 +501,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         load(fb, st + 1);
         load(fc, st + 2);
         pdl_wait();
+        prologue(st);
         while (st < send) {
             compute(fa, st);
             load(fa, st + 3);
@@ -432,6 +521,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         load(fa, st);
         load(fb, st + 1);
         pdl_wait();
+        prologue(st);
         while (st < send) {
             compute(fa, st);
             load(fa, st + 2);
@@ -443,6 +533,11 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         }
 #endif
 
+#if XSTAGE
+        // Drain the trailing (empty) copy groups; the ring is free once every warp is done.
+        cp_async_wait<0>();
+        __syncthreads();
+#endif
 #if TRIGGER == 1
         if (item + (int)gridDim.x >= items) pdl_trigger();
 #endif
@@ -490,9 +585,11 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
     }
 }
 
-// Split-K epilogue: sums the partial products of `splits` slices in order.
+// Split-K epilogue: sums the partial products of `splits` slices in order. Launched early
+// (PDL) after the GEMV, it waits for it before reading anything.
 extern "C" __global__ void gemv_reduce(const float* __restrict__ partial, const float* __restrict__ xscale,
                                        void* __restrict__ y, int N, int B, int splits, float wfactor) {
+    pdl_wait();
     const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (i64)N * B) return;
     const int bi = (int)(i / N);
