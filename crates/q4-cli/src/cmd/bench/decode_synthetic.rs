@@ -104,12 +104,34 @@ mod imp {
 
     /// `layer(x)`, into `out` when the model writes projections in place.
     fn project(m: &Model, layer: &QLinear, x: &Tensor, out: &Tensor) -> Result<Tensor> {
+        if skipped("proj") {
+            return Ok(out.clone());
+        }
         if m.into {
             layer.forward_into(x, out)?;
             Ok(out.clone())
         } else {
             Ok(layer.forward(x)?)
         }
+    }
+
+    /// Timing aid: `Q4_BENCH_SKIP` names step kernels not to launch (`norm`, `rope`, `attend`,
+    /// `silu`, `proj`), so that a run's time without them shows what they cost. The tokens such
+    /// a step produces are no model's.
+    fn skipped(kernel: &str) -> bool {
+        static SKIP: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+            let v: Vec<String> = std::env::var("Q4_BENCH_SKIP")
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if !v.is_empty() {
+                tracing::warn!("Q4_BENCH_SKIP: not launching {v:?}; the tokens are no model's");
+            }
+            v
+        });
+        SKIP.iter().any(|s| s == kernel)
     }
 
     fn linear(
@@ -222,6 +244,9 @@ mod imp {
         }
         let mut delta: Option<Tensor> = None;
         let add_norm = |delta: &Option<Tensor>, w: &Tensor, out: u64| -> Result<()> {
+            if skipped("norm") {
+                return Ok(());
+            }
             let func = f("add_rmsnorm")?;
             let dp = match delta {
                 Some(d) => device_ptr(d)?,
@@ -239,7 +264,7 @@ mod imp {
         for l in &m.layers {
             add_norm(&delta, &l.ln1, h)?;
             let qkv = project(m, &l.qkv, &m.h, &m.qkv_out)?;
-            {
+            if !skipped("rope") {
                 let func = f("rope_append")?;
                 let (src, inv, kc, vc) = (
                     device_ptr(&qkv)?,
@@ -252,7 +277,7 @@ mod imp {
                 // the position stays below max_len (the caller bounds the steps).
                 unsafe { launch_ex(s, &func, cfg(HEADS + KV_HEADS, 64, 0), &mut args, pdl) }?;
             }
-            {
+            if !skipped("attend") {
                 let func = f("attend")?;
                 let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
                 let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
@@ -264,7 +289,7 @@ mod imp {
             let o = project(m, &l.o, &m.attn, &m.o_out)?;
             add_norm(&Some(o), &l.ln2, h)?;
             let gu = project(m, &l.gate_up, &m.h, &m.gu_out)?;
-            {
+            if !skipped("silu") {
                 let func = f("silu_mul")?;
                 let gp = device_ptr(&gu)?;
                 let mut args = q4::kernel_args![&gp, &act, &inter];

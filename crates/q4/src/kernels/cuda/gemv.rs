@@ -239,8 +239,13 @@ pub fn set_split_for_tests(slices: Option<usize>) {
     SPLIT_FORCED.store(slices.unwrap_or(0), Ordering::Relaxed);
 }
 
+/// The forced number of K slices: the test's, else `Q4_GEMV_SPLIT` (kernel development).
 fn split_forced() -> Option<usize> {
-    Some(SPLIT_FORCED.load(Ordering::Relaxed)).filter(|&s| s > 0)
+    static S: std::sync::LazyLock<Option<usize>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_SPLIT").filter(|&s| s > 0).map(|s| s as usize));
+    Some(SPLIT_FORCED.load(Ordering::Relaxed))
+        .filter(|&s| s > 0)
+        .or(*S)
 }
 
 /// 0: the environment decides; else the stages + 1 (1: off).
