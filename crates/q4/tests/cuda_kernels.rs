@@ -573,43 +573,59 @@ fn fused_prefill_gemm_matches_the_reference_and_the_chunked_path() {
     }
 }
 
+/// The three weight formats of the GEMV comparisons, each on every `(n, k)` of `shapes`, as a
+/// layer on `dev` (weights from `data` with seed `n + wseed * k`).
+fn gemv_layers<'a>(
+    dev: &'a Device,
+    shapes: &'a [(usize, usize)],
+    wseed: usize,
+) -> impl Iterator<Item = (Format, usize, usize, QLinear)> + 'a {
+    [Format::Nvfp4, Format::Nf4, Format::Mxfp4]
+        .into_iter()
+        .flat_map(move |f| shapes.iter().map(move |&(n, k)| (f, n, k)))
+        .map(move |(f, n, k)| {
+            let w = Tensor::from_vec(data(n * k, (n + wseed * k) as u64), (n, k), &Device::Cpu)
+                .unwrap();
+            let q = QTensor::quantize(&w, &QuantSpec::new(f)).unwrap();
+            (
+                f,
+                n,
+                k,
+                QLinear::new(q.to_device(dev).unwrap(), None).unwrap(),
+            )
+        })
+}
+
+/// `b` rows of `k` activations (`data` with seed `b * xseed + k`) of type `dt` on `dev`.
+fn gemv_input(dev: &Device, b: usize, k: usize, xseed: usize, dt: DType) -> Tensor {
+    Tensor::from_vec(data(b * k, (b * xseed + k) as u64), (b, k), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dt)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
 /// Split-K GEMVs (batches 1-16) sum their K slices either inside each block (the warps split K)
 /// or through a partial buffer and `gemv_reduce`: both add the same slices in the same order,
 /// so their outputs are identical bit for bit, and the warp split launches no reduction.
 #[test]
 fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
     let Some(dev) = gpu() else { return };
-    let specs = [
-        QuantSpec::new(Format::Nvfp4),
-        QuantSpec::new(Format::Nf4),
-        QuantSpec::new(Format::Mxfp4),
-    ];
     // (n, k): few row tiles and many steps (split K), rows not a multiple of 16, K not a
     // multiple of 128 (a partial last step).
     let shapes = [
-        (1000usize, 2560usize),
+        (1000, 2560),
         (64, 4096),
         (300, 1024),
         (77, 4160),
         (6144, 2560),
     ];
     let mut grid_reduces = 0;
-    for (spec, (n, k)) in specs
-        .iter()
-        .flat_map(|s| shapes.iter().map(move |&nk| (s, nk)))
-    {
-        let f = spec.format;
-        let w = Tensor::from_vec(data(n * k, (n + 5 * k) as u64), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, spec).unwrap();
-        let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+    for (f, n, k, layer) in gemv_layers(&dev, &shapes, 5) {
         for b in [1usize, 3, 8, 16] {
             for dt in [DType::F32, DType::BF16] {
-                let x = Tensor::from_vec(data(b * k, (b * 11 + k) as u64), (b, k), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
+                let x = gemv_input(&dev, b, k, 11, dt);
                 let gemv = q4::kernels::cuda::gemv::set_warp_split_for_tests;
                 let reduces = q4::kernels::cuda::gemv::reduce_launches;
                 gemv(Some(true));
@@ -653,39 +669,17 @@ fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
 #[test]
 fn gemv_activation_ring_is_bit_identical_with_global_loads() {
     let Some(dev) = gpu() else { return };
-    let specs = [
-        QuantSpec::new(Format::Nvfp4),
-        QuantSpec::new(Format::Nf4),
-        QuantSpec::new(Format::Mxfp4),
-    ];
-    let shapes = [
-        (1000usize, 2560usize),
-        (77, 4160),
-        (6144, 2560),
-        (300, 1024),
-    ];
+    let shapes = [(1000, 2560), (77, 4160), (6144, 2560), (300, 1024)];
     let ring = q4::kernels::cuda::gemv::set_xstage_for_tests;
     let staged = q4::kernels::cuda::gemv::staged_launches;
     let slices = q4::kernels::cuda::gemv::set_split_for_tests;
     q4::kernels::cuda::gemv::set_warp_split_for_tests(Some(false));
     let mut ran = 0;
-    for (spec, (n, k)) in specs
-        .iter()
-        .flat_map(|s| shapes.iter().map(move |&nk| (s, nk)))
-    {
-        let f = spec.format;
-        let w = Tensor::from_vec(data(n * k, (n + 3 * k) as u64), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, spec).unwrap();
-        let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+    for (f, n, k, layer) in gemv_layers(&dev, &shapes, 3) {
         for b in [3usize, 9, 16, 24, 33, 64] {
             for (dt, split) in [(DType::F32, 1), (DType::BF16, 3)] {
                 slices(Some(split));
-                let x = Tensor::from_vec(data(b * k, (b * 7 + k) as u64), (b, k), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(dt)
-                    .unwrap()
-                    .to_device(&dev)
-                    .unwrap();
+                let x = gemv_input(&dev, b, k, 7, dt);
                 ring(Some(0));
                 let before = staged();
                 let plain = bits_f32(&layer.forward(&x).unwrap());
