@@ -197,15 +197,9 @@ fn trigger() -> i64 {
         std::sync::LazyLock::new(|| knob("Q4_GEMV_TRIGGER").unwrap_or(2).clamp(0, 2));
     *T
 }
-/// Stages of the GEMV's shared-memory activation ring (`XSTAGE` in gemv.cu) for a kernel with
-/// `nt` N tiles and `warps` warps, or 0 for none: two, where it was measured faster than each
-/// warp loading its activations from global memory — the pair-table formats from two N tiles
-/// (batches 9-16; at four their 32 KiB table leaves no room), the arithmetic NVFP4 decode from
-/// eight (batches 33-64), and from four (17-32) in blocks of 8 warps (weights of 40 M and more).
-/// Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s20/`): NVFP4 batch 64
-/// 0.47x / 0.43x the time on 8192x8192 / 28672x4096, batch 32 0.78x / 0.82x, NF4 batch 16
-/// 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast or faster without
-/// it. `Q4_GEMV_XSTAGE` overrides: 0 off, 2-4 stages at every batch.
+/// Stages of the GEMV's shared-memory activation ring for a kernel with `nt` N tiles and
+/// `warps` warps ([`super::plan::gemv_ring_stages`]); `Q4_GEMV_XSTAGE` overrides: 0 off, 2-4
+/// stages at every batch.
 fn xstage(w: &QTensor, nt: usize, warps: usize) -> usize {
     static X: std::sync::LazyLock<Option<i64>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_XSTAGE"));
@@ -213,21 +207,7 @@ fn xstage(w: &QTensor, nt: usize, warps: usize) -> usize {
         0 => *X,
         forced => Some(i64::from(forced) - 1),
     };
-    let want = match set {
-        Some(v) if v <= 0 => return 0,
-        Some(v) => v.clamp(2, 4) as usize,
-        None if !arith(w) && nt >= 2 => 2,
-        None if nt >= 8 || (nt >= 4 && warps >= WARPS) => 2,
-        None => return 0,
-    };
-    (2..=want)
-        .rev()
-        .find(|&stages| {
-            super::plan::gemv_static_smem(!arith(w), warps, nt, false)
-                + super::plan::gemv_stage_smem(nt, stages)
-                <= super::plan::GEMV_STATIC_SMEM_LIMIT
-        })
-        .unwrap_or(0)
+    super::plan::gemv_ring_stages(!arith(w), nt, warps, warps >= WARPS, set)
 }
 /// 0: the plan decides; else the number of K slices.
 static SPLIT_FORCED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

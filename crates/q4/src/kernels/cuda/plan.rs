@@ -231,6 +231,38 @@ pub fn gemv_static_smem(pair_table: bool, warps: usize, nt: usize, warp_split: b
 pub fn gemv_stage_smem(nt: usize, stages: usize) -> usize {
     stages * nt * 8 * 128 * 2
 }
+/// Stages of the GEMV's shared-memory activation ring (`XSTAGE` in gemv.cu) for a kernel with
+/// `nt` N tiles and `warps` warps, or 0 for none: two, where it was measured faster than each
+/// warp loading its activations from global memory — the pair-table formats from two N tiles
+/// (batches 9-16; at four their 32 KiB table leaves no room), the arithmetic NVFP4 decode from
+/// eight (batches 33-64), and from four (17-32) in blocks of the large weights (`large`: 8 warps,
+/// 40 M weights and more). Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s20/`):
+/// NVFP4 batch 64 0.47x / 0.43x the time on 8192x8192 / 28672x4096, batch 32 0.78x / 0.82x, NF4
+/// batch 16 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast or faster
+/// without it. `set` (a knob) overrides: 0 or less off, else 2-4 stages at every batch. Never
+/// more stages than fit the static shared memory beside the kernel's tables.
+pub fn gemv_ring_stages(
+    pair_table: bool,
+    nt: usize,
+    warps: usize,
+    large: bool,
+    set: Option<i64>,
+) -> usize {
+    let want = match set {
+        Some(v) if v <= 0 => return 0,
+        Some(v) => v.clamp(2, 4) as usize,
+        None if pair_table && nt >= 2 => 2,
+        None if !pair_table && (nt >= 8 || (nt >= 4 && large)) => 2,
+        None => return 0,
+    };
+    (2..=want)
+        .rev()
+        .find(|&stages| {
+            gemv_static_smem(pair_table, warps, nt, false) + gemv_stage_smem(nt, stages)
+                <= GEMV_STATIC_SMEM_LIMIT
+        })
+        .unwrap_or(0)
+}
 /// The static shared memory a kernel may declare (48 KiB).
 pub const GEMV_STATIC_SMEM_LIMIT: usize = 48 << 10;
 
@@ -371,6 +403,30 @@ mod tests {
         assert!(ring(true, 2, 2) && ring(true, 2, 3) && !ring(true, 2, 4) && !ring(true, 4, 2));
         assert!(ring(false, 8, 2) && !ring(false, 8, 3) && ring(false, 4, 4));
         assert_eq!(gemv_stage_smem(2, 2), 8 << 10);
+    }
+
+    #[test]
+    fn gemv_ring_where_measured_faster_and_where_it_fits() {
+        // (pair table, N tiles, warps, large weights) -> stages by default.
+        let ring = |t, nt, w, large| gemv_ring_stages(t, nt, w, large, None);
+        // Pair-table formats: batches 9-16 only (no room beside the table at four N tiles).
+        assert_eq!(ring(true, 1, 8, true), 0);
+        assert_eq!(ring(true, 2, 8, true), 2);
+        assert_eq!(ring(true, 2, 8, false), 2);
+        assert_eq!(ring(true, 4, 8, true), 0);
+        // NVFP4 (arithmetic decode): batches 33-64, and 17-32 for large weights.
+        assert_eq!(ring(false, 1, 4, false), 0);
+        assert_eq!(ring(false, 2, 8, true), 0);
+        assert_eq!(ring(false, 4, 8, true), 2);
+        assert_eq!(ring(false, 4, 4, false), 0);
+        assert_eq!(ring(false, 8, 4, false), 2);
+        // The knob: off, or as many stages as asked where they fit.
+        assert_eq!(gemv_ring_stages(false, 8, 8, true, Some(0)), 0);
+        assert_eq!(gemv_ring_stages(false, 1, 8, true, Some(4)), 4);
+        assert_eq!(gemv_ring_stages(false, 8, 8, true, Some(4)), 2);
+        assert_eq!(gemv_ring_stages(true, 2, 8, true, Some(4)), 3);
+        assert_eq!(gemv_ring_stages(true, 4, 8, true, Some(3)), 0);
+        assert_eq!(gemv_ring_stages(false, 2, 8, true, Some(9)), 4);
     }
 
     #[test]
