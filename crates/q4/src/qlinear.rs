@@ -368,7 +368,7 @@ impl QLinear {
     /// `out = x Wᵀ (+ b)` written into `out`, a contiguous tensor shaped as [`Self::forward`]'s
     /// result, of `x`'s dtype and device; `out`'s storage is overwritten in place (as by
     /// [`Tensor::slice_set`], which other views of it see). On CUDA the fused GEMV (batches up
-    /// to 16, no bias, no activation quantization) writes it directly and allocates nothing,
+    /// to 64, no bias, no activation quantization) writes it directly and allocates nothing,
     /// so that a captured CUDA graph keeps its kernels adjacent (each GEMV then starts while
     /// the kernel before it finishes); everything else computes [`Self::forward`] and copies.
     pub fn forward_into(&self, x: &Tensor, out: &Tensor) -> Result<()> {

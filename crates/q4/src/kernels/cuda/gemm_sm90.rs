@@ -91,11 +91,7 @@ pub fn smem_bytes(stages: usize, tokens: usize) -> usize {
 pub fn enabled() -> bool {
     static ON: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| std::env::var("Q4_GEMM_FUSED").ok().is_none_or(|v| v != "0"));
-    match FORCED.load(std::sync::atomic::Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *ON,
-    }
+    FORCED.flag().unwrap_or(*ON)
 }
 
 thread_local! {
@@ -111,19 +107,13 @@ pub fn launches() -> usize {
     LAUNCHES.with(|c| c.get())
 }
 
-/// 0: the environment decides; 1: on; 2: off.
-static FORCED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static FORCED: super::util::TestOverride = super::util::TestOverride::new();
 
 /// Forces the fused kernel on or off (`None`: the environment decides), so that a test can
 /// compare it with the chunked path in one process.
 #[doc(hidden)]
 pub fn set_enabled_for_tests(on: Option<bool>) {
-    let v = match on {
-        None => 0,
-        Some(true) => 1,
-        Some(false) => 2,
-    };
-    FORCED.store(v, std::sync::atomic::Ordering::Relaxed);
+    FORCED.set_flag(on);
 }
 
 /// Whether this call can take the fused kernel: [`plan::gemm_wgmma_serves`], the

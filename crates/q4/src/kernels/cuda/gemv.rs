@@ -8,12 +8,11 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage};
 use candle_core::DType;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use super::dequant::{codebook_index, device_parts};
 use super::module_cache::{self, DeviceKernels};
 use super::util::{
-    device_ptr, empty_storage, knob, launch_ex, launched, storage_ptr, type_code, Act,
+    device_ptr, empty_storage, knob, launch_ex, launched, storage_ptr, type_code, Act, TestOverride,
 };
 use crate::error::Result;
 use crate::qtensor::QTensor;
@@ -104,26 +103,21 @@ fn item_cost(nt: usize) -> Option<usize> {
 pub fn warp_split() -> bool {
     static W: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_WSPLIT") != Some(0));
-    match WARP_SPLIT_FORCED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *W,
-    }
+    WARP_SPLIT_FORCED.flag().unwrap_or(*W)
 }
 
-/// 0: the environment decides; 1: on; 2: off.
-static WARP_SPLIT_FORCED: AtomicU8 = AtomicU8::new(0);
+static WARP_SPLIT_FORCED: TestOverride = TestOverride::new();
 
 /// Forces the warp split on or off (`None`: the environment decides), so that a test can compare
 /// it with the grid split in one process; forced on, it keeps the grid plan's number of slices
 /// (no halving), so that both add the same slices.
 #[doc(hidden)]
 pub fn set_warp_split_for_tests(on: Option<bool>) {
-    WARP_SPLIT_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
+    WARP_SPLIT_FORCED.set_flag(on);
 }
 
 fn warp_split_forced() -> bool {
-    WARP_SPLIT_FORCED.load(Ordering::Relaxed) == 1
+    WARP_SPLIT_FORCED.flag() == Some(true)
 }
 
 thread_local! {
@@ -158,22 +152,16 @@ fn imad_decode(nt: i64) -> bool {
 fn early_start(k: &DeviceKernels) -> bool {
     static P: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_PDL") != Some(0));
-    let on = match EARLY_START_FORCED.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => *P,
-    };
-    k.cc.0 >= 9 && on
+    k.cc.0 >= 9 && EARLY_START_FORCED.flag().unwrap_or(*P)
 }
 
-/// 0: the environment decides; 1: on; 2: off.
-static EARLY_START_FORCED: AtomicU8 = AtomicU8::new(0);
+static EARLY_START_FORCED: TestOverride = TestOverride::new();
 
 /// Forces the GEMV's early start on or off (`None`: the environment decides), so that a test can
 /// compare both in one process.
 #[doc(hidden)]
 pub fn set_early_start_for_tests(on: Option<bool>) {
-    EARLY_START_FORCED.store(on.map_or(0, |on| if on { 1 } else { 2 }), Ordering::Relaxed);
+    EARLY_START_FORCED.set_flag(on);
 }
 /// Whether `gemv_reduce` is launched early after its GEMV, like the GEMV itself: its launch
 /// then hides behind the GEMV's tail. Same-call A/B on the H100
@@ -203,39 +191,33 @@ fn trigger() -> i64 {
 fn xstage(w: &QTensor, nt: usize, warps: usize) -> usize {
     static X: std::sync::LazyLock<Option<i64>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_XSTAGE"));
-    let set = match XSTAGE_FORCED.load(Ordering::Relaxed) {
-        0 => *X,
-        forced => Some(i64::from(forced) - 1),
-    };
+    let set = XSTAGE_FORCED.get().map(|s| s as i64).or(*X);
     super::plan::gemv_ring_stages(!arith(w), nt, warps, warps >= WARPS, set)
 }
-/// 0: the plan decides; else the number of K slices.
-static SPLIT_FORCED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+static SPLIT_FORCED: TestOverride = TestOverride::new();
 
 /// Forces the number of K slices of the grid split (`None`: the plan decides), so that a test
 /// can compare kernels whose occupancy, and so whose plan, differs, with the same sums.
 #[doc(hidden)]
 pub fn set_split_for_tests(slices: Option<usize>) {
-    SPLIT_FORCED.store(slices.unwrap_or(0), Ordering::Relaxed);
+    SPLIT_FORCED.set(slices);
 }
 
 /// The forced number of K slices: the test's, else `Q4_GEMV_SPLIT` (kernel development).
 fn split_forced() -> Option<usize> {
     static S: std::sync::LazyLock<Option<usize>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_SPLIT").filter(|&s| s > 0).map(|s| s as usize));
-    Some(SPLIT_FORCED.load(Ordering::Relaxed))
-        .filter(|&s| s > 0)
-        .or(*S)
+    SPLIT_FORCED.get().filter(|&s| s > 0).or(*S)
 }
 
-/// 0: the environment decides; else the stages + 1 (1: off).
-static XSTAGE_FORCED: AtomicU8 = AtomicU8::new(0);
+static XSTAGE_FORCED: TestOverride = TestOverride::new();
 
 /// Forces the activation ring's stages (`Some(0)`: off; `None`: the environment decides), so
 /// that a test can compare staged and unstaged GEMVs in one process.
 #[doc(hidden)]
 pub fn set_xstage_for_tests(stages: Option<u8>) {
-    XSTAGE_FORCED.store(stages.map_or(0, |s| s.min(4) + 1), Ordering::Relaxed);
+    XSTAGE_FORCED.set(stages.map(|s| usize::from(s.min(4))));
 }
 
 thread_local! {
@@ -459,9 +441,10 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // 0, 16-byte aligned, checked by `supports`), scales one entry per block, x batch rows of k
     // operands, y batch*n outputs, partial split*batch*n f32 when split > 1; the kernel's
     // static shared memory (`plan::gemv_static_smem`: 33 KiB at most without KWARPS or the
-    // activation ring, checked above with either) is within the 48 KiB limit. Started early, it reads only the weight and
-    // its own tables before `pdl_wait` (a QTensor's device storage is complete once built: its
-    // constructors wait for the device) and writes nothing before it.
+    // activation ring, checked above with either) is within the 48 KiB limit. Started early,
+    // it reads only the weight and its own tables before `pdl_wait` (a QTensor's device storage
+    // is complete once built: its constructors wait for the device) and writes nothing before
+    // it.
     launched("gemv", unsafe {
         launch_ex(&stream, &func, cfg, &mut args, early_start(k))
     })?;

@@ -267,3 +267,37 @@ macro_rules! kernel_args {
         [$(($a) as *const _ as *mut ::std::ffi::c_void),*]
     };
 }
+
+/// A test's override of a setting that the environment or the plan otherwise decides, so that
+/// a test can compare both choices in one process: `None` (the default) leaves the decision
+/// alone. One atomic, readable from any thread.
+pub struct TestOverride(std::sync::atomic::AtomicUsize);
+
+impl TestOverride {
+    pub const fn new() -> Self {
+        Self(std::sync::atomic::AtomicUsize::new(0))
+    }
+
+    pub fn set(&self, value: Option<usize>) {
+        self.0.store(
+            value.map_or(0, |v| v + 1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub fn get(&self) -> Option<usize> {
+        self.0
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .checked_sub(1)
+    }
+
+    /// [`Self::set`] for an on / off switch.
+    pub fn set_flag(&self, on: Option<bool>) {
+        self.set(on.map(usize::from));
+    }
+
+    /// [`Self::get`] of an on / off switch.
+    pub fn flag(&self) -> Option<bool> {
+        self.get().map(|v| v != 0)
+    }
+}
