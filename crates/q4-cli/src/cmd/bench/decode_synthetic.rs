@@ -243,19 +243,29 @@ mod imp {
             unsafe { launch_ex(s, &func, cfg(1, 256, 0), &mut args, pdl) }?;
         }
         let mut delta: Option<Tensor> = None;
+        // The step's RMSNorm and attention kernels: those that load all their inputs at once
+        // (`add_rmsnorm8`, `attend_wide`), or with `Q4_BENCH_SIMPLE=1` the earlier ones that
+        // load one value or position after another (kept as the cross-check's reference).
+        let simple = simple_kernels();
         let add_norm = |delta: &Option<Tensor>, w: &Tensor, out: u64| -> Result<()> {
             if skipped("norm") {
                 return Ok(());
             }
-            let func = f("add_rmsnorm")?;
+            let (name, threads) = if simple {
+                ("add_rmsnorm", 512)
+            } else {
+                ("add_rmsnorm8", HIDDEN / 8)
+            };
+            let func = f(name)?;
             let dp = match delta {
                 Some(d) => device_ptr(d)?,
                 None => 0u64,
             };
             let wp = device_ptr(w)?;
             let mut args = q4::kernel_args![&resid, &dp, &wp, &out, &hidden, &eps];
-            // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null).
-            unsafe { launch_ex(s, &func, cfg(1, 512, 0), &mut args, pdl) }?;
+            // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null); add_rmsnorm8
+            // takes HIDDEN / 8 threads (HIDDEN a multiple of 256, 16-byte aligned buffers).
+            unsafe { launch_ex(s, &func, cfg(1, threads, 0), &mut args, pdl) }?;
             Ok(())
         };
         let pos = device_ptr(&m.pos)?;
@@ -278,12 +288,12 @@ mod imp {
                 unsafe { launch_ex(s, &func, cfg(HEADS + KV_HEADS, 64, 0), &mut args, pdl) }?;
             }
             if !skipped("attend") {
-                let func = f("attend")?;
+                let func = f(if simple { "attend" } else { "attend_wide" })?;
                 let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
                 let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
                 let mut args = q4::kernel_args![&qp, &kc, &vc, &pos, &attn, &hq, &hkv, &hd, &scale];
-                // SAFETY: q and attn hold HEADS * HEAD_DIM bf16; max_len floats of shared memory
-                // cover every position.
+                // SAFETY: q and attn hold HEADS * HEAD_DIM bf16 (HEAD_DIM 128, as both kernels
+                // need); max_len floats of shared memory cover every position.
                 unsafe { launch_ex(s, &func, cfg(HEADS, 256, max_len * 4), &mut args, pdl) }?;
             }
             let o = project(m, &l.o, &m.attn, &m.o_out)?;
@@ -308,6 +318,77 @@ mod imp {
             unsafe { launch_ex(s, &func, cfg(1, 1024, 0), &mut args, pdl) }?;
         }
         Ok(())
+    }
+
+    fn simple_kernels() -> bool {
+        std::env::var("Q4_BENCH_SIMPLE").as_deref() == Ok("1")
+    }
+
+    /// After a step: the last layer's attention output (`attn`, from `q` and its caches) and the
+    /// final norm's output (`h`, from `resid`) recomputed by the simple kernels must agree with
+    /// what the step's kernels wrote, to bf16 precision.
+    fn cross_check(gpu: &Gpu, m: &Model) -> Result<f32> {
+        let k = &gpu.kernels;
+        let f = |name: &str| k.function("bench", KERNELS, &[], name);
+        let s = &gpu.stream;
+        let pos = m.pos.to_vec1::<u32>()?[0];
+        anyhow::ensure!(pos > 0, "cross-check before any step");
+        let dev = m.pos.device();
+        let last = Tensor::from_vec(vec![pos - 1], 1, dev)?;
+        let (attn_ref, h_ref) = (m.attn.zeros_like()?, m.h.zeros_like()?);
+        let l = m.layers.last().context("no layers")?;
+        let (qp, kc, vc, lp, ap) = (
+            device_ptr(&m.q)?,
+            device_ptr(&l.k_cache)?,
+            device_ptr(&l.v_cache)?,
+            device_ptr(&last)?,
+            device_ptr(&attn_ref)?,
+        );
+        let (hq, hkv, hd) = (HEADS as i32, KV_HEADS as i32, HEAD_DIM as i32);
+        let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
+        let max_len = l.k_cache.dims()[0];
+        let mut args = q4::kernel_args![&qp, &kc, &vc, &lp, &ap, &hq, &hkv, &hd, &scale];
+        // SAFETY: as in `step`: q and attn_ref HEADS * HEAD_DIM bf16, caches max_len rows, the
+        // last position below max_len.
+        unsafe {
+            launch_ex(
+                s,
+                &f("attend")?,
+                cfg(HEADS, 256, max_len * 4),
+                &mut args,
+                false,
+            )
+        }?;
+        let (rp, np, hp, null) = (
+            device_ptr(&m.resid)?,
+            device_ptr(&m.norm)?,
+            device_ptr(&h_ref)?,
+            0u64,
+        );
+        let (hidden, eps) = (HIDDEN as i32, EPS);
+        let mut args = q4::kernel_args![&rp, &null, &np, &hp, &hidden, &eps];
+        // SAFETY: HIDDEN bf16 each; no delta, so resid is only read.
+        unsafe { launch_ex(s, &f("add_rmsnorm")?, cfg(1, 512, 0), &mut args, false) }?;
+        s.synchronize()?;
+        let mut worst = 0f32;
+        for (got, want, what) in [(&m.attn, &attn_ref, "attention"), (&m.h, &h_ref, "RMSNorm")] {
+            let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let scale = want
+                .iter()
+                .fold(0f32, |a, v| a.max(v.abs()))
+                .max(f32::MIN_POSITIVE);
+            let diff = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
+                / scale;
+            if diff.is_nan() || diff > 1e-2 {
+                bail!("the step's {what} kernel differs from the reference kernel: max |diff| {diff:.2e} of the largest value");
+            }
+            worst = worst.max(diff);
+        }
+        Ok(worst)
     }
 
     fn reset(m: &Model) -> Result<()> {
@@ -397,6 +478,10 @@ mod imp {
                 }
                 Ok(())
             })?;
+            if !skipped("attend") && !skipped("norm") {
+                let diff = cross_check(&gpu, &model)?;
+                tracing::info!("{name}: attention and RMSNorm agree with the reference kernels after the timed steps (max diff {diff:.1e} of the largest value)");
+            }
             let ms = t * 1e3;
             let base = *bf16_ms.get_or_insert(if format.is_none() { ms } else { f64::NAN });
             println!(

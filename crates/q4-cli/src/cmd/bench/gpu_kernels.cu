@@ -61,6 +61,47 @@ extern "C" __global__ void add_rmsnorm(u16* __restrict__ resid, const u16* __res
         out[i] = f32_to_bf16(bf16_to_f32(resid[i]) * inv * bf16_to_f32(w[i]));
 }
 
+// add_rmsnorm with each thread's 8 values held in registers: one 16-byte load of each input, one
+// block reduction, one store (no re-reads through L2). Block of n / 8 threads (n % 256 == 0).
+extern "C" __global__ void add_rmsnorm8(u16* __restrict__ resid, const u16* __restrict__ delta,
+                                        const u16* __restrict__ w, u16* __restrict__ out, int n, float eps) {
+    pdl_trigger();
+    pdl_wait();
+    __shared__ float sh[32];
+    const int i = threadIdx.x * 8;
+    const uint4 r = *(const uint4*)(resid + i);
+    const uint4 wv = *(const uint4*)(w + i);
+    const uint4 dv = delta != 0 ? *(const uint4*)(delta + i) : make_uint4(0, 0, 0, 0);
+    const u32 rw[4] = {r.x, r.y, r.z, r.w}, dw[4] = {dv.x, dv.y, dv.z, dv.w};
+    const u32 ww[4] = {wv.x, wv.y, wv.z, wv.w};
+    float v[8];
+    float ss = 0.0f;
+    u32 packed[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        float a = bf16_to_f32((u16)(rw[j] & 0xffffu)), b = bf16_to_f32((u16)(rw[j] >> 16));
+        if (delta != 0) {
+            // The residual is stored in bf16: continue with the rounded sum, as add_rmsnorm does.
+            a = bf16_to_f32(f32_to_bf16(a + bf16_to_f32((u16)(dw[j] & 0xffffu))));
+            b = bf16_to_f32(f32_to_bf16(b + bf16_to_f32((u16)(dw[j] >> 16))));
+        }
+        v[2 * j] = a;
+        v[2 * j + 1] = b;
+        packed[j] = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+        ss += a * a + b * b;
+    }
+    if (delta != 0) *(uint4*)(resid + i) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    const float inv = rsqrtf(block_sum(ss, sh) / (float)n + eps);
+    u32 o[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float a = v[2 * j] * inv * bf16_to_f32((u16)(ww[j] & 0xffffu));
+        const float b = v[2 * j + 1] * inv * bf16_to_f32((u16)(ww[j] >> 16));
+        o[j] = (u32)f32_to_bf16(a) | ((u32)f32_to_bf16(b) << 16);
+    }
+    *(uint4*)(out + i) = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
 // qkv = [q (hq*d) | k (hkv*d) | v (hkv*d)]: rotates q and k (NeoX halves) at position *pos,
 // writes q_out and appends k, v to the caches [max_len][hkv*d].
 extern "C" __global__ void rope_append(const u16* __restrict__ qkv, const float* __restrict__ inv_freq,
@@ -146,6 +187,108 @@ extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restri
     if (threadIdx.x < d) {
         float v = 0.0f;
         for (int w = 0; w < warps; w++) v += part[w][threadIdx.x];
+        out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
+    }
+}
+
+// `attend` with its loads issued together instead of one position after another (d == 128, one
+// block of 256 threads per q head). Scores: groups of 8 lanes take a key position each (lane j
+// holds dims 16j .. 16j+15 of q, pre-scaled, in registers) and 4 positions per group are loaded
+// before any is used; the softmax-weighted V rows likewise 4 positions per warp at a time.
+extern "C" __global__ void attend_wide(const u16* __restrict__ q, const u16* __restrict__ k_cache,
+                                       const u16* __restrict__ v_cache, const u32* __restrict__ pos,
+                                       u16* __restrict__ out, int hq, int hkv, int d, float scale) {
+    pdl_trigger();
+    pdl_wait();
+    extern __shared__ float sc[];
+    __shared__ float sh[32];
+    __shared__ float part[8][128];
+    const int head = blockIdx.x, kvh = head / (hq / hkv);
+    const int len = (int)(*pos) + 1;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int grp = threadIdx.x >> 3, j = threadIdx.x & 7;  // 32 groups of 8 lanes
+    const i64 row = (i64)hkv * d;
+    const u16* kbase = k_cache + (i64)kvh * d + 16 * j;
+    float qv[16];
+    {
+        const uint4 a = *(const uint4*)(q + (i64)head * d + 16 * j);
+        const uint4 b = *(const uint4*)(q + (i64)head * d + 16 * j + 8);
+        const u32 words[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            qv[2 * e] = bf16_to_f32((u16)(words[e] & 0xffffu)) * scale;
+            qv[2 * e + 1] = bf16_to_f32((u16)(words[e] >> 16)) * scale;
+        }
+    }
+    // Every lane runs the same iterations (the shuffles below take the whole warp).
+    for (int base = 0; base < len; base += 4 * 32) {
+        const int t0 = base + grp;
+        uint4 kv[4][2];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int t = t0 + 32 * u;
+            const u16* kr = kbase + (i64)(t < len ? t : 0) * row;
+            kv[u][0] = *(const uint4*)kr;
+            kv[u][1] = *(const uint4*)(kr + 8);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const u32 words[8] = {kv[u][0].x, kv[u][0].y, kv[u][0].z, kv[u][0].w,
+                                  kv[u][1].x, kv[u][1].y, kv[u][1].z, kv[u][1].w};
+            float s = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                s += qv[2 * e] * bf16_to_f32((u16)(words[e] & 0xffffu));
+                s += qv[2 * e + 1] * bf16_to_f32((u16)(words[e] >> 16));
+            }
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            s += __shfl_xor_sync(0xffffffffu, s, 4);
+            const int t = t0 + 32 * u;
+            if (j == 0 && t < len) sc[t] = s;
+        }
+    }
+    __syncthreads();
+    float m = -3.0e38f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) m = fmaxf(m, sc[t]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) sh[warp] = m;
+    __syncthreads();
+    m = sh[0];
+    for (int w = 1; w < 8; w++) m = fmaxf(m, sh[w]);
+    __syncthreads();
+    float z = 0.0f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        const float e = __expf(sc[t] - m);
+        sc[t] = e;
+        z += e;
+    }
+    z = block_sum(z, sh);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    const u16* vbase = v_cache + (i64)kvh * d + 4 * lane;
+    for (int t0 = warp; t0 < len; t0 += 4 * 8) {
+        uint2 vv[4];
+        float p[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int t = t0 + 8 * u;
+            vv[u] = *(const uint2*)(vbase + (i64)(t < len ? t : 0) * row);
+            p[u] = t < len ? sc[t] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            acc[0] += p[u] * bf16_to_f32((u16)(vv[u].x & 0xffffu));
+            acc[1] += p[u] * bf16_to_f32((u16)(vv[u].x >> 16));
+            acc[2] += p[u] * bf16_to_f32((u16)(vv[u].y & 0xffffu));
+            acc[3] += p[u] * bf16_to_f32((u16)(vv[u].y >> 16));
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) part[warp][4 * lane + e] = acc[e];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+        float v = 0.0f;
+        for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
         out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
     }
 }
