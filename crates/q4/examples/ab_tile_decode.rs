@@ -8,6 +8,8 @@
 //! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
 //! - `int8`: W4A8 (`ActQuant::Int8`) calls through the int8 kernel against the f32 kernels on
 //!   the activations' int8 round trip.
+//! - `vnni`: W4A8 calls above batch 8 through the AVX-512 VNNI tile kernel (`w4a8_vnni`)
+//!   against what ran before it (the AVX2 int8 kernel up to 16, the f32 kernels above).
 //! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts; NVFP4, or with `nf4` the
 //!   codebook one).
 //! - `amxpf`: the AMX tile decoders' prefetch of later rows on against off.
@@ -51,6 +53,8 @@ fn main() {
     // `int8`: W4A8 calls, the int8 kernel against the f32 kernels on the activations' int8
     // round trip.
     let int8 = mode == "int8";
+    // `vnni`: W4A8 calls, the VNNI tile kernel on against off.
+    let vnni = mode == "vnni";
     let amx = mode == "amx";
     // `amxpf`: the AMX tile decoders' prefetch of later rows on against off.
     let amx_prefetch = mode == "amxpf";
@@ -83,6 +87,9 @@ fn main() {
             q4::kernels::cpu::amx::set_enabled(on);
         } else if int8 {
             set_int8_max_batch(if on { usize::MAX } else { 0 });
+        } else if vnni {
+            #[cfg(target_arch = "x86_64")]
+            q4::kernels::cpu::w4a8_vnni::set_enabled(on);
         } else if nr4 {
             set_wide_tile_blocks(on);
         } else if let Some(max) = dot_max {
@@ -99,6 +106,8 @@ fn main() {
         println!("{format}: shape  batch  whole_rows_us  k_slices_us  ratio");
     } else if int8 {
         println!("{format} W4A8: shape  batch  int8_us  f32_us  ratio");
+    } else if vnni {
+        println!("{format} W4A8: shape  batch  vnni_tiles_us  before_us  ratio");
     } else if nr4 {
         println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
     } else if dot_max.is_some() {
@@ -114,7 +123,7 @@ fn main() {
             .map(|_| {
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
                 let lin = QLinear::new(q, None).unwrap();
-                if int8 {
+                if int8 || vnni {
                     lin.with_act_quant(ActQuant::Int8).unwrap()
                 } else {
                     lin

@@ -177,6 +177,17 @@ pub fn cpu_report() -> CpuReport {
                 kernel: cpu_kernel_name(kernel_for(batch, k)),
             });
         }
+        #[cfg(target_arch = "x86_64")]
+        if matches!(f, Format::Nvfp4 | Format::Mxfp4)
+            && crate::kernels::cpu::w4a8_vnni::host_usable()
+        {
+            kernels.push(CpuKernelRow {
+                format: f.name(),
+                batch: format!(">{GEMV_MAX_BATCH}, W4A8 (int8 activations)"),
+                kernel: "w4a8-vnni-tiles (16 rows decoded to bytes, one row per lane, \
+                         AVX-512 vpdpbusd; exact integer block sums)",
+            });
+        }
         // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4, and
         // MXFP4 where its E8M0 scales lie within 2^±90 (smaller ones would make subnormal
         // products, which the tile unit flushes). Codebook formats (NF4, bnb-FP4) go to it as

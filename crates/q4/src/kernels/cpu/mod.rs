@@ -19,6 +19,8 @@ pub mod prefetch;
 pub mod rows;
 pub mod w4a4;
 pub mod w4a8;
+#[cfg(target_arch = "x86_64")]
+pub mod w4a8_vnni;
 pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;

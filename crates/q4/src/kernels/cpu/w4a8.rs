@@ -220,6 +220,11 @@ pub const I8_PASSES_MAX_BATCH: usize = 12;
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
+    if batch > super::GEMV_MAX_BATCH && super::w4a8_vnni::usable(w) {
+        super::w4a8_vnni::matmul(w, &Int8Acts::quantize(x, w.k), batch, y);
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
     if batch <= int8_max_batch(w) && supported(w) && super::x86::available() {
         let mut yt = vec![0f32; w.n * batch];
         let xs = super::x86::Int8Layout::new(&Int8Acts::quantize(x, w.k), batch);

@@ -1,0 +1,504 @@
+//! W4A8 (see `w4a8`) above the GEMV's batches on AVX-512 VNNI hosts without the tile unit.
+//!
+//! The weight is decoded 16 rows at a time into bytes laid out for `vpdpbusd` with one output
+//! row per 32-bit lane: vector `v` of a group holds, in lane `l`, four weights of row `l` (`2w +
+//! 12`, unsigned). The activations are broadcast four at a time, so one instruction makes 64
+//! products and the sums stay in the lane of their row: no horizontal reduction, and a block's
+//! integer sum is converted and scaled once per 16 rows (per 16 or 32 weights of a row, as the
+//! format's blocks) instead of once per 64 products as in the dot-product kernels.
+//!
+//! Order: decoding a step of 64 weights transposes 16 rows x 8 dwords of codes, so that dword
+//! `q` (weights `8q .. 8q + 8`) of every row shares a vector; its low nibbles (weights `8q`,
+//! `8q + 2`, `8q + 4`, `8q + 6`) become one vector and its high nibbles the next. The
+//! activations are permuted the same way once per call (within each 8: even, then odd).
+//!
+//! Each block's integer sum is exact, so the result equals the f32 product with the dequantized
+//! activations up to f32 rounding, as for the other W4A8 kernels.
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::aligned::{AlignedBuf, AlignedVec};
+use super::parallel::for_each_index;
+use super::rows::{Rows, ScaleSrc};
+use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
+
+/// Output rows per group: one per 32-bit lane.
+const ROWS: usize = 16;
+/// Weights of a row per decode step (32 code bytes).
+const STEP: usize = 64;
+/// Added to twice the E2M1 value so the weight bytes are unsigned (0..=24), as `vpdpbusd`
+/// wants of its first operand; each block's sum starts from `-12` times the activations' sum.
+const W_OFFSET: i32 = 12;
+/// Activation rows per pass over a group's decoded weights (three accumulators each fit the 32
+/// vector registers).
+const PASS_ROWS: usize = 8;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns this kernel on or off (default on where [`usable`]), for same-process A/B
+/// measurements; off, W4A8 batches above 8 take the AVX2 int8 kernel up to 16 and the f32
+/// kernels on the activations' round trip above.
+#[doc(hidden)]
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// Whether this kernel runs `w`'s W4A8 products above the GEMV's batches: AVX-512 BW + VNNI
+/// present ([`super::avx512::vnni_usable`]), no usable AMX (whose tile GEMM serves those
+/// batches there), an E2M1 weight the int8 kernels take ([`super::w4a8::supported`]) with
+/// byte scales (NVFP4, MXFP4).
+pub fn usable(w: &Rows<'_>) -> bool {
+    host_usable() && super::w4a8::supported(w) && matches!(w.scales, ScaleSrc::Table { .. })
+}
+
+/// [`usable`]'s host half: on, AVX-512 BW + VNNI present, no usable AMX.
+pub fn host_usable() -> bool {
+    ENABLED.load(Ordering::Relaxed) && super::avx512::vnni_usable() && !super::amx::usable()
+}
+
+/// The activations as the kernel reads them.
+struct Acts {
+    /// `batch x k`, each 8 values reordered as `0 2 4 6 1 3 5 7`.
+    q: AlignedVec<i8>,
+    /// `batch x k / block`: `-12` times the sum of each weight block's activation codes.
+    corr: Vec<i32>,
+    /// `batch x k / 32` activation scales.
+    d: Vec<f32>,
+    k: usize,
+    block: usize,
+}
+
+impl Acts {
+    fn new(a: &Int8Acts, batch: usize, block: usize) -> Acts {
+        let k = a.k;
+        let mut q = AlignedVec::<i8>::zeroed(batch * k);
+        for (dst, src) in q
+            .as_mut_slice()
+            .chunks_exact_mut(8)
+            .zip(a.q.as_slice().chunks_exact(8))
+        {
+            for i in 0..4 {
+                dst[i] = src[2 * i];
+                dst[4 + i] = src[2 * i + 1];
+            }
+        }
+        let corr = a.q.as_slice()[..batch * k]
+            .chunks_exact(block)
+            .map(|b| -W_OFFSET * b.iter().map(|&v| i32::from(v)).sum::<i32>())
+            .collect();
+        Acts {
+            q,
+            corr,
+            d: a.d.clone(),
+            k,
+            block,
+        }
+    }
+}
+
+thread_local! {
+    /// One group's decoded weights (`16 * k` bytes) and block scales (`16` per block), kept
+    /// across calls: repeated forwards allocate nothing weight-sized.
+    static GROUP: RefCell<(AlignedBuf<u8>, AlignedBuf<f32>)> =
+        const { RefCell::new((AlignedBuf::new(), AlignedBuf::new())) };
+}
+
+/// `y[m, n] = sum_k q(x)[m, k] W[n, k]` (`batch x n`, row-major) for the quantized activations
+/// `x` of `batch` rows.
+///
+/// # Panics
+/// If `w` is not [`usable`] (the caller checks).
+pub fn matmul(w: &Rows<'_>, x: &Int8Acts, batch: usize, y: &mut [f32]) {
+    assert!(
+        usable(w),
+        "the VNNI W4A8 kernel does not take this weight here"
+    );
+    let ScaleSrc::Table { bytes, table } = w.scales else {
+        unreachable!("usable() checked the byte scales")
+    };
+    assert!(x.k == w.k && x.q.len() >= batch * w.k && y.len() == batch * w.n);
+    let (n, k) = (w.n, w.k);
+    let acts = Acts::new(x, batch, w.block);
+    let groups = n.div_ceil(ROWS);
+    // The pointer crosses threads as an address; each group writes only its own 16 columns.
+    let y_addr = y.as_mut_ptr() as usize;
+    for_each_index(groups, n * k * batch / 8, |g| {
+        GROUP.with_borrow_mut(|(wt, st)| {
+            let wt = wt.slice(ROWS * k);
+            let st = st.slice(ROWS * (k / w.block));
+            let r0 = g * ROWS;
+            let rows = ROWS.min(n - r0);
+            // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight of E2M1 codes, low nibble
+            // first, aligned rows whose length is a multiple of 64 and byte scales; rows
+            // r0 .. r0 + rows exist; `wt` and `st` have the sizes the decoder fills. The kernel
+            // reads those buffers and `acts` (batch rows of k values) and writes elements
+            // (m, r0 .. r0 + rows) of `y` (batch x n) only, disjoint from other groups'.
+            unsafe {
+                decode_group(w, bytes, table, r0, rows, wt, st);
+                let y = y_addr as *mut f32;
+                // The first pass asks for the next group's codes and scales (the rows that
+                // follow: a thread's groups are consecutive), so that its decode finds them in
+                // L2 instead of waiting on memory between the passes' arithmetic.
+                let next = if super::prefetch::enabled() && r0 + ROWS < n {
+                    let codes = w.codes.as_ptr().wrapping_add((r0 + ROWS) * w.row_bytes);
+                    let scales = bytes.as_ptr().wrapping_add((r0 + ROWS) * w.row_blocks);
+                    Some((codes, scales))
+                } else {
+                    None
+                };
+                let mut m0 = 0;
+                while m0 < batch {
+                    let mb = (batch - m0).min(PASS_ROWS);
+                    let pf = if m0 == 0 { next } else { None };
+                    run_pass(mb, w.block, wt, st, &acts, m0, y, n, r0, rows, pf);
+                    m0 += mb;
+                }
+            }
+        })
+    });
+}
+
+/// `2w + 12` for each E2M1 code, in every 128-bit lane (a `vpshufb` table).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn offset_table() -> __m512i {
+    let mut t = [0u8; 16];
+    for (o, &v) in t.iter_mut().zip(&E2M1_X2) {
+        *o = (i32::from(v) + W_OFFSET) as u8;
+    }
+    _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
+}
+
+/// Decodes weight rows `r0 .. r0 + rows` (1 to 16; lanes past them repeat the last row) into
+/// `wt` (`k / 4` vectors of 64 bytes, see the module doc) and their block scales into `st` (per
+/// block, 16 lanes).
+///
+/// # Safety
+/// AVX-512F/BW present; `w` passes `w4a8::supported`; rows `r0 .. r0 + rows` exist; `bytes` /
+/// `table` are `w`'s scales; `wt` holds `16 * k` bytes, 64-byte aligned, and `st` `16 * k /
+/// block` values, 64-byte aligned.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn decode_group(
+    w: &Rows<'_>,
+    bytes: &[u8],
+    table: &[f32; 256],
+    r0: usize,
+    rows: usize,
+    wt: &mut [u8],
+    st: &mut [f32],
+) {
+    let k = w.k;
+    debug_assert!((1..=ROWS).contains(&rows) && r0 + rows <= w.n && k.is_multiple_of(STEP));
+    debug_assert!(wt.len() >= ROWS * k && st.len() >= ROWS * (k / w.block));
+    debug_assert!(wt.as_ptr().align_offset(64) == 0 && st.as_ptr().align_offset(64) == 0);
+    let lut = offset_table();
+    let nibble = _mm512_set1_epi8(0x0f);
+    // Lanes past the last row repeat it: the kernel's stores leave them out.
+    let row = |l: usize| r0 + l.min(rows - 1);
+    let row_ptr: [*const u8; ROWS] =
+        std::array::from_fn(|l| w.codes.as_ptr().add(row(l) * w.row_bytes));
+    let load = |l: usize, c: usize| -> __m256i {
+        _mm256_loadu_si256(row_ptr[l].add(c * STEP / 2) as *const __m256i)
+    };
+    let out = wt.as_mut_ptr() as *mut __m512i;
+    for c in 0..k / STEP {
+        // z[p] = [row p | row p + 4] for p < 4, [row p + 4 | row p + 8] above: after the two
+        // in-lane unpack stages and one 128-bit lane shuffle, lane l holds row l.
+        let z: [__m512i; 8] = std::array::from_fn(|p| {
+            let (a, b) = if p < 4 { (p, p + 4) } else { (p + 4, p + 8) };
+            _mm512_inserti64x4(_mm512_castsi256_si512(load(a, c)), load(b, c), 1)
+        });
+        let lo32: [__m512i; 4] =
+            std::array::from_fn(|i| _mm512_unpacklo_epi32(z[2 * i], z[2 * i + 1]));
+        let hi32: [__m512i; 4] =
+            std::array::from_fn(|i| _mm512_unpackhi_epi32(z[2 * i], z[2 * i + 1]));
+        // v[h][i]: dword i (lanes 0, 2) and 4 + i (lanes 1, 3) of rows 0-7 (h = 0) or 8-15.
+        let v: [[__m512i; 4]; 2] = std::array::from_fn(|h| {
+            let (a, b) = (2 * h, 2 * h + 1);
+            [
+                _mm512_unpacklo_epi64(lo32[a], lo32[b]),
+                _mm512_unpackhi_epi64(lo32[a], lo32[b]),
+                _mm512_unpacklo_epi64(hi32[a], hi32[b]),
+                _mm512_unpackhi_epi64(hi32[a], hi32[b]),
+            ]
+        });
+        for (i, (&a, &b)) in v[0].iter().zip(&v[1]).enumerate() {
+            let q_lo = _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b);
+            let q_hi = _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b);
+            for (q, d) in [(i, q_lo), (4 + i, q_hi)] {
+                let low = _mm512_shuffle_epi8(lut, _mm512_and_si512(d, nibble));
+                let high =
+                    _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(d), nibble));
+                _mm512_store_si512(out.add(c * 16 + 2 * q), low);
+                _mm512_store_si512(out.add(c * 16 + 2 * q + 1), high);
+            }
+        }
+    }
+    // Scales: the bytes of four blocks of every lane's row in one gather of 32-bit words, then
+    // each byte through the table (a gather from it); a word may reach up to 3 bytes past the
+    // group's last row, so the last group of a tensor whose rows end short of that takes the
+    // scalar loop.
+    let (nb, rb) = (k / w.block, w.row_blocks);
+    let pad = (4 - nb % 4) % 4;
+    let base = bytes.as_ptr().add(r0 * rb);
+    if (r0 + rows) * rb + pad <= bytes.len() {
+        let offsets = _mm512_loadu_si512(
+            std::array::from_fn::<i32, ROWS, _>(|l| (l.min(rows - 1) * rb) as i32).as_ptr()
+                as *const __m512i,
+        );
+        let byte = _mm512_set1_epi32(0xff);
+        for j4 in (0..nb).step_by(4) {
+            let words = _mm512_i32gather_epi32::<1>(offsets, base.add(j4) as *const i32);
+            for i in 0..(nb - j4).min(4) {
+                let idx = _mm512_and_si512(
+                    _mm512_srlv_epi32(words, _mm512_set1_epi32(8 * i as i32)),
+                    byte,
+                );
+                let v = _mm512_i32gather_ps::<4>(idx, table.as_ptr());
+                _mm512_store_ps(st.as_mut_ptr().add((j4 + i) * ROWS), v);
+            }
+        }
+    } else {
+        for j in 0..nb {
+            for l in 0..ROWS {
+                let b = *base.add(l.min(rows - 1) * rb + j);
+                *st.get_unchecked_mut(j * ROWS + l) = *table.get_unchecked(b as usize);
+            }
+        }
+    }
+}
+
+/// The next group's code and scale bytes, for a pass to prefetch into L2 (any addresses: a
+/// prefetch never faults).
+type Prefetch = Option<(*const u8, *const u8)>;
+
+/// Dispatches [`pass`] on the number of activation rows (1-8) and the block size.
+///
+/// # Safety
+/// As [`pass`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn run_pass(
+    mb: usize,
+    block: usize,
+    wt: &[u8],
+    st: &[f32],
+    x: &Acts,
+    m0: usize,
+    y: *mut f32,
+    n: usize,
+    r0: usize,
+    rows: usize,
+    next: Prefetch,
+) {
+    macro_rules! go {
+        ($($m:literal)*) => {
+            match (mb, block) {
+                $(($m, 16) => pass::<$m, 2>(wt, st, x, m0, y, n, r0, rows, next),)*
+                $(($m, _) => pass::<$m, 1>(wt, st, x, m0, y, n, r0, rows, next),)*
+                _ => unreachable!("passes take 1-8 activation rows"),
+            }
+        };
+    }
+    go!(1 2 3 4 5 6 7 8)
+}
+
+/// Activation rows `m0 .. m0 + MB` times one decoded group into `y[(m0 + m) * n + r0 + l]`
+/// for lanes `l < rows`. `BPA` weight blocks per 32-value activation block: each block's
+/// integer sums (`vpdpbusd` from the `-12 x` correction) are converted and scaled by the
+/// weight scales, the block pair's sum by the activation scale.
+///
+/// # Safety
+/// AVX-512F/BW/VNNI present; `wt` / `st` hold a group decoded by [`decode_group`] for `x.k`
+/// and `x.block == 32 / BPA`; `x` holds at least `m0 + MB` rows; `y` is valid for `(m0 + MB) *
+/// n` values, `r0 + rows <= n`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn pass<const MB: usize, const BPA: usize>(
+    wt: &[u8],
+    st: &[f32],
+    x: &Acts,
+    m0: usize,
+    y: *mut f32,
+    n: usize,
+    r0: usize,
+    rows: usize,
+    next: Prefetch,
+) {
+    let k = x.k;
+    debug_assert!(x.block * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k);
+    debug_assert!(wt.len() >= ROWS * k && st.len() >= ROWS * (k / x.block));
+    let (nab, nwb) = (k / ACT_BLOCK, k / x.block);
+    // Vectors (four weights of 16 rows) per weight block; a constant, so that the loop over them
+    // unrolls and every activation load is a row pointer plus a fixed offset.
+    let per_block = 8 / BPA;
+    let wv = wt.as_ptr() as *const __m512i;
+    let xrow: [*const u8; MB] =
+        std::array::from_fn(|m| x.q.as_slice().as_ptr().add((m0 + m) * k) as *const u8);
+    let crow: [*const i32; MB] = std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb));
+    let drow: [*const f32; MB] = std::array::from_fn(|m| x.d.as_ptr().add((m0 + m) * nab));
+    let mut acc = [_mm512_setzero_ps(); MB];
+    for ab in 0..nab {
+        if let Some((codes, scales)) = next {
+            // 16 rows x 16 code bytes and 16 scale bytes (NVFP4) per 32 weights of a row: four
+            // code lines and half a scale line per iteration cover the group.
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T1>(codes.wrapping_add(256 * ab + 64 * line) as *const i8);
+            }
+            _mm_prefetch::<_MM_HINT_T1>(scales.wrapping_add(32 * ab) as *const i8);
+        }
+        let mut t = [_mm512_setzero_ps(); MB];
+        for jb in 0..BPA {
+            let j = ab * BPA + jb;
+            let mut sums: [__m512i; MB] =
+                std::array::from_fn(|m| _mm512_set1_epi32(*crow[m].add(j)));
+            for v in 0..per_block {
+                let at = j * per_block + v;
+                let wq = _mm512_load_si512(wv.add(at));
+                for m in 0..MB {
+                    let four = (xrow[m].add(4 * at) as *const i32).read_unaligned();
+                    sums[m] = _mm512_dpbusd_epi32(sums[m], wq, _mm512_set1_epi32(four));
+                }
+            }
+            let s = _mm512_load_ps(st.as_ptr().add(j * ROWS));
+            for m in 0..MB {
+                let p = _mm512_cvtepi32_ps(sums[m]);
+                t[m] = if jb == 0 {
+                    _mm512_mul_ps(p, s)
+                } else {
+                    _mm512_fmadd_ps(p, s, t[m])
+                };
+            }
+        }
+        for m in 0..MB {
+            acc[m] = _mm512_fmadd_ps(t[m], _mm512_set1_ps(*drow[m].add(ab)), acc[m]);
+        }
+    }
+    // The integer sums are twice the E2M1 products.
+    let half = _mm512_set1_ps(0.5);
+    let mask: __mmask16 = if rows == ROWS { !0 } else { (1u16 << rows) - 1 };
+    for m in 0..MB {
+        _mm512_mask_storeu_ps(y.add((m0 + m) * n + r0), mask, _mm512_mul_ps(acc[m], half));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Format, QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+    use proptest::prelude::*;
+
+    fn relative_error(got: &[f32], want: &[f32]) -> f32 {
+        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f32 = want.iter().map(|b| b * b).sum();
+        (num / den.max(f32::MIN_POSITIVE)).sqrt()
+    }
+
+    /// Whether this host should run the kernel (so that its tests cannot pass by skipping).
+    fn host_has_it() -> bool {
+        std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vnni")
+            && !super::super::amx::usable()
+            && std::env::var_os("Q4_AVX512").is_none_or(|v| v != "0")
+    }
+
+    /// `len` values uniform in `[-scale, scale)` from `seed` (xorshift), so a failing
+    /// proptest case replays.
+    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    /// The kernel against the f32 kernels on the dequantized activations, for one weight shape
+    /// and batch; `None` where the kernel is not usable on this host.
+    fn error(format: Format, n: usize, k: usize, batch: usize, seed: u64) -> Option<f32> {
+        let dev = Device::Cpu;
+        let w = Tensor::from_vec(values(seed, n * k, 0.05), (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+        let view = q.host_view().unwrap();
+        let rows = Rows::new(&view);
+        if !usable(&rows) {
+            assert!(!host_has_it(), "VNNI host, no AMX, yet the kernel declined");
+            return None;
+        }
+        let x = values(seed ^ 0x9e37_79b9, batch * k, 1.0);
+        let xq = Int8Acts::quantize(&x, k);
+        let mut got = vec![f32::NAN; batch * n];
+        matmul(&rows, &xq, batch, &mut got);
+        let mut want = vec![0f32; batch * n];
+        super::super::matmul(&view, &xq.dequantize(), batch, &mut want);
+        Some(relative_error(&got, &want))
+    }
+
+    /// Both E2M1 formats, row counts that leave a partial group, one and several decode steps,
+    /// batches that leave partial passes.
+    #[test]
+    fn vnni_tiles_match_the_dequantized_activations() {
+        for format in [Format::Nvfp4, Format::Mxfp4] {
+            for (n, k) in [
+                (37usize, 128usize),
+                (16, 64),
+                (5, 576),
+                (64, 1024),
+                (33, 2304),
+            ] {
+                for batch in [9, 12, 16, 17, 31, 64] {
+                    let Some(e) = error(format, n, k, batch, 7) else {
+                        return; // no VNNI (or AMX present) on this host
+                    };
+                    assert!(e < 1e-6, "{format} {n}x{k} batch {batch}: {e}");
+                }
+            }
+        }
+    }
+
+    /// A non-finite activation block reaches the outputs of its activation row, as in f32.
+    #[test]
+    fn non_finite_activations_propagate() {
+        let dev = Device::Cpu;
+        let (n, k, batch) = (20, 128, 10);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
+        let view = q.host_view().unwrap();
+        let rows = Rows::new(&view);
+        if !usable(&rows) {
+            assert!(!host_has_it(), "VNNI host, no AMX, yet the kernel declined");
+            return;
+        }
+        let mut x = vec![0.5f32; batch * k];
+        x[3 * k + 70] = f32::INFINITY;
+        let mut y = vec![0f32; batch * n];
+        matmul(&rows, &Int8Acts::quantize(&x, k), batch, &mut y);
+        for (m, row) in y.chunks_exact(n).enumerate() {
+            assert_eq!(row.iter().all(|v| v.is_nan()), m == 3, "row {m}");
+            assert!(m == 3 || row.iter().all(|v| v.is_finite()));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn agrees_with_the_reference_on_random_shapes(
+            n in 1usize..70,
+            steps in 1usize..12,
+            batch in 9usize..40,
+            mxfp4 in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            let format = if mxfp4 { Format::Mxfp4 } else { Format::Nvfp4 };
+            if let Some(e) = error(format, n, 64 * steps, batch, seed) {
+                prop_assert!(e < 1e-6, "{} {}x{} batch {}: {}", format, n, 64 * steps, batch, e);
+            }
+        }
+    }
+}
