@@ -53,10 +53,17 @@ pub fn usable(w: &Rows<'_>) -> bool {
     host_usable() && super::w4a8::supported(w) && matches!(w.scales, ScaleSrc::Table { .. })
 }
 
-/// [`usable`]'s host half: on, AVX-512 BW + VNNI present, no usable AMX.
+/// [`usable`]'s host half: on (not turned off by [`set_enabled`] or `Q4_W4A8_TILES=0`),
+/// AVX-512 BW + VNNI present, no usable AMX.
 pub fn host_usable() -> bool {
-    ENABLED.load(Ordering::Relaxed) && super::avx512::vnni_usable() && !super::amx::usable()
+    ENABLED.load(Ordering::Relaxed)
+        && !*ENV_OFF
+        && super::avx512::vnni_usable()
+        && !super::amx::usable()
 }
+
+static ENV_OFF: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("Q4_W4A8_TILES").is_some_and(|v| v == "0"));
 
 /// The activations as the kernel reads them.
 struct Acts {
@@ -403,6 +410,7 @@ mod tests {
             && std::is_x86_feature_detected!("avx512vnni")
             && !super::super::amx::usable()
             && std::env::var_os("Q4_AVX512").is_none_or(|v| v != "0")
+            && std::env::var_os("Q4_W4A8_TILES").is_none_or(|v| v != "0")
     }
 
     /// `len` values uniform in `[-scale, scale)` from `seed` (xorshift), so a failing
