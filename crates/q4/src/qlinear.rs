@@ -418,11 +418,18 @@ impl QLinear {
         let view = q
             .host_view()
             .ok_or_else(|| Error::msg("weight is not in host memory"))?;
-        let batch = x.dims2()?.0;
-        let mut xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let (batch, k) = x.dims2()?;
+        // The activations are read where they are (the caller made them contiguous f32 on the
+        // CPU); only the fallback, which rounds them in place, copies.
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Err(Error::msg("W4A8 activations are not in host memory"));
+        };
+        let xs = &cpu.as_slice::<f32>()?[layout.start_offset()..][..batch * k];
         let mut y = vec![0f32; batch * self.out_features];
         let rows = crate::kernels::cpu::Rows::new(&view);
-        if !crate::kernels::cpu::w4a8::matmul(&rows, &xs, batch, &mut y) {
+        if !crate::kernels::cpu::w4a8::matmul(&rows, xs, batch, &mut y) {
+            let mut xs = xs.to_vec();
             round_trip_in_place(&mut xs);
             crate::kernels::cpu::matmul(&view, &xs, batch, &mut y);
         }

@@ -1145,6 +1145,71 @@ pub unsafe fn rows_w8a8(
 /// [`super::w4a8::round_trip_in_place`] for one 32-value activation block: `x` replaced by
 /// `round(x * 127 / amax) * (amax / 127)`, bit for bit what the scalar `quantize_block` and its
 /// dequantization give (same products, truncation, exact fraction and half-away rounding), or
+/// `w4a8::quantize_block` for one block of 32 in AVX2 registers: writes the codes to `q` and
+/// returns the scale, bit for bit as the scalar form (NaN and zero codes for a block holding a
+/// non-finite value, scale 0 for an all-zero block).
+///
+/// # Safety
+/// AVX2 present.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> f32 {
+    let p = x.as_ptr();
+    let v = [
+        _mm256_loadu_ps(p),
+        _mm256_loadu_ps(p.add(8)),
+        _mm256_loadu_ps(p.add(16)),
+        _mm256_loadu_ps(p.add(24)),
+    ];
+    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let inf = _mm256_set1_ps(f32::INFINITY);
+    let mut amax = _mm256_setzero_ps();
+    let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for &vi in &v {
+        let a = _mm256_and_ps(vi, abs_mask);
+        finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
+        amax = _mm256_max_ps(amax, a);
+    }
+    if _mm256_movemask_ps(finite) != 0xff {
+        q.fill(0);
+        return f32::NAN;
+    }
+    let m4 = _mm_max_ps(
+        _mm256_castps256_ps128(amax),
+        _mm256_extractf128_ps::<1>(amax),
+    );
+    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    let m = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<0b01>(m2, m2)));
+    if m == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let pre = if m < super::w4a8::TINY_BLOCK {
+        super::w4a8::TINY_PRESCALE
+    } else {
+        1.0
+    };
+    let (pre_v, inv) = (_mm256_set1_ps(pre), _mm256_set1_ps(127.0 / (m * pre)));
+    let (half, neg_half) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
+    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
+    let r: [__m256i; 4] = std::array::from_fn(|k| {
+        let t = _mm256_mul_ps(_mm256_mul_ps(v[k], pre_v), inv);
+        let i = _mm256_cvttps_epi32(t);
+        let f = _mm256_sub_ps(t, _mm256_cvtepi32_ps(i));
+        let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half));
+        let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(f, neg_half));
+        let r = _mm256_add_epi32(_mm256_sub_epi32(i, up), down);
+        _mm256_min_epi32(_mm256_max_epi32(r, lo), hi)
+    });
+    // The packs interleave 128-bit lanes: dwords come out as r0a r1a r2a r3a r0b r1b r2b r3b.
+    let bytes = _mm256_packs_epi16(
+        _mm256_packs_epi32(r[0], r[1]),
+        _mm256_packs_epi32(r[2], r[3]),
+    );
+    let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(q.as_mut_ptr() as *mut __m256i, ordered);
+    m / 127.0
+}
+
 /// NaN for a block holding a non-finite value and zeros for an all-zero block.
 ///
 /// # Safety
