@@ -12,6 +12,10 @@
 //! `8q + 2`, `8q + 4`, `8q + 6`) become one vector and its high nibbles the next. The
 //! activations are permuted the same way once per call (within each 8: even, then odd).
 //!
+//! A group is decoded and multiplied in K slices of [`K_SLICE`] weights, so that the decoded slice
+//! and a pass's activations stay in L1 across the passes (8 activation rows each) over it; the
+//! first pass over a slice prefetches the codes the decoder reads next.
+//!
 //! Each block's integer sum is exact, so the result equals the f32 product with the dequantized
 //! activations up to f32 rounding, as for the other W4A8 kernels.
 
@@ -34,6 +38,9 @@ const W_OFFSET: i32 = 12;
 /// Activation rows per pass over a group's decoded weights (three accumulators each fit the 32
 /// vector registers).
 const PASS_ROWS: usize = 8;
+/// Weights of a row per K slice: a group's slice decoded (16 KiB of bytes, 4 KiB of scales)
+/// and a pass's activations (8 KiB) stay in the 48 KiB L1 across the passes over it.
+const K_SLICE: usize = 1024;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -106,10 +113,11 @@ impl Acts {
 }
 
 thread_local! {
-    /// One group's decoded weights (`16 * k` bytes) and block scales (`16` per block), kept
-    /// across calls: repeated forwards allocate nothing weight-sized.
-    static GROUP: RefCell<(AlignedBuf<u8>, AlignedBuf<f32>)> =
-        const { RefCell::new((AlignedBuf::new(), AlignedBuf::new())) };
+    /// One group's decoded K slice (`16 * K_SLICE` bytes), its block scales (`16` per block)
+    /// and the group's partial sums (`16` per activation row), kept across calls: repeated
+    /// forwards allocate nothing weight-sized.
+    static GROUP: RefCell<(AlignedBuf<u8>, AlignedBuf<f32>, AlignedBuf<f32>)> =
+        const { RefCell::new((AlignedBuf::new(), AlignedBuf::new(), AlignedBuf::new())) };
 }
 
 /// `y[m, n] = sum_k q(x)[m, k] W[n, k]` (`batch x n`, row-major) for the quantized activations
@@ -122,7 +130,7 @@ pub fn matmul(w: &Rows<'_>, x: &Int8Acts, batch: usize, y: &mut [f32]) {
         usable(w),
         "the VNNI W4A8 kernel does not take this weight here"
     );
-    let ScaleSrc::Table { bytes, table } = w.scales else {
+    let ScaleSrc::Table { bytes, .. } = w.scales else {
         unreachable!("usable() checked the byte scales")
     };
     assert!(x.k == w.k && x.q.len() >= batch * w.k && y.len() == batch * w.n);
@@ -132,39 +140,112 @@ pub fn matmul(w: &Rows<'_>, x: &Int8Acts, batch: usize, y: &mut [f32]) {
     // The pointer crosses threads as an address; each group writes only its own 16 columns.
     let y_addr = y.as_mut_ptr() as usize;
     for_each_index(groups, n * k * batch / 8, |g| {
-        GROUP.with_borrow_mut(|(wt, st)| {
-            let wt = wt.slice(ROWS * k);
-            let st = st.slice(ROWS * (k / w.block));
+        GROUP.with_borrow_mut(|(wt, st, acc)| {
+            let kmax = K_SLICE.min(k);
+            let wt = wt.slice(ROWS * kmax);
+            let st = st.slice(ROWS * (kmax / w.block));
+            let acc = acc.slice(ROWS * batch.next_multiple_of(PASS_ROWS));
             let r0 = g * ROWS;
             let rows = ROWS.min(n - r0);
-            // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight of E2M1 codes, low nibble
-            // first, aligned rows whose length is a multiple of 64 and byte scales; rows
-            // r0 .. r0 + rows exist; `wt` and `st` have the sizes the decoder fills. The kernel
-            // reads those buffers and `acts` (batch rows of k values) and writes elements
-            // (m, r0 .. r0 + rows) of `y` (batch x n) only, disjoint from other groups'.
-            unsafe {
-                decode_group(w, bytes, table, r0, rows, wt, st);
-                let y = y_addr as *mut f32;
-                // The first pass asks for the next group's codes and scales (the rows that
-                // follow: a thread's groups are consecutive), so that its decode finds them in
-                // L2 instead of waiting on memory between the passes' arithmetic.
-                let next = if super::prefetch::enabled() && r0 + ROWS < n {
-                    let codes = w.codes.as_ptr().wrapping_add((r0 + ROWS) * w.row_bytes);
-                    let scales = bytes.as_ptr().wrapping_add((r0 + ROWS) * w.row_blocks);
-                    Some((codes, scales))
+            let pf = super::prefetch::enabled();
+            let mut k0 = 0;
+            while k0 < k {
+                let kw = K_SLICE.min(k - k0);
+                let last = k0 + kw == k;
+                // The first pass over a slice asks for the codes and scales the decoder reads
+                // next: the same rows' next slice, or after the last one the next group's first
+                // (the rows that follow: a thread's groups are consecutive).
+                let next = if !pf {
+                    None
+                } else if !last {
+                    Some(NextSlice::of(
+                        w,
+                        bytes,
+                        r0,
+                        k0 + kw,
+                        K_SLICE.min(k - k0 - kw),
+                    ))
+                } else if r0 + ROWS < n {
+                    Some(NextSlice::of(w, bytes, r0 + ROWS, 0, kmax))
                 } else {
                     None
                 };
-                let mut m0 = 0;
-                while m0 < batch {
-                    let mb = (batch - m0).min(PASS_ROWS);
-                    let pf = if m0 == 0 { next } else { None };
-                    run_pass(mb, w.block, wt, st, &acts, m0, y, n, r0, rows, pf);
-                    m0 += mb;
+                // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight of E2M1 codes, low
+                // nibble first, aligned rows whose length is a multiple of 64 and byte scales;
+                // rows r0 .. r0 + rows exist and k0 + kw <= k; `wt`, `st` and `acc` have the
+                // sizes the decoder and the passes use. The passes read those buffers and
+                // `acts` (batch rows of k values) and on the last slice write elements
+                // (m, r0 .. r0 + rows) of `y` (batch x n) only, disjoint from other groups'.
+                unsafe {
+                    decode_group(w, r0, rows, k0, kw, wt, st);
+                    let out = last.then_some(Output {
+                        y: y_addr as *mut f32,
+                        n,
+                        r0,
+                        rows,
+                    });
+                    let mut m0 = 0;
+                    while m0 < batch {
+                        let mb = (batch - m0).min(PASS_ROWS);
+                        let slice = Slice {
+                            k0,
+                            kw,
+                            first: k0 == 0,
+                        };
+                        let pf = if m0 == 0 { next } else { None };
+                        let acc = acc.as_mut_ptr().add(m0 * ROWS);
+                        run_pass(mb, w.block, wt, st, &acts, m0, slice, acc, out, pf);
+                        m0 += mb;
+                    }
                 }
+                k0 += kw;
             }
         })
     });
+}
+
+/// The part of K a pass covers; `first` starts its sums from zero instead of the buffer.
+#[derive(Clone, Copy)]
+struct Slice {
+    k0: usize,
+    kw: usize,
+    first: bool,
+}
+
+/// Where a pass over the last slice stores its rows: `y[m * n + r0 + l]`, lanes `l < rows`.
+#[derive(Clone, Copy)]
+struct Output {
+    y: *mut f32,
+    n: usize,
+    r0: usize,
+    rows: usize,
+}
+
+/// The 16 rows' codes and scales for a slice the decoder reads next, for a pass to prefetch
+/// into L2 (any addresses: a prefetch never faults): four code lines per 32 weights of the
+/// pass's slice, rows one after another, and each row's scale line early on.
+#[derive(Clone, Copy)]
+struct NextSlice {
+    codes: *const u8,
+    row_bytes: usize,
+    scales: *const u8,
+    row_blocks: usize,
+    /// Code lines per row of the slice.
+    lines: usize,
+}
+
+impl NextSlice {
+    fn of(w: &Rows<'_>, bytes: &[u8], r0: usize, k0: usize, kw: usize) -> NextSlice {
+        NextSlice {
+            codes: w.codes.as_ptr().wrapping_add(r0 * w.row_bytes + k0 / 2),
+            row_bytes: w.row_bytes,
+            scales: bytes
+                .as_ptr()
+                .wrapping_add(r0 * w.row_blocks + k0 / w.block),
+            row_blocks: w.row_blocks,
+            lines: (kw / 128).max(1),
+        }
+    }
 }
 
 /// `2w + 12` for each E2M1 code, in every 128-bit lane (a `vpshufb` table).
@@ -178,39 +259,42 @@ unsafe fn offset_table() -> __m512i {
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
 }
 
-/// Decodes weight rows `r0 .. r0 + rows` (1 to 16; lanes past them repeat the last row) into
-/// `wt` (`k / 4` vectors of 64 bytes, see the module doc) and their block scales into `st` (per
-/// block, 16 lanes).
+/// Decodes weights `k0 .. k0 + kw` of rows `r0 .. r0 + rows` (1 to 16; lanes past them repeat
+/// the last row) into `wt` (`kw / 4` vectors of 64 bytes, see the module doc) and their block
+/// scales into `st` (per block, 16 lanes).
 ///
 /// # Safety
-/// AVX-512F/BW present; `w` passes `w4a8::supported`; rows `r0 .. r0 + rows` exist; `bytes` /
-/// `table` are `w`'s scales; `wt` holds `16 * k` bytes, 64-byte aligned, and `st` `16 * k /
-/// block` values, 64-byte aligned.
+/// AVX-512F/BW present; `w` passes `w4a8::supported` and has byte scales; rows `r0 .. r0 +
+/// rows` exist; `k0` and `kw` are multiples of 64 with `k0 + kw <= k`; `wt` holds
+/// `16 * kw` bytes, 64-byte aligned, and `st` `16 * kw / block` values, 64-byte aligned.
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn decode_group(
     w: &Rows<'_>,
-    bytes: &[u8],
-    table: &[f32; 256],
     r0: usize,
     rows: usize,
+    k0: usize,
+    kw: usize,
     wt: &mut [u8],
     st: &mut [f32],
 ) {
-    let k = w.k;
-    debug_assert!((1..=ROWS).contains(&rows) && r0 + rows <= w.n && k.is_multiple_of(STEP));
-    debug_assert!(wt.len() >= ROWS * k && st.len() >= ROWS * (k / w.block));
+    let ScaleSrc::Table { bytes, table } = w.scales else {
+        unreachable!("the caller checked the byte scales")
+    };
+    debug_assert!((1..=ROWS).contains(&rows) && r0 + rows <= w.n);
+    debug_assert!(k0.is_multiple_of(STEP) && kw.is_multiple_of(STEP) && k0 + kw <= w.k);
+    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / w.block));
     debug_assert!(wt.as_ptr().align_offset(64) == 0 && st.as_ptr().align_offset(64) == 0);
     let lut = offset_table();
     let nibble = _mm512_set1_epi8(0x0f);
     // Lanes past the last row repeat it: the kernel's stores leave them out.
     let row = |l: usize| r0 + l.min(rows - 1);
     let row_ptr: [*const u8; ROWS] =
-        std::array::from_fn(|l| w.codes.as_ptr().add(row(l) * w.row_bytes));
+        std::array::from_fn(|l| w.codes.as_ptr().add(row(l) * w.row_bytes + k0 / 2));
     let load = |l: usize, c: usize| -> __m256i {
         _mm256_loadu_si256(row_ptr[l].add(c * STEP / 2) as *const __m256i)
     };
     let out = wt.as_mut_ptr() as *mut __m512i;
-    for c in 0..k / STEP {
+    for c in 0..kw / STEP {
         // z[p] = [row p | row p + 4] for p < 4, [row p + 4 | row p + 8] above: after the two
         // in-lane unpack stages and one 128-bit lane shuffle, lane l holds row l.
         let z: [__m512i; 8] = std::array::from_fn(|p| {
@@ -247,10 +331,10 @@ unsafe fn decode_group(
     // each byte through the table (a gather from it); a word may reach up to 3 bytes past the
     // group's last row, so the last group of a tensor whose rows end short of that takes the
     // scalar loop.
-    let (nb, rb) = (k / w.block, w.row_blocks);
+    let (nb, rb) = (kw / w.block, w.row_blocks);
     let pad = (4 - nb % 4) % 4;
-    let base = bytes.as_ptr().add(r0 * rb);
-    if (r0 + rows) * rb + pad <= bytes.len() {
+    let base = bytes.as_ptr().add(r0 * rb + k0 / w.block);
+    if (r0 + rows - 1) * rb + k0 / w.block + nb + pad <= bytes.len() {
         let offsets = _mm512_loadu_si512(
             std::array::from_fn::<i32, ROWS, _>(|l| (l.min(rows - 1) * rb) as i32).as_ptr()
                 as *const __m512i,
@@ -277,10 +361,6 @@ unsafe fn decode_group(
     }
 }
 
-/// The next group's code and scale bytes, for a pass to prefetch into L2 (any addresses: a
-/// prefetch never faults).
-type Prefetch = Option<(*const u8, *const u8)>;
-
 /// Dispatches [`pass`] on the number of activation rows (1-8) and the block size.
 ///
 /// # Safety
@@ -294,17 +374,16 @@ unsafe fn run_pass(
     st: &[f32],
     x: &Acts,
     m0: usize,
-    y: *mut f32,
-    n: usize,
-    r0: usize,
-    rows: usize,
-    next: Prefetch,
+    slice: Slice,
+    acc: *mut f32,
+    out: Option<Output>,
+    next: Option<NextSlice>,
 ) {
     macro_rules! go {
         ($($m:literal)*) => {
             match (mb, block) {
-                $(($m, 16) => pass::<$m, 2>(wt, st, x, m0, y, n, r0, rows, next),)*
-                $(($m, _) => pass::<$m, 1>(wt, st, x, m0, y, n, r0, rows, next),)*
+                $(($m, 16) => pass::<$m, 2>(wt, st, x, m0, slice, acc, out, next),)*
+                $(($m, _) => pass::<$m, 1>(wt, st, x, m0, slice, acc, out, next),)*
                 _ => unreachable!("passes take 1-8 activation rows"),
             }
         };
@@ -312,15 +391,16 @@ unsafe fn run_pass(
     go!(1 2 3 4 5 6 7 8)
 }
 
-/// Activation rows `m0 .. m0 + MB` times one decoded group into `y[(m0 + m) * n + r0 + l]`
-/// for lanes `l < rows`. `BPA` weight blocks per 32-value activation block: each block's
-/// integer sums (`vpdpbusd` from the `-12 x` correction) are converted and scaled by the
-/// weight scales, the block pair's sum by the activation scale.
+/// Activation rows `m0 .. m0 + MB` times one decoded K slice of a group. The sums start from
+/// zero on the first slice, else from `acc` (16 per row), and go back to `acc`, or on the last
+/// slice (`out`) to the output. `BPA` weight blocks per 32-value activation block: each block's
+/// integer sums (`vpdpbusd` from the `-12 x` correction) are converted and scaled by the weight
+/// scales, the block pair's sum by the activation scale.
 ///
 /// # Safety
-/// AVX-512F/BW/VNNI present; `wt` / `st` hold a group decoded by [`decode_group`] for `x.k`
-/// and `x.block == 32 / BPA`; `x` holds at least `m0 + MB` rows; `y` is valid for `(m0 + MB) *
-/// n` values, `r0 + rows <= n`.
+/// AVX-512F/BW/VNNI present; `wt` / `st` hold the slice decoded by [`decode_group`] and
+/// `x.block == 32 / BPA`; `x` holds at least `m0 + MB` rows of `x.k >= k0 + kw` values; `acc`
+/// is valid for `16 * MB` values; `out.y` is valid for `(m0 + MB) * n` values, `r0 + rows <= n`.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn pass<const MB: usize, const BPA: usize>(
@@ -328,33 +408,51 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
     st: &[f32],
     x: &Acts,
     m0: usize,
-    y: *mut f32,
-    n: usize,
-    r0: usize,
-    rows: usize,
-    next: Prefetch,
+    slice: Slice,
+    accp: *mut f32,
+    out: Option<Output>,
+    next: Option<NextSlice>,
 ) {
     let k = x.k;
-    debug_assert!(x.block * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k);
-    debug_assert!(wt.len() >= ROWS * k && st.len() >= ROWS * (k / x.block));
+    let Slice { k0, kw, first } = slice;
+    debug_assert!(x.block * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
+    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / x.block));
     let (nab, nwb) = (k / ACT_BLOCK, k / x.block);
     // Vectors (four weights of 16 rows) per weight block; a constant, so that the loop over them
     // unrolls and every activation load is a row pointer plus a fixed offset.
     let per_block = 8 / BPA;
     let wv = wt.as_ptr() as *const __m512i;
+    // Rows of the activations, their corrections and scales, from the slice's start.
     let xrow: [*const u8; MB] =
-        std::array::from_fn(|m| x.q.as_slice().as_ptr().add((m0 + m) * k) as *const u8);
-    let crow: [*const i32; MB] = std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb));
-    let drow: [*const f32; MB] = std::array::from_fn(|m| x.d.as_ptr().add((m0 + m) * nab));
-    let mut acc = [_mm512_setzero_ps(); MB];
-    for ab in 0..nab {
-        if let Some((codes, scales)) = next {
-            // 16 rows x 16 code bytes and 16 scale bytes (NVFP4) per 32 weights of a row: four
-            // code lines and half a scale line per iteration cover the group.
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T1>(codes.wrapping_add(256 * ab + 64 * line) as *const i8);
+        std::array::from_fn(|m| x.q.as_slice().as_ptr().add((m0 + m) * k + k0) as *const u8);
+    let crow: [*const i32; MB] =
+        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb + k0 / x.block));
+    let drow: [*const f32; MB] =
+        std::array::from_fn(|m| x.d.as_ptr().add((m0 + m) * nab + k0 / ACT_BLOCK));
+    let mut acc: [__m512; MB] = std::array::from_fn(|m| {
+        if first {
+            _mm512_setzero_ps()
+        } else {
+            _mm512_load_ps(accp.add(m * ROWS))
+        }
+    });
+    let (mut pr, mut pl) = (0usize, 0usize);
+    for ab in 0..kw / ACT_BLOCK {
+        if let Some(nx) = next {
+            for _ in 0..4 {
+                if pr < ROWS {
+                    let line = nx.codes.wrapping_add(pr * nx.row_bytes + 64 * pl);
+                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+                    pl += 1;
+                    if pl == nx.lines {
+                        (pr, pl) = (pr + 1, 0);
+                    }
+                }
             }
-            _mm_prefetch::<_MM_HINT_T1>(scales.wrapping_add(32 * ab) as *const i8);
+            if ab < ROWS {
+                let line = nx.scales.wrapping_add(ab * nx.row_blocks);
+                _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
+            }
         }
         let mut t = [_mm512_setzero_ps(); MB];
         for jb in 0..BPA {
@@ -383,11 +481,20 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
             acc[m] = _mm512_fmadd_ps(t[m], _mm512_set1_ps(*drow[m].add(ab)), acc[m]);
         }
     }
-    // The integer sums are twice the E2M1 products.
-    let half = _mm512_set1_ps(0.5);
-    let mask: __mmask16 = if rows == ROWS { !0 } else { (1u16 << rows) - 1 };
-    for m in 0..MB {
-        _mm512_mask_storeu_ps(y.add((m0 + m) * n + r0), mask, _mm512_mul_ps(acc[m], half));
+    match out {
+        None => {
+            for m in 0..MB {
+                _mm512_store_ps(accp.add(m * ROWS), acc[m]);
+            }
+        }
+        Some(Output { y, n, r0, rows }) => {
+            // The integer sums are twice the E2M1 products.
+            let half = _mm512_set1_ps(0.5);
+            let mask: __mmask16 = if rows == ROWS { !0 } else { (1u16 << rows) - 1 };
+            for m in 0..MB {
+                _mm512_mask_storeu_ps(y.add((m0 + m) * n + r0), mask, _mm512_mul_ps(acc[m], half));
+            }
+        }
     }
 }
 
