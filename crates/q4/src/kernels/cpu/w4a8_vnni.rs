@@ -12,7 +12,7 @@
 //! `8q + 2`, `8q + 4`, `8q + 6`) become one vector and its high nibbles the next. The
 //! activations are permuted the same way once per call (within each 8: even, then odd).
 //!
-//! A group is decoded and multiplied in K slices of [`K_SLICE`] weights, so that the decoded slice
+//! A group is decoded and multiplied in K slices of 1024 weights, so that the decoded slice
 //! and a pass's activations stay in L1 across the passes (8 activation rows each) over it; the
 //! first pass over a slice prefetches the codes the decoder reads next.
 //!
