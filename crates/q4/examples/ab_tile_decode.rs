@@ -8,8 +8,9 @@
 //! - `nr4`: the dot-product micro-kernel's 3 x 4 blocks against 3 x 3.
 //! - `int8`: W4A8 (`ActQuant::Int8`) calls through the int8 kernel against the f32 kernels on
 //!   the activations' int8 round trip.
-//! - `vnni`: W4A8 calls above batch 8 through the AVX-512 VNNI tile kernel (`w4a8_vnni`)
-//!   against what ran before it (the AVX2 int8 kernel up to 16, the f32 kernels above).
+//! - `vnni`: W4A8 calls through the AVX-512 VNNI tile kernel (`w4a8_vnni`, from its smallest
+//!   batch, or `Q4_VNNI_MIN_BATCH`) against what ran before it (the AVX2 int8 kernel up to 16,
+//!   the f32 kernels above).
 //! - `amx`: the AMX tile GEMM against the AVX2 kernels (AMX hosts; NVFP4, or with `nf4` the
 //!   codebook one).
 //! - `amxpf`: the AMX tile decoders' prefetch of later rows on against off.
@@ -89,7 +90,16 @@ fn main() {
             set_int8_max_batch(if on { usize::MAX } else { 0 });
         } else if vnni {
             #[cfg(target_arch = "x86_64")]
-            q4::kernels::cpu::w4a8_vnni::set_enabled(on);
+            {
+                q4::kernels::cpu::w4a8_vnni::set_enabled(on);
+                // `Q4_VNNI_MIN_BATCH`: try the kernel below its default smallest batch.
+                if let Some(b) = std::env::var("Q4_VNNI_MIN_BATCH")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    q4::kernels::cpu::w4a8_vnni::set_min_batch(b);
+                }
+            }
         } else if nr4 {
             set_wide_tile_blocks(on);
         } else if let Some(max) = dot_max {

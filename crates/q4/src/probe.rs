@@ -183,7 +183,10 @@ pub fn cpu_report() -> CpuReport {
         {
             kernels.push(CpuKernelRow {
                 format: f.name(),
-                batch: format!(">{GEMV_MAX_BATCH}, W4A8 (int8 activations)"),
+                batch: format!(
+                    ">={}, W4A8 (int8 activations)",
+                    crate::kernels::cpu::w4a8_vnni::MIN_BATCH
+                ),
                 kernel: "w4a8-vnni-tiles (16 rows decoded to bytes, one row per lane, \
                          AVX-512 vpdpbusd; exact integer block sums)",
             });

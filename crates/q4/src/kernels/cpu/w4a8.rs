@@ -229,7 +229,7 @@ pub const I8_PASSES_MAX_BATCH: usize = 12;
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if batch > super::GEMV_MAX_BATCH && super::w4a8_vnni::usable(w) {
+    if batch >= super::w4a8_vnni::min_batch() && super::w4a8_vnni::usable(w) {
         super::w4a8_vnni::matmul(w, &Int8Acts::quantize(x, w.k), batch, y);
         return true;
     }

@@ -1,4 +1,4 @@
-//! W4A8 (see `w4a8`) above the GEMV's batches on AVX-512 VNNI hosts without the tile unit.
+//! W4A8 (see `w4a8`) from batch 5 on AVX-512 VNNI hosts without the tile unit.
 //!
 //! The weight is decoded 16 rows at a time into bytes laid out for `vpdpbusd` with one output
 //! row per 32-bit lane: vector `v` of a group holds, in lane `l`, four weights of row `l` (`2w +
@@ -44,15 +44,35 @@ const K_SLICE: usize = 1024;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
+/// Smallest batch this kernel takes; below it the AVX2 int8 GEMV runs. Same-process A/B
+/// (`examples/ab_tile_decode … vnni` with `Q4_VNNI_MIN_BATCH=2`, cache-cold, time against the
+/// GEMV, NVFP4 and MXFP4 on 4096x4096, 11008x4096, 1536x576, 49152x576, 576x1536): batch 2
+/// 0.78-1.35x, 3 0.45-1.23x, 4 0.64-1.16x (SmolLM2's 576x1536 down projection slower), 5
+/// 0.50-0.76x, 8 0.39-0.67x.
+pub const MIN_BATCH: usize = 5;
+
+static MIN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MIN_BATCH);
+
+/// The smallest batch this kernel takes ([`MIN_BATCH`] unless set for a measurement).
+pub fn min_batch() -> usize {
+    MIN.load(Ordering::Relaxed)
+}
+
+/// Sets [`min_batch`], for same-process A/B measurements.
+#[doc(hidden)]
+pub fn set_min_batch(batch: usize) {
+    MIN.store(batch, Ordering::Relaxed);
+}
+
 /// Turns this kernel on or off (default on where [`usable`]), for same-process A/B
-/// measurements; off, W4A8 batches above 8 take the AVX2 int8 kernel up to 16 and the f32
-/// kernels on the activations' round trip above.
+/// measurements; off, W4A8 batches take the AVX2 int8 kernel up to 16 and the f32 kernels on
+/// the activations' round trip above.
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether this kernel runs `w`'s W4A8 products above the GEMV's batches: AVX-512 BW + VNNI
+/// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: AVX-512 BW + VNNI
 /// present ([`super::avx512::vnni_usable`]), no usable AMX (whose tile GEMM serves those
 /// batches there), an E2M1 weight the int8 kernels take ([`super::w4a8::supported`]) with
 /// byte scales (NVFP4, MXFP4).
@@ -567,7 +587,7 @@ mod tests {
                 (64, 1024),
                 (33, 2304),
             ] {
-                for batch in [9, 12, 16, 17, 31, 64] {
+                for batch in [4, 5, 9, 12, 16, 17, 31, 64] {
                     let Some(e) = error(format, n, k, batch, 7) else {
                         return; // no VNNI (or AMX present) on this host
                     };
@@ -606,7 +626,7 @@ mod tests {
         fn agrees_with_the_reference_on_random_shapes(
             n in 1usize..70,
             steps in 1usize..12,
-            batch in 9usize..40,
+            batch in 4usize..40,
             mxfp4 in any::<bool>(),
             seed in any::<u64>(),
         ) {
