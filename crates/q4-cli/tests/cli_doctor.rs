@@ -57,10 +57,30 @@ fn doctor_json_is_complete_and_consistent() {
     } else {
         assert!(amx_rows.is_empty(), "{amx_rows:?}");
     }
+    // AVX-512 VNNI hosts without AMX add a W4A8 row for the E2M1 formats (the VNNI tiles).
+    let has = |f: &str| {
+        cpu["simd"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str() == Some(f))
+    };
+    let vnni = has("avx512bw") && has("avx512vnni") && !amx;
+    let vnni_rows: Vec<&str> = kernels
+        .iter()
+        .filter(|k| k["kernel"].as_str().unwrap().starts_with("w4a8-vnni-tiles"))
+        .map(|k| k["format"].as_str().unwrap())
+        .collect();
+    let off = |var: &str| std::env::var_os(var).is_some_and(|v| v == "0");
+    if vnni && !off("Q4_AVX512") && !off("Q4_W4A8_TILES") {
+        assert_eq!(vnni_rows, ["nvfp4", "mxfp4"], "VNNI W4A8 rows");
+    } else if !vnni {
+        assert!(vnni_rows.is_empty(), "{vnni_rows:?}");
+    }
     assert_eq!(
         kernels.len(),
-        12 + amx_rows.len(),
-        "4 formats x 3 batch ranges (+ AMX rows)"
+        12 + amx_rows.len() + vnni_rows.len(),
+        "4 formats x 3 batch ranges (+ AMX rows, + VNNI W4A8 rows)"
     );
     let names: Vec<&str> = kernels
         .iter()
