@@ -12,6 +12,8 @@ pub mod lut;
 pub mod probe;
 pub mod qlinear;
 pub mod qtensor;
+#[cfg(test)]
+mod test_util;
 
 pub use error::{Context, Error, Result};
 pub use host_bytes::HostBytes;

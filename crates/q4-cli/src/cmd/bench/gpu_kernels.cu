@@ -132,6 +132,27 @@ extern "C" __global__ void rope_append(const u16* __restrict__ qkv, const float*
     }
 }
 
+// The scores sc[0..len) replaced by exp(sc - max) in place (all threads of the block take part);
+// returns their sum. sh: 32 floats of shared scratch.
+__device__ __forceinline__ float softmax_in_place(float* sc, int len, float* sh) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    float m = -3.0e38f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) m = fmaxf(m, sc[t]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) sh[warp] = m;
+    __syncthreads();
+    m = sh[0];
+    for (int w = 1; w < warps; w++) m = fmaxf(m, sh[w]);
+    __syncthreads();
+    float z = 0.0f;
+    for (int t = threadIdx.x; t < len; t += blockDim.x) {
+        const float e = __expf(sc[t] - m);
+        sc[t] = e;
+        z += e;
+    }
+    return block_sum(z, sh);
+}
+
 // Single-query attention over positions 0..*pos (inclusive). One block (8 warps) per q head:
 // a warp per key position for the scores, then each warp accumulates the softmax-weighted V rows
 // of its positions (lane i: dims 4i..4i+3, coalesced), and the warps' sums are added in
@@ -157,21 +178,7 @@ extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restri
         if (lane == 0) sc[t] = s * scale;
     }
     __syncthreads();
-    float m = -3.0e38f;
-    for (int t = threadIdx.x; t < len; t += blockDim.x) m = fmaxf(m, sc[t]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) sh[warp] = m;
-    __syncthreads();
-    m = sh[0];
-    for (int w = 1; w < warps; w++) m = fmaxf(m, sh[w]);
-    __syncthreads();
-    float z = 0.0f;
-    for (int t = threadIdx.x; t < len; t += blockDim.x) {
-        const float e = __expf(sc[t] - m);
-        sc[t] = e;
-        z += e;
-    }
-    z = block_sum(z, sh);
+    const float z = softmax_in_place(sc, len, sh);
     // d == 128: lane owns dims 4*lane .. 4*lane+3.
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int t = warp; t < len; t += warps) {
@@ -249,21 +256,7 @@ extern "C" __global__ void attend_wide(const u16* __restrict__ q, const u16* __r
         }
     }
     __syncthreads();
-    float m = -3.0e38f;
-    for (int t = threadIdx.x; t < len; t += blockDim.x) m = fmaxf(m, sc[t]);
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) sh[warp] = m;
-    __syncthreads();
-    m = sh[0];
-    for (int w = 1; w < 8; w++) m = fmaxf(m, sh[w]);
-    __syncthreads();
-    float z = 0.0f;
-    for (int t = threadIdx.x; t < len; t += blockDim.x) {
-        const float e = __expf(sc[t] - m);
-        sc[t] = e;
-        z += e;
-    }
-    z = block_sum(z, sh);
+    const float z = softmax_in_place(sc, len, sh);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     const u16* vbase = v_cache + (i64)kvh * d + 4 * lane;
     for (int t0 = warp; t0 < len; t0 += 4 * 8) {

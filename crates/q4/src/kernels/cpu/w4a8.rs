@@ -259,14 +259,9 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::relative_error;
     use crate::{Format, QTensor, QuantSpec};
     use candle_core::{Device, Tensor};
-
-    fn relative_error(got: &[f32], want: &[f32]) -> f32 {
-        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
-        let den: f32 = want.iter().map(|b| b * b).sum();
-        (num / den.max(f32::MIN_POSITIVE)).sqrt()
-    }
 
     /// The int8 kernel equals the f32 GEMV over the dequantized activations, for both E2M1
     /// formats, every GEMV batch and odd row counts.
@@ -350,21 +345,27 @@ mod rounding {
         }
     }
 
+    /// `len` activations of the kinds the quantizers must agree on: mixed magnitudes, halves,
+    /// signed zeros and non-finite values.
+    fn block_values(len: usize) -> impl Strategy<Value = Vec<f32>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => -1e4f32..1e4,
+                2 => (-300i32..300).prop_map(|i| i as f32 * 0.5),
+                1 => Just(-0.0f32),
+                1 => Just(0.0f32),
+                1 => prop::sample::select(vec![f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -3e38]),
+            ],
+            len,
+        )
+    }
+
     proptest! {
         /// The AVX2 round trip equals the scalar one bit for bit: random blocks of mixed
         /// magnitudes, halves, signed zeros, all-zero blocks and non-finite values.
         #[test]
         fn simd_round_trip_matches_the_scalar_one(
-            v in prop::collection::vec(
-                prop_oneof![
-                    4 => -1e4f32..1e4,
-                    2 => (-300i32..300).prop_map(|i| i as f32 * 0.5),
-                    1 => Just(-0.0f32),
-                    1 => Just(0.0f32),
-                    1 => prop::sample::select(vec![f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -3e38]),
-                ],
-                ACT_BLOCK * 4,
-            ),
+            v in block_values(ACT_BLOCK * 4),
             zero_block in 0usize..5,
         ) {
             let mut v = v;
@@ -385,16 +386,7 @@ mod rounding {
         /// one's codes and scales bit for bit, on the same kinds of blocks.
         #[test]
         fn simd_quantize_matches_the_scalar_one(
-            v in prop::collection::vec(
-                prop_oneof![
-                    4 => -1e4f32..1e4,
-                    2 => (-300i32..300).prop_map(|i| i as f32 * 0.5),
-                    1 => Just(-0.0f32),
-                    1 => Just(0.0f32),
-                    1 => prop::sample::select(vec![f32::NAN, f32::INFINITY, -f32::INFINITY, 1e-40, -3e38]),
-                ],
-                ACT_BLOCK,
-            ),
+            v in block_values(ACT_BLOCK),
             zero in any::<bool>(),
         ) {
             #[cfg(target_arch = "x86_64")]

@@ -520,15 +520,10 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{relative_error, uniform as values};
     use crate::{Format, QTensor, QuantSpec};
     use candle_core::{Device, Tensor};
     use proptest::prelude::*;
-
-    fn relative_error(got: &[f32], want: &[f32]) -> f32 {
-        let num: f32 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
-        let den: f32 = want.iter().map(|b| b * b).sum();
-        (num / den.max(f32::MIN_POSITIVE)).sqrt()
-    }
 
     /// Whether this host should run the kernel (so that its tests cannot pass by skipping).
     fn host_has_it() -> bool {
@@ -536,20 +531,6 @@ mod tests {
             && std::is_x86_feature_detected!("avx512vnni")
             && std::env::var_os("Q4_AVX512").is_none_or(|v| v != "0")
             && std::env::var_os("Q4_W4A8_TILES").is_none_or(|v| v != "0")
-    }
-
-    /// `len` values uniform in `[-scale, scale)` from `seed` (xorshift), so a failing
-    /// proptest case replays.
-    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
-            })
-            .collect()
     }
 
     /// The kernel against the f32 kernels on the dequantized activations, for one weight shape

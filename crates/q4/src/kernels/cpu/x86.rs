@@ -1142,12 +1142,10 @@ pub unsafe fn rows_w8a8(
     }
 }
 
-/// [`super::w4a8::round_trip_in_place`] for one 32-value activation block: `x` replaced by
-/// `round(x * 127 / amax) * (amax / 127)`, bit for bit what the scalar `quantize_block` and its
-/// dequantization give (same products, truncation, exact fraction and half-away rounding), or
 /// `w4a8::quantize_block` for one block of 32 in AVX2 registers: writes the codes to `q` and
-/// returns the scale, bit for bit as the scalar form (NaN and zero codes for a block holding a
-/// non-finite value, scale 0 for an all-zero block).
+/// returns the scale, bit for bit as the scalar form (same products, truncation, exact fraction
+/// and half-away rounding; NaN and zero codes for a block holding a non-finite value, scale 0 for
+/// an all-zero block).
 ///
 /// # Safety
 /// AVX2 present.
@@ -1210,64 +1208,22 @@ pub unsafe fn quantize_block(x: &[f32; 32], q: &mut [i8; 32]) -> f32 {
     m / 127.0
 }
 
+/// [`super::w4a8::round_trip_in_place`] for one 32-value activation block: `x` replaced by
+/// `round(x * 127 / amax) * (amax / 127)`, the codes of [`quantize_block`] times its scale —
 /// NaN for a block holding a non-finite value and zeros for an all-zero block.
 ///
 /// # Safety
 /// AVX2 present.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn round_trip_block(x: &mut [f32; 32]) {
+    let mut q = [0i8; 32];
+    let d = _mm256_set1_ps(quantize_block(x, &mut q));
     let p = x.as_mut_ptr();
-    let v = [
-        _mm256_loadu_ps(p),
-        _mm256_loadu_ps(p.add(8)),
-        _mm256_loadu_ps(p.add(16)),
-        _mm256_loadu_ps(p.add(24)),
-    ];
-    let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-    let inf = _mm256_set1_ps(f32::INFINITY);
-    let mut amax = _mm256_setzero_ps();
-    let mut finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    for &vi in &v {
-        let a = _mm256_and_ps(vi, abs_mask);
-        // Ordered less-than: false for NaN and for infinities.
-        finite = _mm256_and_ps(finite, _mm256_cmp_ps::<_CMP_LT_OQ>(a, inf));
-        amax = _mm256_max_ps(amax, a);
-    }
-    if _mm256_movemask_ps(finite) != 0xff {
-        x.fill(f32::NAN);
-        return;
-    }
-    let m4 = _mm_max_ps(
-        _mm256_castps256_ps128(amax),
-        _mm256_extractf128_ps::<1>(amax),
-    );
-    let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    let m = _mm_cvtss_f32(_mm_max_ss(m2, _mm_shuffle_ps::<0b01>(m2, m2)));
-    if m == 0.0 {
-        x.fill(0.0);
-        return;
-    }
-    // As the scalar path: tiny blocks are scaled by 2^64 (exact) so that 127 / max is finite.
-    let pre = if m < super::w4a8::TINY_BLOCK {
-        super::w4a8::TINY_PRESCALE
-    } else {
-        1.0
-    };
-    let (pre_v, inv) = (_mm256_set1_ps(pre), _mm256_set1_ps(127.0 / (m * pre)));
-    let d = _mm256_set1_ps(m / 127.0);
-    let (half, neg_half) = (_mm256_set1_ps(0.5), _mm256_set1_ps(-0.5));
-    let (lo, hi) = (_mm256_set1_epi32(-127), _mm256_set1_epi32(127));
-    for (k, &vi) in v.iter().enumerate() {
-        let t = _mm256_mul_ps(_mm256_mul_ps(vi, pre_v), inv);
-        // |t| <= 127 (plus rounding): the truncation is exact, and so is t - trunc(t).
-        let i = _mm256_cvttps_epi32(t);
-        let f = _mm256_sub_ps(t, _mm256_cvtepi32_ps(i));
-        // Comparison masks are -1 where true: r = i + (f >= 0.5) - (f <= -0.5).
-        let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GE_OQ>(f, half));
-        let down = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LE_OQ>(f, neg_half));
-        let r = _mm256_add_epi32(_mm256_sub_epi32(i, up), down);
-        let r = _mm256_min_epi32(_mm256_max_epi32(r, lo), hi);
-        _mm256_storeu_ps(p.add(8 * k), _mm256_mul_ps(_mm256_cvtepi32_ps(r), d));
+    for k in 0..4 {
+        let codes = _mm_loadl_epi64(q.as_ptr().add(8 * k) as *const __m128i);
+        let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes));
+        // 0 * NaN keeps a non-finite block NaN; 0 * 0 an all-zero block zero.
+        _mm256_storeu_ps(p.add(8 * k), _mm256_mul_ps(v, d));
     }
 }
 

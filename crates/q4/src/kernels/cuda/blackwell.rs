@@ -166,16 +166,9 @@ mod tests {
     use candle_core::{Device, Tensor};
     use q4_formats::nvfp4::swizzle_scales;
 
+    /// Uniform in [-2, 2).
     fn random(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
-            })
-            .collect()
+        crate::test_util::uniform(seed, len, 2.0)
     }
 
     fn check(n: usize, m: usize, k: usize, seed: u64, swizzled: bool) -> bool {
