@@ -5,7 +5,8 @@
 //! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
 //! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
 //! widening every weight to f32 — about half the vector instructions of the f32 GEMV, whose
-//! decode, not memory, bounds batch 1 on two AVX2 cores.
+//! decode, not memory, bounds batch 1 on two AVX2 cores. On AVX-512 VNNI hosts, batches from
+//! `w4a8_vnni::MIN_BATCH` take `w4a8_vnni`'s tiles (`vpdpbusd`, one output row per lane).
 //! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
 //! to f32 rounding; that is the reference this mode is tested against.
 
@@ -223,9 +224,9 @@ fn int8_max_batch(w: &Rows<'_>) -> usize {
 /// 0.96-1.02x.
 pub const I8_PASSES_MAX_BATCH: usize = 12;
 
-/// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with the int8
-/// kernel when this target has one and the weight and batch fit it (`true`; the activations are
-/// quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
+/// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with an int8
+/// kernel when this target has one and the weight and batch fit it (the VNNI tiles, else the
+/// AVX2 GEMV; `true`, the activations quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
