@@ -40,24 +40,7 @@ fn doctor_json_is_complete_and_consistent() {
     let cpu = &v["cpu"];
     assert!(cpu["threads"].as_u64().unwrap() >= 1);
     let kernels = cpu["kernels"].as_array().unwrap();
-    // AMX hosts add a row for each format: E2M1 ones (NVFP4, MXFP4) decode exactly to bf16, the
-    // codebook ones (NF4, bnb-FP4) to two bf16 pieces per value.
-    let amx = cpu["simd"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s.as_str() == Some("amx-bf16"));
-    let amx_rows: Vec<&str> = kernels
-        .iter()
-        .filter(|k| k["kernel"].as_str().unwrap().starts_with("tiled-gemm-amx"))
-        .map(|k| k["format"].as_str().unwrap())
-        .collect();
-    if amx {
-        assert_eq!(amx_rows, ["nvfp4", "nf4", "fp4", "mxfp4"], "AMX rows");
-    } else {
-        assert!(amx_rows.is_empty(), "{amx_rows:?}");
-    }
-    // AVX-512 VNNI hosts add a W4A8 row for the E2M1 formats (the VNNI tiles).
+    // Whether the report lists a SIMD feature; the formats of the kernel rows named `prefix...`.
     let has = |f: &str| {
         cpu["simd"]
             .as_array()
@@ -65,12 +48,25 @@ fn doctor_json_is_complete_and_consistent() {
             .iter()
             .any(|s| s.as_str() == Some(f))
     };
+    let rows_of = |prefix: &str| -> Vec<&str> {
+        kernels
+            .iter()
+            .filter(|k| k["kernel"].as_str().unwrap().starts_with(prefix))
+            .map(|k| k["format"].as_str().unwrap())
+            .collect()
+    };
+    // AMX hosts add a row for each format: E2M1 ones (NVFP4, MXFP4) decode exactly to bf16, the
+    // codebook ones (NF4, bnb-FP4) to two bf16 pieces per value.
+    let amx = has("amx-bf16");
+    let amx_rows = rows_of("tiled-gemm-amx");
+    if amx {
+        assert_eq!(amx_rows, ["nvfp4", "nf4", "fp4", "mxfp4"], "AMX rows");
+    } else {
+        assert!(amx_rows.is_empty(), "{amx_rows:?}");
+    }
+    // AVX-512 VNNI hosts add a W4A8 row for the E2M1 formats (the VNNI tiles).
     let vnni = has("avx512bw") && has("avx512vnni");
-    let vnni_rows: Vec<&str> = kernels
-        .iter()
-        .filter(|k| k["kernel"].as_str().unwrap().starts_with("w4a8-vnni-tiles"))
-        .map(|k| k["format"].as_str().unwrap())
-        .collect();
+    let vnni_rows = rows_of("w4a8-vnni-tiles");
     let off = |var: &str| std::env::var_os(var).is_some_and(|v| v == "0");
     if vnni && !off("Q4_AVX512") && !off("Q4_W4A8_TILES") {
         assert_eq!(vnni_rows, ["nvfp4", "mxfp4"], "VNNI W4A8 rows");
@@ -88,11 +84,7 @@ fn doctor_json_is_complete_and_consistent() {
         .collect();
     // GEMV passes serve batches 9-16 over wide rows only where the tiled GEMM has no AVX2
     // dot-product kernel (which decodes whole rows and wins there).
-    let avx2 = cpu["simd"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|s| s.as_str() == Some("avx2"));
+    let avx2 = has("avx2");
     assert_eq!(
         names.iter().any(|n| n.starts_with("gemv passes")),
         !avx2,

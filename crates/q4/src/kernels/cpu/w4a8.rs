@@ -39,6 +39,8 @@ impl Int8Acts {
         // Prefill-sized inputs in parallel, in pieces of whole blocks; below 128 K values (about
         // 0.1 ms in one thread) waking the pool costs more than it saves.
         const PIECE: usize = 64 * ACT_BLOCK;
+        #[cfg(target_arch = "x86_64")]
+        let simd = super::x86::available();
         let work = |(xs, (qs, ds)): (&[f32], (&mut [i8], &mut [f32]))| {
             for ((xb, qb), db) in xs
                 .chunks_exact(ACT_BLOCK)
@@ -46,10 +48,10 @@ impl Int8Acts {
                 .zip(ds.iter_mut())
             {
                 #[cfg(target_arch = "x86_64")]
-                if super::x86::available() {
+                if simd {
                     let xb: &[f32; ACT_BLOCK] = xb.try_into().expect("whole blocks");
                     let qb: &mut [i8; ACT_BLOCK] = qb.try_into().expect("whole blocks");
-                    // SAFETY: AVX2 is present (checked above).
+                    // SAFETY: AVX2 is present (`simd`).
                     *db = unsafe { super::x86::quantize_block(xb, qb) };
                     continue;
                 }

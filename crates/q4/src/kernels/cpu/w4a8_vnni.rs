@@ -92,19 +92,19 @@ static ENV_OFF: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("Q4_W4A8_TILES").is_some_and(|v| v == "0"));
 
 /// The activations as the kernel reads them.
-struct Acts {
+struct Acts<'a> {
     /// `batch x k`, each 8 values reordered as `0 2 4 6 1 3 5 7`.
     q: AlignedVec<i8>,
     /// `batch x k / block`: `-12` times the sum of each weight block's activation codes.
     corr: Vec<i32>,
-    /// `batch x k / 32` activation scales.
-    d: Vec<f32>,
+    /// `batch x k / 32` activation scales (the quantizer's).
+    d: &'a [f32],
     k: usize,
     block: usize,
 }
 
-impl Acts {
-    fn new(a: &Int8Acts, batch: usize, block: usize) -> Acts {
+impl<'a> Acts<'a> {
+    fn new(a: &'a Int8Acts, batch: usize, block: usize) -> Acts<'a> {
         let k = a.k;
         let mut q = AlignedVec::<i8>::zeroed(batch * k);
         for (dst, src) in q
@@ -124,7 +124,7 @@ impl Acts {
         Acts {
             q,
             corr,
-            d: a.d.clone(),
+            d: &a.d,
             k,
             block,
         }
@@ -391,7 +391,7 @@ unsafe fn run_pass(
     block: usize,
     wt: &[u8],
     st: &[f32],
-    x: &Acts,
+    x: &Acts<'_>,
     m0: usize,
     slice: Slice,
     acc: *mut f32,
@@ -425,7 +425,7 @@ unsafe fn run_pass(
 unsafe fn pass<const MB: usize, const BPA: usize>(
     wt: &[u8],
     st: &[f32],
-    x: &Acts,
+    x: &Acts<'_>,
     m0: usize,
     slice: Slice,
     accp: *mut f32,
