@@ -231,6 +231,14 @@ pub fn staged_launches() -> usize {
     STAGED.with(|c| c.get())
 }
 
+/// Whether the GEMV at two N tiles rounds a split-K plan its blocks cannot sum down to one they
+/// can ([`super::plan::warp_split_round_down`]); `Q4_GEMV_FIT_SPLIT=0` turns it off.
+fn fit_split() -> bool {
+    static F: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_FIT_SPLIT") != Some(0));
+    *F
+}
+
 fn depth() -> i64 {
     static D: std::sync::LazyLock<i64> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_DEPTH").unwrap_or(DEPTH).clamp(2, 4));
@@ -378,12 +386,27 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
         // grid split.
         let grid_waves = (tiles * split).div_ceil(resident);
         let mut best = None; // (waves, kernel, block warps, defines, grid)
-        for s in [split, split / 2] {
-            let fits = warps.is_multiple_of(s) || (s.is_multiple_of(warps) && s <= 16);
-            // Halving: one N tile only (at two, 2560x9728 and 6144x2560 ran 5-8% slower), and
-            // not when a test forces the warp split to compare it with the grid split's slices.
-            let halved = s < split;
-            if s < 2 || !fits || (halved && (split <= warps || nt > 1 || warp_split_forced())) {
+                             // At two N tiles, a split the blocks cannot sum is also tried rounded down to one they
+                             // can (`plan::warp_split_round_down`).
+                             // Only where its blocks load the busiest multiprocessor about as much as the grid
+                             // split's items do (`plan::rounded_warp_split`).
+        let rounded = (nt == 2 && fit_split() && !warp_split_forced())
+            .then(|| {
+                super::plan::rounded_warp_split(split, warps, n, steps, tiles, k.sm_count as usize)
+            })
+            .flatten();
+        for (i, s) in [Some(split), Some(split / 2), rounded]
+            .into_iter()
+            .enumerate()
+        {
+            let Some(s) = s else { continue };
+            // Halving (i == 1): one N tile only (at two, 2560x9728 and 6144x2560 ran 5-8%
+            // slower), and not when a test forces the warp split to compare it with the grid
+            // split's slices.
+            let halved = i == 1 && s < split;
+            if !super::plan::warp_split_fits(s, warps)
+                || (halved && (split <= warps || nt > 1 || warp_split_forced()))
+            {
                 continue;
             }
             let bw = warps.max(s);

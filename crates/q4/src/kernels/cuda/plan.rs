@@ -213,6 +213,71 @@ pub fn gemv_split(
     steps.div_ceil(steps.div_ceil(best.1))
 }
 
+/// Whether `slices` K slices of a row tile can be summed inside one block by the fused GEMV's
+/// warp split (`KWARPS` in gemv.cu) for blocks of `warps` warps: the slices divide the warps
+/// (blocks of `warps / slices` row groups) or are a multiple of them, at most 16 (one row group
+/// of `slices` warps).
+pub fn warp_split_fits(slices: usize, warps: usize) -> bool {
+    slices >= 2 && (warps.is_multiple_of(slices) || (slices.is_multiple_of(warps) && slices <= 16))
+}
+
+/// The split to try in place of a split-K plan of `split` slices that the warp split cannot sum
+/// (5, 6 or 3 slices on blocks of 4 or 8 warps): the largest that it can, no shorter than two
+/// thirds of `split` (each slice at most 1.5x as long), or `None`. Summed in shared memory, the
+/// slices need no partial buffer and no second kernel. Same-call sweep on the H100 at batches 12
+/// and 16 (`scripts/gpu/results/h100-2026-11-28-s22/`): NVFP4 6144x2560 split 4 in-block against
+/// the plan's 5 across blocks 9.5 against 10.9 us, 19456x2560 2 against 3 24.9 against 26.7.
+pub fn warp_split_round_down(split: usize, warps: usize) -> Option<usize> {
+    if split < 3 || warp_split_fits(split, warps) {
+        return None;
+    }
+    (2..split)
+        .rev()
+        .take_while(|&s| 3 * s >= 2 * split)
+        .find(|&s| warp_split_fits(s, warps))
+}
+
+/// The busiest multiprocessor's share of a GEMV launch, in warp-steps: `blocks` blocks of
+/// `block_warps` warps spread evenly over `sms` multiprocessors, each warp walking
+/// `steps_per_warp` 128-wide steps.
+pub fn busiest_sm_load(
+    blocks: usize,
+    sms: usize,
+    block_warps: usize,
+    steps_per_warp: usize,
+) -> usize {
+    blocks.div_ceil(sms.max(1)) * block_warps * steps_per_warp
+}
+
+/// How much more the busiest multiprocessor may carry under a rounded-down warp split
+/// ([`warp_split_round_down`]) than under the grid split it replaces, which also writes partial
+/// sums and runs a second kernel. From the same-call A/B of the rounding on the H100 (batches
+/// 9-16, 14 shapes, `scripts/gpu/results/h100-2026-11-28-s22/call4-fit-split/`): the rounding
+/// won at load ratios up to 1.07 (19456x2560 1.07, 0.94-0.97x the time; 6144x2560 0.94, 0.87-0.91x;
+/// 8192x3072 0.96, 0.86-0.89x) and lost from 1.12 (3584x18944 1.06x the time, 11008x4096 at 1.45
+/// 1.25x, 5120x27648 at 1.5 1.40-1.46x).
+pub const ROUNDED_SPLIT_MAX_LOAD: f64 = 1.08;
+
+/// The warp split to try instead of a grid split of `split` slices for `n` rows of `steps`
+/// steps on blocks of `warps` warps (`tiles` row tiles) over `sms` multiprocessors: the split
+/// rounded down to one a block can sum ([`warp_split_round_down`]) where its blocks load the
+/// busiest multiprocessor at most [`ROUNDED_SPLIT_MAX_LOAD`] times the grid split's items.
+pub fn rounded_warp_split(
+    split: usize,
+    warps: usize,
+    n: usize,
+    steps: usize,
+    tiles: usize,
+    sms: usize,
+) -> Option<usize> {
+    warp_split_round_down(split, warps).filter(|&s| {
+        let grid = busiest_sm_load(tiles * split, sms, warps, steps.div_ceil(split));
+        let blocks = n.div_ceil(16 * (warps.max(s) / s));
+        let rounded = busiest_sm_load(blocks, sms, warps.max(s), steps.div_ceil(s));
+        rounded as f64 <= ROUNDED_SPLIT_MAX_LOAD * grid as f64
+    })
+}
+
 /// Static shared memory of a GEMV kernel (gemv.cu) with `warps` warps and `nt` N tiles: the
 /// pair table (32 KiB, none for the arithmetic NVFP4 decode), the scale table (1 KiB) and, when
 /// its warps split K, their f32 sums (`warps x nt x 4 x 32`). Kernels above
@@ -427,6 +492,66 @@ mod tests {
         assert_eq!(gemv_ring_stages(true, 2, 8, true, Some(4)), 3);
         assert_eq!(gemv_ring_stages(true, 4, 8, true, Some(3)), 0);
         assert_eq!(gemv_ring_stages(false, 2, 8, true, Some(9)), 4);
+    }
+
+    #[test]
+    fn splits_round_down_to_what_a_block_can_sum() {
+        for warps in [4, 8] {
+            for split in 1..=40 {
+                let fits = warp_split_fits(split, warps);
+                assert_eq!(
+                    fits,
+                    split >= 2 && (warps % split == 0 || (split % warps == 0 && split <= 16))
+                );
+                match warp_split_round_down(split, warps) {
+                    Some(s) => {
+                        assert!(!fits && warp_split_fits(s, warps) && s < split);
+                        assert!(3 * s >= 2 * split, "{split} -> {s}");
+                        assert!((s + 1..split).all(|t| !warp_split_fits(t, warps)));
+                    }
+                    None => assert!(
+                        fits || split < 3
+                            || (2..split).all(|s| 3 * s < 2 * split || !warp_split_fits(s, warps)),
+                        "{split} with {warps} warps"
+                    ),
+                }
+            }
+        }
+        assert_eq!(warp_split_round_down(5, 4), Some(4));
+        assert_eq!(warp_split_round_down(3, 8), Some(2));
+        assert_eq!(warp_split_round_down(6, 8), Some(4));
+        assert_eq!(warp_split_round_down(7, 4), None);
+        assert_eq!(warp_split_round_down(11, 4), Some(8));
+        assert_eq!(warp_split_round_down(13, 4), Some(12));
+        assert_eq!(warp_split_round_down(4, 4), None);
+        assert_eq!(warp_split_round_down(20, 4), Some(16));
+        assert_eq!(warp_split_round_down(25, 8), None);
+    }
+
+    /// The shapes of the A/B that set the load limit (H100: 132 multiprocessors; 4 warps below
+    /// 40 M weights): where the rounding won it is taken, where it lost it is not.
+    #[test]
+    fn rounded_warp_splits_follow_the_measured_wins() {
+        let case = |n: usize, k: usize, split: usize| {
+            let warps = if n * k < 40 << 20 { 4 } else { 8 };
+            rounded_warp_split(
+                split,
+                warps,
+                n,
+                k.div_ceil(128),
+                n.div_ceil(16 * warps),
+                132,
+            )
+        };
+        assert_eq!(case(6144, 2560, 5), Some(4));
+        assert_eq!(case(8192, 3072, 5), Some(4));
+        assert_eq!(case(19456, 2560, 3), Some(2));
+        assert_eq!(case(18944, 3584, 3), Some(2));
+        assert_eq!(case(11008, 4096, 3), None);
+        assert_eq!(case(5120, 27648, 6), None);
+        assert_eq!(case(3584, 18944, 9), None);
+        assert_eq!(case(576, 1536, 3), None);
+        assert_eq!(case(8192, 8192, 4), None); // fits already
     }
 
     #[test]
