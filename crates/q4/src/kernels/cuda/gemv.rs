@@ -232,7 +232,7 @@ pub fn staged_launches() -> usize {
 }
 
 /// Whether the GEMV at two N tiles rounds a split-K plan its blocks cannot sum down to one they
-/// can ([`super::plan::warp_split_round_down`]); `Q4_GEMV_FIT_SPLIT=0` turns it off.
+/// can ([`super::plan::rounded_warp_split`]); `Q4_GEMV_FIT_SPLIT=0` turns it off.
 fn fit_split() -> bool {
     static F: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_FIT_SPLIT") != Some(0));
@@ -387,8 +387,7 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
         let grid_waves = (tiles * split).div_ceil(resident);
         let mut best = None; // (waves, kernel, block warps, defines, grid)
                              // At two N tiles, a split the blocks cannot sum is also tried rounded down to one they
-                             // can (`plan::warp_split_round_down`).
-                             // Only where its blocks load the busiest multiprocessor about as much as the grid
+                             // can, where its blocks load the busiest multiprocessor about as much as the grid
                              // split's items do (`plan::rounded_warp_split`).
         let rounded = (nt == 2 && fit_split() && !warp_split_forced())
             .then(|| {
