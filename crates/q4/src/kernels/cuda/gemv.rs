@@ -385,15 +385,15 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
         // fewest waves win, ties the larger split, and none that takes more waves than the
         // grid split.
         let grid_waves = (tiles * split).div_ceil(resident);
-        let mut best = None; // (waves, kernel, block warps, defines, grid)
-                             // At two N tiles, a split the blocks cannot sum is also tried rounded down to one they
-                             // can, where its blocks load the busiest multiprocessor about as much as the grid
-                             // split's items do (`plan::rounded_warp_split`).
+        // At two N tiles, a split the blocks cannot sum is also tried rounded down to one they
+        // can, where its blocks load the busiest multiprocessor about as much as the grid
+        // split's items do (`plan::rounded_warp_split`).
         let rounded = (nt == 2 && fit_split() && !warp_split_forced())
             .then(|| {
                 super::plan::rounded_warp_split(split, warps, n, steps, tiles, k.sm_count as usize)
             })
             .flatten();
+        let mut best = None; // (waves, kernel, block warps, defines, grid)
         for (i, s) in [Some(split), Some(split / 2), rounded]
             .into_iter()
             .enumerate()
@@ -402,13 +402,13 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             // Halving (i == 1): one N tile only (at two, 2560x9728 and 6144x2560 ran 5-8%
             // slower), and not when a test forces the warp split to compare it with the grid
             // split's slices.
-            let halved = i == 1 && s < split;
+            let halved = i == 1;
             if !super::plan::warp_split_fits(s, warps)
                 || (halved && (split <= warps || nt > 1 || warp_split_forced()))
             {
                 continue;
             }
-            let bw = warps.max(s);
+            let (bw, row_tiles) = super::plan::warp_split_blocks(n, warps, s);
             let smem = super::plan::gemv_static_smem(!arith(w), bw, nt, true);
             if smem > super::plan::GEMV_STATIC_SMEM_LIMIT {
                 continue;
@@ -418,7 +418,6 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             kdefines.extend([("WARPS", bw as i64), ("KWARPS", s as i64)]);
             let kfunc = k.function("gemv", module_cache::GEMV, &kdefines, "gemv")?;
             let kresident = resident_blocks(k, &kfunc, bw);
-            let row_tiles = n.div_ceil(16 * (bw / s));
             let waves = row_tiles.div_ceil(kresident);
             if waves <= grid_waves
                 && best

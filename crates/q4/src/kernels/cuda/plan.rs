@@ -221,6 +221,14 @@ pub fn warp_split_fits(slices: usize, warps: usize) -> bool {
     slices >= 2 && (warps.is_multiple_of(slices) || (slices.is_multiple_of(warps) && slices <= 16))
 }
 
+/// The blocks of a warp split of `slices` slices over `n` rows for a kernel of `warps` warps:
+/// `(warps per block, blocks)` — blocks of `warps / slices` row groups of 16 rows, or of one row
+/// group of `slices` warps where the split is the larger.
+pub fn warp_split_blocks(n: usize, warps: usize, slices: usize) -> (usize, usize) {
+    let block_warps = warps.max(slices);
+    (block_warps, n.div_ceil(16 * (block_warps / slices)))
+}
+
 /// The split to try in place of a split-K plan of `split` slices that the warp split cannot sum
 /// (5, 6 or 3 slices on blocks of 4 or 8 warps): the largest that it can, no shorter than two
 /// thirds of `split` (each slice at most 1.5x as long), or `None`. Summed in shared memory, the
@@ -272,8 +280,8 @@ pub fn rounded_warp_split(
 ) -> Option<usize> {
     warp_split_round_down(split, warps).filter(|&s| {
         let grid = busiest_sm_load(tiles * split, sms, warps, steps.div_ceil(split));
-        let blocks = n.div_ceil(16 * (warps.max(s) / s));
-        let rounded = busiest_sm_load(blocks, sms, warps.max(s), steps.div_ceil(s));
+        let (block_warps, blocks) = warp_split_blocks(n, warps, s);
+        let rounded = busiest_sm_load(blocks, sms, block_warps, steps.div_ceil(s));
         rounded as f64 <= ROUNDED_SPLIT_MAX_LOAD * grid as f64
     })
 }
