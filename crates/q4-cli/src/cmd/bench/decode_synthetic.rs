@@ -222,8 +222,60 @@ mod imp {
         }
     }
 
+    /// `kernel` (`attend` or `attend_wide`, gpu_kernels.cu): single-query attention of `q` over
+    /// layer `l`'s cache positions 0..=`*pos` into `out`.
+    fn launch_attend(
+        gpu: &Gpu,
+        kernel: &str,
+        l: &Layer,
+        (q, pos, out): (u64, u64, u64),
+        pdl: bool,
+    ) -> Result<()> {
+        let func = gpu.kernels.function("bench", KERNELS, &[], kernel)?;
+        let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
+        let (hq, hkv, hd) = (HEADS as i32, KV_HEADS as i32, HEAD_DIM as i32);
+        let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
+        let max_len = l.k_cache.dims()[0];
+        let mut args = q4::kernel_args![&q, &kc, &vc, &pos, &out, &hq, &hkv, &hd, &scale];
+        // SAFETY: q and out hold HEADS * HEAD_DIM bf16 (HEAD_DIM 128, as both kernels need), the
+        // caches max_len rows, and *pos < max_len (the callers bound the steps); max_len floats
+        // of shared memory cover every position.
+        unsafe {
+            launch_ex(
+                &gpu.stream,
+                &func,
+                cfg(HEADS, 256, max_len * 4),
+                &mut args,
+                pdl,
+            )
+        }?;
+        Ok(())
+    }
+
+    /// `add_rmsnorm` (`simple`) or `add_rmsnorm8` (gpu_kernels.cu): `resid += delta` (unless
+    /// `delta` is null), then `out = RMSNorm(resid) * w`.
+    fn launch_add_norm(
+        gpu: &Gpu,
+        simple: bool,
+        (resid, delta, w, out): (u64, u64, u64, u64),
+        pdl: bool,
+    ) -> Result<()> {
+        let (name, threads) = if simple {
+            ("add_rmsnorm", 512)
+        } else {
+            ("add_rmsnorm8", HIDDEN / 8)
+        };
+        let func = gpu.kernels.function("bench", KERNELS, &[], name)?;
+        let (hidden, eps) = (HIDDEN as i32, EPS);
+        let mut args = q4::kernel_args![&resid, &delta, &w, &out, &hidden, &eps];
+        // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null); add_rmsnorm8
+        // takes HIDDEN / 8 threads (HIDDEN a multiple of 256, 16-byte aligned buffers).
+        unsafe { launch_ex(&gpu.stream, &func, cfg(1, threads, 0), &mut args, pdl) }?;
+        Ok(())
+    }
+
     /// One decode step; everything position-dependent is read from device memory.
-    fn step(gpu: &Gpu, m: &Model, max_len: usize) -> Result<()> {
+    fn step(gpu: &Gpu, m: &Model) -> Result<()> {
         let k = &gpu.kernels;
         let f = |name: &str| k.function("bench", KERNELS, &[], name);
         let s = &gpu.stream;
@@ -234,7 +286,6 @@ mod imp {
         let pdl = gpu.kernels.cc.0 >= 9 && std::env::var("Q4_BENCH_PDL").as_deref() != Ok("0");
         let (hidden, inter) = (HIDDEN as i32, INTER as i32);
         let (resid, h) = (device_ptr(&m.resid)?, device_ptr(&m.h)?);
-        let eps = EPS;
         {
             let func = f("embed")?;
             let (table, tok) = (device_ptr(&m.embed)?, device_ptr(&m.token)?);
@@ -251,22 +302,11 @@ mod imp {
             if skipped("norm") {
                 return Ok(());
             }
-            let (name, threads) = if simple {
-                ("add_rmsnorm", 512)
-            } else {
-                ("add_rmsnorm8", HIDDEN / 8)
-            };
-            let func = f(name)?;
             let dp = match delta {
                 Some(d) => device_ptr(d)?,
                 None => 0u64,
             };
-            let wp = device_ptr(w)?;
-            let mut args = q4::kernel_args![&resid, &dp, &wp, &out, &hidden, &eps];
-            // SAFETY: all four buffers hold HIDDEN bf16 values (delta may be null); add_rmsnorm8
-            // takes HIDDEN / 8 threads (HIDDEN a multiple of 256, 16-byte aligned buffers).
-            unsafe { launch_ex(s, &func, cfg(1, threads, 0), &mut args, pdl) }?;
-            Ok(())
+            launch_add_norm(gpu, simple, (resid, dp, device_ptr(w)?, out), pdl)
         };
         let pos = device_ptr(&m.pos)?;
         let (qp, attn, act) = (device_ptr(&m.q)?, device_ptr(&m.attn)?, device_ptr(&m.act)?);
@@ -288,13 +328,8 @@ mod imp {
                 unsafe { launch_ex(s, &func, cfg(HEADS + KV_HEADS, 64, 0), &mut args, pdl) }?;
             }
             if !skipped("attend") {
-                let func = f(if simple { "attend" } else { "attend_wide" })?;
-                let (kc, vc) = (device_ptr(&l.k_cache)?, device_ptr(&l.v_cache)?);
-                let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
-                let mut args = q4::kernel_args![&qp, &kc, &vc, &pos, &attn, &hq, &hkv, &hd, &scale];
-                // SAFETY: q and attn hold HEADS * HEAD_DIM bf16 (HEAD_DIM 128, as both kernels
-                // need); max_len floats of shared memory cover every position.
-                unsafe { launch_ex(s, &func, cfg(HEADS, 256, max_len * 4), &mut args, pdl) }?;
+                let kernel = if simple { "attend" } else { "attend_wide" };
+                launch_attend(gpu, kernel, l, (qp, pos, attn), pdl)?;
             }
             let o = project(m, &l.o, &m.attn, &m.o_out)?;
             add_norm(&Some(o), &l.ln2, h)?;
@@ -324,54 +359,63 @@ mod imp {
         std::env::var("Q4_BENCH_SIMPLE").as_deref() == Ok("1")
     }
 
+    /// Single-query attention of `q` (`HEADS * HEAD_DIM` bf16) over the first `len` positions of
+    /// layer `l`'s caches with candle's f32 ops: the cross-check's reference that shares no code
+    /// with the bench kernels.
+    fn attention_reference(q: &Tensor, l: &Layer, len: usize) -> Result<Tensor> {
+        let group = HEADS / KV_HEADS;
+        let q = q.to_dtype(DType::F32)?.reshape((HEADS, 1, HEAD_DIM))?;
+        // (len, KV_HEADS * HEAD_DIM) -> (HEADS, len, HEAD_DIM), each kv head serving `group`.
+        let per_head = |cache: &Tensor| -> Result<Tensor> {
+            Ok(cache
+                .narrow(0, 0, len)?
+                .to_dtype(DType::F32)?
+                .reshape((len, KV_HEADS, 1, HEAD_DIM))?
+                .broadcast_as((len, KV_HEADS, group, HEAD_DIM))?
+                .reshape((len, HEADS, HEAD_DIM))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (k, v) = (per_head(&l.k_cache)?, per_head(&l.v_cache)?);
+        let scores = (q.matmul(&k.t()?)? / (HEAD_DIM as f64).sqrt())?;
+        let e = scores.broadcast_sub(&scores.max_keepdim(2)?)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(2)?)?;
+        Ok(p.matmul(&v)?.reshape((1, HEADS * HEAD_DIM))?)
+    }
+
     /// After a step: the last layer's attention output (`attn`, from `q` and its caches) and the
     /// final norm's output (`h`, from `resid`) recomputed by the simple kernels must agree with
-    /// what the step's kernels wrote, to bf16 precision.
+    /// what the step's kernels wrote, to bf16 precision; the attention also with candle's f32
+    /// ops (`attention_reference`).
     fn cross_check(gpu: &Gpu, m: &Model) -> Result<f32> {
-        let k = &gpu.kernels;
-        let f = |name: &str| k.function("bench", KERNELS, &[], name);
-        let s = &gpu.stream;
         let pos = m.pos.to_vec1::<u32>()?[0];
         anyhow::ensure!(pos > 0, "cross-check before any step");
         let dev = m.pos.device();
         let last = Tensor::from_vec(vec![pos - 1], 1, dev)?;
         let (attn_ref, h_ref) = (m.attn.zeros_like()?, m.h.zeros_like()?);
         let l = m.layers.last().context("no layers")?;
-        let (qp, kc, vc, lp, ap) = (
+        let ptrs = (
             device_ptr(&m.q)?,
-            device_ptr(&l.k_cache)?,
-            device_ptr(&l.v_cache)?,
             device_ptr(&last)?,
             device_ptr(&attn_ref)?,
         );
-        let (hq, hkv, hd) = (HEADS as i32, KV_HEADS as i32, HEAD_DIM as i32);
-        let scale = 1.0f32 / (HEAD_DIM as f32).sqrt();
-        let max_len = l.k_cache.dims()[0];
-        let mut args = q4::kernel_args![&qp, &kc, &vc, &lp, &ap, &hq, &hkv, &hd, &scale];
-        // SAFETY: as in `step`: q and attn_ref HEADS * HEAD_DIM bf16, caches max_len rows, the
-        // last position below max_len.
-        unsafe {
-            launch_ex(
-                s,
-                &f("attend")?,
-                cfg(HEADS, 256, max_len * 4),
-                &mut args,
-                false,
-            )
-        }?;
-        let (rp, np, hp, null) = (
+        launch_attend(gpu, "attend", l, ptrs, false)?;
+        // No delta, so resid is only read.
+        let ptrs = (
             device_ptr(&m.resid)?,
+            0u64,
             device_ptr(&m.norm)?,
             device_ptr(&h_ref)?,
-            0u64,
         );
-        let (hidden, eps) = (HIDDEN as i32, EPS);
-        let mut args = q4::kernel_args![&rp, &null, &np, &hp, &hidden, &eps];
-        // SAFETY: HIDDEN bf16 each; no delta, so resid is only read.
-        unsafe { launch_ex(s, &f("add_rmsnorm")?, cfg(1, 512, 0), &mut args, false) }?;
-        s.synchronize()?;
+        launch_add_norm(gpu, true, ptrs, false)?;
+        gpu.stream.synchronize()?;
+        let attn_f32 = attention_reference(&m.q, l, pos as usize)?;
         let mut worst = 0f32;
-        for (got, want, what) in [(&m.attn, &attn_ref, "attention"), (&m.h, &h_ref, "RMSNorm")] {
+        for (got, want, what) in [
+            (&m.attn, &attn_ref, "attention"),
+            (&m.attn, &attn_f32, "attention (against candle's f32 ops)"),
+            (&m.h, &h_ref, "RMSNorm"),
+        ] {
             let got = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let scale = want
@@ -384,7 +428,7 @@ mod imp {
                 .fold(0f32, |a, (g, w)| a.max((g - w).abs()))
                 / scale;
             if diff.is_nan() || diff > 1e-2 {
-                bail!("the step's {what} kernel differs from the reference kernel: max |diff| {diff:.2e} of the largest value");
+                bail!("the step's {what} differs from the reference: max |diff| {diff:.2e} of the largest value");
             }
             worst = worst.max(diff);
         }
@@ -437,7 +481,7 @@ mod imp {
             reset(&model)?;
             let mut eager_tokens = Vec::new();
             for _ in 0..4 {
-                step(&gpu, &model, max_len)?;
+                step(&gpu, &model)?;
                 eager_tokens.push(model.token.to_vec1::<u32>()?[0]);
             }
             reset(&model)?;
@@ -446,12 +490,12 @@ mod imp {
                 None
             } else {
                 // Warm-up outside capture (module loads, cuBLAS workspaces), then capture.
-                step(&gpu, &model, max_len)?;
+                step(&gpu, &model)?;
                 reset(&model)?;
                 gpu.stream.synchronize()?;
                 gpu.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-                let r = step(&gpu, &model, max_len);
+                let r = step(&gpu, &model);
                 let g = gpu.stream.end_capture(sys::CUgraphInstantiate_flags(0))?;
                 r?;
                 let g = g.context("stream capture produced no graph")?;
@@ -474,13 +518,13 @@ mod imp {
             let t = gpu.time(0, args.tokens, 1, |_| {
                 match &graph {
                     Some(g) => g.launch()?,
-                    None => step(&gpu, &model, max_len)?,
+                    None => step(&gpu, &model)?,
                 }
                 Ok(())
             })?;
             if !skipped("attend") && !skipped("norm") {
                 let diff = cross_check(&gpu, &model)?;
-                tracing::info!("{name}: attention and RMSNorm agree with the reference kernels after the timed steps (max diff {diff:.1e} of the largest value)");
+                tracing::info!("{name}: attention and RMSNorm agree with the simple kernels, attention with candle f32 too, after the timed steps (max diff {diff:.1e} of the largest value)");
             }
             let ms = t * 1e3;
             let base = *bf16_ms.get_or_insert(if format.is_none() { ms } else { f64::NAN });

@@ -153,6 +153,34 @@ __device__ __forceinline__ float softmax_in_place(float* sc, int len, float* sh)
     return block_sum(z, sh);
 }
 
+// The attention kernels' shared memory: the scores (max_len floats of dynamic shared memory),
+// the block reduction's scratch, and each warp's share of the head's output.
+extern __shared__ float sc[];
+__shared__ float sh[32];
+__shared__ float part[8][128];
+
+// acc (a lane's 4 output dims) += p * the 4 bf16 values of v.
+__device__ __forceinline__ void add_scaled4(float* acc, float p, uint2 v) {
+    acc[0] += p * bf16_to_f32((u16)(v.x & 0xffffu));
+    acc[1] += p * bf16_to_f32((u16)(v.x >> 16));
+    acc[2] += p * bf16_to_f32((u16)(v.y & 0xffffu));
+    acc[3] += p * bf16_to_f32((u16)(v.y >> 16));
+}
+
+// The head's output: the warps' sums of the weighted V rows (lane i of each warp: dims
+// 4i..4i+3 in `acc`) added in shared memory and divided by the softmax's sum `z`.
+__device__ __forceinline__ void write_head(const float* acc, float z, int d, u16* __restrict__ out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+#pragma unroll
+    for (int e = 0; e < 4; e++) part[warp][4 * lane + e] = acc[e];
+    __syncthreads();
+    if ((int)threadIdx.x < d) {
+        float v = 0.0f;
+        for (int w = 0; w < warps; w++) v += part[w][threadIdx.x];
+        out[threadIdx.x] = f32_to_bf16(v / z);
+    }
+}
+
 // Single-query attention over positions 0..*pos (inclusive). One block (8 warps) per q head:
 // a warp per key position for the scores, then each warp accumulates the softmax-weighted V rows
 // of its positions (lane i: dims 4i..4i+3, coalesced), and the warps' sums are added in
@@ -162,9 +190,6 @@ extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restri
                                   u16* __restrict__ out, int hq, int hkv, int d, float scale) {
     pdl_trigger();
     pdl_wait();
-    extern __shared__ float sc[];
-    __shared__ float sh[32];
-    __shared__ float part[8][128];
     const int head = blockIdx.x, kvh = head / (hq / hkv);
     const int len = (int)(*pos) + 1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
@@ -181,21 +206,9 @@ extern "C" __global__ void attend(const u16* __restrict__ q, const u16* __restri
     const float z = softmax_in_place(sc, len, sh);
     // d == 128: lane owns dims 4*lane .. 4*lane+3.
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int t = warp; t < len; t += warps) {
-        const uint2 v = *(const uint2*)(v_cache + (i64)t * row + (i64)kvh * d + 4 * lane);
-        const float p = sc[t];
-        acc[0] += p * bf16_to_f32((u16)(v.x & 0xffffu));
-        acc[1] += p * bf16_to_f32((u16)(v.x >> 16));
-        acc[2] += p * bf16_to_f32((u16)(v.y & 0xffffu));
-        acc[3] += p * bf16_to_f32((u16)(v.y >> 16));
-    }
-    for (int j = 0; j < 4; j++) part[warp][4 * lane + j] = acc[j];
-    __syncthreads();
-    if (threadIdx.x < d) {
-        float v = 0.0f;
-        for (int w = 0; w < warps; w++) v += part[w][threadIdx.x];
-        out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
-    }
+    for (int t = warp; t < len; t += warps)
+        add_scaled4(acc, sc[t], *(const uint2*)(v_cache + (i64)t * row + (i64)kvh * d + 4 * lane));
+    write_head(acc, z, d, out + (i64)head * d);
 }
 
 // `attend` with its loads issued together instead of one position after another (d == 128, one
@@ -207,9 +220,6 @@ extern "C" __global__ void attend_wide(const u16* __restrict__ q, const u16* __r
                                        u16* __restrict__ out, int hq, int hkv, int d, float scale) {
     pdl_trigger();
     pdl_wait();
-    extern __shared__ float sc[];
-    __shared__ float sh[32];
-    __shared__ float part[8][128];
     const int head = blockIdx.x, kvh = head / (hq / hkv);
     const int len = (int)(*pos) + 1;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -269,21 +279,9 @@ extern "C" __global__ void attend_wide(const u16* __restrict__ q, const u16* __r
             p[u] = t < len ? sc[t] : 0.0f;
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            acc[0] += p[u] * bf16_to_f32((u16)(vv[u].x & 0xffffu));
-            acc[1] += p[u] * bf16_to_f32((u16)(vv[u].x >> 16));
-            acc[2] += p[u] * bf16_to_f32((u16)(vv[u].y & 0xffffu));
-            acc[3] += p[u] * bf16_to_f32((u16)(vv[u].y >> 16));
-        }
+        for (int u = 0; u < 4; u++) add_scaled4(acc, p[u], vv[u]);
     }
-#pragma unroll
-    for (int e = 0; e < 4; e++) part[warp][4 * lane + e] = acc[e];
-    __syncthreads();
-    if (threadIdx.x < 128) {
-        float v = 0.0f;
-        for (int w = 0; w < 8; w++) v += part[w][threadIdx.x];
-        out[(i64)head * d + threadIdx.x] = f32_to_bf16(v / z);
-    }
+    write_head(acc, z, d, out + (i64)head * d);
 }
 
 // out = silu(gate) * up with gate_up = [gate (n) | up (n)].
