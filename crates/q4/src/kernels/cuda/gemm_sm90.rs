@@ -5,7 +5,7 @@
 //! here per call).
 //!
 //! Serves NVFP4 (K a multiple of 256), MXFP4 (K a multiple of 512) and bitsandbytes NF4 / FP4
-//! weights (blocks of at least 64 within a row, K a multiple of four blocks, batches up to 1024)
+//! weights (blocks of at least 64 within a row, K a multiple of four blocks, batches up to 2048)
 //! with bf16 activations on compute capability 9.0, batches above the GEMV's
 //! (`plan::gemm_wgmma_serves`); everything else (f16 / f32 activations, other shapes) keeps the
 //! chunked path. `Q4_GEMM_FUSED=0` turns it off (same-process A/B against the chunked path).
@@ -60,6 +60,10 @@ struct Knobs {
     raster_group: i64,
     /// Tiles may be narrow (`plan::wgmma_token_launches`; `Q4_GEMM_NARROW=0`: never).
     narrow: bool,
+    /// bitsandbytes decode through a lane-replicated table of codebook pairs, one 64-bit load a
+    /// code byte (`BNB_PAIRS` in gemm_sm90.cu; `Q4_GEMM_BNB_PAIRS=0`: two lookups in a
+    /// 16-entry table).
+    bnb_pairs: bool,
 }
 
 fn knobs() -> &'static Knobs {
@@ -74,6 +78,7 @@ fn knobs() -> &'static Knobs {
         raster: knob("Q4_GEMM_RASTER").unwrap_or(1),
         raster_group: knob("Q4_GEMM_RASTER_GROUP").filter(|&g| g > 0).unwrap_or(4),
         narrow: knob("Q4_GEMM_NARROW").is_none_or(|v| v != 0),
+        bnb_pairs: knob("Q4_GEMM_BNB_PAIRS").is_none_or(|v| v != 0),
     });
     &K
 }
@@ -218,6 +223,7 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
             ("PRODUCER", producer as i64),
             ("RASTER", kn.raster),
             ("RASTER_GROUP", kn.raster_group),
+            ("BNB_PAIRS", i64::from(kn.bnb_pairs)),
         ];
         let func = k.function_for_arch(
             "gemm_sm90",

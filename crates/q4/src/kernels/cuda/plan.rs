@@ -38,14 +38,15 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
 }
 
 /// Largest batch at which bitsandbytes weights (NF4 / FP4) take the fused wgmma GEMM: its
-/// codebook decode (two shared-memory lookups per code byte) outweighs the chunked path's one
-/// full decode at larger batches. Same-call A/B on the H100
-/// (`scripts/gpu/results/h100-2026-11-27-s16/final-nf4/`), NF4 fused vs chunked: M = 256
-/// 1.24x / 1.93x faster (8192x8192 / 28672x4096), M = 1024 1.07x / 1.05x, M = 2048 0.92x /
-/// 0.91x; with the seventeenth session's kernel (`h100-2026-11-27-s17/call5/`) still 418 vs 408
-/// and 761 vs 737 us at M = 2048. NVFP4's decode is cheaper: it takes the fused kernel at every
-/// batch (0.94x / 0.90x cuBLAS bf16 at M = 2048, 1.2-2.3x faster than the chunked path below).
-pub const WGMMA_BNB_MAX_BATCH: usize = 1024;
+/// codebook decode (a lookup and two multiplies per code byte, for every token tile) outweighs
+/// the chunked path's one full decode at larger batches. Same-call A/B on the H100 with the
+/// lane-replicated pair table (`scripts/gpu/results/h100-2026-11-28-s23/call10/`), NF4 fused vs
+/// chunked: M = 2048 394.4-395.0 vs 409.3-409.5 us (8192x8192) and 720.8-723.9 vs 737.6-738.2
+/// (28672x4096), FP4 396.2-396.4 vs 407.7-409.5; M = 3072 592 vs 578 and 1084-1088 vs
+/// 1094-1110 (even); M = 4096 791 vs 753-755 and 1437-1471 vs 1357-1367 (chunked ahead).
+/// (Before the pair table, 1024: `h100-2026-11-27-s16/final-nf4/`.) NVFP4's decode is cheaper:
+/// it takes the fused kernel at every batch.
+pub const WGMMA_BNB_MAX_BATCH: usize = 2048;
 
 /// Whether the fused wgmma prefill GEMM serves a call with bf16 activations: a Hopper GPU,
 /// NVFP4 with `k` a multiple of 256 (one 16-byte scale copy covers four 64-wide steps), MXFP4
@@ -158,7 +159,7 @@ pub mod names {
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
-    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (MXFP4: K % 512 == 0; bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 1024), else dequant + cuBLAS)";
+    pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (MXFP4: K % 512 == 0; bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 2048), else dequant + cuBLAS)";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
@@ -445,9 +446,9 @@ mod tests {
         assert!(gemm_wgmma_serves(h100, Format::Nvfp4, 4096, 16, 8192));
         assert!(!gemm_wgmma_serves(h100, Format::Nvfp4, 4096, 16, 64));
         assert!(!gemm_wgmma_serves(h100, Format::Nvfp4, 576, 16, 512));
-        // bitsandbytes: blocks of >= 64 inside rows, K a multiple of four blocks, batch <= 1024.
-        assert!(gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 1024));
-        assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 1025));
+        // bitsandbytes: blocks of >= 64 inside rows, K a multiple of four blocks, batch <= 2048.
+        assert!(gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 2048));
+        assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 64, 2049));
         assert!(!gemm_wgmma_serves(h100, Format::Nf4, 4096, 32, 512));
         assert!(!gemm_wgmma_serves(h100, Format::Fp4, 1280, 128, 512));
         assert!(gemm_wgmma_serves(h100, Format::Fp4, 2048, 128, 512));

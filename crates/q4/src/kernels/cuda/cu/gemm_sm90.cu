@@ -33,13 +33,15 @@
 //
 // FMT 2 (bitsandbytes NF4 / FP4, high nibble first, f32 absmax per block of bs >= 64 within a
 // row, codebook `cb`): each nibble's codebook value times the absmax in f32, rounded once to
-// bf16 (again the chunked path's operands); the scale copy is 4 absmax values (needs
-// K % (4 bs) == 0).
+// bf16 (again the chunked path's operands); a code byte's two codebook values come from one
+// 64-bit load of a lane-replicated pair table (BNB_PAIRS, below); the scale copy is 4 absmax
+// values (needs K % (4 bs) == 0).
 //
 // Defines: STAGES (2..5), FMT (0 NVFP4, 1 MXFP4, 2 bitsandbytes), BN (tokens per block: 256,
 // or 128 for narrow tiles), PRODUCER (1: a third warpgroup issues the copies), RASTER (block order:
-// 0 weight-row tiles fastest, 1 token tiles fastest in groups of RASTER_GROUP), PROBE (kernel
-// development: 2 skips the decode, 3 the wgmmas, 4 both).
+// 0 weight-row tiles fastest, 1 token tiles fastest in groups of RASTER_GROUP), BNB_PAIRS (FMT 2:
+// 1 the pair table, 0 two lookups in a 16-entry table), PROBE (kernel development: 2 skips the
+// decode, 3 the wgmmas, 4 both).
 
 #ifndef STAGES
 #define STAGES 4
@@ -189,7 +191,18 @@ __device__ __forceinline__ void wgmma_m64n128k16_rs(float* d, u32 a0, u32 a1, u3
 }
 
 __shared__ u32 scale_tab[256];  // FMT 0 / 1: scale byte -> splatted bf16 factor (see the decode)
-__shared__ float codebook[16];   // FMT 2
+#ifndef BNB_PAIRS
+#define BNB_PAIRS 1
+#endif
+#if FMT == 2 && BNB_PAIRS
+// BNB_PAIRS: a code byte's two codebook values (high nibble, low nibble) in one 8-byte entry,
+// replicated for 16 lanes so that a half-warp's lookups never share a bank: entry (byte, lane)
+// at byte * 128 + (lane % 16) * 8 (32 KiB). One 64-bit load per code byte instead of two 32-bit
+// loads and their two index computations.
+__shared__ __align__(16) float2 cb_pairs[256 * 16];
+#else
+__shared__ float codebook[16];  // FMT 2
+#endif
 
 // bf16 pair (lo, hi) of two f32 values, each rounded to nearest even.
 __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
@@ -223,8 +236,13 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
             const u32 h = tid == 255u ? 0x7fc0u : (u32)(min((int)tid - 1, 127) + 127) << 7;
             scale_tab[tid] = h | (h << 16);
         }
-    } else if (tid < 16) {
-        codebook[tid] = u2f(CB_BITS[cb][tid]);
+    } else {
+#if FMT == 2 && BNB_PAIRS
+        for (u32 i = tid; i < 256 * 16; i += THREADS)
+            cb_pairs[i] = make_float2(u2f(CB_BITS[cb][i >> 8]), u2f(CB_BITS[cb][(i >> 4) & 15u]));
+#else
+        if (tid < 16) codebook[tid] = u2f(CB_BITS[cb][tid]);
+#endif
     }
     // The swizzle pattern repeats every 1024 bytes: tiles start on such a boundary.
     const u32 base = (smem_addr(dyn) + 1023u) & ~1023u;
@@ -276,6 +294,9 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
     const int warp = (int)(tid >> 5) & 3, lane = (int)(tid & 31), g = lane >> 2, t = lane & 3;
     const int row = 64 * wg + 16 * warp + g;
     const u32 sel = 0x4440u | (u32)t;
+#if FMT == 2 && BNB_PAIRS
+    const u32 pair_lane = (u32)(lane & 15) * 8u;  // this lane's copy in a cb_pairs entry
+#endif
 
     // Waits for step kt's copies and decodes its fragments.
     auto decode = [&](Frags& f, int kt) {
@@ -310,8 +331,13 @@ gemm_sm90(const __grid_constant__ TensorMap x_map, const __grid_constant__ Tenso
                     const float am = u2f(sc4);
 #pragma unroll
                     for (int q = 0; q < 2; q++) {
+#if FMT == 2 && BNB_PAIRS
+                        const float2 v = *(const float2*)((const u8*)cb_pairs + prmt(words[2 * j + q], 0u, sel) * 128u + pair_lane);
+                        f.a[j][2 * q + h] = pack_bf16x2(v.x * am, v.y * am);
+#else
                         const u32 b = (words[2 * j + q] >> (8 * t)) & 0xffu;
                         f.a[j][2 * q + h] = pack_bf16x2(codebook[b >> 4] * am, codebook[b & 15u] * am);
+#endif
                     }
                 }
             }
