@@ -18,12 +18,19 @@ fn min_len(pieces: usize) -> usize {
 }
 
 /// Below this much work (weights touched) a loop called from outside the pool is handed to the
-/// pool whole: the caller would finish its share before the woken worker arrives, then wait
-/// for it. Same-process A/B (`ab_caller_joins`): the AMX calls' activation loops (75-200 K)
-/// made batch-16 calls on 576-wide shapes 1.04-1.26x slower with the caller joining; with this
-/// floor, batch-1 GEMVs (from 1536x576, 0.9 M) took 0.86-0.99x the time and no point of
-/// batches 1-16 over 1.01x (`scripts/cpu/results/ab-caller-joins-2026-11-27-s15.txt`).
-pub const JOIN_MIN_WEIGHTS: usize = 1 << 19;
+/// pool whole instead of the caller joining in: every loop that runs in parallel at all joins.
+/// Handing a loop over puts the caller to sleep until the pool is done, two wake-ups on the
+/// critical path: same-process A/B on the no-AMX Xeon (twenty-third session,
+/// `scripts/cpu/results/ab-caller-joins-2026-11-28-s23.txt`), batch-1 GEMVs of 64-512 K weights
+/// from the main thread took 0.2-0.5x the time joining (SmolLM2's 192x576 and 576x576
+/// projections). The activation-packing loops of the AMX kernels keep [`AMX_PACK_JOIN_MIN`].
+pub const JOIN_MIN_WEIGHTS: usize = INLINE_WEIGHTS;
+
+/// The join floor of the AMX kernels' activation-packing loops (75-200 K at batch 16 on 576-wide
+/// shapes): joining made those calls 1.04-1.26x slower on an AMX host (fifteenth session,
+/// `scripts/cpu/results/ab-caller-joins-2026-11-27-s15.txt`), so they are handed to the pool
+/// below 512 K.
+pub const AMX_PACK_JOIN_MIN: usize = 1 << 19;
 
 static CALLER_JOINS: AtomicBool = AtomicBool::new(true);
 
@@ -37,8 +44,8 @@ pub fn set_caller_joins(on: bool) {
 /// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
 /// being handed to the pool: from a thread outside the pool, which would otherwise sleep while
 /// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
-fn caller_joins(work: usize) -> bool {
-    work >= JOIN_MIN_WEIGHTS
+fn caller_joins(work: usize, join_min: usize) -> bool {
+    work >= join_min
         && rayon::current_thread_index().is_none()
         && rayon::current_num_threads() > 1
         && CALLER_JOINS.load(Ordering::Relaxed)
@@ -101,12 +108,24 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
     work: usize,
     f: F,
 ) {
+    for_each_chunk_mut_joining_from(data, chunk, work, JOIN_MIN_WEIGHTS, f)
+}
+
+/// [`for_each_chunk_mut`] with the caller joining a loop called from outside the pool only from
+/// `join_min` weights of work (below, the loop is handed to the pool whole).
+pub fn for_each_chunk_mut_joining_from<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
+    data: &mut [T],
+    chunk: usize,
+    work: usize,
+    join_min: usize,
+    f: F,
+) {
     let chunk = chunk.max(1);
     if work < INLINE_WEIGHTS || data.len() <= chunk {
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
-    } else if caller_joins(work) {
+    } else if caller_joins(work, join_min) {
         // The unclaimed pieces and the data they cover.
         let left = Mutex::new((0..data.len().div_ceil(chunk), data));
         with_helpers(|front| loop {
@@ -146,7 +165,7 @@ pub fn for_each_chunk_mut<T: Send, F: Fn(usize, &mut [T]) + Sync + Send>(
 pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: F) {
     if work < INLINE_WEIGHTS || count <= 1 {
         (0..count).for_each(f);
-    } else if caller_joins(work) {
+    } else if caller_joins(work, JOIN_MIN_WEIGHTS) {
         let left = Mutex::new(0..count);
         with_helpers(|front| loop {
             let take = claim(&mut left.lock().unwrap_or_else(|e| e.into_inner()), front);
@@ -198,12 +217,19 @@ mod tests {
                     seen[i].fetch_add(1, Ordering::Relaxed);
                 });
                 assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
-                let mut v = vec![0u32; count];
-                for_each_chunk_mut(&mut v, chunk, JOIN_MIN_WEIGHTS, |i, c| {
-                    c.iter_mut().for_each(|x| *x += i as u32 + 1)
-                });
-                for (j, x) in v.iter().enumerate() {
-                    assert_eq!(*x, (j / chunk) as u32 + 1, "{count} / {chunk}");
+                // Joined by the caller, and handed to the pool below a join floor above the work.
+                for join_min in [JOIN_MIN_WEIGHTS, usize::MAX] {
+                    let mut v = vec![0u32; count];
+                    for_each_chunk_mut_joining_from(
+                        &mut v,
+                        chunk,
+                        JOIN_MIN_WEIGHTS,
+                        join_min,
+                        |i, c| c.iter_mut().for_each(|x| *x += i as u32 + 1),
+                    );
+                    for (j, x) in v.iter().enumerate() {
+                        assert_eq!(*x, (j / chunk) as u32 + 1, "{count} / {chunk} / {join_min}");
+                    }
                 }
             }
         };

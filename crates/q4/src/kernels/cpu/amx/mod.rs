@@ -384,26 +384,32 @@ fn activation_tiles_scalar(x: &[f32], batch: usize, k: usize, steps: usize) -> V
     let mut out = vec![0; groups * steps * PIECES * TILE_WORDS];
     let src: [usize; STEP] = std::array::from_fn(step_source);
     // One (group, step) per chunk.
-    super::parallel::for_each_chunk_mut(&mut out, PIECES * TILE_WORDS, batch * k * 8, |c, tile| {
-        let (g, s) = (c / steps, c % steps);
-        for j in 0..16.min(batch - g * 16) {
-            let row = &x[(g * 16 + j) * k..][..k];
-            let piece_of = |i: usize| {
-                let kk = s * STEP + src[i];
-                if kk < k {
-                    pieces(row[kk])
-                } else {
-                    [0; PIECES]
-                }
-            };
-            for p in 0..STEP / 2 {
-                let (a, b) = (piece_of(2 * p), piece_of(2 * p + 1));
-                for q in 0..PIECES {
-                    tile[q * TILE_WORDS + p * 16 + j] = a[q] as u32 | (b[q] as u32) << 16;
+    super::parallel::for_each_chunk_mut_joining_from(
+        &mut out,
+        PIECES * TILE_WORDS,
+        batch * k * 8,
+        super::parallel::AMX_PACK_JOIN_MIN,
+        |c, tile| {
+            let (g, s) = (c / steps, c % steps);
+            for j in 0..16.min(batch - g * 16) {
+                let row = &x[(g * 16 + j) * k..][..k];
+                let piece_of = |i: usize| {
+                    let kk = s * STEP + src[i];
+                    if kk < k {
+                        pieces(row[kk])
+                    } else {
+                        [0; PIECES]
+                    }
+                };
+                for p in 0..STEP / 2 {
+                    let (a, b) = (piece_of(2 * p), piece_of(2 * p + 1));
+                    for q in 0..PIECES {
+                        tile[q * TILE_WORDS + p * 16 + j] = a[q] as u32 | (b[q] as u32) << 16;
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     out
 }
 
@@ -451,63 +457,68 @@ unsafe fn activation_pieces<const P: usize>(
     let col_offsets = _mm512_set_epi32(
         240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0,
     );
-    super::parallel::for_each_chunk_mut(out, P * TILE_WORDS, batch * k * 8, |c, tile| {
-        let (g, s) = (c / steps, c % steps);
-        let col = s * STEP;
-        let valid = (k - col).min(STEP);
-        let m0 = if valid >= 16 {
-            0xffff
-        } else {
-            (1u16 << valid) - 1
-        };
-        let m1 = if valid >= 32 {
-            0xffff
-        } else if valid > 16 {
-            (1u16 << (valid - 16)) - 1
-        } else {
-            0
-        };
-        for j in 0..16.min(batch - g * 16) {
-            // SAFETY: the masks keep both loads inside row g * 16 + j of `x` (columns < k);
-            // the scatters write words p * 16 + j (< 256) of each of the chunk's P tiles.
-            unsafe {
-                let row = x.as_ptr().add((g * 16 + j) * k + col);
-                let v0 = _mm512_maskz_loadu_ps(m0, row);
-                let v1 = _mm512_maskz_loadu_ps(m1, row.add(16));
-                let split = |v: __m512| -> [__m512i; P] {
-                    if P == 2 {
-                        // Each piece as an f32 whose high word is the rounded bfloat16.
-                        let widen =
-                            |b: __m256bh| {
+    super::parallel::for_each_chunk_mut_joining_from(
+        out,
+        P * TILE_WORDS,
+        batch * k * 8,
+        super::parallel::AMX_PACK_JOIN_MIN,
+        |c, tile| {
+            let (g, s) = (c / steps, c % steps);
+            let col = s * STEP;
+            let valid = (k - col).min(STEP);
+            let m0 = if valid >= 16 {
+                0xffff
+            } else {
+                (1u16 << valid) - 1
+            };
+            let m1 = if valid >= 32 {
+                0xffff
+            } else if valid > 16 {
+                (1u16 << (valid - 16)) - 1
+            } else {
+                0
+            };
+            for j in 0..16.min(batch - g * 16) {
+                // SAFETY: the masks keep both loads inside row g * 16 + j of `x` (columns < k);
+                // the scatters write words p * 16 + j (< 256) of each of the chunk's P tiles.
+                unsafe {
+                    let row = x.as_ptr().add((g * 16 + j) * k + col);
+                    let v0 = _mm512_maskz_loadu_ps(m0, row);
+                    let v1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+                    let split = |v: __m512| -> [__m512i; P] {
+                        if P == 2 {
+                            // Each piece as an f32 whose high word is the rounded bfloat16.
+                            let widen = |b: __m256bh| {
                                 _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
                                     std::mem::transmute::<__m256bh, __m256i>(b),
                                 ))
                             };
-                        let h = widen(_mm512_cvtneps_pbh(v));
-                        let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
-                        let m = widen(_mm512_cvtneps_pbh(r));
-                        std::array::from_fn(|q| [h, m][q])
-                    } else {
-                        let h = _mm512_and_si512(_mm512_castps_si512(v), hi);
-                        let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
-                        let m = _mm512_and_si512(_mm512_castps_si512(r), hi);
-                        let r2 = _mm512_sub_ps(r, _mm512_castsi512_ps(m));
-                        // The permute keeps only each piece's high word: `l` needs no mask.
-                        std::array::from_fn(|q| [h, m, _mm512_castps_si512(r2)][q])
+                            let h = widen(_mm512_cvtneps_pbh(v));
+                            let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
+                            let m = widen(_mm512_cvtneps_pbh(r));
+                            std::array::from_fn(|q| [h, m][q])
+                        } else {
+                            let h = _mm512_and_si512(_mm512_castps_si512(v), hi);
+                            let r = _mm512_sub_ps(v, _mm512_castsi512_ps(h));
+                            let m = _mm512_and_si512(_mm512_castps_si512(r), hi);
+                            let r2 = _mm512_sub_ps(r, _mm512_castsi512_ps(m));
+                            // The permute keeps only each piece's high word: `l` needs no mask.
+                            std::array::from_fn(|q| [h, m, _mm512_castps_si512(r2)][q])
+                        }
+                    };
+                    let (p0, p1) = (split(v0), split(v1));
+                    for q in 0..P {
+                        let words = _mm512_permutex2var_epi16(p0[q], idx, p1[q]);
+                        _mm512_i32scatter_epi32::<4>(
+                            tile.as_mut_ptr().add(q * TILE_WORDS + j).cast(),
+                            col_offsets,
+                            words,
+                        );
                     }
-                };
-                let (p0, p1) = (split(v0), split(v1));
-                for q in 0..P {
-                    let words = _mm512_permutex2var_epi16(p0[q], idx, p1[q]);
-                    _mm512_i32scatter_epi32::<4>(
-                        tile.as_mut_ptr().add(q * TILE_WORDS + j).cast(),
-                        col_offsets,
-                        words,
-                    );
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 /// E8M0 scale bytes whose products with E2M1 values the tile GEMM takes: 2^-90 .. 2^90 (exact,
