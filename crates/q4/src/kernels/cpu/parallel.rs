@@ -22,8 +22,9 @@ fn min_len(pieces: usize) -> usize {
 /// Handing a loop over puts the caller to sleep until the pool is done, two wake-ups on the
 /// critical path: same-process A/B on the no-AMX Xeon (twenty-third session,
 /// `scripts/cpu/results/ab-caller-joins-2026-11-28-s23.txt`), batch-1 GEMVs of 64-512 K weights
-/// from the main thread took 0.2-0.5x the time joining (SmolLM2's 192x576 and 576x576
-/// projections). The activation-packing loops of the AMX kernels keep [`AMX_PACK_JOIN_MIN`].
+/// from the main thread took 0.37-0.65x the time joining up to 576x576 (SmolLM2's k / v and q /
+/// o projections), 0.82-0.87x at 512-768 rows of 576. The activation-packing loops of the AMX
+/// kernels keep [`AMX_PACK_JOIN_MIN`].
 pub const JOIN_MIN_WEIGHTS: usize = INLINE_WEIGHTS;
 
 /// The join floor of the AMX kernels' activation-packing loops (75-200 K at batch 16 on 576-wide
