@@ -389,9 +389,7 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
         // can, where its blocks load the busiest multiprocessor about as much as the grid
         // split's items do (`plan::rounded_warp_split`).
         let rounded = (nt == 2 && fit_split() && !warp_split_forced())
-            .then(|| {
-                super::plan::rounded_warp_split(split, warps, n, steps, tiles, k.sm_count as usize)
-            })
+            .then(|| super::plan::rounded_warp_split(split, warps, n, steps, k.sm_count as usize))
             .flatten();
         let mut best = None; // (waves, kernel, block warps, defines, grid)
         for (i, s) in [Some(split), Some(split / 2), rounded]

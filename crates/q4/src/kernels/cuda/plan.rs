@@ -268,18 +268,19 @@ pub fn busiest_sm_load(
 pub const ROUNDED_SPLIT_MAX_LOAD: f64 = 1.08;
 
 /// The warp split to try instead of a grid split of `split` slices for `n` rows of `steps`
-/// steps on blocks of `warps` warps (`tiles` row tiles) over `sms` multiprocessors: the split
-/// rounded down to one a block can sum ([`warp_split_round_down`]) where its blocks load the
-/// busiest multiprocessor at most [`ROUNDED_SPLIT_MAX_LOAD`] times the grid split's items.
+/// steps on blocks of `warps` warps (row tiles of `16 * warps` rows) over `sms`
+/// multiprocessors: the split rounded down to one a block can sum ([`warp_split_round_down`])
+/// where its blocks load the busiest multiprocessor at most [`ROUNDED_SPLIT_MAX_LOAD`] times the
+/// grid split's items.
 pub fn rounded_warp_split(
     split: usize,
     warps: usize,
     n: usize,
     steps: usize,
-    tiles: usize,
     sms: usize,
 ) -> Option<usize> {
     warp_split_round_down(split, warps).filter(|&s| {
+        let tiles = n.div_ceil(16 * warps);
         let grid = busiest_sm_load(tiles * split, sms, warps, steps.div_ceil(split));
         let (block_warps, blocks) = warp_split_blocks(n, warps, s);
         let rounded = busiest_sm_load(blocks, sms, block_warps, steps.div_ceil(s));
@@ -544,14 +545,7 @@ mod tests {
     fn rounded_warp_splits_follow_the_measured_wins() {
         let case = |n: usize, k: usize, split: usize| {
             let warps = if n * k < 40 << 20 { 4 } else { 8 };
-            rounded_warp_split(
-                split,
-                warps,
-                n,
-                k.div_ceil(128),
-                n.div_ceil(16 * warps),
-                132,
-            )
+            rounded_warp_split(split, warps, n, k.div_ceil(128), 132)
         };
         assert_eq!(case(6144, 2560, 5), Some(4));
         assert_eq!(case(8192, 3072, 5), Some(4));
