@@ -18,6 +18,8 @@
 //!   pair) against stored per K slice.
 //! - `sliceA-B` (e.g. `slice256-1024`): the AMX GEMM's K slice of A values against B.
 //! - `cbsliceA-B`: the codebook (NF4) AMX GEMM's K slice for one activation group, A against B.
+//! - `lanes`: batches 9-64 on the AVX-512 kernel with the activation rows in the vector lanes
+//!   (`kernels::cpu::lanes`) against the dot-product micro-kernel.
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
 //!   crate's at every batch.
 //!
@@ -68,8 +70,12 @@ fn main() {
     // `cbsliceA-B`: the codebook AMX GEMM's one-group K slice A against B.
     let cb_slice_ab = mode.strip_prefix("cbslice").and_then(pair);
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
+    let lanes = mode == "lanes";
     let select = |on: bool| {
-        if mode == "persist" {
+        if lanes {
+            #[cfg(target_arch = "x86_64")]
+            q4::kernels::cpu::lanes::set_enabled(on);
+        } else if mode == "persist" {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_persist(on);
         } else if let Some((a, b)) = cb_slice_ab {
@@ -120,6 +126,8 @@ fn main() {
         println!("{format} W4A8: shape  batch  vnni_tiles_us  before_us  ratio");
     } else if nr4 {
         println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
+    } else if lanes {
+        println!("{format}: shape  batch  lanes_us  dot_kernel_us  ratio");
     } else if dot_max.is_some() {
         println!("{format}: shape  batch  dot_kernel_us  gemm_crate_us  ratio");
     } else {

@@ -26,7 +26,7 @@ fn main() {
         }
         let q = QTensor::quantize(&w, &QuantSpec::new(f)).unwrap();
         let view = q.host_view().unwrap();
-        for batch in [1usize, 4, 8, 16] {
+        for batch in [1usize, 4, 8, 16, 32, 64] {
             if std::env::args()
                 .nth(3)
                 .is_some_and(|b| b.parse::<usize>().unwrap() != batch)

@@ -100,7 +100,7 @@ unsafe fn permute_avx512(x: &[f32], k: usize, high_first: bool, out: &mut [f32])
 /// Decodes the 64 weights at `p` into four vectors in [`chunk_element`] order (unscaled).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn decode64(p: *const u8, lut: __m512) -> [__m512; 4] {
+pub(super) unsafe fn decode64(p: *const u8, lut: __m512) -> [__m512; 4] {
     let b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
     let b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(p.add(16) as *const __m128i));
     [
@@ -116,7 +116,7 @@ unsafe fn decode64(p: *const u8, lut: __m512) -> [__m512; 4] {
 /// `[s(first block) x8 | s(second block) x8]`.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn chunk_scales<const BK: u8, S: Scales>(
+pub(super) unsafe fn chunk_scales<const BK: u8, S: Scales>(
     s: &S,
     base: usize,
     c: usize,

@@ -1,7 +1,8 @@
 //! Larger batches: decode a tile of weights (a few hundred rows by a slice of K, sized for the
 //! L2 cache) into f32, then run a dense micro-kernel on it (q4's AVX2 dot-product kernel, or the
 //! `gemm` crate's elsewhere), accumulating over the K slices. Only one tile per thread exists at
-//! a time.
+//! a time. On AVX-512 hosts, rows from `lanes::MIN_K` wide at batches 10-64 go to
+//! [`super::lanes`] instead, which decodes a chunk of a group of rows at a time.
 
 use std::cell::RefCell;
 
@@ -111,6 +112,14 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         let mut xp = AlignedBuf::new();
         let xp = xp.slice(x.len());
         super::avx512::permute_activations(x, w.k, w.high_first, xp);
+        if super::lanes::applies(w, batch) {
+            let (lanes, k, n) = (super::lanes::lanes_rows(batch), w.k, w.n);
+            super::lanes::matmul(w, &xp[..lanes * k], lanes, &mut y[..lanes * n]);
+            if lanes < batch {
+                super::gemv::matmul(w, &x[lanes * k..], batch - lanes, &mut y[lanes * n..]);
+            }
+            return;
+        }
         return matmul_decoded(w.n, w.k, |r, k0, out| dec.decode(r, k0, out), xp, batch, y);
     }
     #[cfg(target_arch = "x86_64")]

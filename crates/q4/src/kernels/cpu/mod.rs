@@ -12,6 +12,8 @@ mod decode;
 pub mod dense;
 mod gemm;
 mod gemv;
+#[cfg(target_arch = "x86_64")]
+pub mod lanes;
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 mod no_simd;
 pub mod parallel;
@@ -51,8 +53,11 @@ pub enum CpuKernel {
     GemvSimd,
     /// Fused decode + dot products, portable Rust.
     GemvPortable,
-    /// Tile decode, then a dense micro-kernel (q4's AVX2 one up to 32 rows, else the `gemm`
-    /// crate's).
+    /// Weight tiles decoded to f32, then a dense micro-kernel: on AVX-512 hosts over rows from
+    /// [`lanes::MIN_K`] wide at batches 10-64, q4's kernel with the activation rows in the
+    /// vector lanes (`lanes`, a GEMV for a remainder of up to five rows); else q4's
+    /// dot-product kernel up to [`DOT_MAX_BATCH`] rows, the `gemm` crate's above (or AMX tiles
+    /// where present).
     TiledGemm,
     /// Groups of up to [`GEMV_MAX_BATCH`] activation rows, a GEMV each (batches 9-16 over wide
     /// rows).
