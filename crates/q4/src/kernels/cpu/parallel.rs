@@ -52,6 +52,16 @@ fn caller_joins(work: usize, join_min: usize) -> bool {
         && CALLER_JOINS.load(Ordering::Relaxed)
 }
 
+/// Whether a loop has no other thread to share it with: a pool of one. Called from outside the
+/// pool, handing the loop to that one worker would only put the caller to sleep until it is
+/// done. Batch-1 GEMVs with `RAYON_NUM_THREADS=1`, two builds alternating (twenty-fourth
+/// session, `scripts/cpu/results/single-thread-inline-2026-11-28-s24.txt`): 1536x576 57-155 us
+/// handed over against 48-82 inline, 576x576 26-100 against 18-32, 4096x4096 1.0-1.4 ms against
+/// 0.87-1.15.
+fn alone() -> bool {
+    rayon::current_num_threads() == 1
+}
+
 /// Runs `drain(true)` on the calling thread and `drain(false)` on `threads - 1` pool workers;
 /// each claims pieces until none are left (the caller from the front, the workers from the
 /// back, so that each streams through adjacent memory), so a worker that wakes late takes fewer.
@@ -122,7 +132,7 @@ pub fn for_each_chunk_mut_joining_from<T: Send, F: Fn(usize, &mut [T]) + Sync + 
     f: F,
 ) {
     let chunk = chunk.max(1);
-    if work < INLINE_WEIGHTS || data.len() <= chunk {
+    if work < INLINE_WEIGHTS || data.len() <= chunk || alone() {
         data.chunks_mut(chunk)
             .enumerate()
             .for_each(|(i, c)| f(i, c));
@@ -164,7 +174,7 @@ pub fn for_each_chunk_mut_joining_from<T: Send, F: Fn(usize, &mut [T]) + Sync + 
 /// Calls `f(i)` for `i in 0..count`: in parallel when `work` (weights touched) is large, inline
 /// otherwise (same policy as [`for_each_chunk_mut`]).
 pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: F) {
-    if work < INLINE_WEIGHTS || count <= 1 {
+    if work < INLINE_WEIGHTS || count <= 1 || alone() {
         (0..count).for_each(f);
     } else if caller_joins(work, JOIN_MIN_WEIGHTS) {
         let left = Mutex::new(0..count);
@@ -186,6 +196,31 @@ pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In a pool of one thread every piece runs on the calling thread, once.
+    #[test]
+    fn a_pool_of_one_runs_loops_on_the_caller() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            assert!(alone());
+            let me = std::thread::current().id();
+            let seen: Vec<_> = (0..100).map(|_| AtomicUsize::new(0)).collect();
+            for_each_index(100, 1 << 24, |i| {
+                assert_eq!(std::thread::current().id(), me);
+                seen[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(seen.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+            let mut v = vec![0u8; 1000];
+            for_each_chunk_mut(&mut v, 10, 1 << 24, |_, c| {
+                assert_eq!(std::thread::current().id(), me);
+                c.fill(1);
+            });
+            assert!(v.iter().all(|&x| x == 1));
+        });
+    }
 
     /// Claims from both ends cover every index once, in shrinking shares.
     #[test]
