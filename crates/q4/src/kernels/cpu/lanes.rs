@@ -1,4 +1,5 @@
-//! Batches 9-64 on AVX-512 hosts: the activation rows lie in the vector lanes.
+//! Batches 10-64 over rows from [`MIN_K`] wide on AVX-512 hosts: the activation rows lie in
+//! the vector lanes.
 //!
 //! The dot-product micro-kernel (`x86::tile_gemm`) loads a vector of decoded weights
 //! and one of activations for every pair of FMAs and reduces across lanes at the end. Over
@@ -132,8 +133,12 @@ fn run<const MV: usize, const NG: usize>(
     let per_slice = chunks.div_ceil(slices);
     let groups = n.div_ceil(NG);
     let y_addr = y.as_mut_ptr() as usize;
-    XT.with_borrow_mut(|xt| {
-        let xt = xt.slice(per_slice * CHUNK * width);
+    // Taken out of the thread's slot for the call: while this thread waits in the parallel loop
+    // below, rayon may run another matmul on it, which then finds the slot empty and uses a
+    // buffer of its own (a borrow held across the loop would panic).
+    let mut buf = XT.take();
+    {
+        let xt = buf.slice(per_slice * CHUNK * width);
         for s in 0..slices {
             let (c0, c1) = (s * per_slice, ((s + 1) * per_slice).min(chunks));
             transpose(xp, k, batch, c0 * CHUNK, c1 * CHUNK, width, xt);
@@ -143,13 +148,12 @@ fn run<const MV: usize, const NG: usize>(
                 let live = NG.min(n - r0);
                 let mut sums = [[0f32; LANES]; 64];
                 let sums = &mut sums[..NG * MV];
-                // SAFETY: `applies` checked AVX-512F and the decode geometry; rows r0..r0+live
+                // SAFETY: `fits` checked AVX-512F and the decode geometry; rows r0..r0+live
                 // exist; chunks c0..c1 lie in the rows; `xt` holds (c1 - c0) * 64 columns of
                 // `width` values and `sums` NG x MV vectors.
                 unsafe { group_dispatch::<MV, NG>(w, xt, r0, live, c0, c1, sums) };
-                // Each group writes its own columns r0..r0+live of every output row: disjoint
-                // from every other group's, so concurrent groups never write the same element.
-                // Along each output row (contiguous in `y`), gathering from the sums.
+                // Each group writes its own columns r0..r0+live of every output row (disjoint
+                // from every other group's), along the row, gathering from the sums.
                 for m in 0..batch {
                     // SAFETY: m < batch and r0 + live <= n: the `live` values from (m, r0) lie
                     // inside `y` (batch x n), and only this group writes them.
@@ -164,7 +168,8 @@ fn run<const MV: usize, const NG: usize>(
                 }
             });
         }
-    });
+    }
+    XT.set(buf);
 }
 
 /// `xt[(p - p0) * width + m] = xp[m * k + p]` for columns `p0..p1` (zero past `k` and for the
@@ -433,6 +438,49 @@ mod tests {
         assert_eq!(lanes_rows(16), 16);
         assert_eq!(lanes_rows(12), 12);
         assert_eq!(lanes_rows(37), 32);
+    }
+
+    /// Calls made concurrently on a pool's workers (whose waits may run other calls on the same
+    /// thread) give what one call alone gives.
+    #[test]
+    fn concurrent_calls_on_pool_workers_agree() {
+        if !super::super::avx512::usable() {
+            return;
+        }
+        use rayon::prelude::*;
+        let dev = Device::Cpu;
+        let (n, k, batch) = (300usize, 1024usize, 16usize);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
+        let view = q.host_view().unwrap();
+        let rows = Rows::new(&view);
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut xp = vec![0f32; x.len()];
+        super::super::avx512::permute_activations(&x, k, rows.high_first, &mut xp);
+        let mut want = vec![0f32; batch * n];
+        matmul(&rows, &xp, batch, &mut want);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        let outs: Vec<Vec<f32>> = pool.install(|| {
+            (0..256)
+                .into_par_iter()
+                .map(|_| {
+                    let mut y = vec![0f32; batch * n];
+                    matmul(&rows, &xp, batch, &mut y);
+                    y
+                })
+                .collect()
+        });
+        for y in outs {
+            assert_eq!(y, want);
+        }
     }
 
     #[test]
