@@ -20,6 +20,8 @@
 //! - `cbsliceA-B`: the codebook (NF4) AMX GEMM's K slice for one activation group, A against B.
 //! - `lanes`: batches 9-64 on the AVX-512 kernel with the activation rows in the vector lanes
 //!   (`kernels::cpu::lanes`) against the dot-product micro-kernel.
+//! - `lanesN` (e.g. `lanes512`): the lanes kernel up to batch N (passes of 64 rows) against
+//!   up to 64 (then the dot-product kernel or the `gemm` crate).
 //! - `dotN` (e.g. `dot64`): q4's dot-product micro-kernel up to batch N against the `gemm`
 //!   crate's at every batch.
 //!
@@ -71,10 +73,29 @@ fn main() {
     let cb_slice_ab = mode.strip_prefix("cbslice").and_then(pair);
     let dot_max: Option<usize> = mode.strip_prefix("dot").and_then(|n| n.parse().ok());
     let lanes = mode == "lanes";
+    // `lanesN` (e.g. `lanes256`): the lanes kernel up to batch N against up to 64.
+    let lanes_max: Option<usize> = mode.strip_prefix("lanes").and_then(|n| n.parse().ok());
     let select = |on: bool| {
         if lanes {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::lanes::set_enabled(on);
+        } else if let Some(max) = lanes_max {
+            #[cfg(target_arch = "x86_64")]
+            {
+                q4::kernels::cpu::lanes::set_max_batch(if on { max } else { 64 });
+                // `Q4_LANES_MIN_K`: rows this wide and up take the kernel on the `on` side.
+                if let Some(k) = std::env::var("Q4_LANES_MIN_K")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                {
+                    q4::kernels::cpu::lanes::set_min_k(if on {
+                        k
+                    } else {
+                        q4::kernels::cpu::lanes::MIN_K
+                    });
+                }
+            }
+            let _ = max;
         } else if mode == "persist" {
             #[cfg(target_arch = "x86_64")]
             q4::kernels::cpu::amx::set_persist(on);
@@ -128,6 +149,8 @@ fn main() {
         println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
     } else if lanes {
         println!("{format}: shape  batch  lanes_us  dot_kernel_us  ratio");
+    } else if let Some(max) = lanes_max {
+        println!("{format}: shape  batch  lanes_to_{max}_us  before_us  ratio");
     } else if dot_max.is_some() {
         println!("{format}: shape  batch  dot_kernel_us  gemm_crate_us  ratio");
     } else {

@@ -1,8 +1,8 @@
 //! Larger batches: decode a tile of weights (a few hundred rows by a slice of K, sized for the
 //! L2 cache) into f32, then run a dense micro-kernel on it (q4's AVX2 dot-product kernel, or the
 //! `gemm` crate's elsewhere), accumulating over the K slices. Only one tile per thread exists at
-//! a time. On AVX-512 hosts, rows from `lanes::MIN_K` wide at batches 10-64 go to
-//! [`super::lanes`] instead, which decodes a chunk of a group of rows at a time.
+//! a time. On AVX-512 hosts most batches go to [`super::lanes`] instead (see
+//! `lanes::applies`), which decodes a chunk of a group of rows at a time.
 
 use std::cell::RefCell;
 

@@ -1,5 +1,5 @@
-//! Batches 10-64 over rows from [`MIN_K`] wide on AVX-512 hosts: the activation rows lie in
-//! the vector lanes.
+//! Batches of 10 rows and more on AVX-512 hosts (over rows from [`MIN_K`] wide, or larger
+//! batches over narrower ones; see [`applies`]): the activation rows lie in the vector lanes.
 //!
 //! The dot-product micro-kernel (`x86::tile_gemm`) loads a vector of decoded weights
 //! and one of activations for every pair of FMAs and reduces across lanes at the end. Over
@@ -27,8 +27,42 @@ use super::rows::{
 /// Activation rows per vector.
 const LANES: usize = 16;
 
-/// Largest batch this kernel takes (four vectors of activation rows).
-pub const MAX_BATCH: usize = 64;
+/// Most activation rows per pass over the weights (four vectors of them); larger batches take
+/// several passes.
+pub const PASS_ROWS: usize = 64;
+
+/// Largest batch this kernel takes: every batch. Same-process A/B (`ab_tile_decode lanesN`,
+/// NVFP4 unless noted; `scripts/cpu/results/ab-lanes-large-batches-2026-11-28-s24.txt`) against
+/// the dot-product kernel (up to 128 rows, 256 over rows up to 2048 wide) and the `gemm` crate's
+/// packed kernel above it, time ratio: 0.54-0.77x at batches 96-2048 on 4096x4096, 11008x4096
+/// and 2560x2560 (NF4 0.54-0.81x at 128-512); over rows of 576-1536, where the `gemm` crate
+/// runs (from 384 rows), 0.65-0.87x.
+pub const MAX_BATCH: usize = usize::MAX;
+
+/// Rows from this wide take the kernel from [`WIDE_MIN_BATCH`] rows even below [`MIN_K`]:
+/// 2048x2048 and 2048x5632 0.50-0.87x at batches 96-1024, but 0.76-1.03x at 16-64.
+pub const WIDE_MIN_K: usize = 2048;
+
+/// See [`WIDE_MIN_K`].
+pub const WIDE_MIN_BATCH: usize = 96;
+
+static MINK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MIN_K);
+
+/// Sets the narrowest rows this kernel takes (default [`MIN_K`]), for same-process A/B
+/// measurements.
+#[doc(hidden)]
+pub fn set_min_k(k: usize) {
+    MINK.store(k, Ordering::Relaxed);
+}
+
+static MAX: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MAX_BATCH);
+
+/// Sets the largest batch this kernel takes (default [`MAX_BATCH`]), for same-process A/B
+/// measurements.
+#[doc(hidden)]
+pub fn set_max_batch(batch: usize) {
+    MAX.store(batch, Ordering::Relaxed);
+}
 
 /// Most bytes of transposed activations per K slice: wider rows are cut into slices whose
 /// partial sums are added into the output.
@@ -71,11 +105,16 @@ pub fn fits(w: &Rows<'_>) -> bool {
     super::avx512::TileDecoder::new(w).is_some()
 }
 
-/// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them).
+/// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them): from
+/// [`MIN_BATCH`] rows over rows from [`MIN_K`] wide, from [`WIDE_MIN_BATCH`] over rows from
+/// [`WIDE_MIN_K`], and every batch the dot-product kernel does not take (there it replaces the
+/// `gemm` crate).
 pub fn applies(w: &Rows<'_>, batch: usize) -> bool {
     ENABLED.load(Ordering::Relaxed)
-        && (MIN_BATCH..=MAX_BATCH).contains(&batch)
-        && w.k >= MIN_K
+        && (MIN_BATCH..=MAX.load(Ordering::Relaxed)).contains(&batch)
+        && (w.k >= MINK.load(Ordering::Relaxed)
+            || (w.k >= WIDE_MIN_K && batch >= WIDE_MIN_BATCH)
+            || !super::gemm::dot_kernel(batch, w.k))
         && fits(w)
 }
 
@@ -95,14 +134,22 @@ thread_local! {
 }
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]` with `xp` the activations permuted by
-/// [`super::avx512::permute_activations`], for 1 to [`MAX_BATCH`] rows where [`fits`] holds.
+/// [`super::avx512::permute_activations`], for any batch where [`fits`] holds (passes of up to
+/// [`PASS_ROWS`] rows).
 pub fn matmul(w: &Rows<'_>, xp: &[f32], batch: usize, y: &mut [f32]) {
-    matmul_sliced(w, xp, batch, y, XT_MAX_BYTES)
+    let (k, n) = (w.k, w.n);
+    let mut m0 = 0;
+    while m0 < batch {
+        let b = (batch - m0).min(PASS_ROWS);
+        let (x, y) = (&xp[m0 * k..(m0 + b) * k], &mut y[m0 * n..(m0 + b) * n]);
+        matmul_sliced(w, x, b, y, XT_MAX_BYTES);
+        m0 += b;
+    }
 }
 
 fn matmul_sliced(w: &Rows<'_>, xp: &[f32], batch: usize, y: &mut [f32], xt_max: usize) {
     assert!(
-        fits(w) && (1..=MAX_BATCH).contains(&batch),
+        fits(w) && (1..=PASS_ROWS).contains(&batch),
         "lanes::matmul outside its batches or geometry"
     );
     assert!(xp.len() == batch * w.k && y.len() == batch * w.n);
@@ -405,7 +452,7 @@ mod tests {
             let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
             let view = q.host_view().unwrap();
             let rows = Rows::new(&view);
-            for batch in [10, 17, 21, 22, 36, 64] {
+            for batch in [10, 17, 21, 22, 36, 64, 100, 130] {
                 assert!(applies(&rows, batch), "{format} b{batch}");
                 let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
                     .unwrap()
@@ -432,6 +479,13 @@ mod tests {
                 }
             }
         }
+        // Narrow rows: only batches the dot-product kernel leaves to the `gemm` crate.
+        let w = Tensor::randn(0f32, 0.05, (8, 576), &dev).unwrap();
+        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
+        let view = q.host_view().unwrap();
+        let rows = Rows::new(&view);
+        assert!(!applies(&rows, 64));
+        assert!(applies(&rows, 4096));
         assert_eq!(lanes_rows(17), 16);
         assert_eq!(lanes_rows(21), 16);
         assert_eq!(lanes_rows(22), 22);

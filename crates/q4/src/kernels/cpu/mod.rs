@@ -53,11 +53,11 @@ pub enum CpuKernel {
     GemvSimd,
     /// Fused decode + dot products, portable Rust.
     GemvPortable,
-    /// Weight tiles decoded to f32, then a dense micro-kernel: on AVX-512 hosts over rows from
-    /// [`lanes::MIN_K`] wide at batches 10-64, q4's kernel with the activation rows in the
-    /// vector lanes (`lanes`, a GEMV for a remainder of up to five rows); else q4's
-    /// dot-product kernel up to [`DOT_MAX_BATCH`] rows, the `gemm` crate's above (or AMX tiles
-    /// where present).
+    /// Weight tiles decoded to f32, then a dense micro-kernel: on AVX-512 hosts without AMX,
+    /// q4's kernel with the activation rows in the vector lanes (`lanes`; from 10 rows over
+    /// rows from 2560 wide, otherwise where the dot-product kernel would not run; a GEMV for
+    /// a remainder of up to five rows); else q4's dot-product kernel up to [`DOT_MAX_BATCH`]
+    /// rows, the `gemm` crate's above (or AMX tiles where present).
     TiledGemm,
     /// Groups of up to [`GEMV_MAX_BATCH`] activation rows, a GEMV each (batches 9-16 over wide
     /// rows).
