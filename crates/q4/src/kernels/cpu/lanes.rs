@@ -70,6 +70,9 @@ const XT_MAX_BYTES: usize = 1 << 20;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
+static ENV_OFF: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("Q4_LANES").is_some_and(|v| v == "0"));
+
 /// Turns the kernel on or off for the whole process (for same-process A/B measurements; off,
 /// these batches take the dot-product micro-kernel).
 #[doc(hidden)]
@@ -105,12 +108,14 @@ pub fn fits(w: &Rows<'_>) -> bool {
     super::avx512::TileDecoder::new(w).is_some()
 }
 
-/// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them): from
+/// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them; never
+/// with `Q4_LANES=0` or after [`set_enabled`]`(false)`): from
 /// [`MIN_BATCH`] rows over rows from [`MIN_K`] wide, from [`WIDE_MIN_BATCH`] over rows from
 /// [`WIDE_MIN_K`], and every batch the dot-product kernel does not take (there it replaces the
 /// `gemm` crate).
 pub fn applies(w: &Rows<'_>, batch: usize) -> bool {
     ENABLED.load(Ordering::Relaxed)
+        && !*ENV_OFF
         && (MIN_BATCH..=MAX.load(Ordering::Relaxed)).contains(&batch)
         && (w.k >= MINK.load(Ordering::Relaxed)
             || (w.k >= WIDE_MIN_K && batch >= WIDE_MIN_BATCH)
