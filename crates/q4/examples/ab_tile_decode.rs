@@ -147,6 +147,8 @@ fn main() {
         println!("{format} W4A8: shape  batch  vnni_tiles_us  before_us  ratio");
     } else if nr4 {
         println!("{format}: shape  batch  3x4_us  3x3_us  ratio");
+    } else if amx {
+        println!("{format}: shape  batch  amx_us  without_amx_us  ratio");
     } else if lanes {
         println!("{format}: shape  batch  lanes_us  dot_kernel_us  ratio");
     } else if let Some(max) = lanes_max {
