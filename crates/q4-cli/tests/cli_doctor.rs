@@ -73,10 +73,17 @@ fn doctor_json_is_complete_and_consistent() {
     } else if !vnni {
         assert!(vnni_rows.is_empty(), "{vnni_rows:?}");
     }
+    // AVX-512 hosts add a row for each format: the prefill kernel with activation rows in lanes.
+    let lanes_rows = rows_of("tiled-gemm-lanes");
+    if has("avx512f") && !off("Q4_AVX512") && !off("Q4_LANES") {
+        assert_eq!(lanes_rows, ["nvfp4", "nf4", "fp4", "mxfp4"], "lanes rows");
+    } else if !has("avx512f") || off("Q4_LANES") {
+        assert!(lanes_rows.is_empty(), "{lanes_rows:?}");
+    }
     assert_eq!(
         kernels.len(),
-        12 + amx_rows.len() + vnni_rows.len(),
-        "4 formats x 3 batch ranges (+ AMX rows, + VNNI W4A8 rows)"
+        12 + amx_rows.len() + vnni_rows.len() + lanes_rows.len(),
+        "4 formats x 3 batch ranges (+ AMX rows, + VNNI W4A8 rows, + lanes rows)"
     );
     let names: Vec<&str> = kernels
         .iter()

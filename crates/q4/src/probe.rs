@@ -178,6 +178,22 @@ pub fn cpu_report() -> CpuReport {
             });
         }
         #[cfg(target_arch = "x86_64")]
+        if crate::kernels::cpu::lanes::host_usable() {
+            use crate::kernels::cpu::lanes;
+            kernels.push(CpuKernelRow {
+                format: f.name(),
+                batch: format!(
+                    ">={} at K>={}, >={} at K>={}, past the dot kernel",
+                    lanes::MIN_BATCH,
+                    lanes::MIN_K,
+                    lanes::WIDE_MIN_BATCH,
+                    lanes::WIDE_MIN_K
+                ),
+                kernel: "tiled-gemm-lanes (rows decoded 64 columns at a time into L1, activation \
+                         rows in the AVX-512 lanes, passes of 64 rows)",
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
         if matches!(f, Format::Nvfp4 | Format::Mxfp4)
             && crate::kernels::cpu::w4a8_vnni::host_usable()
         {

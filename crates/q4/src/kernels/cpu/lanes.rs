@@ -108,6 +108,12 @@ pub fn fits(w: &Rows<'_>) -> bool {
     super::avx512::TileDecoder::new(w).is_some()
 }
 
+/// Whether this host runs the kernel at all: AVX-512F, and not turned off by `Q4_LANES=0` or
+/// [`set_enabled`].
+pub fn host_usable() -> bool {
+    ENABLED.load(Ordering::Relaxed) && !*ENV_OFF && super::avx512::usable()
+}
+
 /// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them; never
 /// with `Q4_LANES=0` or after [`set_enabled`]`(false)`): from
 /// [`MIN_BATCH`] rows over rows from [`MIN_K`] wide, from [`WIDE_MIN_BATCH`] over rows from
