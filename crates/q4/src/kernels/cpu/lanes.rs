@@ -209,7 +209,7 @@ fn run<const MV: usize, const NG: usize>(
                 // SAFETY: `fits` checked AVX-512F and the decode geometry; rows r0..r0+live
                 // exist; chunks c0..c1 lie in the rows; `xt` holds (c1 - c0) * 64 columns of
                 // `width` values and `sums` NG x MV vectors.
-                unsafe { group_dispatch::<MV, NG>(w, xt, r0, live, c0, c1, sums) };
+                unsafe { group_dispatch::<MV, NG>(w, xt, Span { r0, live, c0, c1 }, sums) };
                 // Each group writes its own columns r0..r0+live of every output row (disjoint
                 // from every other group's), along the row, gathering from the sums.
                 for m in 0..batch {
@@ -251,6 +251,16 @@ fn transpose(
     }
 }
 
+/// The part of the weight one [`group`] call covers: rows `r0..r0 + live` (of a group of `NG`;
+/// the missing rows count as zeros) over chunks `c0..c1`.
+#[derive(Clone, Copy)]
+struct Span {
+    r0: usize,
+    live: usize,
+    c0: usize,
+    c1: usize,
+}
+
 /// [`group`] monomorphised for the weight's block class and scale storage.
 ///
 /// # Safety
@@ -258,31 +268,22 @@ fn transpose(
 unsafe fn group_dispatch<const MV: usize, const NG: usize>(
     w: &Rows<'_>,
     xt: &[f32],
-    r0: usize,
-    live: usize,
-    c0: usize,
-    c1: usize,
+    span: Span,
     sums: &mut [[f32; LANES]],
 ) {
     match (block_class(w.block), w.scales) {
         (BLOCK16, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK16, _, MV, NG>(w, TableScales { bytes, table }, xt, r0, live, c0, c1, sums)
+            group::<BLOCK16, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
         }
         (BLOCK32, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK32, _, MV, NG>(w, TableScales { bytes, table }, xt, r0, live, c0, c1, sums)
+            group::<BLOCK32, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
         }
         (_, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK64, _, MV, NG>(w, TableScales { bytes, table }, xt, r0, live, c0, c1, sums)
+            group::<BLOCK64, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
         }
-        (BLOCK16, ScaleSrc::F32(v)) => {
-            group::<BLOCK16, _, MV, NG>(w, F32Scales(v), xt, r0, live, c0, c1, sums)
-        }
-        (BLOCK32, ScaleSrc::F32(v)) => {
-            group::<BLOCK32, _, MV, NG>(w, F32Scales(v), xt, r0, live, c0, c1, sums)
-        }
-        (_, ScaleSrc::F32(v)) => {
-            group::<BLOCK64, _, MV, NG>(w, F32Scales(v), xt, r0, live, c0, c1, sums)
-        }
+        (BLOCK16, ScaleSrc::F32(v)) => group::<BLOCK16, _, MV, NG>(w, F32Scales(v), xt, span, sums),
+        (BLOCK32, ScaleSrc::F32(v)) => group::<BLOCK32, _, MV, NG>(w, F32Scales(v), xt, span, sums),
+        (_, ScaleSrc::F32(v)) => group::<BLOCK64, _, MV, NG>(w, F32Scales(v), xt, span, sums),
     }
 }
 
@@ -292,26 +293,23 @@ unsafe fn group_dispatch<const MV: usize, const NG: usize>(
 #[repr(C, align(64))]
 struct Scratch<const NG: usize>([[[f32; LANES]; NG]; 4]);
 
-/// Rows `r0..r0 + live` (of a group of `NG`; the missing rows count as zeros) times the
-/// transposed activations over chunks `c0..c1`: `sums[j * MV + v][l]` is the sum for weight row
-/// `r0 + j` and activation row `16 v + l`.
+/// The span's rows times the transposed activations over its chunks: `sums[j * MV + v][l]` is
+/// the sum for weight row `r0 + j` and activation row `16 v + l`.
 ///
 /// # Safety
 /// AVX-512F present; the GEMV's `simd_fits` geometry; rows `r0..r0 + live` exist, `live <= NG`;
 /// chunks `c0..c1` lie in the rows (the last may be partial); `xt` holds `(c1 - c0) * 64`
 /// columns of `MV * 16` values; `sums` holds `NG * MV` vectors.
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 unsafe fn group<const BK: u8, S: Scales, const MV: usize, const NG: usize>(
     w: &Rows<'_>,
     scales: S,
     xt: &[f32],
-    r0: usize,
-    live: usize,
-    c0: usize,
-    c1: usize,
+    span: Span,
     sums: &mut [[f32; LANES]],
 ) {
+    let Span { r0, live, c0, c1 } = span;
     debug_assert!(live <= NG && r0 + live <= w.n && c1 * CHUNK < w.k + CHUNK);
     debug_assert!(xt.len() >= (c1 - c0) * CHUNK * MV * LANES && sums.len() >= NG * MV);
     let lut = _mm512_loadu_ps(w.lut.as_ptr());
@@ -389,6 +387,36 @@ mod tests {
     use crate::{Format, QTensor, QuantSpec};
     use candle_core::{Device, Tensor};
 
+    fn random(rows: usize, cols: usize) -> Vec<f32> {
+        Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    /// `got` (`batch x n`) equals the scalar decode of `rows` times `x`, summed in f64, to f32
+    /// rounding of the products' magnitudes.
+    fn assert_matches_reference(rows: &Rows<'_>, x: &[f32], batch: usize, got: &[f32], what: &str) {
+        let (n, k) = (rows.n, rows.k);
+        for m in 0..batch {
+            for r in 0..n {
+                let (mut want, mut mag) = (0f64, 0f64);
+                for c in 0..k {
+                    let p = rows.weight(r, c) as f64 * x[m * k + c] as f64;
+                    want += p;
+                    mag += p.abs();
+                }
+                let g = got[m * n + r] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-6 * mag + 1e-30,
+                    "{what}: y[{m},{r}] = {g} vs {want}"
+                );
+            }
+        }
+    }
+
     /// Every format (16-, 32- and 64-wide blocks, table and f32 scales, both nibble orders),
     /// batches of one to four vectors of rows with padding lanes, row counts that leave a
     /// partial group, K tails and K cut into slices: equal to the scalar decode times the
@@ -413,34 +441,15 @@ mod tests {
                 }
                 ran += 1;
                 for batch in [1, 9, 16, 17, 33, 50, 64] {
-                    let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap();
+                    let x = random(batch, k);
                     let mut xp = vec![0f32; x.len()];
                     super::super::avx512::permute_activations(&x, k, rows.high_first, &mut xp);
                     // Whole rows in one slice, and slices of one or two chunks.
                     for xt_max in [XT_MAX_BYTES, 1, CHUNK * 64 * 4 * 2] {
                         let mut got = vec![f32::NAN; batch * n];
                         matmul_sliced(&rows, &xp, batch, &mut got, xt_max);
-                        for m in 0..batch {
-                            for r in 0..n {
-                                let (mut want, mut mag) = (0f64, 0f64);
-                                for c in 0..k {
-                                    let p = rows.weight(r, c) as f64 * x[m * k + c] as f64;
-                                    want += p;
-                                    mag += p.abs();
-                                }
-                                let g = got[m * n + r] as f64;
-                                assert!(
-                                    (g - want).abs() <= 1e-6 * mag + 1e-30,
-                                    "{format} {n}x{k} b{batch} slices {xt_max}: \
-                                     y[{m},{r}] = {g} vs {want}"
-                                );
-                            }
-                        }
+                        let what = format!("{format} {n}x{k} b{batch} slices {xt_max}");
+                        assert_matches_reference(&rows, &x, batch, &got, &what);
                     }
                 }
             }
@@ -465,29 +474,10 @@ mod tests {
             let rows = Rows::new(&view);
             for batch in [10, 17, 21, 22, 36, 64, 100, 130] {
                 assert!(applies(&rows, batch), "{format} b{batch}");
-                let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let x = random(batch, k);
                 let mut got = vec![f32::NAN; batch * n];
                 super::super::matmul(&view, &x, batch, &mut got);
-                for m in 0..batch {
-                    for r in 0..n {
-                        let (mut want, mut mag) = (0f64, 0f64);
-                        for c in 0..k {
-                            let p = rows.weight(r, c) as f64 * x[m * k + c] as f64;
-                            want += p;
-                            mag += p.abs();
-                        }
-                        let g = got[m * n + r] as f64;
-                        assert!(
-                            (g - want).abs() <= 1e-6 * mag + 1e-30,
-                            "{format} b{batch}: y[{m},{r}] = {g} vs {want}"
-                        );
-                    }
-                }
+                assert_matches_reference(&rows, &x, batch, &got, &format!("{format} b{batch}"));
             }
         }
         // Narrow rows: only batches the dot-product kernel leaves to the `gemm` crate.
@@ -519,12 +509,7 @@ mod tests {
         let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
         let view = q.host_view().unwrap();
         let rows = Rows::new(&view);
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (batch, k), &dev)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let x = random(batch, k);
         let mut xp = vec![0f32; x.len()];
         super::super::avx512::permute_activations(&x, k, rows.high_first, &mut xp);
         let mut want = vec![0f32; batch * n];
