@@ -111,6 +111,19 @@ pub(super) unsafe fn decode64(p: *const u8, lut: __m512) -> [__m512; 4] {
     ]
 }
 
+/// The four decoded vectors of a chunk times their scales ([`chunk_scales`]: `s01` for vectors
+/// 0-1, `s23` for 2-3).
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn scale_chunk(v: [__m512; 4], s01: __m512, s23: __m512) -> [__m512; 4] {
+    [
+        _mm512_mul_ps(v[0], s01),
+        _mm512_mul_ps(v[1], s01),
+        _mm512_mul_ps(v[2], s23),
+        _mm512_mul_ps(v[3], s23),
+    ]
+}
+
 /// Scales of chunk `c` of a row whose scales start at `base`: one vector for decoded vectors
 /// 0-1 (weights 0-31) and one for 2-3 (weights 32-63). With 16-wide blocks each is
 /// `[s(first block) x8 | s(second block) x8]`.
@@ -228,12 +241,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, S: Scales>(
                 acc2[r] = _mm512_fmadd_ps(p23, s23, acc2[r]);
             } else {
                 // Several activation rows: scale the weights once, reuse them B times.
-                let ws = [
-                    _mm512_mul_ps(v[0], s01),
-                    _mm512_mul_ps(v[1], s01),
-                    _mm512_mul_ps(v[2], s23),
-                    _mm512_mul_ps(v[3], s23),
-                ];
+                let ws = scale_chunk(v, s01, s23);
                 for m in 0..B {
                     let x = xptr.add(m * w.k + col);
                     for (t, wt) in ws.iter().enumerate() {
@@ -503,12 +511,11 @@ impl<'a> TileDecoder<'a> {
         let dst = out.as_mut_ptr();
         for c in c0..c1 {
             let (s01, s23) = chunk_scales::<BK, S>(&scales, base, c, shift);
-            let v = decode64(codes.add(c * CHUNK / 2), lut);
+            let v = scale_chunk(decode64(codes.add(c * CHUNK / 2), lut), s01, s23);
             let o = dst.add((c - c0) * CHUNK);
-            _mm512_storeu_ps(o, _mm512_mul_ps(v[0], s01));
-            _mm512_storeu_ps(o.add(16), _mm512_mul_ps(v[1], s01));
-            _mm512_storeu_ps(o.add(32), _mm512_mul_ps(v[2], s23));
-            _mm512_storeu_ps(o.add(48), _mm512_mul_ps(v[3], s23));
+            for (t, v) in v.iter().enumerate() {
+                _mm512_storeu_ps(o.add(16 * t), *v);
+            }
         }
         (c1 - c0) * CHUNK
     }

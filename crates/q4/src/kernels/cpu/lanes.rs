@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::aligned::AlignedBuf;
-use super::avx512::{chunk_scales, decode64, CHUNK};
+use super::avx512::{chunk_scales, decode64, scale_chunk, CHUNK};
 use super::parallel::for_each_index;
 use super::rows::{
     block_class, F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32, BLOCK64,
@@ -30,6 +30,17 @@ const LANES: usize = 16;
 /// Most activation rows per pass over the weights (four vectors of them); larger batches take
 /// several passes.
 pub const PASS_ROWS: usize = 64;
+
+/// Narrowest rows this kernel takes. Same-process A/B against the dot-product micro-kernel
+/// (`examples/ab_tile_decode lanes`, NVFP4, cache-cold, 2-core Xeon without AMX), time ratio at
+/// batches 12-64: 0.63-0.74x on 4096- and 8192-wide rows, 0.72-0.92x at 2560, 0.87-0.89x at
+/// 3072, mixed at 2048 (0.93-1.02x); at 576-1536 the dot kernel's operands stay in cache and it
+/// wins (lanes 1.0-1.6x the time).
+pub const MIN_K: usize = 2560;
+
+/// Smallest batch this kernel takes: at 9 rows seven of sixteen lanes idle (1.03-1.17x the
+/// dot kernel's time at K >= 2560; 10-11 rows 0.90-0.92x).
+pub const MIN_BATCH: usize = 10;
 
 /// Largest batch this kernel takes: every batch. Same-process A/B (`ab_tile_decode lanesN`,
 /// NVFP4 unless noted; `scripts/cpu/results/ab-lanes-large-batches-2026-11-28-s24.txt`) against
@@ -45,6 +56,34 @@ pub const WIDE_MIN_K: usize = 2048;
 
 /// See [`WIDE_MIN_K`].
 pub const WIDE_MIN_BATCH: usize = 96;
+
+/// Most bytes of transposed activations per K slice: wider rows are cut into slices whose
+/// partial sums are added into the output.
+const XT_MAX_BYTES: usize = 1 << 20;
+
+/// Bytes ahead along each row that the group prefetches (eight chunks): the rows of a group
+/// are read side by side, so the GEMV's distance (the next rows) would fetch lines this group
+/// already reads. 256 and 1024 measured alike, 2048 slower.
+const AHEAD: usize = 256;
+
+/// Most activation rows past a multiple of 16 (above 16) that go to the GEMV instead of a
+/// mostly idle vector of lanes. Same A/B as [`MIN_K`] on 4096x4096 and 2560x2560: 17 rows as 32
+/// lanes took 1.12-1.14x the dot kernel's time, as 16 lanes plus a GEMV row 0.83x; 20 rows
+/// 0.81-0.84x split; 21 rows 0.89-0.93x split against 0.99-1.07x padded; 24 rows 0.93-0.97x
+/// split against 0.89x padded.
+pub const GEMV_REMAINDER: usize = 5;
+
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+static ENV_OFF: std::sync::LazyLock<bool> =
+    std::sync::LazyLock::new(|| std::env::var_os("Q4_LANES").is_some_and(|v| v == "0"));
+
+/// Turns the kernel on or off for the whole process (for same-process A/B measurements; off,
+/// these batches take the dot-product micro-kernel).
+#[doc(hidden)]
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
 
 static MINK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MIN_K);
 
@@ -64,45 +103,6 @@ pub fn set_max_batch(batch: usize) {
     MAX.store(batch, Ordering::Relaxed);
 }
 
-/// Most bytes of transposed activations per K slice: wider rows are cut into slices whose
-/// partial sums are added into the output.
-const XT_MAX_BYTES: usize = 1 << 20;
-
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-static ENV_OFF: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("Q4_LANES").is_some_and(|v| v == "0"));
-
-/// Turns the kernel on or off for the whole process (for same-process A/B measurements; off,
-/// these batches take the dot-product micro-kernel).
-#[doc(hidden)]
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
-}
-
-/// Narrowest rows this kernel takes. Same-process A/B against the dot-product micro-kernel
-/// (`examples/ab_tile_decode lanes`, NVFP4, cache-cold, 2-core Xeon without AMX), time ratio at
-/// batches 12-64: 0.63-0.74x on 4096- and 8192-wide rows, 0.72-0.92x at 2560, 0.87-0.89x at
-/// 3072, mixed at 2048 (0.93-1.02x); at 576-1536 the dot kernel's operands stay in cache and it
-/// wins (lanes 1.0-1.6x the time).
-pub const MIN_K: usize = 2560;
-
-/// Smallest batch this kernel takes: at 9 rows seven of sixteen lanes idle (1.03-1.17x the
-/// dot kernel's time at K >= 2560; 10-11 rows 0.90-0.92x).
-pub const MIN_BATCH: usize = 10;
-
-/// Bytes ahead along each row that the group prefetches (eight chunks): the rows of a group
-/// are read side by side, so the GEMV's distance (the next rows) would fetch lines this group
-/// already reads. 256 and 1024 measured alike, 2048 slower.
-const AHEAD: usize = 256;
-
-/// Most activation rows past a multiple of 16 (above 16) that go to the GEMV instead of a
-/// mostly idle vector of lanes. Same A/B as [`MIN_K`] on 4096x4096 and 2560x2560: 17 rows as 32
-/// lanes took 1.12-1.14x the dot kernel's time, as 16 lanes plus a GEMV row 0.83x; 20 rows
-/// 0.81-0.84x split; 21 rows 0.89-0.93x split against 0.99-1.07x padded; 24 rows 0.93-0.97x
-/// split against 0.89x padded.
-pub const GEMV_REMAINDER: usize = 5;
-
 /// Whether AVX-512F and the GEMV's decode geometry (`simd_fits`) let this kernel run on `w`.
 pub fn fits(w: &Rows<'_>) -> bool {
     super::avx512::TileDecoder::new(w).is_some()
@@ -120,8 +120,7 @@ pub fn host_usable() -> bool {
 /// [`WIDE_MIN_K`], and every batch the dot-product kernel does not take (there it replaces the
 /// `gemm` crate).
 pub fn applies(w: &Rows<'_>, batch: usize) -> bool {
-    ENABLED.load(Ordering::Relaxed)
-        && !*ENV_OFF
+    host_usable()
         && (MIN_BATCH..=MAX.load(Ordering::Relaxed)).contains(&batch)
         && (w.k >= MINK.load(Ordering::Relaxed)
             || (w.k >= WIDE_MIN_K && batch >= WIDE_MIN_BATCH)
@@ -340,11 +339,10 @@ unsafe fn group<const BK: u8, S: Scales, const MV: usize, const NG: usize>(
                     }
                 }
                 let (s01, s23) = chunk_scales::<BK, S>(&scales, row * w.row_blocks, c, shift);
-                let v = decode64(codes, lut);
-                _mm512_store_ps(sc.0[0][j].as_mut_ptr(), _mm512_mul_ps(v[0], s01));
-                _mm512_store_ps(sc.0[1][j].as_mut_ptr(), _mm512_mul_ps(v[1], s01));
-                _mm512_store_ps(sc.0[2][j].as_mut_ptr(), _mm512_mul_ps(v[2], s23));
-                _mm512_store_ps(sc.0[3][j].as_mut_ptr(), _mm512_mul_ps(v[3], s23));
+                let v = scale_chunk(decode64(codes, lut), s01, s23);
+                for (q, v) in v.iter().enumerate() {
+                    _mm512_store_ps(sc.0[q][j].as_mut_ptr(), *v);
+                }
             } else {
                 // The columns after the last whole chunk, in element order, zero-padded.
                 let mut t = [0f32; CHUNK];

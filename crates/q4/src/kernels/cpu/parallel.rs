@@ -45,10 +45,10 @@ pub fn set_caller_joins(on: bool) {
 /// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
 /// being handed to the pool: from a thread outside the pool, which would otherwise sleep while
 /// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
+/// Asked only where the pool has other threads (a pool of one runs the loop inline: [`alone`]).
 fn caller_joins(work: usize, join_min: usize) -> bool {
     work >= join_min
         && rayon::current_thread_index().is_none()
-        && rayon::current_num_threads() > 1
         && CALLER_JOINS.load(Ordering::Relaxed)
 }
 
