@@ -63,8 +63,8 @@ const XT_MAX_BYTES: usize = 1 << 20;
 
 /// Bytes ahead along each row that the group prefetches (eight chunks): the rows of a group
 /// are read side by side, so the GEMV's distance (the next rows) would fetch lines this group
-/// already reads. 256 and 1024 measured alike, 2048 slower (one same-process A/B each at batches
-/// 16 and 64 on 4096x4096, through a knob since removed).
+/// already reads. 256 and 1024 measured alike, 2048 slower (one run each, separate processes,
+/// at batches 16 and 64 on 4096x4096, through a knob since removed).
 const AHEAD: usize = 256;
 
 /// Most activation rows past a multiple of 16 (above 16) that go to the GEMV instead of a
