@@ -1,0 +1,48 @@
+//! Same-process A/B of the VNNI W4A8 kernel's arithmetic NVFP4 scale decode against gathers
+//! from the scale table: W4A8 `QLinear` calls with each alternate on weight copies rotating
+//! over 3 x `LLC_MIB` (cache-cold); prints the median µs of each and their ratio.
+//!
+//! `cargo run --release -p q4 --example ab_w4a8_scales [-- SHAPES BATCHES ROUNDS LLC_MIB]`.
+
+#[cfg(target_arch = "x86_64")]
+mod ab;
+
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    eprintln!("ab_w4a8_scales: the VNNI kernel is x86-64 only");
+    std::process::exit(2);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    use candle_core::{Device, Module, Tensor};
+    use q4::kernels::cpu::w4a8_vnni::set_arith_scales;
+    let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,49152x576", "5,8,16,64");
+    let dev = Device::Cpu;
+    println!("shape        batch copies        arith_us      gather_us  ratio");
+    for shape in args.shapes.split(',') {
+        let (n, k) = ab::parse_shape(shape);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        let copies = ((3 * args.llc_mib) << 20) / (n * k * 9 / 16) + 1;
+        let lins: Vec<q4::QLinear> = (0..copies)
+            .map(|_| {
+                let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(q4::Format::Nvfp4)).unwrap();
+                q4::QLinear::new(q, None)
+                    .unwrap()
+                    .with_act_quant(q4::qlinear::ActQuant::Int8)
+                    .unwrap()
+            })
+            .collect();
+        for &batch in &args.batches {
+            let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
+            let rounds = args.rounds.max(copies);
+            let (a, b) = ab::interleave(rounds, 10, copies, &set_arith_scales, &|c| {
+                std::hint::black_box(lins[c].forward(&x).unwrap());
+            });
+            println!(
+                "{shape:<12} {batch:>5} {copies:>6} {a:>15.1} {b:>14.1} {:>6.3}",
+                a / b
+            );
+        }
+    }
+}
