@@ -22,9 +22,7 @@ use std::arch::x86_64::*;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
-use super::rows::{
-    block_class, F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32, BLOCK64,
-};
+use super::rows::{Rows, Scales, BLOCK16, BLOCK32};
 
 /// Weights per decode step (the AVX2 kernel's chunk, so the tails are the same).
 pub const CHUNK: usize = 64;
@@ -369,7 +367,6 @@ const SLICE_BYTES: usize = 16 << 10;
 #[target_feature(enable = "avx512f")]
 pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
     let lut = _mm512_loadu_ps(w.lut.as_ptr());
-    let bk = block_class(w.block);
     out[..(r1 - r0) * batch].fill(0.0);
     let chunks = w.k / CHUNK;
     let slice = (SLICE_BYTES / (4 * CHUNK * batch)).max(1);
@@ -378,24 +375,7 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
     macro_rules! call {
         ($f:ident, [$($g:tt)*], $row:expr, $pass:expr, $o:expr) => {{
             let (o, p, row) = ($o, $pass, $row);
-            match (bk, w.scales) {
-                (BLOCK16, ScaleSrc::Table { bytes, table }) => {
-                    $f::<$($g)* BLOCK16, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
-                }
-                (BLOCK32, ScaleSrc::Table { bytes, table }) => {
-                    $f::<$($g)* BLOCK32, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
-                }
-                (_, ScaleSrc::Table { bytes, table }) => {
-                    $f::<$($g)* BLOCK64, _>(w, TableScales { bytes, table }, lut, xp, row, p, o)
-                }
-                (BLOCK16, ScaleSrc::F32(v)) => {
-                    $f::<$($g)* BLOCK16, _>(w, F32Scales(v), lut, xp, row, p, o)
-                }
-                (BLOCK32, ScaleSrc::F32(v)) => {
-                    $f::<$($g)* BLOCK32, _>(w, F32Scales(v), lut, xp, row, p, o)
-                }
-                (_, ScaleSrc::F32(v)) => $f::<$($g)* BLOCK64, _>(w, F32Scales(v), lut, xp, row, p, o),
-            }
+            super::rows::with_scales!(w, |BK, scales| $f::<$($g)* BK, _>(w, scales, lut, xp, row, p, o))
         }};
     }
     macro_rules! run {
@@ -449,16 +429,12 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
 /// with a quarter of its shuffles per 64 weights.
 pub struct TileDecoder<'a> {
     w: Rows<'a>,
-    bk: u8,
 }
 
 impl<'a> TileDecoder<'a> {
     /// `None` unless [`usable`] and the rows fit the chunk kernel (the GEMV's `simd_fits`).
     pub fn new(w: &Rows<'a>) -> Option<TileDecoder<'a>> {
-        (usable() && super::gemv::simd_fits(w)).then(|| TileDecoder {
-            w: *w,
-            bk: block_class(w.block),
-        })
+        (usable() && super::gemv::simd_fits(w)).then_some(TileDecoder { w: *w })
     }
 
     /// Decodes columns `k0 .. k0 + out.len()` of weight `row` (`k0` a multiple of 64): whole
@@ -468,25 +444,9 @@ impl<'a> TileDecoder<'a> {
         debug_assert!(k0.is_multiple_of(CHUNK) && k0 + out.len() <= self.w.k && row < self.w.n);
         // SAFETY: the constructor checked AVX-512F and the chunk geometry; `row` exists and the
         // column range lies inside it (asserted above, the caller's contract).
+        let w = &self.w;
         let done = unsafe {
-            match (self.bk, self.w.scales) {
-                (BLOCK16, ScaleSrc::Table { bytes, table }) => {
-                    self.chunks::<BLOCK16, _>(TableScales { bytes, table }, row, k0, out)
-                }
-                (BLOCK32, ScaleSrc::Table { bytes, table }) => {
-                    self.chunks::<BLOCK32, _>(TableScales { bytes, table }, row, k0, out)
-                }
-                (_, ScaleSrc::Table { bytes, table }) => {
-                    self.chunks::<BLOCK64, _>(TableScales { bytes, table }, row, k0, out)
-                }
-                (BLOCK16, ScaleSrc::F32(v)) => {
-                    self.chunks::<BLOCK16, _>(F32Scales(v), row, k0, out)
-                }
-                (BLOCK32, ScaleSrc::F32(v)) => {
-                    self.chunks::<BLOCK32, _>(F32Scales(v), row, k0, out)
-                }
-                (_, ScaleSrc::F32(v)) => self.chunks::<BLOCK64, _>(F32Scales(v), row, k0, out),
-            }
+            super::rows::with_scales!(w, |BK, scales| self.chunks::<BK, _>(scales, row, k0, out))
         };
         if done < out.len() {
             self.w.decode_range(row, k0 + done, &mut out[done..]);

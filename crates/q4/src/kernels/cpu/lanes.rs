@@ -20,9 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::aligned::AlignedBuf;
 use super::avx512::{chunk_scales, decode64, scale_chunk, CHUNK};
 use super::parallel::for_each_index;
-use super::rows::{
-    block_class, F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32, BLOCK64,
-};
+use super::rows::{Rows, Scales, BLOCK16, BLOCK32};
 
 /// Activation rows per vector.
 const LANES: usize = 16;
@@ -271,20 +269,9 @@ unsafe fn group_dispatch<const MV: usize, const NG: usize>(
     span: Span,
     sums: &mut [[f32; LANES]],
 ) {
-    match (block_class(w.block), w.scales) {
-        (BLOCK16, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK16, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
-        }
-        (BLOCK32, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK32, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
-        }
-        (_, ScaleSrc::Table { bytes, table }) => {
-            group::<BLOCK64, _, MV, NG>(w, TableScales { bytes, table }, xt, span, sums)
-        }
-        (BLOCK16, ScaleSrc::F32(v)) => group::<BLOCK16, _, MV, NG>(w, F32Scales(v), xt, span, sums),
-        (BLOCK32, ScaleSrc::F32(v)) => group::<BLOCK32, _, MV, NG>(w, F32Scales(v), xt, span, sums),
-        (_, ScaleSrc::F32(v)) => group::<BLOCK64, _, MV, NG>(w, F32Scales(v), xt, span, sums),
-    }
+    super::rows::with_scales!(w, |BK, scales| group::<BK, _, MV, NG>(
+        w, scales, xt, span, sums
+    ))
 }
 
 /// Decoded weights of one chunk for a group: `[quarter][row][16 values]`, the four vectors the

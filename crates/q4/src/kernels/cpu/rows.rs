@@ -97,6 +97,53 @@ pub const BLOCK16: u8 = 0;
 pub const BLOCK32: u8 = 1;
 pub const BLOCK64: u8 = 2;
 
+/// Evaluates `$body` with the block class and scale storage of the rows `$w` as a const `$bk`
+/// ([`BLOCK16`], [`BLOCK32`] or [`BLOCK64`]) and a [`Scales`] value `$s` ([`TableScales`] or
+/// [`F32Scales`]): the one place that lists the six monomorphs the chunk kernels are built for.
+/// `$body` is expanded once per pair, so calls in it inline as if written out.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! with_scales {
+    ($w:expr, |$bk:ident, $s:ident| $body:expr) => {{
+        use $crate::kernels::cpu::rows::{
+            block_class, F32Scales, ScaleSrc, TableScales, BLOCK16, BLOCK32, BLOCK64,
+        };
+        match (block_class($w.block), $w.scales) {
+            (BLOCK16, ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK16;
+                let $s = TableScales { bytes, table };
+                $body
+            }
+            (BLOCK32, ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK32;
+                let $s = TableScales { bytes, table };
+                $body
+            }
+            (_, ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK64;
+                let $s = TableScales { bytes, table };
+                $body
+            }
+            (BLOCK16, ScaleSrc::F32(v)) => {
+                const $bk: u8 = BLOCK16;
+                let $s = F32Scales(v);
+                $body
+            }
+            (BLOCK32, ScaleSrc::F32(v)) => {
+                const $bk: u8 = BLOCK32;
+                let $s = F32Scales(v);
+                $body
+            }
+            (_, ScaleSrc::F32(v)) => {
+                const $bk: u8 = BLOCK64;
+                let $s = F32Scales(v);
+                $body
+            }
+        }
+    }};
+}
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_imports))]
+pub(crate) use with_scales;
+
 /// The `BK` class of a block size.
 pub fn block_class(block: usize) -> u8 {
     match block {
