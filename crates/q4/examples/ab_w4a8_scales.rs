@@ -1,8 +1,10 @@
-//! Same-process A/B of the VNNI W4A8 kernel's arithmetic NVFP4 scale decode against gathers
-//! from the scale table: W4A8 `QLinear` calls with each alternate on weight copies rotating
-//! over 3 x `LLC_MIB` (cache-cold); prints the median µs of each and their ratio.
+//! Same-process A/B of the VNNI W4A8 kernel's arithmetic scale decode (NVFP4's E4M3, MXFP4's
+//! E8M0) against gathers from the scale table: W4A8 `QLinear` calls with each alternate on
+//! weight copies rotating over 3 x `LLC_MIB` (cache-cold); prints the median µs of each and
+//! their ratio.
 //!
-//! `cargo run --release -p q4 --example ab_w4a8_scales [-- SHAPES BATCHES ROUNDS LLC_MIB]`.
+//! `cargo run --release -p q4 --example ab_w4a8_scales [-- SHAPES BATCHES ROUNDS LLC_MIB
+//! FORMAT]` (FORMAT `nvfp4`, the default, or `mxfp4`).
 
 #[cfg(target_arch = "x86_64")]
 mod ab;
@@ -19,6 +21,12 @@ fn main() {
     use q4::kernels::cpu::w4a8_vnni::set_arith_scales;
     let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,49152x576", "5,8,16,64");
     let dev = Device::Cpu;
+    let format = match std::env::args().nth(5).as_deref() {
+        None | Some("nvfp4") => q4::Format::Nvfp4,
+        Some("mxfp4") => q4::Format::Mxfp4,
+        Some(other) => panic!("FORMAT is nvfp4 or mxfp4, not {other}"),
+    };
+    println!("# {format}");
     println!("shape        batch copies        arith_us      gather_us  ratio");
     for shape in args.shapes.split(',') {
         let (n, k) = ab::parse_shape(shape);
@@ -26,7 +34,7 @@ fn main() {
         let copies = ((3 * args.llc_mib) << 20) / (n * k * 9 / 16) + 1;
         let lins: Vec<q4::QLinear> = (0..copies)
             .map(|_| {
-                let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(q4::Format::Nvfp4)).unwrap();
+                let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(format)).unwrap();
                 q4::QLinear::new(q, None)
                     .unwrap()
                     .with_act_quant(q4::qlinear::ActQuant::Int8)

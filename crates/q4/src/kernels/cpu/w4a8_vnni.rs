@@ -413,10 +413,7 @@ unsafe fn decode_group(
                     _mm512_srlv_epi32(words, _mm512_set1_epi32(8 * i as i32)),
                     byte,
                 );
-                let v = match scales {
-                    ScaleDecode::E4m3 { s2 } => e4m3_times(idx, _mm512_set1_ps(s2)),
-                    ScaleDecode::Table => _mm512_i32gather_ps::<4>(idx, table.as_ptr()),
-                };
+                let v = scales.decode(idx, table);
                 _mm512_store_ps(st.as_mut_ptr().add((j4 + i) * ROWS), v);
             }
         }
@@ -431,35 +428,64 @@ unsafe fn decode_group(
 }
 
 /// How [`decode_group`] turns scale bytes into f32 values: a gather from the weight's table,
-/// or, where that table is NVFP4's `fl(e4m3(b) * s2)` for every byte (checked bit for bit, NaN
-/// for NaN, by [`ScaleDecode::detect`]), [`e4m3_times`]: the gathers had taken about 12% of a
-/// batch-16 call (four of them per 64 weights of 16 rows).
+/// or, where that table is NVFP4's `fl(e4m3(b) * s2)` or MXFP4's `2^(b - 127)` for every byte
+/// (checked bit for bit, NaN for NaN, by [`ScaleDecode::detect`]), arithmetic
+/// ([`e4m3_times`], [`e8m0_value`]): the gathers had taken about 12% of an NVFP4 batch-16 call
+/// (four of them per 64 weights of 16 rows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum ScaleDecode {
     Table,
     E4m3 { s2: f32 },
+    E8m0,
 }
 
 impl ScaleDecode {
     /// [`ScaleDecode::E4m3`] with `s2 = table[0x38]` (E4M3 0x38 is 1.0) if [`e4m3_times`] gives
-    /// every entry of `table`, else [`ScaleDecode::Table`].
+    /// every entry of `table`, else [`ScaleDecode::E8m0`] if [`e8m0_value`] does, else
+    /// [`ScaleDecode::Table`].
     ///
     /// # Safety
     /// AVX-512F present.
     #[target_feature(enable = "avx512f")]
     unsafe fn detect(table: &[f32; 256]) -> ScaleDecode {
         let s2 = table[0x38];
+        let e4m3 = ScaleDecode::E4m3 { s2 };
+        if e4m3.reproduces(table) {
+            e4m3
+        } else if ScaleDecode::E8m0.reproduces(table) {
+            ScaleDecode::E8m0
+        } else {
+            ScaleDecode::Table
+        }
+    }
+
+    /// Whether this decode gives every entry of `table` bit for bit (NaN for NaN).
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reproduces(self, table: &[f32; 256]) -> bool {
         let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         let mut got = [0f32; 256];
         for (i, out) in got.chunks_exact_mut(16).enumerate() {
             let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * i as i32));
-            _mm512_storeu_ps(out.as_mut_ptr(), e4m3_times(idx, _mm512_set1_ps(s2)));
+            _mm512_storeu_ps(out.as_mut_ptr(), self.decode(idx, table));
         }
         let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
-        if got.iter().zip(table).all(|(&a, &b)| same(a, b)) {
-            ScaleDecode::E4m3 { s2 }
-        } else {
-            ScaleDecode::Table
+        got.iter().zip(table).all(|(&a, &b)| same(a, b))
+    }
+
+    /// The f32 scales of the bytes (0-255) in the 32-bit lanes of `idx`.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn decode(self, idx: __m512i, table: &[f32; 256]) -> __m512 {
+        match self {
+            ScaleDecode::E4m3 { s2 } => e4m3_times(idx, _mm512_set1_ps(s2)),
+            ScaleDecode::E8m0 => e8m0_value(idx),
+            ScaleDecode::Table => _mm512_i32gather_ps::<4>(idx, table.as_ptr()),
         }
     }
 }
@@ -494,6 +520,24 @@ unsafe fn e4m3_times(idx: __m512i, s2: __m512) -> __m512 {
     );
     let nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
     _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN))
+}
+
+/// `2^(e - 127)` for the E8M0 byte `e` (0-255) in each 32-bit lane of `idx`, without a table:
+/// `e` moved into the f32 exponent, raised to at least `2^-127` (the subnormal 0x00400000, for
+/// `e = 0`), and 0xff's infinity turned into NaN by setting the top mantissa bit (`e + 1`'s bit
+/// 8, moved to bit 22).
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn e8m0_value(idx: __m512i) -> __m512 {
+    let exp = _mm512_max_epu32(_mm512_slli_epi32::<23>(idx), _mm512_set1_epi32(0x0040_0000));
+    let quiet = _mm512_slli_epi32::<14>(_mm512_and_si512(
+        _mm512_add_epi32(idx, _mm512_set1_epi32(1)),
+        _mm512_set1_epi32(0x100),
+    ));
+    _mm512_castsi512_ps(_mm512_or_si512(exp, quiet))
 }
 
 /// Dispatches [`pass`] on the number of activation rows (1-8) and the block size.
@@ -701,10 +745,10 @@ mod tests {
         }
     }
 
-    /// The arithmetic scale decode is NVFP4's table bit for bit (NaN for NaN) for tensor scales
-    /// of every kind, and declines other tables (MXFP4's, a table changed in one entry).
+    /// The arithmetic scale decodes are NVFP4's tables bit for bit (NaN for NaN) for tensor
+    /// scales of every kind and MXFP4's table, and decline tables changed in one entry.
     #[test]
-    fn arithmetic_e4m3_scales_are_the_table() {
+    fn arithmetic_scales_are_the_tables() {
         if !std::is_x86_feature_detected!("avx512f") {
             return;
         }
@@ -718,65 +762,90 @@ mod tests {
         }
         let mx = q4_formats::mxfp4::scale_table();
         // SAFETY: as above.
-        assert_eq!(unsafe { ScaleDecode::detect(&mx) }, ScaleDecode::Table);
+        assert_eq!(unsafe { ScaleDecode::detect(&mx) }, ScaleDecode::E8m0);
+        let mut odd_mx = mx;
+        odd_mx[0] = 0.0;
+        // SAFETY: as above.
+        assert_eq!(unsafe { ScaleDecode::detect(&odd_mx) }, ScaleDecode::Table);
         let mut odd = q4_formats::nvfp4::scale_table(0.25);
         odd[0x41] = 1.5;
         // SAFETY: as above.
         assert_eq!(unsafe { ScaleDecode::detect(&odd) }, ScaleDecode::Table);
     }
 
-    /// Scale bytes of every kind (subnormal, zero, negative, NaN) through the whole kernel: the
-    /// arithmetic decode gives the table's results bit for bit.
+    /// Scale bytes of every kind (subnormal, zero, negative, huge, NaN) through the whole kernel,
+    /// NVFP4 and MXFP4: the arithmetic decodes give the gathered decode's results bit for bit.
     #[test]
     fn every_scale_byte_through_the_kernel() {
+        use crate::qtensor::Quantized;
         let dev = Device::Cpu;
-        let (n, k, batch) = (16usize, 4096usize, 8usize);
-        let w = Tensor::from_vec(values(3, n * k, 0.05), (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
-        let crate::qtensor::Quantized::Nvfp4(mut t) = q.to_formats().unwrap() else {
-            unreachable!("an NVFP4 tensor")
-        };
-        // Each of the 256 scale bytes once per row (subnormals, zeros, negatives), the NaNs
-        // 0x7f / 0xff only in row 5, whose outputs are then NaN; the other rows take 0x7e /
-        // 0xfe (±448) in their place.
-        let blocks = k / 16;
-        for (i, b) in t.scales.iter_mut().enumerate() {
-            let v = (i % 256) as u8;
-            *b = if i / blocks != 5 && v & 0x7f == 0x7f {
-                v - 1
-            } else {
-                v
+        for (format, k, block) in [
+            (Format::Nvfp4, 4096usize, 16usize),
+            (Format::Mxfp4, 8192, 32),
+        ] {
+            let (n, batch) = (16usize, 8usize);
+            let w = Tensor::from_vec(values(3, n * k, 0.05), (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+            // NVFP4: each of the 256 scale bytes once per row, the NaN bytes 0x7f / 0xff only
+            // in row 5 (whose outputs are then NaN), the other rows taking the byte below
+            // instead. MXFP4: the exponents 0-200 (2^-127, a subnormal, to 2^73; larger ones
+            // would overflow every row's sum), 0xff (NaN) in row 5 only.
+            let blocks = k / block;
+            let fill = |scales: &mut Vec<u8>| {
+                for (i, b) in scales.iter_mut().enumerate() {
+                    let row5 = i / blocks == 5;
+                    *b = match format {
+                        Format::Nvfp4 => {
+                            let v = (i % 256) as u8;
+                            if !row5 && v & 0x7f == 0x7f {
+                                v - 1
+                            } else {
+                                v
+                            }
+                        }
+                        _ if row5 && i % blocks == 7 => 0xff,
+                        _ => (i % 201) as u8,
+                    };
+                }
             };
-        }
-        let q = QTensor::from_nvfp4(t, (n, k), &dev).unwrap();
-        let view = q.host_view().unwrap();
-        let rows = Rows::new(&view);
-        if !usable(&rows) {
-            assert!(!host_has_it(), "VNNI host, yet the kernel declined");
-            return;
-        }
-        let ScaleSrc::Table { table, .. } = rows.scales else {
-            unreachable!("NVFP4 scales are bytes")
-        };
-        // SAFETY: `usable` checked AVX-512F.
-        assert!(matches!(
-            unsafe { ScaleDecode::detect(table) },
-            ScaleDecode::E4m3 { .. }
-        ));
-        let x = values(11, batch * k, 1.0);
-        let xq = Int8Acts::quantize(&x, k);
-        let mut got = vec![0f32; batch * n];
-        matmul(&rows, &xq, batch, &mut got);
-        let mut want = vec![0f32; batch * n];
-        matmul_decoding(&rows, &xq, batch, &mut want, ScaleDecode::Table);
-        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            if i % n == 5 {
-                assert!(g.is_nan() && w.is_nan(), "row 5: {g} vs {w}");
-            } else {
-                assert!(
-                    g.is_finite() && g.to_bits() == w.to_bits(),
-                    "{i}: {g} vs {w}"
-                );
+            let q = match q.to_formats().unwrap() {
+                Quantized::Nvfp4(mut t) => {
+                    fill(&mut t.scales);
+                    QTensor::from_nvfp4(t, (n, k), &dev).unwrap()
+                }
+                Quantized::Mxfp4(mut t) => {
+                    fill(&mut t.scales);
+                    QTensor::from_mxfp4(t, (n, k), &dev).unwrap()
+                }
+                _ => unreachable!("an E2M1 tensor"),
+            };
+            let view = q.host_view().unwrap();
+            let rows = Rows::new(&view);
+            if !usable(&rows) {
+                assert!(!host_has_it(), "VNNI host, yet the kernel declined");
+                return;
+            }
+            let ScaleSrc::Table { table, .. } = rows.scales else {
+                unreachable!("E2M1 formats have byte scales")
+            };
+            // SAFETY: `usable` checked AVX-512F.
+            let decode = unsafe { ScaleDecode::detect(table) };
+            assert_ne!(decode, ScaleDecode::Table, "{format}");
+            let x = values(11, batch * k, 1.0);
+            let xq = Int8Acts::quantize(&x, k);
+            let mut got = vec![0f32; batch * n];
+            matmul(&rows, &xq, batch, &mut got);
+            let mut want = vec![0f32; batch * n];
+            matmul_decoding(&rows, &xq, batch, &mut want, ScaleDecode::Table);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                if i % n == 5 {
+                    assert!(g.is_nan() && w.is_nan(), "{format} row 5: {g} vs {w}");
+                } else {
+                    assert!(
+                        g.is_finite() && g.to_bits() == w.to_bits(),
+                        "{format} {i}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
