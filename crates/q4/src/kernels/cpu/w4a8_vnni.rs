@@ -46,8 +46,9 @@ static ENABLED: AtomicBool = AtomicBool::new(true);
 
 static ARITH_SCALES: AtomicBool = AtomicBool::new(true);
 
-/// Turns the arithmetic NVFP4 scale decode ([`ScaleDecode`]) on or off (default on; off, every
-/// table is gathered from), for same-process A/B measurements (`examples/ab_w4a8_scales`).
+/// Turns the arithmetic NVFP4 / MXFP4 scale decode ([`ScaleDecode`]) on or off (default on;
+/// off, every table is gathered from), for same-process A/B measurements
+/// (`examples/ab_w4a8_scales`).
 #[doc(hidden)]
 pub fn set_arith_scales(on: bool) {
     ARITH_SCALES.store(on, Ordering::Relaxed);
@@ -394,9 +395,9 @@ unsafe fn decode_group(
         }
     }
     // Scales: the bytes of four blocks of every lane's row in one gather of 32-bit words, then
-    // each byte through the table (a gather from it, or NVFP4's arithmetic); a word may reach up to 3 bytes past the
-    // group's last row, so the last group of a tensor whose rows end short of that takes the
-    // scalar loop.
+    // each byte through `scales` (arithmetic, or a gather from the table); a word may reach up
+    // to 3 bytes past the group's last row, so the last group of a tensor whose rows end short
+    // of that takes the scalar loop.
     let (nb, rb) = (kw / w.block, w.row_blocks);
     let pad = (4 - nb % 4) % 4;
     let base = bytes.as_ptr().add(r0 * rb + k0 / w.block);
@@ -442,7 +443,8 @@ enum ScaleDecode {
 impl ScaleDecode {
     /// [`ScaleDecode::E4m3`] with `s2 = table[0x38]` (E4M3 0x38 is 1.0) if [`e4m3_times`] gives
     /// every entry of `table`, else [`ScaleDecode::E8m0`] if [`e8m0_value`] does, else
-    /// [`ScaleDecode::Table`].
+    /// [`ScaleDecode::Table`]. Run once per call: 32 vectors decoded and compared, well under a
+    /// microsecond.
     ///
     /// # Safety
     /// AVX-512F present.
