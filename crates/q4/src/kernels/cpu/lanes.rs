@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::aligned::AlignedBuf;
 use super::avx512::{chunk_scales, decode64, scale_chunk, CHUNK};
 use super::parallel::for_each_index;
-use super::rows::{Rows, Scales, BLOCK16, BLOCK32};
+use super::rows::{Rows, Scales};
 
 /// Activation rows per vector.
 const LANES: usize = 16;
@@ -303,11 +303,6 @@ unsafe fn group<const BK: u8, S: Scales, const MV: usize, const NG: usize>(
     let shift = w.block.trailing_zeros();
     let whole = w.k / CHUNK;
     let prefetch = super::prefetch::enabled();
-    let per_block = match BK {
-        BLOCK16 => 16,
-        BLOCK32 => 32,
-        _ => w.block,
-    };
     let mut sc = Scratch::<NG>([[[0.0; LANES]; NG]; 4]);
     let mut acc = [[_mm512_setzero_ps(); MV]; NG];
     let xt = xt.as_ptr();
@@ -323,7 +318,7 @@ unsafe fn group<const BK: u8, S: Scales, const MV: usize, const NG: usize>(
                     // A line of scales covers 16 chunks or more in every format.
                     if c.is_multiple_of(8) {
                         let col = c * CHUNK + 2 * AHEAD;
-                        scales.prefetch(row * w.row_blocks + col / per_block);
+                        scales.prefetch(row * w.row_blocks + (col >> shift));
                     }
                 }
                 let (s01, s23) = chunk_scales::<BK, S>(&scales, row * w.row_blocks, c, shift);

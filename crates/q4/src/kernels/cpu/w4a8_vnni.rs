@@ -101,17 +101,23 @@ pub fn host_usable() -> bool {
 static ENV_OFF: std::sync::LazyLock<bool> =
     std::sync::LazyLock::new(|| std::env::var_os("Q4_W4A8_TILES").is_some_and(|v| v == "0"));
 
+/// Where block `b` (of `nab` per row) of activation row `m` lies in [`Acts`]' layout
+/// interleaved by pass, counted in blocks: a pass's 8 rows of one block side by side.
+fn interleaved(m: usize, b: usize, nab: usize) -> usize {
+    (m / PASS_ROWS * nab + b) * PASS_ROWS + m % PASS_ROWS
+}
+
 /// The activations as the kernel reads them.
 struct Acts {
     /// The codes, each 8 values reordered as `0 2 4 6 1 3 5 7`, interleaved by pass: the 32
-    /// values of activation block `b` of row `m` at `((m / 8 * (k / 32) + b) * 8 + m % 8) * 32`,
-    /// so that one pointer, stepped 256 bytes a block, reaches a pass's 8 rows at fixed
+    /// values of activation block `b` of row `m` at [`interleaved`]`(m, b, k / 32) * 32`, so
+    /// that one pointer, stepped 256 bytes a block, reaches a pass's 8 rows at fixed
     /// displacements.
     q: AlignedVec<i8>,
     /// `batch x k / block`: `-12` times the sum of each weight block's activation codes.
     corr: Vec<i32>,
     /// The quantizer's activation scales, interleaved by pass as the codes: block `b` of row
-    /// `m` at `(m / 8 * (k / 32) + b) * 8 + m % 8`.
+    /// `m` at [`interleaved`]`(m, b, k / 32)`.
     d: Vec<f32>,
     k: usize,
     block: usize,
@@ -125,7 +131,7 @@ impl Acts {
         let qs = q.as_mut_slice();
         for (m, row) in a.q.as_slice()[..batch * k].chunks_exact(k).enumerate() {
             for (b, src) in row.chunks_exact(ACT_BLOCK).enumerate() {
-                let at = ((m / PASS_ROWS * nab + b) * PASS_ROWS + m % PASS_ROWS) * ACT_BLOCK;
+                let at = interleaved(m, b, nab) * ACT_BLOCK;
                 for (dst, src) in qs[at..at + ACT_BLOCK]
                     .chunks_exact_mut(8)
                     .zip(src.chunks_exact(8))
@@ -139,8 +145,7 @@ impl Acts {
         }
         let mut d = vec![0f32; batch.next_multiple_of(PASS_ROWS) * nab];
         for (i, &v) in a.d[..batch * nab].iter().enumerate() {
-            let (m, b) = (i / nab, i % nab);
-            d[(m / PASS_ROWS * nab + b) * PASS_ROWS + m % PASS_ROWS] = v;
+            d[interleaved(i / nab, i % nab, nab)] = v;
         }
         let corr = a.q.as_slice()[..batch * k]
             .chunks_exact(block)
@@ -604,15 +609,13 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
     // unrolls and every activation load is a row pointer plus a fixed offset.
     let per_block = 8 / BPA;
     let wv = wt.as_ptr() as *const __m512i;
-    // Rows of the activations, their corrections and scales, from the slice's start.
-    // The pass's 8 rows of activation block `k0 / 32` (see `Acts::q`).
-    let mut xb = (x.q.as_slice().as_ptr() as *const u8)
-        .add((m0 / PASS_ROWS * nab + k0 / ACT_BLOCK) * PASS_ROWS * ACT_BLOCK);
+    // The pass's 8 rows of activation block `k0 / 32`, codes and scales (see `Acts`), and the
+    // rows' corrections from the slice's start.
+    let first_block = interleaved(m0, k0 / ACT_BLOCK, nab);
+    let mut xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
+    let mut db = x.d.as_ptr().add(first_block);
     let crow: [*const i32; MB] =
         std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb + k0 / x.block));
-    let mut db =
-        x.d.as_ptr()
-            .add((m0 / PASS_ROWS * nab + k0 / ACT_BLOCK) * PASS_ROWS);
     let mut acc: [__m512; MB] = std::array::from_fn(|m| {
         if first {
             _mm512_setzero_ps()
