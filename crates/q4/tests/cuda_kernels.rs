@@ -134,6 +134,22 @@ fn nvrtc_compiles_every_kernel_family() {
                             }
                             compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                                 .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                            // Two M tiles per warp with the warps splitting K, at the most N
+                            // tiles whose sums fit beside the tables.
+                            let m2_nt = (1..=2)
+                                .rev()
+                                .find(|&t| {
+                                    plan::gemv_static_smem(arith == 0, 8, 2 * t, true)
+                                        <= plan::GEMV_STATIC_SMEM_LIMIT
+                                })
+                                .unwrap_or(1) as i64;
+                            for (name, v) in [("WARPS", 8), ("KWARPS", 8), ("NT", m2_nt), ("MT", 2)]
+                            {
+                                d.retain(|(n, _)| *n != name);
+                                d.push((name, v));
+                            }
+                            compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                                .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         }
                     }
                 }
@@ -710,6 +726,42 @@ fn gemv_activation_ring_is_bit_identical_with_global_loads() {
     q4::kernels::cuda::gemv::set_warp_split_for_tests(None);
     // Every format fits the ring at two stages up to two N tiles (batch 16), so it ran.
     assert!(ran > 0, "no GEMV used the activation ring");
+}
+
+/// Two 16-row M tiles per warp change which warp computes a row, not its sums: with the same K
+/// slices (forced: the tiling changes the number of row tiles, and so the plan's split) GEMVs
+/// with one and two M tiles are identical bit for bit, with rows not a multiple of 32, a
+/// partial last K step, with and without the activation ring's batches.
+#[test]
+fn gemv_m_tiles_are_bit_identical() {
+    let Some(dev) = gpu() else { return };
+    let shapes = [(1000, 2560), (77, 4160), (6144, 2560), (300, 1024)];
+    let tiles = q4::kernels::cuda::gemv::set_m_tiles_for_tests;
+    let slices = q4::kernels::cuda::gemv::set_split_for_tests;
+    q4::kernels::cuda::gemv::set_warp_split_for_tests(Some(false));
+    for (f, n, k, layer) in gemv_layers(&dev, &shapes, 9) {
+        for b in [1usize, 3, 8, 9, 16, 24, 33, 64] {
+            for (dt, split) in [(DType::F32, 1), (DType::BF16, 3)] {
+                slices(Some(split));
+                let x = gemv_input(&dev, b, k, 5, dt);
+                tiles(Some(1));
+                let one = bits_f32(&layer.forward(&x).unwrap());
+                tiles(Some(2));
+                let two = bits_f32(&layer.forward(&x).unwrap());
+                tiles(None);
+                slices(None);
+                assert_eq!(two.len(), b * n);
+                if let Some(i) = (0..two.len()).find(|&i| two[i] != one[i]) {
+                    panic!(
+                        "{f:?} {n}x{k} batch {b} {dt:?}: output {i} differs: {:#x} (two M \
+                         tiles) vs {:#x}",
+                        two[i], one[i]
+                    );
+                }
+            }
+        }
+    }
+    q4::kernels::cuda::gemv::set_warp_split_for_tests(None);
 }
 
 #[test]

@@ -32,7 +32,8 @@ const ITEM_COST: usize = 2;
 // Tuning knobs (`util::knob`, each read once): `Q4_GEMV_WARPS` (warps per block),
 // `Q4_GEMV_DEPTH` (2-4), `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K),
 // `Q4_GEMV_WSPLIT` (split-K inside the block), `Q4_GEMV_CLAMPED` (loads), `Q4_GEMV_IMAD`
-// (E2M1 decode), `Q4_GEMV_XSTAGE` (activation ring), `Q4_GEMV_REDUCE_PDL`, for kernel
+// (E2M1 decode), `Q4_GEMV_XSTAGE` (activation ring), `Q4_GEMV_MT` (M tiles per warp),
+// `Q4_GEMV_REDUCE_PDL`, for kernel
 // development; the defaults are the measured best
 // (`scripts/gpu/gemv_knob_sweep.sh`, `scripts/gpu/ab.sh`).
 /// Warps per block: with the arithmetic NVFP4 decode, 4 below ~40 M weights, where more,
@@ -185,14 +186,14 @@ fn trigger() -> i64 {
         std::sync::LazyLock::new(|| knob("Q4_GEMV_TRIGGER").unwrap_or(2).clamp(0, 2));
     *T
 }
-/// Stages of the GEMV's shared-memory activation ring for a kernel with `nt` N tiles and
-/// `warps` warps ([`super::plan::gemv_ring_stages`]); `Q4_GEMV_XSTAGE` overrides: 0 off, 2-4
-/// stages at every batch.
-fn xstage(w: &QTensor, nt: usize, warps: usize) -> usize {
+/// Stages of the GEMV's shared-memory activation ring for a kernel with `nt` N tiles, `mt` M
+/// tiles per warp and `warps` warps ([`super::plan::gemv_ring_stages`]); `Q4_GEMV_XSTAGE`
+/// overrides: 0 off, 2-4 stages at every batch.
+fn xstage(w: &QTensor, nt: usize, mt: usize, warps: usize) -> usize {
     static X: std::sync::LazyLock<Option<i64>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_XSTAGE"));
     let set = XSTAGE_FORCED.get().map(|s| s as i64).or(*X);
-    super::plan::gemv_ring_stages(!arith(w), nt, warps, warps >= WARPS, set)
+    super::plan::gemv_ring_stages(!arith(w), nt, mt, warps, warps >= WARPS, set)
 }
 
 static SPLIT_FORCED: TestOverride = TestOverride::new();
@@ -237,6 +238,30 @@ fn fit_split() -> bool {
     static F: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_FIT_SPLIT") != Some(0));
     *F
+}
+
+/// 16-row M tiles per warp (`MT` in gemv.cu) for `w` at `batch` rows: the plan's
+/// ([`super::plan::gemv_m_tiles`]), unless a test or `Q4_GEMV_MT` (1 or 2) forces it.
+fn m_tiles(w: &QTensor, batch: usize) -> usize {
+    static M: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
+        knob("Q4_GEMV_MT")
+            .filter(|&m| m > 0)
+            .map(|m| m.clamp(1, 2) as usize)
+    });
+    let (n, k) = w.rows_cols();
+    M_TILES_FORCED
+        .get()
+        .or(*M)
+        .unwrap_or_else(|| super::plan::gemv_m_tiles(!arith(w), batch, n, k))
+}
+
+static M_TILES_FORCED: TestOverride = TestOverride::new();
+
+/// Forces the GEMV's M tiles per warp (1 or 2; `None`: the plan decides), so that a test can
+/// compare both tilings in one process.
+#[doc(hidden)]
+pub fn set_m_tiles_for_tests(m: Option<usize>) {
+    M_TILES_FORCED.set(m.map(|m| m.clamp(1, 2)));
 }
 
 fn depth() -> i64 {
@@ -354,12 +379,15 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     };
     let nt = batch.div_ceil(8).next_power_of_two().min(8);
     let warps = warps(w);
-    let tiles = n.div_ceil(16 * warps);
+    let mt = m_tiles(w, batch);
+    // The plan below counts rows in units of a warp's M tiles.
+    let n_units = n.div_ceil(mt);
+    let tiles = n.div_ceil(16 * mt * warps);
     let steps = kdim.div_ceil(128);
-    let mut defines = gemv_defines(w, opt, out_t, nt as i64, 1, warps as i64);
+    let mut defines = gemv_defines(w, opt, out_t, nt as i64, mt as i64, warps as i64);
     let clamped = clamped(w, nt);
     defines.push(("CLAMPED", i64::from(clamped)));
-    let stages = xstage(w, nt, warps);
+    let stages = xstage(w, nt, mt, warps);
     defines.push(("XSTAGE", stages as i64));
     // Rows of whole 128-wide steps: the clamped kernel drops its K-tail checks.
     defines.push(("KFULL", i64::from(clamped && kdim.is_multiple_of(128))));
@@ -389,7 +417,9 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
         // can, where its blocks load the busiest multiprocessor about as much as the grid
         // split's items do (`plan::rounded_warp_split`).
         let rounded = (nt == 2 && fit_split() && !warp_split_forced())
-            .then(|| super::plan::rounded_warp_split(split, warps, n, steps, k.sm_count as usize))
+            .then(|| {
+                super::plan::rounded_warp_split(split, warps, n_units, steps, k.sm_count as usize)
+            })
             .flatten();
         let mut best = None; // (waves, kernel, block warps, defines, grid)
         for (i, s) in [Some(split), Some(split / 2), rounded]
@@ -406,8 +436,8 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             {
                 continue;
             }
-            let (bw, row_tiles) = super::plan::warp_split_blocks(n, warps, s);
-            let smem = super::plan::gemv_static_smem(!arith(w), bw, nt, true);
+            let (bw, row_tiles) = super::plan::warp_split_blocks(n_units, warps, s);
+            let smem = super::plan::gemv_static_smem(!arith(w), bw, nt * mt, true);
             if smem > super::plan::GEMV_STATIC_SMEM_LIMIT {
                 continue;
             }

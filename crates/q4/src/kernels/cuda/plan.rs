@@ -288,6 +288,43 @@ pub fn rounded_warp_split(
     })
 }
 
+/// Weights (`n * k`) from which the fused GEMV gives each warp two 16-row M tiles at the batches
+/// [`gemv_m_tiles`] names.
+pub const GEMV_M_TILES_LARGE: usize = 40 << 20;
+
+/// 16-row M tiles per warp of the fused GEMV (`MT` in gemv.cu) for a weight of `n` x `k` at
+/// `batch` activation rows: two where each B fragment serving two A tiles (half the activation
+/// loads and regroupings per weight) outweighs having half as many warps and work items.
+/// Same-call A/Bs on an H200 (`scripts/gpu/results/h200-2026-11-28-s26/`, µs with two / one):
+/// - from batch 17 every shape (8192x8192 at 64 46.0 / 62.7, 28672x4096 83.1 / 124.4,
+///   6144x2560 18.7 / 25.7);
+/// - the pair-table formats (`pair_table`) from batch 9 (NF4 8192x8192 at 16 25.2 / 28.4,
+///   28672x4096 42.9 / 54.4, 6144x2560 12.0 / 12.6), below it with K >= 4096 on weights of 64 M
+///   and more (8192x8192 at batch 1 20.3 / 21.8, 28672x4096 35.1 / 38.0) or of 40 M from batch
+///   5 (11008x4096 at 8 20.1 / 22.3, at 1 18.3 / 17.6; with K = 2560, 19456x2560 at 1 20.5 /
+///   17.8);
+/// - the arithmetic NVFP4 decode on weights of 40 M and more at batches 15-16 (8192x8192 at 16
+///   25.9 / 28.0, 28672x4096 43.1 / 50.8, 19456x2560 23.3 / 25.0; 11008x4096 even at 15,
+///   slower at 13-14) and, on 64 M and more, at 6-8 (8192x8192 at 8 17.3 / 18.7);
+/// - one everywhere else (NVFP4 6144x2560 at batch 1 8.7 / 7.0, 19456x2560 17.3 / 13.8).
+pub fn gemv_m_tiles(pair_table: bool, batch: usize, n: usize, k: usize) -> usize {
+    let weights = n.saturating_mul(k);
+    let large = weights >= GEMV_M_TILES_LARGE;
+    let two = match batch {
+        17.. => true,
+        9..=16 if pair_table => true,
+        _ if pair_table => large && k >= 4096 && (batch >= 5 || weights >= 64 << 20),
+        15..=16 => large,
+        6..=8 => weights >= 64 << 20,
+        _ => false,
+    };
+    if two {
+        2
+    } else {
+        1
+    }
+}
+
 /// Static shared memory of a GEMV kernel (gemv.cu) with `warps` warps and `nt` N tiles: the
 /// pair table (32 KiB, none for the arithmetic NVFP4 decode), the scale table (1 KiB) and, when
 /// its warps split K, their f32 sums (`warps x nt x 4 x 32`). Kernels above
@@ -307,18 +344,22 @@ pub fn gemv_stage_smem(nt: usize, stages: usize) -> usize {
     stages * nt * 8 * 128 * 2
 }
 /// Stages of the GEMV's shared-memory activation ring (`XSTAGE` in gemv.cu) for a kernel with
-/// `nt` N tiles and `warps` warps, or 0 for none: two, where it was measured faster than each
-/// warp loading its activations from global memory — the pair-table formats from two N tiles
-/// (batches 9-16; at four their 32 KiB table leaves no room), the arithmetic NVFP4 decode from
-/// eight (batches 33-64), and from four (17-32) in blocks of the large weights (`large`: 8 warps,
-/// 40 M weights and more). Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s20/`):
-/// NVFP4 batch 64 0.47x / 0.43x the time on 8192x8192 / 28672x4096, batch 32 0.78x / 0.82x, NF4
-/// batch 16 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast or faster
-/// without it. `set` (a knob) overrides: 0 or less off, else 2-4 stages at every batch. Never
+/// `nt` N tiles, `m_tiles` M tiles per warp and `warps` warps, or 0 for none: two, where it was
+/// measured faster than each warp loading its activations from global memory — the pair-table
+/// formats from two N tiles (batches 9-16; at four their 32 KiB table leaves no room), the
+/// arithmetic NVFP4 decode from eight (batches 33-64), from four (17-32) in blocks of the large
+/// weights (`large`: 8 warps, 40 M weights and more) or with two M tiles, and at two (9-16) with
+/// two M tiles. Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-27-s20/`), one M
+/// tile: NVFP4 batch 64 0.47x / 0.43x the time on 8192x8192 / 28672x4096, batch 32 0.78x /
+/// 0.82x, NF4 batch 16 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast
+/// or faster without it. With two M tiles, on an H200
+/// (`scripts/gpu/results/h200-2026-11-28-s26/`): NVFP4 batch 16 0.88x / 0.94x on 8192x8192 /
+/// 28672x4096 (0.95x on 19456x2560), 6144x2560 at batch 32 0.93x. `set` (a knob) overrides: 0 or less off, else 2-4 stages at every batch. Never
 /// more stages than fit the static shared memory beside the kernel's tables.
 pub fn gemv_ring_stages(
     pair_table: bool,
     nt: usize,
+    m_tiles: usize,
     warps: usize,
     large: bool,
     set: Option<i64>,
@@ -327,7 +368,11 @@ pub fn gemv_ring_stages(
         Some(v) if v <= 0 => return 0,
         Some(v) => v.clamp(2, 4) as usize,
         None if pair_table && nt >= 2 => 2,
-        None if !pair_table && (nt >= 8 || (nt >= 4 && large)) => 2,
+        None if !pair_table
+            && (nt >= 8 || (nt >= 4 && (large || m_tiles == 2)) || (nt == 2 && m_tiles == 2)) =>
+        {
+            2
+        }
         None => return 0,
     };
     (2..=want)
@@ -371,6 +416,39 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemv_m_tiles_follow_the_measured_wins() {
+        // (pair table, batch, n, k, M tiles): the A/Bs' wins and losses.
+        let cases = [
+            (false, 1, 8192, 8192, 1),
+            (false, 8, 8192, 8192, 2),
+            (false, 8, 11008, 4096, 1),
+            (false, 9, 28672, 4096, 1),
+            (false, 14, 11008, 4096, 1),
+            (false, 15, 8192, 8192, 2),
+            (false, 16, 19456, 2560, 2),
+            (false, 16, 6144, 2560, 1),
+            (false, 32, 6144, 2560, 2),
+            (false, 64, 2560, 4096, 2),
+            (true, 1, 8192, 8192, 2),
+            (true, 1, 28672, 4096, 2),
+            (true, 1, 19456, 2560, 1),
+            (true, 1, 11008, 4096, 1),
+            (true, 5, 11008, 4096, 2),
+            (true, 8, 2560, 9728, 1),
+            (true, 9, 6144, 2560, 2),
+            (true, 12, 2560, 9728, 2),
+            (true, 64, 6144, 2560, 2),
+        ];
+        for (table, b, n, k, mt) in cases {
+            assert_eq!(
+                gemv_m_tiles(table, b, n, k),
+                mt,
+                "{table} batch {b} {n}x{k}"
+            );
+        }
+    }
 
     #[test]
     fn plans_follow_the_hardware() {
@@ -482,8 +560,8 @@ mod tests {
 
     #[test]
     fn gemv_ring_where_measured_faster_and_where_it_fits() {
-        // (pair table, N tiles, warps, large weights) -> stages by default.
-        let ring = |t, nt, w, large| gemv_ring_stages(t, nt, w, large, None);
+        // (pair table, N tiles, warps, large weights) -> stages by default, one M tile.
+        let ring = |t, nt, w, large| gemv_ring_stages(t, nt, 1, w, large, None);
         // Pair-table formats: batches 9-16 only (no room beside the table at four N tiles).
         assert_eq!(ring(true, 1, 8, true), 0);
         assert_eq!(ring(true, 2, 8, true), 2);
@@ -495,13 +573,17 @@ mod tests {
         assert_eq!(ring(false, 4, 8, true), 2);
         assert_eq!(ring(false, 4, 4, false), 0);
         assert_eq!(ring(false, 8, 4, false), 2);
+        // With two M tiles: NVFP4 from two N tiles.
+        assert_eq!(gemv_ring_stages(false, 2, 2, 8, true, None), 2);
+        assert_eq!(gemv_ring_stages(false, 4, 2, 4, false, None), 2);
+        assert_eq!(gemv_ring_stages(true, 4, 2, 8, true, None), 0);
         // The knob: off, or as many stages as asked where they fit.
-        assert_eq!(gemv_ring_stages(false, 8, 8, true, Some(0)), 0);
-        assert_eq!(gemv_ring_stages(false, 1, 8, true, Some(4)), 4);
-        assert_eq!(gemv_ring_stages(false, 8, 8, true, Some(4)), 2);
-        assert_eq!(gemv_ring_stages(true, 2, 8, true, Some(4)), 3);
-        assert_eq!(gemv_ring_stages(true, 4, 8, true, Some(3)), 0);
-        assert_eq!(gemv_ring_stages(false, 2, 8, true, Some(9)), 4);
+        assert_eq!(gemv_ring_stages(false, 8, 1, 8, true, Some(0)), 0);
+        assert_eq!(gemv_ring_stages(false, 1, 1, 8, true, Some(4)), 4);
+        assert_eq!(gemv_ring_stages(false, 8, 1, 8, true, Some(4)), 2);
+        assert_eq!(gemv_ring_stages(true, 2, 1, 8, true, Some(4)), 3);
+        assert_eq!(gemv_ring_stages(true, 4, 1, 8, true, Some(3)), 0);
+        assert_eq!(gemv_ring_stages(false, 2, 1, 8, true, Some(9)), 4);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 // bank `lane`, so lookups never conflict.
 //
 // Thread (g = lane / 4, t = lane % 4) of a warp loads 32 consecutive elements (16 bytes) of rows
-// g and g + 8 at k0 = 128 * step + 32 * t. Within the step, mma s (0..7) takes elements
+// g + 8h (h < 2 * MT) at k0 = 128 * step + 32 * t. Within the step, mma s (0..7) takes elements
 // 4s .. 4s+3 of each thread's chunk; the B fragment takes the same elements of x, so the
 // k permutation cancels in the dot product.
 //
@@ -42,9 +42,13 @@
 // runs (conflict-free); one barrier a step. At two or more N tiles, global activation loads
 // spread over 8 rows and 2 cache lines each stalled every step on L1/L2 latency.
 //
+// MT (1, 2): M tiles of 16 weight rows per warp. With two, each B fragment (loaded, and for
+// ARITH regrouped, once) feeds the mma of both, halving the activation traffic per weight; the
+// warp's loads and registers double.
+//
 // Defines: FMT (0 NVFP4: E4M3 per 16; 1 MXFP4: E8M0 per 32; 2 bitsandbytes: f32 absmax per bs),
-// OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), WARPS (warps per
-// block, each owning 16 weight rows), KFULL (K a multiple of 128: no K-tail checks), CLAMPED
+// OPT (operand type T_BF16 / T_F16), OUT_T, NT (N tiles of 8 batch rows), MT, WARPS (warps per
+// block, each owning 16 * MT weight rows), KFULL (K a multiple of 128: no K-tail checks), CLAMPED
 // (loads without zero fills, see `load`).
 
 #if OPT == T_BF16
@@ -76,6 +80,11 @@
 #ifndef XSTAGE
 #define XSTAGE 0
 #endif
+#ifndef MT
+#define MT 1
+#endif
+// 8-row halves of a warp's rows: a thread loads rows g + 8h, h < HR.
+#define HR (2 * MT)
 #if XSTAGE && KWARPS > 1
 #error "XSTAGE needs KWARPS == 1"
 #endif
@@ -131,9 +140,9 @@ __device__ __forceinline__ uint4 ld_act(const u16* p) {
 
 // One step's weight data of a thread: 16 bytes of rows g and g+8, and their block scales.
 struct Frag {
-    uint4 w[2];
-    u32 sraw[2];  // NVFP4: two E4M3 bytes; MXFP4: one E8M0 byte
-    float sabs[2];  // bitsandbytes absmax
+    uint4 w[HR];
+    u32 sraw[HR];  // NVFP4: two E4M3 bytes; MXFP4: one E8M0 byte
+    float sabs[HR];  // bitsandbytes absmax
 };
 
 // Pair table: entry (byte, lane) = the byte's two values in element order, operand type,
@@ -233,12 +242,12 @@ __device__ __forceinline__ void stage(const Stager& s, int st, int K) {
 }
 #endif
 
-// Work item = (tile of 16*RWARPS rows, K slice ky of `split`): warp w owns rows
-// tile*16*RWARPS + 16 (w / KWARPS) .. +16 and the ky-th of `split` contiguous runs of steps
+// Work item = (tile of 16*MT*RWARPS rows, K slice ky of `split`): warp w owns rows
+// tile*16*MT*RWARPS + 16*MT (w / KWARPS) .. +16*MT and the ky-th of `split` contiguous runs of steps
 // (with KWARPS > 1, run w % KWARPS of that slice's KWARPS); with KWARPS == 1 the warps of a
 // block walk the same steps, so the activations they read come from L1 (or, with XSTAGE, from
 // the block's ring). Persistent blocks take items blockIdx.x, += gridDim.x.
-#if KWARPS > 1 && NT == 1 && ARITH
+#if KWARPS > 1 && NT == 1 && MT == 1 && ARITH
 // 64 registers, as the KWARPS == 1 kernel gets unasked at one N tile. (The pair-table kernel
 // takes 80 and is left to: held to 64 it spilled, and ran 28672x4096 at batch 1 4% slower.)
 #define GEMV_BOUNDS __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
@@ -278,7 +287,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #endif
     const int g = (int)(lane >> 2), t = (int)(lane & 3);
     const int steps = (K + 127) >> 7;
-    const int tiles = (N + 16 * RWARPS - 1) / (16 * RWARPS);
+    const int tiles = (N + 16 * MT * RWARPS - 1) / (16 * MT * RWARPS);
     const int items = tiles * split;
     const int rw = (int)warp / KWARPS, kw = (int)warp % KWARPS;
 #if XSTAGE
@@ -286,7 +295,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #endif
 #if KWARPS > 1
     // Each warp's f32 sums, for the slice-order reduction at the end of an item.
-    __shared__ float kred[WARPS][NT * 4][32];
+    __shared__ float kred[WARPS][MT * NT * 4][32];
 #endif
 
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
@@ -299,23 +308,26 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #else
         const int sbegin = ky * per, send = min(steps, sbegin + per);
 #endif
-        const int row0 = tile * 16 * RWARPS + 16 * rw + g;
-        const bool rv[2] = {row0 < N, row0 + 8 < N};
-        const u8* crow[2];
-        const u8* srow[2];
-        i64 frow[2];
+        const int row0 = tile * 16 * MT * RWARPS + 16 * MT * rw + g;
+        bool rv[HR];
+        const u8* crow[HR];
+        const u8* srow[HR];
+        i64 frow[HR];
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < HR; h++) {
+            rv[h] = row0 + 8 * h < N;
             const i64 r = rv[h] ? row0 + 8 * h : 0;
             crow[h] = codes + r * row_bytes;
             srow[h] = (const u8*)scales + r * (FMT == 0 ? (row_bytes >> 3) : (row_bytes >> 4));
             frow[h] = r * K;
         }
-        float acc[NT][4];
+        float acc[MT][NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) acc[nt][c] = 0.0f;
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[m][nt][c] = 0.0f;
 
         // Row h's 16 code bytes at element k0 and their block scale.
         auto load_row = [&](Frag& f, int h, int k0) {
@@ -333,7 +345,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             if (st >= send) return;
             const int k0 = min(st * 128 + 32 * t, K - 32);
 #pragma unroll
-            for (int h = 0; h < 2; h++) load_row(f, h, k0);
+            for (int h = 0; h < HR; h++) load_row(f, h, k0);
         };
 #else
         // Zero-filled loads outside the slice, the row or N.
@@ -341,7 +353,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             const int k0 = st * 128 + 32 * t;
             const bool ok = st < send && k0 < K;
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < HR; h++) {
                 if (ok && rv[h]) {
                     load_row(f, h, k0);
                 } else {
@@ -367,9 +379,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             // KFULL (with CLAMPED): K is a multiple of 128, so every chunk of every step lies
             // inside the row.
             const bool kvalid = (CLAMPED && KFULL) || k0 < K;
-            u32 sc[2][2];
+            u32 sc[HR][2];
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
+            for (int h = 0; h < HR; h++) {
                 if (FMT == 0) {
                     sc[h][0] = scale_tab[f.sraw[h] & 0xffu];
                     sc[h][1] = scale_tab[f.sraw[h] >> 8];
@@ -410,21 +422,35 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 for (int nt = 0; nt < NT; nt++) xv[nt] = xv_ok[nt] ? ld_act(xp[nt] + 8 * wi) : make_uint4(0, 0, 0, 0);
 #endif
                 // Word wi of the 16 code bytes: bytes 0, 1 feed mma 2wi, bytes 2, 3 mma 2wi+1;
-                // NVFP4's second block starts at word 2.
+                // NVFP4's second block starts at word 2. M tile m takes halves 2m, 2m + 1.
                 const int sb = FMT == 0 ? (wi >> 1) : 0;
-                const u32 w0 = word_of(f.w[0], wi), w1 = word_of(f.w[1], wi);
-                const u32 s0 = sc[0][sb], s1 = sc[1][sb];
+                u32 a[MT][2][4];
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    const u32 w0 = word_of(f.w[2 * m], wi), w1 = word_of(f.w[2 * m + 1], wi);
+                    const u32 s0 = sc[2 * m][sb], s1 = sc[2 * m + 1][sb];
 #if ARITH
-                // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
-                u32 a[2][4];
-                a[0][0] = pair_scale(e2m1_pair_of<0>(w0), s0);
-                a[0][1] = pair_scale(e2m1_pair_of<0>(w1), s1);
-                a[0][2] = pair_scale(e2m1_pair_of<1>(w0), s0);
-                a[0][3] = pair_scale(e2m1_pair_of<1>(w1), s1);
-                a[1][0] = pair_scale(e2m1_pair_of<2>(w0), s0);
-                a[1][1] = pair_scale(e2m1_pair_of<2>(w1), s1);
-                a[1][2] = pair_scale(e2m1_pair_of<3>(w0), s0);
-                a[1][3] = pair_scale(e2m1_pair_of<3>(w1), s1);
+                    // Pairs (j, j + 4) of the word's 8 elements; mma half h takes pairs 2h, 2h + 1.
+                    a[m][0][0] = pair_scale(e2m1_pair_of<0>(w0), s0);
+                    a[m][0][1] = pair_scale(e2m1_pair_of<0>(w1), s1);
+                    a[m][0][2] = pair_scale(e2m1_pair_of<1>(w0), s0);
+                    a[m][0][3] = pair_scale(e2m1_pair_of<1>(w1), s1);
+                    a[m][1][0] = pair_scale(e2m1_pair_of<2>(w0), s0);
+                    a[m][1][1] = pair_scale(e2m1_pair_of<2>(w1), s1);
+                    a[m][1][2] = pair_scale(e2m1_pair_of<3>(w0), s0);
+                    a[m][1][3] = pair_scale(e2m1_pair_of<3>(w1), s1);
+#else
+                    a[m][0][0] = pair_scale(lut_load<0>(w0, lane_sel), s0);
+                    a[m][0][1] = pair_scale(lut_load<0>(w1, lane_sel), s1);
+                    a[m][0][2] = pair_scale(lut_load<1>(w0, lane_sel), s0);
+                    a[m][0][3] = pair_scale(lut_load<1>(w1, lane_sel), s1);
+                    a[m][1][0] = pair_scale(lut_load<2>(w0, lane_sel), s0);
+                    a[m][1][1] = pair_scale(lut_load<2>(w1, lane_sel), s1);
+                    a[m][1][2] = pair_scale(lut_load<3>(w0, lane_sel), s0);
+                    a[m][1][3] = pair_scale(lut_load<3>(w1, lane_sel), s1);
+#endif
+                }
+#if ARITH
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
                     // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
@@ -432,25 +458,21 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     const u32 b15 = prmt(xv[nt].x, xv[nt].z, 0x7632u);
                     const u32 b26 = prmt(xv[nt].y, xv[nt].w, 0x5410u);
                     const u32 b37 = prmt(xv[nt].y, xv[nt].w, 0x7632u);
-                    mma16816(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], b04, b15);
-                    mma16816(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], b26, b37);
+#pragma unroll
+                    for (int m = 0; m < MT; m++) {
+                        mma16816(acc[m][nt], a[m][0][0], a[m][0][1], a[m][0][2], a[m][0][3], b04, b15);
+                        mma16816(acc[m][nt], a[m][1][0], a[m][1][1], a[m][1][2], a[m][1][3], b26, b37);
+                    }
                 }
 #else
-                u32 a[2][4];
-                a[0][0] = pair_scale(lut_load<0>(w0, lane_sel), s0);
-                a[0][1] = pair_scale(lut_load<0>(w1, lane_sel), s1);
-                a[0][2] = pair_scale(lut_load<1>(w0, lane_sel), s0);
-                a[0][3] = pair_scale(lut_load<1>(w1, lane_sel), s1);
-                a[1][0] = pair_scale(lut_load<2>(w0, lane_sel), s0);
-                a[1][1] = pair_scale(lut_load<2>(w1, lane_sel), s1);
-                a[1][2] = pair_scale(lut_load<3>(w0, lane_sel), s0);
-                a[1][3] = pair_scale(lut_load<3>(w1, lane_sel), s1);
 #pragma unroll
                 for (int half = 0; half < 2; half++)
 #pragma unroll
                     for (int nt = 0; nt < NT; nt++)
-                        mma16816(acc[nt], a[half][0], a[half][1], a[half][2], a[half][3],
-                                 half == 0 ? xv[nt].x : xv[nt].z, half == 0 ? xv[nt].y : xv[nt].w);
+#pragma unroll
+                        for (int m = 0; m < MT; m++)
+                            mma16816(acc[m][nt], a[m][half][0], a[m][half][1], a[m][half][2], a[m][half][3],
+                                     half == 0 ? xv[nt].x : xv[nt].z, half == 0 ? xv[nt].y : xv[nt].w);
 #endif
             }
         };
@@ -549,39 +571,45 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         asm volatile("mov.u32 %0, %%tid.x;" : "=r"(rtid));
         const u32 rwarp = rtid >> 5, rlane = rtid & 31;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) kred[rwarp][nt * 4 + c][rlane] = acc[nt][c];
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) kred[rwarp][(m * NT + nt) * 4 + c][rlane] = acc[m][nt][c];
         __syncthreads();
         if (rwarp % KWARPS == 0) {
             // One output at a time: all KWARPS * 4 * NT loads at once would cost registers.
 #pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll 1
-                for (int c = 0; c < 4; c++) {
-                    float v = 0.0f;
+            for (int m = 0; m < MT; m++)
 #pragma unroll
-                    for (int j = 0; j < KWARPS; j++) v += kred[rwarp + j][nt * 4 + c][rlane];
-                    acc[nt][c] = v;
-                }
+                for (int nt = 0; nt < NT; nt++)
+#pragma unroll 1
+                    for (int c = 0; c < 4; c++) {
+                        float v = 0.0f;
+#pragma unroll
+                        for (int j = 0; j < KWARPS; j++) v += kred[rwarp + j][(m * NT + nt) * 4 + c][rlane];
+                        acc[m][nt][c] = v;
+                    }
         }
         __syncthreads();  // kred is free for the next item
         if (rwarp % KWARPS != 0) continue;
 #endif
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const int row = row0 + 8 * (c >> 1);
-                const int bi = nt * 8 + 2 * t + (c & 1);
-                if (row >= N || bi >= B) continue;
-                if (split > 1) {
-                    partial[((i64)ky * B + bi) * N + row] = acc[nt][c];
-                } else {
-                    const float xs = xscale != 0 ? xscale[bi] : 1.0f;
-                    store_elem<OUT_T>(y, (i64)bi * N + row, acc[nt][c] * (wfactor * ARITH_GAIN * xs));
+            for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int row = row0 + 16 * m + 8 * (c >> 1);
+                    const int bi = nt * 8 + 2 * t + (c & 1);
+                    if (row >= N || bi >= B) continue;
+                    if (split > 1) {
+                        partial[((i64)ky * B + bi) * N + row] = acc[m][nt][c];
+                    } else {
+                        const float xs = xscale != 0 ? xscale[bi] : 1.0f;
+                        store_elem<OUT_T>(y, (i64)bi * N + row, acc[m][nt][c] * (wfactor * ARITH_GAIN * xs));
+                    }
                 }
-            }
     }
 }
 
