@@ -731,37 +731,52 @@ fn gemv_activation_ring_is_bit_identical_with_global_loads() {
 /// Two 16-row M tiles per warp change which warp computes a row, not its sums: with the same K
 /// slices (forced: the tiling changes the number of row tiles, and so the plan's split) GEMVs
 /// with one and two M tiles are identical bit for bit, with rows not a multiple of 32, a
-/// partial last K step, with and without the activation ring's batches.
+/// partial last K step, with and without the activation ring's batches, the slices summed
+/// across blocks or (where they fit a block and no ring runs) inside it.
 #[test]
 fn gemv_m_tiles_are_bit_identical() {
     let Some(dev) = gpu() else { return };
     let shapes = [(1000, 2560), (77, 4160), (6144, 2560), (300, 1024)];
     let tiles = q4::kernels::cuda::gemv::set_m_tiles_for_tests;
     let slices = q4::kernels::cuda::gemv::set_split_for_tests;
-    q4::kernels::cuda::gemv::set_warp_split_for_tests(Some(false));
+    let warp_split = q4::kernels::cuda::gemv::set_warp_split_for_tests;
+    let reduces = q4::kernels::cuda::gemv::reduce_launches;
+    let mut in_block = 0;
     for (f, n, k, layer) in gemv_layers(&dev, &shapes, 9) {
         for b in [1usize, 3, 8, 9, 16, 24, 33, 64] {
-            for (dt, split) in [(DType::F32, 1), (DType::BF16, 3)] {
-                slices(Some(split));
-                let x = gemv_input(&dev, b, k, 5, dt);
-                tiles(Some(1));
-                let one = bits_f32(&layer.forward(&x).unwrap());
-                tiles(Some(2));
-                let two = bits_f32(&layer.forward(&x).unwrap());
-                tiles(None);
-                slices(None);
-                assert_eq!(two.len(), b * n);
-                if let Some(i) = (0..two.len()).find(|&i| two[i] != one[i]) {
-                    panic!(
-                        "{f:?} {n}x{k} batch {b} {dt:?}: output {i} differs: {:#x} (two M \
-                         tiles) vs {:#x}",
-                        two[i], one[i]
-                    );
+            for (dt, split) in [(DType::F32, 1), (DType::BF16, 2), (DType::BF16, 3)] {
+                for ws in [false, true] {
+                    slices(Some(split));
+                    warp_split(Some(ws));
+                    let x = gemv_input(&dev, b, k, 5, dt);
+                    tiles(Some(1));
+                    let one = bits_f32(&layer.forward(&x).unwrap());
+                    tiles(Some(2));
+                    let before = reduces();
+                    let two = bits_f32(&layer.forward(&x).unwrap());
+                    if ws && split == 2 && b <= 8 && reduces() == before {
+                        in_block += 1;
+                    }
+                    tiles(None);
+                    warp_split(None);
+                    slices(None);
+                    assert_eq!(two.len(), b * n);
+                    if let Some(i) = (0..two.len()).find(|&i| two[i] != one[i]) {
+                        panic!(
+                            "{f:?} {n}x{k} batch {b} {dt:?} split {split} (warp split \
+                             {ws}): output {i} differs: {:#x} (two M tiles) vs {:#x}",
+                            two[i], one[i]
+                        );
+                    }
                 }
             }
         }
     }
-    q4::kernels::cuda::gemv::set_warp_split_for_tests(None);
+    // Two slices fit every block: with the warp split on, batches 1-8 summed them in the block.
+    assert!(
+        in_block > 0,
+        "no GEMV with two M tiles split K inside its blocks"
+    );
 }
 
 #[test]
