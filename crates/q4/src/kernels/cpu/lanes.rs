@@ -230,6 +230,11 @@ fn run<const MV: usize, const NG: usize>(
 
 /// `xt[(p - p0) * width + m] = xp[m * k + p]` for columns `p0..p1` (zero past `k` and for the
 /// padding rows `batch..width`).
+///
+/// Column by column: each column's `width` values are written together (one or a few cache
+/// lines) while the rows are read along. Row by row, with the buffer zeroed first, every store
+/// went to another line of a buffer larger than L1 (`scripts/cpu/results/
+/// ab-lanes-transpose-2026-11-28-s26.txt`: whole calls 0.94-0.99x the time at batches 16-64).
 fn transpose(
     xp: &[f32],
     k: usize,
@@ -240,13 +245,16 @@ fn transpose(
     xt: &mut [f32],
 ) {
     let xt = &mut xt[..(p1 - p0) * width];
-    xt.fill(0.0);
-    for m in 0..batch {
-        let row = &xp[m * k..(m + 1) * k];
-        for (p, &v) in row.iter().enumerate().take(p1.min(k)).skip(p0) {
-            xt[(p - p0) * width + m] = v;
+    let end = p1.min(k).max(p0);
+    let (cols, past_k) = xt.split_at_mut((end - p0) * width);
+    for (p, dst) in (p0..end).zip(cols.chunks_exact_mut(width)) {
+        let (live, pad) = dst.split_at_mut(batch);
+        for (d, row) in live.iter_mut().zip(xp.chunks_exact(k)) {
+            *d = row[p];
         }
+        pad.fill(0.0);
     }
+    past_k.fill(0.0);
 }
 
 /// The part of the weight one [`group`] call covers: rows `r0..r0 + live` (of a group of `NG`;
