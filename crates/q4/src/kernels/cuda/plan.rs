@@ -291,6 +291,8 @@ pub fn rounded_warp_split(
 /// Weights (`n * k`) from which the fused GEMV gives each warp two 16-row M tiles at the batches
 /// [`gemv_m_tiles`] names.
 pub const GEMV_M_TILES_LARGE: usize = 40 << 20;
+/// Weights from which [`gemv_m_tiles`] takes two M tiles at more batches.
+pub const GEMV_M_TILES_HUGE: usize = 64 << 20;
 
 /// 16-row M tiles per warp of the fused GEMV (`MT` in gemv.cu) for a weight of `n` x `k` at
 /// `batch` activation rows: two where each B fragment serving two A tiles (half the activation
@@ -309,13 +311,13 @@ pub const GEMV_M_TILES_LARGE: usize = 40 << 20;
 /// - one everywhere else (NVFP4 6144x2560 at batch 1 8.7 / 7.0, 19456x2560 17.3 / 13.8).
 pub fn gemv_m_tiles(pair_table: bool, batch: usize, n: usize, k: usize) -> usize {
     let weights = n.saturating_mul(k);
-    let large = weights >= GEMV_M_TILES_LARGE;
+    let (large, huge) = (weights >= GEMV_M_TILES_LARGE, weights >= GEMV_M_TILES_HUGE);
     let two = match batch {
         17.. => true,
         9..=16 if pair_table => true,
-        _ if pair_table => large && k >= 4096 && (batch >= 5 || weights >= 64 << 20),
+        _ if pair_table => large && k >= 4096 && (batch >= 5 || huge),
         15..=16 => large,
-        6..=8 => weights >= 64 << 20,
+        6..=8 => huge,
         _ => false,
     };
     if two {
@@ -354,8 +356,9 @@ pub fn gemv_stage_smem(nt: usize, stages: usize) -> usize {
 /// 0.82x, NF4 batch 16 0.85-0.98x; NVFP4 at batch 16 and small weights at batch 32 were as fast
 /// or faster without it. With two M tiles, on an H200
 /// (`scripts/gpu/results/h200-2026-11-28-s26/`): NVFP4 batch 16 0.88x / 0.94x on 8192x8192 /
-/// 28672x4096 (0.95x on 19456x2560), 6144x2560 at batch 32 0.93x. `set` (a knob) overrides: 0 or less off, else 2-4 stages at every batch. Never
-/// more stages than fit the static shared memory beside the kernel's tables.
+/// 28672x4096 (0.95x on 19456x2560), 6144x2560 at batch 32 0.93x. `set` (a knob) overrides: 0
+/// or less off, else 2-4 stages at every batch. Never more stages than fit the static shared
+/// memory beside the kernel's tables.
 pub fn gemv_ring_stages(
     pair_table: bool,
     nt: usize,
