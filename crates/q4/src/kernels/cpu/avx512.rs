@@ -331,11 +331,18 @@ unsafe fn sum16_rows(mut row: impl FnMut(usize) -> __m512) -> __m512 {
     sum16(&v)
 }
 
-/// Batch 1, sixteen rows from `row0`: each row's vector from [`rows_acc`], then all sixteen
-/// reduced together by [`sum16`] and added to `out[0..16]`.
+/// Batch 1, sixteen rows from `row0`: their vectors from [`rows_acc`], two rows at a time, then
+/// all sixteen reduced together by [`sum16`] and added to `out[0..16]`.
+///
+/// Two rows per chunk loop give the core two independent decode streams and half the loop exits
+/// per row; their prefetch then reaches two rows ahead (one row ahead lands in the pair's own
+/// second row: 4096-wide rows ran 1.5x slower). Same-process A/B against one row at a time,
+/// cache-cold, 2 threads (`scripts/cpu/results/ab-gemv-row-pairs-2026-11-28-s26.txt`): 0.88-0.99x
+/// the time on 576- to 8192-wide rows (NF4 0.88-0.96x, NVFP4 0.95-0.99x), 576x1536 NVFP4
+/// 1.01-1.03x.
 ///
 /// # Safety
-/// As for [`rows_acc`] with `R = 16`, `B = 1`; `out` holds 16 values.
+/// As for [`rows_acc`] with `R = 2`, `B = 1` over rows `row0..row0 + 16`; `out` holds 16 values.
 #[target_feature(enable = "avx512f")]
 unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     w: &Rows<'_>,
@@ -347,7 +354,18 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let sums = sum16_rows(|r| rows_acc::<1, 1, BK, S>(w, &scales, lut, xp, row0 + r, pass)[0][0]);
+    let pass = Pass {
+        ahead: pass.ahead.max(2 * w.row_bytes),
+        ..pass
+    };
+    let mut v = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        let pair = rows_acc::<2, 1, BK, S>(w, &scales, lut, xp, row0 + 2 * p, pass);
+        // Each row's vector where `sum16` leaves its sum in lane `r`.
+        v[SUM16_LANE[2 * p]] = pair[0][0];
+        v[SUM16_LANE[2 * p + 1]] = pair[1][0];
+    }
+    let sums = sum16(&v);
     let o = out.as_mut_ptr();
     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sums));
 }
