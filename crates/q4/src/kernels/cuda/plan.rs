@@ -327,14 +327,14 @@ pub fn gemv_m_tiles(pair_table: bool, batch: usize, n: usize, k: usize) -> usize
     }
 }
 
-/// Static shared memory of a GEMV kernel (gemv.cu) with `warps` warps and `nt` N tiles: the
-/// pair table (32 KiB, none for the arithmetic NVFP4 decode), the scale table (1 KiB) and, when
-/// its warps split K, their f32 sums (`warps x nt x 4 x 32`). Kernels above
-/// [`GEMV_STATIC_SMEM_LIMIT`] do not compile.
-pub fn gemv_static_smem(pair_table: bool, warps: usize, nt: usize, warp_split: bool) -> usize {
+/// Static shared memory of a GEMV kernel (gemv.cu) with `warps` warps of `tiles` accumulator
+/// tiles each (N tiles times M tiles): the pair table (32 KiB, none for the arithmetic NVFP4
+/// decode), the scale table (1 KiB) and, when its warps split K, their f32 sums
+/// (`warps x tiles x 4 x 32`). Kernels above [`GEMV_STATIC_SMEM_LIMIT`] do not compile.
+pub fn gemv_static_smem(pair_table: bool, warps: usize, tiles: usize, warp_split: bool) -> usize {
     let table = if pair_table { 256 * 32 * 4 } else { 0 };
     let sums = if warp_split {
-        warps * nt * 4 * 32 * 4
+        warps * tiles * 4 * 32 * 4
     } else {
         0
     };
