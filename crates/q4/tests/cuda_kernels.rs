@@ -118,6 +118,26 @@ fn nvrtc_compiles_every_kernel_family() {
                             compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
                                 .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
                         }
+                        if nt == 1 && arith == 1 {
+                            // Batch 1 of the arithmetic decode: step addresses from registers,
+                            // the staged activation row at its longest beside the sums of a
+                            // 16-warp split, under each weight-load cache hint.
+                            for hint in 0..=4 {
+                                let mut d = d.to_vec();
+                                d.retain(|(n, _)| *n != "WARPS");
+                                d.extend([
+                                    ("WARPS", 16),
+                                    ("KWARPS", 16),
+                                    ("CLAMPED", 1),
+                                    ("ADDR", 1),
+                                    ("IMADDEC", 1),
+                                    ("XB1", plan::GEMV_STAGED_ROW_MAX_STEPS as i64),
+                                    ("LDHINT", hint),
+                                ]);
+                                compile_cubin("gemv", &source(module_cache::GEMV, &d), arch)
+                                    .unwrap_or_else(|e| panic!("{d:?} {arch}: {e}"));
+                            }
+                        }
                         if nt == 1 {
                             // The warps of a block splitting K (batches 1-8), with the
                             // multiply-add E2M1 decode, and the largest such blocks the plan
@@ -777,6 +797,61 @@ fn gemv_m_tiles_are_bit_identical() {
         in_block > 0,
         "no GEMV with two M tiles split K inside its blocks"
     );
+}
+
+/// At batches 1-8 the NVFP4 GEMV may compute its step addresses from bases held in registers,
+/// and at batch 1 read its activations from a copy of the row staged in shared memory, already
+/// regrouped into operand pairs: neither changes a sum, so every combination is identical bit
+/// for bit with the plain kernel — f32, bf16 and f16 activations, the K slices summed inside
+/// the block or across blocks, rows not a multiple of 16, K not a multiple of 128 (where
+/// neither applies) and a slice too long to stage.
+#[test]
+fn gemv_batch_one_paths_are_bit_identical() {
+    let Some(dev) = gpu() else { return };
+    let shapes = [
+        (1000, 2560),
+        (6144, 2560),
+        (300, 1024),
+        (77, 4160),
+        (2048, 8192),
+        (96, 20480),
+    ];
+    let paths = q4::kernels::cuda::gemv::set_batch_one_paths_for_tests;
+    let staged = q4::kernels::cuda::gemv::staged_row_launches;
+    let warp_split = q4::kernels::cuda::gemv::set_warp_split_for_tests;
+    let mut ran = 0;
+    for (_, n, k, layer) in gemv_layers(&dev, &shapes, 13).filter(|l| l.0 == Format::Nvfp4) {
+        for b in [1usize, 2, 5] {
+            for dt in [DType::F32, DType::BF16, DType::F16] {
+                for ws in [false, true] {
+                    warp_split(Some(ws));
+                    let x = gemv_input(&dev, b, k, 3, dt);
+                    paths(Some(false), Some(false));
+                    let before = staged();
+                    let plain = bits_f32(&layer.forward(&x).unwrap());
+                    assert_eq!(staged(), before, "{n}x{k} batch {b}: staged while off");
+                    for (addresses, row) in [(true, false), (false, true), (true, true)] {
+                        paths(Some(addresses), Some(row));
+                        let before = staged();
+                        let out = bits_f32(&layer.forward(&x).unwrap());
+                        ran += staged() - before;
+                        assert_eq!(out.len(), b * n);
+                        if let Some(i) = (0..out.len()).find(|&i| out[i] != plain[i]) {
+                            panic!(
+                                "{n}x{k} batch {b} {dt:?} (warp split {ws}, addresses \
+                                 {addresses}, staged row {row}): output {i} differs: {:#x} vs \
+                                 {:#x}",
+                                out[i], plain[i]
+                            );
+                        }
+                    }
+                    paths(None, None);
+                    warp_split(None);
+                }
+            }
+        }
+    }
+    assert!(ran > 0, "no GEMV staged its activation row");
 }
 
 #[test]

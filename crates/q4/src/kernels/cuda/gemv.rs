@@ -33,6 +33,8 @@ const ITEM_COST: usize = 2;
 // `Q4_GEMV_DEPTH` (2-4), `Q4_GEMV_MIN_STEPS` and `Q4_GEMV_ITEM_COST` (split-K),
 // `Q4_GEMV_WSPLIT` (split-K inside the block), `Q4_GEMV_CLAMPED` (loads), `Q4_GEMV_IMAD`
 // (E2M1 decode), `Q4_GEMV_XSTAGE` (activation ring), `Q4_GEMV_MT` (M tiles per warp),
+// `Q4_GEMV_ADDR` (register-held step addresses), `Q4_GEMV_XB1` (staged batch-1 activation
+// row), `Q4_GEMV_LDHINT` (weight-load cache hints),
 // `Q4_GEMV_REDUCE_PDL`, for kernel
 // development; the defaults are the measured best
 // (`scripts/gpu/gemv_knob_sweep.sh`, `scripts/gpu/ab.sh`).
@@ -460,6 +462,29 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             split = 1;
         }
     }
+    // Batch 1 of the arithmetic decode: the block's slice of the activation row staged once in
+    // shared memory, regrouped into operand pairs (`XB1` in gemv.cu), where it fits beside the
+    // tables and keeps as many blocks resident.
+    if let Some(xb1) = super::plan::gemv_staged_row_steps(
+        batch,
+        arith(w) && clamped && kdim.is_multiple_of(128) && stages == 0 && nt == 1 && mt == 1,
+        steps.div_ceil(split),
+    )
+    .filter(|_| staged_row())
+    {
+        let kwarps = defines.iter().any(|(name, v)| *name == "KWARPS" && *v > 1);
+        let smem = super::plan::gemv_static_smem(false, block_warps, 1, kwarps)
+            + super::plan::gemv_staged_row_smem(xb1);
+        if smem <= super::plan::GEMV_STATIC_SMEM_LIMIT {
+            let mut xdefines = defines.clone();
+            xdefines.push(("XB1", xb1 as i64));
+            let xfunc = k.function("gemv", module_cache::GEMV, &xdefines, "gemv")?;
+            if resident_blocks(k, &xfunc, block_warps) >= grid_x {
+                (func, defines) = (xfunc, xdefines);
+                STAGED_ROWS.with(|c| c.set(c.get() + 1));
+            }
+        }
+    }
     let partial = if split > 1 {
         Some(empty_storage(dev, DType::F32, split * batch * n)?)
     } else {
@@ -598,5 +623,63 @@ fn gemv_defines(
         ("ARITH", i64::from(arith(w))),
         ("IMADDEC", i64::from(imad_decode(nt))),
         ("TRIGGER", trigger()),
+        ("LDHINT", ld_hint(w.rows_cols().0 * w.rows_cols().1)),
+        ("ADDR", addr_mode()),
     ]
+}
+
+/// Whether the clamped kernel (arithmetic decode, batches 1-8) computes its step addresses from
+/// per-thread bases held in registers (`ADDR` in gemv.cu, 11% fewer instructions a step).
+/// Same-call A/B on an H200 (`scripts/gpu/results/h200-2026-11-28-s27/call4-ab-addresses.txt`),
+/// NVFP4 batch 1: 0.87-0.97x the time on 8192x8192, 28672x4096 and Qwen3-4B's projections,
+/// synthetic decode 551 against 546 tok/s. `Q4_GEMV_ADDR=0` turns it off.
+fn addr_mode() -> i64 {
+    static A: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| i64::from(knob("Q4_GEMV_ADDR") != Some(0)));
+    ADDR_FORCED.flag().map_or(*A, i64::from)
+}
+
+/// Whether batch-1 GEMVs of the arithmetic decode stage their activations in shared memory
+/// (`XB1` in gemv.cu: no activation loads or regrouping byte permutes in the step loop, 188
+/// instead of 206 instructions a step). Same-call A/B on an H200 with `ADDR`
+/// (`scripts/gpu/results/h200-2026-11-28-s27/call5-ab-staged-row.txt`): 8192x8192 14.5 against
+/// 14.8 us, 28672x4096 24.5 against 25.5, 6144x2560 6.2 against 6.6, 19456x2560 12.5 against
+/// 13.4 (2560x9728 10.3 against 10.1), synthetic decode 567.6 against 551.2 tok/s.
+/// `Q4_GEMV_XB1=0` turns it off.
+fn staged_row() -> bool {
+    static X: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_XB1") != Some(0));
+    STAGED_ROW_FORCED.flag().unwrap_or(*X)
+}
+
+static STAGED_ROW_FORCED: TestOverride = TestOverride::new();
+static ADDR_FORCED: TestOverride = TestOverride::new();
+
+/// Forces the batch-1 staged activation row (`XB1`) and the register-held step addresses
+/// (`ADDR`) on or off (`None`: the environment decides), so that a test can compare them with
+/// the plain kernel in one process.
+#[doc(hidden)]
+pub fn set_batch_one_paths_for_tests(addresses: Option<bool>, staged_row: Option<bool>) {
+    ADDR_FORCED.set_flag(addresses);
+    STAGED_ROW_FORCED.set_flag(staged_row);
+}
+
+thread_local! {
+    /// GEMV launches with a staged activation row made by this thread (tests check it ran).
+    static STAGED_ROWS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many GEMVs with a staged activation row (`XB1`) this thread has launched.
+#[doc(hidden)]
+pub fn staged_row_launches() -> usize {
+    STAGED_ROWS.with(|c| c.get())
+}
+
+/// Whether the GEMV's weight loads ask L2 for 128-byte lines (`LDHINT` in gemv.cu) on a weight of
+/// `weights` values ([`super::plan::gemv_l2_line_loads`]); `Q4_GEMV_LDHINT` overrides: 0 never,
+/// 1 always (2-4: the other hints tried, see gemv.cu).
+fn ld_hint(weights: usize) -> i64 {
+    static H: std::sync::LazyLock<Option<i64>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_LDHINT").map(|h| h.clamp(0, 4)));
+    H.unwrap_or(i64::from(super::plan::gemv_l2_line_loads(weights)))
 }

@@ -340,6 +340,37 @@ pub fn gemv_static_smem(pair_table: bool, warps: usize, tiles: usize, warp_split
     };
     table + 256 * 4 + sums
 }
+/// Whether the GEMV's weight loads ask L2 for whole 128-byte lines (`L2::128B`) rather than
+/// the 64 bytes of a row a warp reads per step: on weights of at least [`GEMV_M_TILES_HUGE`]
+/// values. Each request then also brings the row's next step into L2 — twice the bytes in
+/// flight per load, without registers. Same-call A/B on an H200
+/// (`scripts/gpu/results/h200-2026-11-28-s27/`), NVFP4 batch 1 with / without: 8192x8192 13.8
+/// / 14.4 us, 28672x4096 22.5 / 24.6, 151936x2560 60.3 / 69.9 (NF4 19.4 / 20.3, 33.9 / 35.3),
+/// batches 4-32 up to 4% faster; synthetic Qwen3-4B decode 571.7 / 569.7 tok/s. On every
+/// weight the decode lost (554 against 567 tok/s: 19456x2560 and the smaller projections no
+/// faster, 2560x9728 slower), and 256-byte lines were slower everywhere.
+pub fn gemv_l2_line_loads(weights: usize) -> bool {
+    weights >= GEMV_M_TILES_HUGE
+}
+
+/// Most 128-wide steps of an activation row the batch-1 GEMV stages in shared memory (`XB1` in
+/// gemv.cu): 36 KiB, leaving room for the tables and the sums of a 16-warp split.
+pub const GEMV_STAGED_ROW_MAX_STEPS: usize = 144;
+
+/// Steps of shared memory the batch-1 GEMV reserves for its staged activation row (`XB1` in
+/// gemv.cu) when a block's K slice has `slice_steps` steps: the slice rounded up to a multiple of
+/// 16 (fewer kernel variants), or `None` where staging does not apply (`eligible`: the arithmetic
+/// decode with one N and one M tile, whole 128-wide steps, no activation ring) or the slice is
+/// longer than [`GEMV_STAGED_ROW_MAX_STEPS`].
+pub fn gemv_staged_row_steps(batch: usize, eligible: bool, slice_steps: usize) -> Option<usize> {
+    (batch == 1 && eligible && (1..=GEMV_STAGED_ROW_MAX_STEPS).contains(&slice_steps))
+        .then(|| slice_steps.next_multiple_of(16))
+}
+/// Static shared memory of the batch-1 staged activation row for `steps` steps (16-byte word
+/// groups of 4 threads x 4 per step).
+pub fn gemv_staged_row_smem(steps: usize) -> usize {
+    steps * 16 * 16
+}
 /// Static shared memory of the GEMV's activation ring (`XSTAGE` in gemv.cu): `stages` steps of
 /// `nt * 8` rows of 128 16-bit operands.
 pub fn gemv_stage_smem(nt: usize, stages: usize) -> usize {
@@ -418,6 +449,29 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn staged_row_only_at_batch_one_and_within_the_limit() {
+        assert_eq!(gemv_staged_row_steps(1, true, 64), Some(64));
+        assert_eq!(gemv_staged_row_steps(1, true, 20), Some(32));
+        assert_eq!(gemv_staged_row_steps(1, true, 1), Some(16));
+        assert_eq!(
+            gemv_staged_row_steps(1, true, GEMV_STAGED_ROW_MAX_STEPS),
+            Some(GEMV_STAGED_ROW_MAX_STEPS)
+        );
+        assert_eq!(
+            gemv_staged_row_steps(1, true, GEMV_STAGED_ROW_MAX_STEPS + 1),
+            None
+        );
+        assert_eq!(gemv_staged_row_steps(2, true, 64), None);
+        assert_eq!(gemv_staged_row_steps(1, false, 64), None);
+        // The largest staged row fits the static shared memory beside the tables and the
+        // warp split's sums of 16 warps.
+        assert!(
+            gemv_static_smem(false, 16, 1, true) + gemv_staged_row_smem(GEMV_STAGED_ROW_MAX_STEPS)
+                <= GEMV_STATIC_SMEM_LIMIT
+        );
+    }
+
     use super::*;
 
     #[test]

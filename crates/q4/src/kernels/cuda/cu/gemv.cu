@@ -125,10 +125,40 @@ __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 // Weights are streamed once: bypass L1 so that activations stay cached.
+// LDHINT: cache hints of the weight loads — 1 L2::128B (L2 fetches the whole 128-byte line,
+// so a row's next step arrives with this one; the plan's choice on large weights), and, tried
+// and kept for A/B runs, 2 L2::256B, 3 an L2 evict-first policy, 4 both.
+#ifndef LDHINT
+#define LDHINT 0
+#endif
+#if LDHINT == 1
+#define LD_STREAM_OP "ld.global.nc.L1::no_allocate.L2::128B.v4.u32"
+#elif LDHINT == 2
+#define LD_STREAM_OP "ld.global.nc.L1::no_allocate.L2::256B.v4.u32"
+#elif LDHINT == 3
+#define LD_STREAM_OP "ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32"
+#else
+#define LD_STREAM_OP "ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32"
+#endif
 __device__ __forceinline__ uint4 ld_stream(const u8* p) {
     uint4 r;
+#if LDHINT == 3 || LDHINT == 4
+    u64 pol;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    asm volatile(LD_STREAM_OP " {%0,%1,%2,%3}, [%4], %5;"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p), "l"(pol));
+#elif LDHINT
+    asm volatile(LD_STREAM_OP " {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#else
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+#endif
+    return r;
+}
+__device__ __forceinline__ u32 ld_scale16(const u8* p) {
+    unsigned short r;
+    asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
     return r;
 }
 __device__ __forceinline__ uint4 ld_act(const u16* p) {
@@ -164,6 +194,25 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 
 #ifndef IMADDEC
 #define IMADDEC 0
+#endif
+// ADDR (with CLAMPED and KFULL): a step's addresses are per-thread bases plus the step times a
+// constant stride, the weight bases held opaque so that the compiler keeps them in registers
+// instead of recomputing 64-bit row addresses every step (NVFP4 at batch 1: 231 -> 206
+// instructions a step).
+#ifndef ADDR
+#define ADDR 0
+#endif
+// XB1 (0, or a number of steps; ARITH, batch 1, NT == MT == 1, no XSTAGE): the block's slice
+// of the activation row is copied once into shared memory, already regrouped into operand
+// pairs (j, j + 4), for up to XB1 steps; the warps read their B fragments from there.
+#ifndef XB1
+#define XB1 0
+#endif
+#if XB1
+#if NT != 1 || MT != 1 || !ARITH || XSTAGE
+#error "XB1 needs ARITH, NT == MT == 1 and no XSTAGE"
+#endif
+__shared__ __align__(16) uint4 xb1[XB1 * 16];
 #endif
 // Operand pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (f16) or 2^-126 (bf16).
 // IMADDEC: the pair's two nibbles, masked, times 2^a + 2^(a + 6) in one integer multiply-add
@@ -247,7 +296,7 @@ __device__ __forceinline__ void stage(const Stager& s, int st, int K) {
 // (with KWARPS > 1, run w % KWARPS of that slice's KWARPS); with KWARPS == 1 the warps of a
 // block walk the same steps, so the activations they read come from L1 (or, with XSTAGE, from
 // the block's ring). Persistent blocks take items blockIdx.x, += gridDim.x.
-#if KWARPS > 1 && NT == 1 && MT == 1 && ARITH
+#if KWARPS > 1 && NT == 1 && MT == 1 && ARITH && !NOBOUND
 // 64 registers, as the KWARPS == 1 kernel gets unasked at one N tile. (The pair-table kernel
 // takes 80 and is left to: held to 64 it spilled, and ran 28672x4096 at batch 1 4% slower.)
 #define GEMV_BOUNDS __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
@@ -298,6 +347,13 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
     __shared__ float kred[WARPS][MT * NT * 4][32];
 #endif
 
+#if CLAMPED && KFULL && ADDR
+    // This thread's activation chunk of step 0 for each N tile (rows past the batch read row
+    // B - 1, see `compute`); a step adds 128 elements.
+    const u16* xbase[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) xbase[nt] = x + (i64)min(nt * 8 + g, B - 1) * K + 32 * t;
+#endif
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const int tile = item / split, ky = item - tile * split;
         // This slice's steps are contiguous, so each row is read in long runs.
@@ -307,6 +363,11 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         const int sbegin = ky * per + kw * kper, send = min(min(steps, ky * per + per), sbegin + kper);
 #else
         const int sbegin = ky * per, send = min(steps, sbegin + per);
+#endif
+#if XB1
+        // The block's first step: entry (st - xfirst) * 16 + wi * 4 + t of `xb1` is word group
+        // wi of thread t's chunk of step st.
+        const int xfirst = ky * per;
 #endif
         const int row0 = tile * 16 * MT * RWARPS + 16 * MT * rw + g;
         bool rv[HR];
@@ -341,12 +402,35 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         // registers may keep stale data), and a chunk past the row's end or a row past N reads a
         // clamped, in-bounds address instead (such data meets zero activations, or lands in
         // rows that are not stored).
+#if KFULL && ADDR && FMT == 0
+        // K a multiple of 128: every chunk lies inside its row, so a step's addresses are the
+        // thread's bases plus the step times a constant stride.
+        const u8* cbase[HR];
+        const u8* sbase[HR];
+#pragma unroll
+        for (int h = 0; h < HR; h++) {
+            cbase[h] = crow[h] + 16 * t;
+            sbase[h] = srow[h] + 2 * t;
+            // Opaque to the compiler, so that it keeps the pointers rather than recomputing
+            // them from the row index every step.
+            asm volatile("" : "+l"(cbase[h]), "+l"(sbase[h]));
+        }
+        auto load = [&](Frag& f, int st) {
+            if (st >= send) return;
+#pragma unroll
+            for (int h = 0; h < HR; h++) {
+                f.w[h] = ld_stream(cbase[h] + (u32)st * 64u);
+                f.sraw[h] = ld_scale16(sbase[h] + (u32)st * 8u);
+            }
+        };
+#else
         auto load = [&](Frag& f, int st) {
             if (st >= send) return;
             const int k0 = min(st * 128 + 32 * t, K - 32);
 #pragma unroll
             for (int h = 0; h < HR; h++) load_row(f, h, k0);
         };
+#endif
 #else
         // Zero-filled loads outside the slice, the row or N.
         auto load = [&](Frag& f, int st) {
@@ -402,7 +486,11 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int nt = 0; nt < NT; nt++) {
                 const int bi = nt * 8 + g;
-#if CLAMPED
+#if CLAMPED && KFULL && ADDR
+                (void)bi;
+                xv_ok[nt] = true;
+                xp[nt] = xbase[nt] + (u32)st * 128u;
+#elif CLAMPED
                 xv_ok[nt] = kvalid;
                 xp[nt] = x + (i64)min(bi, B - 1) * K + (kvalid ? k0 : 0);
 #else
@@ -414,7 +502,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             for (int wi = 0; wi < 4; wi++) {
                 // Activations for mma 2wi and 2wi+1: elements 8wi .. 8wi+7 of the chunk.
                 uint4 xv[NT];
-#if XSTAGE
+#if XB1
+                xv[0] = xb1[(st - xfirst) * 16 + wi * 4 + t];
+#elif XSTAGE
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) xv[nt] = xs[(wi * NT + nt) * 32];
 #else
@@ -453,11 +543,16 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #if ARITH
 #pragma unroll
                 for (int nt = 0; nt < NT; nt++) {
+#if XB1
+                    // Staged already regrouped.
+                    const u32 b04 = xv[nt].x, b15 = xv[nt].y, b26 = xv[nt].z, b37 = xv[nt].w;
+#else
                     // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
                     const u32 b04 = prmt(xv[nt].x, xv[nt].z, 0x5410u);
                     const u32 b15 = prmt(xv[nt].x, xv[nt].z, 0x7632u);
                     const u32 b26 = prmt(xv[nt].y, xv[nt].w, 0x5410u);
                     const u32 b37 = prmt(xv[nt].y, xv[nt].w, 0x7632u);
+#endif
 #pragma unroll
                     for (int m = 0; m < MT; m++) {
                         mma16816(acc[m][nt], a[m][0][0], a[m][0][1], a[m][0][2], a[m][0][3], b04, b15);
@@ -479,6 +574,19 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 
         // The first XSTAGE - 1 steps' activations, copied once the previous kernel is done.
         auto prologue = [&](int st) {
+#if XB1
+            // Every thread of the block copies chunks of the slice's activations: chunk c is
+            // word group (c / 4) % 4 of thread c % 4's 32 elements of step xfirst + c / 16.
+            {
+                const int xlast = min(steps, xfirst + per);
+                for (int c = (int)threadIdx.x; c < (xlast - xfirst) * 16; c += WARPS * 32) {
+                    const uint4 v = ld_act(x + (xfirst + (c >> 4)) * 128 + 32 * (c & 3) + 8 * ((c >> 2) & 3));
+                    xb1[c] = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
+                                        prmt(v.y, v.w, 0x7632u));
+                }
+                __syncthreads();
+            }
+#endif
 #if XSTAGE
 #pragma unroll
             for (int j = 0; j < XSTAGE - 1; j++) {
@@ -555,6 +663,9 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         }
 #endif
 
+#if XB1
+        __syncthreads();  // every warp is done with this item's staged activations
+#endif
 #if XSTAGE
         // Drain the trailing (empty) copy groups; the ring is free once every warp is done.
         cp_async_wait<0>();
