@@ -799,12 +799,12 @@ fn gemv_m_tiles_are_bit_identical() {
     );
 }
 
-/// At batches 1-8 the NVFP4 GEMV may compute its step addresses from bases held in registers,
-/// and at batch 1 read its activations from a copy of the row staged in shared memory, already
-/// regrouped into operand pairs: neither changes a sum, so every combination is identical bit
-/// for bit with the plain kernel — f32, bf16 and f16 activations, the K slices summed inside
-/// the block or across blocks, rows not a multiple of 16, K not a multiple of 128 (where
-/// neither applies) and a slice too long to stage.
+/// At batches 1-8 the GEMV may compute its step addresses from bases held in registers, and
+/// at batch 1 NVFP4 may read its activations from a copy of the row staged in shared memory,
+/// already regrouped into operand pairs: neither changes a sum, so every combination is
+/// identical bit for bit with the plain kernel — NVFP4, NF4 and MXFP4, f32, bf16 and f16
+/// activations, the K slices summed inside the block or across blocks, rows not a multiple of
+/// 16, K not a multiple of 128 (where neither applies) and a slice too long to stage.
 #[test]
 fn gemv_batch_one_paths_are_bit_identical() {
     let Some(dev) = gpu() else { return };
@@ -820,7 +820,7 @@ fn gemv_batch_one_paths_are_bit_identical() {
     let staged = q4::kernels::cuda::gemv::staged_row_launches;
     let warp_split = q4::kernels::cuda::gemv::set_warp_split_for_tests;
     let mut ran = 0;
-    for (_, n, k, layer) in gemv_layers(&dev, &shapes, 13).filter(|l| l.0 == Format::Nvfp4) {
+    for (f, n, k, layer) in gemv_layers(&dev, &shapes, 13) {
         for b in [1usize, 2, 5] {
             for dt in [DType::F32, DType::BF16, DType::F16] {
                 for ws in [false, true] {
@@ -829,7 +829,11 @@ fn gemv_batch_one_paths_are_bit_identical() {
                     paths(Some(false), Some(false));
                     let before = staged();
                     let plain = bits_f32(&layer.forward(&x).unwrap());
-                    assert_eq!(staged(), before, "{n}x{k} batch {b}: staged while off");
+                    assert_eq!(
+                        staged(),
+                        before,
+                        "{f:?} {n}x{k} batch {b}: staged while off"
+                    );
                     for (addresses, row) in [(true, false), (false, true), (true, true)] {
                         paths(Some(addresses), Some(row));
                         let before = staged();
@@ -838,7 +842,7 @@ fn gemv_batch_one_paths_are_bit_identical() {
                         assert_eq!(out.len(), b * n);
                         if let Some(i) = (0..out.len()).find(|&i| out[i] != plain[i]) {
                             panic!(
-                                "{n}x{k} batch {b} {dt:?} (warp split {ws}, addresses \
+                                "{f:?} {n}x{k} batch {b} {dt:?} (warp split {ws}, addresses \
                                  {addresses}, staged row {row}): output {i} differs: {:#x} vs \
                                  {:#x}",
                                 out[i], plain[i]

@@ -67,19 +67,26 @@ fn min_steps() -> usize {
     *M
 }
 /// Whether the kernel loads without zero fills (`CLAMPED` in gemv.cu: no predicated loads or
-/// zero fills, 20% fewer instructions per step): the arithmetic NVFP4 decode at batches 1-8.
+/// zero fills, 20% fewer instructions per step): every format at batches 1-8 (one N tile).
 /// Same-call A/Bs (`scripts/gpu/results/h100-2026-11-26-s6/`): NVFP4 batch 1 0.90-0.95x the
 /// time on the H100 (8192x8192, 28672x4096, Qwen3-4B's projections), synthetic decode 385.6 vs
-/// 375.4 tok/s; with it, the pair-table formats ran 2-7% slower and batch 16 (two N tiles: fewer
-/// registers, a third resident block per SM, a partial second wave) up to 19% slower on an H200,
-/// and still 5-17% on the H100 with the split plan below. `Q4_GEMV_CLAMPED` overrides.
+/// 375.4 tok/s; batch 16 (two N tiles: fewer registers, a third resident block per SM, a
+/// partial second wave) up to 19% slower on an H200, and still 5-17% on the H100 with the split
+/// plan below. The pair-table formats ran 2-7% slower with it then; since their step addresses
+/// also come from register-held bases (`ADDR`, 254 -> 193 instructions a step for NF4), an
+/// H200 A/B (`scripts/gpu/results/h200-2026-11-28-s27/call9-ab-clamped-pair-table.txt`) has
+/// NF4 and MXFP4 at batches 1-8 at 0.91-0.99x the time on 8192x8192, 28672x4096 and Qwen3-4B's
+/// projections, except 19456x2560 at batches 1-4 (1.01-1.05x), and NF4's synthetic decode at
+/// 471.3-472.3 against 468.9-470.8 tok/s. `Q4_GEMV_CLAMPED` overrides: 0 never, 1 at every
+/// batch, 2 the arithmetic decode only (the earlier rule).
 fn clamped(w: &QTensor, nt: usize) -> bool {
     static C: std::sync::LazyLock<Option<i64>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED"));
     match *C {
         Some(0) => false,
-        Some(1..) => true,
-        _ => arith(w) && nt == 1,
+        Some(1) => true,
+        Some(2..) => arith(w) && nt == 1,
+        _ => nt == 1,
     }
 }
 /// The split-K plan ([`super::plan::gemv_split`]) for `nt` N tiles: the fewest waves of the
@@ -624,11 +631,20 @@ fn gemv_defines(
         ("IMADDEC", i64::from(imad_decode(nt))),
         ("TRIGGER", trigger()),
         ("LDHINT", ld_hint(w.rows_cols().0 * w.rows_cols().1)),
-        ("ADDR", addr_mode()),
+        // bitsandbytes blocks longer than a step do not advance by a constant per step.
+        (
+            "ADDR",
+            addr_mode()
+                * i64::from(
+                    w.format() == Format::Nvfp4
+                        || w.format() == Format::Mxfp4
+                        || w.block_size() <= 128,
+                ),
+        ),
     ]
 }
 
-/// Whether the clamped kernel (arithmetic decode, batches 1-8) computes its step addresses from
+/// Whether the clamped kernel (batches 1-8) computes its step addresses from
 /// per-thread bases held in registers (`ADDR` in gemv.cu, 11% fewer instructions a step).
 /// Same-call A/B on an H200 (`scripts/gpu/results/h200-2026-11-28-s27/call4-ab-addresses.txt`),
 /// NVFP4 batch 1: 0.87-0.97x the time on 8192x8192, 28672x4096 and Qwen3-4B's projections,

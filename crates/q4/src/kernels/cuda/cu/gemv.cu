@@ -161,6 +161,16 @@ __device__ __forceinline__ u32 ld_scale16(const u8* p) {
     asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
     return r;
 }
+__device__ __forceinline__ u32 ld_scale8(const u8* p) {
+    unsigned short r;
+    asm volatile("ld.global.nc.u8 %0, [%1];" : "=h"(r) : "l"(p));
+    return r;
+}
+__device__ __forceinline__ float ld_scale32f(const u8* p) {
+    float r;
+    asm volatile("ld.global.nc.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
 __device__ __forceinline__ uint4 ld_act(const u16* p) {
     uint4 r;
     asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
@@ -402,15 +412,19 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
         // registers may keep stale data), and a chunk past the row's end or a row past N reads a
         // clamped, in-bounds address instead (such data meets zero activations, or lands in
         // rows that are not stored).
-#if KFULL && ADDR && FMT == 0
+#if KFULL && ADDR
         // K a multiple of 128: every chunk lies inside its row, so a step's addresses are the
-        // thread's bases plus the step times a constant stride.
+        // thread's bases plus the step times a constant stride (bitsandbytes: blocks of at most
+        // 128, so that a step spans whole blocks; the host asks for ADDR only then).
         const u8* cbase[HR];
         const u8* sbase[HR];
+        const u32 sstride = FMT == 0 ? 8u : (FMT == 1 ? 4u : 4u * (128u >> bs_shift));
 #pragma unroll
         for (int h = 0; h < HR; h++) {
             cbase[h] = crow[h] + 16 * t;
-            sbase[h] = srow[h] + 2 * t;
+            if (FMT == 0) sbase[h] = srow[h] + 2 * t;
+            else if (FMT == 1) sbase[h] = srow[h] + t;
+            else sbase[h] = (const u8*)scales + 4 * ((frow[h] + 32 * t) >> bs_shift);
             // Opaque to the compiler, so that it keeps the pointers rather than recomputing
             // them from the row index every step.
             asm volatile("" : "+l"(cbase[h]), "+l"(sbase[h]));
@@ -420,7 +434,10 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
 #pragma unroll
             for (int h = 0; h < HR; h++) {
                 f.w[h] = ld_stream(cbase[h] + (u32)st * 64u);
-                f.sraw[h] = ld_scale16(sbase[h] + (u32)st * 8u);
+                const u8* sp = sbase[h] + (u32)st * sstride;
+                if (FMT == 0) f.sraw[h] = ld_scale16(sp);
+                else if (FMT == 1) f.sraw[h] = ld_scale8(sp);
+                else f.sabs[h] = ld_scale32f(sp);
             }
         };
 #else
