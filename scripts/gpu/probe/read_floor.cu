@@ -9,6 +9,16 @@
 #include <initializer_list>
 #include <cuda_runtime.h>
 
+// Element j of w (zeros past n16), bypassing L1 as the GEMV's weight loads do.
+__device__ __forceinline__ uint4 load16(const uint4* __restrict__ w, size_t j, size_t n16) {
+    uint4 r = make_uint4(0, 0, 0, 0);
+    if (j < n16)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                     : "l"(w + j));
+    return r;
+}
+
 // Every warp streams contiguous 512-byte pieces (one 16-byte load per lane), DEPTH loads in
 // flight, over a grid-stride loop; with PDL the first loads are issued before
 // `griddepcontrol.wait`, as the GEMV issues its first weight loads before waiting for the kernel
@@ -22,12 +32,7 @@ __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ w, siz
 #pragma unroll
     for (int d = 0; d < DEPTH; d++) {
         const size_t j = i + d * stride;
-        if (j < n16)
-            asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                         : "=r"(v[d].x), "=r"(v[d].y), "=r"(v[d].z), "=r"(v[d].w)
-                         : "l"(w + j));
-        else
-            v[d] = make_uint4(0, 0, 0, 0);
+        v[d] = load16(w, j, n16);
     }
     if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
     for (; i < n16; i += DEPTH * stride) {
@@ -35,12 +40,7 @@ __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ w, siz
         for (int d = 0; d < DEPTH; d++) {
             acc ^= v[d].x ^ v[d].y ^ v[d].z ^ v[d].w;
             const size_t j = i + (d + DEPTH) * stride;
-            if (j < n16)
-                asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                             : "=r"(v[d].x), "=r"(v[d].y), "=r"(v[d].z), "=r"(v[d].w)
-                             : "l"(w + j));
-            else
-                v[d] = make_uint4(0, 0, 0, 0);
+            v[d] = load16(w, j, n16);
         }
     }
     if (acc == 0x12345678u) out[0] = acc;

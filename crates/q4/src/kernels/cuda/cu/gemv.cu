@@ -208,7 +208,7 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 // ADDR (with CLAMPED and KFULL): a step's addresses are per-thread bases plus the step times a
 // constant stride, the weight bases held opaque so that the compiler keeps them in registers
 // instead of recomputing 64-bit row addresses every step (NVFP4 at batch 1: 231 -> 206
-// instructions a step).
+// instructions a step; NF4, whose loads are clamped since, 254 -> 193).
 #ifndef ADDR
 #define ADDR 0
 #endif
@@ -306,7 +306,7 @@ __device__ __forceinline__ void stage(const Stager& s, int st, int K) {
 // (with KWARPS > 1, run w % KWARPS of that slice's KWARPS); with KWARPS == 1 the warps of a
 // block walk the same steps, so the activations they read come from L1 (or, with XSTAGE, from
 // the block's ring). Persistent blocks take items blockIdx.x, += gridDim.x.
-#if KWARPS > 1 && NT == 1 && MT == 1 && ARITH && !NOBOUND
+#if KWARPS > 1 && NT == 1 && MT == 1 && ARITH
 // 64 registers, as the KWARPS == 1 kernel gets unasked at one N tile. (The pair-table kernel
 // takes 80 and is left to: held to 64 it spilled, and ran 28672x4096 at batch 1 4% slower.)
 #define GEMV_BOUNDS __launch_bounds__(WARPS * 32, 1024 / (WARPS * 32))
