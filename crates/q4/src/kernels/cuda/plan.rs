@@ -450,6 +450,18 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn l2_line_loads_only_on_large_weights() {
+        // The measured shapes: 8192x8192, 28672x4096 and the LM head took the 128-byte lines;
+        // Qwen3-4B's layer projections (up to 19456x2560) did not.
+        assert!(gemv_l2_line_loads(8192 * 8192));
+        assert!(gemv_l2_line_loads(28672 * 4096));
+        assert!(gemv_l2_line_loads(151936 * 2560));
+        assert!(!gemv_l2_line_loads(19456 * 2560));
+        assert!(!gemv_l2_line_loads(6144 * 2560));
+        assert!(!gemv_l2_line_loads(2560 * 9728));
+    }
+
+    #[test]
     fn staged_row_only_at_batch_one_and_within_the_limit() {
         assert_eq!(gemv_staged_row_steps(1, true, 64), Some(64));
         assert_eq!(gemv_staged_row_steps(1, true, 20), Some(32));
