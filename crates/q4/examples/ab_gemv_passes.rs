@@ -1,6 +1,6 @@
 //! Same-process A/B of the weight-only CPU matmul at batches above 8: passes of the GEMV
 //! against the tiled GEMM, calls alternating on cache-cold NVFP4 weights (copies rotating over
-//! 3x a 32 MiB last-level cache); prints the median µs per call of each.
+//! 3x the last-level cache); prints the median µs per call of each.
 //!
 //! `cargo run --release -p q4 --example ab_gemv_passes [-- ROUNDS [SHAPES [BATCHES [FORMAT]]]]`,
 //! SHAPES like `576x1536,4096x4096`, BATCHES like `9,12,16`, FORMAT `nvfp4` (default), `nf4`,
@@ -47,7 +47,7 @@ fn main() {
     for shape in shapes {
         let (n, k) = ab::parse_shape(&shape);
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        let copies = (96usize << 20) / (n * k * 9 / 16) + 1;
+        let copies = ab::cold_rotation_bytes() / (n * k * 9 / 16) + 1;
         let lins: Vec<QLinear> = (0..copies)
             .map(|_| {
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();

@@ -1,5 +1,5 @@
 //! Same-process A/B of the weight prefetch in the batch-1 kernels: calls with and without it
-//! alternate on cache-cold weights (copies rotating over 3x a 32 MiB last-level cache), so the
+//! alternate on cache-cold weights (copies rotating over 3x the last-level cache), so the
 //! host's noise hits both alike; prints the median µs per call of each.
 //!
 //! `cargo run --release -p q4 --example ab_prefetch [-- SHAPES [ROUNDS]]`, SHAPES like
@@ -30,7 +30,7 @@ fn main() {
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
         let x = Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap();
         for (mode, act) in [("nvfp4", ActQuant::None), ("nvfp4-w4a8", ActQuant::Int8)] {
-            let copies = (96usize << 20) / (n * k * 9 / 16) + 1;
+            let copies = ab::cold_rotation_bytes() / (n * k * 9 / 16) + 1;
             let lins: Vec<QLinear> = (0..copies)
                 .map(|_| {
                     let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
@@ -46,7 +46,7 @@ fn main() {
             );
         }
         // The token-table forms of an LM head: int8 (W8A8) and bf16.
-        let copies = (96usize << 20) / (n * k) + 1;
+        let copies = ab::cold_rotation_bytes() / (n * k) + 1;
         let tables: Vec<Int8Table> = (0..copies)
             .map(|_| Int8Table::quantize(&w).unwrap())
             .collect();
@@ -58,7 +58,7 @@ fn main() {
             "int8-table",
             a / b
         );
-        let copies = (96usize << 20) / (2 * n * k) + 1;
+        let copies = ab::cold_rotation_bytes() / (2 * n * k) + 1;
         let dense: Vec<Vec<half::bf16>> = (0..copies)
             .map(|_| {
                 w.flatten_all()

@@ -1,5 +1,5 @@
 //! Same-process A/B of two choices of the tiled GEMM, calls alternating on weight copies rotating
-//! over 3x a 32 MiB last-level cache; prints the median µs per call of each.
+//! over 3x the last-level cache; prints the median µs per call of each.
 //!
 //! - `decode` (default): tiles decoded in the GEMV's chunk order (with permuted activations)
 //!   against element order.
@@ -161,7 +161,7 @@ fn main() {
     for shape in shapes.split(',') {
         let (n, k) = ab::parse_shape(shape);
         let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        let copies = (96usize << 20) / (n * k * 9 / 16) + 1;
+        let copies = ab::cold_rotation_bytes() / (n * k * 9 / 16) + 1;
         let lins: Vec<QLinear> = (0..copies)
             .map(|_| {
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();

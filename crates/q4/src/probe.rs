@@ -35,6 +35,9 @@ pub struct Report {
 pub struct CpuReport {
     pub arch: &'static str,
     pub threads: usize,
+    /// Size of the largest data cache of CPU 0 (Linux sysfs), if known: cache-cold
+    /// benchmarks rotate through several times this much memory.
+    pub last_level_cache_bytes: Option<usize>,
     /// SIMD features detected at run time.
     pub simd: Vec<&'static str>,
     /// The CPU kernel per format and batch size.
@@ -150,6 +153,45 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
     }
 }
 
+/// Size of the highest-level data or unified cache of CPU 0, from Linux sysfs
+/// (`/sys/devices/system/cpu/cpu0/cache/index*/{level,type,size}`); `None` elsewhere or when
+/// unreadable.
+pub fn last_level_cache_bytes() -> Option<usize> {
+    let dir = std::fs::read_dir("/sys/devices/system/cpu/cpu0/cache").ok()?;
+    let read = |p: &std::path::Path, name: &str| std::fs::read_to_string(p.join(name)).ok();
+    dir.filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("index")))
+        .filter_map(|p| {
+            let kind = read(&p, "type")?;
+            if kind.trim() == "Instruction" {
+                return None;
+            }
+            let level: u32 = read(&p, "level")?.trim().parse().ok()?;
+            Some((level, parse_cache_size(&read(&p, "size")?)?))
+        })
+        .max()
+        .map(|(_, bytes)| bytes)
+}
+
+/// A sysfs cache size such as `48K`, `2048K`, `32M` or `1024` (bytes).
+fn parse_cache_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => s.split_at(i),
+        None => (s, ""),
+    };
+    let n: usize = num.parse().ok()?;
+    let shift = match unit.trim() {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        _ => return None,
+    };
+    n.checked_mul(1 << shift)
+}
+
 /// CPU features and kernels.
 pub fn cpu_report() -> CpuReport {
     let mut kernels = Vec::new();
@@ -249,6 +291,7 @@ pub fn cpu_report() -> CpuReport {
     CpuReport {
         arch: std::env::consts::ARCH,
         threads: rayon::current_num_threads(),
+        last_level_cache_bytes: last_level_cache_bytes(),
         simd: simd_features(),
         kernels,
     }
@@ -549,9 +592,12 @@ pub fn render_text(r: &Report) -> String {
     let _ = writeln!(s, "fallback chain: {}", r.fallback_chain.join(" -> "));
     let _ = writeln!(
         s,
-        "\nCPU: {} x{} threads, SIMD: {}",
+        "\nCPU: {} x{} threads, last-level cache {}, SIMD: {}",
         r.cpu.arch,
         r.cpu.threads,
+        r.cpu
+            .last_level_cache_bytes
+            .map_or("unknown".to_string(), |b| format!("{} MiB", b >> 20)),
         if r.cpu.simd.is_empty() {
             "none detected".to_string()
         } else {
@@ -637,6 +683,16 @@ pub fn render_text(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cache_sizes_parse_like_sysfs_writes_them() {
+        assert_eq!(super::parse_cache_size("48K\n"), Some(48 << 10));
+        assert_eq!(super::parse_cache_size("266240K"), Some(266240 << 10));
+        assert_eq!(super::parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(super::parse_cache_size("1024"), Some(1024));
+        assert_eq!(super::parse_cache_size("12X"), None);
+        assert_eq!(super::parse_cache_size(""), None);
+    }
+
     use super::*;
 
     /// The doctor's name for the tiled GEMM states the dot kernel's actual batch limit.

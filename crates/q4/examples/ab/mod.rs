@@ -37,6 +37,13 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Bytes of weight copies a cache-cold rotation covers: three times the last-level cache the OS
+/// reports (hundreds of MiB on some servers), or 96 MiB where it reports none.
+#[allow(dead_code)] // not every example that includes this module uses it
+pub fn cold_rotation_bytes() -> usize {
+    3 * q4::probe::last_level_cache_bytes().unwrap_or(32 << 20)
+}
+
 /// The command line the cache-cold A/B examples share: `[SHAPES [BATCHES [ROUNDS [LLC_MIB]]]]`.
 #[allow(dead_code)] // not every example that includes this module uses it
 pub struct ColdArgs {
@@ -60,7 +67,10 @@ impl ColdArgs {
                 .map(|b| b.parse().expect("batch"))
                 .collect(),
             rounds: args.get(3).and_then(|v| v.parse().ok()).unwrap_or(200),
-            llc_mib: args.get(4).and_then(|v| v.parse().ok()).unwrap_or(32),
+            // Default: the last-level cache the OS reports (hundreds of MiB on some servers).
+            llc_mib: args.get(4).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
+                q4::probe::last_level_cache_bytes().map_or(32, |b| (b >> 20).max(1))
+            }),
         }
     }
 

@@ -36,9 +36,10 @@ pub struct Args {
     /// Batches up to this size are timed cache-cold (rotating weight copies).
     #[arg(long, default_value_t = 4)]
     cold_up_to: usize,
-    /// Last-level cache size in MiB (the rotation covers 3x this).
-    #[arg(long, default_value_t = 32)]
-    llc_mib: usize,
+    /// Last-level cache size in MiB (the rotation covers 3x this, the read-bandwidth buffer at
+    /// least 4x); default: the size the OS reports for this CPU, else 32.
+    #[arg(long)]
+    llc_mib: Option<usize>,
     /// Skip candle's Q4_0 (slow at large batches).
     #[arg(long)]
     no_q4_0: bool,
@@ -158,11 +159,19 @@ fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
 
 pub fn run(args: Args) -> Result<()> {
     let threads = rayon::current_num_threads();
-    let bw = read_bandwidth(512 << 20);
+    // Cache-cold means beyond the last-level cache, which on some servers holds hundreds of MiB:
+    // a fixed 32 MiB guess left such hosts' "cold" weights partly cached.
+    let llc_mib = args
+        .llc_mib
+        .or_else(|| q4::probe::last_level_cache_bytes().map(|b| b >> 20))
+        .unwrap_or(32)
+        .max(1);
+    let bw = read_bandwidth((512usize << 20).max(4 * (llc_mib << 20)));
     let mut out = String::new();
     writeln!(
         out,
-        "# q4 bench linear: {threads} threads, memory read bandwidth {:.1} GB/s (same run), calls from {}",
+        "# q4 bench linear: {threads} threads, memory read bandwidth {:.1} GB/s (same run), calls from {}, \
+         cold calls rotate over 3 x {llc_mib} MiB (last-level cache)",
         bw / 1e9,
         if args.in_pool { "a rayon worker" } else { "the main thread" }
     )?;
@@ -196,7 +205,7 @@ pub fn run(args: Args) -> Result<()> {
         let (n, k) = parse_shape(shape)?;
         let w = Tensor::from_vec(random(n * k, 7, 0.02), (n, k), &Device::Cpu)?;
         let max_batch = args.batches.iter().copied().max().unwrap_or(1);
-        let cold_copies = |bytes: usize| (3 * (args.llc_mib << 20)).div_ceil(bytes.max(1)).max(2);
+        let cold_copies = |bytes: usize| (3 * (llc_mib << 20)).div_ceil(bytes.max(1)).max(2);
         let mut contenders = Vec::new();
         for &name in &names {
             // One copy first to learn the stored size, then enough copies for the rotation.
