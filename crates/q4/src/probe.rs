@@ -161,7 +161,10 @@ pub fn last_level_cache_bytes() -> Option<usize> {
     let read = |p: &std::path::Path, name: &str| std::fs::read_to_string(p.join(name)).ok();
     dir.filter_map(|e| e.ok())
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("index")))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("index"))
+        })
         .filter_map(|p| {
             let kind = read(&p, "type")?;
             if kind.trim() == "Instruction" {
