@@ -170,7 +170,10 @@ struct Pass {
 
 /// The lanes of `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R`
 /// rows, as `[r][m]` vectors whose lanes sum to it. `xp` holds the activations permuted by
-/// [`permute_activations`].
+/// [`permute_activations`]. `PF`: whether the weight stream is prefetched (the caller reads
+/// [`super::prefetch::enabled`] once, so that the chunk loop tests nothing for it: same-process
+/// A/B, `scripts/cpu/results/ab-prefetch-flag-hoisted-2026-11-28-s27.txt`, 0.97-1.0x the time
+/// warm on one thread, 0.98-1.0x cache-cold on two except one 1.02x point).
 ///
 /// # Safety
 /// AVX-512F present; `w.aligned` with `w.block` a multiple of 16 (and of 64, or dividing 64);
@@ -179,7 +182,7 @@ struct Pass {
 #[target_feature(enable = "avx512f")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
-unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, S: Scales>(
+unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const PF: bool, S: Scales>(
     w: &Rows<'_>,
     scales: &S,
     lut: __m512,
@@ -206,13 +209,12 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, S: Scales>(
     // Two accumulators per output at batch 1 (the two halves of a chunk) keep the FMA chains short.
     let mut acc = [[_mm512_setzero_ps(); B]; R];
     let mut acc2 = [_mm512_setzero_ps(); R];
-    let prefetch = super::prefetch::enabled();
     for c in pass.c0..pass.c1 {
         let col = c * CHUNK;
         for r in 0..R {
             let row = row0 + r;
             let codes = cp.add(row * w.row_bytes + col / 2);
-            if prefetch {
+            if PF {
                 // One code line per chunk, one scale line every eight chunks. Any address is
                 // allowed: a prefetch never faults.
                 super::prefetch::prefetch(codes.wrapping_add(pass.ahead));
@@ -272,7 +274,11 @@ unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= R * B);
-    let acc = rows_acc::<R, B, BK, S>(w, &scales, lut, xp, row0, pass);
+    let acc = if super::prefetch::enabled() {
+        rows_acc::<R, B, BK, true, S>(w, &scales, lut, xp, row0, pass)
+    } else {
+        rows_acc::<R, B, BK, false, S>(w, &scales, lut, xp, row0, pass)
+    };
     for (r, row) in acc.iter().enumerate() {
         for (m, v) in row.iter().enumerate() {
             *out.get_unchecked_mut(r * B + m) += _mm512_reduce_add_ps(*v);
@@ -359,8 +365,13 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
         ..pass
     };
     let mut v = [_mm512_setzero_ps(); 16];
+    let prefetch = super::prefetch::enabled();
     for p in 0..8 {
-        let pair = rows_acc::<2, 1, BK, S>(w, &scales, lut, xp, row0 + 2 * p, pass);
+        let pair = if prefetch {
+            rows_acc::<2, 1, BK, true, S>(w, &scales, lut, xp, row0 + 2 * p, pass)
+        } else {
+            rows_acc::<2, 1, BK, false, S>(w, &scales, lut, xp, row0 + 2 * p, pass)
+        };
         // Each row's vector where `sum16` leaves its sum in lane `r`.
         v[SUM16_LANE[2 * p]] = pair[0][0];
         v[SUM16_LANE[2 * p + 1]] = pair[1][0];
