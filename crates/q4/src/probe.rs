@@ -177,6 +177,12 @@ pub fn last_level_cache_bytes() -> Option<usize> {
         .map(|(_, bytes)| bytes)
 }
 
+/// The last-level cache in MiB for sizing cache-cold benchmarks: the OS's figure
+/// ([`last_level_cache_bytes`]), else 32 (the anchor machine).
+pub fn last_level_cache_mib() -> usize {
+    last_level_cache_bytes().map_or(32, |b| (b >> 20).max(1))
+}
+
 /// A sysfs cache size such as `48K`, `2048K`, `32M` or `1024` (bytes).
 fn parse_cache_size(s: &str) -> Option<usize> {
     let s = s.trim();
@@ -686,17 +692,17 @@ pub fn render_text(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn cache_sizes_parse_like_sysfs_writes_them() {
-        assert_eq!(super::parse_cache_size("48K\n"), Some(48 << 10));
-        assert_eq!(super::parse_cache_size("266240K"), Some(266240 << 10));
-        assert_eq!(super::parse_cache_size("32M"), Some(32 << 20));
-        assert_eq!(super::parse_cache_size("1024"), Some(1024));
-        assert_eq!(super::parse_cache_size("12X"), None);
-        assert_eq!(super::parse_cache_size(""), None);
+        assert_eq!(parse_cache_size("48K\n"), Some(48 << 10));
+        assert_eq!(parse_cache_size("266240K"), Some(266240 << 10));
+        assert_eq!(parse_cache_size("32M"), Some(32 << 20));
+        assert_eq!(parse_cache_size("1024"), Some(1024));
+        assert_eq!(parse_cache_size("12X"), None);
+        assert_eq!(parse_cache_size(""), None);
     }
-
-    use super::*;
 
     /// The doctor's name for the tiled GEMM states the dot kernel's actual batch limit.
     #[test]

@@ -41,7 +41,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// reports (hundreds of MiB on some servers), or 96 MiB where it reports none.
 #[allow(dead_code)] // not every example that includes this module uses it
 pub fn cold_rotation_bytes() -> usize {
-    3 * q4::probe::last_level_cache_bytes().unwrap_or(32 << 20)
+    3 * (q4::probe::last_level_cache_mib() << 20)
 }
 
 /// The command line the cache-cold A/B examples share: `[SHAPES [BATCHES [ROUNDS [LLC_MIB]]]]`.
@@ -68,9 +68,10 @@ impl ColdArgs {
                 .collect(),
             rounds: args.get(3).and_then(|v| v.parse().ok()).unwrap_or(200),
             // Default: the last-level cache the OS reports (hundreds of MiB on some servers).
-            llc_mib: args.get(4).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-                q4::probe::last_level_cache_bytes().map_or(32, |b| (b >> 20).max(1))
-            }),
+            llc_mib: args
+                .get(4)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(q4::probe::last_level_cache_mib),
         }
     }
 

@@ -163,8 +163,7 @@ pub fn run(args: Args) -> Result<()> {
     // a fixed 32 MiB guess left such hosts' "cold" weights partly cached.
     let llc_mib = args
         .llc_mib
-        .or_else(|| q4::probe::last_level_cache_bytes().map(|b| b >> 20))
-        .unwrap_or(32)
+        .unwrap_or_else(q4::probe::last_level_cache_mib)
         .max(1);
     let bw = read_bandwidth((512usize << 20).max(4 * (llc_mib << 20)));
     let mut out = String::new();

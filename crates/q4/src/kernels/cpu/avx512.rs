@@ -259,6 +259,28 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const PF: bool,
     acc
 }
 
+/// [`rows_acc`] with the prefetch switch `prefetch` (read once by the caller) as its `PF`.
+///
+/// # Safety
+/// As for [`rows_acc`].
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn rows_acc_pf<const R: usize, const B: usize, const BK: u8, S: Scales>(
+    prefetch: bool,
+    w: &Rows<'_>,
+    scales: &S,
+    lut: __m512,
+    xp: &[f32],
+    row0: usize,
+    pass: Pass,
+) -> [[__m512; B]; R] {
+    if prefetch {
+        rows_acc::<R, B, BK, true, S>(w, scales, lut, xp, row0, pass)
+    } else {
+        rows_acc::<R, B, BK, false, S>(w, scales, lut, xp, row0, pass)
+    }
+}
+
 /// [`rows_acc`] added to `out[r * B + m]`, each output reduced on its own.
 ///
 /// # Safety
@@ -274,11 +296,8 @@ unsafe fn rows_kernel<const R: usize, const B: usize, const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= R * B);
-    let acc = if super::prefetch::enabled() {
-        rows_acc::<R, B, BK, true, S>(w, &scales, lut, xp, row0, pass)
-    } else {
-        rows_acc::<R, B, BK, false, S>(w, &scales, lut, xp, row0, pass)
-    };
+    let acc =
+        rows_acc_pf::<R, B, BK, S>(super::prefetch::enabled(), w, &scales, lut, xp, row0, pass);
     for (r, row) in acc.iter().enumerate() {
         for (m, v) in row.iter().enumerate() {
             *out.get_unchecked_mut(r * B + m) += _mm512_reduce_add_ps(*v);
@@ -367,11 +386,7 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     let mut v = [_mm512_setzero_ps(); 16];
     let prefetch = super::prefetch::enabled();
     for p in 0..8 {
-        let pair = if prefetch {
-            rows_acc::<2, 1, BK, true, S>(w, &scales, lut, xp, row0 + 2 * p, pass)
-        } else {
-            rows_acc::<2, 1, BK, false, S>(w, &scales, lut, xp, row0 + 2 * p, pass)
-        };
+        let pair = rows_acc_pf::<2, 1, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass);
         // Each row's vector where `sum16` leaves its sum in lane `r`.
         v[SUM16_LANE[2 * p]] = pair[0][0];
         v[SUM16_LANE[2 * p + 1]] = pair[1][0];

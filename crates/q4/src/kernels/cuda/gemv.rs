@@ -404,7 +404,8 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     let stages = xstage(w, nt, mt, warps);
     defines.push(("XSTAGE", stages as i64));
     // Rows of whole 128-wide steps: the clamped kernel drops its K-tail checks.
-    defines.push(("KFULL", i64::from(clamped && kdim.is_multiple_of(128))));
+    let kfull = clamped && kdim.is_multiple_of(128);
+    defines.push(("KFULL", i64::from(kfull)));
     let func = k.function("gemv", module_cache::GEMV, &defines, "gemv")?;
     // Persistent blocks: as many as fit on the GPU at once, over (tile, K slice) items of >= 4
     // steps each (see `item_cost` for how K is split).
@@ -479,7 +480,7 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // tables and keeps as many blocks resident.
     if let Some(xb1) = super::plan::gemv_staged_row_steps(
         batch,
-        arith(w) && clamped && kdim.is_multiple_of(128) && stages == 0 && nt == 1 && mt == 1,
+        arith(w) && kfull && stages == 0 && nt == 1 && mt == 1,
         steps.div_ceil(split),
     )
     .filter(|_| staged_row())
