@@ -799,6 +799,66 @@ fn gemv_m_tiles_are_bit_identical() {
     );
 }
 
+/// Loads without zero fills (`CLAMPED`: steps past a K slice skipped, chunks past K and rows
+/// past N read from clamped in-bounds addresses, activation rows past the batch from the last
+/// row) change no stored sum: with the loads forced clamped and forced zero-filled, GEMVs are
+/// identical bit for bit — every format (bitsandbytes blocks of 64, 128 and 256), batches 1-64
+/// (one to eight N tiles, with and without the activation ring), rows not a multiple of 16, K
+/// not a multiple of 128, split K across blocks and inside them.
+#[test]
+fn gemv_clamped_loads_are_bit_identical() {
+    let Some(dev) = gpu() else { return };
+    let shapes = [(1000, 2560), (77, 4160), (300, 1024), (6144, 2560)];
+    let specs = [
+        QuantSpec::new(Format::Nvfp4),
+        QuantSpec::new(Format::Mxfp4),
+        QuantSpec::new(Format::Nf4),
+        QuantSpec::new(Format::Fp4).with_block(128),
+        QuantSpec::new(Format::Nf4).with_block(256),
+    ];
+    let clamped = q4::kernels::cuda::gemv::set_clamped_for_tests;
+    let ring = q4::kernels::cuda::gemv::set_xstage_for_tests;
+    let warp_split = q4::kernels::cuda::gemv::set_warp_split_for_tests;
+    for (si, spec) in specs.iter().enumerate() {
+        for &(n, k) in &shapes {
+            if k % spec.block_size != 0 && matches!(spec.format, Format::Nvfp4 | Format::Mxfp4) {
+                continue;
+            }
+            let w = Tensor::from_vec(data(n * k, (si * 31 + n + k) as u64), (n, k), &Device::Cpu)
+                .unwrap();
+            let q = QTensor::quantize(&w, spec).unwrap();
+            let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
+            for b in [1usize, 3, 9, 12, 16, 24, 33, 64] {
+                for (dt, stages, ws) in [
+                    (DType::F32, None, false),
+                    (DType::BF16, None, true),
+                    (DType::BF16, Some(0u8), false),
+                    (DType::F16, Some(2u8), false),
+                ] {
+                    let x = gemv_input(&dev, b, k, 11, dt);
+                    ring(stages);
+                    warp_split(Some(ws));
+                    clamped(Some(false));
+                    let filled = bits_f32(&layer.forward(&x).unwrap());
+                    clamped(Some(true));
+                    let out = bits_f32(&layer.forward(&x).unwrap());
+                    clamped(None);
+                    warp_split(None);
+                    ring(None);
+                    assert_eq!(out.len(), b * n);
+                    if let Some(i) = (0..out.len()).find(|&i| out[i] != filled[i]) {
+                        panic!(
+                            "{:?} block {} {n}x{k} batch {b} {dt:?} (ring {stages:?}, warp \
+                             split {ws}): output {i} differs: {:#x} clamped vs {:#x} filled",
+                            spec.format, spec.block_size, out[i], filled[i]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// At batches 1-8 the GEMV may compute its step addresses from bases held in registers, and
 /// at batch 1 NVFP4 may read its activations from a copy of the row staged in shared memory,
 /// already regrouped into operand pairs: neither changes a sum, so every combination is

@@ -67,33 +67,46 @@ fn min_steps() -> usize {
     *M
 }
 /// Whether the kernel loads without zero fills (`CLAMPED` in gemv.cu: no predicated loads or
-/// zero fills, 20% fewer instructions per step): every format at batches 1-8 (one N tile).
-/// Same-call A/Bs (`scripts/gpu/results/h100-2026-11-26-s6/`): NVFP4 batch 1 0.90-0.95x the
-/// time on the H100 (8192x8192, 28672x4096, Qwen3-4B's projections), synthetic decode 385.6 vs
-/// 375.4 tok/s; batch 16 (two N tiles: fewer registers, a third resident block per SM, a
-/// partial second wave) up to 19% slower on an H200, and still 5-17% on the H100 with the split
-/// plan below. The pair-table formats ran 2-7% slower with it then; since their step addresses
-/// also come from register-held bases (`ADDR`, 254 -> 193 instructions a step for NF4), an
-/// H200 A/B (`scripts/gpu/results/h200-2026-11-28-s27/call9-ab-clamped-pair-table.txt`) has
-/// NF4 and MXFP4 at batches 1-8 at 0.91-0.99x the time on 8192x8192, 28672x4096 and Qwen3-4B's
-/// projections, except 19456x2560 at batches 1-4 (1.01-1.05x), and NF4's synthetic decode at
-/// 471.3-472.3 against 468.9-470.8 tok/s. `Q4_GEMV_CLAMPED` overrides: 0 never, 1 at every
-/// batch, 2 the arithmetic decode only (the earlier rule), 3 also the bitsandbytes formats at
-/// every batch — a candidate: on an H200 (`call11-ab-clamped-batches-9-64.txt` there) NF4 at
-/// batches 12-64 ran 0.87-0.96x the time on all four shapes measured (NVFP4 there: 0.92-0.98x
-/// at 16 and 64, 1.05-1.19x at 12), with the bench's f32-reference error unchanged, but the
-/// session's device time ran out before the CUDA tests could run with it.
+/// zero fills, 20% fewer instructions per step): every format at batches 1-8 (one N tile), and
+/// the bitsandbytes formats at every batch. Same-call A/Bs (`scripts/gpu/results/h100-2026-11-26-s6/`):
+/// NVFP4 batch 1 0.90-0.95x the time on the H100 (8192x8192, 28672x4096, Qwen3-4B's
+/// projections), synthetic decode 385.6 vs 375.4 tok/s; NVFP4 at batch 16 (two N tiles: fewer
+/// registers, a third resident block per SM, a partial second wave) up to 19% slower on an H200,
+/// and still 5-17% on the H100 with the split plan below; on an H200 since the register-held
+/// addresses mixed (0.92-0.98x at 16 and 64, 1.05-1.19x at 12,
+/// `scripts/gpu/results/h200-2026-11-28-s27/call11-ab-clamped-batches-9-64.txt`). The pair-table
+/// formats ran 2-7% slower with it then; since their step addresses also come from
+/// register-held bases (`ADDR`, 254 -> 193 instructions a step for NF4), H200 A/Bs have NF4 and
+/// MXFP4 at batches 1-8 at 0.91-0.99x the time on 8192x8192, 28672x4096 and Qwen3-4B's
+/// projections, except 19456x2560 at batches 1-4 (1.01-1.05x), NF4's synthetic decode at
+/// 471.3-472.3 against 468.9-470.8 tok/s (`call9-ab-clamped-pair-table.txt` there), and NF4 at
+/// batches 9-64 at 0.86-0.95x on five shapes (`h200-2026-11-28-s28/call1-ab-clamped-bnb-batches-9-64.txt`).
+/// `Q4_GEMV_CLAMPED` overrides: 0 never, 1 at every batch, 2 the arithmetic decode at batches
+/// 1-8 only (the rule before the twenty-seventh session), 3 batches 1-8 only (before the
+/// twenty-eighth).
 fn clamped(w: &QTensor, nt: usize) -> bool {
     static C: std::sync::LazyLock<Option<i64>> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_CLAMPED"));
+    if let Some(on) = CLAMPED_FORCED.flag() {
+        return on;
+    }
     match *C {
         Some(0) => false,
         Some(1) => true,
         Some(2) => arith(w) && nt == 1,
-        Some(3) => nt == 1 || w.format() == Format::Nf4 || w.format() == Format::Fp4,
-        _ => nt == 1,
+        Some(3) => nt == 1,
+        _ => nt == 1 || w.format() == Format::Nf4 || w.format() == Format::Fp4,
     }
 }
+static CLAMPED_FORCED: TestOverride = TestOverride::new();
+
+/// Forces the loads without zero fills (`CLAMPED`) on or off at every batch and format (`None`:
+/// the rule above decides), so that a test can compare both in one process.
+#[doc(hidden)]
+pub fn set_clamped_for_tests(on: Option<bool>) {
+    CLAMPED_FORCED.set_flag(on);
+}
+
 /// The split-K plan ([`super::plan::gemv_split`]) for `nt` N tiles: the fewest waves of the
 /// longest slices (fixed cost per item `ITEM_COST` steps) from two N tiles on, the doubling
 /// rule at one. Same-call A/B on the H100 (`scripts/gpu/results/h100-2026-11-26-s6/
