@@ -34,7 +34,7 @@ const ITEM_COST: usize = 2;
 // `Q4_GEMV_WSPLIT` (split-K inside the block), `Q4_GEMV_CLAMPED` (loads), `Q4_GEMV_IMAD`
 // (E2M1 decode), `Q4_GEMV_XSTAGE` (activation ring), `Q4_GEMV_MT` (M tiles per warp),
 // `Q4_GEMV_ADDR` (register-held step addresses), `Q4_GEMV_XB1` (staged batch-1 activation
-// row), `Q4_GEMV_LDHINT` (weight-load cache hints),
+// row), `Q4_GEMV_XB1LD` (its loads in flight), `Q4_GEMV_LDHINT` (weight-load cache hints),
 // `Q4_GEMV_REDUCE_PDL`, for kernel
 // development; the defaults are the measured best
 // (`scripts/gpu/gemv_knob_sweep.sh`, `scripts/gpu/ab.sh`).
@@ -503,7 +503,7 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             + super::plan::gemv_staged_row_smem(xb1);
         if smem <= super::plan::GEMV_STATIC_SMEM_LIMIT {
             let mut xdefines = defines.clone();
-            xdefines.push(("XB1", xb1 as i64));
+            xdefines.extend([("XB1", xb1 as i64), ("XB1LD", staged_row_batch())]);
             let xfunc = k.function("gemv", module_cache::GEMV, &xdefines, "gemv")?;
             if resident_blocks(k, &xfunc, block_warps) >= grid_x {
                 (func, defines) = (xfunc, xdefines);
@@ -685,6 +685,18 @@ fn staged_row() -> bool {
     static X: std::sync::LazyLock<bool> =
         std::sync::LazyLock::new(|| knob("Q4_GEMV_XB1") != Some(0));
     STAGED_ROW_FORCED.flag().unwrap_or(*X)
+}
+
+/// Activation chunks each thread loads at once while staging the batch-1 row (`XB1LD` in
+/// gemv.cu). Same-call A/B on an H200 (`scripts/gpu/results/h200-2026-11-28-s28/call5-ab-staging-loads.txt`):
+/// synthetic decode 569.7 / 568.8 tok/s with 1 (each chunk waited for before the next is
+/// loaded, as before), 578.6 / 578.4 with 2, 586.1 / 586.8 with 4, 588.5 / 588.4 with 8; the
+/// standalone GEMVs within 2% either way (8192x8192 14.0-14.5 us). `Q4_GEMV_XB1LD` (1-8)
+/// overrides.
+fn staged_row_batch() -> i64 {
+    static B: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_XB1LD").map_or(8, |b| b.clamp(1, 8)));
+    *B
 }
 
 static STAGED_ROW_FORCED: TestOverride = TestOverride::new();

@@ -224,6 +224,11 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
 #endif
 __shared__ __align__(16) uint4 xb1[XB1 * 16];
 #endif
+// XB1LD: activation chunks each thread loads at once while staging the row (1: one after
+// another, each waiting for the last).
+#ifndef XB1LD
+#define XB1LD 8
+#endif
 // Operand pair (nibble J, nibble J + 4) of `w` as value * 2^-14 (f16) or 2^-126 (bf16).
 // IMADDEC: the pair's two nibbles, masked, times 2^a + 2^(a + 6) in one integer multiply-add
 // (the copies land on disjoint bits, so nothing carries): the first copy puts the magnitudes
@@ -595,11 +600,25 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
             // Every thread of the block copies chunks of the slice's activations: chunk c is
             // word group (c / 4) % 4 of thread c % 4's 32 elements of step xfirst + c / 16.
             {
-                const int xlast = min(steps, xfirst + per);
-                for (int c = (int)threadIdx.x; c < (xlast - xfirst) * 16; c += WARPS * 32) {
-                    const uint4 v = ld_act(x + (xfirst + (c >> 4)) * 128 + 32 * (c & 3) + 8 * ((c >> 2) & 3));
-                    xb1[c] = make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
-                                        prmt(v.y, v.w, 0x7632u));
+                // XB1LD chunks per thread at a time, their loads issued together: one L2 round
+                // trip for them, not one each (the loads are volatile, so the compiler does not
+                // overlap them across iterations itself).
+                constexpr int NTH = WARPS * 32;
+                const int nch = (min(steps, xfirst + per) - xfirst) * 16;
+                for (int c0 = (int)threadIdx.x; c0 < nch; c0 += XB1LD * NTH) {
+                    uint4 v[XB1LD];
+#pragma unroll
+                    for (int j = 0; j < XB1LD; j++) {
+                        const int c = min(c0 + j * NTH, nch - 1);
+                        v[j] = ld_act(x + (xfirst + (c >> 4)) * 128 + 32 * (c & 3) + 8 * ((c >> 2) & 3));
+                    }
+#pragma unroll
+                    for (int j = 0; j < XB1LD; j++) {
+                        const int c = c0 + j * NTH;
+                        if (c >= nch) break;
+                        xb1[c] = make_uint4(prmt(v[j].x, v[j].z, 0x5410u), prmt(v[j].x, v[j].z, 0x7632u),
+                                            prmt(v[j].y, v[j].w, 0x5410u), prmt(v[j].y, v[j].w, 0x7632u));
+                    }
                 }
                 __syncthreads();
             }
