@@ -9,7 +9,7 @@ use q4::qtensor::QuantSpec;
 use q4::{Format, QLinear, QTensor};
 
 mod cuda_common;
-use cuda_common::{bits_f32, data};
+use cuda_common::{assert_same_bits, bits_f32, data};
 
 fn gpu() -> Option<Device> {
     let report = q4::probe::cuda_report();
@@ -80,13 +80,15 @@ fn early_started_gemvs_read_their_predecessors_outputs() {
                 assert!(plain.iter().all(|b| f32::from_bits(*b).is_finite()));
                 for (early, into) in [(true, false), (false, true), (true, true)] {
                     let got = run(early, into);
-                    if let Some(i) = (0..plain.len()).find(|&i| plain[i] != got[i]) {
-                        panic!(
-                            "{format:?} batch {batch} {dt:?} early {early} into {into}: output \
-                             {i} differs: {:#x}, {:#x} in stream order",
-                            got[i], plain[i]
-                        );
-                    }
+                    assert_same_bits(
+                        &got,
+                        &plain,
+                        plain.len(),
+                        format_args!(
+                            "{format:?} batch {batch} {dt:?} early {early} into {into} against \
+                             stream order"
+                        ),
+                    );
                 }
             }
         }

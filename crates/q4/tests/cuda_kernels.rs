@@ -17,7 +17,7 @@ use q4_formats::bnb::Absmax;
 use q4_formats::mxfp4::ScaleRule;
 
 mod cuda_common;
-use cuda_common::{bits_f32, data};
+use cuda_common::{assert_same_bits, bits_f32, data};
 
 fn gpu() -> Option<Device> {
     let report = q4::probe::cuda_report();
@@ -683,13 +683,12 @@ fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
                 gemv(None);
                 // bf16 outputs widen to f32 exactly.
                 let (wb, gb) = (bits_f32(&warp), bits_f32(&grid));
-                assert_eq!(wb.len(), b * n);
-                if let Some(i) = (0..wb.len()).find(|&i| wb[i] != gb[i]) {
-                    panic!(
-                        "{f:?} {n}x{k} batch {b} {dt:?}: output {i} differs: {:#x} vs {:#x}",
-                        wb[i], gb[i]
-                    );
-                }
+                assert_same_bits(
+                    &wb,
+                    &gb,
+                    b * n,
+                    format_args!("{f:?} {n}x{k} batch {b} {dt:?}: warp split against grid split"),
+                );
             }
         }
     }
@@ -729,14 +728,15 @@ fn gemv_activation_ring_is_bit_identical_with_global_loads() {
                     let before = staged();
                     let ringed = bits_f32(&layer.forward(&x).unwrap());
                     ran += staged() - before;
-                    assert_eq!(ringed.len(), b * n);
-                    if let Some(i) = (0..ringed.len()).find(|&i| ringed[i] != plain[i]) {
-                        panic!(
-                            "{f:?} {n}x{k} batch {b} {dt:?} {stages} stages: output {i} \
-                             differs: {:#x} vs {:#x}",
-                            ringed[i], plain[i]
-                        );
-                    }
+                    assert_same_bits(
+                        &ringed,
+                        &plain,
+                        b * n,
+                        format_args!(
+                            "{f:?} {n}x{k} batch {b} {dt:?}: a {stages}-stage ring against \
+                             global loads"
+                        ),
+                    );
                 }
                 ring(None);
                 slices(None);
@@ -780,14 +780,15 @@ fn gemv_m_tiles_are_bit_identical() {
                     tiles(None);
                     warp_split(None);
                     slices(None);
-                    assert_eq!(two.len(), b * n);
-                    if let Some(i) = (0..two.len()).find(|&i| two[i] != one[i]) {
-                        panic!(
-                            "{f:?} {n}x{k} batch {b} {dt:?} split {split} (warp split \
-                             {ws}): output {i} differs: {:#x} (two M tiles) vs {:#x}",
-                            two[i], one[i]
-                        );
-                    }
+                    assert_same_bits(
+                        &two,
+                        &one,
+                        b * n,
+                        format_args!(
+                            "{f:?} {n}x{k} batch {b} {dt:?} split {split} (warp split {ws}): \
+                             two M tiles against one"
+                        ),
+                    );
                 }
             }
         }
@@ -845,14 +846,16 @@ fn gemv_clamped_loads_are_bit_identical() {
                     clamped(None);
                     warp_split(None);
                     ring(None);
-                    assert_eq!(out.len(), b * n);
-                    if let Some(i) = (0..out.len()).find(|&i| out[i] != filled[i]) {
-                        panic!(
+                    assert_same_bits(
+                        &out,
+                        &filled,
+                        b * n,
+                        format_args!(
                             "{:?} block {} {n}x{k} batch {b} {dt:?} (ring {stages:?}, warp \
-                             split {ws}): output {i} differs: {:#x} clamped vs {:#x} filled",
-                            spec.format, spec.block_size, out[i], filled[i]
-                        );
-                    }
+                             split {ws}): clamped loads against zero-filled",
+                            spec.format, spec.block_size
+                        ),
+                    );
                 }
             }
         }
@@ -899,15 +902,15 @@ fn gemv_batch_one_paths_are_bit_identical() {
                         let before = staged();
                         let out = bits_f32(&layer.forward(&x).unwrap());
                         ran += staged() - before;
-                        assert_eq!(out.len(), b * n);
-                        if let Some(i) = (0..out.len()).find(|&i| out[i] != plain[i]) {
-                            panic!(
+                        assert_same_bits(
+                            &out,
+                            &plain,
+                            b * n,
+                            format_args!(
                                 "{f:?} {n}x{k} batch {b} {dt:?} (warp split {ws}, addresses \
-                                 {addresses}, staged row {row}): output {i} differs: {:#x} vs \
-                                 {:#x}",
-                                out[i], plain[i]
-                            );
-                        }
+                                 {addresses}, staged row {row}) against the plain kernel"
+                            ),
+                        );
                     }
                     paths(None, None);
                     warp_split(None);

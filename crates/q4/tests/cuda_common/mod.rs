@@ -40,3 +40,19 @@ pub fn bits_f32(t: &Tensor) -> Vec<u32> {
         .map(f32::to_bits)
         .collect()
 }
+
+/// Panics naming `what`, the first output where `got` and `want` (f32 bit patterns, see
+/// [`bits_f32`]) differ and both values, unless they are identical; their lengths must be `len`.
+pub fn assert_same_bits(got: &[u32], want: &[u32], len: usize, what: std::fmt::Arguments<'_>) {
+    assert_eq!(
+        (got.len(), want.len()),
+        (len, len),
+        "{what}: output lengths"
+    );
+    if let Some(i) = (0..len).find(|&i| got[i] != want[i]) {
+        panic!(
+            "{what}: output {i} differs: {:#x} against {:#x}",
+            got[i], want[i]
+        );
+    }
+}
