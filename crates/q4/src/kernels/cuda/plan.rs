@@ -449,6 +449,8 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn l2_line_loads_only_on_large_weights() {
         // The measured shapes: 8192x8192, 28672x4096 and the LM head took the 128-byte lines;
@@ -483,8 +485,6 @@ mod tests {
                 <= GEMV_STATIC_SMEM_LIMIT
         );
     }
-
-    use super::*;
 
     #[test]
     fn gemv_m_tiles_follow_the_measured_wins() {

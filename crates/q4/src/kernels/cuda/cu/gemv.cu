@@ -202,6 +202,12 @@ __device__ __forceinline__ u32 word_of(const uint4& w, int i) {
     return i == 0 ? w.x : (i == 1 ? w.y : (i == 2 ? w.z : w.w));
 }
 
+// Eight 16-bit activations held as (0,1) (2,3) (4,5) (6,7) regrouped into the operand pairs
+// (j, j + 4) of the arithmetic decode.
+__device__ __forceinline__ uint4 pairs_j_j4(const uint4& v) {
+    return make_uint4(prmt(v.x, v.z, 0x5410u), prmt(v.x, v.z, 0x7632u), prmt(v.y, v.w, 0x5410u),
+                      prmt(v.y, v.w, 0x7632u));
+}
 #ifndef IMADDEC
 #define IMADDEC 0
 #endif
@@ -567,14 +573,11 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                 for (int nt = 0; nt < NT; nt++) {
 #if XB1
                     // Staged already regrouped.
-                    const u32 b04 = xv[nt].x, b15 = xv[nt].y, b26 = xv[nt].z, b37 = xv[nt].w;
+                    const uint4 xg = xv[nt];
 #else
-                    // xv holds elements 0..7 as (0,1) (2,3) (4,5) (6,7): regroup as (j, j + 4).
-                    const u32 b04 = prmt(xv[nt].x, xv[nt].z, 0x5410u);
-                    const u32 b15 = prmt(xv[nt].x, xv[nt].z, 0x7632u);
-                    const u32 b26 = prmt(xv[nt].y, xv[nt].w, 0x5410u);
-                    const u32 b37 = prmt(xv[nt].y, xv[nt].w, 0x7632u);
+                    const uint4 xg = pairs_j_j4(xv[nt]);
 #endif
+                    const u32 b04 = xg.x, b15 = xg.y, b26 = xg.z, b37 = xg.w;
 #pragma unroll
                     for (int m = 0; m < MT; m++) {
                         mma16816(acc[m][nt], a[m][0][0], a[m][0][1], a[m][0][2], a[m][0][3], b04, b15);
@@ -616,8 +619,7 @@ gemv(const u8* __restrict__ codes, const void* __restrict__ scales, const u16* _
                     for (int j = 0; j < XB1LD; j++) {
                         const int c = c0 + j * NTH;
                         if (c >= nch) break;
-                        xb1[c] = make_uint4(prmt(v[j].x, v[j].z, 0x5410u), prmt(v[j].x, v[j].z, 0x7632u),
-                                            prmt(v[j].y, v[j].w, 0x5410u), prmt(v[j].y, v[j].w, 0x7632u));
+                        xb1[c] = pairs_j_j4(v[j]);
                     }
                 }
                 __syncthreads();
