@@ -97,6 +97,8 @@ struct Inner {
     /// Largest finite block scale (table value or absmax); GPU kernels with f16 operands factor
     /// a power of two out of the scales with it.
     scale_max: f32,
+    /// Table formats: bit `b` set when some block's scale byte is `b`.
+    scale_bytes_used: ByteSet,
     provenance: Provenance,
     device: Device,
 }
@@ -127,6 +129,31 @@ pub struct HostView<'a> {
     pub scales: HostScales<'a>,
     /// NVFP4 tensor scale (1.0 for other formats); already folded into the scale table.
     pub scale2: f32,
+    /// Table formats: the scale bytes that occur (every byte where unknown). Kernels may decode
+    /// scales by arithmetic that agrees with the table on all bytes but a few rare ones (NaN,
+    /// E8M0's 2^-127) when those never occur.
+    pub scale_bytes_used: ByteSet,
+}
+
+/// A set of byte values (bit `b` of word `b / 64`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSet(pub [u64; 4]);
+
+impl ByteSet {
+    /// Every byte (what a kernel must assume without a scan).
+    pub const ALL: ByteSet = ByteSet([u64::MAX; 4]);
+
+    pub fn contains(&self, b: u8) -> bool {
+        self.0[b as usize / 64] >> (b % 64) & 1 == 1
+    }
+
+    fn from_seen(seen: &[bool; 256]) -> ByteSet {
+        let mut s = [0u64; 4];
+        for (b, _) in seen.iter().enumerate().filter(|(_, &x)| x) {
+            s[b / 64] |= 1 << (b % 64);
+        }
+        ByteSet(s)
+    }
 }
 
 /// Host-side block scales.
@@ -349,7 +376,7 @@ impl QTensor {
                 "{format} scales for shape {shape:?}: expected {n_scales}, found {found}"
             )));
         }
-        let scale_max = scale_max_of(&scales)?;
+        let (scale_max, scale_bytes_used) = scale_stats(&scales)?;
         let q = QTensor {
             inner: Arc::new(Inner {
                 format,
@@ -359,6 +386,7 @@ impl QTensor {
                 scales,
                 scale2,
                 scale_max,
+                scale_bytes_used,
                 provenance: Provenance::None,
                 device: Device::Cpu,
             }),
@@ -398,7 +426,7 @@ impl QTensor {
             )));
         }
         let device = codes.device().clone();
-        let scale_max = scale_max_of(&scales)?;
+        let (scale_max, scale_bytes_used) = scale_stats(&scales)?;
         settle(&device)?;
         Ok(QTensor {
             inner: Arc::new(Inner {
@@ -409,6 +437,7 @@ impl QTensor {
                 scales,
                 scale2,
                 scale_max,
+                scale_bytes_used,
                 provenance: match nested {
                     Some(n) => Provenance::Nested(Arc::new(n)),
                     None => Provenance::None,
@@ -467,6 +496,7 @@ impl QTensor {
                 scales,
                 scale2: self.inner.scale2,
                 scale_max: self.inner.scale_max,
+                scale_bytes_used: self.inner.scale_bytes_used,
                 provenance: self.inner.provenance.clone(),
                 device: device.clone(),
             }),
@@ -539,6 +569,7 @@ impl QTensor {
             codes,
             scales,
             scale2: self.inner.scale2,
+            scale_bytes_used: self.inner.scale_bytes_used,
         })
     }
 
@@ -708,8 +739,8 @@ pub enum Quantized {
 }
 
 /// Largest finite block scale, from host or device scales (a table format counts the table
-/// values of the bytes it uses).
-fn scale_max_of(scales: &BlockScales) -> Result<f32> {
+/// values of the bytes it uses), and the scale bytes in use (table formats; none for f32).
+fn scale_stats(scales: &BlockScales) -> Result<(f32, ByteSet)> {
     let max_finite = |v: &mut dyn Iterator<Item = f32>| {
         v.filter(|x| x.is_finite())
             .fold(0f32, |m, x| m.max(x.abs()))
@@ -726,17 +757,25 @@ fn scale_max_of(scales: &BlockScales) -> Result<f32> {
                     .into_iter()
                     .for_each(|x| seen[x as usize] = true),
             }
-            max_finite(&mut (0..256).filter(|&b| seen[b]).map(|b| table[b]))
+            (
+                max_finite(&mut (0..256).filter(|&b| seen[b]).map(|b| table[b])),
+                ByteSet::from_seen(&seen),
+            )
         }
-        BlockScales::F32 { host: Some(v), .. } => max_finite(&mut v.iter().copied()),
+        BlockScales::F32 { host: Some(v), .. } => {
+            (max_finite(&mut v.iter().copied()), ByteSet([0; 4]))
+        }
         BlockScales::F32 {
             device: Some(t), ..
-        } => max_finite(
-            &mut t
-                .to_device(&Device::Cpu)?
-                .flatten_all()?
-                .to_vec1::<f32>()?
-                .into_iter(),
+        } => (
+            max_finite(
+                &mut t
+                    .to_device(&Device::Cpu)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter(),
+            ),
+            ByteSet([0; 4]),
         ),
         BlockScales::F32 { .. } => return Err(Error::msg("QTensor without scales")),
     })

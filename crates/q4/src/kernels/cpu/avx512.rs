@@ -157,15 +157,15 @@ pub(super) unsafe fn chunk_scales<const BK: u8, S: Scales>(
 
 /// Where a pass of the kernel reads next, for the software prefetch.
 #[derive(Clone, Copy)]
-struct Pass {
+pub(super) struct Pass {
     /// Chunks `c0..c1` of each row.
-    c0: usize,
-    c1: usize,
+    pub c0: usize,
+    pub c1: usize,
     /// Bytes from a code being read to the one to prefetch: [`PREFETCH_AHEAD`] along the row
     /// when a pass reads whole rows, the next pass's rows when it reads a K slice.
     ///
     /// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
-    ahead: usize,
+    pub ahead: usize,
 }
 
 /// The lanes of `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R`
@@ -356,6 +356,24 @@ unsafe fn sum16_rows(mut row: impl FnMut(usize) -> __m512) -> __m512 {
     sum16(&v)
 }
 
+/// The lane sums of sixteen rows' vectors in order in one vector, the rows produced two at a
+/// time by `pair(p)` (rows `2p`, `2p + 1`).
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn sum16_rows_pairs(mut pair: impl FnMut(usize) -> [__m512; 2]) -> __m512 {
+    let mut v = [_mm512_setzero_ps(); 16];
+    for p in 0..8 {
+        let [a, b] = pair(p);
+        // Each row's vector where `sum16` leaves its sum in lane `r`.
+        v[SUM16_LANE[2 * p]] = a;
+        v[SUM16_LANE[2 * p + 1]] = b;
+    }
+    sum16(&v)
+}
+
 /// Batch 1, sixteen rows from `row0`: their vectors from [`rows_acc`], two rows at a time, then
 /// all sixteen reduced together by [`sum16`] and added to `out[0..16]`.
 ///
@@ -383,15 +401,11 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
         ahead: pass.ahead.max(2 * w.row_bytes),
         ..pass
     };
-    let mut v = [_mm512_setzero_ps(); 16];
     let prefetch = super::prefetch::enabled();
-    for p in 0..8 {
+    let sums = sum16_rows_pairs(|p| {
         let pair = rows_acc_pf::<2, 1, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass);
-        // Each row's vector where `sum16` leaves its sum in lane `r`.
-        v[SUM16_LANE[2 * p]] = pair[0][0];
-        v[SUM16_LANE[2 * p + 1]] = pair[1][0];
-    }
-    let sums = sum16(&v);
+        [pair[0][0], pair[1][0]]
+    });
     let o = out.as_mut_ptr();
     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sums));
 }
@@ -399,7 +413,7 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
 /// Activation bytes a K slice may span (all `B` rows together), so that they stay in L1 while
 /// the slice's rows stream past: at batch 4 the whole rows of 4096 values (64 KiB) did not, and
 /// the activation loads from L2 bounded the kernel.
-const SLICE_BYTES: usize = 16 << 10;
+pub(super) const SLICE_BYTES: usize = 16 << 10;
 
 /// Computes weight rows `r0..r1` into `out` (`[row - r0][m]`) over their whole chunks: in K
 /// slices whose activations fit L1, two rows at a time at batches 2-4 (they share each

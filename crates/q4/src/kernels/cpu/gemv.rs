@@ -38,11 +38,19 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
     let wide = simd && super::avx512::usable();
     #[cfg(not(target_arch = "x86_64"))]
     let wide = false;
+    // Batch 1 on AVX-512BW: 128-weight groups (`avx512_groups`), activations in their order.
+    #[cfg(target_arch = "x86_64")]
+    let groups = wide && batch == 1 && super::avx512_groups::usable();
+    #[cfg(not(target_arch = "x86_64"))]
+    let groups = false;
     // The permuted activations start on a cache line, so the kernels' vector loads never
     // straddle two (see `aligned`).
     let mut xp_buf = AlignedBuf::new();
     let xp = xp_buf.slice(if simd { x.len() } else { 0 });
-    if wide {
+    if groups {
+        #[cfg(target_arch = "x86_64")]
+        super::avx512_groups::permute_activations(x, w.k, w.high_first, xp);
+    } else if wide {
         #[cfg(target_arch = "x86_64")]
         super::avx512::permute_activations(x, w.k, w.high_first, xp);
     } else if simd {
@@ -56,7 +64,16 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         |t, out| {
             let r0 = t * ROWS_PER_TASK;
             let r1 = (r0 + ROWS_PER_TASK).min(w.n);
-            if wide {
+            if groups {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    // SAFETY: AVX-512F and BW are present (`avx512_groups::usable`) and the
+                    // geometry fits the chunk kernel (`simd_fits`); rows r0..r1 exist, `out`
+                    // holds their values (batch 1) and `xp` the row permuted for this kernel.
+                    unsafe { super::avx512_groups::rows(w, xp, r0, r1, out) };
+                    add_tails(w, x, batch, r0, r1, super::avx512::CHUNK, out);
+                }
+            } else if wide {
                 #[cfg(target_arch = "x86_64")]
                 {
                     // SAFETY: AVX-512F is present (`usable`) and the geometry fits the chunk

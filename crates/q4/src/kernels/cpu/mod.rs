@@ -8,6 +8,8 @@ pub mod aligned;
 pub mod amx;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512_groups;
 mod decode;
 pub mod dense;
 mod gemm;

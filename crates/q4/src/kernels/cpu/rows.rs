@@ -153,6 +153,9 @@ pub fn block_class(block: usize) -> u8 {
     }
 }
 
+/// `2^120`: an E4M3 value over its bits moved into an f32 (see [`Rows::e4m3_factor`]).
+pub const E4M3_BITS_SCALE: f32 = f32::from_bits((127 + 120) << 23);
+
 /// The geometry of a quantized `[n, k]` weight.
 #[derive(Clone, Copy)]
 pub struct Rows<'a> {
@@ -178,6 +181,14 @@ pub struct Rows<'a> {
     pub aligned: bool,
     /// Value of each code exactly as the pair table decodes it (sign of zero included).
     pub values: &'a [f32; 16],
+    /// NVFP4 without NaN scale bytes (0x7f, 0xff) whose tensor scale `s2` keeps `2^120 * s2`
+    /// finite: that product. An E4M3 byte `b` moved to bits 20-27 of an f32 (sign to bit 31) reads as
+    /// `e4m3(b) * 2^-120` (subnormals as f32 subnormals), so times this factor it is exactly
+    /// the table's `e4m3(b) * s2`: scales decode by arithmetic instead of lookups.
+    pub e4m3_factor: Option<f32>,
+    /// MXFP4 without the scale bytes 0x00 (2^-127, an f32 subnormal) and 0xff (NaN): every
+    /// scale byte `b` is then the f32 whose exponent field is `b`.
+    pub e8m0_exact: bool,
 }
 
 impl<'a> Rows<'a> {
@@ -207,6 +218,16 @@ impl<'a> Rows<'a> {
             row_bytes,
             row_blocks,
             aligned,
+            e4m3_factor: Some(E4M3_BITS_SCALE * v.scale2).filter(|f| {
+                let used = v.scale_bytes_used;
+                v.format == Format::Nvfp4
+                    && !used.contains(0x7f)
+                    && !used.contains(0xff)
+                    && f.is_finite()
+            }),
+            e8m0_exact: v.format == Format::Mxfp4
+                && !v.scale_bytes_used.contains(0)
+                && !v.scale_bytes_used.contains(0xff),
         }
     }
 
