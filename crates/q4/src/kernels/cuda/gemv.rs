@@ -57,14 +57,19 @@ fn warps(w: &QTensor) -> usize {
         WARPS
     })
 }
-/// Fewest 128-wide K steps a split-K slice keeps (`Q4_GEMV_MIN_STEPS`).
-fn min_steps() -> usize {
-    static M: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
-        knob("Q4_GEMV_MIN_STEPS")
-            .unwrap_or(MIN_SPLIT_STEPS as i64)
-            .clamp(1, 64) as usize
+/// Fewest 128-wide K steps a split-K slice keeps for `w` at `nt` N tiles
+/// (`Q4_GEMV_MIN_STEPS` overrides): [`MIN_SPLIT_STEPS`], but 2 for the bitsandbytes formats at
+/// batches 1-8, whose pair-table decode makes a step dearer, so shorter slices spread it over
+/// more blocks. Same-call sweep on an H200 (`scripts/gpu/results/h200-2026-11-28-s29/`): NF4
+/// synthetic decode 483.1-483.7 against 469.7-470.9 tok/s (NVFP4 0.99x, so it keeps 4), NF4
+/// batch 1 / 4 on Qwen3-4B's q/k/v 9.6 -> 9.0 / 10.2 -> 9.4 us and its o projection 8.7 ->
+/// 8.4 / 9.1 -> 8.9, the large shapes unchanged; at batch 16 it lost (11.0 -> 12.1 us).
+fn min_steps(w: &QTensor, nt: usize) -> usize {
+    static M: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
+        knob("Q4_GEMV_MIN_STEPS").map(|m| m.clamp(1, 64) as usize)
     });
-    *M
+    let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
+    M.unwrap_or(if bnb && nt == 1 { 2 } else { MIN_SPLIT_STEPS })
 }
 /// Whether the kernel loads without zero fills (`CLAMPED` in gemv.cu: no predicated loads or
 /// zero fills, 20% fewer instructions per step): every format at batches 1-8 (one N tile), and
@@ -423,7 +428,7 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // Persistent blocks: as many as fit on the GPU at once, over (tile, K slice) items of >= 4
     // steps each (see `item_cost` for how K is split).
     let resident = resident_blocks(k, &func, warps);
-    let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(), item_cost(nt));
+    let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(w, nt), item_cost(nt));
     if let Some(forced) = split_forced() {
         // As many slices as asked, none empty.
         split = steps.div_ceil(steps.div_ceil(forced.clamp(1, steps)));
