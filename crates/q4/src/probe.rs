@@ -133,6 +133,13 @@ fn cpu_kernel_name(k: CpuKernel) -> &'static str {
     match k {
         CpuKernel::GemvSimd if cfg!(target_arch = "aarch64") => "gemv-neon (fused decode, NEON)",
         #[cfg(target_arch = "x86_64")]
+        CpuKernel::GemvSimd
+            if crate::kernels::cpu::avx512::usable()
+                && crate::kernels::cpu::avx512_groups::usable() =>
+        {
+            "gemv-avx512 (fused decode, AVX-512F: codebook in a register, vpermps lookups; batch 1 in 128-weight groups, one 64-byte code load each, AVX-512BW)"
+        }
+        #[cfg(target_arch = "x86_64")]
         CpuKernel::GemvSimd if crate::kernels::cpu::avx512::usable() => {
             "gemv-avx512 (fused decode, AVX-512F: codebook in a register, vpermps lookups)"
         }

@@ -65,9 +65,8 @@ fn warps(w: &QTensor) -> usize {
 /// batch 1 / 4 on Qwen3-4B's q/k/v 9.6 -> 9.0 / 10.2 -> 9.4 us and its o projection 8.7 ->
 /// 8.4 / 9.1 -> 8.9, the large shapes unchanged; at batch 16 it lost (11.0 -> 12.1 us).
 fn min_steps(w: &QTensor, nt: usize) -> usize {
-    static M: std::sync::LazyLock<Option<usize>> = std::sync::LazyLock::new(|| {
-        knob("Q4_GEMV_MIN_STEPS").map(|m| m.clamp(1, 64) as usize)
-    });
+    static M: std::sync::LazyLock<Option<usize>> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_MIN_STEPS").map(|m| m.clamp(1, 64) as usize));
     let bnb = matches!(w.format(), Format::Nf4 | Format::Fp4);
     M.unwrap_or(if bnb && nt == 1 { 2 } else { MIN_SPLIT_STEPS })
 }
@@ -428,7 +427,8 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     // Persistent blocks: as many as fit on the GPU at once, over (tile, K slice) items of >= 4
     // steps each (see `item_cost` for how K is split).
     let resident = resident_blocks(k, &func, warps);
-    let mut split = super::plan::gemv_split(tiles, steps, resident, min_steps(w, nt), item_cost(nt));
+    let mut split =
+        super::plan::gemv_split(tiles, steps, resident, min_steps(w, nt), item_cost(nt));
     if let Some(forced) = split_forced() {
         // As many slices as asked, none empty.
         split = steps.div_ceil(steps.div_ceil(forced.clamp(1, steps)));
