@@ -19,7 +19,6 @@
 //! the int8 embedding / LM-head tables runs on AVX-512 VNNI here too ([`rows_w8a8`]).
 
 use std::arch::x86_64::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
 use super::rows::{Rows, Scales, BLOCK16, BLOCK32};
@@ -29,22 +28,19 @@ pub const CHUNK: usize = 64;
 
 static AVAILABLE: LazyLock<bool> = LazyLock::new(|| std::is_x86_feature_detected!("avx512f"));
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-static ENV_OFF: LazyLock<bool> =
-    LazyLock::new(|| std::env::var_os("Q4_AVX512").is_some_and(|v| v == "0"));
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_AVX512");
 
 /// Whether the GEMV runs on this kernel here: AVX-512F present, not turned off by
 /// `Q4_AVX512=0` or [`set_enabled`].
 pub fn usable() -> bool {
-    *AVAILABLE && ENABLED.load(Ordering::Relaxed) && !*ENV_OFF
+    *AVAILABLE && SWITCH.on()
 }
 
 /// Turns the AVX-512 GEMV on or off (default on where available; off, the AVX2 kernel runs),
 /// for same-process A/B measurements (`examples/ab_gemv_avx512`).
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Position in the chunk of the weight that permuted slot `p` (0..64) holds. Slots 0-15: low
@@ -120,6 +116,27 @@ pub(super) unsafe fn scale_chunk(v: [__m512; 4], s01: __m512, s23: __m512) -> [_
         _mm512_mul_ps(v[2], s23),
         _mm512_mul_ps(v[3], s23),
     ]
+}
+
+/// A decoded chunk's products with its 64 permuted activations at `x`, each block pair (vectors
+/// 0-1, 2-3) summed unscaled, to be scaled once by [`chunk_scales`]' two vectors.
+///
+/// # Safety
+/// AVX-512F present; `x` valid for 64 values.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn pair_products(v: [__m512; 4], x: *const f32) -> (__m512, __m512) {
+    let p01 = _mm512_fmadd_ps(
+        v[1],
+        _mm512_loadu_ps(x.add(16)),
+        _mm512_mul_ps(v[0], _mm512_loadu_ps(x)),
+    );
+    let p23 = _mm512_fmadd_ps(
+        v[3],
+        _mm512_loadu_ps(x.add(48)),
+        _mm512_mul_ps(v[2], _mm512_loadu_ps(x.add(32))),
+    );
+    (p01, p23)
 }
 
 /// Scales of chunk `c` of a row whose scales start at `base`: one vector for decoded vectors
@@ -225,18 +242,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const PF: bool,
             let (s01, s23) = chunk_scales::<BK, S>(scales, row * w.row_blocks, c, shift);
             let v = decode64(codes, lut);
             if B == 1 {
-                // Each block pair summed unscaled, then scaled once.
-                let x = xptr.add(col);
-                let p01 = _mm512_fmadd_ps(
-                    v[1],
-                    _mm512_loadu_ps(x.add(16)),
-                    _mm512_mul_ps(v[0], _mm512_loadu_ps(x)),
-                );
-                let p23 = _mm512_fmadd_ps(
-                    v[3],
-                    _mm512_loadu_ps(x.add(48)),
-                    _mm512_mul_ps(v[2], _mm512_loadu_ps(x.add(32))),
-                );
+                let (p01, p23) = pair_products(v, xptr.add(col));
                 acc[r][0] = _mm512_fmadd_ps(p01, s01, acc[r][0]);
                 acc2[r] = _mm512_fmadd_ps(p23, s23, acc2[r]);
             } else {
@@ -410,6 +416,26 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sums));
 }
 
+/// The K slices of `slice` chunks (of `chunks` per row) that the kernels walk the rows in: a
+/// pass over whole rows prefetches [`PREFETCH_AHEAD`] along them, one over a slice the rows
+/// `pass_bytes` further on (those of its next call).
+///
+/// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
+pub(super) fn passes(chunks: usize, slice: usize, pass_bytes: usize) -> impl Iterator<Item = Pass> {
+    (0..chunks).step_by(slice.max(1)).map(move |c0| {
+        let c1 = (c0 + slice).min(chunks);
+        Pass {
+            c0,
+            c1,
+            ahead: if c1 - c0 == chunks {
+                super::prefetch::PREFETCH_AHEAD
+            } else {
+                pass_bytes
+            },
+        }
+    })
+}
+
 /// Activation bytes a K slice may span (all `B` rows together), so that they stay in L1 while
 /// the slice's rows stream past: at batch 4 the whole rows of 4096 values (64 KiB) did not, and
 /// the activation loads from L2 bounded the kernel.
@@ -438,18 +464,7 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
     }
     macro_rules! run {
         ($r:literal, $b:literal) => {{
-            let mut c0 = 0;
-            while c0 < chunks {
-                let c1 = (c0 + slice).min(chunks);
-                let pass = Pass {
-                    c0,
-                    c1,
-                    ahead: if c1 - c0 == chunks {
-                        super::prefetch::PREFETCH_AHEAD
-                    } else {
-                        $r * w.row_bytes
-                    },
-                };
+            for pass in passes(chunks, slice, $r * w.row_bytes) {
                 let mut r = r0;
                 if $b == 1 {
                     while r1 - r >= 16 {
@@ -465,7 +480,6 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize,
                     call!(rows_kernel, [1, $b,], r, pass, &mut out[(r - r0) * $b..]);
                     r += 1;
                 }
-                c0 = c1;
             }
         }};
     }

@@ -13,10 +13,9 @@
 //! length is an odd number of 64-weight chunks ends with one chunk in [`super::avx512`]'s order.
 
 use std::arch::x86_64::*;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 
-use super::avx512::{chunk_element, chunk_scales, decode64, Pass, CHUNK};
+use super::avx512::{chunk_element, chunk_scales, decode64, pair_products, Pass, CHUNK};
 use super::rows::{F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32};
 
 /// Weights per group: 64 bytes of codes.
@@ -26,22 +25,19 @@ static AVAILABLE: LazyLock<bool> = LazyLock::new(|| {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
 });
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-static ENV_OFF: LazyLock<bool> =
-    LazyLock::new(|| std::env::var_os("Q4_GEMV_GROUPS").is_some_and(|v| v == "0"));
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_GEMV_GROUPS");
 
 /// Whether batch-1 GEMVs run on this kernel: AVX-512F and BW present, not turned off by
 /// `Q4_GEMV_GROUPS=0` or [`set_enabled`].
 pub fn usable() -> bool {
-    *AVAILABLE && ENABLED.load(Ordering::Relaxed) && !*ENV_OFF
+    *AVAILABLE && SWITCH.on()
 }
 
 /// Turns the group kernel on or off (default on where available; off, batch 1 runs on the
 /// 64-weight chunk kernel), for same-process A/B measurements and tests.
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Position in the group of the weight that permuted slot `p` (0..128) holds: slot `16s + i` is
@@ -389,16 +385,7 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const PF: bool, S: GroupScales>
             let row = row0 + r;
             let v = decode64(cp.add(row * w.row_bytes + col / 2), lut);
             let (s01, s23) = chunk_scales::<BK, S>(scales, row * w.row_blocks, c, shift);
-            let p01 = _mm512_fmadd_ps(
-                v[1],
-                _mm512_loadu_ps(x.add(16)),
-                _mm512_mul_ps(v[0], _mm512_loadu_ps(x)),
-            );
-            let p23 = _mm512_fmadd_ps(
-                v[3],
-                _mm512_loadu_ps(x.add(48)),
-                _mm512_mul_ps(v[2], _mm512_loadu_ps(x.add(32))),
-            );
+            let (p01, p23) = pair_products(v, x);
             acc[r] = _mm512_fmadd_ps(p01, s01, acc[r]);
             acc[r] = _mm512_fmadd_ps(p23, s23, acc[r]);
         }
@@ -509,18 +496,7 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
             }
         }};
     }
-    let mut c0 = 0;
-    while c0 < chunks {
-        let c1 = (c0 + slice).min(chunks);
-        let pass = Pass {
-            c0,
-            c1,
-            ahead: if c1 - c0 == chunks {
-                super::prefetch::PREFETCH_AHEAD
-            } else {
-                w.row_bytes
-            },
-        };
+    for pass in super::avx512::passes(chunks, slice, w.row_bytes) {
         let mut r = r0;
         while r1 - r >= 16 {
             call!(rows16, r, pass, &mut out[r - r0..]);
@@ -530,7 +506,6 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
             call!(row1, r, pass, &mut out[r - r0..]);
             r += 1;
         }
-        c0 = c1;
     }
 }
 

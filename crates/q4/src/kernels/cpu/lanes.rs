@@ -15,7 +15,7 @@
 
 use std::arch::x86_64::*;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use super::aligned::AlignedBuf;
 use super::avx512::{chunk_scales, decode64, scale_chunk, CHUNK};
@@ -72,16 +72,13 @@ const AHEAD: usize = 256;
 /// split against 0.89x padded.
 pub const GEMV_REMAINDER: usize = 5;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-static ENV_OFF: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("Q4_LANES").is_some_and(|v| v == "0"));
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_LANES");
 
 /// Turns the kernel on or off for the whole process (for same-process A/B measurements; off,
 /// these batches take the dot-product micro-kernel).
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 static MINK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MIN_K);
@@ -110,7 +107,7 @@ pub fn fits(w: &Rows<'_>) -> bool {
 /// Whether this host runs the kernel at all: AVX-512F, and not turned off by `Q4_LANES=0` or
 /// [`set_enabled`].
 pub fn host_usable() -> bool {
-    ENABLED.load(Ordering::Relaxed) && !*ENV_OFF && super::avx512::usable()
+    SWITCH.on() && super::avx512::usable()
 }
 
 /// Whether `batch` activation rows over `w` take this kernel (for [`lanes_rows`] of them; never

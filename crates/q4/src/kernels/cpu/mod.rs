@@ -21,6 +21,7 @@ mod no_simd;
 pub mod parallel;
 pub mod prefetch;
 pub mod rows;
+mod switch;
 pub mod w4a4;
 pub mod w4a8;
 #[cfg(target_arch = "x86_64")]

@@ -42,7 +42,7 @@ const PASS_ROWS: usize = 8;
 /// and a pass's activations (8 KiB) stay in the 48 KiB L1 across the passes over it.
 const K_SLICE: usize = 1024;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_W4A8_TILES");
 
 static ARITH_SCALES: AtomicBool = AtomicBool::new(true);
 
@@ -79,7 +79,7 @@ pub fn set_min_batch(batch: usize) {
 /// the activations' round trip above.
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
 
 /// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`], an
@@ -95,11 +95,8 @@ pub fn usable(w: &Rows<'_>) -> bool {
 /// at batches 16 and 64 with 2 threads, 0.58-0.80x with 16, and at 0.45-0.67x of the AVX2 int8
 /// GEMV at batches 5-8 with 2 threads (16 threads: 0.46-0.80x, 1536x576 1.13x).
 pub fn host_usable() -> bool {
-    ENABLED.load(Ordering::Relaxed) && !*ENV_OFF && super::avx512::vnni_usable()
+    SWITCH.on() && super::avx512::vnni_usable()
 }
-
-static ENV_OFF: std::sync::LazyLock<bool> =
-    std::sync::LazyLock::new(|| std::env::var_os("Q4_W4A8_TILES").is_some_and(|v| v == "0"));
 
 /// Where block `b` (of `nab` per row) of activation row `m` lies in [`Acts`]' layout
 /// interleaved by pass, counted in blocks: a pass's 8 rows of one block side by side.

@@ -91,17 +91,14 @@ const PIECES: usize = 3;
 /// granted this process the tile data permission (Linux asks processes to request it once).
 static AVAILABLE: LazyLock<bool> = LazyLock::new(detect);
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_AMX");
 
 /// Turns the AMX path on or off (default on where available), for same-process A/B
 /// measurements; `Q4_AMX=0` turns it off for the process.
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::Relaxed);
+    SWITCH.set(on);
 }
-
-static ENV_OFF: LazyLock<bool> =
-    LazyLock::new(|| std::env::var_os("Q4_AMX").is_some_and(|v| v == "0"));
 
 static DECODE_PREFETCH: AtomicBool = AtomicBool::new(true);
 
@@ -133,7 +130,7 @@ pub fn set_resident(on: bool) {
 
 /// Whether the tiled GEMM runs on AMX here.
 pub fn usable() -> bool {
-    *AVAILABLE && ENABLED.load(Ordering::Relaxed) && !*ENV_OFF
+    *AVAILABLE && SWITCH.on()
 }
 
 /// Whether the CPU and OS support AMX-BF16 (without asking for the permission).
