@@ -18,6 +18,13 @@ use std::sync::LazyLock;
 use super::avx512::{chunk_element, chunk_scales, decode64, pair_products, Pass, CHUNK};
 use super::rows::{F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32};
 
+/// Bytes of codes the weight stream is prefetched ahead over whole rows: twice the other
+/// kernels' [`super::prefetch::PREFETCH_AHEAD`] (rows 4096 wide prefetched two rows ahead got
+/// that already). Same-process A/B against 2 KiB, cache-cold, two threads
+/// (`scripts/cpu/results/ab-gemv-groups-2026-11-28-s29.txt`): 49152x576 0.90-0.95x the time in
+/// four runs, 576x1536 0.93-0.98x, 1536x576 and 960x576 0.95-1.04x (even within the noise).
+const PREFETCH_AHEAD: usize = 4096;
+
 /// Weights per group: 64 bytes of codes.
 pub const GROUP: usize = 128;
 
@@ -496,7 +503,10 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
             }
         }};
     }
-    for pass in super::avx512::passes(chunks, slice, w.row_bytes) {
+    for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
+        if pass.c1 - pass.c0 == chunks {
+            pass.ahead = PREFETCH_AHEAD;
+        }
         let mut r = r0;
         while r1 - r >= 16 {
             call!(rows16, r, pass, &mut out[r - r0..]);
