@@ -532,8 +532,8 @@ mod tests {
     use q4_formats::Format;
 
     /// Batch-1 rows `r0..n` of `q` on this kernel against the portable decode-and-dot, within
-    /// 1e-5 relative (or 1e-6 of the sum of the products' magnitudes); returns the kernel's values. (Whole chunks only: every `k` here is a
-    /// multiple of 64.)
+    /// 1e-5 relative (or 1e-6 of the sum of the products' magnitudes); returns the kernel's
+    /// values. (Whole chunks only: every `k` here is a multiple of 64.)
     fn check(q: &QTensor, x: &[f32], r0: usize, what: &str) -> Vec<f32> {
         let view = q.host_view().unwrap();
         let w = Rows::new(&view);
@@ -759,7 +759,9 @@ mod tests {
             n in 1usize..40,
             chunks in 1usize..80,
             r0 in 0usize..8,
-            format in prop::sample::select(vec![Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4]),
+            format in prop::sample::select(
+                vec![Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4]
+            ),
         ) {
             if *AVAILABLE {
                 let k = 64 * chunks;

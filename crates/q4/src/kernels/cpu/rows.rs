@@ -182,9 +182,9 @@ pub struct Rows<'a> {
     /// Value of each code exactly as the pair table decodes it (sign of zero included).
     pub values: &'a [f32; 16],
     /// NVFP4 without NaN scale bytes (0x7f, 0xff) whose tensor scale `s2` keeps `2^120 * s2`
-    /// finite: that product. An E4M3 byte `b` moved to bits 20-27 of an f32 (sign to bit 31) reads as
-    /// `e4m3(b) * 2^-120` (subnormals as f32 subnormals), so times this factor it is exactly
-    /// the table's `e4m3(b) * s2`: scales decode by arithmetic instead of lookups.
+    /// finite: that product. An E4M3 byte `b` moved to bits 20-27 of an f32 (sign to bit 31)
+    /// reads as `e4m3(b) * 2^-120` (subnormals as f32 subnormals), so times this factor it is
+    /// exactly the table's `e4m3(b) * s2`: scales decode by arithmetic instead of lookups.
     pub e4m3_factor: Option<f32>,
     /// MXFP4 without the scale bytes 0x00 (2^-127, an f32 subnormal) and 0xff (NaN): every
     /// scale byte `b` is then the f32 whose exponent field is `b`.
