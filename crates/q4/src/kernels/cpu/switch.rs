@@ -26,7 +26,7 @@ impl Switch {
         self.enabled.load(Ordering::Relaxed)
             && !*self
                 .env_off
-                .get_or_init(|| std::env::var_os(self.env).is_some_and(|v| v == "0"))
+                .get_or_init(|| turned_off(std::env::var_os(self.env)))
     }
 
     pub fn set(&self, on: bool) {
@@ -34,20 +34,30 @@ impl Switch {
     }
 }
 
+/// Whether an environment variable's value turns a path off: exactly `0`.
+fn turned_off(value: Option<std::ffi::OsString>) -> bool {
+    value.is_some_and(|v| v == "0")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn set_turns_it_off_and_on_and_the_environment_only_off() {
+    fn set_turns_it_off_and_on() {
         static S: Switch = Switch::new("Q4_TEST_SWITCH_NEVER_SET");
         assert!(S.on());
         S.set(false);
         assert!(!S.on());
         S.set(true);
         assert!(S.on());
-        // A fresh switch reads its variable once: here one that is set (and is not `0`).
-        let off = Switch::new("PATH");
-        assert_eq!(off.on(), std::env::var_os("PATH").is_none_or(|v| v != "0"));
+    }
+
+    #[test]
+    fn only_zero_in_the_environment_turns_it_off() {
+        assert!(turned_off(Some("0".into())));
+        for on in [None, Some("1".into()), Some("".into()), Some("00".into())] {
+            assert!(!turned_off(on));
+        }
     }
 }
