@@ -13,7 +13,7 @@ use half::{bf16, f16};
 use q4_formats::bnb::{self, Absmax, BnbKind, BnbOptions, BnbTensor, NestedAbsmax, NestedRounding};
 use q4_formats::mxfp4::{self, Mxfp4Options, Mxfp4Tensor, ScaleRule};
 use q4_formats::nvfp4::{self, Nvfp4Options, Nvfp4Tensor};
-use q4_formats::{Element, Format, NonFinite};
+use q4_formats::{scalar, Element, Format, NonFinite};
 
 use crate::error::{Error, Result};
 use crate::host_bytes::HostBytes;
@@ -97,8 +97,8 @@ struct Inner {
     /// Largest finite block scale (table value or absmax); GPU kernels with f16 operands factor
     /// a power of two out of the scales with it.
     scale_max: f32,
-    /// Table formats: bit `b` set when some block's scale byte is `b`.
-    scale_bytes_used: ByteSet,
+    /// Scales that kernels may decode by arithmetic (see [`ExactScales`]).
+    exact_scales: Option<ExactScales>,
     provenance: Provenance,
     device: Device,
 }
@@ -129,30 +129,36 @@ pub struct HostView<'a> {
     pub scales: HostScales<'a>,
     /// NVFP4 tensor scale (1.0 for other formats); already folded into the scale table.
     pub scale2: f32,
-    /// Table formats: the scale bytes that occur (every byte where unknown). Kernels may decode
-    /// scales by arithmetic that agrees with the table on all bytes but a few rare ones (NaN,
-    /// E8M0's 2^-127) when those never occur.
-    pub scale_bytes_used: ByteSet,
+    /// Block scales a kernel may decode by arithmetic, exactly as the table (verified when the
+    /// tensor was built; `None` where not, or not checked).
+    pub exact_scales: Option<ExactScales>,
 }
 
-/// A set of byte values (bit `b` of word `b / 64`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ByteSet(pub [u64; 4]);
+/// What a tensor's byte scales are, checked against its table once when the tensor is built,
+/// for kernels that decode scales by arithmetic instead of table lookups.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ExactScales {
+    /// Every table entry is `e4m3(b) * s2` bit for bit (NaN for NaN), and no block uses a NaN
+    /// byte (0x7f, 0xff).
+    E4m3 { s2: f32 },
+    /// Every table entry is `2^(b - 127)`, and no block uses 0x00 (2^-127, an f32 subnormal) or
+    /// 0xff (NaN).
+    E8m0,
+}
 
-impl ByteSet {
-    /// Every byte (what a kernel must assume without a scan).
-    pub const ALL: ByteSet = ByteSet([u64::MAX; 4]);
-
-    pub fn contains(&self, b: u8) -> bool {
-        self.0[b as usize / 64] >> (b % 64) & 1 == 1
-    }
-
-    fn from_seen(seen: &[bool; 256]) -> ByteSet {
-        let mut s = [0u64; 4];
-        for (b, _) in seen.iter().enumerate().filter(|(_, &x)| x) {
-            s[b / 64] |= 1 << (b % 64);
+impl ExactScales {
+    /// From a table and the bytes its blocks use (`seen[b]`).
+    fn of(table: &[f32; 256], seen: &[bool; 256]) -> Option<ExactScales> {
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let s2 = table[0x38]; // E4M3 0x38 is 1.0
+        let table_is = |f: &dyn Fn(u8) -> f32| (0..=255u8).all(|b| same(table[b as usize], f(b)));
+        if table_is(&|b| scalar::e4m3::decode(b) * s2) && !seen[0x7f] && !seen[0xff] {
+            Some(ExactScales::E4m3 { s2 })
+        } else if table_is(&scalar::e8m0::decode) && !seen[0] && !seen[0xff] {
+            Some(ExactScales::E8m0)
+        } else {
+            None
         }
-        ByteSet(s)
     }
 }
 
@@ -376,7 +382,7 @@ impl QTensor {
                 "{format} scales for shape {shape:?}: expected {n_scales}, found {found}"
             )));
         }
-        let (scale_max, scale_bytes_used) = scale_stats(&scales)?;
+        let (scale_max, exact_scales) = scale_stats(&scales)?;
         let q = QTensor {
             inner: Arc::new(Inner {
                 format,
@@ -386,7 +392,7 @@ impl QTensor {
                 scales,
                 scale2,
                 scale_max,
-                scale_bytes_used,
+                exact_scales,
                 provenance: Provenance::None,
                 device: Device::Cpu,
             }),
@@ -426,7 +432,7 @@ impl QTensor {
             )));
         }
         let device = codes.device().clone();
-        let (scale_max, scale_bytes_used) = scale_stats(&scales)?;
+        let (scale_max, exact_scales) = scale_stats(&scales)?;
         settle(&device)?;
         Ok(QTensor {
             inner: Arc::new(Inner {
@@ -437,7 +443,7 @@ impl QTensor {
                 scales,
                 scale2,
                 scale_max,
-                scale_bytes_used,
+                exact_scales,
                 provenance: match nested {
                     Some(n) => Provenance::Nested(Arc::new(n)),
                     None => Provenance::None,
@@ -496,7 +502,7 @@ impl QTensor {
                 scales,
                 scale2: self.inner.scale2,
                 scale_max: self.inner.scale_max,
-                scale_bytes_used: self.inner.scale_bytes_used,
+                exact_scales: self.inner.exact_scales,
                 provenance: self.inner.provenance.clone(),
                 device: device.clone(),
             }),
@@ -569,7 +575,7 @@ impl QTensor {
             codes,
             scales,
             scale2: self.inner.scale2,
-            scale_bytes_used: self.inner.scale_bytes_used,
+            exact_scales: self.inner.exact_scales,
         })
     }
 
@@ -739,8 +745,8 @@ pub enum Quantized {
 }
 
 /// Largest finite block scale, from host or device scales (a table format counts the table
-/// values of the bytes it uses), and the scale bytes in use (table formats; none for f32).
-fn scale_stats(scales: &BlockScales) -> Result<(f32, ByteSet)> {
+/// values of the bytes it uses), and what its byte scales are ([`ExactScales`]; f32 scales none).
+fn scale_stats(scales: &BlockScales) -> Result<(f32, Option<ExactScales>)> {
     let max_finite = |v: &mut dyn Iterator<Item = f32>| {
         v.filter(|x| x.is_finite())
             .fold(0f32, |m, x| m.max(x.abs()))
@@ -759,12 +765,10 @@ fn scale_stats(scales: &BlockScales) -> Result<(f32, ByteSet)> {
             }
             (
                 max_finite(&mut (0..256).filter(|&b| seen[b]).map(|b| table[b])),
-                ByteSet::from_seen(&seen),
+                ExactScales::of(table, &seen),
             )
         }
-        BlockScales::F32 { host: Some(v), .. } => {
-            (max_finite(&mut v.iter().copied()), ByteSet([0; 4]))
-        }
+        BlockScales::F32 { host: Some(v), .. } => (max_finite(&mut v.iter().copied()), None),
         BlockScales::F32 {
             device: Some(t), ..
         } => (
@@ -775,7 +779,7 @@ fn scale_stats(scales: &BlockScales) -> Result<(f32, ByteSet)> {
                     .to_vec1::<f32>()?
                     .into_iter(),
             ),
-            ByteSet([0; 4]),
+            None,
         ),
         BlockScales::F32 { .. } => return Err(Error::msg("QTensor without scales")),
     })

@@ -226,8 +226,8 @@ impl QuantView {
                 ScaleData::Absmax { decoded, .. } => HostScales::F32(decoded),
             },
             scale2: self.tensor_scale.unwrap_or(1.0),
-            // Not scanned here; this view only feeds the dequantizer, which reads the table.
-            scale_bytes_used: crate::qtensor::ByteSet::ALL,
+            // Not checked here; this view only feeds the dequantizer, which reads the table.
+            exact_scales: None,
         }
     }
 

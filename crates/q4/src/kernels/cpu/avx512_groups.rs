@@ -728,6 +728,47 @@ mod tests {
     }
 
     #[test]
+    fn a_table_other_than_e4m3_times_s2_is_read_as_it_is() {
+        if !*AVAILABLE {
+            return;
+        }
+        // NVFP4 storage whose table disagrees with its tensor scale (one entry changed, then a
+        // table for another scale): the kernel must read the table, not assume it.
+        use crate::host_bytes::HostBytes;
+        use crate::qtensor::{BlockScales, Buffer};
+        let q = nvfp4_with_scales(16, 512, &[0x38, 0x40, 0x30, 0x01], 0.5);
+        let view = q.host_view().unwrap();
+        let mut changed = q4_formats::nvfp4::scale_table(0.5);
+        changed[0x40] *= 1.5;
+        let other = q4_formats::nvfp4::scale_table(0.25);
+        for (table, expect) in [(changed, None), (other, Some(E4M3_BITS_SCALE * 0.25))] {
+            let t = QTensor::from_host_parts(
+                Format::Nvfp4,
+                16,
+                (16, 512).into(),
+                HostBytes::owned(view.codes.to_vec()),
+                BlockScales::Table {
+                    bytes: Buffer::Host(HostBytes::owned(nvfp4_scale_bytes(&q))),
+                    table: std::sync::Arc::new(table),
+                },
+                0.5,
+                &Device::Cpu,
+            )
+            .unwrap();
+            let w = Rows::new(&t.host_view().unwrap());
+            assert_eq!(w.e4m3_factor, expect, "the factor follows the table");
+            check(&t, &row(512), 0, "NVFP4 with its own table");
+        }
+    }
+
+    fn nvfp4_scale_bytes(q: &QTensor) -> Vec<u8> {
+        match q.host_view().unwrap().scales {
+            crate::qtensor::HostScales::Table { bytes, .. } => bytes.to_vec(),
+            crate::qtensor::HostScales::F32(_) => unreachable!("NVFP4 has byte scales"),
+        }
+    }
+
+    #[test]
     fn subnormal_scales_with_denormals_as_zero_take_the_table() {
         if !*AVAILABLE {
             return;

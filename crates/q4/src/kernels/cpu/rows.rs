@@ -2,7 +2,7 @@
 
 use q4_formats::Format;
 
-use crate::qtensor::{HostScales, HostView};
+use crate::qtensor::{ExactScales, HostScales, HostView};
 
 /// Per-block scales as kernels read them.
 #[derive(Clone, Copy)]
@@ -181,12 +181,12 @@ pub struct Rows<'a> {
     pub aligned: bool,
     /// Value of each code exactly as the pair table decodes it (sign of zero included).
     pub values: &'a [f32; 16],
-    /// NVFP4 without NaN scale bytes (0x7f, 0xff) whose tensor scale `s2` keeps `2^120 * s2`
-    /// finite: that product. An E4M3 byte `b` moved to bits 20-27 of an f32 (sign to bit 31)
+    /// Scales that are `e4m3(b) * s2` ([`ExactScales::E4m3`]) with `2^120 * s2` finite: that
+    /// product. An E4M3 byte `b` moved to bits 20-27 of an f32 (sign to bit 31)
     /// reads as `e4m3(b) * 2^-120` (subnormals as f32 subnormals), so times this factor it is
     /// exactly the table's `e4m3(b) * s2`: scales decode by arithmetic instead of lookups.
     pub e4m3_factor: Option<f32>,
-    /// MXFP4 without the scale bytes 0x00 (2^-127, an f32 subnormal) and 0xff (NaN): every
+    /// Scales that are E8M0 without the bytes 0x00 and 0xff ([`ExactScales::E8m0`]): every
     /// scale byte `b` is then the f32 whose exponent field is `b`.
     pub e8m0_exact: bool,
 }
@@ -218,16 +218,13 @@ impl<'a> Rows<'a> {
             row_bytes,
             row_blocks,
             aligned,
-            e4m3_factor: Some(E4M3_BITS_SCALE * v.scale2).filter(|f| {
-                let used = v.scale_bytes_used;
-                v.format == Format::Nvfp4
-                    && !used.contains(0x7f)
-                    && !used.contains(0xff)
-                    && f.is_finite()
-            }),
-            e8m0_exact: v.format == Format::Mxfp4
-                && !v.scale_bytes_used.contains(0)
-                && !v.scale_bytes_used.contains(0xff),
+            e4m3_factor: match v.exact_scales {
+                Some(ExactScales::E4m3 { s2 }) => {
+                    Some(E4M3_BITS_SCALE * s2).filter(|f| f.is_finite())
+                }
+                _ => None,
+            },
+            e8m0_exact: v.exact_scales == Some(ExactScales::E8m0),
         }
     }
 
