@@ -171,7 +171,9 @@ dispatch! {
 /// For every byte, the two decoded (unscaled) values in element order.
 pub type PairTable = [[f32; 2]; 256];
 
-fn pair_table(values: &[f32; 16], high_first: bool) -> Box<PairTable> {
+/// The pair table of a 16-entry codebook; `high_first`: a byte's first element is its high
+/// nibble (bitsandbytes), else its low nibble.
+pub fn pair_table(values: &[f32; 16], high_first: bool) -> Box<PairTable> {
     let mut t = Box::new([[0f32; 2]; 256]);
     for (b, slot) in t.iter_mut().enumerate() {
         let (hi, lo) = (values[b >> 4], values[b & 15]);

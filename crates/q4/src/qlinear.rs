@@ -24,10 +24,13 @@ pub enum ActQuant {
     Nvfp4Static { input_scale: f32 },
     /// Activations quantized to NVFP4 with the tensor scale `amax(x) / 2688` of each call.
     Nvfp4Dynamic,
-    /// W4A8 for E2M1 weights (NVFP4, MXFP4): activations quantized to int8 per 32 values with
-    /// an f32 scale (`amax / 127`), as llama.cpp's quantized matmuls do. Integer block sums make
-    /// the CPU GEMV faster (BENCHMARKS.md); the result is the weight-only product with the
-    /// activations replaced by their int8 round trip.
+    /// W4A8: activations quantized to int8 per 32 values with an f32 scale (`amax / 127`), as
+    /// llama.cpp's quantized matmuls do, and multiplied in integers (BENCHMARKS.md). The result
+    /// is the weight-only product with the activations replaced by their int8 round trip; for
+    /// E2M1 weights (NVFP4, MXFP4, integers times 1/2) the weights are exact, bitsandbytes
+    /// codebooks (NF4, FP4) are rounded to multiples of 1/127 (`Int8Codebook`: each value
+    /// within 1/254 of its block's absmax, the int8 activations' own bound). On the CPU only
+    /// for bitsandbytes weights.
     Int8,
 }
 
@@ -85,8 +88,8 @@ impl QLinear {
         }
     }
 
-    /// Selects activation quantization: the NVFP4 modes need an NVFP4 weight, `Int8` an E2M1
-    /// weight (NVFP4 or MXFP4) whose input width is a multiple of 32.
+    /// Selects activation quantization: the NVFP4 modes need an NVFP4 weight, `Int8` a 4-bit
+    /// weight whose input width is a multiple of 32.
     pub fn with_act_quant(mut self, act: ActQuant) -> Result<Self> {
         let (what, need, formats): (&str, &str, &[Format]) = match act {
             ActQuant::None => {
@@ -95,8 +98,8 @@ impl QLinear {
             }
             ActQuant::Int8 => (
                 "int8 activation quantization (W4A8)",
-                "an NVFP4 or MXFP4 weight",
-                &[Format::Nvfp4, Format::Mxfp4],
+                "a 4-bit weight",
+                &Format::ALL,
             ),
             _ => (
                 "W4A4 activation quantization",
@@ -238,6 +241,19 @@ impl QLinear {
         self.check_input(x)?;
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.to_dtype(x.dtype())?,
+            // W4A8's bitsandbytes weights are their int8-rounded codebook.
+            LinearWeight::Quant(q)
+                if self.act == ActQuant::Int8
+                    && crate::kernels::cpu::int8_codebook(q.format()).is_some() =>
+            {
+                let host = q.to_device(&candle_core::Device::Cpu)?;
+                let view = host.host_view().expect("host tensor").with_int8_codebook();
+                let mut dense = vec![0f32; view.rows * view.cols];
+                crate::kernels::cpu::dequantize_into(&view, &mut dense);
+                Tensor::from_vec(dense, (view.rows, view.cols), &candle_core::Device::Cpu)?
+                    .to_device(x.device())?
+                    .to_dtype(x.dtype())?
+            }
             LinearWeight::Quant(q) => q.dequantize(x.dtype())?,
         };
         let x = match self.act {
@@ -340,6 +356,14 @@ impl QLinear {
             let y = match self.act {
                 // Through the custom op, so `QMatMul::cuda_fwd` serves every CUDA matmul.
                 ActQuant::None => x2.apply_op1_no_bwd(&QMatMul { weight: q.clone() })?,
+                ActQuant::Int8 if crate::kernels::cpu::int8_codebook(q.format()).is_some() => {
+                    return Err(Error::msg(format!(
+                        "W4A8 on a bitsandbytes codebook ({}) multiplies the codebook rounded to \
+                         int8, which only the CPU kernels do: run this layer on the CPU, or \
+                         without W4A8",
+                        q.format()
+                    )))
+                }
                 ActQuant::Int8 => {
                     fake_quantize_int8(&x2)?.apply_op1_no_bwd(&QMatMul { weight: q.clone() })?
                 }
@@ -413,11 +437,13 @@ impl QLinear {
     }
 
     /// W4A8 on the CPU: int8 block sums where the kernel exists, else the f32 kernels over the
-    /// dequantized activations (same product up to f32 rounding).
+    /// dequantized activations (same product up to f32 rounding; bitsandbytes weights with
+    /// their int8-rounded codebook in both).
     fn forward_int8(&self, q: &QTensor, x: &Tensor) -> Result<Tensor> {
         let view = q
             .host_view()
-            .ok_or_else(|| Error::msg("weight is not in host memory"))?;
+            .ok_or_else(|| Error::msg("weight is not in host memory"))?
+            .with_int8_codebook();
         let (batch, k) = x.dims2()?;
         // The activations are read where they are (the caller made them contiguous f32 on the
         // CPU); only the fallback, which rounds them in place, copies.

@@ -132,6 +132,19 @@ pub struct HostView<'a> {
     /// Block scales a kernel may decode by arithmetic, exactly as the table (verified when the
     /// tensor was built; `None` where not, or not checked).
     pub exact_scales: Option<ExactScales>,
+    /// Decode a bitsandbytes codebook (NF4, FP4) rounded to multiples of 1/127
+    /// ([`crate::kernels::cpu::decode::Int8Codebook`]), as W4A8 multiplies it; E2M1 codebooks
+    /// are integers times 1/2 already and ignore this.
+    pub int8_codebook: bool,
+}
+
+impl HostView<'_> {
+    /// This view with [`HostView::int8_codebook`] set: what every CPU kernel reading it
+    /// multiplies in W4A8 mode.
+    pub fn with_int8_codebook(mut self) -> Self {
+        self.int8_codebook = true;
+        self
+    }
 }
 
 /// What a tensor's byte scales are, checked against its table once when the tensor is built,
@@ -576,6 +589,7 @@ impl QTensor {
             scales,
             scale2: self.inner.scale2,
             exact_scales: self.inner.exact_scales,
+            int8_codebook: false,
         })
     }
 

@@ -1008,6 +1008,22 @@ fn w4a8_agrees_with_the_cpu() {
             assert!(e < 1e-3, "{format} {n}x{k} batch {b}: {e}");
         }
     }
+    // W4A8 on a bitsandbytes codebook (rounded to int8) is a CPU mode: a clear error here.
+    let w = Tensor::from_vec(data(64 * 128, 3), (64, 128), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nf4)).unwrap();
+    let gpu = QLinear::new(q.to_device(&dev).unwrap(), None)
+        .unwrap()
+        .with_act_quant(ActQuant::Int8)
+        .unwrap();
+    let x = Tensor::from_vec(data(2 * 128, 5), (2, 128), &Device::Cpu).unwrap();
+    let e = gpu
+        .forward(&x.to_device(&dev).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("only the CPU kernels") && e.contains("nf4"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -81,9 +81,10 @@ pub struct ModelArgs {
     /// (exact emulation of Blackwell's W4A4 matmul). Weight-only by default.
     #[arg(long)]
     pub w4a4: bool,
-    /// NVFP4 / MXFP4 weights: quantize the decoder's activations to int8 per 32 values (W4A8,
-    /// the scheme of llama.cpp's quantized matmuls): a faster CPU kernel (1.0-1.5x at batch 1
-    /// in `q4 bench linear`) for a small cost in perplexity (see BENCHMARKS.md). Weight-only by
+    /// Quantize the decoder's activations to int8 per 32 values (W4A8, the scheme of llama.cpp's
+    /// quantized matmuls; NF4 / FP4 weights also round their codebook to int8, CPU only): faster
+    /// CPU kernels (NVFP4 1.0-1.5x at batch 1, prefill batches from 5 in integer tiles, `q4
+    /// bench linear`) for a small cost in perplexity (see BENCHMARKS.md). Weight-only by
     /// default.
     #[arg(long)]
     pub w4a8: bool,

@@ -44,8 +44,9 @@ pub struct LoadOptions {
     /// NVFP4 checkpoints: quantize activations with each layer's `input_scale` (W4A4
     /// emulation) instead of running weight-only.
     pub w4a4: bool,
-    /// E2M1 weights (NVFP4, MXFP4): quantize the decoder linears' activations to int8 per 32
-    /// values (W4A8, as llama.cpp does), for a faster CPU GEMV at a small cost in accuracy.
+    /// Quantize the decoder linears' activations to int8 per 32 values (W4A8, as llama.cpp does;
+    /// bitsandbytes codebooks rounded to int8 too, see `q4::ActQuant::Int8`), for faster CPU
+    /// kernels at a small cost in accuracy.
     pub w4a8: bool,
     pub device: Device,
 }
@@ -166,8 +167,8 @@ impl Model {
         let act = |l: QLinear| -> Result<QLinear> {
             if opts.w4a8 {
                 l.with_act_quant(q4::ActQuant::Int8).context(
-                    "--w4a8 needs E2M1 weights (--quant nvfp4 or mxfp4, or an NVFP4 checkpoint) \
-                     and layer input widths that are multiples of 32",
+                    "--w4a8 needs 4-bit weights (--quant, or a 4-bit checkpoint) and layer input \
+                     widths that are multiples of 32",
                 )
             } else {
                 Ok(l)

@@ -228,6 +228,7 @@ impl QuantView {
             scale2: self.tensor_scale.unwrap_or(1.0),
             // Not checked here; this view only feeds the dequantizer, which reads the table.
             exact_scales: None,
+            int8_codebook: false,
         }
     }
 

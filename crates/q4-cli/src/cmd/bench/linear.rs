@@ -115,14 +115,14 @@ fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
         // Each copy is a separate allocation (same values).
         let w = w.copy()?;
         let (layer, b): (Box<dyn Module + Send + Sync>, usize) = match name {
-            "q4-nvfp4" | "q4-nf4" | "q4-nvfp4-w4a8" => {
-                let f = if name == "q4-nf4" {
+            "q4-nvfp4" | "q4-nf4" | "q4-nvfp4-w4a8" | "q4-nf4-w4a8" => {
+                let f = if name.starts_with("q4-nf4") {
                     Format::Nf4
                 } else {
                     Format::Nvfp4
                 };
                 let mut l = QLinear::from_dense(&w, None, Some(&QuantSpec::new(f)))?;
-                if name == "q4-nvfp4-w4a8" {
+                if name.ends_with("-w4a8") {
                     l = l.with_act_quant(q4::ActQuant::Int8)?;
                 }
                 let b = match l.weight() {
@@ -194,6 +194,7 @@ pub fn run(args: Args) -> Result<()> {
         "q4-nvfp4",
         "q4-nvfp4-w4a8",
         "q4-nf4",
+        "q4-nf4-w4a8",
         "candle-f32",
         "candle-q4k",
     ];

@@ -35,9 +35,62 @@ pub fn code_values(format: Format) -> &'static [f32; 16] {
     }]
 }
 
-/// Decodes a whole tensor into `out` (`rows * cols` values), bit-exact with q4-formats.
+/// A bitsandbytes codebook (NF4, FP4) rounded to multiples of 1/127, as W4A8 multiplies it:
+/// integer block sums need integer weights, and these codebooks are not integers times a common
+/// factor (E2M1's are: twice each value). Every value moves by at most 1/254 of its block's
+/// absmax, the bound the int8 rounding of the activations has in their blocks.
+pub struct Int8Codebook {
+    /// `round(127 c)` for each code's value `c` (all within -127..=127).
+    pub ints: [i8; 16],
+    /// `ints[code] / 127` in f32: the values every kernel multiplies in this mode.
+    pub values: [f32; 16],
+    /// The pair table of `values` (high nibble first, as bitsandbytes stores codes).
+    pub pairs: Box<simd::PairTable>,
+}
+
+impl Int8Codebook {
+    fn of(codebook: &[f32; 16]) -> Int8Codebook {
+        let ints = codebook.map(|c| (c * 127.0).round() as i8);
+        let values = ints.map(|i| f32::from(i) / 127.0);
+        Int8Codebook {
+            ints,
+            values,
+            pairs: simd::pair_table(&values, true),
+        }
+    }
+}
+
+/// The int8 form of a bitsandbytes codebook (`None` for the E2M1 formats, exact in int8 as
+/// they are).
+pub fn int8_codebook(format: Format) -> Option<&'static Int8Codebook> {
+    static NF4: LazyLock<Int8Codebook> =
+        LazyLock::new(|| Int8Codebook::of(&q4_formats::codebook::NF4));
+    static FP4: LazyLock<Int8Codebook> =
+        LazyLock::new(|| Int8Codebook::of(&q4_formats::codebook::BNB_FP4));
+    match format {
+        Format::Nf4 => Some(&NF4),
+        Format::Fp4 => Some(&FP4),
+        Format::Nvfp4 | Format::Mxfp4 => None,
+    }
+}
+
+/// The codebook a view is decoded with: its [`HostView::int8_codebook`] form where asked for and
+/// one exists.
+pub fn int8_codebook_of(v: &HostView<'_>) -> Option<&'static Int8Codebook> {
+    if v.int8_codebook {
+        int8_codebook(v.format)
+    } else {
+        None
+    }
+}
+
+/// Decodes a whole tensor into `out` (`rows * cols` values), bit-exact with q4-formats (with
+/// [`HostView::int8_codebook`], with that codebook).
 pub fn dequantize_into<O: Element>(v: &HostView<'_>, out: &mut [O]) {
-    let pairs = pairs(v.format);
+    let pairs: &simd::PairTable = match int8_codebook_of(v) {
+        Some(c) => &c.pairs,
+        None => pairs(v.format),
+    };
     let bs = v.block_size;
     match (v.format, &v.scales) {
         (Format::Nvfp4 | Format::Mxfp4, HostScales::Table { bytes, table }) => {
@@ -70,5 +123,72 @@ pub fn dequantize_into<O: Element>(v: &HostView<'_>, out: &mut [O]) {
                 });
         }
         _ => unreachable!("scale kind matches the format"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+
+    /// Each int8 value is its codebook value rounded to a multiple of 1/127 (within 1/254),
+    /// distinct codes stay distinct, and the E2M1 formats have none.
+    #[test]
+    fn int8_codebooks_round_each_value_once() {
+        for (format, exact) in [
+            (Format::Nf4, &q4_formats::codebook::NF4),
+            (Format::Fp4, &q4_formats::codebook::BNB_FP4),
+        ] {
+            let c = int8_codebook(format).unwrap();
+            for (code, (&v, &i)) in c.values.iter().zip(&c.ints).enumerate() {
+                assert_eq!(v, f32::from(i) / 127.0, "{format} code {code}");
+                assert!(
+                    (v - exact[code]).abs() <= 0.5 / 127.0 + 1e-7,
+                    "{format} code {code}: {v} for {}",
+                    exact[code]
+                );
+                assert_eq!(c.pairs[code << 4][0], v, "{format} code {code} high first");
+                for (other, &e) in exact.iter().enumerate() {
+                    assert!(
+                        e == exact[code] || c.ints[other] != i,
+                        "{format}: codes {code} and {other} merge"
+                    );
+                }
+            }
+        }
+        assert!(int8_codebook(Format::Nvfp4).is_none() && int8_codebook(Format::Mxfp4).is_none());
+    }
+
+    /// A view with `int8_codebook` decodes to the int8 values times the absmax; without it, to
+    /// the exact codebook; E2M1 views ignore it.
+    #[test]
+    fn views_decode_with_the_codebook_they_ask_for() {
+        let w = Tensor::randn(0f32, 1.0, (8, 128), &Device::Cpu).unwrap();
+        for format in Format::ALL {
+            let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+            let view = q.host_view().unwrap();
+            let mut exact = vec![0f32; 8 * 128];
+            dequantize_into(&view, &mut exact);
+            let view = view.with_int8_codebook();
+            let mut rounded = vec![0f32; 8 * 128];
+            dequantize_into(&view, &mut rounded);
+            let rows = crate::kernels::cpu::Rows::new(&view);
+            for (i, (&r, &e)) in rounded.iter().zip(&exact).enumerate() {
+                assert_eq!(r, rows.weight(i / 128, i % 128), "{format} {i}");
+                match int8_codebook(format) {
+                    None => assert_eq!(r.to_bits(), e.to_bits(), "{format} {i}"),
+                    Some(_) => {
+                        let absmax = rows.scales.get(i / q.block_size());
+                        assert!((r - e).abs() <= absmax / 254.0 * 1.0001, "{format} {i}");
+                    }
+                }
+            }
+            assert_ne!(
+                rounded == exact,
+                int8_codebook(format).is_some(),
+                "{format}"
+            );
+        }
     }
 }

@@ -10,7 +10,7 @@ pub mod amx;
 pub mod avx512;
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_groups;
-mod decode;
+pub(crate) mod decode;
 pub mod dense;
 mod gemm;
 mod gemv;
@@ -30,7 +30,7 @@ pub mod w8a8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use decode::{dequantize_into, pairs};
+pub use decode::{dequantize_into, int8_codebook, pairs, Int8Codebook};
 #[cfg(target_arch = "x86_64")]
 pub use gemm::AMX_MIN_BATCH;
 #[doc(hidden)]

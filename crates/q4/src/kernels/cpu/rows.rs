@@ -189,6 +189,9 @@ pub struct Rows<'a> {
     /// Scales that are E8M0 without the bytes 0x00 and 0xff ([`ExactScales::E8m0`]): every
     /// scale byte `b` is then the f32 whose exponent field is `b`.
     pub e8m0_exact: bool,
+    /// The bitsandbytes codebook rounded to int8 that `values`, `lut` and `pairs` hold (W4A8,
+    /// [`HostView::int8_codebook`]).
+    pub int8_codebook: Option<&'static super::decode::Int8Codebook>,
 }
 
 impl<'a> Rows<'a> {
@@ -205,12 +208,14 @@ impl<'a> Rows<'a> {
             }
             Format::Nf4 | Format::Fp4 => (v.cols / 2, v.cols / bs, v.cols.is_multiple_of(bs)),
         };
+        let int8 = super::decode::int8_codebook_of(v);
         Rows {
-            values: super::decode::code_values(v.format),
+            values: int8.map_or(super::decode::code_values(v.format), |c| &c.values),
             codes: v.codes,
             scales,
-            lut: codebook(v.format),
-            pairs: super::decode::pairs(v.format),
+            lut: int8.map_or(codebook(v.format), |c| &c.values),
+            pairs: int8.map_or(super::decode::pairs(v.format), |c| &*c.pairs),
+            int8_codebook: int8,
             high_first: matches!(v.format, Format::Nf4 | Format::Fp4),
             block: bs,
             n: v.rows,

@@ -1,15 +1,19 @@
 //! W4A8 (see `w4a8`) from batch 5 on AVX-512 VNNI hosts.
 //!
 //! The weight is decoded 16 rows at a time into bytes laid out for `vpdpbusd` with one output
-//! row per 32-bit lane: vector `v` of a group holds, in lane `l`, four weights of row `l` (`2w +
-//! 12`, unsigned). The activations are broadcast four at a time, so one instruction makes 64
-//! products and the sums stay in the lane of their row: no horizontal reduction, and a block's
-//! integer sum is converted and scaled once per 16 rows (per 16 or 32 weights of a row, as the
-//! format's blocks) instead of once per 64 products as in the dot-product kernels.
+//! row per 32-bit lane: vector `v` of a group holds, in lane `l`, four weights of row `l` as
+//! unsigned bytes `i + 128`, `i` the code's integer weight (E2M1: twice its value; NF4 and
+//! bitsandbytes FP4: the codebook rounded to int8, `decode::Int8Codebook`). The activations are
+//! broadcast four at a time, so one instruction makes 64 products and the sums stay in the lane
+//! of their row: no horizontal reduction, and a block's integer sum is converted and scaled once
+//! per 16 rows (per 16 or 32 weights of a row; bitsandbytes blocks of 64 and more per 32, the
+//! activation block, then once more per weight block) instead of once per 64 products as in the
+//! dot-product kernels.
 //!
 //! Order: decoding a step of 64 weights transposes 16 rows x 8 dwords of codes, so that dword
-//! `q` (weights `8q .. 8q + 8`) of every row shares a vector; its low nibbles (weights `8q`,
-//! `8q + 2`, `8q + 4`, `8q + 6`) become one vector and its high nibbles the next. The
+//! `q` (weights `8q .. 8q + 8`) of every row shares a vector; its even weights (`8q`, `8q + 2`,
+//! `8q + 4`, `8q + 6`: the low nibbles, or the high ones for bitsandbytes, which stores a byte's
+//! first weight in its high nibble) become one vector and its odd weights the next. The
 //! activations are permuted the same way once per call (within each 8: even, then odd).
 //!
 //! A group is decoded and multiplied in K slices of 1024 weights, so that the decoded slice
@@ -32,9 +36,9 @@ use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
 const ROWS: usize = 16;
 /// Weights of a row per decode step (32 code bytes).
 const STEP: usize = 64;
-/// Added to twice the E2M1 value so the weight bytes are unsigned (0..=24), as `vpdpbusd`
-/// wants of its first operand; each block's sum starts from `-12` times the activations' sum.
-const W_OFFSET: i32 = 12;
+/// Added to the integer weights (-127..=127) so the weight bytes are unsigned, as `vpdpbusd`
+/// wants of its first operand; each block's sum starts from `-128` times the activations' sum.
+const W_OFFSET: i32 = 128;
 /// Activation rows per pass over a group's decoded weights (three accumulators each fit the 32
 /// vector registers).
 const PASS_ROWS: usize = 8;
@@ -82,11 +86,46 @@ pub fn set_enabled(on: bool) {
     SWITCH.set(on);
 }
 
-/// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`], an
-/// E2M1 weight the int8 kernels take ([`super::w4a8::supported`]) with byte scales (NVFP4,
-/// MXFP4).
+/// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`] and
+/// integer weights it takes ([`IntWeights::of`]).
 pub fn usable(w: &Rows<'_>) -> bool {
-    host_usable() && super::w4a8::supported(w) && matches!(w.scales, ScaleSrc::Table { .. })
+    host_usable() && IntWeights::of(w).is_some()
+}
+
+/// The integer weight of each code and the factor back to its value (`values[c] == ints[c] *
+/// gain`, up to f32 rounding for the int8 codebooks).
+#[derive(Clone, Copy)]
+struct IntWeights {
+    ints: [i8; 16],
+    gain: f32,
+}
+
+impl IntWeights {
+    /// E2M1 weights with byte scales (NVFP4, MXFP4) that the int8 kernels take
+    /// ([`super::w4a8::supported`]): twice the values, gain 1/2. Bitsandbytes codebooks rounded
+    /// to int8 ([`Rows::int8_codebook`]) with f32 absmax per block, rows of whole blocks of 32
+    /// to 1024 that divide [`K_SLICE`], K a multiple of the 64-weight step: gain 1/127.
+    fn of(w: &Rows<'_>) -> Option<IntWeights> {
+        match (w.scales, w.int8_codebook) {
+            (ScaleSrc::Table { .. }, _) if super::w4a8::supported(w) => Some(IntWeights {
+                ints: E2M1_X2,
+                gain: 0.5,
+            }),
+            (ScaleSrc::F32(_), Some(c))
+                if w.high_first
+                    && w.aligned
+                    && w.block >= ACT_BLOCK
+                    && K_SLICE.is_multiple_of(w.block)
+                    && w.k.is_multiple_of(STEP) =>
+            {
+                Some(IntWeights {
+                    ints: c.ints,
+                    gain: 1.0 / 127.0,
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 /// [`usable`]'s host half: on (not turned off by [`set_enabled`] or `Q4_W4A8_TILES=0`) and
@@ -111,17 +150,19 @@ struct Acts {
     /// that one pointer, stepped 256 bytes a block, reaches a pass's 8 rows at fixed
     /// displacements.
     q: AlignedVec<i8>,
-    /// `batch x k / block`: `-12` times the sum of each weight block's activation codes.
+    /// `batch x k / cblock`: `-128` times the sum of the activation codes of each block of
+    /// `cblock` (the weight block, or for blocks wider than 32 the activation block).
     corr: Vec<i32>,
     /// The quantizer's activation scales, interleaved by pass as the codes: block `b` of row
     /// `m` at [`interleaved`]`(m, b, k / 32)`.
     d: Vec<f32>,
     k: usize,
-    block: usize,
+    cblock: usize,
 }
 
 impl Acts {
     fn new(a: &Int8Acts, batch: usize, block: usize) -> Acts {
+        let cblock = block.min(ACT_BLOCK);
         let k = a.k;
         let nab = k / ACT_BLOCK;
         let mut q = AlignedVec::<i8>::zeroed(batch.next_multiple_of(PASS_ROWS) * k);
@@ -145,7 +186,7 @@ impl Acts {
             d[interleaved(i / nab, i % nab, nab)] = v;
         }
         let corr = a.q.as_slice()[..batch * k]
-            .chunks_exact(block)
+            .chunks_exact(cblock)
             .map(|b| -W_OFFSET * b.iter().map(|&v| i32::from(v)).sum::<i32>())
             .collect();
         Acts {
@@ -153,7 +194,7 @@ impl Acts {
             corr,
             d,
             k,
-            block,
+            cblock,
         }
     }
 }
@@ -176,15 +217,13 @@ pub fn matmul(w: &Rows<'_>, x: &Int8Acts, batch: usize, y: &mut [f32]) {
         usable(w),
         "the VNNI W4A8 kernel does not take this weight here"
     );
-    let ScaleSrc::Table { table, .. } = w.scales else {
-        unreachable!("usable() checked the byte scales")
-    };
     assert!(x.k == w.k && x.q.len() >= batch * w.k && y.len() == batch * w.n);
-    let scale_decode = if ARITH_SCALES.load(Ordering::Relaxed) {
-        // SAFETY: `usable` checked AVX-512F/BW.
-        unsafe { ScaleDecode::detect(table) }
-    } else {
-        ScaleDecode::Table
+    let scale_decode = match w.scales {
+        ScaleSrc::Table { table, .. } if ARITH_SCALES.load(Ordering::Relaxed) => {
+            // SAFETY: `usable` checked AVX-512F/BW.
+            unsafe { ScaleDecode::detect(table) }
+        }
+        _ => ScaleDecode::Table,
     };
     matmul_decoding(w, x, batch, y, scale_decode);
 }
@@ -197,9 +236,7 @@ fn matmul_decoding(
     y: &mut [f32],
     scale_decode: ScaleDecode,
 ) {
-    let ScaleSrc::Table { bytes, .. } = w.scales else {
-        unreachable!("usable() checked the byte scales")
-    };
+    let iw = IntWeights::of(w).expect("usable() checked the weight");
     let (n, k) = (w.n, w.k);
     let acts = Acts::new(x, batch, w.block);
     let groups = n.div_ceil(ROWS);
@@ -224,15 +261,9 @@ fn matmul_decoding(
                 let next = if !pf {
                     None
                 } else if !last {
-                    Some(NextSlice::of(
-                        w,
-                        bytes,
-                        r0,
-                        k0 + kw,
-                        K_SLICE.min(k - k0 - kw),
-                    ))
+                    Some(NextSlice::of(w, r0, k0 + kw, K_SLICE.min(k - k0 - kw)))
                 } else if r0 + ROWS < n {
-                    Some(NextSlice::of(w, bytes, r0 + ROWS, 0, kmax))
+                    Some(NextSlice::of(w, r0 + ROWS, 0, kmax))
                 } else {
                     None
                 };
@@ -243,12 +274,13 @@ fn matmul_decoding(
                 // `acts` (batch rows of k values) and on the last slice write elements
                 // (m, r0 .. r0 + rows) of `y` (batch x n) only, disjoint from other groups'.
                 unsafe {
-                    decode_group(w, r0, rows, k0, kw, wt, st, scale_decode);
+                    decode_group(w, &iw, r0, rows, k0, kw, wt, st, scale_decode);
                     let out = last.then_some(Output {
                         y: y_addr as *mut f32,
                         n,
                         r0,
                         rows,
+                        gain: iw.gain,
                     });
                     let mut m0 = 0;
                     while m0 < batch {
@@ -278,13 +310,15 @@ struct Slice {
     first: bool,
 }
 
-/// Where a pass over the last slice stores its rows: `y[m * n + r0 + l]`, lanes `l < rows`.
+/// Where a pass over the last slice stores its rows: `y[m * n + r0 + l]`, lanes `l < rows`,
+/// the sums times `gain` (integer weights back to values).
 #[derive(Clone, Copy)]
 struct Output {
     y: *mut f32,
     n: usize,
     r0: usize,
     rows: usize,
+    gain: f32,
 }
 
 /// The 16 rows' codes and scales for a slice the decoder reads next, for a pass to prefetch
@@ -295,31 +329,57 @@ struct NextSlice {
     codes: *const u8,
     row_bytes: usize,
     scales: *const u8,
-    row_blocks: usize,
+    /// Bytes of scales per row.
+    scale_row_bytes: usize,
     /// Code lines per row of the slice.
     lines: usize,
 }
 
 impl NextSlice {
-    fn of(w: &Rows<'_>, bytes: &[u8], r0: usize, k0: usize, kw: usize) -> NextSlice {
+    fn of(w: &Rows<'_>, r0: usize, k0: usize, kw: usize) -> NextSlice {
+        let (scales, size) = match w.scales {
+            ScaleSrc::Table { bytes, .. } => (bytes.as_ptr(), 1),
+            ScaleSrc::F32(v) => (v.as_ptr() as *const u8, 4),
+        };
         NextSlice {
             codes: w.codes.as_ptr().wrapping_add(r0 * w.row_bytes + k0 / 2),
             row_bytes: w.row_bytes,
-            scales: bytes
-                .as_ptr()
-                .wrapping_add(r0 * w.row_blocks + k0 / w.block),
-            row_blocks: w.row_blocks,
+            scales: scales.wrapping_add((r0 * w.row_blocks + k0 / w.block) * size),
+            scale_row_bytes: w.row_blocks * size,
             lines: (kw / 128).max(1),
+        }
+    }
+
+    /// A pass's prefetches at activation block `ab`: four code lines (rows one after another;
+    /// `pr` / `pl` the row and line reached) and, over the first 16 blocks, one row's scales.
+    #[inline(always)]
+    fn prefetch(&self, ab: usize, pr: &mut usize, pl: &mut usize) {
+        for _ in 0..4 {
+            if *pr < ROWS {
+                let line = self.codes.wrapping_add(*pr * self.row_bytes + 64 * *pl);
+                // SAFETY: SSE is part of x86-64, and a prefetch never faults, whatever the
+                // address.
+                unsafe { _mm_prefetch::<_MM_HINT_T1>(line as *const i8) };
+                *pl += 1;
+                if *pl == self.lines {
+                    (*pr, *pl) = (*pr + 1, 0);
+                }
+            }
+        }
+        if ab < ROWS {
+            let line = self.scales.wrapping_add(ab * self.scale_row_bytes);
+            // SAFETY: as above.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line as *const i8) };
         }
     }
 }
 
-/// `2w + 12` for each E2M1 code, in every 128-bit lane (a `vpshufb` table).
+/// `i + 128` for each code's integer weight `i`, in every 128-bit lane (a `vpshufb` table).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn offset_table() -> __m512i {
+unsafe fn offset_table(iw: &IntWeights) -> __m512i {
     let mut t = [0u8; 16];
-    for (o, &v) in t.iter_mut().zip(&E2M1_X2) {
+    for (o, &v) in t.iter_mut().zip(&iw.ints) {
         *o = (i32::from(v) + W_OFFSET) as u8;
     }
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
@@ -330,14 +390,15 @@ unsafe fn offset_table() -> __m512i {
 /// scales into `st` (per block, 16 lanes).
 ///
 /// # Safety
-/// AVX-512F/BW present; `w` passes `w4a8::supported` and has byte scales; rows `r0 .. r0 +
-/// rows` exist; `k0` and `kw` are multiples of 64 with `k0 + kw <= k`; `wt` holds
-/// `16 * kw` bytes, 64-byte aligned, and `st` `16 * kw / block` values, 64-byte aligned;
-/// `scales` is [`ScaleDecode::detect`] of the weight's table.
+/// AVX-512F/BW present; `iw` is [`IntWeights::of`] `w`; rows `r0 .. r0 + rows` exist; `k0`
+/// and `kw` are multiples of 64 and of the block with `k0 + kw <= k`; `wt` holds `16 * kw`
+/// bytes, 64-byte aligned, and `st` `16 * kw / block` values, 64-byte aligned; `scales` is
+/// [`ScaleDecode::detect`] of the weight's table, or [`ScaleDecode::Table`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn decode_group(
     w: &Rows<'_>,
+    iw: &IntWeights,
     r0: usize,
     rows: usize,
     k0: usize,
@@ -346,14 +407,11 @@ unsafe fn decode_group(
     st: &mut [f32],
     scales: ScaleDecode,
 ) {
-    let ScaleSrc::Table { bytes, table } = w.scales else {
-        unreachable!("the caller checked the byte scales")
-    };
     debug_assert!((1..=ROWS).contains(&rows) && r0 + rows <= w.n);
     debug_assert!(k0.is_multiple_of(STEP) && kw.is_multiple_of(STEP) && k0 + kw <= w.k);
     debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / w.block));
     debug_assert!(wt.as_ptr().align_offset(64) == 0 && st.as_ptr().align_offset(64) == 0);
-    let lut = offset_table();
+    let lut = offset_table(iw);
     let nibble = _mm512_set1_epi8(0x0f);
     // Lanes past the last row repeat it: the kernel's stores leave them out.
     let row = |l: usize| r0 + l.min(rows - 1);
@@ -391,8 +449,13 @@ unsafe fn decode_group(
                 let low = _mm512_shuffle_epi8(lut, _mm512_and_si512(d, nibble));
                 let high =
                     _mm512_shuffle_epi8(lut, _mm512_and_si512(_mm512_srli_epi16::<4>(d), nibble));
-                _mm512_store_si512(out.add(c * 16 + 2 * q), low);
-                _mm512_store_si512(out.add(c * 16 + 2 * q + 1), high);
+                let (even, odd) = if w.high_first {
+                    (high, low)
+                } else {
+                    (low, high)
+                };
+                _mm512_store_si512(out.add(c * 16 + 2 * q), even);
+                _mm512_store_si512(out.add(c * 16 + 2 * q + 1), odd);
             }
         }
     }
@@ -401,13 +464,25 @@ unsafe fn decode_group(
     // to 3 bytes past the group's last row, so the last group of a tensor whose rows end short
     // of that takes the scalar loop.
     let (nb, rb) = (kw / w.block, w.row_blocks);
+    let offsets = _mm512_loadu_si512(
+        std::array::from_fn::<i32, ROWS, _>(|l| (l.min(rows - 1) * rb) as i32).as_ptr()
+            as *const __m512i,
+    );
+    let (bytes, table) = match w.scales {
+        ScaleSrc::Table { bytes, table } => (bytes, table),
+        ScaleSrc::F32(absmax) => {
+            // bitsandbytes: one f32 per block, gathered for the 16 rows.
+            let base = absmax.as_ptr().add(r0 * rb + k0 / w.block);
+            for j in 0..nb {
+                let v = _mm512_i32gather_ps::<4>(offsets, base.add(j));
+                _mm512_store_ps(st.as_mut_ptr().add(j * ROWS), v);
+            }
+            return;
+        }
+    };
     let pad = (4 - nb % 4) % 4;
     let base = bytes.as_ptr().add(r0 * rb + k0 / w.block);
     if (r0 + rows - 1) * rb + k0 / w.block + nb + pad <= bytes.len() {
-        let offsets = _mm512_loadu_si512(
-            std::array::from_fn::<i32, ROWS, _>(|l| (l.min(rows - 1) * rb) as i32).as_ptr()
-                as *const __m512i,
-        );
         let byte = _mm512_set1_epi32(0xff);
         for j4 in (0..nb).step_by(4) {
             let words = _mm512_i32gather_epi32::<1>(offsets, base.add(j4) as *const i32);
@@ -544,10 +619,11 @@ unsafe fn e8m0_value(idx: __m512i) -> __m512 {
     _mm512_castsi512_ps(_mm512_or_si512(exp, quiet))
 }
 
-/// Dispatches [`pass`] on the number of activation rows (1-8) and the block size.
+/// Dispatches [`pass`] (blocks of 16 and 32) or [`pass_wide`] (wider) on the number of
+/// activation rows (1-8) and the block size.
 ///
 /// # Safety
-/// As [`pass`].
+/// As [`pass`] / [`pass_wide`].
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn run_pass(
@@ -566,7 +642,8 @@ unsafe fn run_pass(
         ($($m:literal)*) => {
             match (mb, block) {
                 $(($m, 16) => pass::<$m, 2>(wt, st, x, m0, slice, acc, out, next),)*
-                $(($m, _) => pass::<$m, 1>(wt, st, x, m0, slice, acc, out, next),)*
+                $(($m, 32) => pass::<$m, 1>(wt, st, x, m0, slice, acc, out, next),)*
+                $(($m, _) => pass_wide::<$m>(block / ACT_BLOCK, wt, st, x, m0, slice, acc, out, next),)*
                 _ => unreachable!("passes take 1-8 activation rows"),
             }
         };
@@ -574,15 +651,67 @@ unsafe fn run_pass(
     go!(1 2 3 4 5 6 7 8)
 }
 
+/// The pass's sums at the start of a slice: zero on the first, else `acc` (16 per row).
+///
+/// # Safety
+/// AVX-512F present; `accp` valid for `16 * MB` values, 64-byte aligned, unless `first`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn start_sums<const MB: usize>(first: bool, accp: *const f32) -> [__m512; MB] {
+    std::array::from_fn(|m| {
+        if first {
+            _mm512_setzero_ps()
+        } else {
+            _mm512_load_ps(accp.add(m * ROWS))
+        }
+    })
+}
+
+/// The pass's sums at the end of a slice: back to `acc`, or on the last slice (`out`) times
+/// the gain into the output.
+///
+/// # Safety
+/// AVX-512F present; `accp` valid for `16 * MB` values, 64-byte aligned; `out.y` valid for
+/// `(m0 + MB) * n` values, `r0 + rows <= n`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn finish_sums<const MB: usize>(
+    acc: &[__m512; MB],
+    m0: usize,
+    accp: *mut f32,
+    out: Option<Output>,
+) {
+    match out {
+        None => {
+            for (m, a) in acc.iter().enumerate() {
+                _mm512_store_ps(accp.add(m * ROWS), *a);
+            }
+        }
+        Some(Output {
+            y,
+            n,
+            r0,
+            rows,
+            gain,
+        }) => {
+            let gain = _mm512_set1_ps(gain);
+            let mask: __mmask16 = if rows == ROWS { !0 } else { (1u16 << rows) - 1 };
+            for (m, a) in acc.iter().enumerate() {
+                _mm512_mask_storeu_ps(y.add((m0 + m) * n + r0), mask, _mm512_mul_ps(*a, gain));
+            }
+        }
+    }
+}
+
 /// Activation rows `m0 .. m0 + MB` times one decoded K slice of a group. The sums start from
 /// zero on the first slice, else from `acc` (16 per row), and go back to `acc`, or on the last
 /// slice (`out`) to the output. `BPA` weight blocks per 32-value activation block: each block's
-/// integer sums (`vpdpbusd` from the `-12 x` correction) are converted and scaled by the weight
+/// integer sums (`vpdpbusd` from the `-128 x` correction) are converted and scaled by the weight
 /// scales, the block pair's sum by the activation scale.
 ///
 /// # Safety
 /// AVX-512F/BW/VNNI present; `wt` / `st` hold the slice decoded by [`decode_group`] and
-/// `x.block == 32 / BPA`; `x` holds at least `m0 + MB` rows of `x.k >= k0 + kw` values; `acc`
+/// `x.cblock == 32 / BPA`; `x` holds at least `m0 + MB` rows of `x.k >= k0 + kw` values; `acc`
 /// is valid for `16 * MB` values; `out.y` is valid for `(m0 + MB) * n` values, `r0 + rows <= n`.
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
@@ -598,10 +727,10 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
 ) {
     let k = x.k;
     let Slice { k0, kw, first } = slice;
-    debug_assert!(x.block * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
+    debug_assert!(x.cblock * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
     debug_assert!(m0.is_multiple_of(PASS_ROWS));
-    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / x.block));
-    let (nab, nwb) = (k / ACT_BLOCK, k / x.block);
+    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / x.cblock));
+    let (nab, nwb) = (k / ACT_BLOCK, k / x.cblock);
     // Vectors (four weights of 16 rows) per weight block; a constant, so that the loop over them
     // unrolls and every activation load is a row pointer plus a fixed offset.
     let per_block = 8 / BPA;
@@ -612,31 +741,12 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
     let mut xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
     let mut db = x.d.as_ptr().add(first_block);
     let crow: [*const i32; MB] =
-        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb + k0 / x.block));
-    let mut acc: [__m512; MB] = std::array::from_fn(|m| {
-        if first {
-            _mm512_setzero_ps()
-        } else {
-            _mm512_load_ps(accp.add(m * ROWS))
-        }
-    });
+        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb + k0 / x.cblock));
+    let mut acc: [__m512; MB] = start_sums(first, accp);
     let (mut pr, mut pl) = (0usize, 0usize);
     for ab in 0..kw / ACT_BLOCK {
-        if let Some(nx) = next {
-            for _ in 0..4 {
-                if pr < ROWS {
-                    let line = nx.codes.wrapping_add(pr * nx.row_bytes + 64 * pl);
-                    _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
-                    pl += 1;
-                    if pl == nx.lines {
-                        (pr, pl) = (pr + 1, 0);
-                    }
-                }
-            }
-            if ab < ROWS {
-                let line = nx.scales.wrapping_add(ab * nx.row_blocks);
-                _mm_prefetch::<_MM_HINT_T1>(line as *const i8);
-            }
+        if let Some(nx) = &next {
+            nx.prefetch(ab, &mut pr, &mut pl);
         }
         let mut t = [_mm512_setzero_ps(); MB];
         for jb in 0..BPA {
@@ -671,21 +781,73 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
         xb = std::hint::black_box(xb).add(PASS_ROWS * ACT_BLOCK);
         db = std::hint::black_box(db).add(PASS_ROWS);
     }
-    match out {
-        None => {
-            for m in 0..MB {
-                _mm512_store_ps(accp.add(m * ROWS), acc[m]);
+    finish_sums(&acc, m0, accp, out);
+}
+
+/// [`pass`] for weight blocks of `apb` activation blocks (bitsandbytes blocks of 64 and more):
+/// each activation block's integer sums are converted and scaled by its activation scale, the
+/// weight block's sum of those by the weight scales.
+///
+/// # Safety
+/// As [`pass`], with `x.cblock == 32` and the weight's block `32 * apb`, dividing `kw`.
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn pass_wide<const MB: usize>(
+    apb: usize,
+    wt: &[u8],
+    st: &[f32],
+    x: &Acts,
+    m0: usize,
+    slice: Slice,
+    accp: *mut f32,
+    out: Option<Output>,
+    next: Option<NextSlice>,
+) {
+    let k = x.k;
+    let Slice { k0, kw, first } = slice;
+    debug_assert!(x.cblock == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
+    debug_assert!(apb >= 1 && kw.is_multiple_of(apb * ACT_BLOCK));
+    debug_assert!(m0.is_multiple_of(PASS_ROWS));
+    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / (apb * ACT_BLOCK)));
+    let nab = k / ACT_BLOCK;
+    let wv = wt.as_ptr() as *const __m512i;
+    let first_block = interleaved(m0, k0 / ACT_BLOCK, nab);
+    let mut xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
+    let mut db = x.d.as_ptr().add(first_block);
+    let crow: [*const i32; MB] =
+        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nab + k0 / ACT_BLOCK));
+    let mut acc: [__m512; MB] = start_sums(first, accp);
+    let (mut pr, mut pl) = (0usize, 0usize);
+    for wb in 0..kw / (apb * ACT_BLOCK) {
+        let mut t = [_mm512_setzero_ps(); MB];
+        for a in 0..apb {
+            let ab = wb * apb + a;
+            if let Some(nx) = &next {
+                nx.prefetch(ab, &mut pr, &mut pl);
             }
+            let mut sums: [__m512i; MB] =
+                std::array::from_fn(|m| _mm512_set1_epi32(*crow[m].add(ab)));
+            for v in 0..8 {
+                let wq = _mm512_load_si512(wv.add(ab * 8 + v));
+                for m in 0..MB {
+                    let four = (xb.add(m * ACT_BLOCK + 4 * v) as *const i32).read_unaligned();
+                    sums[m] = _mm512_dpbusd_epi32(sums[m], wq, _mm512_set1_epi32(four));
+                }
+            }
+            for m in 0..MB {
+                let p = _mm512_cvtepi32_ps(sums[m]);
+                t[m] = _mm512_fmadd_ps(p, _mm512_set1_ps(*db.add(m)), t[m]);
+            }
+            // Opaque steps, as in `pass`.
+            xb = std::hint::black_box(xb).add(PASS_ROWS * ACT_BLOCK);
+            db = std::hint::black_box(db).add(PASS_ROWS);
         }
-        Some(Output { y, n, r0, rows }) => {
-            // The integer sums are twice the E2M1 products.
-            let half = _mm512_set1_ps(0.5);
-            let mask: __mmask16 = if rows == ROWS { !0 } else { (1u16 << rows) - 1 };
-            for m in 0..MB {
-                _mm512_mask_storeu_ps(y.add((m0 + m) * n + r0), mask, _mm512_mul_ps(acc[m], half));
-            }
+        let s = _mm512_load_ps(st.as_ptr().add(wb * ROWS));
+        for m in 0..MB {
+            acc[m] = _mm512_fmadd_ps(t[m], s, acc[m]);
         }
     }
+    finish_sums(&acc, m0, accp, out);
 }
 
 #[cfg(test)]
@@ -707,10 +869,22 @@ mod tests {
     /// The kernel against the f32 kernels on the dequantized activations, for one weight shape
     /// and batch; `None` where the kernel is not usable on this host.
     fn error(format: Format, n: usize, k: usize, batch: usize, seed: u64) -> Option<f32> {
+        error_in_blocks(QuantSpec::new(format), n, k, batch, seed)
+    }
+
+    /// [`error`] for any quantization spec; bitsandbytes weights with their int8 codebook (in
+    /// the reference too).
+    fn error_in_blocks(
+        spec: QuantSpec,
+        n: usize,
+        k: usize,
+        batch: usize,
+        seed: u64,
+    ) -> Option<f32> {
         let dev = Device::Cpu;
         let w = Tensor::from_vec(values(seed, n * k, 0.05), (n, k), &dev).unwrap();
-        let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
-        let view = q.host_view().unwrap();
+        let q = QTensor::quantize(&w, &spec).unwrap();
+        let view = q.host_view().unwrap().with_int8_codebook();
         let rows = Rows::new(&view);
         if !usable(&rows) {
             assert!(!host_has_it(), "VNNI host, yet the kernel declined");
@@ -744,6 +918,44 @@ mod tests {
                     assert!(e < 1e-6, "{format} {n}x{k} batch {batch}: {e}");
                 }
             }
+        }
+    }
+
+    /// NF4 and bitsandbytes FP4 with their int8 codebooks, every block size the kernel takes
+    /// (32: the E2M1 pass; 64-1024: several activation blocks per weight block, a weight block
+    /// as wide as a K slice), rows that leave a partial group, K over several slices.
+    #[test]
+    fn vnni_tiles_take_bitsandbytes_codebooks() {
+        for format in [Format::Nf4, Format::Fp4] {
+            for (block, n, k, batch) in [
+                (64usize, 37usize, 128usize, 5usize),
+                (64, 16, 2304, 16),
+                (32, 21, 576, 9),
+                (128, 40, 1024, 12),
+                (256, 17, 3072, 8),
+                (1024, 5, 2048, 31),
+            ] {
+                let spec = QuantSpec::new(format).with_block(block);
+                let Some(e) = error_in_blocks(spec, n, k, batch, 5) else {
+                    return; // no VNNI on this host
+                };
+                assert!(
+                    e < 1e-6,
+                    "{format} block {block} {n}x{k} batch {batch}: {e}"
+                );
+            }
+            // Not taken: blocks that straddle rows, or wider than a K slice.
+            for (block, k) in [(64usize, 96usize), (2048, 2048)] {
+                let w = Tensor::from_vec(values(1, 4 * k, 0.05), (4, k), &Device::Cpu).unwrap();
+                let spec = QuantSpec::new(format).with_block(block);
+                let q = QTensor::quantize(&w, &spec).unwrap();
+                let view = q.host_view().unwrap().with_int8_codebook();
+                assert!(!usable(&Rows::new(&view)), "{format} block {block} k {k}");
+            }
+            // Nor the exact codebook.
+            let w = Tensor::from_vec(values(1, 4 * 128, 0.05), (4, 128), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+            assert!(!usable(&Rows::new(&q.host_view().unwrap())), "{format}");
         }
     }
 
@@ -882,10 +1094,10 @@ mod tests {
             n in 1usize..70,
             steps in 1usize..12,
             batch in 4usize..40,
-            mxfp4 in any::<bool>(),
+            which in 0usize..4,
             seed in any::<u64>(),
         ) {
-            let format = if mxfp4 { Format::Mxfp4 } else { Format::Nvfp4 };
+            let format = [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4][which];
             if let Some(e) = error(format, n, 64 * steps, batch, seed) {
                 prop_assert!(e < 1e-6, "{} {}x{} batch {}: {}", format, n, 64 * steps, batch, e);
             }
