@@ -28,9 +28,9 @@ pub enum ActQuant {
     /// llama.cpp's quantized matmuls do, and multiplied in integers (BENCHMARKS.md). The result
     /// is the weight-only product with the activations replaced by their int8 round trip; for
     /// E2M1 weights (NVFP4, MXFP4, integers times 1/2) the weights are exact, bitsandbytes
-    /// codebooks (NF4, FP4) are rounded to multiples of 1/127 (`Int8Codebook`: each value
-    /// within 1/254 of its block's absmax, the int8 activations' own bound). On the CPU only
-    /// for bitsandbytes weights.
+    /// codebooks (NF4, FP4) are rounded to int8 (`Int8Codebook`: multiples of 1/112.03 for
+    /// NF4, 1/120 for FP4, each value within half a step of its block's absmax, about the int8
+    /// activations' own bound). On the CPU only for bitsandbytes weights.
     Int8,
 }
 

@@ -104,7 +104,7 @@ impl IntWeights {
     /// E2M1 weights with byte scales (NVFP4, MXFP4) that the int8 kernels take
     /// ([`super::w4a8::supported`]): twice the values, gain 1/2. Bitsandbytes codebooks rounded
     /// to int8 ([`Rows::int8_codebook`]) with f32 absmax per block, rows of whole blocks of 32
-    /// to 1024 that divide [`K_SLICE`], K a multiple of the 64-weight step: gain 1/127.
+    /// to 1024 that divide [`K_SLICE`], K a multiple of the 64-weight step: gain `1 / factor`.
     fn of(w: &Rows<'_>) -> Option<IntWeights> {
         match (w.scales, w.int8_codebook) {
             (ScaleSrc::Table { .. }, _) if super::w4a8::supported(w) => Some(IntWeights {
@@ -120,7 +120,7 @@ impl IntWeights {
             {
                 Some(IntWeights {
                     ints: c.ints,
-                    gain: 1.0 / 127.0,
+                    gain: 1.0 / c.factor,
                 })
             }
             _ => None,
