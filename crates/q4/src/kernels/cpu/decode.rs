@@ -69,24 +69,26 @@ impl Int8Codebook {
     /// The factor in 64..=127, on a grid of 1/1024, whose rounding of `codebook` has the least
     /// squared error (the largest factor among equals).
     fn factor_for(codebook: &[f32; 16]) -> f32 {
-        let error = |f: f64| -> f64 {
-            codebook
-                .iter()
-                .map(|&c| {
-                    let c = f64::from(c);
-                    ((c * f).round() / f - c).powi(2)
-                })
-                .sum()
-        };
         let mut best = (f64::INFINITY, 127.0);
         for step in (64 * 1024..=127 * 1024).rev() {
             let f = f64::from(step) / 1024.0;
-            let e = error(f);
+            let e = Self::rounding_error(codebook, f);
             if e < best.0 {
                 best = (e, f);
             }
         }
         best.1 as f32
+    }
+
+    /// The squared error of rounding `codebook` to multiples of `1 / f`, summed over its values.
+    fn rounding_error(codebook: &[f32; 16], f: f64) -> f64 {
+        codebook
+            .iter()
+            .map(|&c| {
+                let c = f64::from(c);
+                ((c * f).round() / f - c).powi(2)
+            })
+            .sum()
     }
 }
 
@@ -193,15 +195,7 @@ mod tests {
             (Format::Nf4, &q4_formats::codebook::NF4, 112.03),
             (Format::Fp4, &q4_formats::codebook::BNB_FP4, 120.0),
         ] {
-            let sq = |f: f64| -> f64 {
-                exact
-                    .iter()
-                    .map(|&v| {
-                        let v = f64::from(v);
-                        ((v * f).round() / f - v).powi(2)
-                    })
-                    .sum()
-            };
+            let sq = |f: f64| Int8Codebook::rounding_error(exact, f);
             let c = int8_codebook(format).unwrap();
             let best = sq(f64::from(c.factor));
             assert!((c.factor - near).abs() < 0.01, "{format}: {}", c.factor);

@@ -290,9 +290,17 @@ fn matmul_decoding(
                             kw,
                             first: k0 == 0,
                         };
-                        let pf = if m0 == 0 { next } else { None };
-                        let acc = acc.as_mut_ptr().add(m0 * ROWS);
-                        run_pass(mb, w.block, wt, st, &acts, m0, slice, acc, out, pf);
+                        let io = PassIo {
+                            wt,
+                            st,
+                            x: &acts,
+                            m0,
+                            slice,
+                            accp: acc.as_mut_ptr().add(m0 * ROWS),
+                            out,
+                            next: if m0 == 0 { next } else { None },
+                        };
+                        run_pass(mb, w.block, io);
                         m0 += mb;
                     }
                 }
@@ -300,6 +308,46 @@ fn matmul_decoding(
             }
         })
     });
+}
+
+/// What a pass reads and writes besides its rows: the group's decoded slice (`wt` codes, `st`
+/// scales), the activations, the pass's first activation row `m0`, the slice, the group's
+/// partial sums (`accp`, 16 per activation row), the output on the last slice, and the slice
+/// to prefetch.
+#[derive(Clone, Copy)]
+struct PassIo<'a> {
+    wt: &'a [u8],
+    st: &'a [f32],
+    x: &'a Acts,
+    m0: usize,
+    slice: Slice,
+    accp: *mut f32,
+    out: Option<Output>,
+    next: Option<NextSlice>,
+}
+
+impl PassIo<'_> {
+    /// Where the pass starts: its 8 rows of activation block `k0 / 32`, codes and scales (see
+    /// `Acts`), the rows' corrections from the slice's start, and its sums.
+    ///
+    /// # Safety
+    /// AVX-512F present; `x` holds at least `m0 + MB` rows; `accp` as [`start_sums`] needs.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::type_complexity)]
+    unsafe fn start<const MB: usize>(
+        &self,
+    ) -> (*const u8, *const f32, [*const i32; MB], [__m512; MB]) {
+        let (x, k0) = (self.x, self.slice.k0);
+        let first_block = interleaved(self.m0, k0 / ACT_BLOCK, x.k / ACT_BLOCK);
+        let xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
+        let db = x.d.as_ptr().add(first_block);
+        let crow = std::array::from_fn(|m| {
+            x.corr
+                .as_ptr()
+                .add((self.m0 + m) * (x.k / x.cblock) + k0 / x.cblock)
+        });
+        (xb, db, crow, start_sums(self.slice.first, self.accp))
+    }
 }
 
 /// The part of K a pass covers; `first` starts its sums from zero instead of the buffer.
@@ -624,26 +672,14 @@ unsafe fn e8m0_value(idx: __m512i) -> __m512 {
 ///
 /// # Safety
 /// As [`pass`] / [`pass_wide`].
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn run_pass(
-    mb: usize,
-    block: usize,
-    wt: &[u8],
-    st: &[f32],
-    x: &Acts,
-    m0: usize,
-    slice: Slice,
-    acc: *mut f32,
-    out: Option<Output>,
-    next: Option<NextSlice>,
-) {
+unsafe fn run_pass(mb: usize, block: usize, io: PassIo<'_>) {
     macro_rules! go {
         ($($m:literal)*) => {
             match (mb, block) {
-                $(($m, 16) => pass::<$m, 2>(wt, st, x, m0, slice, acc, out, next),)*
-                $(($m, 32) => pass::<$m, 1>(wt, st, x, m0, slice, acc, out, next),)*
-                $(($m, _) => pass_wide::<$m>(block / ACT_BLOCK, wt, st, x, m0, slice, acc, out, next),)*
+                $(($m, 16) => pass::<$m, 2>(io),)*
+                $(($m, 32) => pass::<$m, 1>(io),)*
+                $(($m, _) => pass_wide::<$m>(block / ACT_BLOCK, io),)*
                 _ => unreachable!("passes take 1-8 activation rows"),
             }
         };
@@ -710,42 +746,24 @@ unsafe fn finish_sums<const MB: usize>(
 /// scales, the block pair's sum by the activation scale.
 ///
 /// # Safety
-/// AVX-512F/BW/VNNI present; `wt` / `st` hold the slice decoded by [`decode_group`] and
-/// `x.cblock == 32 / BPA`; `x` holds at least `m0 + MB` rows of `x.k >= k0 + kw` values; `acc`
+/// AVX-512F/BW/VNNI present; `io.wt` / `io.st` hold the slice decoded by [`decode_group`] and
+/// `x.cblock == 32 / BPA`; `x` holds at least `m0 + MB` rows of `x.k >= k0 + kw` values; `accp`
 /// is valid for `16 * MB` values; `out.y` is valid for `(m0 + MB) * n` values, `r0 + rows <= n`.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pass<const MB: usize, const BPA: usize>(
-    wt: &[u8],
-    st: &[f32],
-    x: &Acts,
-    m0: usize,
-    slice: Slice,
-    accp: *mut f32,
-    out: Option<Output>,
-    next: Option<NextSlice>,
-) {
-    let k = x.k;
-    let Slice { k0, kw, first } = slice;
-    debug_assert!(x.cblock * BPA == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
-    debug_assert!(m0.is_multiple_of(PASS_ROWS));
-    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / x.cblock));
-    let (nab, nwb) = (k / ACT_BLOCK, k / x.cblock);
+unsafe fn pass<const MB: usize, const BPA: usize>(io: PassIo<'_>) {
+    let (x, st, kw) = (io.x, io.st, io.slice.kw);
+    debug_assert!(x.cblock * BPA == ACT_BLOCK && x.q.len() >= (io.m0 + MB) * x.k);
+    debug_assert!(io.slice.k0 + kw <= x.k && io.m0.is_multiple_of(PASS_ROWS));
+    debug_assert!(io.wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / x.cblock));
     // Vectors (four weights of 16 rows) per weight block; a constant, so that the loop over them
     // unrolls and every activation load is a row pointer plus a fixed offset.
     let per_block = 8 / BPA;
-    let wv = wt.as_ptr() as *const __m512i;
-    // The pass's 8 rows of activation block `k0 / 32`, codes and scales (see `Acts`), and the
-    // rows' corrections from the slice's start.
-    let first_block = interleaved(m0, k0 / ACT_BLOCK, nab);
-    let mut xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
-    let mut db = x.d.as_ptr().add(first_block);
-    let crow: [*const i32; MB] =
-        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nwb + k0 / x.cblock));
-    let mut acc: [__m512; MB] = start_sums(first, accp);
+    let wv = io.wt.as_ptr() as *const __m512i;
+    let (mut xb, mut db, crow, mut acc) = io.start::<MB>();
     let (mut pr, mut pl) = (0usize, 0usize);
     for ab in 0..kw / ACT_BLOCK {
-        if let Some(nx) = &next {
+        if let Some(nx) = &io.next {
             nx.prefetch(ab, &mut pr, &mut pl);
         }
         let mut t = [_mm512_setzero_ps(); MB];
@@ -781,7 +799,7 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
         xb = std::hint::black_box(xb).add(PASS_ROWS * ACT_BLOCK);
         db = std::hint::black_box(db).add(PASS_ROWS);
     }
-    finish_sums(&acc, m0, accp, out);
+    finish_sums(&acc, io.m0, io.accp, io.out);
 }
 
 /// [`pass`] for weight blocks of `apb` activation blocks (bitsandbytes blocks of 64 and more):
@@ -790,39 +808,22 @@ unsafe fn pass<const MB: usize, const BPA: usize>(
 ///
 /// # Safety
 /// As [`pass`], with `x.cblock == 32` and the weight's block `32 * apb`, dividing `kw`.
-#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn pass_wide<const MB: usize>(
-    apb: usize,
-    wt: &[u8],
-    st: &[f32],
-    x: &Acts,
-    m0: usize,
-    slice: Slice,
-    accp: *mut f32,
-    out: Option<Output>,
-    next: Option<NextSlice>,
-) {
-    let k = x.k;
-    let Slice { k0, kw, first } = slice;
-    debug_assert!(x.cblock == ACT_BLOCK && x.q.len() >= (m0 + MB) * k && k0 + kw <= k);
+unsafe fn pass_wide<const MB: usize>(apb: usize, io: PassIo<'_>) {
+    let (x, st, kw) = (io.x, io.st, io.slice.kw);
+    debug_assert!(x.cblock == ACT_BLOCK && x.q.len() >= (io.m0 + MB) * x.k);
+    debug_assert!(io.slice.k0 + kw <= x.k && io.m0.is_multiple_of(PASS_ROWS));
     debug_assert!(apb >= 1 && kw.is_multiple_of(apb * ACT_BLOCK));
-    debug_assert!(m0.is_multiple_of(PASS_ROWS));
-    debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / (apb * ACT_BLOCK)));
-    let nab = k / ACT_BLOCK;
-    let wv = wt.as_ptr() as *const __m512i;
-    let first_block = interleaved(m0, k0 / ACT_BLOCK, nab);
-    let mut xb = (x.q.as_slice().as_ptr() as *const u8).add(first_block * ACT_BLOCK);
-    let mut db = x.d.as_ptr().add(first_block);
-    let crow: [*const i32; MB] =
-        std::array::from_fn(|m| x.corr.as_ptr().add((m0 + m) * nab + k0 / ACT_BLOCK));
-    let mut acc: [__m512; MB] = start_sums(first, accp);
+    debug_assert!(io.wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / (apb * ACT_BLOCK)));
+    let wv = io.wt.as_ptr() as *const __m512i;
+    let (mut xb, mut db, crow, mut acc) = io.start::<MB>();
     let (mut pr, mut pl) = (0usize, 0usize);
     for wb in 0..kw / (apb * ACT_BLOCK) {
         let mut t = [_mm512_setzero_ps(); MB];
         for a in 0..apb {
             let ab = wb * apb + a;
-            if let Some(nx) = &next {
+            if let Some(nx) = &io.next {
                 nx.prefetch(ab, &mut pr, &mut pl);
             }
             let mut sums: [__m512i; MB] =
@@ -847,7 +848,7 @@ unsafe fn pass_wide<const MB: usize>(
             acc[m] = _mm512_fmadd_ps(t[m], s, acc[m]);
         }
     }
-    finish_sums(&acc, m0, accp, out);
+    finish_sums(&acc, io.m0, io.accp, io.out);
 }
 
 #[cfg(test)]
