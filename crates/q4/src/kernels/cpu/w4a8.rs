@@ -1,6 +1,7 @@
-//! W4A8 for E2M1 weights (NVFP4, MXFP4): activations quantized to int8 in blocks of 32 with an
-//! f32 scale each (`d = amax / 127`, `q = round(x / d)`), the scheme llama.cpp uses for the
-//! activations of its quantized matmuls.
+//! W4A8: activations quantized to int8 in blocks of 32 with an f32 scale each (`d = amax / 127`,
+//! `q = round(x / d)`), the scheme llama.cpp uses for the activations of its quantized matmuls.
+//! The AVX2 kernel here takes E2M1 weights (NVFP4, MXFP4); `w4a8_vnni`'s tiles also take the
+//! bitsandbytes codebooks rounded to int8 (`decode::Int8Codebook`).
 //!
 //! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
 //! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
