@@ -64,12 +64,17 @@ fn doctor_json_is_complete_and_consistent() {
     } else {
         assert!(amx_rows.is_empty(), "{amx_rows:?}");
     }
-    // AVX-512 VNNI hosts add a W4A8 row for the E2M1 formats (the VNNI tiles).
+    // AVX-512 VNNI hosts add a W4A8 row for each format (the VNNI tiles; the bitsandbytes
+    // codebooks rounded to int8).
     let vnni = has("avx512bw") && has("avx512vnni");
     let vnni_rows = rows_of("w4a8-vnni-tiles");
     let off = |var: &str| std::env::var_os(var).is_some_and(|v| v == "0");
     if vnni && !off("Q4_AVX512") && !off("Q4_W4A8_TILES") {
-        assert_eq!(vnni_rows, ["nvfp4", "mxfp4"], "VNNI W4A8 rows");
+        assert_eq!(
+            vnni_rows,
+            ["nvfp4", "nf4", "fp4", "mxfp4"],
+            "VNNI W4A8 rows"
+        );
     } else if !vnni {
         assert!(vnni_rows.is_empty(), "{vnni_rows:?}");
     }

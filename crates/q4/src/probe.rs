@@ -251,18 +251,29 @@ pub fn cpu_report() -> CpuReport {
                          rows in the AVX-512 lanes, passes of 64 rows)",
             });
         }
+        // E2M1 weights as they are; bitsandbytes codebooks rounded to int8, in rows of whole
+        // blocks of 32-1024.
         #[cfg(target_arch = "x86_64")]
-        if matches!(f, Format::Nvfp4 | Format::Mxfp4)
-            && crate::kernels::cpu::w4a8_vnni::host_usable()
-        {
+        if crate::kernels::cpu::w4a8_vnni::host_usable() {
+            let e2m1 = matches!(f, Format::Nvfp4 | Format::Mxfp4);
             kernels.push(CpuKernelRow {
                 format: f.name(),
                 batch: format!(
-                    ">={}, W4A8 (int8 activations)",
-                    crate::kernels::cpu::w4a8_vnni::MIN_BATCH
+                    ">={}, W4A8 (int8 activations{})",
+                    crate::kernels::cpu::w4a8_vnni::MIN_BATCH,
+                    if e2m1 {
+                        ""
+                    } else {
+                        ", rows of whole blocks of 32-1024"
+                    }
                 ),
-                kernel: "w4a8-vnni-tiles (16 rows decoded to bytes, one row per lane, \
-                         AVX-512 vpdpbusd; exact integer block sums)",
+                kernel: if e2m1 {
+                    "w4a8-vnni-tiles (16 rows decoded to bytes, one row per lane, AVX-512 \
+                     vpdpbusd; exact integer block sums)"
+                } else {
+                    "w4a8-vnni-tiles (16 rows decoded to bytes, one row per lane, AVX-512 \
+                     vpdpbusd; the codebook rounded to int8, integer sums per 32 activations)"
+                },
             });
         }
         // E2M1 codes times E4M3 scales are exact in bfloat16: the tile unit takes NVFP4, and
