@@ -267,9 +267,11 @@ fn matmul_decoding(
                 } else {
                     None
                 };
-                // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight of E2M1 codes, low
-                // nibble first, aligned rows whose length is a multiple of 64 and byte scales;
-                // rows r0 .. r0 + rows exist and k0 + kw <= k; `wt`, `st` and `acc` have the
+                // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight `IntWeights::of`
+                // takes (`iw`): E2M1 codes with byte scales, or a bitsandbytes int8 codebook with
+                // f32 absmax in rows of whole blocks dividing K_SLICE; rows whose length is a
+                // multiple of 64; rows r0 .. r0 + rows exist and k0 + kw <= k, both multiples of
+                // the block; `wt`, `st` and `acc` have the
                 // sizes the decoder and the passes use. The passes read those buffers and
                 // `acts` (batch rows of k values) and on the last slice write elements
                 // (m, r0 .. r0 + rows) of `y` (batch x n) only, disjoint from other groups'.
