@@ -41,7 +41,7 @@ pub fn code_values(format: Format) -> &'static [f32; 16] {
 /// (at most 127, so that the codebook's ±1 fit) chosen once per codebook to minimise the mean
 /// squared rounding error over its 16 values: a fixed `f = 127` rounded NF4 so that the error
 /// leaned one way on several codes, and cost SmolLM2 1.2% perplexity over 4096 tokens of
-/// Moby-Dick, the chosen `f` (NF4 112.03, FP4 120) 0.03% (BENCHMARKS.md).
+/// Moby-Dick, the chosen `f` (NF4 112.03, FP4 120) 0.3% (BENCHMARKS.md).
 pub struct Int8Codebook {
     /// The factor `f`: `ints = round(f c)`.
     pub factor: f32,
