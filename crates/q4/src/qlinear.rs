@@ -242,18 +242,7 @@ impl QLinear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.to_dtype(x.dtype())?,
             // W4A8's bitsandbytes weights are their int8-rounded codebook.
-            LinearWeight::Quant(q)
-                if self.act == ActQuant::Int8
-                    && crate::kernels::cpu::int8_codebook(q.format()).is_some() =>
-            {
-                let host = q.to_device(&candle_core::Device::Cpu)?;
-                let view = host.host_view().expect("host tensor").with_int8_codebook();
-                let mut dense = vec![0f32; view.rows * view.cols];
-                crate::kernels::cpu::dequantize_into(&view, &mut dense);
-                Tensor::from_vec(dense, (view.rows, view.cols), &candle_core::Device::Cpu)?
-                    .to_device(x.device())?
-                    .to_dtype(x.dtype())?
-            }
+            LinearWeight::Quant(q) if self.act == ActQuant::Int8 => q.dequantize_w4a8(x.dtype())?,
             LinearWeight::Quant(q) => q.dequantize(x.dtype())?,
         };
         let x = match self.act {

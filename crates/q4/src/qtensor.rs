@@ -132,9 +132,9 @@ pub struct HostView<'a> {
     /// Block scales a kernel may decode by arithmetic, exactly as the table (verified when the
     /// tensor was built; `None` where not, or not checked).
     pub exact_scales: Option<ExactScales>,
-    /// Decode a bitsandbytes codebook (NF4, FP4) rounded to multiples of 1/127
-    /// ([`crate::kernels::cpu::decode::Int8Codebook`]), as W4A8 multiplies it; E2M1 codebooks
-    /// are integers times 1/2 already and ignore this.
+    /// Decode a bitsandbytes codebook (NF4, FP4) rounded to int8
+    /// ([`crate::kernels::cpu::Int8Codebook`]), as W4A8 multiplies it; E2M1 codebooks are
+    /// integers times 1/2 already and ignore this.
     pub int8_codebook: bool,
 }
 
@@ -740,8 +740,26 @@ impl QTensor {
         if self.inner.device.is_cuda() {
             return crate::kernels::cuda::dequant::dequantize(self, dtype);
         }
+        self.dequantize_on_host(dtype, false)
+    }
+
+    /// The values W4A8 multiplies ([`crate::ActQuant::Int8`]): [`QTensor::dequantize`], with a
+    /// bitsandbytes codebook rounded to int8 ([`crate::kernels::cpu::Int8Codebook`], decoded on
+    /// the host).
+    pub fn dequantize_w4a8(&self, dtype: DType) -> Result<Tensor> {
+        if crate::kernels::cpu::int8_codebook(self.inner.format).is_none() {
+            return self.dequantize(dtype);
+        }
+        self.dequantize_on_host(dtype, true)
+    }
+
+    /// Decodes a host copy (with the int8 codebook where asked), back on this tensor's device.
+    fn dequantize_on_host(&self, dtype: DType, int8_codebook: bool) -> Result<Tensor> {
         let host = self.to_device(&Device::Cpu)?;
-        let view = host.host_view().expect("host tensor");
+        let mut view = host.host_view().expect("host tensor");
+        if int8_codebook {
+            view = view.with_int8_codebook();
+        }
         let n = view.rows * view.cols;
         let mut out = vec![0f32; n];
         crate::kernels::cpu::dequantize_into(&view, &mut out);

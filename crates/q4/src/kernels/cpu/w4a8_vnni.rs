@@ -87,7 +87,7 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`] and
-/// integer weights it takes ([`IntWeights::of`]).
+/// integer weights it takes (`IntWeights::of`).
 pub fn usable(w: &Rows<'_>) -> bool {
     host_usable() && IntWeights::of(w).is_some()
 }
