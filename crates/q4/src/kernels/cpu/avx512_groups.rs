@@ -362,25 +362,30 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const PF: bool, S: GroupScales>
                 }
             }
             let c = _mm512_loadu_si512(codes as *const _);
+            // Even and odd nibbles in two sums: two chains of four multiply-adds instead of one
+            // of eight (warm, one thread, on a Zen 5 host: 0.94-0.96x the time).
             let mut p = _mm512_mul_ps(_mm512_permutexvar_ps(c, lut), _mm512_loadu_ps(x));
+            let mut q = _mm512_mul_ps(
+                _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(c), lut),
+                _mm512_loadu_ps(x.add(16)),
+            );
             macro_rules! nibble {
-                ($s:literal) => {
-                    p = _mm512_fmadd_ps(
+                ($acc:ident, $s:literal) => {
+                    $acc = _mm512_fmadd_ps(
                         _mm512_permutexvar_ps(_mm512_srli_epi32::<{ 4 * $s }>(c), lut),
                         _mm512_loadu_ps(x.add(16 * $s)),
-                        p,
+                        $acc,
                     );
                 };
             }
-            nibble!(1);
-            nibble!(2);
-            nibble!(3);
-            nibble!(4);
-            nibble!(5);
-            nibble!(6);
-            nibble!(7);
+            nibble!(p, 2);
+            nibble!(q, 3);
+            nibble!(p, 4);
+            nibble!(q, 5);
+            nibble!(p, 6);
+            nibble!(q, 7);
             let s = scales.group::<BK>(row * w.row_blocks, col, shift);
-            acc[r] = _mm512_fmadd_ps(p, s, acc[r]);
+            acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p, q), s, acc[r]);
         }
     }
     if pass.c1 % 2 == 1 {
