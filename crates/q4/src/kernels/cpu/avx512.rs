@@ -183,6 +183,9 @@ pub(super) struct Pass {
     ///
     /// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
     pub ahead: usize,
+    /// Bytes ahead of a code being read to the line also prefetched into L2 only, or 0 for
+    /// none (the batch-1 group kernel's whole-row passes, [`super::avx512_groups`]).
+    pub l2_ahead: usize,
 }
 
 /// The lanes of `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R`
@@ -432,6 +435,7 @@ pub(super) fn passes(chunks: usize, slice: usize, pass_bytes: usize) -> impl Ite
             } else {
                 pass_bytes
             },
+            l2_ahead: 0,
         }
     })
 }
