@@ -26,17 +26,11 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Hints that the cache line holding `p` is read soon. Any address is allowed: a prefetch never
-/// faults and never changes memory.
+/// Hints that the cache line holding `p` is read soon (`prefetcht0`, into L1). Any address is
+/// allowed: a prefetch never faults and never changes memory.
 #[inline(always)]
 pub fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht0` is a hint (SSE, part of x86-64); it cannot fault, whatever `p` is.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    hint::<3>(p) // _MM_HINT_T0
 }
 
 /// Hints that the cache line holding `p` is read later: fetched into L2 only (`prefetcht1`),
@@ -44,10 +38,17 @@ pub fn prefetch(p: *const u8) {
 /// Any address is allowed.
 #[inline(always)]
 pub fn prefetch_l2(p: *const u8) {
+    hint::<2>(p) // _MM_HINT_T1
+}
+
+/// `_mm_prefetch` with hint `LEVEL`; nothing on other architectures.
+#[inline(always)]
+fn hint<const LEVEL: i32>(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht1` is a hint (SSE, part of x86-64); it cannot fault, whatever `p` is.
+    // SAFETY: `prefetcht0` / `prefetcht1` are hints (SSE, part of x86-64); they cannot fault,
+    // whatever `p` is.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+        std::arch::x86_64::_mm_prefetch::<LEVEL>(p as *const i8)
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
