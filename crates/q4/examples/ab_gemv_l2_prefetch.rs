@@ -1,13 +1,13 @@
-//! Same-process A/B of the batch-1 group kernel's L2 prefetch of the weight stream
-//! (`kernels::cpu::avx512_groups`, `prefetcht1` three times the L1 distance ahead) against the
-//! L1 prefetch alone: calls alternate on cache-cold weights (copies rotating over `LLC_MIB` x 3
+//! Same-process A/B of the AVX-512 GEMVs' L2 prefetch of the weight stream (`prefetcht1` three
+//! times the L1 distance ahead; batch 1: `kernels::cpu::avx512_groups`, 2-8: `avx512`) against
+//! the L1 prefetch alone: calls alternate on cache-cold weights (copies rotating over `LLC_MIB` x 3
 //! of memory); prints the median µs per call of each and their ratio.
 //!
 //! `cargo run --release -p q4 --example ab_gemv_l2_prefetch [-- SHAPES BATCHES ROUNDS LLC_MIB]`.
 
 mod ab;
 
-use q4::kernels::cpu::avx512_groups::set_l2_prefetch;
+use q4::kernels::cpu::prefetch::set_l2_enabled;
 use q4::Format;
 
 fn main() {
@@ -18,6 +18,6 @@ fn main() {
     args.run(
         &[Format::Nvfp4, Format::Nf4, Format::Mxfp4],
         ("l1_and_l2", "l1_only"),
-        &set_l2_prefetch,
+        &set_l2_enabled,
     );
 }

@@ -290,12 +290,12 @@ pub fn run(args: Args) -> Result<()> {
             for (name, bytes, t) in &results {
                 let flops = 2.0 * (n * k * batch) as f64;
                 let line = format!(
-                    "{:<12} {:>5} {:<5} {:<13} {:>9.3} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
+                    "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
                     shape,
                     batch,
                     if cold { "cold" } else { "warm" },
                     name,
-                    t.median * 1e3,
+                    millis(t.median),
                     *bytes as f64 / t.median / 1e9,
                     flops / t.median / 1e9,
                     100.0 * (*bytes as f64 / t.median) / bw,
@@ -310,4 +310,30 @@ pub fn run(args: Args) -> Result<()> {
     }
     print!("{out}");
     Ok(())
+}
+
+/// Milliseconds with three decimals, or three significant digits where that would show a
+/// non-zero time as 0.000 (sub-microsecond calls on tiny shapes).
+fn millis(seconds: f64) -> String {
+    let ms = seconds * 1e3;
+    if ms != 0.0 && ms.abs() < 0.0005 {
+        format!("{ms:.2e}")
+    } else {
+        format!("{ms:.3}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::millis;
+
+    #[test]
+    fn millis_never_shows_a_nonzero_time_as_zero() {
+        assert_eq!(millis(0.0123456), "12.346");
+        assert_eq!(millis(1.5e-6), "0.002");
+        let tiny = millis(2.5e-7);
+        assert_eq!(tiny, "2.50e-4");
+        assert_eq!(tiny.parse::<f64>().unwrap(), 2.5e-4);
+        assert_eq!(millis(0.0), "0.000");
+    }
 }

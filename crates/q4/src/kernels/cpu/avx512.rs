@@ -172,6 +172,17 @@ pub(super) unsafe fn chunk_scales<const BK: u8, S: Scales>(
     }
 }
 
+/// How many times its L1 distance ahead a pass of the GEMV (this kernel at batches 2-8, and
+/// [`super::avx512_groups`] at batch 1) also prefetches its weight stream into L2: `prefetcht1`
+/// can keep more lines in flight than L1's miss buffers, so each thread's stream runs nearer the
+/// memory's rate. Same-process A/B, cache-cold, two threads, on a Zen 5 host, NVFP4 / NF4 /
+/// MXFP4 (`scripts/cpu/results/ab-gemv-l2-prefetch*-2026-11-28-s31.txt`): batch 1 4096x4096
+/// 0.78-0.88x the time, 11008x4096 0.77-0.86x, 576x1536 0.89-0.96x, 49152x576 0.94-0.97x,
+/// 2048x8192 0.98-0.99x, 1536x576 0.99-1.02x; batches 2-8 on 4096-wide rows 0.58-0.99x (one
+/// disturbed round 1.07-1.20x), on 576-wide rows 0.95-1.04x. The L2 prefetch in place of the
+/// L1 one (not beside it) was 1.06-1.2x slower on the 576-wide rows.
+pub(super) const L2_AHEAD_FACTOR: usize = 3;
+
 /// Where a pass of the kernel reads next, for the software prefetch.
 #[derive(Clone, Copy)]
 pub(super) struct Pass {
@@ -183,9 +194,25 @@ pub(super) struct Pass {
     ///
     /// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
     pub ahead: usize,
-    /// Bytes ahead of a code being read to the line also prefetched into L2 only, or 0 for
-    /// none (the batch-1 group kernel's whole-row passes, [`super::avx512_groups`]).
+    /// Bytes ahead of a code being read to the line also prefetched into L2 only
+    /// ([`super::prefetch::prefetch_l2`]: three times `ahead`), or 0 for none.
     pub l2_ahead: usize,
+}
+
+impl Pass {
+    /// This pass prefetching `ahead` bytes ahead into L1 and, where it prefetches into L2 at
+    /// all, [`L2_AHEAD_FACTOR`] times that into L2.
+    pub fn with_ahead(self, ahead: usize) -> Pass {
+        Pass {
+            ahead,
+            l2_ahead: if self.l2_ahead == 0 {
+                0
+            } else {
+                L2_AHEAD_FACTOR * ahead
+            },
+            ..self
+        }
+    }
 }
 
 /// The lanes of `sum_k W[row0 + r, k] * x[m, k]` over chunks `pass.c0..pass.c1` of each of `R`
@@ -237,6 +264,9 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const PF: bool,
             if PF {
                 // One code line per chunk, one scale line every eight chunks. Any address is
                 // allowed: a prefetch never faults.
+                if pass.l2_ahead != 0 {
+                    super::prefetch::prefetch_l2(codes.wrapping_add(pass.l2_ahead));
+                }
                 super::prefetch::prefetch(codes.wrapping_add(pass.ahead));
                 if c.is_multiple_of(8) {
                     scales.prefetch(row * w.row_blocks + (col + 2 * pass.ahead) / per_block);
@@ -406,10 +436,7 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let pass = Pass {
-        ahead: pass.ahead.max(2 * w.row_bytes),
-        ..pass
-    };
+    let pass = pass.with_ahead(pass.ahead.max(2 * w.row_bytes));
     let prefetch = super::prefetch::enabled();
     let sums = sum16_rows_pairs(|p| {
         let pair = rows_acc_pf::<2, 1, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass);
@@ -427,15 +454,20 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
 pub(super) fn passes(chunks: usize, slice: usize, pass_bytes: usize) -> impl Iterator<Item = Pass> {
     (0..chunks).step_by(slice.max(1)).map(move |c0| {
         let c1 = (c0 + slice).min(chunks);
+        let ahead = if c1 - c0 == chunks {
+            super::prefetch::PREFETCH_AHEAD
+        } else {
+            pass_bytes
+        };
         Pass {
             c0,
             c1,
-            ahead: if c1 - c0 == chunks {
-                super::prefetch::PREFETCH_AHEAD
+            ahead,
+            l2_ahead: if super::prefetch::l2_enabled() {
+                L2_AHEAD_FACTOR * ahead
             } else {
-                pass_bytes
+                0
             },
-            l2_ahead: 0,
         }
     })
 }

@@ -25,24 +25,6 @@ use super::rows::{F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK
 /// four runs, 576x1536 0.93-0.98x, 1536x576 and 960x576 0.95-1.04x (even within the noise).
 const PREFETCH_AHEAD: usize = 4096;
 
-/// Whole-row passes also prefetch the weight stream into L2 this many times their L1 distance
-/// ahead: `prefetcht1` can keep more lines in flight than L1's miss buffers, so each thread's
-/// stream runs nearer the memory's rate. Same-process A/B, cache-cold, two threads, on a Zen 5
-/// host (`scripts/cpu/results/ab-gemv-l2-prefetch-2026-11-28-s31.txt`, NVFP4 / NF4 / MXFP4):
-/// 4096x4096 0.78-0.88x the time, 11008x4096 0.77-0.86x, 576x1536 0.89-0.96x, 49152x576
-/// 0.94-0.97x, 2048x8192 0.98-0.99x, 1536x576 0.99-1.02x; the L2 prefetch in place of the L1
-/// one (not beside it) was 1.06-1.2x slower on the 576-wide rows.
-const L2_AHEAD_FACTOR: usize = 3;
-
-static L2_PREFETCH: super::switch::Switch = super::switch::Switch::new("Q4_GEMV_L2_PREFETCH");
-
-/// Turns the L2 prefetch of the weight stream on or off (default on; `Q4_GEMV_L2_PREFETCH=0`
-/// turns it off), for same-process A/B measurements and tests.
-#[doc(hidden)]
-pub fn set_l2_prefetch(on: bool) {
-    L2_PREFETCH.set(on);
-}
-
 /// Weights per group: 64 bytes of codes.
 pub const GROUP: usize = 128;
 
@@ -463,27 +445,13 @@ unsafe fn rows16<const BK: u8, S: GroupScales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let pass = with_distances(pass, pass.ahead.max(2 * w.row_bytes));
+    let pass = pass.with_ahead(pass.ahead.max(2 * w.row_bytes));
     let prefetch = super::prefetch::enabled();
     let sums = super::avx512::sum16_rows_pairs(|p| {
         rows_acc_pf::<2, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass)
     });
     let o = out.as_mut_ptr();
     _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), sums));
-}
-
-/// `pass` prefetching `ahead` bytes ahead into L1 and, where it prefetches into L2 at all,
-/// [`L2_AHEAD_FACTOR`] times that into L2.
-fn with_distances(pass: Pass, ahead: usize) -> Pass {
-    Pass {
-        ahead,
-        l2_ahead: if pass.l2_ahead == 0 {
-            0
-        } else {
-            L2_AHEAD_FACTOR * ahead
-        },
-        ..pass
-    }
 }
 
 /// One row from `row0`, added to `out[0]`.
@@ -500,7 +468,7 @@ unsafe fn row1<const BK: u8, S: GroupScales>(
     pass: Pass,
     out: &mut [f32],
 ) {
-    let pass = with_distances(pass, pass.ahead);
+    let pass = pass.with_ahead(pass.ahead);
     let [v] = rows_acc_pf::<1, BK, S>(super::prefetch::enabled(), w, &scales, lut, xp, row0, pass);
     *out.get_unchecked_mut(0) += _mm512_reduce_add_ps(v);
 }
@@ -544,8 +512,8 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
     for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
         if pass.c1 - pass.c0 == chunks {
             pass.ahead = PREFETCH_AHEAD;
-            // A flag until `with_distances` turns it into the distance for the row width.
-            pass.l2_ahead = usize::from(L2_PREFETCH.on());
+            // A flag until `Pass::with_ahead` turns it into the distance for the row width.
+            pass.l2_ahead = usize::from(super::prefetch::l2_enabled());
         }
         let mut r = r0;
         while r1 - r >= 16 {

@@ -26,6 +26,22 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
+static L2: super::switch::Switch = super::switch::Switch::new("Q4_GEMV_L2_PREFETCH");
+
+/// Whether the GEMV kernels also prefetch their weight stream into L2 ([`prefetch_l2`]) further
+/// ahead than the L1 prefetch: default on, off with `Q4_GEMV_L2_PREFETCH=0` or
+/// [`set_l2_enabled`].
+#[inline]
+pub fn l2_enabled() -> bool {
+    L2.on()
+}
+
+/// Turns the L2 prefetch on or off (for same-process A/B measurements and tests).
+#[doc(hidden)]
+pub fn set_l2_enabled(on: bool) {
+    L2.set(on);
+}
+
 /// Hints that the cache line holding `p` is read soon (`prefetcht0`, into L1). Any address is
 /// allowed: a prefetch never faults and never changes memory.
 #[inline(always)]
