@@ -468,7 +468,6 @@ unsafe fn row1<const BK: u8, S: GroupScales>(
     pass: Pass,
     out: &mut [f32],
 ) {
-    let pass = pass.with_ahead(pass.ahead);
     let [v] = rows_acc_pf::<1, BK, S>(super::prefetch::enabled(), w, &scales, lut, xp, row0, pass);
     *out.get_unchecked_mut(0) += _mm512_reduce_add_ps(v);
 }
@@ -511,9 +510,7 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
     }
     for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
         if pass.c1 - pass.c0 == chunks {
-            pass.ahead = PREFETCH_AHEAD;
-            // A flag until `Pass::with_ahead` turns it into the distance for the row width.
-            pass.l2_ahead = usize::from(super::prefetch::l2_enabled());
+            pass = pass.with_ahead(PREFETCH_AHEAD);
         }
         let mut r = r0;
         while r1 - r >= 16 {
