@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use q4::qtensor::QuantSpec;
 use q4::{Format, QLinear};
 
-use super::measure::{read_bandwidth, time, time_interleaved, Timing};
+use super::measure::{read_bandwidth, time, time_interleaved, Timing, MIN_WARMUP};
 
 /// Calls of one contender in a row when interleaving (see `time_interleaved`).
 const INTERLEAVE_BLOCK: usize = 5;
@@ -271,7 +271,14 @@ pub fn run(args: Args) -> Result<()> {
                         .iter_mut()
                         .map(|f| &mut **f as &mut dyn FnMut(usize))
                         .collect();
-                    time_interleaved(warmup, reps, INTERLEAVE_BLOCK, args.max_others, &mut refs)
+                    time_interleaved(
+                        warmup,
+                        MIN_WARMUP,
+                        reps,
+                        INTERLEAVE_BLOCK,
+                        args.max_others,
+                        &mut refs,
+                    )
                 }
             };
             let timings = if args.in_pool {

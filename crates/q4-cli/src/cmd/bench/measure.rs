@@ -51,11 +51,20 @@ pub struct Timing {
     pub others: f64,
 }
 
-/// Times `f` `reps` times after `warmup` calls; retries up to 3 times when other processes used
-/// more than `max_others` cores during the measurement, and reports the last attempt.
+/// Shortest warm-up before a measurement. A fixed count of warm-up calls is not enough on the
+/// shared hosts here: after a quiet or single-threaded spell (building the weight copies) the
+/// first contender timed ran its sub-20 us calls up to 1.5x slower than the same contender timed
+/// again right after (thirty-second session: 1536x576 NVFP4 batch 1, first 59-79% of the read
+/// bandwidth, repeated 87-96%; NF4 took the penalty when it went first). The host gives the two
+/// cores their full speed only after a spell of sustained work.
+pub const MIN_WARMUP: Duration = Duration::from_millis(200);
+
+/// Times `f` `reps` times after a warm-up of at least `warmup` calls and [`MIN_WARMUP`];
+/// retries up to 3 times when other processes used more than `max_others` cores during the
+/// warm-up and measurement, and reports the last attempt.
 pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f: F) -> Timing {
     // One contender in one block: its calls back to back.
-    time_interleaved(warmup, reps, reps, max_others, &mut [&mut f])
+    time_interleaved(warmup, MIN_WARMUP, reps, reps, max_others, &mut [&mut f])
         .pop()
         .expect("one timing per contender")
 }
@@ -68,6 +77,7 @@ pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f:
 /// measurement like [`time`]; every contender reports the same `others`.
 pub fn time_interleaved(
     warmup: usize,
+    min_warmup: Duration,
     reps: usize,
     block: usize,
     max_others: f64,
@@ -76,11 +86,18 @@ pub fn time_interleaved(
     let block = block.max(1);
     let mut last = Vec::new();
     for _attempt in 0..3 {
-        for i in 0..warmup {
-            fs.iter_mut().for_each(|f| f(i));
-        }
+        // The disturbance check spans the warm-up too: CPU time is counted in 10 ms ticks, which
+        // a measurement of a few milliseconds alone could not resolve.
         let start_cpu = CpuSnapshot::take();
-        let start = Instant::now();
+        let warm_start = Instant::now();
+        loop {
+            for i in 0..warmup {
+                fs.iter_mut().for_each(|f| f(i));
+            }
+            if warmup == 0 || warm_start.elapsed() >= min_warmup {
+                break;
+            }
+        }
         let mut samples = vec![Vec::with_capacity(reps); fs.len()];
         let n = fs.len();
         let mut done = 0;
@@ -99,7 +116,7 @@ pub fn time_interleaved(
             }
             done += calls;
         }
-        let wall = start.elapsed();
+        let wall = warm_start.elapsed();
         let others = match (start_cpu, CpuSnapshot::take()) {
             (Some(a), Some(b)) => a.others_since(&b, wall),
             _ => 0.0,
@@ -149,7 +166,14 @@ mod tests {
         let mut b = |i: usize| log.borrow_mut().push(('b', i));
         let mut c = |i: usize| log.borrow_mut().push(('c', i));
         // No disturbance limit: a single attempt.
-        let t = time_interleaved(2, 7, 3, f64::INFINITY, &mut [&mut a, &mut b, &mut c]);
+        let t = time_interleaved(
+            2,
+            Duration::ZERO,
+            7,
+            3,
+            f64::INFINITY,
+            &mut [&mut a, &mut b, &mut c],
+        );
         assert_eq!(t.len(), 3);
         assert!(t.iter().all(|t| t.median.is_finite() && t.median >= 0.0));
         let log = log.into_inner();
@@ -175,5 +199,29 @@ mod tests {
             &log[..6],
             &[('a', 0), ('b', 0), ('c', 0), ('a', 1), ('b', 1), ('c', 1)]
         );
+    }
+
+    #[test]
+    fn warm_up_repeats_its_calls_until_the_minimum_time_has_passed() {
+        let mut warm_calls = 0;
+        let mut timed_calls = 0;
+        let reps = 5;
+        let min = Duration::from_millis(30);
+        let started = Instant::now();
+        let mut f = |i: usize| {
+            std::thread::sleep(Duration::from_millis(1));
+            if i < 2 {
+                warm_calls += 1;
+            } else {
+                timed_calls += 1;
+            }
+        };
+        time_interleaved(2, min, reps, reps, f64::INFINITY, &mut [&mut f]);
+        assert!(started.elapsed() >= min);
+        // Rounds of two 1 ms calls until 30 ms have passed: more than one round, and the timed
+        // calls only once.
+        assert!(warm_calls >= 14, "{warm_calls} warm-up calls");
+        assert_eq!(warm_calls % 2, 0);
+        assert_eq!(timed_calls, reps);
     }
 }
