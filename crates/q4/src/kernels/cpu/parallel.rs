@@ -92,14 +92,30 @@ fn with_helpers(drain: impl Fn(bool) + Sync) {
 /// avoids, short enough not to take a core from the pool for long when its workers are busy.
 const SPIN_WAIT: std::time::Duration = std::time::Duration::from_micros(50);
 
+/// A claim takes `1 / (CLAIM_SHARE * threads)` of the pieces left. Each claim is a lock whose
+/// cache line crosses cores, so fewer, larger claims win: halves of what is left (1) against
+/// eighths (4, until the thirty-second session) took 0.91-1.01x the time from the main thread,
+/// same-process A/B on the Zen 5 host (`examples/ab_claim_share`, cache-cold, 600 rounds;
+/// 1536x576 batch 1 14.5 against 15.7 us, 49152x576 0.91-0.93x, 4096x4096 0.93-0.95x); 2 gave
+/// 0.94-1.03x.
+static CLAIM_SHARE: AtomicUsize = AtomicUsize::new(1);
+
+/// Sets the claim size (a claim takes `1 / (share * threads)` of the pieces left), for
+/// same-process A/B measurements (`examples/ab_claim_share`).
+#[doc(hidden)]
+pub fn set_claim_share(share: usize) {
+    CLAIM_SHARE.store(share.max(1), Ordering::Relaxed);
+}
+
 /// Takes the next pieces off the front or the back of `left`: a share of what is left
-/// (guided self-scheduling: few claims, each a lock whose cache line crosses cores, and small
-/// ones at the end so that both threads finish together), none when `left` is empty.
+/// (guided self-scheduling: few claims, see [`CLAIM_SHARE`], and small ones at the end so that
+/// the threads finish together), none when `left` is empty.
 fn claim(left: &mut std::ops::Range<usize>, front: bool) -> Option<std::ops::Range<usize>> {
     if left.start >= left.end {
         return None;
     }
-    let n = ((left.end - left.start) / (4 * rayon::current_num_threads())).max(1);
+    let share = CLAIM_SHARE.load(Ordering::Relaxed) * rayon::current_num_threads();
+    let n = ((left.end - left.start) / share).max(1);
     Some(if front {
         let r = left.start..left.start + n;
         left.start += n;
