@@ -35,6 +35,24 @@ pub const AMX_PACK_JOIN_MIN: usize = 1 << 19;
 
 static CALLER_JOINS: AtomicBool = AtomicBool::new(true);
 
+/// From this much work (weights touched) on, a loop called from outside the pool is handed to
+/// the pool whole after all: the caller sleeps through it, and its two wake-ups (about 25-35 us
+/// on the Zen 5 host) are a few percent of such a call. Joined long calls ran in spells of
+/// 100-300 ms at the one-thread time — the caller and its helper sharing one vCPU while the
+/// other ran idle, presumably where the scheduler placed the woken helper — NVFP4 W4A8 batch 16
+/// on 11008x4096 (work 90 M) at 3.7-4.2 against 1.85-2.0 ms, in 4 of 5 runs of 1.5 s from the
+/// main thread; handed over, none in 5 (1.87-2.10 ms), as from a pool worker. Joined, such
+/// spells were rare below it (4096x4096 W4A8 batch 16, work 34 M: 3 of 289 blocks of 50 calls
+/// slow, handing over cost 3-4%; 11008x4096 batch 1, 45 M: none of 456).
+static HANDOVER_WORK: AtomicUsize = AtomicUsize::new(1 << 26);
+
+/// Sets the work from which a loop called from outside the pool is handed to the pool whole
+/// (see [`HANDOVER_WORK`]), for A/B measurements.
+#[doc(hidden)]
+pub fn set_handover_work(work: usize) {
+    HANDOVER_WORK.store(work, Ordering::Relaxed);
+}
+
 /// Turns on or off (default on) the calling thread's share of a parallel loop called from
 /// outside the pool, for same-process A/B measurements.
 #[doc(hidden)]
@@ -43,11 +61,12 @@ pub fn set_caller_joins(on: bool) {
 }
 
 /// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
-/// being handed to the pool: from a thread outside the pool, which would otherwise sleep while
+/// being handed to the pool: from a thread outside the pool, below [`HANDOVER_WORK`], which would otherwise sleep while
 /// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
 /// Asked only where the pool has other threads (a pool of one runs the loop inline: [`alone`]).
 fn caller_joins(work: usize, join_min: usize) -> bool {
     work >= join_min
+        && work < HANDOVER_WORK.load(Ordering::Relaxed)
         && rayon::current_thread_index().is_none()
         && CALLER_JOINS.load(Ordering::Relaxed)
 }
@@ -213,6 +232,9 @@ pub fn for_each_index<F: Fn(usize) + Sync + Send>(count: usize, work: usize, f: 
 mod tests {
     use super::*;
 
+    /// Held by the tests that turn the module's switches or depend on their defaults.
+    static SWITCHES: Mutex<()> = Mutex::new(());
+
     /// In a pool of one thread every piece runs on the calling thread, once.
     #[test]
     fn a_pool_of_one_runs_loops_on_the_caller() {
@@ -290,6 +312,7 @@ mod tests {
             .num_threads(3)
             .build_global();
         assert!(rayon::current_thread_index().is_none());
+        let _switch = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
         for on in [true, false] {
             set_caller_joins(on);
             check();
@@ -342,5 +365,28 @@ mod tests {
                 assert_eq!(*x, (j / 7) as u32 + 1);
             }
         }
+    }
+
+    /// From outside the pool, a loop between the join floor and [`HANDOVER_WORK`] runs partly
+    /// on the caller (which claims first); from [`HANDOVER_WORK`] on, only on pool workers.
+    #[test]
+    fn long_loops_from_outside_the_pool_are_handed_over() {
+        if rayon::current_num_threads() < 2 {
+            return; // a pool of one runs every loop inline
+        }
+        let _switch = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+        let on_caller = |work: usize| {
+            let count = AtomicUsize::new(0);
+            for_each_index(64, work, |_| {
+                if rayon::current_thread_index().is_none() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            count.load(Ordering::Relaxed)
+        };
+        let handover = HANDOVER_WORK.load(Ordering::Relaxed);
+        assert!(on_caller(JOIN_MIN_WEIGHTS) > 0);
+        assert!(on_caller(handover - 1) > 0);
+        assert_eq!(on_caller(handover), 0);
     }
 }
