@@ -482,7 +482,7 @@ pub(super) const SLICE_BYTES: usize = 16 << 10;
 /// activation load; at 5-8 two rows' accumulators spill registers).
 ///
 /// # Safety
-/// As for [`rows_kernel`]: AVX-512F present ([`usable`]), the GEMV's `simd_fits` geometry, rows
+/// As for `rows_kernel`: AVX-512F present ([`usable`]), the GEMV's `simd_fits` geometry, rows
 /// in range, `xp` holding `batch` (1-8) rows permuted by [`permute_activations`].
 #[target_feature(enable = "avx512f")]
 pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], batch: usize, r0: usize, r1: usize, out: &mut [f32]) {
@@ -704,10 +704,10 @@ unsafe fn w8a8_row<const B: usize>(
     acc
 }
 
-/// Dispatches [`rows_w8a8_kernel`] on `batch` (1-8).
+/// Dispatches `rows_w8a8_kernel` on `batch` (1-8).
 ///
 /// # Safety
-/// As [`rows_w8a8_kernel`].
+/// As `rows_w8a8_kernel`.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn rows_w8a8(
     q: &[i8],

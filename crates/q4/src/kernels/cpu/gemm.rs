@@ -21,7 +21,7 @@ const NARROW_K: usize = 1024;
 /// Most decoded values per tile (512 KiB of f32, this machine's L2): wide rows get fewer rows
 /// per tile instead of being cut into K slices.
 const TILE_VALUES: usize = 128 * 1024;
-/// Rows up to this wide are decoded whole (at least 8 rows of them fit [`TILE_VALUES`]); wider
+/// Rows up to this wide are decoded whole (at least 8 rows of them fit `TILE_VALUES`); wider
 /// ones in K slices. Slices cost every tile a partial-sum pass per slice: same-process A/B
 /// (`examples/ab_tile_decode slices`) timed whole rows at 0.57-0.80x the time of 256-wide
 /// slices at batches 12-32 on 576x1536, 4096x4096, 2560x9728 and 11008x4096 (dot-product

@@ -2,7 +2,7 @@
 //! worker costs microseconds, more than a small layer's whole GEMV at decode time. Called on a
 //! pool worker, a loop forks with rayon's `join`; called from any other thread, the caller works
 //! through the loop together with the pool's workers rather than sleeping while they do, up to
-//! a size ([`HANDOVER_WORK`]) from which it hands the loop over after all.
+//! a size (`HANDOVER_WORK`) from which it hands the loop over after all.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;

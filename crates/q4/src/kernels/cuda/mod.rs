@@ -1,14 +1,14 @@
 //! CUDA kernels (feature `cuda`): CUDA C compiled with NVRTC at first use for the running
-//! device, cached per process ([`module_cache`]).
+//! device, cached per process (`module_cache`).
 //!
-//! * [`dequant`]: whole-tensor decode, bit-exact with the CPU;
-//! * [`quant`]: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
-//! * [`gemv`]: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
-//! * [`gemm_sm90`]: larger batches on Hopper with bf16 activations (NVFP4, MXFP4; NF4 / FP4 up
+//! * `dequant`: whole-tensor decode, bit-exact with the CPU;
+//! * `quant`: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
+//! * `gemv`: fused decode-on-the-fly matmul for batches 1-64 (tensor cores, f32 accumulate);
+//! * `gemm_sm90`: larger batches on Hopper with bf16 activations (NVFP4, MXFP4; NF4 / FP4 up
 //!   to batch 1024): the weight decoded step by step into `wgmma`'s register operand;
 //! * [`gemm`]: larger batches otherwise: chunks of the weight (128 MB at M >= 2048, up to 512 MB
 //!   below) decoded to bf16/f16/f32, then cuBLAS;
-//! * [`w4a4`]: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;
+//! * `w4a4`: exact NVFP4 W4A4 emulation (identical to the CPU) and the native Blackwell path;
 //! * [`blackwell`]: the native block-scaled FP4 kernels' addressing, emulated on the CPU as
 //!   their test oracle (compiled in every build).
 //!

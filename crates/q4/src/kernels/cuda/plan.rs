@@ -101,7 +101,7 @@ const NARROW_TILE_COST: f64 = 0.7;
 /// wide tiles ([`WGMMA_TOKENS`]), all narrow ones ([`WGMMA_NARROW_TOKENS`]: twice the blocks,
 /// each with half the MMA work) and wide ones with a narrow last tile (where at most
 /// [`WGMMA_NARROW_TOKENS`] tokens remain), the one with the fewest waves of blocks, a narrow
-/// wave counting [`NARROW_TILE_COST`]. `narrow: false` keeps every tile wide (A/B runs).
+/// wave counting `NARROW_TILE_COST`. `narrow: false` keeps every tile wide (A/B runs).
 pub fn wgmma_token_launches(
     m: usize,
     row_blocks: usize,

@@ -15,7 +15,7 @@
 //! split once (one f32 multiply, two bf16 conversions); then every 32 codes of the block become
 //! two tile rows by one word permute each.
 //!
-//! Layout: as the NVFP4 kernel's (weights the A operand in [`super::step_source`] order,
+//! Layout: as the NVFP4 kernel's (weights the A operand in `step_source` order,
 //! activations the B operand), with 32-row units (two weight tiles by two pieces) and one
 //! activation group (16 rows, both pieces) at a time: per K step six tile loads serve six
 //! products, and with a single group the two accumulators stay in their registers over all of K.
