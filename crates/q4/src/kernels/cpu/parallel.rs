@@ -62,8 +62,9 @@ pub fn set_caller_joins(on: bool) {
 }
 
 /// Whether a parallel loop runs on the calling thread and `threads - 1` pool workers instead of
-/// being handed to the pool: from a thread outside the pool, below [`HANDOVER_WORK`], which would otherwise sleep while
-/// the pool works and be woken when it is done (two wake-ups on a small call's critical path).
+/// being handed to the pool: from a thread outside the pool, below [`HANDOVER_WORK`]; handed
+/// over, the caller would sleep while the pool works and be woken when it is done (two wake-ups
+/// on a small call's critical path).
 /// Asked only where the pool has other threads (a pool of one runs the loop inline: [`alone`]).
 fn caller_joins(work: usize, join_min: usize) -> bool {
     work >= join_min
