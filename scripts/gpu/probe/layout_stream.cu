@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdint>
 #include <cuda_runtime.h>
+#include "probe_util.cuh"
 
 typedef unsigned char u8;
 
@@ -115,20 +116,6 @@ __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ w, siz
     if (acc == 0x12345678u) out[0] = acc;
 }
 
-template <typename F>
-static void launch_pdl(F kernel, int blocks, const u8* a, const u8* b, int tiles, int steps, int row_bytes,
-                       unsigned* out) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(256);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    cudaLaunchKernelEx(&cfg, kernel, a, b, tiles, steps, row_bytes, out);
-}
-
 static float median5(float* t) {
     for (int x = 0; x < 5; x++)
         for (int y = x + 1; y < 5; y++)
@@ -164,7 +151,7 @@ static void run(const char* name, const u8* buf, size_t slot, int copies, int ro
     const double us = time_calls(
         [&](int c) {
             const u8* base = buf + (size_t)c * slot;
-            launch_pdl(gemv_loads<LAYOUT, HINT>, blocks, base, base + code_bytes, tiles, steps, row_bytes, out);
+            launch_256(gemv_loads<LAYOUT, HINT>, blocks, true, base, base + code_bytes, tiles, steps, row_bytes, out);
         },
         copies);
     const double bytes = code_bytes * 1.125;
@@ -185,19 +172,7 @@ int main() {
     {
         u8* dst;
         cudaMalloc(&dst, total);
-        cudaEvent_t a, b;
-        cudaEventCreate(&a);
-        cudaEventCreate(&b);
-        float t[5];
-        cudaMemcpy(dst, buf, total, cudaMemcpyDeviceToDevice);
-        for (int rep = 0; rep < 5; rep++) {
-            cudaEventRecord(a);
-            cudaMemcpyAsync(dst, buf, total, cudaMemcpyDeviceToDevice);
-            cudaEventRecord(b);
-            cudaEventSynchronize(b);
-            cudaEventElapsedTime(&t[rep], a, b);
-        }
-        printf("copy 1 GiB: %.0f GB/s (read + write)\n", 2.0 * total / (median5(t) * 1e-3) * 1e-9);
+        printf("copy 1 GiB: %.0f GB/s (read + write)\n", copy_gbs(buf, dst, total));
         cudaFree(dst);
     }
     for (int round = 0; round < 2; round++) {
@@ -216,15 +191,7 @@ int main() {
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, read_all, 256, 0);
             const double us = time_calls(
                 [&](int c) {
-                    cudaLaunchConfig_t cfg = {};
-                    cfg.gridDim = dim3(sms * per_sm);
-                    cfg.blockDim = dim3(256);
-                    cudaLaunchAttribute attr[1];
-                    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-                    attr[0].val.programmaticStreamSerializationAllowed = 1;
-                    cfg.attrs = attr;
-                    cfg.numAttrs = 1;
-                    cudaLaunchKernelEx(&cfg, read_all, (const uint4*)(buf + (size_t)c * slot), bytes / 16, out);
+                    launch_256(read_all, sms * per_sm, true, (const uint4*)(buf + (size_t)c * slot), bytes / 16, out);
                 },
                 copies);
             printf("%-44s %5dx%-5d            : %6.1f us %6.0f GB/s\n", "read floor (grid-stride)", rows, k, us,

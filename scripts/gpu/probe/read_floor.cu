@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <initializer_list>
 #include <cuda_runtime.h>
+#include "probe_util.cuh"
 
 // Element j of w (zeros past n16), bypassing L1 as the GEMV's weight loads do.
 __device__ __forceinline__ uint4 load16(const uint4* __restrict__ w, size_t j, size_t n16) {
@@ -48,15 +49,7 @@ __global__ void __launch_bounds__(256) read_all(const uint4* __restrict__ w, siz
 
 template <int DEPTH, bool PDL>
 void launch(const char* buf, size_t bytes, int blocks, unsigned* out) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(256);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = PDL ? 1 : 0;
-    cudaLaunchKernelEx(&cfg, read_all<DEPTH, PDL>, (const uint4*)buf, bytes / 16, out);
+    launch_256(read_all<DEPTH, PDL>, blocks, PDL, (const uint4*)buf, bytes / 16, out);
 }
 
 // Median of 5 batches of `calls` back-to-back reads of `bytes`, each from the next of the
@@ -100,21 +93,7 @@ int main() {
     printf("# %s, %d SMs\n", p.name, p.multiProcessorCount);
 
     // Copy bandwidth as `q4 bench gpu-linear` measures it: 1 GiB, bytes read + written.
-    cudaEvent_t a, b;
-    cudaEventCreate(&a);
-    cudaEventCreate(&b);
-    float t[5];
-    cudaMemcpy(dst, buf, total, cudaMemcpyDeviceToDevice);
-    for (int rep = 0; rep < 5; rep++) {
-        cudaEventRecord(a);
-        for (int c = 0; c < 5; c++) cudaMemcpyAsync(dst, buf, total, cudaMemcpyDeviceToDevice);
-        cudaEventRecord(b);
-        cudaEventSynchronize(b);
-        cudaEventElapsedTime(&t[rep], a, b);
-    }
-    float best = t[0];
-    for (float x : t) best = x < best ? x : best;
-    const double copy_gbs = 2.0 * total * 5 / (best * 1e-3) * 1e-9;
+    const double copy_gbs = ::copy_gbs(buf, dst, total);
     printf("copy 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
 
     {
