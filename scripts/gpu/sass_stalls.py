@@ -1,7 +1,7 @@
 # Per-instruction warp-stall samples of an Nsight Compute source page (`ncu --page source
 # --print-source sass --csv`, see ncu_source.sh): totals by stall reason, the TOP instructions, and
 # the share of each run of 32 instructions.
-import csv, sys, collections
+import csv, sys
 rows=list(csv.reader(open(sys.argv[1])))
 hdr=rows[1]; data=rows[2:]
 ix={h:i for i,h in enumerate(hdr)}
