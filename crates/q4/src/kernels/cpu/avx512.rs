@@ -181,7 +181,7 @@ pub(super) unsafe fn chunk_scales<const BK: u8, S: Scales>(
 /// 2048x8192 0.98-0.99x, 1536x576 0.99-1.02x; batches 2-8 on 4096-wide rows 0.58-0.99x (one
 /// disturbed round 1.07-1.20x), on 576-wide rows 0.95-1.04x. The L2 prefetch in place of the
 /// L1 one (not beside it) was 1.06-1.2x slower on the 576-wide rows.
-pub(super) const L2_AHEAD_FACTOR: usize = 3;
+const L2_AHEAD_FACTOR: usize = 3;
 
 /// Where a pass of the kernel reads next, for the software prefetch.
 #[derive(Clone, Copy)]
@@ -194,23 +194,20 @@ pub(super) struct Pass {
     ///
     /// [`PREFETCH_AHEAD`]: super::prefetch::PREFETCH_AHEAD
     pub ahead: usize,
-    /// Bytes ahead of a code being read to the line also prefetched into L2 only
-    /// ([`super::prefetch::prefetch_l2`]: three times `ahead`), or 0 for none.
-    pub l2_ahead: usize,
+    /// Whether the weight stream is also prefetched into L2 only, [`Pass::l2_ahead`] bytes
+    /// ahead ([`super::prefetch::prefetch_l2`]).
+    pub l2: bool,
 }
 
 impl Pass {
-    /// This pass prefetching `ahead` bytes ahead into L1 and, where it prefetches into L2 at
-    /// all, [`L2_AHEAD_FACTOR`] times that into L2.
-    pub fn with_ahead(self, ahead: usize) -> Pass {
-        Pass {
-            ahead,
-            l2_ahead: if self.l2_ahead == 0 {
-                0
-            } else {
-                L2_AHEAD_FACTOR * ahead
-            },
-            ..self
+    /// Bytes ahead of a code being read to the line prefetched into L2 only: [`L2_AHEAD_FACTOR`]
+    /// times `ahead`, or 0 for none.
+    #[inline(always)]
+    pub fn l2_ahead(&self) -> usize {
+        if self.l2 {
+            L2_AHEAD_FACTOR * self.ahead
+        } else {
+            0
         }
     }
 }
@@ -264,8 +261,8 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const PF: bool,
             if PF {
                 // One code line per chunk, one scale line every eight chunks. Any address is
                 // allowed: a prefetch never faults.
-                if pass.l2_ahead != 0 {
-                    super::prefetch::prefetch_l2(codes.wrapping_add(pass.l2_ahead));
+                if pass.l2 {
+                    super::prefetch::prefetch_l2(codes.wrapping_add(pass.l2_ahead()));
                 }
                 super::prefetch::prefetch(codes.wrapping_add(pass.ahead));
                 if c.is_multiple_of(8) {
@@ -436,7 +433,10 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let pass = pass.with_ahead(pass.ahead.max(2 * w.row_bytes));
+    let pass = Pass {
+        ahead: pass.ahead.max(2 * w.row_bytes),
+        ..pass
+    };
     let prefetch = super::prefetch::enabled();
     let sums = sum16_rows_pairs(|p| {
         let pair = rows_acc_pf::<2, 1, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass);
@@ -454,20 +454,15 @@ unsafe fn rows16_batch1<const BK: u8, S: Scales>(
 pub(super) fn passes(chunks: usize, slice: usize, pass_bytes: usize) -> impl Iterator<Item = Pass> {
     (0..chunks).step_by(slice.max(1)).map(move |c0| {
         let c1 = (c0 + slice).min(chunks);
-        let ahead = if c1 - c0 == chunks {
-            super::prefetch::PREFETCH_AHEAD
-        } else {
-            pass_bytes
-        };
         Pass {
             c0,
             c1,
-            ahead,
-            l2_ahead: if super::prefetch::l2_enabled() {
-                L2_AHEAD_FACTOR * ahead
+            ahead: if c1 - c0 == chunks {
+                super::prefetch::PREFETCH_AHEAD
             } else {
-                0
+                pass_bytes
             },
+            l2: super::prefetch::l2_enabled(),
         }
     })
 }

@@ -356,8 +356,8 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const PF: bool, S: GroupScales>
             let row = row0 + r;
             let codes = cp.add(row * w.row_bytes + col / 2);
             if PF {
-                if pass.l2_ahead != 0 {
-                    super::prefetch::prefetch_l2(codes.wrapping_add(pass.l2_ahead));
+                if pass.l2 {
+                    super::prefetch::prefetch_l2(codes.wrapping_add(pass.l2_ahead()));
                 }
                 super::prefetch::prefetch(codes.wrapping_add(pass.ahead));
                 if g.is_multiple_of(4) {
@@ -445,7 +445,10 @@ unsafe fn rows16<const BK: u8, S: GroupScales>(
     out: &mut [f32],
 ) {
     debug_assert!(out.len() >= 16);
-    let pass = pass.with_ahead(pass.ahead.max(2 * w.row_bytes));
+    let pass = Pass {
+        ahead: pass.ahead.max(2 * w.row_bytes),
+        ..pass
+    };
     let prefetch = super::prefetch::enabled();
     let sums = super::avx512::sum16_rows_pairs(|p| {
         rows_acc_pf::<2, BK, S>(prefetch, w, &scales, lut, xp, row0 + 2 * p, pass)
@@ -510,7 +513,7 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
     }
     for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
         if pass.c1 - pass.c0 == chunks {
-            pass = pass.with_ahead(PREFETCH_AHEAD);
+            pass.ahead = PREFETCH_AHEAD;
         }
         let mut r = r0;
         while r1 - r >= 16 {
