@@ -508,16 +508,11 @@ unsafe fn decode_group(
         }
     };
     let base = bytes.as_ptr().add(r0 * rb + k0 / w.block);
-    let byte = _mm512_set1_epi32(0xff);
     // The 16 f32 scales of blocks `j4 .. j4 + 4` (at most `nb`) from their bytes, four per lane.
     let stp = st.as_mut_ptr();
     let store_four = |j4: usize, words: __m512i| {
         for i in 0..(nb - j4).min(4) {
-            let idx = _mm512_and_si512(
-                _mm512_srlv_epi32(words, _mm512_set1_epi32(8 * i as i32)),
-                byte,
-            );
-            let v = scales.decode(idx, table);
+            let v = scales.decode_byte(words, i, table);
             _mm512_store_ps(stp.add((j4 + i) * ROWS), v);
         }
     };
@@ -603,28 +598,41 @@ unsafe fn transpose_rows(load: impl Fn(usize) -> __m256i) -> [__m512i; 8] {
 /// How [`decode_group`] turns scale bytes into f32 values: a gather from the weight's table,
 /// or, where that table is NVFP4's `fl(e4m3(b) * s2)` or MXFP4's `2^(b - 127)` for every byte
 /// (checked bit for bit, NaN for NaN, by [`ScaleDecode::detect`]), arithmetic
-/// ([`e4m3_times`], [`e8m0_value`]): the gathers had taken about 12% of an NVFP4 batch-16 call
-/// (four of them per 64 weights of 16 rows).
+/// ([`e4m3_bits_times`], [`e4m3_times`], [`e8m0_value`]): the gathers had taken about 12% of an
+/// NVFP4 batch-16 call (four of them per 64 weights of 16 rows).
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum ScaleDecode {
     Table,
-    E4m3 { s2: f32 },
+    /// [`e4m3_bits_times`] with `c = s2 * 2^120`.
+    E4m3Bits {
+        c: f32,
+    },
+    E4m3 {
+        s2: f32,
+    },
     E8m0,
 }
 
 impl ScaleDecode {
-    /// [`ScaleDecode::E4m3`] with `s2 = table[0x38]` (E4M3 0x38 is 1.0) if [`e4m3_times`] gives
-    /// every entry of `table`, else [`ScaleDecode::E8m0`] if [`e8m0_value`] does, else
-    /// [`ScaleDecode::Table`]. Run once per call: 0.22-0.27 µs on the 2-vCPU Xeon (a throwaway
-    /// timing loop), a few percent of the smallest calls this kernel takes.
+    /// With `s2 = table[0x38]` (E4M3 0x38 is 1.0): [`ScaleDecode::E4m3Bits`] if
+    /// [`e4m3_bits_times`] gives every entry of `table` (not where denormals read as zero, nor
+    /// where `s2 * 2^120` overflows), else [`ScaleDecode::E4m3`] if [`e4m3_times`] does, else
+    /// [`ScaleDecode::E8m0`] if [`e8m0_value`] does, else [`ScaleDecode::Table`]. Run once per
+    /// call: 0.22-0.27 µs on the 2-vCPU Xeon for the first two checks (a throwaway timing
+    /// loop), a few percent of the smallest calls this kernel takes.
     ///
     /// # Safety
     /// AVX-512F present.
     #[target_feature(enable = "avx512f")]
     unsafe fn detect(table: &[f32; 256]) -> ScaleDecode {
         let s2 = table[0x38];
+        let bits = ScaleDecode::E4m3Bits {
+            c: s2 * f32::from_bits((127 + 120) << 23),
+        };
         let e4m3 = ScaleDecode::E4m3 { s2 };
-        if e4m3.reproduces(table) {
+        if bits.reproduces(table) {
+            bits
+        } else if e4m3.reproduces(table) {
             e4m3
         } else if ScaleDecode::E8m0.reproduces(table) {
             ScaleDecode::E8m0
@@ -657,11 +665,59 @@ impl ScaleDecode {
     #[inline]
     unsafe fn decode(self, idx: __m512i, table: &[f32; 256]) -> __m512 {
         match self {
+            ScaleDecode::E4m3Bits { c } => {
+                e4m3_bits_times(_mm512_slli_epi32::<24>(idx), _mm512_set1_ps(c))
+            }
             ScaleDecode::E4m3 { s2 } => e4m3_times(idx, _mm512_set1_ps(s2)),
             ScaleDecode::E8m0 => e8m0_value(idx),
             ScaleDecode::Table => _mm512_i32gather_ps::<4>(idx, table.as_ptr()),
         }
     }
+
+    /// [`ScaleDecode::decode`] of byte `i` (0-3) of each 32-bit lane of `words`.
+    ///
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn decode_byte(self, words: __m512i, i: usize, table: &[f32; 256]) -> __m512 {
+        match self {
+            // The byte moved to the top of its lane is all the bit decode needs.
+            ScaleDecode::E4m3Bits { c } => e4m3_bits_times(
+                _mm512_sll_epi32(words, _mm_cvtsi32_si128(24 - 8 * i as i32)),
+                _mm512_set1_ps(c),
+            ),
+            _ => {
+                let idx = _mm512_and_si512(
+                    _mm512_srl_epi32(words, _mm_cvtsi32_si128(8 * i as i32)),
+                    _mm512_set1_epi32(0xff),
+                );
+                self.decode(idx, table)
+            }
+        }
+    }
+}
+
+/// `fl(e4m3(b) * s2)` for the E4M3 byte `b` in bits 24-31 of each 32-bit lane of `top` (the
+/// lower bits are ignored), `c = s2 * 2^120`: the byte's sign to bit 31 and its other seven
+/// bits to bits 20-26 make an f32 with E4M3's exponent field, `e4m3(b) * 2^-120` exactly (a
+/// normal f32 for a normal E4M3 value, a subnormal one for a subnormal), so one product with `c`
+/// is the table's one rounding; 0x7f / 0xff are NaN. Four vector operations and the NaN fix-up,
+/// where [`e4m3_times`] takes eleven; it needs subnormal operands honoured (MXCSR.DAZ off) and
+/// `c` finite, which [`ScaleDecode::detect`] checks against the whole table.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn e4m3_bits_times(top: __m512i, c: __m512) -> __m512 {
+    // Arithmetic shift: the sign fills bits 27-31, the magnitude lands in bits 20-26.
+    let y = _mm512_srai_epi32::<4>(top);
+    let bits = _mm512_and_si512(y, _mm512_set1_epi32(0x87F0_0000u32 as i32));
+    let value = _mm512_mul_ps(_mm512_castsi512_ps(bits), c);
+    let mag = _mm512_set1_epi32(0x07F0_0000);
+    let nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(y, mag), mag);
+    _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN))
 }
 
 /// `fl(e4m3(b) * s2)` for the byte `b` (0-255) in each 32-bit lane of `idx`, without a table:
@@ -1019,9 +1075,30 @@ mod tests {
             // SAFETY: AVX-512F checked above.
             let got = unsafe { ScaleDecode::detect(&table) };
             // A subnormal s2 leaves the product subnormal where E4M3's own exponent is low:
-            // still one rounding, so the arithmetic holds there too.
-            assert_eq!(got, ScaleDecode::E4m3 { s2 }, "s2 = {s2}");
+            // still one rounding, so the arithmetic holds there too. The bit decode takes every
+            // s2 whose `s2 * 2^120` is finite; the other arithmetic the rest.
+            let c = s2 * f32::from_bits((127 + 120) << 23);
+            let want = if c.is_finite() {
+                ScaleDecode::E4m3Bits { c }
+            } else {
+                ScaleDecode::E4m3 { s2 }
+            };
+            assert_eq!(got, want, "s2 = {s2}");
         }
+        // With denormal operands read as zero the bit decode would lose E4M3's subnormal
+        // scales (and a subnormal s2): the other arithmetic is taken, and still exact.
+        let table = q4_formats::nvfp4::scale_table(0.75);
+        #[allow(deprecated)] // `_mm_getcsr` / `_mm_setcsr`: deprecated, not removed
+        // SAFETY: AVX-512F checked above; MXCSR is this thread's, DAZ (bit 6) only changes how
+        // denormal operands read, and the previous value is restored before any assertion.
+        let with_daz = unsafe {
+            let csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x40);
+            let got = ScaleDecode::detect(&table);
+            _mm_setcsr(csr);
+            got
+        };
+        assert_eq!(with_daz, ScaleDecode::E4m3 { s2: 0.75 });
         let mx = q4_formats::mxfp4::scale_table();
         // SAFETY: as above.
         assert_eq!(unsafe { ScaleDecode::detect(&mx) }, ScaleDecode::E8m0);
