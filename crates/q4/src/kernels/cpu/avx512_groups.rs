@@ -294,7 +294,7 @@ impl GroupScales for E8m0Scales<'_> {
 
 /// Whether denormal operands read as zero here (MXCSR.DAZ): then the E4M3 arithmetic would
 /// lose subnormal scales, and the table decodes them instead.
-fn denormals_are_zero() -> bool {
+pub(super) fn denormals_are_zero() -> bool {
     // SAFETY: reading MXCSR has no preconditions (SSE, part of x86-64).
     #[allow(deprecated)] // `_mm_getcsr` is deprecated in favour of inline assembly, not removed
     let csr = unsafe { _mm_getcsr() };

@@ -25,6 +25,8 @@ mod switch;
 pub mod w4a4;
 pub mod w4a8;
 #[cfg(target_arch = "x86_64")]
+pub mod w4a8_gemv;
+#[cfg(target_arch = "x86_64")]
 pub mod w4a8_vnni;
 pub mod w8a8;
 #[cfg(target_arch = "x86_64")]

@@ -6,7 +6,8 @@
 //! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
 //! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
 //! widening every weight to f32 — about half the vector instructions of the f32 GEMV, whose
-//! decode, not memory, bounds batch 1 on two AVX2 cores. On AVX-512 VNNI hosts, batches from
+//! decode, not memory, bounds batch 1 on two AVX2 cores. On AVX-512 VNNI hosts, batch 1 takes
+//! `w4a8_gemv` (`vpdpbusd` over 128 weights per code load) and batches from
 //! `w4a8_vnni::MIN_BATCH` take `w4a8_vnni`'s tiles (`vpdpbusd`, one output row per lane).
 //! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
 //! to f32 rounding; that is the reference this mode is tested against.
@@ -228,13 +229,26 @@ fn int8_max_batch(w: &Rows<'_>) -> usize {
 pub const I8_PASSES_MAX_BATCH: usize = 12;
 
 /// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with an int8
-/// kernel when this target has one and the weight and batch fit it (the VNNI tiles, else the
-/// AVX2 GEMV; `true`, the activations quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
+/// kernel when this target has one and the weight and batch fit it (the VNNI GEMV at batch 1,
+/// the VNNI tiles from `w4a8_vnni::min_batch`, else the AVX2 GEMV; `true`, the activations
+/// quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
 /// activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if batch >= super::w4a8_vnni::min_batch() && super::w4a8_vnni::usable(w) {
         super::w4a8_vnni::matmul(w, &Int8Acts::quantize(x, w.k), batch, y);
+        return true;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if batch == 1 && super::w4a8_gemv::usable(w) {
+        let acts = super::w4a8_gemv::Acts::new(&Int8Acts::quantize(x, w.k));
+        super::parallel::for_each_chunk_mut(y, 32, w.n * w.k, |t, out| {
+            let r0 = t * 32;
+            let r1 = (r0 + 32).min(w.n);
+            // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight; rows r0..r1 exist,
+            // `acts` holds the row of w.k activations and `out` its r1 - r0 outputs.
+            unsafe { super::w4a8_gemv::rows(w, &acts, r0, r1, out) };
+        });
         return true;
     }
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,330 @@
+//! Batch-1 W4A8 (see `w4a8`) on AVX-512 VNNI hosts: E2M1 weights (NVFP4, MXFP4) times the int8
+//! activations with `vpdpbusd`, 128 weights per 64-byte code load.
+//!
+//! The 64 code bytes of a group give two vectors of weight bytes through one `vpshufb` table
+//! each (low nibbles, high nibbles; `2w + 12`, unsigned as `vpdpbusd` wants), and two
+//! `vpdpbusd` against the activations held in the same order make, in 32-bit lane `i`, the
+//! integer sum of weights `8i .. 8i + 8` times their activations: the lanes of the f32 group
+//! kernel (`avx512_groups`), so its scale vectors serve here too. Each lane's sum starts from
+//! `-12` times its activations' sum (the offset), is converted once and scaled by its weight
+//! and activation scales: about 14 vector operations per 128 weights where the f32 kernel takes
+//! about 30, so the batch-1 GEMV is bound by memory rather than by the decode.
+//!
+//! Same-process A/B on the Zen 5 host (thirty-fourth session, cache-cold NVFP4, two threads,
+//! `scripts/cpu/results/ab-w4a8-gemv-2026-11-29-s34.txt`): 0.72-0.74x the time of the AVX2 int8
+//! GEMV on the 576-wide shapes, 0.88-0.94x on the 4096-wide ones; against weight-only f32 NVFP4
+//! 0.87-0.90x and 0.99-1.06x (memory bounds both there at this host's ~52 GB/s). Warm, 4096x4096
+//! took 86 against the f32 kernel's 150 µs.
+
+use std::arch::x86_64::*;
+
+use super::aligned::AlignedVec;
+use super::avx512::L2_AHEAD_FACTOR;
+use super::avx512_groups::{E4m3Scales, E8m0Scales, GroupScales};
+use super::prefetch::{prefetch, prefetch_l2, PREFETCH_AHEAD};
+use super::rows::{Rows, ScaleSrc, TableScales, BLOCK16, BLOCK32};
+use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
+
+/// Weights per group: one 64-byte load of codes.
+const GROUP: usize = 128;
+/// Weights of a row's last, half group (rows of an odd number of 64-weight chunks).
+const HALF: usize = 64;
+/// Added to twice the E2M1 value so that every weight byte is unsigned (0..=24).
+const W_OFFSET: i32 = 12;
+
+static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_W4A8_GEMV");
+
+/// Turns this kernel on or off (default on where it applies; off, batch 1 takes the AVX2 int8
+/// GEMV), for same-process A/B measurements and tests.
+#[doc(hidden)]
+pub fn set_enabled(on: bool) {
+    SWITCH.set(on);
+}
+
+/// Whether batch-1 W4A8 products of `w` run here: AVX-512 BW + VNNI, not turned off
+/// (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and a weight the int8 kernels take
+/// (`w4a8::supported`: E2M1 codes low nibble first, blocks of 16 or 32, rows of whole
+/// 64-weight chunks).
+pub fn usable(w: &Rows<'_>) -> bool {
+    SWITCH.on() && super::avx512::vnni_usable() && super::w4a8::supported(w)
+}
+
+/// The activation row as the kernel reads it, per group of 128 (the last one padded with
+/// zeros): the 64 codes of the low nibbles' weights (`8i + 2j` at `4i + j`) then the 64 of the
+/// high nibbles' (`8i + 2j + 1`); per lane `i`, `-12` times the sum of codes `8i .. 8i + 8`;
+/// and per lane the scale of its activation block.
+pub struct Acts {
+    codes: AlignedVec<i8>,
+    corr: AlignedVec<i32>,
+    scales: AlignedVec<f32>,
+}
+
+impl Acts {
+    pub fn new(a: &Int8Acts) -> Acts {
+        let k = a.k;
+        let groups = k.div_ceil(GROUP);
+        let mut codes = AlignedVec::<i8>::zeroed(groups * GROUP);
+        let mut corr = AlignedVec::<i32>::zeroed(groups * 16);
+        let mut scales = AlignedVec::<f32>::zeroed(groups * 16);
+        let (cs, rs, ss) = (
+            codes.as_mut_slice(),
+            corr.as_mut_slice(),
+            scales.as_mut_slice(),
+        );
+        let q = &a.q.as_slice()[..k];
+        for (g, src) in q.chunks(GROUP).enumerate() {
+            let dst = &mut cs[g * GROUP..(g + 1) * GROUP];
+            for (i, eight) in src.chunks_exact(8).enumerate() {
+                for j in 0..4 {
+                    dst[4 * i + j] = eight[2 * j];
+                    dst[HALF + 4 * i + j] = eight[2 * j + 1];
+                }
+                rs[g * 16 + i] = -W_OFFSET * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
+                ss[g * 16 + i] = a.d[(g * GROUP + 8 * i) / ACT_BLOCK];
+            }
+        }
+        Acts {
+            codes,
+            corr,
+            scales,
+        }
+    }
+}
+
+/// `2w + 12` for each E2M1 code, in every 128-bit lane (a `vpshufb` table).
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn offset_table() -> __m512i {
+    let mut t = [0u8; 16];
+    for (o, &v) in t.iter_mut().zip(&E2M1_X2) {
+        *o = (i32::from(v) + W_OFFSET) as u8;
+    }
+    _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
+}
+
+/// The integer lane sums of 128 weights (64 code bytes at `codes`) times the activations of
+/// group `g`, from the offset corrections.
+///
+/// # Safety
+/// AVX-512 BW + VNNI present; 64 code bytes at `codes`; group `g` exists in `x`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn group_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __m512i {
+    let nibble = _mm512_set1_epi8(0x0f);
+    let c = _mm512_loadu_si512(codes as *const _);
+    let low = _mm512_shuffle_epi8(table, _mm512_and_si512(c, nibble));
+    let high = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(c), nibble));
+    let xc = x.codes.as_ptr().add(g * GROUP);
+    let corr = _mm512_load_si512(x.corr.as_ptr().add(g * 16) as *const _);
+    let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc as *const _));
+    _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(HALF) as *const _))
+}
+
+/// The half group's sums in lanes 0-7 (32 code bytes), zeros above.
+///
+/// # Safety
+/// As [`group_sums`], with 32 code bytes at `codes`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn half_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __m512i {
+    let table = _mm512_castsi512_si256(table);
+    let nibble = _mm256_set1_epi8(0x0f);
+    let c = _mm256_loadu_si256(codes as *const __m256i);
+    let low = _mm256_shuffle_epi8(table, _mm256_and_si256(c, nibble));
+    let high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nibble));
+    let xc = x.codes.as_ptr().add(g * GROUP);
+    let corr = _mm256_load_si256(x.corr.as_ptr().add(g * 16) as *const __m256i);
+    let s = _mm256_dpbusd_epi32(corr, low, _mm256_load_si256(xc as *const __m256i));
+    let s = _mm256_dpbusd_epi32(s, high, _mm256_load_si256(xc.add(HALF) as *const __m256i));
+    _mm512_zextsi256_si512(s)
+}
+
+/// The half group's weight scales in lanes 0-7 (lane `i` weights `8i .. 8i + 8`), ones above:
+/// per lane from the table, as only the half group's blocks may exist past `col`.
+///
+/// # Safety
+/// AVX-512F present; the blocks of weights `col .. col + 64` exist from `base`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn half_scales<S: GroupScales>(s: &S, base: usize, col: usize, block: usize) -> __m512 {
+    let mut v = [1f32; 16];
+    for (i, lane) in v[..8].iter_mut().enumerate() {
+        *lane = s.at(base + (col + 8 * i) / block);
+    }
+    _mm512_loadu_ps(v.as_ptr())
+}
+
+/// The lanes of `sum_k W[row0 + r, k] q(x)[k]` (activation scales applied, the factor 2 of
+/// the integer weights not) for `R` rows, one vector per row.
+///
+/// # Safety
+/// AVX-512 BW + VNNI present ([`usable`]); `w` E2M1 with `BK` its block (16 or 32) and `s` its
+/// scales; rows `row0 .. row0 + R` exist; `x` is [`Acts::new`] of a row of `w.k` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+#[inline]
+#[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
+unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>(
+    w: &Rows<'_>,
+    s: &S,
+    table: __m512i,
+    x: &Acts,
+    row0: usize,
+) -> [__m512; R] {
+    let shift = w.block.trailing_zeros();
+    let row_codes: [*const u8; R] =
+        std::array::from_fn(|r| w.codes.as_ptr().add((row0 + r) * w.row_bytes));
+    let row_scales: [usize; R] = std::array::from_fn(|r| (row0 + r) * w.row_blocks);
+    // As the f32 group kernel: at least two rows ahead (the pair's own second row is being
+    // read), and into L2 a further three times that.
+    let ahead = PREFETCH_AHEAD.max(2 * w.row_bytes);
+    let l2_ahead = if L2 { L2_AHEAD_FACTOR * ahead } else { 0 };
+    let mut acc = [_mm512_setzero_ps(); R];
+    let groups = w.k / GROUP;
+    for g in 0..groups {
+        let xs = _mm512_load_ps(x.scales.as_ptr().add(g * 16));
+        for r in 0..R {
+            let codes = row_codes[r].add(g * GROUP / 2);
+            if L2 {
+                prefetch_l2(codes.wrapping_add(l2_ahead));
+            }
+            prefetch(codes.wrapping_add(ahead));
+            if g.is_multiple_of(4) {
+                s.prefetch(row_scales[r] + ((g * GROUP + 2 * ahead) >> shift));
+            }
+            let sums = _mm512_cvtepi32_ps(group_sums(codes, table, x, g));
+            let ws = s.group::<BK>(row_scales[r], g * GROUP, shift);
+            acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
+        }
+    }
+    if w.k % GROUP == HALF {
+        let g = groups;
+        let xs = _mm512_load_ps(x.scales.as_ptr().add(g * 16));
+        for r in 0..R {
+            let sums = _mm512_cvtepi32_ps(half_sums(row_codes[r].add(g * GROUP / 2), table, x, g));
+            let ws = half_scales(s, row_scales[r], g * GROUP, w.block);
+            acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
+        }
+    }
+    acc
+}
+
+/// Rows `r0 .. r1` of `w` times the activation row `x` into `out[row - r0]`: sixteen rows at a
+/// time reduced together, the rest one by one.
+///
+/// # Safety
+/// AVX-512 BW + VNNI present and `w` taken ([`usable`]); rows `r0 .. r1` exist; `x` is
+/// [`Acts::new`] of a row of `w.k` values; `out` holds `r1 - r0` values.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+pub unsafe fn rows(w: &Rows<'_>, x: &Acts, r0: usize, r1: usize, out: &mut [f32]) {
+    debug_assert!(usable(w) && out.len() >= r1 - r0);
+    let table = offset_table();
+    // The integer weights are twice the E2M1 values.
+    let half = _mm512_set1_ps(0.5);
+    let ScaleSrc::Table { bytes, table: st } = w.scales else {
+        unreachable!("E2M1 weights have byte scales")
+    };
+    let ts = TableScales { bytes, table: st };
+    let e4m3 = w
+        .e4m3_factor
+        .filter(|_| w.block == 16 && !super::avx512_groups::denormals_are_zero());
+    macro_rules! run {
+        ($bk:expr, $l2:expr, $s:expr) => {{
+            let s = $s;
+            let mut r = r0;
+            while r1 - r >= 16 {
+                let sums = super::avx512::sum16_rows_pairs(|p| {
+                    rows_acc::<2, { $bk }, { $l2 }, _>(w, &s, table, x, r + 2 * p)
+                });
+                _mm512_storeu_ps(out.as_mut_ptr().add(r - r0), _mm512_mul_ps(sums, half));
+                r += 16;
+            }
+            while r < r1 {
+                let [v] = rows_acc::<1, { $bk }, { $l2 }, _>(w, &s, table, x, r);
+                out[r - r0] = _mm512_reduce_add_ps(v) * 0.5;
+                r += 1;
+            }
+        }};
+    }
+    macro_rules! with_l2 {
+        ($bk:expr, $s:expr) => {
+            if super::prefetch::l2_enabled() {
+                run!($bk, true, $s)
+            } else {
+                run!($bk, false, $s)
+            }
+        };
+    }
+    match (w.block, e4m3) {
+        (16, Some(factor)) => with_l2!(BLOCK16, E4m3Scales { table: ts, factor }),
+        (16, None) => with_l2!(BLOCK16, ts),
+        (_, _) if w.e8m0_exact => with_l2!(BLOCK32, E8m0Scales(ts)),
+        _ => with_l2!(BLOCK32, ts),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::gemv::rows_portable;
+    use crate::{Format, QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+
+    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// Every row against the portable GEMV over the dequantized activations (the W4A8
+    /// reference), NVFP4 (arithmetic and table scales) and MXFP4, rows of whole and half
+    /// groups, row counts around the 16-row blocks.
+    #[test]
+    fn matches_the_dequantized_activations() {
+        if !super::super::avx512::vnni_usable() {
+            return;
+        }
+        let dev = Device::Cpu;
+        for format in [Format::Nvfp4, Format::Mxfp4] {
+            for (n, k) in [
+                (1usize, 128usize),
+                (17, 576),
+                (33, 1024),
+                (16, 64),
+                (40, 4160),
+            ] {
+                let w = Tensor::from_vec(values(n as u64, n * k, 0.1), (n, k), &dev).unwrap();
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+                let view = q.host_view().unwrap();
+                let rows_w = Rows::new(&view);
+                assert!(usable(&rows_w), "{format} {n}x{k}");
+                let x = values(7, k, 2.0);
+                let a = Int8Acts::quantize(&x, k);
+                let xd = a.dequantize();
+                let mut want = vec![0f32; n];
+                rows_portable(&rows_w, &xd, 1, 0, n, &mut want);
+                let acts = Acts::new(&a);
+                for r0 in [0, n / 2] {
+                    let mut got = vec![0f32; n - r0];
+                    // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight; rows r0..n
+                    // exist, `acts` is a row of k values, `got` holds n - r0 values.
+                    unsafe { rows(&rows_w, &acts, r0, n, &mut got) };
+                    let mag: f32 = xd.iter().map(|v| v.abs()).sum::<f32>() * 0.6;
+                    for (i, (g, w)) in got.iter().zip(&want[r0..]).enumerate() {
+                        let tol = 1e-5 * w.abs().max(1e-6 * mag);
+                        assert!(
+                            (g - w).abs() <= tol.max(1e-6 * mag),
+                            "{format} {n}x{k} row {}: {g} vs {w}",
+                            r0 + i
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
