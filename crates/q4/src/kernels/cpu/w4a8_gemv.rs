@@ -266,20 +266,9 @@ pub unsafe fn rows(w: &Rows<'_>, x: &Acts, r0: usize, r1: usize, out: &mut [f32]
 mod tests {
     use super::*;
     use crate::kernels::cpu::gemv::rows_portable;
+    use crate::test_util::uniform;
     use crate::{Format, QTensor, QuantSpec};
     use candle_core::{Device, Tensor};
-
-    fn values(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
-            })
-            .collect()
-    }
 
     /// Every row against the portable GEMV over the dequantized activations (the W4A8
     /// reference), NVFP4 (arithmetic and table scales) and MXFP4, rows of whole and half
@@ -298,12 +287,12 @@ mod tests {
                 (16, 64),
                 (40, 4160),
             ] {
-                let w = Tensor::from_vec(values(n as u64, n * k, 0.1), (n, k), &dev).unwrap();
+                let w = Tensor::from_vec(uniform(n as u64, n * k, 0.05), (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
                 let view = q.host_view().unwrap();
                 let rows_w = Rows::new(&view);
                 assert!(usable(&rows_w), "{format} {n}x{k}");
-                let x = values(7, k, 2.0);
+                let x = uniform(7, k, 1.0);
                 let a = Int8Acts::quantize(&x, k);
                 let xd = a.dequantize();
                 let mut want = vec![0f32; n];
