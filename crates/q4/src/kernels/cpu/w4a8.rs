@@ -241,13 +241,15 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     }
     #[cfg(target_arch = "x86_64")]
     if batch == 1 && super::w4a8_gemv::usable(w) {
-        let acts = super::w4a8_gemv::Acts::new(&Int8Acts::quantize(x, w.k));
+        let iw = super::w4a8_gemv::IntWeights::of(w).expect("usable() checked the weight");
+        let acts = super::w4a8_gemv::Acts::new(&Int8Acts::quantize(x, w.k), &iw);
         super::parallel::for_each_chunk_mut(y, 32, w.n * w.k, |t, out| {
             let r0 = t * 32;
             let r1 = (r0 + 32).min(w.n);
-            // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight; rows r0..r1 exist,
-            // `acts` holds the row of w.k activations and `out` its r1 - r0 outputs.
-            unsafe { super::w4a8_gemv::rows(w, &acts, r0, r1, out) };
+            // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw` its integer
+            // weights); rows r0..r1 exist, `acts` holds the row of w.k activations for `iw`
+            // and `out` its r1 - r0 outputs.
+            unsafe { super::w4a8_gemv::rows(w, &iw, &acts, r0, r1, out) };
         });
         return true;
     }

@@ -1,14 +1,15 @@
-//! Batch-1 W4A8 (see `w4a8`) on AVX-512 VNNI hosts: E2M1 weights (NVFP4, MXFP4) times the int8
-//! activations with `vpdpbusd`, 128 weights per 64-byte code load.
+//! Batch-1 W4A8 (see `w4a8`) on AVX-512 VNNI hosts: integer weights (E2M1: NVFP4, MXFP4; the
+//! bitsandbytes NF4 / FP4 codebooks rounded to int8) times the int8 activations with
+//! `vpdpbusd`, 128 weights per 64-byte code load.
 //!
 //! The 64 code bytes of a group give two vectors of weight bytes through one `vpshufb` table
-//! each (low nibbles, high nibbles; `2w + 12`, unsigned as `vpdpbusd` wants), and two
-//! `vpdpbusd` against the activations held in the same order make, in 32-bit lane `i`, the
-//! integer sum of weights `8i .. 8i + 8` times their activations: the lanes of the f32 group
-//! kernel (`avx512_groups`), so its scale vectors serve here too. Each lane's sum starts from
-//! `-12` times its activations' sum (the offset), is converted once and scaled by its weight
-//! and activation scales: about 14 vector operations per 128 weights where the f32 kernel takes
-//! about 30, so the batch-1 GEMV is bound by memory rather than by the decode.
+//! each (low nibbles, high nibbles; the integer weight plus an offset, unsigned as `vpdpbusd`
+//! wants), and two `vpdpbusd` against the activations held in the same order make, in 32-bit
+//! lane `i`, the integer sum of weights `8i .. 8i + 8` times their activations: the lanes of
+//! the f32 group kernel (`avx512_groups`), so its scale vectors serve here too. Each lane's sum
+//! starts from minus the offset times its activations' sum, is converted once and scaled by
+//! its weight and activation scales: about 14 vector operations per 128 weights where the f32
+//! kernel takes about 30, so the batch-1 GEMV is bound by memory rather than by the decode.
 //!
 //! Same-process A/B on the Zen 5 host (thirty-fourth session, cache-cold NVFP4, two threads,
 //! `scripts/cpu/results/ab-w4a8-gemv-2026-11-29-s34.txt`): 0.72-0.74x the time of the AVX2 int8
@@ -29,8 +30,41 @@ use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
 const GROUP: usize = 128;
 /// Weights of a row's last, half group (rows of an odd number of 64-weight chunks).
 const HALF: usize = 64;
-/// Added to twice the E2M1 value so that every weight byte is unsigned (0..=24).
-const W_OFFSET: i32 = 12;
+
+/// The integer weight of each code, the offset that makes it an unsigned byte, and the factor
+/// back to values (`value = int * gain`).
+#[derive(Clone, Copy)]
+pub struct IntWeights {
+    ints: [i8; 16],
+    offset: i32,
+    gain: f32,
+}
+
+impl IntWeights {
+    /// E2M1 weights the int8 kernels take (`w4a8::supported`): twice the values, offset 12
+    /// (bytes 0..=24), gain 1/2. Bitsandbytes codebooks rounded to int8 (`Rows::int8_codebook`)
+    /// with f32 absmax on aligned rows of whole 64-weight chunks: offset 128, gain
+    /// `1 / factor`.
+    pub fn of(w: &Rows<'_>) -> Option<IntWeights> {
+        if super::w4a8::supported(w) {
+            return Some(IntWeights {
+                ints: E2M1_X2,
+                offset: 12,
+                gain: 0.5,
+            });
+        }
+        match (w.scales, w.int8_codebook) {
+            (ScaleSrc::F32(_), Some(c)) if w.aligned && w.k.is_multiple_of(HALF) => {
+                Some(IntWeights {
+                    ints: c.ints,
+                    offset: 128,
+                    gain: 1.0 / c.factor,
+                })
+            }
+            _ => None,
+        }
+    }
+}
 
 static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_W4A8_GEMV");
 
@@ -42,17 +76,15 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether batch-1 W4A8 products of `w` run here: AVX-512 BW + VNNI, not turned off
-/// (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and a weight the int8 kernels take
-/// (`w4a8::supported`: E2M1 codes low nibble first, blocks of 16 or 32, rows of whole
-/// 64-weight chunks).
+/// (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and integer weights it takes ([`IntWeights::of`]).
 pub fn usable(w: &Rows<'_>) -> bool {
-    SWITCH.on() && super::avx512::vnni_usable() && super::w4a8::supported(w)
+    SWITCH.on() && super::avx512::vnni_usable() && IntWeights::of(w).is_some()
 }
 
 /// The activation row as the kernel reads it, per group of 128 (the last one padded with
-/// zeros): the 64 codes of the low nibbles' weights (`8i + 2j` at `4i + j`) then the 64 of the
-/// high nibbles' (`8i + 2j + 1`); per lane `i`, `-12` times the sum of codes `8i .. 8i + 8`;
-/// and per lane the scale of its activation block.
+/// zeros): the 64 codes of the even weights (`8i + 2j` at `4i + j`) then the 64 of the odd
+/// ones (`8i + 2j + 1`); per lane `i`, minus the weights' offset times the sum of codes
+/// `8i .. 8i + 8`; and per lane the scale of its activation block.
 pub struct Acts {
     codes: AlignedVec<i8>,
     corr: AlignedVec<i32>,
@@ -60,7 +92,7 @@ pub struct Acts {
 }
 
 impl Acts {
-    pub fn new(a: &Int8Acts) -> Acts {
+    pub fn new(a: &Int8Acts, iw: &IntWeights) -> Acts {
         let k = a.k;
         let groups = k.div_ceil(GROUP);
         let mut codes = AlignedVec::<i8>::zeroed(groups * GROUP);
@@ -79,7 +111,7 @@ impl Acts {
                     dst[4 * i + j] = eight[2 * j];
                     dst[HALF + 4 * i + j] = eight[2 * j + 1];
                 }
-                rs[g * 16 + i] = -W_OFFSET * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
+                rs[g * 16 + i] = -iw.offset * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
                 ss[g * 16 + i] = a.d[(g * GROUP + 8 * i) / ACT_BLOCK];
             }
         }
@@ -91,33 +123,41 @@ impl Acts {
     }
 }
 
-/// `2w + 12` for each E2M1 code, in every 128-bit lane (a `vpshufb` table).
+/// Each code's integer weight plus the offset, in every 128-bit lane (a `vpshufb` table).
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn offset_table() -> __m512i {
+unsafe fn offset_table(iw: &IntWeights) -> __m512i {
     let mut t = [0u8; 16];
-    for (o, &v) in t.iter_mut().zip(&E2M1_X2) {
-        *o = (i32::from(v) + W_OFFSET) as u8;
+    for (o, &v) in t.iter_mut().zip(&iw.ints) {
+        *o = (i32::from(v) + iw.offset) as u8;
     }
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
 }
 
 /// The integer lane sums of 128 weights (64 code bytes at `codes`) times the activations of
-/// group `g`, from the offset corrections.
+/// group `g`, from the offset corrections. `low`: where in the group's activation codes the
+/// low nibbles' weights are (0, the even ones; [`HALF`], the odd ones where the high nibble
+/// comes first); `high` the other half.
 ///
 /// # Safety
 /// AVX-512 BW + VNNI present; 64 code bytes at `codes`; group `g` exists in `x`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
-unsafe fn group_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __m512i {
+unsafe fn group_sums(
+    codes: *const u8,
+    table: __m512i,
+    x: &Acts,
+    g: usize,
+    (low_at, high_at): (usize, usize),
+) -> __m512i {
     let nibble = _mm512_set1_epi8(0x0f);
     let c = _mm512_loadu_si512(codes as *const _);
     let low = _mm512_shuffle_epi8(table, _mm512_and_si512(c, nibble));
     let high = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(c), nibble));
     let xc = x.codes.as_ptr().add(g * GROUP);
     let corr = _mm512_load_si512(x.corr.as_ptr().add(g * 16) as *const _);
-    let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc as *const _));
-    _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(HALF) as *const _))
+    let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc.add(low_at) as *const _));
+    _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(high_at) as *const _))
 }
 
 /// The half group's sums in lanes 0-7 (32 code bytes), zeros above.
@@ -126,7 +166,13 @@ unsafe fn group_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __
 /// As [`group_sums`], with 32 code bytes at `codes`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
 #[inline]
-unsafe fn half_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __m512i {
+unsafe fn half_sums(
+    codes: *const u8,
+    table: __m512i,
+    x: &Acts,
+    g: usize,
+    (low_at, high_at): (usize, usize),
+) -> __m512i {
     let table = _mm512_castsi512_si256(table);
     let nibble = _mm256_set1_epi8(0x0f);
     let c = _mm256_loadu_si256(codes as *const __m256i);
@@ -134,8 +180,16 @@ unsafe fn half_sums(codes: *const u8, table: __m512i, x: &Acts, g: usize) -> __m
     let high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nibble));
     let xc = x.codes.as_ptr().add(g * GROUP);
     let corr = _mm256_load_si256(x.corr.as_ptr().add(g * 16) as *const __m256i);
-    let s = _mm256_dpbusd_epi32(corr, low, _mm256_load_si256(xc as *const __m256i));
-    let s = _mm256_dpbusd_epi32(s, high, _mm256_load_si256(xc.add(HALF) as *const __m256i));
+    let s = _mm256_dpbusd_epi32(
+        corr,
+        low,
+        _mm256_load_si256(xc.add(low_at) as *const __m256i),
+    );
+    let s = _mm256_dpbusd_epi32(
+        s,
+        high,
+        _mm256_load_si256(xc.add(high_at) as *const __m256i),
+    );
     _mm512_zextsi256_si512(s)
 }
 
@@ -170,6 +224,7 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
     x: &Acts,
     row0: usize,
 ) -> [__m512; R] {
+    let halves = if w.high_first { (HALF, 0) } else { (0, HALF) };
     let shift = w.block.trailing_zeros();
     let row_codes: [*const u8; R] =
         std::array::from_fn(|r| w.codes.as_ptr().add((row0 + r) * w.row_bytes));
@@ -191,7 +246,7 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
             if g.is_multiple_of(4) {
                 s.prefetch(row_scales[r] + ((g * GROUP + 2 * ahead) >> shift));
             }
-            let sums = _mm512_cvtepi32_ps(group_sums(codes, table, x, g));
+            let sums = _mm512_cvtepi32_ps(group_sums(codes, table, x, g, halves));
             let ws = s.group::<BK>(row_scales[r], g * GROUP, shift);
             acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
         }
@@ -200,7 +255,8 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
         let g = groups;
         let xs = _mm512_load_ps(x.scales.as_ptr().add(g * 16));
         for r in 0..R {
-            let sums = _mm512_cvtepi32_ps(half_sums(row_codes[r].add(g * GROUP / 2), table, x, g));
+            let codes = row_codes[r].add(g * GROUP / 2);
+            let sums = _mm512_cvtepi32_ps(half_sums(codes, table, x, g, halves));
             let ws = half_scales(s, row_scales[r], g * GROUP, w.block);
             acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
         }
@@ -215,18 +271,11 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
 /// AVX-512 BW + VNNI present and `w` taken ([`usable`]); rows `r0 .. r1` exist; `x` is
 /// [`Acts::new`] of a row of `w.k` values; `out` holds `r1 - r0` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
-pub unsafe fn rows(w: &Rows<'_>, x: &Acts, r0: usize, r1: usize, out: &mut [f32]) {
+pub unsafe fn rows(w: &Rows<'_>, iw: &IntWeights, x: &Acts, r0: usize, r1: usize, out: &mut [f32]) {
     debug_assert!(usable(w) && out.len() >= r1 - r0);
-    let table = offset_table();
-    // The integer weights are twice the E2M1 values.
-    let half = _mm512_set1_ps(0.5);
-    let ScaleSrc::Table { bytes, table: st } = w.scales else {
-        unreachable!("E2M1 weights have byte scales")
-    };
-    let ts = TableScales { bytes, table: st };
-    let e4m3 = w
-        .e4m3_factor
-        .filter(|_| w.block == 16 && !super::avx512_groups::denormals_are_zero());
+    let table = offset_table(iw);
+    // Integer weights back to values.
+    let gain = _mm512_set1_ps(iw.gain);
     macro_rules! run {
         ($bk:expr, $l2:expr, $s:expr) => {{
             let s = $s;
@@ -235,12 +284,12 @@ pub unsafe fn rows(w: &Rows<'_>, x: &Acts, r0: usize, r1: usize, out: &mut [f32]
                 let sums = super::avx512::sum16_rows_pairs(|p| {
                     rows_acc::<2, { $bk }, { $l2 }, _>(w, &s, table, x, r + 2 * p)
                 });
-                _mm512_storeu_ps(out.as_mut_ptr().add(r - r0), _mm512_mul_ps(sums, half));
+                _mm512_storeu_ps(out.as_mut_ptr().add(r - r0), _mm512_mul_ps(sums, gain));
                 r += 16;
             }
             while r < r1 {
                 let [v] = rows_acc::<1, { $bk }, { $l2 }, _>(w, &s, table, x, r);
-                out[r - r0] = _mm512_reduce_add_ps(v) * 0.5;
+                out[r - r0] = _mm512_reduce_add_ps(v) * iw.gain;
                 r += 1;
             }
         }};
@@ -254,11 +303,20 @@ pub unsafe fn rows(w: &Rows<'_>, x: &Acts, r0: usize, r1: usize, out: &mut [f32]
             }
         };
     }
-    match (w.block, e4m3) {
-        (16, Some(factor)) => with_l2!(BLOCK16, E4m3Scales { table: ts, factor }),
-        (16, None) => with_l2!(BLOCK16, ts),
-        (_, _) if w.e8m0_exact => with_l2!(BLOCK32, E8m0Scales(ts)),
-        _ => with_l2!(BLOCK32, ts),
+    // E2M1 scale bytes by arithmetic where the group kernel takes it, else the generic scales
+    // (tables; the bitsandbytes absmax).
+    let e4m3 = w
+        .e4m3_factor
+        .filter(|_| w.block == 16 && !super::avx512_groups::denormals_are_zero());
+    match (w.scales, e4m3) {
+        (ScaleSrc::Table { bytes, table }, Some(factor)) => {
+            let table = TableScales { bytes, table };
+            with_l2!(BLOCK16, E4m3Scales { table, factor })
+        }
+        (ScaleSrc::Table { bytes, table }, None) if w.block == 32 && w.e8m0_exact => {
+            with_l2!(BLOCK32, E8m0Scales(TableScales { bytes, table }))
+        }
+        _ => super::rows::with_scales!(w, |BK, s| with_l2!(BK, s)),
     }
 }
 
@@ -271,7 +329,8 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Every row against the portable GEMV over the dequantized activations (the W4A8
-    /// reference), NVFP4 (arithmetic and table scales) and MXFP4, rows of whole and half
+    /// reference) on the same integer weights: NVFP4 (arithmetic and table scales), MXFP4, and
+    /// NF4 / bitsandbytes FP4 with their codebooks rounded to int8; rows of whole and half
     /// groups, row counts around the 16-row blocks.
     #[test]
     fn matches_the_dequantized_activations() {
@@ -279,7 +338,7 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        for format in [Format::Nvfp4, Format::Mxfp4] {
+        for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
             for (n, k) in [
                 (1usize, 128usize),
                 (17, 576),
@@ -289,20 +348,21 @@ mod tests {
             ] {
                 let w = Tensor::from_vec(uniform(n as u64, n * k, 0.05), (n, k), &dev).unwrap();
                 let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
-                let view = q.host_view().unwrap();
+                let view = q.host_view().unwrap().with_int8_codebook();
                 let rows_w = Rows::new(&view);
                 assert!(usable(&rows_w), "{format} {n}x{k}");
+                let iw = IntWeights::of(&rows_w).unwrap();
                 let x = uniform(7, k, 1.0);
                 let a = Int8Acts::quantize(&x, k);
                 let xd = a.dequantize();
                 let mut want = vec![0f32; n];
                 rows_portable(&rows_w, &xd, 1, 0, n, &mut want);
-                let acts = Acts::new(&a);
+                let acts = Acts::new(&a, &iw);
                 for r0 in [0, n / 2] {
                     let mut got = vec![0f32; n - r0];
-                    // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight; rows r0..n
-                    // exist, `acts` is a row of k values, `got` holds n - r0 values.
-                    unsafe { rows(&rows_w, &acts, r0, n, &mut got) };
+                    // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
+                    // r0..n exist, `acts` is a row of k values for `iw`, `got` holds n - r0.
+                    unsafe { rows(&rows_w, &iw, &acts, r0, n, &mut got) };
                     let mag: f32 = xd.iter().map(|v| v.abs()).sum::<f32>() * 0.6;
                     for (i, (g, w)) in got.iter().zip(&want[r0..]).enumerate() {
                         let tol = 1e-5 * w.abs().max(1e-6 * mag);
