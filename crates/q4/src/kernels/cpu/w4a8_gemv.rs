@@ -11,11 +11,11 @@
 //! its weight and activation scales: about 14 vector operations per 128 weights where the f32
 //! kernel takes about 30, so the batch-1 GEMV is bound by memory rather than by the decode.
 //!
-//! Same-process A/B on the Zen 5 host (thirty-fourth session, cache-cold NVFP4, two threads,
-//! `scripts/cpu/results/ab-w4a8-gemv-2026-11-29-s34.txt`): 0.72-0.74x the time of the AVX2 int8
-//! GEMV on the 576-wide shapes, 0.88-0.94x on the 4096-wide ones; against weight-only f32 NVFP4
-//! 0.87-0.90x and 0.99-1.06x (memory bounds both there at this host's ~52 GB/s). Warm, 4096x4096
-//! took 86 against the f32 kernel's 150 µs.
+//! Same-process A/B on the Zen 5 host (thirty-fourth session, cache-cold, two threads,
+//! `examples/ab_w4a8_gemv`, `scripts/cpu/results/ab-w4a8-gemv-*-2026-11-29-s34.txt`): NVFP4
+//! 0.49-0.94x the time of the AVX2 int8 GEMV it replaces, NF4 0.84-1.04x the f32 kernels on the
+//! activations' round trip; against weight-only f32 NVFP4 0.87-1.06x where memory bounds both.
+//! Warm, 4096x4096 NVFP4 took 86 against the f32 kernel's 150 µs.
 
 use std::arch::x86_64::*;
 

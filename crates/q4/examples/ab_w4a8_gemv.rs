@@ -1,0 +1,53 @@
+//! Same-process A/B of the batch-1 W4A8 VNNI GEMV (`w4a8_gemv`) against what batch 1 took
+//! before it: the AVX2 int8 GEMV for E2M1 weights (NVFP4), the f32 kernels on the activations'
+//! round trip for the bitsandbytes int8 codebooks (NF4). W4A8 `QLinear` calls with each
+//! alternate on weight copies rotating over 3 x `LLC_MIB` (cache-cold); prints the median µs of
+//! each and their ratio.
+//!
+//! `cargo run --release -p q4 --example ab_w4a8_gemv [-- SHAPES BATCHES ROUNDS LLC_MIB]`
+
+#[cfg(target_arch = "x86_64")]
+mod ab;
+
+#[cfg(not(target_arch = "x86_64"))]
+fn main() {
+    eprintln!("ab_w4a8_gemv: the VNNI kernel is x86-64 only");
+    std::process::exit(2);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn main() {
+    use candle_core::{Device, Module, Tensor};
+    use q4::kernels::cpu::w4a8_gemv::set_enabled;
+    let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,576x1536,49152x576", "1");
+    let dev = Device::Cpu;
+    println!("shape        format batch copies        vnni_us       before_us  ratio");
+    for shape in args.shapes.split(',') {
+        let (n, k) = ab::parse_shape(shape);
+        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+        for format in [q4::Format::Nvfp4, q4::Format::Nf4] {
+            let copies = ((3 * args.llc_mib) << 20) / (n * k * 9 / 16) + 1;
+            let lins: Vec<q4::QLinear> = (0..copies)
+                .map(|_| {
+                    let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(format)).unwrap();
+                    q4::QLinear::new(q, None)
+                        .unwrap()
+                        .with_act_quant(q4::qlinear::ActQuant::Int8)
+                        .unwrap()
+                })
+                .collect();
+            for &batch in &args.batches {
+                let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
+                let rounds = args.rounds.max(copies);
+                let (a, b) = ab::interleave(rounds, 10, copies, &set_enabled, &|c| {
+                    std::hint::black_box(lins[c].forward(&x).unwrap());
+                });
+                println!(
+                    "{shape:<12} {:<6} {batch:>5} {copies:>6} {a:>14.1} {b:>15.1} {:>6.3}",
+                    format.name(),
+                    a / b
+                );
+            }
+        }
+    }
+}
