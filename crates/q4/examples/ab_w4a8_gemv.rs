@@ -5,6 +5,7 @@
 //! each and their ratio.
 //!
 //! `cargo run --release -p q4 --example ab_w4a8_gemv [-- SHAPES BATCHES ROUNDS LLC_MIB]`
+//! (batches 1, 2 and 4 by default)
 
 #[cfg(target_arch = "x86_64")]
 mod ab;
@@ -19,7 +20,7 @@ fn main() {
 fn main() {
     use candle_core::{Device, Module, Tensor};
     use q4::kernels::cpu::w4a8_gemv::set_enabled;
-    let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,576x1536,49152x576", "1");
+    let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,576x1536,49152x576", "1,2,4");
     let dev = Device::Cpu;
     println!("shape        format batch copies        vnni_us       before_us  ratio");
     for shape in args.shapes.split(',') {

@@ -6,7 +6,7 @@
 //! Twice every E2M1 value is a small integer (0, ±1, ±2, ±3, ±4, ±6, ±8, ±12), so each block's
 //! dot product is an exact integer sum, done with byte multiply-adds (`vpmaddubsw`) instead of
 //! widening every weight to f32 — about half the vector instructions of the f32 GEMV, whose
-//! decode, not memory, bounds batch 1 on two AVX2 cores. On AVX-512 VNNI hosts, batch 1 takes
+//! decode, not memory, bounds batch 1 on two AVX2 cores. On AVX-512 VNNI hosts, batches 1-4 take
 //! `w4a8_gemv` (`vpdpbusd` over 128 weights per code load) and batches from
 //! `w4a8_vnni::MIN_BATCH` take `w4a8_vnni`'s tiles (`vpdpbusd`, one output row per lane).
 //! The result equals the f32 product of the weight with the *dequantized* activations `q * d` up
@@ -229,10 +229,10 @@ fn int8_max_batch(w: &Rows<'_>) -> usize {
 pub const I8_PASSES_MAX_BATCH: usize = 12;
 
 /// `y[m, n] = sum_k q(x)[m, k] W[n, k]` for f32 activations `x` (`batch x k`), with an int8
-/// kernel when this target has one and the weight and batch fit it (the VNNI GEMV at batch 1,
-/// the VNNI tiles from `w4a8_vnni::min_batch`, else the AVX2 GEMV; `true`, the activations
-/// quantized here); `false` leaves `y` untouched and the caller runs the f32 kernels on the
-/// activations' round trip (`round_trip_in_place`).
+/// kernel when this target has one and the weight and batch fit it (the VNNI GEMV up to
+/// `w4a8_gemv::MAX_BATCH`, the VNNI tiles from `w4a8_vnni::min_batch`, else the AVX2 GEMV;
+/// `true`, the activations quantized here); `false` leaves `y` untouched and the caller runs
+/// the f32 kernels on the activations' round trip (`round_trip_in_place`).
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if batch >= super::w4a8_vnni::min_batch() && super::w4a8_vnni::usable(w) {
@@ -240,17 +240,28 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
         return true;
     }
     #[cfg(target_arch = "x86_64")]
-    if batch == 1 && super::w4a8_gemv::usable(w) {
-        let iw = super::w4a8_gemv::IntWeights::of(w).expect("usable() checked the weight");
-        let acts = super::w4a8_gemv::Acts::new(&Int8Acts::quantize(x, w.k), &iw);
-        super::parallel::for_each_chunk_mut(y, 32, w.n * w.k, |t, out| {
+    if batch <= super::w4a8_gemv::MAX_BATCH && super::w4a8_gemv::usable(w) {
+        use super::w4a8_gemv::{rows, Acts, IntWeights};
+        let iw = IntWeights::of(w).expect("usable() checked the weight");
+        let acts = Acts::new(&Int8Acts::quantize(x, w.k), &iw, batch);
+        let mut yt = vec![0f32; w.n * batch];
+        let work = w.n * w.k * batch.div_ceil(2);
+        super::parallel::for_each_chunk_mut(&mut yt, 32 * batch, work, |t, out| {
             let r0 = t * 32;
             let r1 = (r0 + 32).min(w.n);
             // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw` its integer
-            // weights); rows r0..r1 exist, `acts` holds the row of w.k activations for `iw`
-            // and `out` its r1 - r0 outputs.
-            unsafe { super::w4a8_gemv::rows(w, &iw, &acts, r0, r1, out) };
+            // weights); rows r0..r1 exist, `acts` holds `batch` rows of w.k activations for
+            // `iw` and `out` their (r1 - r0) * batch outputs.
+            unsafe {
+                match batch {
+                    1 => rows::<1>(w, &iw, &acts, r0, r1, out),
+                    2 => rows::<2>(w, &iw, &acts, r0, r1, out),
+                    3 => rows::<3>(w, &iw, &acts, r0, r1, out),
+                    _ => rows::<4>(w, &iw, &acts, r0, r1, out),
+                }
+            };
         });
+        super::transpose_into(&yt, w.n, batch, y);
         return true;
     }
     #[cfg(target_arch = "x86_64")]

@@ -81,44 +81,54 @@ pub fn usable(w: &Rows<'_>) -> bool {
     SWITCH.on() && super::avx512::vnni_usable() && IntWeights::of(w).is_some()
 }
 
-/// The activation row as the kernel reads it, per group of 128 (the last one padded with
-/// zeros): the 64 codes of the even weights (`8i + 2j` at `4i + j`) then the 64 of the odd
+/// Most activation rows a call takes; from `w4a8_vnni::MIN_BATCH` the tiles are faster.
+pub const MAX_BATCH: usize = 4;
+
+/// The activation rows as the kernel reads them, per row and group of 128 (the last one padded
+/// with zeros): the 64 codes of the even weights (`8i + 2j` at `4i + j`) then the 64 of the odd
 /// ones (`8i + 2j + 1`); per lane `i`, minus the weights' offset times the sum of codes
 /// `8i .. 8i + 8`; and per lane the scale of its activation block.
 pub struct Acts {
     codes: AlignedVec<i8>,
     corr: AlignedVec<i32>,
     scales: AlignedVec<f32>,
+    groups: usize,
 }
 
 impl Acts {
-    pub fn new(a: &Int8Acts, iw: &IntWeights) -> Acts {
+    /// The first `batch` rows of `a` for the integer weights `iw`.
+    pub fn new(a: &Int8Acts, iw: &IntWeights, batch: usize) -> Acts {
         let k = a.k;
         let groups = k.div_ceil(GROUP);
-        let mut codes = AlignedVec::<i8>::zeroed(groups * GROUP);
-        let mut corr = AlignedVec::<i32>::zeroed(groups * 16);
-        let mut scales = AlignedVec::<f32>::zeroed(groups * 16);
+        let mut codes = AlignedVec::<i8>::zeroed(batch * groups * GROUP);
+        let mut corr = AlignedVec::<i32>::zeroed(batch * groups * 16);
+        let mut scales = AlignedVec::<f32>::zeroed(batch * groups * 16);
         let (cs, rs, ss) = (
             codes.as_mut_slice(),
             corr.as_mut_slice(),
             scales.as_mut_slice(),
         );
-        let q = &a.q.as_slice()[..k];
-        for (g, src) in q.chunks(GROUP).enumerate() {
-            let dst = &mut cs[g * GROUP..(g + 1) * GROUP];
-            for (i, eight) in src.chunks_exact(8).enumerate() {
-                for j in 0..4 {
-                    dst[4 * i + j] = eight[2 * j];
-                    dst[HALF + 4 * i + j] = eight[2 * j + 1];
+        for m in 0..batch {
+            let q = &a.q.as_slice()[m * k..(m + 1) * k];
+            let d = &a.d[m * (k / ACT_BLOCK)..];
+            for (g, src) in q.chunks(GROUP).enumerate() {
+                let at = m * groups + g;
+                let dst = &mut cs[at * GROUP..(at + 1) * GROUP];
+                for (i, eight) in src.chunks_exact(8).enumerate() {
+                    for j in 0..4 {
+                        dst[4 * i + j] = eight[2 * j];
+                        dst[HALF + 4 * i + j] = eight[2 * j + 1];
+                    }
+                    rs[at * 16 + i] = -iw.offset * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
+                    ss[at * 16 + i] = d[(g * GROUP + 8 * i) / ACT_BLOCK];
                 }
-                rs[g * 16 + i] = -iw.offset * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
-                ss[g * 16 + i] = a.d[(g * GROUP + 8 * i) / ACT_BLOCK];
             }
         }
         Acts {
             codes,
             corr,
             scales,
+            groups,
         }
     }
 }
@@ -134,52 +144,75 @@ unsafe fn offset_table(iw: &IntWeights) -> __m512i {
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
 }
 
-/// The integer lane sums of 128 weights (64 code bytes at `codes`) times the activations of
-/// group `g`, from the offset corrections. `low`: where in the group's activation codes the
-/// low nibbles' weights are (0, the even ones; [`HALF`], the odd ones where the high nibble
-/// comes first); `high` the other half.
+/// The weight bytes of 128 weights (64 code bytes at `codes`): the low nibbles', the high
+/// nibbles'.
 ///
 /// # Safety
-/// AVX-512 BW + VNNI present; 64 code bytes at `codes`; group `g` exists in `x`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+/// AVX-512 BW present; 64 code bytes at `codes`.
+#[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn group_sums(
-    codes: *const u8,
-    table: __m512i,
-    x: &Acts,
-    g: usize,
-    (low_at, high_at): (usize, usize),
-) -> __m512i {
+unsafe fn weight_bytes(codes: *const u8, table: __m512i) -> (__m512i, __m512i) {
     let nibble = _mm512_set1_epi8(0x0f);
     let c = _mm512_loadu_si512(codes as *const _);
     let low = _mm512_shuffle_epi8(table, _mm512_and_si512(c, nibble));
     let high = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(c), nibble));
-    let xc = x.codes.as_ptr().add(g * GROUP);
-    let corr = _mm512_load_si512(x.corr.as_ptr().add(g * 16) as *const _);
-    let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc.add(low_at) as *const _));
-    _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(high_at) as *const _))
+    (low, high)
 }
 
-/// The half group's sums in lanes 0-7 (32 code bytes), zeros above.
+/// [`weight_bytes`] of a half group (32 code bytes).
 ///
 /// # Safety
-/// As [`group_sums`], with 32 code bytes at `codes`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+/// AVX-512 BW + VL present; 32 code bytes at `codes`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn half_sums(
-    codes: *const u8,
-    table: __m512i,
-    x: &Acts,
-    g: usize,
-    (low_at, high_at): (usize, usize),
-) -> __m512i {
+unsafe fn weight_bytes_half(codes: *const u8, table: __m512i) -> (__m256i, __m256i) {
     let table = _mm512_castsi512_si256(table);
     let nibble = _mm256_set1_epi8(0x0f);
     let c = _mm256_loadu_si256(codes as *const __m256i);
     let low = _mm256_shuffle_epi8(table, _mm256_and_si256(c, nibble));
     let high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nibble));
-    let xc = x.codes.as_ptr().add(g * GROUP);
-    let corr = _mm256_load_si256(x.corr.as_ptr().add(g * 16) as *const __m256i);
+    (low, high)
+}
+
+/// The integer lane sums of a group's weight bytes times activation row `m`'s codes, from the
+/// offset corrections. `low_at`: where in the group's activation codes the low nibbles'
+/// weights are (0, the even ones; [`HALF`], the odd ones where the high nibble comes first);
+/// `high_at` the other half.
+///
+/// # Safety
+/// AVX-512 VNNI present; group `g` of row `m` exists in `x`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[inline]
+unsafe fn dot(
+    (low, high): (__m512i, __m512i),
+    x: &Acts,
+    m: usize,
+    g: usize,
+    (low_at, high_at): (usize, usize),
+) -> __m512i {
+    let at = m * x.groups + g;
+    let xc = x.codes.as_ptr().add(at * GROUP);
+    let corr = _mm512_load_si512(x.corr.as_ptr().add(at * 16) as *const _);
+    let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc.add(low_at) as *const _));
+    _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(high_at) as *const _))
+}
+
+/// [`dot`] of a half group, its sums in lanes 0-7 and zeros above.
+///
+/// # Safety
+/// As [`dot`], with AVX-512 VL.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+#[inline]
+unsafe fn dot_half(
+    (low, high): (__m256i, __m256i),
+    x: &Acts,
+    m: usize,
+    g: usize,
+    (low_at, high_at): (usize, usize),
+) -> __m512i {
+    let at = m * x.groups + g;
+    let xc = x.codes.as_ptr().add(at * GROUP);
+    let corr = _mm256_load_si256(x.corr.as_ptr().add(at * 16) as *const __m256i);
     let s = _mm256_dpbusd_epi32(
         corr,
         low,
@@ -191,6 +224,16 @@ unsafe fn half_sums(
         _mm256_load_si256(xc.add(high_at) as *const __m256i),
     );
     _mm512_zextsi256_si512(s)
+}
+
+/// Activation row `m`'s scales of group `g`, per lane.
+///
+/// # Safety
+/// AVX-512F present; group `g` of row `m` exists in `x`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn act_scales(x: &Acts, m: usize, g: usize) -> __m512 {
+    _mm512_load_ps(x.scales.as_ptr().add((m * x.groups + g) * 16))
 }
 
 /// The half group's weight scales in lanes 0-7 (lane `i` weights `8i .. 8i + 8`), ones above:
@@ -208,22 +251,23 @@ unsafe fn half_scales<S: GroupScales>(s: &S, base: usize, col: usize, block: usi
     _mm512_loadu_ps(v.as_ptr())
 }
 
-/// The lanes of `sum_k W[row0 + r, k] q(x)[k]` (activation scales applied, the factor 2 of
-/// the integer weights not) for `R` rows, one vector per row.
+/// The lanes of `sum_k W[row0 + r, k] q(x)[m, k]` (activation scales applied, the integer
+/// weights' gain not) for `R` rows and `B` activation rows, one vector each: a group's weight
+/// bytes are decoded once for all `B` rows.
 ///
 /// # Safety
-/// AVX-512 BW + VNNI present ([`usable`]); `w` E2M1 with `BK` its block (16 or 32) and `s` its
-/// scales; rows `row0 .. row0 + R` exist; `x` is [`Acts::new`] of a row of `w.k` values.
+/// AVX-512 BW + VNNI present ([`usable`]); `s` the scales of `w` with `BK` its block class;
+/// rows `row0 .. row0 + R` exist; `x` is [`Acts::new`] of `B` or more rows of `w.k` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
-unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>(
+unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool, S: GroupScales>(
     w: &Rows<'_>,
     s: &S,
     table: __m512i,
     x: &Acts,
     row0: usize,
-) -> [__m512; R] {
+) -> [[__m512; B]; R] {
     let halves = if w.high_first { (HALF, 0) } else { (0, HALF) };
     let shift = w.block.trailing_zeros();
     let row_codes: [*const u8; R] =
@@ -233,10 +277,9 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
     // read), and into L2 a further three times that.
     let ahead = PREFETCH_AHEAD.max(2 * w.row_bytes);
     let l2_ahead = if L2 { L2_AHEAD_FACTOR * ahead } else { 0 };
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [[_mm512_setzero_ps(); B]; R];
     let groups = w.k / GROUP;
     for g in 0..groups {
-        let xs = _mm512_load_ps(x.scales.as_ptr().add(g * 16));
         for r in 0..R {
             let codes = row_codes[r].add(g * GROUP / 2);
             if L2 {
@@ -246,33 +289,47 @@ unsafe fn rows_acc<const R: usize, const BK: u8, const L2: bool, S: GroupScales>
             if g.is_multiple_of(4) {
                 s.prefetch(row_scales[r] + ((g * GROUP + 2 * ahead) >> shift));
             }
-            let sums = _mm512_cvtepi32_ps(group_sums(codes, table, x, g, halves));
+            let bytes = weight_bytes(codes, table);
             let ws = s.group::<BK>(row_scales[r], g * GROUP, shift);
-            acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
+            for m in 0..B {
+                let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
+                let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
+                acc[r][m] = _mm512_fmadd_ps(sums, sc, acc[r][m]);
+            }
         }
     }
     if w.k % GROUP == HALF {
         let g = groups;
-        let xs = _mm512_load_ps(x.scales.as_ptr().add(g * 16));
         for r in 0..R {
-            let codes = row_codes[r].add(g * GROUP / 2);
-            let sums = _mm512_cvtepi32_ps(half_sums(codes, table, x, g, halves));
+            let bytes = weight_bytes_half(row_codes[r].add(g * GROUP / 2), table);
             let ws = half_scales(s, row_scales[r], g * GROUP, w.block);
-            acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(ws, xs), acc[r]);
+            for m in 0..B {
+                let sums = _mm512_cvtepi32_ps(dot_half(bytes, x, m, g, halves));
+                let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
+                acc[r][m] = _mm512_fmadd_ps(sums, sc, acc[r][m]);
+            }
         }
     }
     acc
 }
 
-/// Rows `r0 .. r1` of `w` times the activation row `x` into `out[row - r0]`: sixteen rows at a
-/// time reduced together, the rest one by one.
+/// Rows `r0 .. r1` of `w` times the `B` activation rows of `x` into `out[(row - r0) * B + m]`:
+/// sixteen rows at a time reduced together, the rest one by one.
 ///
 /// # Safety
-/// AVX-512 BW + VNNI present and `w` taken ([`usable`]); rows `r0 .. r1` exist; `x` is
-/// [`Acts::new`] of a row of `w.k` values; `out` holds `r1 - r0` values.
+/// AVX-512 BW + VNNI present and `w` taken ([`usable`], `iw` [`IntWeights::of`] it); rows
+/// `r0 .. r1` exist; `x` is [`Acts::new`] of `B` rows of `w.k` values for `iw`; `out` holds
+/// `(r1 - r0) * B` values.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
-pub unsafe fn rows(w: &Rows<'_>, iw: &IntWeights, x: &Acts, r0: usize, r1: usize, out: &mut [f32]) {
-    debug_assert!(usable(w) && out.len() >= r1 - r0);
+pub unsafe fn rows<const B: usize>(
+    w: &Rows<'_>,
+    iw: &IntWeights,
+    x: &Acts,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(usable(w) && (1..=MAX_BATCH).contains(&B) && out.len() >= (r1 - r0) * B);
     let table = offset_table(iw);
     // Integer weights back to values.
     let gain = _mm512_set1_ps(iw.gain);
@@ -281,15 +338,28 @@ pub unsafe fn rows(w: &Rows<'_>, iw: &IntWeights, x: &Acts, r0: usize, r1: usize
             let s = $s;
             let mut r = r0;
             while r1 - r >= 16 {
-                let sums = super::avx512::sum16_rows_pairs(|p| {
-                    rows_acc::<2, { $bk }, { $l2 }, _>(w, &s, table, x, r + 2 * p)
-                });
-                _mm512_storeu_ps(out.as_mut_ptr().add(r - r0), _mm512_mul_ps(sums, gain));
+                let mut pairs = [[[_mm512_setzero_ps(); 2]; 8]; B];
+                for p in 0..8 {
+                    let a = rows_acc::<2, B, { $bk }, { $l2 }, _>(w, &s, table, x, r + 2 * p);
+                    for m in 0..B {
+                        pairs[m][p] = [a[0][m], a[1][m]];
+                    }
+                }
+                for (m, pm) in pairs.iter().enumerate() {
+                    let sums = super::avx512::sum16_rows_pairs(|p| pm[p]);
+                    let mut v = [0f32; 16];
+                    _mm512_storeu_ps(v.as_mut_ptr(), _mm512_mul_ps(sums, gain));
+                    for (i, &y) in v.iter().enumerate() {
+                        out[(r - r0 + i) * B + m] = y;
+                    }
+                }
                 r += 16;
             }
             while r < r1 {
-                let [v] = rows_acc::<1, { $bk }, { $l2 }, _>(w, &s, table, x, r);
-                out[r - r0] = _mm512_reduce_add_ps(v) * iw.gain;
+                let [a] = rows_acc::<1, B, { $bk }, { $l2 }, _>(w, &s, table, x, r);
+                for m in 0..B {
+                    out[(r - r0) * B + m] = _mm512_reduce_add_ps(a[m]) * iw.gain;
+                }
                 r += 1;
             }
         }};
@@ -331,7 +401,7 @@ mod tests {
     /// Every row against the portable GEMV over the dequantized activations (the W4A8
     /// reference) on the same integer weights: NVFP4 (arithmetic and table scales), MXFP4, and
     /// NF4 / bitsandbytes FP4 with their codebooks rounded to int8; rows of whole and half
-    /// groups, row counts around the 16-row blocks.
+    /// groups, row counts around the 16-row blocks, 1 to 4 activation rows.
     #[test]
     fn matches_the_dequantized_activations() {
         if !super::super::avx512::vnni_usable() {
@@ -352,25 +422,40 @@ mod tests {
                 let rows_w = Rows::new(&view);
                 assert!(usable(&rows_w), "{format} {n}x{k}");
                 let iw = IntWeights::of(&rows_w).unwrap();
-                let x = uniform(7, k, 1.0);
+                let x = uniform(7, MAX_BATCH * k, 1.0);
                 let a = Int8Acts::quantize(&x, k);
                 let xd = a.dequantize();
-                let mut want = vec![0f32; n];
-                rows_portable(&rows_w, &xd, 1, 0, n, &mut want);
-                let acts = Acts::new(&a, &iw);
-                for r0 in [0, n / 2] {
-                    let mut got = vec![0f32; n - r0];
-                    // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
-                    // r0..n exist, `acts` is a row of k values for `iw`, `got` holds n - r0.
-                    unsafe { rows(&rows_w, &iw, &acts, r0, n, &mut got) };
-                    let mag: f32 = xd.iter().map(|v| v.abs()).sum::<f32>() * 0.6;
-                    for (i, (g, w)) in got.iter().zip(&want[r0..]).enumerate() {
-                        let tol = 1e-5 * w.abs().max(1e-6 * mag);
+                // Rows [n][m], as the kernel writes them.
+                let mut want = vec![0f32; n * MAX_BATCH];
+                rows_portable(&rows_w, &xd, MAX_BATCH, 0, n, &mut want);
+                let mag: f32 = xd[..k].iter().map(|v| v.abs()).sum::<f32>() * 0.6;
+                let check = |batch: usize, r0: usize, got: &[f32]| {
+                    for (i, g) in got.iter().enumerate() {
+                        let (row, m) = (r0 + i / batch, i % batch);
+                        let w = want[row * MAX_BATCH + m];
+                        let tol = (1e-5 * w.abs()).max(1e-6 * mag);
                         assert!(
-                            (g - w).abs() <= tol.max(1e-6 * mag),
-                            "{format} {n}x{k} row {}: {g} vs {w}",
-                            r0 + i
+                            (g - w).abs() <= tol,
+                            "{format} {n}x{k} batch {batch} row {row} m {m}: {g} vs {w}"
                         );
+                    }
+                };
+                for batch in 1..=MAX_BATCH {
+                    let acts = Acts::new(&a, &iw, batch);
+                    for r0 in [0, n / 2] {
+                        let mut got = vec![0f32; (n - r0) * batch];
+                        // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
+                        // r0..n exist, `acts` holds `batch` rows of k values for `iw`, `got`
+                        // holds (n - r0) * batch values.
+                        unsafe {
+                            match batch {
+                                1 => rows::<1>(&rows_w, &iw, &acts, r0, n, &mut got),
+                                2 => rows::<2>(&rows_w, &iw, &acts, r0, n, &mut got),
+                                3 => rows::<3>(&rows_w, &iw, &acts, r0, n, &mut got),
+                                _ => rows::<4>(&rows_w, &iw, &acts, r0, n, &mut got),
+                            }
+                        };
+                        check(batch, r0, &got);
                     }
                 }
             }
