@@ -1,6 +1,6 @@
-//! Same-process A/B of the batch-1 W4A8 VNNI GEMV (`w4a8_gemv`) against what batch 1 took
-//! before it: the AVX2 int8 GEMV for E2M1 weights (NVFP4), the f32 kernels on the activations'
-//! round trip for the bitsandbytes int8 codebooks (NF4). W4A8 `QLinear` calls with each
+//! Same-process A/B of the W4A8 VNNI GEMV (`w4a8_gemv`, batches 1-4) against what those
+//! batches took before it: the AVX2 int8 GEMV for E2M1 weights (NVFP4), the f32 kernels on the
+//! activations' round trip for the bitsandbytes int8 codebooks (NF4). W4A8 `QLinear` calls with each
 //! alternate on weight copies rotating over 3 x `LLC_MIB` (cache-cold); prints the median µs of
 //! each and their ratio.
 //!

@@ -1,21 +1,23 @@
-//! Batch-1 W4A8 (see `w4a8`) on AVX-512 VNNI hosts: integer weights (E2M1: NVFP4, MXFP4; the
-//! bitsandbytes NF4 / FP4 codebooks rounded to int8) times the int8 activations with
+//! W4A8 (see `w4a8`) at batches 1-4 on AVX-512 VNNI hosts: integer weights (E2M1: NVFP4,
+//! MXFP4; the bitsandbytes NF4 / FP4 codebooks rounded to int8) times the int8 activations with
 //! `vpdpbusd`, 128 weights per 64-byte code load.
 //!
 //! The 64 code bytes of a group give two vectors of weight bytes through one `vpshufb` table
 //! each (low nibbles, high nibbles; the integer weight plus an offset, unsigned as `vpdpbusd`
-//! wants), and two `vpdpbusd` against the activations held in the same order make, in 32-bit
+//! wants), and two `vpdpbusd` against an activation row held in the same order make, in 32-bit
 //! lane `i`, the integer sum of weights `8i .. 8i + 8` times their activations: the lanes of
 //! the f32 group kernel (`avx512_groups`), so its scale vectors serve here too. Each lane's sum
 //! starts from minus the offset times its activations' sum, is converted once and scaled by
-//! its weight and activation scales: about 14 vector operations per 128 weights where the f32
-//! kernel takes about 30, so the batch-1 GEMV is bound by memory rather than by the decode.
+//! its weight and activation scales: about 14 vector operations per 128 weights at batch 1
+//! where the f32 kernel takes about 30, so the GEMV is bound by memory rather than by the
+//! decode; further activation rows reuse the decoded weight bytes (five operations each).
 //!
 //! Same-process A/B on the Zen 5 host (thirty-fourth session, cache-cold, two threads,
-//! `examples/ab_w4a8_gemv`, `scripts/cpu/results/ab-w4a8-gemv-*-2026-11-29-s34.txt`): NVFP4
-//! 0.49-0.94x the time of the AVX2 int8 GEMV it replaces, NF4 0.84-1.04x the f32 kernels on the
-//! activations' round trip; against weight-only f32 NVFP4 0.87-1.06x where memory bounds both.
-//! Warm, 4096x4096 NVFP4 took 86 against the f32 kernel's 150 µs.
+//! `examples/ab_w4a8_gemv`, `scripts/cpu/results/ab-w4a8-gemv-*-2026-11-29-s34.txt`): batch 1
+//! NVFP4 0.49-0.94x the time of the AVX2 int8 GEMV it replaces, NF4 0.84-1.10x the f32 kernels
+//! on the activations' round trip; batches 2 and 4 0.44-0.86x (0.44-0.60x on the 4096-wide
+//! shapes); batch 1 against weight-only f32 NVFP4 0.87-1.06x where memory bounds both. Warm,
+//! 4096x4096 NVFP4 took 86 against the f32 kernel's 150 µs.
 
 use std::arch::x86_64::*;
 
@@ -68,14 +70,15 @@ impl IntWeights {
 
 static SWITCH: super::switch::Switch = super::switch::Switch::new("Q4_W4A8_GEMV");
 
-/// Turns this kernel on or off (default on where it applies; off, batch 1 takes the AVX2 int8
-/// GEMV), for same-process A/B measurements and tests.
+/// Turns this kernel on or off (default on where it applies; off, its batches take the AVX2
+/// int8 GEMV, or the f32 kernels on the activations' round trip), for same-process A/B
+/// measurements and tests.
 #[doc(hidden)]
 pub fn set_enabled(on: bool) {
     SWITCH.set(on);
 }
 
-/// Whether batch-1 W4A8 products of `w` run here: AVX-512 BW + VNNI, not turned off
+/// Whether W4A8 products of `w` at batches 1-[`MAX_BATCH`] run here: AVX-512 BW + VNNI, not turned off
 /// (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and integer weights it takes ([`IntWeights::of`]).
 pub fn usable(w: &Rows<'_>) -> bool {
     SWITCH.on() && super::avx512::vnni_usable() && IntWeights::of(w).is_some()
