@@ -18,37 +18,14 @@ fn main() {
 
 #[cfg(target_arch = "x86_64")]
 fn main() {
-    use candle_core::{Device, Module, Tensor};
     use q4::kernels::cpu::w4a8_gemv::set_enabled;
     let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,576x1536,49152x576", "1,2,4");
-    let dev = Device::Cpu;
-    println!("shape        format batch copies        vnni_us       before_us  ratio");
-    for shape in args.shapes.split(',') {
-        let (n, k) = ab::parse_shape(shape);
-        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        for format in [q4::Format::Nvfp4, q4::Format::Nf4] {
-            let copies = ((3 * args.llc_mib) << 20) / (n * k * 9 / 16) + 1;
-            let lins: Vec<q4::QLinear> = (0..copies)
-                .map(|_| {
-                    let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(format)).unwrap();
-                    q4::QLinear::new(q, None)
-                        .unwrap()
-                        .with_act_quant(q4::qlinear::ActQuant::Int8)
-                        .unwrap()
-                })
-                .collect();
-            for &batch in &args.batches {
-                let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
-                let rounds = args.rounds.max(copies);
-                let (a, b) = ab::interleave(rounds, 10, copies, &set_enabled, &|c| {
-                    std::hint::black_box(lins[c].forward(&x).unwrap());
-                });
-                println!(
-                    "{shape:<12} {:<6} {batch:>5} {copies:>6} {a:>14.1} {b:>15.1} {:>6.3}",
-                    format.name(),
-                    a / b
-                );
-            }
-        }
-    }
+    let w4a8 = |q| {
+        q4::QLinear::new(q, None)
+            .unwrap()
+            .with_act_quant(q4::qlinear::ActQuant::Int8)
+            .unwrap()
+    };
+    let formats = [q4::Format::Nvfp4, q4::Format::Nf4];
+    args.run_layers(&formats, ("vnni", "before"), &set_enabled, &w4a8);
 }

@@ -17,40 +17,18 @@ fn main() {
 
 #[cfg(target_arch = "x86_64")]
 fn main() {
-    use candle_core::{Device, Module, Tensor};
     use q4::kernels::cpu::w4a8_vnni::set_arith_scales;
     let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,49152x576", "5,8,16,64");
-    let dev = Device::Cpu;
     let format = match std::env::args().nth(5).as_deref() {
         None | Some("nvfp4") => q4::Format::Nvfp4,
         Some("mxfp4") => q4::Format::Mxfp4,
         Some(other) => panic!("FORMAT is nvfp4 or mxfp4, not {other}"),
     };
-    println!("# {format}");
-    println!("shape        batch copies        arith_us      gather_us  ratio");
-    for shape in args.shapes.split(',') {
-        let (n, k) = ab::parse_shape(shape);
-        let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
-        let copies = ((3 * args.llc_mib) << 20) / (n * k * 9 / 16) + 1;
-        let lins: Vec<q4::QLinear> = (0..copies)
-            .map(|_| {
-                let q = q4::QTensor::quantize(&w, &q4::QuantSpec::new(format)).unwrap();
-                q4::QLinear::new(q, None)
-                    .unwrap()
-                    .with_act_quant(q4::qlinear::ActQuant::Int8)
-                    .unwrap()
-            })
-            .collect();
-        for &batch in &args.batches {
-            let x = Tensor::randn(0f32, 1.0, (batch, k), &dev).unwrap();
-            let rounds = args.rounds.max(copies);
-            let (a, b) = ab::interleave(rounds, 10, copies, &set_arith_scales, &|c| {
-                std::hint::black_box(lins[c].forward(&x).unwrap());
-            });
-            println!(
-                "{shape:<12} {batch:>5} {copies:>6} {a:>15.1} {b:>14.1} {:>6.3}",
-                a / b
-            );
-        }
-    }
+    let w4a8 = |q| {
+        q4::QLinear::new(q, None)
+            .unwrap()
+            .with_act_quant(q4::qlinear::ActQuant::Int8)
+            .unwrap()
+    };
+    args.run_layers(&[format], ("arith", "gather"), &set_arith_scales, &w4a8);
 }

@@ -79,6 +79,19 @@ impl ColdArgs {
     /// `select(false)` on weight copies rotating over 3 x `llc_mib` of memory, one printed row
     /// each under a header naming the two variants.
     pub fn run(&self, formats: &[q4::Format], names: (&str, &str), select: &dyn Fn(bool)) {
+        self.run_layers(formats, names, select, &|q| {
+            q4::QLinear::new(q, None).unwrap()
+        });
+    }
+
+    /// [`ColdArgs::run`] on the layers `layer` makes of each weight copy (a mode, W4A8, ...).
+    pub fn run_layers(
+        &self,
+        formats: &[q4::Format],
+        names: (&str, &str),
+        select: &dyn Fn(bool),
+        layer: &dyn Fn(q4::QTensor) -> q4::QLinear,
+    ) {
         use candle_core::{Device, Module, Tensor};
         let dev = Device::Cpu;
         let (on, off) = (format!("{}_us", names.0), format!("{}_us", names.1));
@@ -91,8 +104,7 @@ impl ColdArgs {
                 let lins: Vec<q4::QLinear> = (0..copies)
                     .map(|_| {
                         let spec = q4::QuantSpec::new(format);
-                        let q = q4::QTensor::quantize(&w, &spec).unwrap();
-                        q4::QLinear::new(q, None).unwrap()
+                        layer(q4::QTensor::quantize(&w, &spec).unwrap())
                     })
                     .collect();
                 for &batch in &self.batches {

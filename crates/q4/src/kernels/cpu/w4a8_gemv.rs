@@ -136,51 +136,39 @@ impl Acts {
     }
 }
 
-/// Each code's integer weight plus the offset, in every 128-bit lane (a `vpshufb` table).
-#[target_feature(enable = "avx512f,avx512bw")]
+/// Each code's integer weight plus `offset` (to 0..=255), in every 128-bit lane: the `vpshufb`
+/// table of the VNNI kernels' unsigned weight bytes.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn offset_table(iw: &IntWeights) -> __m512i {
+pub(super) unsafe fn offset_table(ints: &[i8; 16], offset: i32) -> __m512i {
     let mut t = [0u8; 16];
-    for (o, &v) in t.iter_mut().zip(&iw.ints) {
-        *o = (i32::from(v) + iw.offset) as u8;
+    for (o, &v) in t.iter_mut().zip(ints) {
+        *o = (i32::from(v) + offset) as u8;
     }
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
 }
 
-/// The weight bytes of 128 weights (64 code bytes at `codes`): the low nibbles', the high
-/// nibbles'.
+/// The weight bytes of a group's codes `c` (64 code bytes, 128 weights): the low nibbles', the
+/// high nibbles'.
 ///
 /// # Safety
-/// AVX-512 BW present; 64 code bytes at `codes`.
+/// AVX-512 BW present.
 #[target_feature(enable = "avx512f,avx512bw")]
 #[inline]
-unsafe fn weight_bytes(codes: *const u8, table: __m512i) -> (__m512i, __m512i) {
+unsafe fn weight_bytes(c: __m512i, table: __m512i) -> (__m512i, __m512i) {
     let nibble = _mm512_set1_epi8(0x0f);
-    let c = _mm512_loadu_si512(codes as *const _);
     let low = _mm512_shuffle_epi8(table, _mm512_and_si512(c, nibble));
     let high = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi16::<4>(c), nibble));
-    (low, high)
-}
-
-/// [`weight_bytes`] of a half group (32 code bytes).
-///
-/// # Safety
-/// AVX-512 BW + VL present; 32 code bytes at `codes`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-unsafe fn weight_bytes_half(codes: *const u8, table: __m512i) -> (__m256i, __m256i) {
-    let table = _mm512_castsi512_si256(table);
-    let nibble = _mm256_set1_epi8(0x0f);
-    let c = _mm256_loadu_si256(codes as *const __m256i);
-    let low = _mm256_shuffle_epi8(table, _mm256_and_si256(c, nibble));
-    let high = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16::<4>(c), nibble));
     (low, high)
 }
 
 /// The integer lane sums of a group's weight bytes times activation row `m`'s codes, from the
 /// offset corrections. `low_at`: where in the group's activation codes the low nibbles'
 /// weights are (0, the even ones; [`HALF`], the odd ones where the high nibble comes first);
-/// `high_at` the other half.
+/// `high_at` the other half. A half group's upper lanes meet zero activations and corrections.
 ///
 /// # Safety
 /// AVX-512 VNNI present; group `g` of row `m` exists in `x`.
@@ -198,35 +186,6 @@ unsafe fn dot(
     let corr = _mm512_load_si512(x.corr.as_ptr().add(at * 16) as *const _);
     let s = _mm512_dpbusd_epi32(corr, low, _mm512_load_si512(xc.add(low_at) as *const _));
     _mm512_dpbusd_epi32(s, high, _mm512_load_si512(xc.add(high_at) as *const _))
-}
-
-/// [`dot`] of a half group, its sums in lanes 0-7 and zeros above.
-///
-/// # Safety
-/// As [`dot`], with AVX-512 VL.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
-#[inline]
-unsafe fn dot_half(
-    (low, high): (__m256i, __m256i),
-    x: &Acts,
-    m: usize,
-    g: usize,
-    (low_at, high_at): (usize, usize),
-) -> __m512i {
-    let at = m * x.groups + g;
-    let xc = x.codes.as_ptr().add(at * GROUP);
-    let corr = _mm256_load_si256(x.corr.as_ptr().add(at * 16) as *const __m256i);
-    let s = _mm256_dpbusd_epi32(
-        corr,
-        low,
-        _mm256_load_si256(xc.add(low_at) as *const __m256i),
-    );
-    let s = _mm256_dpbusd_epi32(
-        s,
-        high,
-        _mm256_load_si256(xc.add(high_at) as *const __m256i),
-    );
-    _mm512_zextsi256_si512(s)
 }
 
 /// Activation row `m`'s scales of group `g`, per lane.
@@ -261,7 +220,7 @@ unsafe fn half_scales<S: GroupScales>(s: &S, base: usize, col: usize, block: usi
 /// # Safety
 /// AVX-512 BW + VNNI present ([`usable`]); `s` the scales of `w` with `BK` its block class;
 /// rows `row0 .. row0 + R` exist; `x` is [`Acts::new`] of `B` or more rows of `w.k` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[inline]
 #[allow(clippy::needless_range_loop)] // register blocking reads clearer with indices
 unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool, S: GroupScales>(
@@ -292,7 +251,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
             if g.is_multiple_of(4) {
                 s.prefetch(row_scales[r] + ((g * GROUP + 2 * ahead) >> shift));
             }
-            let bytes = weight_bytes(codes, table);
+            let bytes = weight_bytes(_mm512_loadu_si512(codes as *const _), table);
             let ws = s.group::<BK>(row_scales[r], g * GROUP, shift);
             for m in 0..B {
                 let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
@@ -304,10 +263,15 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
     if w.k % GROUP == HALF {
         let g = groups;
         for r in 0..R {
-            let bytes = weight_bytes_half(row_codes[r].add(g * GROUP / 2), table);
+            // The half group's 32 code bytes only: the load does not reach past the row.
+            let codes = row_codes[r].add(g * GROUP / 2);
+            let bytes = weight_bytes(
+                _mm512_maskz_loadu_epi8(0xffff_ffff, codes as *const _),
+                table,
+            );
             let ws = half_scales(s, row_scales[r], g * GROUP, w.block);
             for m in 0..B {
-                let sums = _mm512_cvtepi32_ps(dot_half(bytes, x, m, g, halves));
+                let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
                 let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
                 acc[r][m] = _mm512_fmadd_ps(sums, sc, acc[r][m]);
             }
@@ -323,7 +287,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
 /// AVX-512 BW + VNNI present and `w` taken ([`usable`], `iw` [`IntWeights::of`] it); rows
 /// `r0 .. r1` exist; `x` is [`Acts::new`] of `B` rows of `w.k` values for `iw`; `out` holds
 /// `(r1 - r0) * B` values.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn rows<const B: usize>(
     w: &Rows<'_>,
     iw: &IntWeights,
@@ -333,7 +297,7 @@ pub unsafe fn rows<const B: usize>(
     out: &mut [f32],
 ) {
     debug_assert!(usable(w) && (1..=MAX_BATCH).contains(&B) && out.len() >= (r1 - r0) * B);
-    let table = offset_table(iw);
+    let table = offset_table(&iw.ints, iw.offset);
     // Integer weights back to values.
     let gain = _mm512_set1_ps(iw.gain);
     macro_rules! run {

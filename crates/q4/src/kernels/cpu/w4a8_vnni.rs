@@ -429,17 +429,6 @@ impl NextSlice {
     }
 }
 
-/// `i + 128` for each code's integer weight `i`, in every 128-bit lane (a `vpshufb` table).
-#[target_feature(enable = "avx512f,avx512bw")]
-#[inline]
-unsafe fn offset_table(iw: &IntWeights) -> __m512i {
-    let mut t = [0u8; 16];
-    for (o, &v) in t.iter_mut().zip(&iw.ints) {
-        *o = (i32::from(v) + W_OFFSET) as u8;
-    }
-    _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
-}
-
 /// Decodes weights `k0 .. k0 + kw` of rows `r0 .. r0 + rows` (1 to 16; lanes past them repeat
 /// the last row) into `wt` (`kw / 4` vectors of 64 bytes, see the module doc) and their block
 /// scales into `st` (per block, 16 lanes).
@@ -466,7 +455,8 @@ unsafe fn decode_group(
     debug_assert!(k0.is_multiple_of(STEP) && kw.is_multiple_of(STEP) && k0 + kw <= w.k);
     debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / w.block));
     debug_assert!(wt.as_ptr().align_offset(64) == 0 && st.as_ptr().align_offset(64) == 0);
-    let lut = offset_table(iw);
+    // `i + 128` for each code's integer weight `i`.
+    let lut = super::w4a8_gemv::offset_table(&iw.ints, W_OFFSET);
     let nibble = _mm512_set1_epi8(0x0f);
     // Lanes past the last row repeat it: the kernel's stores leave them out.
     let row = |l: usize| r0 + l.min(rows - 1);
