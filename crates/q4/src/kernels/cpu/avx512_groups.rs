@@ -254,12 +254,25 @@ impl GroupScales for E4m3Scales<'_> {
             _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64)),
             _mm512_load_si512(E4M3_CTRL.0.as_ptr() as *const _),
         );
-        let bits = _mm512_and_si512(
-            _mm512_srai_epi32::<4>(top),
-            _mm512_set1_epi32(0x87F0_0000u32 as i32),
-        );
-        _mm512_mul_ps(_mm512_castsi512_ps(bits), _mm512_set1_ps(self.factor))
+        _mm512_mul_ps(e4m3_scaled_bits(top), _mm512_set1_ps(self.factor))
     }
+}
+
+/// The E4M3 byte `b` in bits 24-31 of each 32-bit lane of `top` (the lower bits ignored) as the
+/// f32 `e4m3(b) * 2^-120`, exactly: shifted arithmetically right by four (its sign copied into
+/// bits 27-31) and masked to sign, exponent and mantissa, so that E4M3's exponent field lands
+/// on the f32's (a subnormal E4M3 value becomes an f32 subnormal). 0x7f / 0xff give a finite
+/// value, not NaN.
+///
+/// # Safety
+/// AVX-512F present.
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub(super) unsafe fn e4m3_scaled_bits(top: __m512i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_and_si512(
+        _mm512_srai_epi32::<4>(top),
+        _mm512_set1_epi32(0x87F0_0000u32 as i32),
+    ))
 }
 
 /// MXFP4 scales decoded by arithmetic ([`Rows::e8m0_exact`]): a group's four E8M0 bytes

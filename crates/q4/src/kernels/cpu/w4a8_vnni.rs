@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::aligned::{AlignedBuf, AlignedVec};
 use super::parallel::for_each_index;
-use super::rows::{Rows, ScaleSrc};
+use super::rows::{Rows, ScaleSrc, E4M3_BITS_SCALE};
 use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
 
 /// Output rows per group: one per 32-bit lane.
@@ -622,7 +622,7 @@ impl ScaleDecode {
     unsafe fn detect(table: &[f32; 256]) -> ScaleDecode {
         let s2 = table[0x38];
         let bits = ScaleDecode::E4m3Bits {
-            c: s2 * f32::from_bits((127 + 120) << 23),
+            c: s2 * E4M3_BITS_SCALE,
         };
         let e4m3 = ScaleDecode::E4m3 { s2 };
         if bits.reproduces(table) {
@@ -706,12 +706,10 @@ impl ScaleDecode {
 #[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn e4m3_bits_times(top: __m512i, c: __m512) -> __m512 {
-    // Arithmetic shift: the sign fills bits 27-31, the magnitude lands in bits 20-26.
-    let y = _mm512_srai_epi32::<4>(top);
-    let bits = _mm512_and_si512(y, _mm512_set1_epi32(0x87F0_0000u32 as i32));
-    let value = _mm512_mul_ps(_mm512_castsi512_ps(bits), c);
+    let bits = super::avx512_groups::e4m3_scaled_bits(top);
+    let value = _mm512_mul_ps(bits, c);
     let mag = _mm512_set1_epi32(0x07F0_0000);
-    let nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(y, mag), mag);
+    let nan = _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(bits), mag), mag);
     _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(f32::NAN))
 }
 
@@ -1072,7 +1070,7 @@ mod tests {
             // A subnormal s2 leaves the product subnormal where E4M3's own exponent is low:
             // still one rounding, so the arithmetic holds there too. The bit decode takes every
             // s2 whose `s2 * 2^120` is finite; the other arithmetic the rest.
-            let c = s2 * f32::from_bits((127 + 120) << 23);
+            let c = s2 * E4M3_BITS_SCALE;
             let want = if c.is_finite() {
                 ScaleDecode::E4m3Bits { c }
             } else {
