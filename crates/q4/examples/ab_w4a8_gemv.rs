@@ -1,8 +1,8 @@
 //! Same-process A/B of the W4A8 VNNI GEMV (`w4a8_gemv`, batches 1-4) against what those
 //! batches took before it: the AVX2 int8 GEMV for E2M1 weights (NVFP4), the f32 kernels on the
-//! activations' round trip for the bitsandbytes int8 codebooks (NF4). W4A8 `QLinear` calls with each
-//! alternate on weight copies rotating over 3 x `LLC_MIB` (cache-cold); prints the median µs of
-//! each and their ratio.
+//! activations' round trip for the bitsandbytes int8 codebooks (NF4). W4A8 `QLinear` calls
+//! with each alternate on weight copies rotating over 3 x `LLC_MIB` (cache-cold); prints the
+//! median µs of each and their ratio.
 //!
 //! `cargo run --release -p q4 --example ab_w4a8_gemv [-- SHAPES BATCHES ROUNDS LLC_MIB]`
 //! (batches 1, 2 and 4 by default)

@@ -243,48 +243,46 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
     if batch <= super::w4a8_gemv::MAX_BATCH && super::w4a8_gemv::usable(w) {
         use super::w4a8_gemv::{rows, Acts, IntWeights};
         let iw = IntWeights::of(w).expect("usable() checked the weight");
-        let acts = Acts::new(&Int8Acts::quantize(x, w.k), &iw, batch);
-        let mut yt = vec![0f32; w.n * batch];
-        let work = w.n * w.k * batch.div_ceil(2);
-        super::parallel::for_each_chunk_mut(&mut yt, 32 * batch, work, |t, out| {
-            let r0 = t * 32;
-            let r1 = (r0 + 32).min(w.n);
+        let acts = Acts::new(&Int8Acts::quantize(x, w.k), batch);
+        by_row_pieces(w, batch, y, |r0, r1, out| {
             // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw` its integer
-            // weights); rows r0..r1 exist, `acts` holds `batch` rows of w.k activations for
-            // `iw` and `out` their (r1 - r0) * batch outputs.
-            unsafe {
-                match batch {
-                    1 => rows::<1>(w, &iw, &acts, r0, r1, out),
-                    2 => rows::<2>(w, &iw, &acts, r0, r1, out),
-                    3 => rows::<3>(w, &iw, &acts, r0, r1, out),
-                    _ => rows::<4>(w, &iw, &acts, r0, r1, out),
-                }
-            };
+            // weights); rows r0..r1 exist, `acts` holds `batch` rows of w.k activations and
+            // `out` their (r1 - r0) * batch outputs.
+            unsafe { rows(w, &iw, &acts, r0, r1, out) };
         });
-        super::transpose_into(&yt, w.n, batch, y);
         return true;
     }
     #[cfg(target_arch = "x86_64")]
     if batch <= int8_max_batch(w) && supported(w) && super::x86::available() {
-        let mut yt = vec![0f32; w.n * batch];
         let xs = super::x86::Int8Layout::new(&Int8Acts::quantize(x, w.k), batch);
-        super::parallel::for_each_chunk_mut(
-            &mut yt,
-            32 * batch,
-            w.n * w.k * batch.div_ceil(2),
-            |t, out| {
-                let r0 = t * 32;
-                let r1 = (r0 + 32).min(w.n);
-                // SAFETY: AVX2 is present and the weight fits the kernel (`supported`); rows
-                // r0..r1 exist and `xs` holds `batch` rows of `w.k` activations.
-                unsafe { super::x86::rows_i8(w, &xs, batch, r0, r1, out) };
-            },
-        );
-        super::transpose_into(&yt, w.n, batch, y);
+        by_row_pieces(w, batch, y, |r0, r1, out| {
+            // SAFETY: AVX2 is present and the weight fits the kernel (`supported`); rows
+            // r0..r1 exist and `xs` holds `batch` rows of `w.k` activations.
+            unsafe { super::x86::rows_i8(w, &xs, batch, r0, r1, out) };
+        });
         return true;
     }
     let _ = (w, x, batch, y);
     false
+}
+
+/// `rows(r0, r1, out)` over pieces of 32 weight rows, in parallel where the work is large, each
+/// writing its rows' `batch` outputs row-major (`[n][m]`); then transposed into `y`
+/// (`batch x n`).
+#[cfg(target_arch = "x86_64")]
+fn by_row_pieces(
+    w: &Rows<'_>,
+    batch: usize,
+    y: &mut [f32],
+    rows: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
+) {
+    let mut yt = vec![0f32; w.n * batch];
+    let work = w.n * w.k * batch.div_ceil(2);
+    super::parallel::for_each_chunk_mut(&mut yt, 32 * batch, work, |t, out| {
+        let r0 = t * 32;
+        rows(r0, (r0 + 32).min(w.n), out);
+    });
+    super::transpose_into(&yt, w.n, batch, y);
 }
 
 #[cfg(test)]

@@ -33,33 +33,33 @@ const GROUP: usize = 128;
 /// Weights of a row's last, half group (rows of an odd number of 64-weight chunks).
 const HALF: usize = 64;
 
-/// The integer weight of each code, the offset that makes it an unsigned byte, and the factor
-/// back to values (`value = int * gain`).
+/// Added to the integer weights (-127..=127) so that the weight bytes are unsigned, as
+/// `vpdpbusd` wants of its first operand; each sum starts from `-128` times its activations'
+/// sum instead.
+pub(super) const W_OFFSET: i32 = 128;
+
+/// The integer weight of each code and the factor back to its value (`values[c] == ints[c] *
+/// gain`, up to f32 rounding for the int8 codebooks): what the VNNI kernels multiply.
 #[derive(Clone, Copy)]
 pub struct IntWeights {
-    ints: [i8; 16],
-    offset: i32,
-    gain: f32,
+    pub(super) ints: [i8; 16],
+    pub(super) gain: f32,
 }
 
 impl IntWeights {
-    /// E2M1 weights the int8 kernels take (`w4a8::supported`): twice the values, offset 12
-    /// (bytes 0..=24), gain 1/2. Bitsandbytes codebooks rounded to int8 (`Rows::int8_codebook`)
-    /// with f32 absmax on aligned rows of whole 64-weight chunks: offset 128, gain
+    /// E2M1 weights with byte scales (NVFP4, MXFP4) that the int8 kernels take
+    /// (`w4a8::supported`): twice the values, gain 1/2. Bitsandbytes codebooks rounded to int8
+    /// (`Rows::int8_codebook`) with f32 absmax on aligned rows of whole 64-weight chunks: gain
     /// `1 / factor`.
     pub fn of(w: &Rows<'_>) -> Option<IntWeights> {
-        if super::w4a8::supported(w) {
-            return Some(IntWeights {
-                ints: E2M1_X2,
-                offset: 12,
-                gain: 0.5,
-            });
-        }
         match (w.scales, w.int8_codebook) {
+            (ScaleSrc::Table { .. }, _) if super::w4a8::supported(w) => Some(IntWeights {
+                ints: E2M1_X2,
+                gain: 0.5,
+            }),
             (ScaleSrc::F32(_), Some(c)) if w.aligned && w.k.is_multiple_of(HALF) => {
                 Some(IntWeights {
                     ints: c.ints,
-                    offset: 128,
                     gain: 1.0 / c.factor,
                 })
             }
@@ -78,8 +78,9 @@ pub fn set_enabled(on: bool) {
     SWITCH.set(on);
 }
 
-/// Whether W4A8 products of `w` at batches 1-[`MAX_BATCH`] run here: AVX-512 BW + VNNI, not turned off
-/// (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and integer weights it takes ([`IntWeights::of`]).
+/// Whether W4A8 products of `w` at batches 1-[`MAX_BATCH`] run here: AVX-512 BW + VNNI, not
+/// turned off (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and integer weights it takes
+/// ([`IntWeights::of`]).
 pub fn usable(w: &Rows<'_>) -> bool {
     SWITCH.on() && super::avx512::vnni_usable() && IntWeights::of(w).is_some()
 }
@@ -96,11 +97,16 @@ pub struct Acts {
     corr: AlignedVec<i32>,
     scales: AlignedVec<f32>,
     groups: usize,
+    batch: usize,
 }
 
 impl Acts {
-    /// The first `batch` rows of `a` for the integer weights `iw`.
-    pub fn new(a: &Int8Acts, iw: &IntWeights, batch: usize) -> Acts {
+    /// The first `batch` rows of `a` (1 to [`MAX_BATCH`]).
+    pub fn new(a: &Int8Acts, batch: usize) -> Acts {
+        assert!(
+            (1..=MAX_BATCH).contains(&batch),
+            "batch {batch} is not 1-{MAX_BATCH}"
+        );
         let k = a.k;
         let groups = k.div_ceil(GROUP);
         let mut codes = AlignedVec::<i8>::zeroed(batch * groups * GROUP);
@@ -122,7 +128,7 @@ impl Acts {
                         dst[4 * i + j] = eight[2 * j];
                         dst[HALF + 4 * i + j] = eight[2 * j + 1];
                     }
-                    rs[at * 16 + i] = -iw.offset * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
+                    rs[at * 16 + i] = -W_OFFSET * eight.iter().map(|&v| i32::from(v)).sum::<i32>();
                     ss[at * 16 + i] = d[(g * GROUP + 8 * i) / ACT_BLOCK];
                 }
             }
@@ -132,21 +138,22 @@ impl Acts {
             corr,
             scales,
             groups,
+            batch,
         }
     }
 }
 
-/// Each code's integer weight plus `offset` (to 0..=255), in every 128-bit lane: the `vpshufb`
-/// table of the VNNI kernels' unsigned weight bytes.
+/// Each code's integer weight plus [`W_OFFSET`], in every 128-bit lane: the `vpshufb` table
+/// of the VNNI kernels' unsigned weight bytes.
 ///
 /// # Safety
 /// AVX-512F present.
 #[target_feature(enable = "avx512f")]
 #[inline]
-pub(super) unsafe fn offset_table(ints: &[i8; 16], offset: i32) -> __m512i {
+pub(super) unsafe fn offset_table(iw: &IntWeights) -> __m512i {
     let mut t = [0u8; 16];
-    for (o, &v) in t.iter_mut().zip(ints) {
-        *o = (i32::from(v) + offset) as u8;
+    for (o, &v) in t.iter_mut().zip(&iw.ints) {
+        *o = (i32::from(v) + W_OFFSET) as u8;
     }
     _mm512_broadcast_i32x4(_mm_loadu_si128(t.as_ptr() as *const __m128i))
 }
@@ -280,15 +287,29 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
     acc
 }
 
-/// Rows `r0 .. r1` of `w` times the `B` activation rows of `x` into `out[(row - r0) * B + m]`:
-/// sixteen rows at a time reduced together, the rest one by one.
+/// Rows `r0 .. r1` of `w` times the activation rows of `x` (`x.batch` of them) into
+/// `out[(row - r0) * batch + m]`.
 ///
 /// # Safety
 /// AVX-512 BW + VNNI present and `w` taken ([`usable`], `iw` [`IntWeights::of`] it); rows
-/// `r0 .. r1` exist; `x` is [`Acts::new`] of `B` rows of `w.k` values for `iw`; `out` holds
-/// `(r1 - r0) * B` values.
+/// `r0 .. r1` exist; `x` is [`Acts::new`] of rows of `w.k` values; `out` holds
+/// `(r1 - r0) * x.batch` values.
+pub unsafe fn rows(w: &Rows<'_>, iw: &IntWeights, x: &Acts, r0: usize, r1: usize, out: &mut [f32]) {
+    match x.batch {
+        1 => rows_of::<1>(w, iw, x, r0, r1, out),
+        2 => rows_of::<2>(w, iw, x, r0, r1, out),
+        3 => rows_of::<3>(w, iw, x, r0, r1, out),
+        _ => rows_of::<4>(w, iw, x, r0, r1, out),
+    }
+}
+
+/// [`rows`] for `B == x.batch` activation rows: sixteen weight rows at a time reduced together,
+/// the rest one by one.
+///
+/// # Safety
+/// As [`rows`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-pub unsafe fn rows<const B: usize>(
+unsafe fn rows_of<const B: usize>(
     w: &Rows<'_>,
     iw: &IntWeights,
     x: &Acts,
@@ -296,8 +317,8 @@ pub unsafe fn rows<const B: usize>(
     r1: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(usable(w) && (1..=MAX_BATCH).contains(&B) && out.len() >= (r1 - r0) * B);
-    let table = offset_table(&iw.ints, iw.offset);
+    debug_assert!(usable(w) && B == x.batch && out.len() >= (r1 - r0) * B);
+    let table = offset_table(iw);
     // Integer weights back to values.
     let gain = _mm512_set1_ps(iw.gain);
     macro_rules! run {
@@ -408,20 +429,13 @@ mod tests {
                     }
                 };
                 for batch in 1..=MAX_BATCH {
-                    let acts = Acts::new(&a, &iw, batch);
+                    let acts = Acts::new(&a, batch);
                     for r0 in [0, n / 2] {
                         let mut got = vec![0f32; (n - r0) * batch];
                         // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
-                        // r0..n exist, `acts` holds `batch` rows of k values for `iw`, `got`
-                        // holds (n - r0) * batch values.
-                        unsafe {
-                            match batch {
-                                1 => rows::<1>(&rows_w, &iw, &acts, r0, n, &mut got),
-                                2 => rows::<2>(&rows_w, &iw, &acts, r0, n, &mut got),
-                                3 => rows::<3>(&rows_w, &iw, &acts, r0, n, &mut got),
-                                _ => rows::<4>(&rows_w, &iw, &acts, r0, n, &mut got),
-                            }
-                        };
+                        // r0..n exist, `acts` holds `batch` rows of k values, `got` holds
+                        // (n - r0) * batch values.
+                        unsafe { rows(&rows_w, &iw, &acts, r0, n, &mut got) };
                         check(batch, r0, &got);
                     }
                 }

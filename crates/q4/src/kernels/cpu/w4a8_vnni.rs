@@ -30,15 +30,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::aligned::{AlignedBuf, AlignedVec};
 use super::parallel::for_each_index;
 use super::rows::{Rows, ScaleSrc, E4M3_BITS_SCALE};
-use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
+use super::w4a8::{Int8Acts, ACT_BLOCK};
+use super::w4a8_gemv::{offset_table, IntWeights, W_OFFSET};
 
 /// Output rows per group: one per 32-bit lane.
 const ROWS: usize = 16;
 /// Weights of a row per decode step (32 code bytes).
 const STEP: usize = 64;
-/// Added to the integer weights (-127..=127) so the weight bytes are unsigned, as `vpdpbusd`
-/// wants of its first operand; each block's sum starts from `-128` times the activations' sum.
-const W_OFFSET: i32 = 128;
 /// Activation rows per pass over a group's decoded weights (three accumulators each fit the 32
 /// vector registers).
 const PASS_ROWS: usize = 8;
@@ -87,45 +85,18 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`] and
-/// integer weights it takes (`IntWeights::of`).
+/// integer weights it takes ([`int_weights`]).
 pub fn usable(w: &Rows<'_>) -> bool {
-    host_usable() && IntWeights::of(w).is_some()
+    host_usable() && int_weights(w).is_some()
 }
 
-/// The integer weight of each code and the factor back to its value (`values[c] == ints[c] *
-/// gain`, up to f32 rounding for the int8 codebooks).
-#[derive(Clone, Copy)]
-struct IntWeights {
-    ints: [i8; 16],
-    gain: f32,
-}
-
-impl IntWeights {
-    /// E2M1 weights with byte scales (NVFP4, MXFP4) that the int8 kernels take
-    /// ([`super::w4a8::supported`]): twice the values, gain 1/2. Bitsandbytes codebooks rounded
-    /// to int8 ([`Rows::int8_codebook`]) with f32 absmax per block, rows of whole blocks of 32
-    /// to 1024 that divide [`K_SLICE`], K a multiple of the 64-weight step: gain `1 / factor`.
-    fn of(w: &Rows<'_>) -> Option<IntWeights> {
-        match (w.scales, w.int8_codebook) {
-            (ScaleSrc::Table { .. }, _) if super::w4a8::supported(w) => Some(IntWeights {
-                ints: E2M1_X2,
-                gain: 0.5,
-            }),
-            (ScaleSrc::F32(_), Some(c))
-                if w.high_first
-                    && w.aligned
-                    && w.block >= ACT_BLOCK
-                    && K_SLICE.is_multiple_of(w.block)
-                    && w.k.is_multiple_of(STEP) =>
-            {
-                Some(IntWeights {
-                    ints: c.ints,
-                    gain: 1.0 / c.factor,
-                })
-            }
-            _ => None,
-        }
-    }
+/// [`IntWeights::of`] `w` where the tiles take it: E2M1 weights, or a bitsandbytes codebook
+/// stored high nibble first in blocks of 32 to 1024 that divide [`K_SLICE`].
+fn int_weights(w: &Rows<'_>) -> Option<IntWeights> {
+    let iw = IntWeights::of(w)?;
+    let codebook = matches!(w.scales, ScaleSrc::F32(_));
+    let fits = w.high_first && w.block >= ACT_BLOCK && K_SLICE.is_multiple_of(w.block);
+    (!codebook || fits).then_some(iw)
 }
 
 /// [`usable`]'s host half: on (not turned off by [`set_enabled`] or `Q4_W4A8_TILES=0`) and
@@ -236,7 +207,7 @@ fn matmul_decoding(
     y: &mut [f32],
     scale_decode: ScaleDecode,
 ) {
-    let iw = IntWeights::of(w).expect("usable() checked the weight");
+    let iw = int_weights(w).expect("usable() checked the weight");
     let (n, k) = (w.n, w.k);
     let acts = Acts::new(x, batch, w.block);
     let groups = n.div_ceil(ROWS);
@@ -267,7 +238,7 @@ fn matmul_decoding(
                 } else {
                     None
                 };
-                // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight `IntWeights::of`
+                // SAFETY: `usable` checked AVX-512 BW + VNNI and a weight `int_weights`
                 // takes (`iw`): E2M1 codes with byte scales, or a bitsandbytes int8 codebook with
                 // f32 absmax in rows of whole blocks dividing K_SLICE; rows whose length is a
                 // multiple of 64; rows r0 .. r0 + rows exist and k0 + kw <= k, both multiples of
@@ -434,7 +405,7 @@ impl NextSlice {
 /// scales into `st` (per block, 16 lanes).
 ///
 /// # Safety
-/// AVX-512F/BW present; `iw` is [`IntWeights::of`] `w`; rows `r0 .. r0 + rows` exist; `k0`
+/// AVX-512F/BW present; `iw` is [`int_weights`] of `w`; rows `r0 .. r0 + rows` exist; `k0`
 /// and `kw` are multiples of 64 and of the block with `k0 + kw <= k`; `wt` holds `16 * kw`
 /// bytes, 64-byte aligned, and `st` `16 * kw / block` values, 64-byte aligned; `scales` is
 /// [`ScaleDecode::detect`] of the weight's table, or [`ScaleDecode::Table`].
@@ -456,7 +427,7 @@ unsafe fn decode_group(
     debug_assert!(wt.len() >= ROWS * kw && st.len() >= ROWS * (kw / w.block));
     debug_assert!(wt.as_ptr().align_offset(64) == 0 && st.as_ptr().align_offset(64) == 0);
     // `i + 128` for each code's integer weight `i`.
-    let lut = super::w4a8_gemv::offset_table(&iw.ints, W_OFFSET);
+    let lut = offset_table(iw);
     let nibble = _mm512_set1_epi8(0x0f);
     // Lanes past the last row repeat it: the kernel's stores leave them out.
     let row = |l: usize| r0 + l.min(rows - 1);
