@@ -16,7 +16,7 @@ use std::arch::x86_64::*;
 use std::sync::LazyLock;
 
 use super::avx512::{chunk_element, chunk_scales, decode64, pair_products, Pass, CHUNK};
-use super::rows::{F32Scales, Rows, ScaleSrc, Scales, TableScales, BLOCK16, BLOCK32};
+use super::rows::{F32Scales, Rows, Scales, TableScales, BLOCK16, BLOCK32};
 
 /// Bytes of codes the weight stream is prefetched ahead over whole rows: twice the other
 /// kernels' [`super::prefetch::PREFETCH_AHEAD`] (rows 4096 wide prefetched two rows ahead got
@@ -314,6 +314,37 @@ pub(super) fn denormals_are_zero() -> bool {
     csr & 0x40 != 0
 }
 
+/// Evaluates `$body` with the group kernels' scales of the rows `$w` as `$s` and their block
+/// class as a const `$bk`: NVFP4's E4M3 bytes by arithmetic ([`E4m3Scales`], where
+/// `Rows::e4m3_factor` is set, blocks are 16 and denormal operands are honoured), exact E8M0
+/// bytes by arithmetic ([`E8m0Scales`], blocks of 32), else the tables and absmax of
+/// [`super::rows::with_scales`]. `$body` is expanded once per case.
+macro_rules! with_group_scales {
+    ($w:expr, |$bk:ident, $s:ident| $body:expr) => {{
+        use $crate::kernels::cpu::avx512_groups::{denormals_are_zero, E4m3Scales, E8m0Scales};
+        use $crate::kernels::cpu::rows::{ScaleSrc, TableScales, BLOCK16, BLOCK32};
+        let w: &$crate::kernels::cpu::rows::Rows<'_> = $w;
+        let e4m3 = w
+            .e4m3_factor
+            .filter(|_| w.block == 16 && !denormals_are_zero());
+        match (e4m3, w.scales) {
+            (Some(factor), ScaleSrc::Table { bytes, table }) => {
+                const $bk: u8 = BLOCK16;
+                let table = TableScales { bytes, table };
+                let $s = E4m3Scales { table, factor };
+                $body
+            }
+            (None, ScaleSrc::Table { bytes, table }) if w.e8m0_exact && w.block == 32 => {
+                const $bk: u8 = BLOCK32;
+                let $s = E8m0Scales(TableScales { bytes, table });
+                $body
+            }
+            _ => $crate::kernels::cpu::rows::with_scales!(w, |$bk, $s| $body),
+        }
+    }};
+}
+pub(super) use with_group_scales;
+
 impl GroupScales for F32Scales<'_> {
     #[inline(always)]
     unsafe fn group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
@@ -508,49 +539,29 @@ pub unsafe fn rows(w: &Rows<'_>, xp: &[f32], r0: usize, r1: usize, out: &mut [f3
     let chunks = w.k / CHUNK;
     // Whole groups per slice, as for the chunk kernel at batch 1.
     let slice = (super::avx512::SLICE_BYTES / (4 * CHUNK)).max(2) & !1;
-    let e4m3 = w
-        .e4m3_factor
-        .filter(|_| w.block == 16 && !denormals_are_zero());
-    let e8m0 = w.e8m0_exact && w.block == 32;
-    macro_rules! call {
-        ($f:ident, $row:expr, $pass:expr, $o:expr) => {{
-            let (o, p, row) = ($o, $pass, $row);
-            match (e4m3, w.scales) {
-                (Some(factor), ScaleSrc::Table { bytes, table }) => {
-                    let table = TableScales { bytes, table };
-                    let s = E4m3Scales { table, factor };
-                    $f::<BLOCK16, _>(w, s, lut, xp, row, p, o)
-                }
-                (None, ScaleSrc::Table { bytes, table }) if e8m0 => {
-                    let s = E8m0Scales(TableScales { bytes, table });
-                    $f::<BLOCK32, _>(w, s, lut, xp, row, p, o)
-                }
-                _ => super::rows::with_scales!(w, |BK, scales| $f::<BK, _>(
-                    w, scales, lut, xp, row, p, o
-                )),
+    with_group_scales!(w, |BK, scales| {
+        for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
+            if pass.c1 - pass.c0 == chunks {
+                pass.ahead = PREFETCH_AHEAD;
             }
-        }};
-    }
-    for mut pass in super::avx512::passes(chunks, slice, w.row_bytes) {
-        if pass.c1 - pass.c0 == chunks {
-            pass.ahead = PREFETCH_AHEAD;
+            let mut r = r0;
+            while r1 - r >= 16 {
+                rows16::<BK, _>(w, scales, lut, xp, r, pass, &mut out[r - r0..]);
+                r += 16;
+            }
+            while r < r1 {
+                row1::<BK, _>(w, scales, lut, xp, r, pass, &mut out[r - r0..]);
+                r += 1;
+            }
         }
-        let mut r = r0;
-        while r1 - r >= 16 {
-            call!(rows16, r, pass, &mut out[r - r0..]);
-            r += 16;
-        }
-        while r < r1 {
-            call!(row1, r, pass, &mut out[r - r0..]);
-            r += 1;
-        }
-    }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::kernels::cpu::gemv::rows_portable;
+    use crate::kernels::cpu::rows::ScaleSrc;
     use crate::kernels::cpu::rows::E4M3_BITS_SCALE;
     use crate::qtensor::QuantSpec;
     use crate::QTensor;

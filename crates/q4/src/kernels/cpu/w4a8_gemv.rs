@@ -23,9 +23,9 @@ use std::arch::x86_64::*;
 
 use super::aligned::AlignedVec;
 use super::avx512::L2_AHEAD_FACTOR;
-use super::avx512_groups::{E4m3Scales, E8m0Scales, GroupScales};
+use super::avx512_groups::GroupScales;
 use super::prefetch::{prefetch, prefetch_l2, PREFETCH_AHEAD};
-use super::rows::{Rows, ScaleSrc, TableScales, BLOCK16, BLOCK32};
+use super::rows::{Rows, ScaleSrc};
 use super::w4a8::{Int8Acts, ACT_BLOCK, E2M1_X2};
 
 /// Weights per group: one 64-byte load of codes.
@@ -361,21 +361,8 @@ unsafe fn rows_of<const B: usize>(
             }
         };
     }
-    // E2M1 scale bytes by arithmetic where the group kernel takes it, else the generic scales
-    // (tables; the bitsandbytes absmax).
-    let e4m3 = w
-        .e4m3_factor
-        .filter(|_| w.block == 16 && !super::avx512_groups::denormals_are_zero());
-    match (w.scales, e4m3) {
-        (ScaleSrc::Table { bytes, table }, Some(factor)) => {
-            let table = TableScales { bytes, table };
-            with_l2!(BLOCK16, E4m3Scales { table, factor })
-        }
-        (ScaleSrc::Table { bytes, table }, None) if w.block == 32 && w.e8m0_exact => {
-            with_l2!(BLOCK32, E8m0Scales(TableScales { bytes, table }))
-        }
-        _ => super::rows::with_scales!(w, |BK, s| with_l2!(BK, s)),
-    }
+    // The f32 group kernel's scales (E2M1 bytes by arithmetic where it takes them).
+    super::avx512_groups::with_group_scales!(w, |BK, s| with_l2!(BK, s))
 }
 
 #[cfg(test)]
