@@ -85,7 +85,7 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether this kernel runs `w`'s W4A8 products from [`min_batch`] rows: [`host_usable`] and
-/// integer weights it takes ([`int_weights`]).
+/// integer weights it takes (`int_weights`).
 pub fn usable(w: &Rows<'_>) -> bool {
     host_usable() && int_weights(w).is_some()
 }
