@@ -181,7 +181,13 @@ pub(super) unsafe fn chunk_scales<const BK: u8, S: Scales>(
 /// 2048x8192 0.98-0.99x, 1536x576 0.99-1.02x; batches 2-8 on 4096-wide rows 0.58-0.99x (one
 /// disturbed round 1.07-1.20x), on 576-wide rows 0.95-1.04x. The L2 prefetch in place of the
 /// L1 one (not beside it) was 1.06-1.2x slower on the 576-wide rows.
-pub(super) const L2_AHEAD_FACTOR: usize = 3;
+const L2_AHEAD_FACTOR: usize = 3;
+
+/// Bytes ahead of a code being read to the line prefetched into L2 only, for an L1 prefetch
+/// `ahead` bytes ahead: [`L2_AHEAD_FACTOR`] times that.
+pub(super) fn l2_distance(ahead: usize) -> usize {
+    L2_AHEAD_FACTOR * ahead
+}
 
 /// Where a pass of the kernel reads next, for the software prefetch.
 #[derive(Clone, Copy)]
@@ -205,7 +211,7 @@ impl Pass {
     #[inline(always)]
     pub fn l2_ahead(&self) -> usize {
         if self.l2 {
-            L2_AHEAD_FACTOR * self.ahead
+            l2_distance(self.ahead)
         } else {
             0
         }

@@ -22,7 +22,7 @@
 use std::arch::x86_64::*;
 
 use super::aligned::AlignedVec;
-use super::avx512::L2_AHEAD_FACTOR;
+use super::avx512::l2_distance;
 use super::avx512_groups::GroupScales;
 use super::prefetch::{prefetch, prefetch_l2, PREFETCH_AHEAD};
 use super::rows::{Rows, ScaleSrc};
@@ -245,7 +245,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
     // As the f32 group kernel: at least two rows ahead (the pair's own second row is being
     // read), and into L2 a further three times that.
     let ahead = PREFETCH_AHEAD.max(2 * w.row_bytes);
-    let l2_ahead = if L2 { L2_AHEAD_FACTOR * ahead } else { 0 };
+    let l2_ahead = if L2 { l2_distance(ahead) } else { 0 };
     let mut acc = [[_mm512_setzero_ps(); B]; R];
     let groups = w.k / GROUP;
     for g in 0..groups {
