@@ -1,6 +1,7 @@
 //! `q4 bench linear` end to end on a tiny shape, both timing orders: every contender gets a row
-//! with a finite time, Q4K is reported as not applicable where rows are not whole super-blocks,
-//! and the results go to stdout.
+//! with a finite time, the plain read of the layer's bytes only where the weights are
+//! cache-cold, Q4K is reported as not applicable where rows are not whole super-blocks, and the
+//! results go to stdout.
 
 use std::process::Command;
 
@@ -48,6 +49,16 @@ fn check(text: &str) {
             }
         }
     }
+    // The layer-sized plain read is timed where the weights are cache-cold (batch 1) only.
+    let read_rows = |batch: &str| {
+        text.lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 4 && f[1] == batch && f[3] == "plain-read"
+            })
+            .count()
+    };
+    assert_eq!((read_rows("1"), read_rows("16")), (2, 0), "{text}");
     // 256-wide rows take Q4K; 96-wide ones cannot.
     assert!(text
         .lines()

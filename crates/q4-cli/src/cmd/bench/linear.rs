@@ -108,6 +108,30 @@ impl Module for DenseF32 {
     }
 }
 
+/// A plain parallel read (a sum, split across the pool as a kernel's rows are, with no
+/// software prefetch) of as many bytes as the NVFP4 weight, its activations returned as they
+/// are: a reference for how long a cache-cold read of one layer-sized buffer takes on this
+/// host. A layer of a few hundred KiB reads well under the streaming bandwidth of
+/// `read_bandwidth`'s large buffer (dispatch, the first misses), and this row shows by how
+/// much in the same run.
+struct PlainRead(Vec<u64>);
+impl Module for PlainRead {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use rayon::prelude::*;
+        let piece = self.0.len().div_ceil(rayon::current_num_threads()).max(1);
+        let sum: u64 = self
+            .0
+            .par_chunks(piece)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .sum();
+        std::hint::black_box(sum);
+        Ok(x.clone())
+    }
+}
+
+/// The name of the [`PlainRead`] contender, timed only where the q4 contenders are cache-cold.
+const PLAIN_READ: &str = "plain-read";
+
 fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
     let mut layers: Vec<Box<dyn Module + Send + Sync>> = Vec::with_capacity(copies);
     let mut bytes = 0;
@@ -144,6 +168,18 @@ fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
                 let q = CandleQTensor::quantize(&w, dt)?;
                 let b = q.storage_size_in_bytes();
                 (Box::new(QMatMul::from_qtensor(q)?), b)
+            }
+            PLAIN_READ => {
+                let (n, k) = w.dims2()?;
+                let (codes, scales) = q4::qtensor::storage_lengths(
+                    Format::Nvfp4,
+                    Format::Nvfp4.default_block_size(),
+                    n,
+                    k,
+                );
+                let b = codes + scales;
+                let words: Vec<u64> = (0..b.div_ceil(8) as u64).collect();
+                (Box::new(PlainRead(words)), b)
             }
             _ => bail!("unknown contender {name}"),
         };
@@ -201,6 +237,7 @@ pub fn run(args: Args) -> Result<()> {
     if !args.no_q4_0 {
         names.push("candle-q4_0");
     }
+    names.push(PLAIN_READ);
     for shape in &args.shapes {
         let (n, k) = parse_shape(shape)?;
         let w = Tensor::from_vec(random(n * k, 7, 0.02), (n, k), &Device::Cpu)?;
@@ -238,6 +275,10 @@ pub fn run(args: Args) -> Result<()> {
             let x = Tensor::from_vec(xs[..batch * k].to_vec(), (batch, k), &Device::Cpu)?
                 .to_dtype(DType::F32)?;
             let cold = batch <= args.cold_up_to;
+            let active: Vec<&Contender> = contenders
+                .iter()
+                .filter(|c| cold || c.name != PLAIN_READ)
+                .collect();
             let reps = if n * k * batch > 200_000_000 {
                 args.reps.min(10)
             } else {
@@ -245,7 +286,7 @@ pub fn run(args: Args) -> Result<()> {
             };
             // Every copy is called once before timing: candle repacks a Q4K weight on its first
             // call (and caches it per tensor), which must not land in the timed calls.
-            let warmup = contenders
+            let warmup = active
                 .iter()
                 .map(|c| c.layers(cold).len())
                 .max()
@@ -258,12 +299,12 @@ pub fn run(args: Args) -> Result<()> {
             };
             let timed = || -> Vec<Timing> {
                 if !args.interleave {
-                    contenders
+                    active
                         .iter()
                         .map(|c| time(warmup, reps, args.max_others, |i| call(c, i)))
                         .collect()
                 } else {
-                    let mut fs: Vec<Box<dyn FnMut(usize) + '_>> = contenders
+                    let mut fs: Vec<Box<dyn FnMut(usize) + '_>> = active
                         .iter()
                         .map(|c| Box::new(move |i| call(c, i)) as Box<dyn FnMut(usize)>)
                         .collect();
@@ -288,7 +329,7 @@ pub fn run(args: Args) -> Result<()> {
             } else {
                 timed()
             };
-            let results: Vec<(&str, usize, Timing)> = contenders
+            let results: Vec<(&str, usize, Timing)> = active
                 .iter()
                 .zip(timings)
                 .map(|(c, t)| (c.name, c.bytes, t))

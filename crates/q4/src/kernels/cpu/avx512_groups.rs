@@ -165,6 +165,41 @@ pub(super) trait GroupScales: Scales {
     /// AVX-512F and BW present; the group (columns `col..col + 128` of the row whose scales
     /// start at `base`) lies inside the row.
     unsafe fn group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512;
+
+    /// The scales of a row's last, half group (columns `col..col + 64`) in lanes 0-7, lanes
+    /// 8-15 repeating some of them: only the half group's own scales are read (the blocks past
+    /// it may not exist), and a caller whose upper lanes hold zero sums gets zeros there (the
+    /// repeated scales are the row's, so a NaN among them is the row's NaN anyway).
+    ///
+    /// # Safety
+    /// AVX-512F and BW present; columns `col..col + 64` lie inside the row, `col` a multiple of
+    /// 64.
+    unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512;
+}
+
+/// Lanes 0-7 `[s0, s0, s1, s1, .., s3, s3]` and 8-15 again from a vector whose lanes 0-3 hold
+/// the scales `s0..s3` of a half group of 16-wide blocks (`BK == BLOCK16`); else `[s0 x4,
+/// s1 x4]` twice from lanes 0-1, for 32-wide blocks. The lanes above those are not read.
+#[inline(always)]
+unsafe fn spread_half<const BK: u8>(v: __m512) -> __m512 {
+    let idx = if BK == BLOCK16 {
+        _mm512_set_epi32(3, 3, 2, 2, 1, 1, 0, 0, 3, 3, 2, 2, 1, 1, 0, 0)
+    } else {
+        _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+    };
+    _mm512_permutexvar_ps(idx, v)
+}
+
+/// The scale bytes of a half group (four of 16-wide blocks if `BK == BLOCK16`, else two of
+/// 32-wide ones) repeated through every 32-bit lane, so that the full group's byte controls,
+/// which pick bytes 0-7 of each 128-bit lane, spread them with lanes 8-15 copying lanes 0-7.
+#[inline(always)]
+unsafe fn half_bytes<const BK: u8>(p: *const u8) -> __m512i {
+    if BK == BLOCK16 {
+        _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+    } else {
+        _mm512_set1_epi16(std::ptr::read_unaligned(p as *const i16))
+    }
 }
 
 /// `vpshufb` control turning eight scale bytes (broadcast to every 128-bit lane) into the
@@ -220,6 +255,26 @@ impl GroupScales for TableScales<'_> {
         };
         _mm512_i32gather_ps::<4>(idx, self.table.as_ptr())
     }
+
+    #[inline(always)]
+    unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
+        let i = base + (col >> shift);
+        match BK {
+            BLOCK16 | BLOCK32 => {
+                let ctrl = if BK == BLOCK16 {
+                    &PAIRS_CTRL
+                } else {
+                    &QUADS_CTRL
+                };
+                let idx = _mm512_shuffle_epi8(
+                    half_bytes::<BK>(self.bytes.as_ptr().add(i)),
+                    _mm512_load_si512(ctrl.0.as_ptr() as *const _),
+                );
+                _mm512_i32gather_ps::<4>(idx, self.table.as_ptr())
+            }
+            _ => _mm512_set1_ps(self.at(i)),
+        }
+    }
 }
 
 /// NVFP4 scales decoded by arithmetic ([`Rows::e4m3_factor`]): a group's eight E4M3 bytes
@@ -252,6 +307,17 @@ impl GroupScales for E4m3Scales<'_> {
         let p = self.table.bytes.as_ptr().add(base + (col >> shift));
         let top = _mm512_shuffle_epi8(
             _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64)),
+            _mm512_load_si512(E4M3_CTRL.0.as_ptr() as *const _),
+        );
+        _mm512_mul_ps(e4m3_scaled_bits(top), _mm512_set1_ps(self.factor))
+    }
+
+    #[inline(always)]
+    unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
+        debug_assert!(BK == BLOCK16);
+        let p = self.table.bytes.as_ptr().add(base + (col >> shift));
+        let top = _mm512_shuffle_epi8(
+            half_bytes::<BLOCK16>(p),
             _mm512_load_si512(E4M3_CTRL.0.as_ptr() as *const _),
         );
         _mm512_mul_ps(e4m3_scaled_bits(top), _mm512_set1_ps(self.factor))
@@ -299,6 +365,17 @@ impl GroupScales for E8m0Scales<'_> {
         let p = self.0.bytes.as_ptr().add(base + (col >> shift));
         let mid = _mm512_shuffle_epi8(
             _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32)),
+            _mm512_load_si512(E8M0_CTRL.0.as_ptr() as *const _),
+        );
+        _mm512_castsi512_ps(_mm512_slli_epi32::<7>(mid))
+    }
+
+    #[inline(always)]
+    unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
+        debug_assert!(BK == BLOCK32);
+        let p = self.0.bytes.as_ptr().add(base + (col >> shift));
+        let mid = _mm512_shuffle_epi8(
+            half_bytes::<BLOCK32>(p),
             _mm512_load_si512(E8M0_CTRL.0.as_ptr() as *const _),
         );
         _mm512_castsi512_ps(_mm512_slli_epi32::<7>(mid))
@@ -360,6 +437,17 @@ impl GroupScales for F32Scales<'_> {
             ),
             _ => halves(self, base, col, shift),
         }
+    }
+
+    #[inline(always)]
+    unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
+        let p = self.0.as_ptr().add(base + (col >> shift));
+        let v = match BK {
+            BLOCK16 => _mm512_castps128_ps512(_mm_loadu_ps(p)),
+            BLOCK32 => _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(p as *const f64))),
+            _ => return _mm512_set1_ps(*p),
+        };
+        spread_half::<BK>(v)
     }
 }
 

@@ -205,21 +205,6 @@ unsafe fn act_scales(x: &Acts, m: usize, g: usize) -> __m512 {
     _mm512_load_ps(x.scales.as_ptr().add((m * x.groups + g) * 16))
 }
 
-/// The half group's weight scales in lanes 0-7 (lane `i` weights `8i .. 8i + 8`), ones above:
-/// per lane from the table, as only the half group's blocks may exist past `col`.
-///
-/// # Safety
-/// AVX-512F present; the blocks of weights `col .. col + 64` exist from `base`.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn half_scales<S: GroupScales>(s: &S, base: usize, col: usize, block: usize) -> __m512 {
-    let mut v = [1f32; 16];
-    for (i, lane) in v[..8].iter_mut().enumerate() {
-        *lane = s.at(base + (col + 8 * i) / block);
-    }
-    _mm512_loadu_ps(v.as_ptr())
-}
-
 /// The lanes of `sum_k W[row0 + r, k] q(x)[m, k]` (activation scales applied, the integer
 /// weights' gain not) for `R` rows and `B` activation rows, one vector each: a group's weight
 /// bytes are decoded once for all `B` rows.
@@ -276,7 +261,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
                 _mm512_maskz_loadu_epi8(0xffff_ffff, codes as *const _),
                 table,
             );
-            let ws = half_scales(s, row_scales[r], g * GROUP, w.block);
+            let ws = s.half_group::<BK>(row_scales[r], g * GROUP, shift);
             for m in 0..B {
                 let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
                 let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
@@ -373,60 +358,92 @@ mod tests {
     use crate::{Format, QTensor, QuantSpec};
     use candle_core::{Device, Tensor};
 
-    /// Every row against the portable GEMV over the dequantized activations (the W4A8
-    /// reference) on the same integer weights: NVFP4 (arithmetic and table scales), MXFP4, and
-    /// NF4 / bitsandbytes FP4 with their codebooks rounded to int8; rows of whole and half
-    /// groups, row counts around the 16-row blocks, 1 to 4 activation rows.
+    /// Every row of `spec`'s weights against the portable GEMV over the dequantized activations
+    /// (the W4A8 reference) on the same integer weights: rows of whole and half groups, row
+    /// counts around the 16-row blocks, 1 to 4 activation rows.
+    fn check_spec(spec: &QuantSpec) {
+        let dev = Device::Cpu;
+        let format = spec.format;
+        for (n, k) in [
+            (1usize, 128usize),
+            (17, 576),
+            (33, 1024),
+            (16, 64),
+            (40, 4160),
+        ] {
+            let w = Tensor::from_vec(uniform(n as u64, n * k, 0.05), (n, k), &dev).unwrap();
+            let q = QTensor::quantize(&w, spec).unwrap();
+            let view = q.host_view().unwrap().with_int8_codebook();
+            let rows_w = Rows::new(&view);
+            assert!(usable(&rows_w), "{format} {n}x{k}");
+            let iw = IntWeights::of(&rows_w).unwrap();
+            let x = uniform(7, MAX_BATCH * k, 1.0);
+            let a = Int8Acts::quantize(&x, k);
+            let xd = a.dequantize();
+            // Rows [n][m], as the kernel writes them.
+            let mut want = vec![0f32; n * MAX_BATCH];
+            rows_portable(&rows_w, &xd, MAX_BATCH, 0, n, &mut want);
+            let mag: f32 = xd[..k].iter().map(|v| v.abs()).sum::<f32>() * 0.6;
+            let check = |batch: usize, r0: usize, got: &[f32]| {
+                for (i, g) in got.iter().enumerate() {
+                    let (row, m) = (r0 + i / batch, i % batch);
+                    let w = want[row * MAX_BATCH + m];
+                    let tol = (1e-5 * w.abs()).max(1e-6 * mag);
+                    assert!(
+                        (g - w).abs() <= tol,
+                        "{format}/{} {n}x{k} batch {batch} row {row} m {m}: {g} vs {w}",
+                        spec.block_size
+                    );
+                }
+            };
+            for batch in 1..=MAX_BATCH {
+                let acts = Acts::new(&a, batch);
+                for r0 in [0, n / 2] {
+                    let mut got = vec![0f32; (n - r0) * batch];
+                    // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
+                    // r0..n exist, `acts` holds `batch` rows of k values, `got` holds
+                    // (n - r0) * batch values.
+                    unsafe { rows(&rows_w, &iw, &acts, r0, n, &mut got) };
+                    check(batch, r0, &got);
+                }
+            }
+        }
+    }
+
+    /// NVFP4 (E4M3 scales by arithmetic), MXFP4 (E8M0 by arithmetic), NF4 / bitsandbytes FP4
+    /// with their codebooks rounded to int8 and f32 absmax per 64, 32 and 16 weights: each
+    /// scale source's full and half groups.
     #[test]
     fn matches_the_dequantized_activations() {
         if !super::super::avx512::vnni_usable() {
             return;
         }
-        let dev = Device::Cpu;
         for format in [Format::Nvfp4, Format::Mxfp4, Format::Nf4, Format::Fp4] {
-            for (n, k) in [
-                (1usize, 128usize),
-                (17, 576),
-                (33, 1024),
-                (16, 64),
-                (40, 4160),
-            ] {
-                let w = Tensor::from_vec(uniform(n as u64, n * k, 0.05), (n, k), &dev).unwrap();
-                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
-                let view = q.host_view().unwrap().with_int8_codebook();
-                let rows_w = Rows::new(&view);
-                assert!(usable(&rows_w), "{format} {n}x{k}");
-                let iw = IntWeights::of(&rows_w).unwrap();
-                let x = uniform(7, MAX_BATCH * k, 1.0);
-                let a = Int8Acts::quantize(&x, k);
-                let xd = a.dequantize();
-                // Rows [n][m], as the kernel writes them.
-                let mut want = vec![0f32; n * MAX_BATCH];
-                rows_portable(&rows_w, &xd, MAX_BATCH, 0, n, &mut want);
-                let mag: f32 = xd[..k].iter().map(|v| v.abs()).sum::<f32>() * 0.6;
-                let check = |batch: usize, r0: usize, got: &[f32]| {
-                    for (i, g) in got.iter().enumerate() {
-                        let (row, m) = (r0 + i / batch, i % batch);
-                        let w = want[row * MAX_BATCH + m];
-                        let tol = (1e-5 * w.abs()).max(1e-6 * mag);
-                        assert!(
-                            (g - w).abs() <= tol,
-                            "{format} {n}x{k} batch {batch} row {row} m {m}: {g} vs {w}"
-                        );
-                    }
-                };
-                for batch in 1..=MAX_BATCH {
-                    let acts = Acts::new(&a, batch);
-                    for r0 in [0, n / 2] {
-                        let mut got = vec![0f32; (n - r0) * batch];
-                        // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw`); rows
-                        // r0..n exist, `acts` holds `batch` rows of k values, `got` holds
-                        // (n - r0) * batch values.
-                        unsafe { rows(&rows_w, &iw, &acts, r0, n, &mut got) };
-                        check(batch, r0, &got);
-                    }
-                }
-            }
+            check_spec(&QuantSpec::new(format));
         }
+        // bitsandbytes' smallest block: 32-wide f32 scales.
+        check_spec(&QuantSpec::new(Format::Nf4).with_block(32));
+    }
+
+    /// With denormal operands read as zero NVFP4's scales come from their table (the E4M3
+    /// arithmetic would lose subnormal scales): gathered full and half groups.
+    #[test]
+    fn nvfp4_table_scales_match_with_denormals_as_zero() {
+        if !super::super::avx512::vnni_usable() {
+            return;
+        }
+        #[allow(deprecated)] // `_mm_getcsr` / `_mm_setcsr`: deprecated, not removed
+        // SAFETY: MXCSR is this thread's; DAZ (bit 6) only changes how denormal operands read,
+        // and the previous value is restored before the result is unwrapped.
+        let got = unsafe {
+            let csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x40);
+            let daz = super::super::avx512_groups::denormals_are_zero();
+            let got = std::panic::catch_unwind(|| check_spec(&QuantSpec::new(Format::Nvfp4)));
+            _mm_setcsr(csr);
+            assert!(daz);
+            got
+        };
+        got.unwrap();
     }
 }
