@@ -108,23 +108,29 @@ impl Module for DenseF32 {
     }
 }
 
-/// A plain parallel read (a sum, split across the pool as a kernel's rows are, with no
-/// software prefetch) of as many bytes as the NVFP4 weight, its activations returned as they
-/// are: a reference for how long a cache-cold read of one layer-sized buffer takes on this
-/// host. A layer of a few hundred KiB reads well under the streaming bandwidth of
-/// `read_bandwidth`'s large buffer (dispatch, the first misses), and this row shows by how
-/// much in the same run.
-struct PlainRead(Vec<u64>);
+/// A plain parallel read (a sum, with no software prefetch) of as many bytes as the NVFP4
+/// weight, its activations returned as they are: a reference for how long a cache-cold read of
+/// one layer-sized buffer takes on this host. It is split as q4's GEMVs split their rows
+/// (`q4::kernels::cpu::parallel`: 16 KiB pieces, the calling thread joining the pool's workers,
+/// for the same amount of work), so that both pay the same dispatch. A layer of a few hundred
+/// KiB reads well under the streaming bandwidth of `read_bandwidth`'s large buffer (dispatch,
+/// the first misses), and this row shows by how much in the same run.
+struct PlainRead {
+    words: Vec<u64>,
+    weights: usize,
+}
+
+/// Words per piece of [`PlainRead`]: 16 KiB, about 32 rows of a 1024-wide NVFP4 weight.
+const READ_PIECE: usize = 2048;
+
 impl Module for PlainRead {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        use rayon::prelude::*;
-        let piece = self.0.len().div_ceil(rayon::current_num_threads()).max(1);
-        let sum: u64 = self
-            .0
-            .par_chunks(piece)
-            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
-            .sum();
-        std::hint::black_box(sum);
+        let mut sums = vec![0u64; self.words.len().div_ceil(READ_PIECE)];
+        q4::kernels::cpu::parallel::for_each_chunk_mut(&mut sums, 1, self.weights, |i, out| {
+            let piece = &self.words[i * READ_PIECE..((i + 1) * READ_PIECE).min(self.words.len())];
+            out[0] = piece.iter().fold(0u64, |a, &b| a.wrapping_add(b));
+        });
+        std::hint::black_box(&sums);
         Ok(x.clone())
     }
 }
@@ -179,7 +185,13 @@ fn build(name: &'static str, w: &Tensor, copies: usize) -> Result<Contender> {
                 );
                 let b = codes + scales;
                 let words: Vec<u64> = (0..b.div_ceil(8) as u64).collect();
-                (Box::new(PlainRead(words)), b)
+                (
+                    Box::new(PlainRead {
+                        words,
+                        weights: n * k,
+                    }),
+                    b,
+                )
             }
             _ => bail!("unknown contender {name}"),
         };
