@@ -12,7 +12,11 @@ use candle_core::{DType, Device, Module, Tensor};
 use q4::qtensor::QuantSpec;
 use q4::{Format, QLinear};
 
-use super::measure::{read_bandwidth, time, time_interleaved, Timing, MIN_WARMUP};
+use super::measure::{read_bandwidth, time, time_interleaved, Guard, Timing, MIN_WARMUP};
+
+/// Weights from which every q4 contender's call runs on every thread of the pool, so that a
+/// measurement of it using fewer cores is disturbed (see `measure::Guard`).
+const PARALLEL_WEIGHTS: usize = 1 << 18;
 
 /// Calls of one contender in a row when interleaving (see `time_interleaved`).
 const INTERLEAVE_BLOCK: usize = 5;
@@ -224,7 +228,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     writeln!(
         out,
-        "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7}",
+        "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>6}",
         "shape",
         "batch",
         "cache",
@@ -235,7 +239,8 @@ pub fn run(args: Args) -> Result<()> {
         "%readbw",
         "vs_f32",
         "vs_q4k",
-        "others"
+        "others",
+        "cores"
     )?;
     eprint!("{out}");
     let mut names = vec![
@@ -304,6 +309,18 @@ pub fn run(args: Args) -> Result<()> {
                 .max()
                 .unwrap_or(0)
                 .max(2);
+            // q4's layers (and the plain read) of a quarter million weights and more run on
+            // every thread of the pool at every batch (smaller ones may run on the calling
+            // thread alone); candle's f32 matmul runs batch 1 on one thread and its Q4K on a
+            // pool of its own, so only the other processes are checked for those.
+            let parallel = n * k >= PARALLEL_WEIGHTS;
+            let guard = |c: &Contender| {
+                if parallel && (c.name.starts_with("q4-") || c.name == PLAIN_READ) {
+                    Guard::parallel(args.max_others)
+                } else {
+                    Guard::others(args.max_others)
+                }
+            };
             let call = |c: &Contender, i: usize| {
                 let layers = c.layers(cold);
                 let y = layers[i % layers.len()].forward(&x).expect("forward");
@@ -313,7 +330,7 @@ pub fn run(args: Args) -> Result<()> {
                 if !args.interleave {
                     active
                         .iter()
-                        .map(|c| time(warmup, reps, args.max_others, |i| call(c, i)))
+                        .map(|c| time(warmup, reps, guard(c), |i| call(c, i)))
                         .collect()
                 } else {
                     let mut fs: Vec<Box<dyn FnMut(usize) + '_>> = active
@@ -329,7 +346,7 @@ pub fn run(args: Args) -> Result<()> {
                         MIN_WARMUP,
                         reps,
                         INTERLEAVE_BLOCK,
-                        args.max_others,
+                        Guard::others(args.max_others),
                         &mut refs,
                     )
                 }
@@ -350,7 +367,7 @@ pub fn run(args: Args) -> Result<()> {
             for (name, bytes, t) in &results {
                 let flops = 2.0 * (n * k * batch) as f64;
                 let line = format!(
-                    "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2}",
+                    "{:<12} {:>5} {:<5} {:<13} {:>9} {:>8.2} {:>9.1} {:>7.1} {:>7.2} {:>7.2} {:>7.2} {:>6.2}",
                     shape,
                     batch,
                     if cold { "cold" } else { "warm" },
@@ -362,6 +379,7 @@ pub fn run(args: Args) -> Result<()> {
                     get("candle-f32").map_or(f64::NAN, |f| f / t.median),
                     get("candle-q4k").map_or(f64::NAN, |f| f / t.median),
                     t.others,
+                    t.cores,
                 );
                 eprintln!("{line}");
                 writeln!(out, "{line}")?;

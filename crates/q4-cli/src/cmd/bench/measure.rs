@@ -42,6 +42,14 @@ impl CpuSnapshot {
         let hz = 100.0; // USER_HZ on Linux
         (ticks / hz).max(0.0) / wall.as_secs_f64().max(1e-9)
     }
+
+    /// CPU time this process used between `self` and `later`, in cores: with every thread of a
+    /// parallel call running, about the pool's size; where two of its threads shared one CPU
+    /// while another sat idle (a scheduling spell of this shared host), about one less.
+    pub fn ours_since(&self, later: &CpuSnapshot, wall: Duration) -> f64 {
+        let ticks = later.ours.saturating_sub(self.ours) as f64;
+        (ticks / 100.0) / wall.as_secs_f64().max(1e-9)
+    }
 }
 
 /// One measurement: median seconds per call and how disturbed the machine was.
@@ -49,6 +57,9 @@ impl CpuSnapshot {
 pub struct Timing {
     pub median: f64,
     pub others: f64,
+    /// CPU this process used during the warm-up and measurement, in cores
+    /// ([`CpuSnapshot::ours_since`]); the same for contenders measured together.
+    pub cores: f64,
 }
 
 /// Shortest warm-up before a measurement. A fixed count of warm-up calls is not enough on the
@@ -59,12 +70,61 @@ pub struct Timing {
 /// cores their full speed only after a spell of sustained work.
 pub const MIN_WARMUP: Duration = Duration::from_millis(200);
 
+/// What makes a measurement disturbed, so that it is repeated: other processes using more than
+/// `max_others` cores, or this process using fewer than `min_cores` (a parallel call whose
+/// threads shared a CPU while another sat idle ran at one thread's speed: 2x the time of a
+/// 1536x576 NF4 batch-64 call in a full run of the thirty-fifth session, where such calls
+/// used 1.9-2.0 cores otherwise). `min_cores` 0 checks nothing of this process.
+#[derive(Clone, Copy, Debug)]
+pub struct Guard {
+    pub max_others: f64,
+    pub min_cores: f64,
+}
+
+impl Guard {
+    /// Only the other processes' use is checked.
+    pub fn others(max_others: f64) -> Guard {
+        Guard {
+            max_others,
+            min_cores: 0.0,
+        }
+    }
+
+    /// The other processes' use, and this process's use of at least three quarters of the
+    /// rayon pool (where it has more than one thread): for calls that run on every thread.
+    pub fn parallel(max_others: f64) -> Guard {
+        let threads = rayon::current_num_threads();
+        Guard {
+            max_others,
+            min_cores: if threads > 1 {
+                0.75 * threads as f64
+            } else {
+                0.0
+            },
+        }
+    }
+
+    /// Why a measurement with these readings is disturbed, if it is.
+    fn disturbed(&self, others: f64, cores: f64) -> Option<String> {
+        if others > self.max_others {
+            Some(format!("{others:.2} cores used by other processes"))
+        } else if cores < self.min_cores {
+            Some(format!(
+                "{cores:.2} cores used by this process, fewer than {:.2}",
+                self.min_cores
+            ))
+        } else {
+            None
+        }
+    }
+}
+
 /// Times `f` `reps` times after a warm-up of at least `warmup` calls and [`MIN_WARMUP`];
-/// retries up to 3 times when other processes used more than `max_others` cores during the
-/// warm-up and measurement, and reports the last attempt.
-pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f: F) -> Timing {
+/// retries up to 3 times when `guard` finds the warm-up and measurement disturbed, and reports
+/// the last attempt.
+pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, guard: Guard, mut f: F) -> Timing {
     // One contender in one block: its calls back to back.
-    time_interleaved(warmup, MIN_WARMUP, reps, reps, max_others, &mut [&mut f])
+    time_interleaved(warmup, MIN_WARMUP, reps, reps, guard, &mut [&mut f])
         .pop()
         .expect("one timing per contender")
 }
@@ -74,13 +134,13 @@ pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, max_others: f64, mut f:
 /// A change of the host's speed during the measurement then hits all of them alike, so their
 /// ratios hold even where the absolute times drift. Blocks rather than single calls: one call at
 /// a time between other contenders' cost q4's NVFP4 GEMV 1.5-2.5x per call. Retries the whole
-/// measurement like [`time`]; every contender reports the same `others`.
+/// measurement like [`time`]; every contender reports the same `others` and `cores`.
 pub fn time_interleaved(
     warmup: usize,
     min_warmup: Duration,
     reps: usize,
     block: usize,
-    max_others: f64,
+    guard: Guard,
     fs: &mut [&mut dyn FnMut(usize)],
 ) -> Vec<Timing> {
     let block = block.max(1);
@@ -117,9 +177,9 @@ pub fn time_interleaved(
             done += calls;
         }
         let wall = warm_start.elapsed();
-        let others = match (start_cpu, CpuSnapshot::take()) {
-            (Some(a), Some(b)) => a.others_since(&b, wall),
-            _ => 0.0,
+        let (others, cores) = match (start_cpu, CpuSnapshot::take()) {
+            (Some(a), Some(b)) => (a.others_since(&b, wall), a.ours_since(&b, wall)),
+            _ => (0.0, f64::NAN),
         };
         last = samples
             .into_iter()
@@ -128,15 +188,14 @@ pub fn time_interleaved(
                 Timing {
                     median: s[s.len() / 2],
                     others,
+                    cores,
                 }
             })
             .collect();
-        if others <= max_others {
-            break;
+        match guard.disturbed(others, cores) {
+            None => break,
+            Some(why) => tracing::warn!("disturbed measurement ({why}); repeating"),
         }
-        tracing::warn!(
-            "disturbed measurement ({others:.2} cores used by other processes); repeating"
-        );
     }
     last
 }
@@ -145,7 +204,7 @@ pub fn time_interleaved(
 /// median of several passes.
 pub fn read_bandwidth(bytes: usize) -> f64 {
     let v: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
-    let t = time(1, 7, 0.1, |_| {
+    let t = time(1, 7, Guard::parallel(0.1), |_| {
         let s: u64 = v
             .par_chunks(1 << 16)
             .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
@@ -160,6 +219,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_guard_flags_busy_neighbours_and_idle_threads() {
+        let g = Guard {
+            max_others: 0.15,
+            min_cores: 1.5,
+        };
+        assert_eq!(g.disturbed(0.1, 1.9), None);
+        assert!(g.disturbed(0.3, 1.9).unwrap().contains("other processes"));
+        assert!(g.disturbed(0.0, 1.0).unwrap().contains("this process"));
+        // Without a reading of this process (no /proc), nothing is concluded from it.
+        assert_eq!(g.disturbed(0.0, f64::NAN), None);
+        assert_eq!(Guard::others(0.15).disturbed(0.0, 0.2), None);
+    }
+
+    #[test]
     fn interleaved_calls_every_contender_in_rotating_blocks() {
         let log = std::cell::RefCell::new(Vec::new());
         let mut a = |i: usize| log.borrow_mut().push(('a', i));
@@ -171,7 +244,7 @@ mod tests {
             Duration::ZERO,
             7,
             3,
-            f64::INFINITY,
+            Guard::others(f64::INFINITY),
             &mut [&mut a, &mut b, &mut c],
         );
         assert_eq!(t.len(), 3);
@@ -216,7 +289,14 @@ mod tests {
                 timed_calls += 1;
             }
         };
-        time_interleaved(2, min, reps, reps, f64::INFINITY, &mut [&mut f]);
+        time_interleaved(
+            2,
+            min,
+            reps,
+            reps,
+            Guard::others(f64::INFINITY),
+            &mut [&mut f],
+        );
         assert!(started.elapsed() >= min);
         // Rounds of two 1 ms calls until 30 ms have passed: more than one round, and the timed
         // calls only once.
