@@ -384,7 +384,7 @@ impl GroupScales for E8m0Scales<'_> {
 
 /// Whether denormal operands read as zero here (MXCSR.DAZ): then the E4M3 arithmetic would
 /// lose subnormal scales, and the table decodes them instead.
-pub(super) fn denormals_are_zero() -> bool {
+pub(crate) fn denormals_are_zero() -> bool {
     // SAFETY: reading MXCSR has no preconditions (SSE, part of x86-64).
     #[allow(deprecated)] // `_mm_getcsr` is deprecated in favour of inline assembly, not removed
     let csr = unsafe { _mm_getcsr() };
@@ -903,20 +903,9 @@ mod tests {
         let q = nvfp4_with_scales(16, 512, &[0x01, 0x07, 0x81, 0x00, 0x38], 0.5);
         let x = row(512);
         let plain = check(&q, &x, 0, "NVFP4 subnormal scales");
-        #[allow(deprecated)] // `_mm_getcsr` / `_mm_setcsr`: deprecated, not removed
-        // SAFETY: MXCSR is this thread's; DAZ (bit 6) only changes how denormal operands read,
-        // and the previous value is restored before any assertion can unwind.
-        let with_daz = unsafe {
-            let csr = _mm_getcsr();
-            _mm_setcsr(csr | 0x40);
-            let daz = denormals_are_zero();
-            let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                check(&q, &x, 0, "NVFP4 subnormal, DAZ")
-            }));
-            _mm_setcsr(csr);
-            assert!(daz);
-            got.unwrap()
-        };
+        let (with_daz, daz) =
+            crate::test_util::with_denormals_as_zero(|| check(&q, &x, 0, "NVFP4 subnormal, DAZ"));
+        assert!(daz);
         assert_eq!(plain, with_daz);
     }
 

@@ -432,18 +432,8 @@ mod tests {
         if !super::super::avx512::vnni_usable() {
             return;
         }
-        #[allow(deprecated)] // `_mm_getcsr` / `_mm_setcsr`: deprecated, not removed
-        // SAFETY: MXCSR is this thread's; DAZ (bit 6) only changes how denormal operands read,
-        // and the previous value is restored before the result is unwrapped.
-        let got = unsafe {
-            let csr = _mm_getcsr();
-            _mm_setcsr(csr | 0x40);
-            let daz = super::super::avx512_groups::denormals_are_zero();
-            let got = std::panic::catch_unwind(|| check_spec(&QuantSpec::new(Format::Nvfp4)));
-            _mm_setcsr(csr);
-            assert!(daz);
-            got
-        };
-        got.unwrap();
+        let ((), daz) =
+            crate::test_util::with_denormals_as_zero(|| check_spec(&QuantSpec::new(Format::Nvfp4)));
+        assert!(daz);
     }
 }

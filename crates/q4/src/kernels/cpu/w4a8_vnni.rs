@@ -1052,16 +1052,10 @@ mod tests {
         // With denormal operands read as zero the bit decode would lose E4M3's subnormal
         // scales (and a subnormal s2): the other arithmetic is taken, and still exact.
         let table = q4_formats::nvfp4::scale_table(0.75);
-        #[allow(deprecated)] // `_mm_getcsr` / `_mm_setcsr`: deprecated, not removed
-        // SAFETY: AVX-512F checked above; MXCSR is this thread's, DAZ (bit 6) only changes how
-        // denormal operands read, and the previous value is restored before any assertion.
-        let with_daz = unsafe {
-            let csr = _mm_getcsr();
-            _mm_setcsr(csr | 0x40);
-            let got = ScaleDecode::detect(&table);
-            _mm_setcsr(csr);
-            got
-        };
+        // SAFETY: AVX-512F checked above.
+        let (with_daz, daz) =
+            crate::test_util::with_denormals_as_zero(|| unsafe { ScaleDecode::detect(&table) });
+        assert!(daz);
         assert_eq!(with_daz, ScaleDecode::E4m3 { s2: 0.75 });
         let mx = q4_formats::mxfp4::scale_table();
         // SAFETY: as above.
