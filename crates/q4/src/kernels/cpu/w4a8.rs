@@ -240,12 +240,14 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
         return true;
     }
     #[cfg(target_arch = "x86_64")]
-    if batch <= super::w4a8_gemv::MAX_BATCH && super::w4a8_gemv::usable(w) {
-        use super::w4a8_gemv::{rows, Acts, IntWeights};
-        let iw = IntWeights::of(w).expect("usable() checked the weight");
+    if let Some(iw) = (batch <= super::w4a8_gemv::MAX_BATCH)
+        .then(|| super::w4a8_gemv::taken(w))
+        .flatten()
+    {
+        use super::w4a8_gemv::{rows, Acts};
         let acts = Acts::new(&Int8Acts::quantize(x, w.k), batch);
         by_row_pieces(w, batch, y, |r0, r1, out| {
-            // SAFETY: `usable` checked AVX-512 BW + VNNI and the weight (`iw` its integer
+            // SAFETY: `taken` checked AVX-512 BW + VNNI and the weight (`iw` its integer
             // weights); rows r0..r1 exist, `acts` holds `batch` rows of w.k activations and
             // `out` their (r1 - r0) * batch outputs.
             unsafe { rows(w, &iw, &acts, r0, r1, out) };

@@ -82,7 +82,15 @@ pub fn set_enabled(on: bool) {
 /// turned off (`Q4_W4A8_GEMV=0`, [`set_enabled`]), and integer weights it takes
 /// ([`IntWeights::of`]).
 pub fn usable(w: &Rows<'_>) -> bool {
-    SWITCH.on() && super::avx512::vnni_usable() && IntWeights::of(w).is_some()
+    taken(w).is_some()
+}
+
+/// `w`'s integer weights where this kernel runs its W4A8 products ([`usable`]), for the
+/// caller to pass to [`rows`].
+pub fn taken(w: &Rows<'_>) -> Option<IntWeights> {
+    (SWITCH.on() && super::avx512::vnni_usable())
+        .then(|| IntWeights::of(w))
+        .flatten()
 }
 
 /// Most activation rows a call takes; from `w4a8_vnni::MIN_BATCH` the tiles are faster.
