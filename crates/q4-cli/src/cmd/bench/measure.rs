@@ -5,6 +5,9 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
+/// Clock ticks per second of `/proc`'s CPU times (USER_HZ on Linux).
+const USER_HZ: f64 = 100.0;
+
 /// CPU time (jiffies) used by the whole machine and by this process.
 #[derive(Clone, Copy, Debug)]
 pub struct CpuSnapshot {
@@ -39,8 +42,7 @@ impl CpuSnapshot {
     pub fn others_since(&self, later: &CpuSnapshot, wall: Duration) -> f64 {
         let ticks = later.busy_total.saturating_sub(self.busy_total) as f64
             - later.ours.saturating_sub(self.ours) as f64;
-        let hz = 100.0; // USER_HZ on Linux
-        (ticks / hz).max(0.0) / wall.as_secs_f64().max(1e-9)
+        (ticks / USER_HZ).max(0.0) / wall.as_secs_f64().max(1e-9)
     }
 
     /// CPU time this process used between `self` and `later`, in cores: with every thread of a
@@ -48,7 +50,7 @@ impl CpuSnapshot {
     /// while another sat idle (a scheduling spell of this shared host), about one less.
     pub fn ours_since(&self, later: &CpuSnapshot, wall: Duration) -> f64 {
         let ticks = later.ours.saturating_sub(self.ours) as f64;
-        (ticks / 100.0) / wall.as_secs_f64().max(1e-9)
+        (ticks / USER_HZ) / wall.as_secs_f64().max(1e-9)
     }
 }
 
