@@ -190,6 +190,17 @@ unsafe fn spread_half<const BK: u8>(v: __m512) -> __m512 {
     _mm512_permutexvar_ps(idx, v)
 }
 
+/// The scale bytes of a group (eight of 16-wide blocks if `BK == BLOCK16`, else four of 32-wide
+/// ones) broadcast to every 128-bit lane, for the byte controls below.
+#[inline(always)]
+unsafe fn group_bytes<const BK: u8>(p: *const u8) -> __m512i {
+    if BK == BLOCK16 {
+        _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64))
+    } else {
+        _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32))
+    }
+}
+
 /// The scale bytes of a half group (four of 16-wide blocks if `BK == BLOCK16`, else two of
 /// 32-wide ones) repeated through every 32-bit lane, so that the full group's byte controls,
 /// which pick bytes 0-7 of each 128-bit lane, spread them with lanes 8-15 copying lanes 0-7.
@@ -206,6 +217,14 @@ unsafe fn half_bytes<const BK: u8>(p: *const u8) -> __m512i {
 /// zero-extended indices `[b0, b0, b1, b1, ..., b7, b7]` (16-wide blocks: lanes `2m, 2m + 1`).
 #[repr(align(64))]
 struct Ctrl([u8; 64]);
+
+impl Ctrl {
+    /// `bytes` through this control (`vpshufb`).
+    #[inline(always)]
+    unsafe fn spread(&self, bytes: __m512i) -> __m512i {
+        _mm512_shuffle_epi8(bytes, _mm512_load_si512(self.0.as_ptr() as *const _))
+    }
+}
 
 static PAIRS_CTRL: Ctrl = Ctrl(byte_ctrl(2, 0));
 /// The same for four bytes and 32-wide blocks: `[b0 x4, b1 x4, b2 x4, b3 x4]`.
@@ -241,39 +260,36 @@ unsafe fn halves<S: Scales>(s: &S, base: usize, col: usize, shift: u32) -> __m51
 impl GroupScales for TableScales<'_> {
     #[inline(always)]
     unsafe fn group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
-        let p = self.bytes.as_ptr().add(base + (col >> shift));
-        let idx = match BK {
-            BLOCK16 => _mm512_shuffle_epi8(
-                _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64)),
-                _mm512_load_si512(PAIRS_CTRL.0.as_ptr() as *const _),
-            ),
-            BLOCK32 => _mm512_shuffle_epi8(
-                _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32)),
-                _mm512_load_si512(QUADS_CTRL.0.as_ptr() as *const _),
-            ),
-            _ => return halves(self, base, col, shift),
-        };
-        _mm512_i32gather_ps::<4>(idx, self.table.as_ptr())
+        match BK {
+            BLOCK16 | BLOCK32 => {
+                let p = self.bytes.as_ptr().add(base + (col >> shift));
+                self.gather::<BK>(group_bytes::<BK>(p))
+            }
+            _ => halves(self, base, col, shift),
+        }
     }
 
     #[inline(always)]
     unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
         let i = base + (col >> shift);
         match BK {
-            BLOCK16 | BLOCK32 => {
-                let ctrl = if BK == BLOCK16 {
-                    &PAIRS_CTRL
-                } else {
-                    &QUADS_CTRL
-                };
-                let idx = _mm512_shuffle_epi8(
-                    half_bytes::<BK>(self.bytes.as_ptr().add(i)),
-                    _mm512_load_si512(ctrl.0.as_ptr() as *const _),
-                );
-                _mm512_i32gather_ps::<4>(idx, self.table.as_ptr())
-            }
+            BLOCK16 | BLOCK32 => self.gather::<BK>(half_bytes::<BK>(self.bytes.as_ptr().add(i))),
             _ => _mm512_set1_ps(self.at(i)),
         }
+    }
+}
+
+impl TableScales<'_> {
+    /// The table's values of scale `bytes` ([`group_bytes`] / [`half_bytes`]) spread to their
+    /// lanes: 16-wide blocks if `BK == BLOCK16`, else 32-wide ones.
+    #[inline(always)]
+    unsafe fn gather<const BK: u8>(&self, bytes: __m512i) -> __m512 {
+        let ctrl = if BK == BLOCK16 {
+            &PAIRS_CTRL
+        } else {
+            &QUADS_CTRL
+        };
+        _mm512_i32gather_ps::<4>(ctrl.spread(bytes), self.table.as_ptr())
     }
 }
 
@@ -305,21 +321,22 @@ impl GroupScales for E4m3Scales<'_> {
     unsafe fn group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
         debug_assert!(BK == BLOCK16);
         let p = self.table.bytes.as_ptr().add(base + (col >> shift));
-        let top = _mm512_shuffle_epi8(
-            _mm512_set1_epi64(std::ptr::read_unaligned(p as *const i64)),
-            _mm512_load_si512(E4M3_CTRL.0.as_ptr() as *const _),
-        );
-        _mm512_mul_ps(e4m3_scaled_bits(top), _mm512_set1_ps(self.factor))
+        self.values(group_bytes::<BLOCK16>(p))
     }
 
     #[inline(always)]
     unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
         debug_assert!(BK == BLOCK16);
         let p = self.table.bytes.as_ptr().add(base + (col >> shift));
-        let top = _mm512_shuffle_epi8(
-            half_bytes::<BLOCK16>(p),
-            _mm512_load_si512(E4M3_CTRL.0.as_ptr() as *const _),
-        );
+        self.values(half_bytes::<BLOCK16>(p))
+    }
+}
+
+impl E4m3Scales<'_> {
+    /// The scales of E4M3 `bytes` ([`group_bytes`] / [`half_bytes`]) spread to their lanes.
+    #[inline(always)]
+    unsafe fn values(&self, bytes: __m512i) -> __m512 {
+        let top = E4M3_CTRL.spread(bytes);
         _mm512_mul_ps(e4m3_scaled_bits(top), _mm512_set1_ps(self.factor))
     }
 }
@@ -363,23 +380,22 @@ impl GroupScales for E8m0Scales<'_> {
     unsafe fn group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
         debug_assert!(BK == BLOCK32);
         let p = self.0.bytes.as_ptr().add(base + (col >> shift));
-        let mid = _mm512_shuffle_epi8(
-            _mm512_set1_epi32(std::ptr::read_unaligned(p as *const i32)),
-            _mm512_load_si512(E8M0_CTRL.0.as_ptr() as *const _),
-        );
-        _mm512_castsi512_ps(_mm512_slli_epi32::<7>(mid))
+        e8m0_values(group_bytes::<BLOCK32>(p))
     }
 
     #[inline(always)]
     unsafe fn half_group<const BK: u8>(&self, base: usize, col: usize, shift: u32) -> __m512 {
         debug_assert!(BK == BLOCK32);
         let p = self.0.bytes.as_ptr().add(base + (col >> shift));
-        let mid = _mm512_shuffle_epi8(
-            half_bytes::<BLOCK32>(p),
-            _mm512_load_si512(E8M0_CTRL.0.as_ptr() as *const _),
-        );
-        _mm512_castsi512_ps(_mm512_slli_epi32::<7>(mid))
+        e8m0_values(half_bytes::<BLOCK32>(p))
     }
+}
+
+/// The scales `2^(b - 127)` of E8M0 `bytes` ([`group_bytes`] / [`half_bytes`]) spread to their
+/// lanes: each byte to bits 16-23 of its lanes, shifted left by seven into the exponent field.
+#[inline(always)]
+unsafe fn e8m0_values(bytes: __m512i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<7>(E8M0_CTRL.spread(bytes)))
 }
 
 /// Whether denormal operands read as zero here (MXCSR.DAZ): then the E4M3 arithmetic would
