@@ -20,12 +20,6 @@ fn main() {
 fn main() {
     use q4::kernels::cpu::w4a8_gemv::set_enabled;
     let args = ab::ColdArgs::parse("4096x4096,11008x4096,1536x576,576x1536,49152x576", "1,2,4");
-    let w4a8 = |q| {
-        q4::QLinear::new(q, None)
-            .unwrap()
-            .with_act_quant(q4::qlinear::ActQuant::Int8)
-            .unwrap()
-    };
     let formats = [q4::Format::Nvfp4, q4::Format::Nf4];
-    args.run_layers(&formats, ("vnni", "before"), &set_enabled, &w4a8);
+    args.run_w4a8(&formats, ("vnni", "before"), &set_enabled);
 }

@@ -24,11 +24,5 @@ fn main() {
         Some("mxfp4") => q4::Format::Mxfp4,
         Some(other) => panic!("FORMAT is nvfp4 or mxfp4, not {other}"),
     };
-    let w4a8 = |q| {
-        q4::QLinear::new(q, None)
-            .unwrap()
-            .with_act_quant(q4::qlinear::ActQuant::Int8)
-            .unwrap()
-    };
-    args.run_layers(&[format], ("arith", "gather"), &set_arith_scales, &w4a8);
+    args.run_w4a8(&[format], ("arith", "gather"), &set_arith_scales);
 }

@@ -84,6 +84,16 @@ impl ColdArgs {
         });
     }
 
+    /// [`ColdArgs::run`] on W4A8 layers (int8 activations) of each weight copy.
+    pub fn run_w4a8(&self, formats: &[q4::Format], names: (&str, &str), select: &dyn Fn(bool)) {
+        self.run_layers(formats, names, select, &|q| {
+            q4::QLinear::new(q, None)
+                .unwrap()
+                .with_act_quant(q4::qlinear::ActQuant::Int8)
+                .unwrap()
+        });
+    }
+
     /// [`ColdArgs::run`] on the layers `layer` makes of each weight copy (a mode, W4A8, ...).
     pub fn run_layers(
         &self,
