@@ -14,7 +14,11 @@
 // early-start wait (the kernel's own floor); 1 converted by each block from the bf16 row (its
 // slice's largest magnitude, a barrier, then hi = rn(x), lo = rn(x - hi) through f16, as the
 // library build of the thirty-sixth session did); 2 converted once per call by a one-block
-// kernel ahead of the GEMV (row maximum, tiles to global memory), then copied as in 0. Timed as
+// kernel ahead of the GEMV (row maximum, tiles to global memory), then copied as in 0.
+// MODE 3 (`gemv_f8q`, not yet run when written) needs no K split across blocks: a block's four
+// warps take the same 16 rows, each a quarter of K, on wgmma.m64n32k32 whose B column
+// 8w + 2t + j carries quarter w's activations (so warp w keeps D's column group w), and the
+// quarters' sums meet in shared memory: deterministic, with 4x more row tiles. Timed as
 // `q4 bench gpu-linear` times the GEMV: back-to-back launches with programmatic dependent launch
 // over rotating weight copies (>= 200 MiB), CUDA events around 20 calls, median of 5.
 // Build here (the toolchain has no static cudart), run there with `scripts/gpu/env.sh`'s library
@@ -147,6 +151,12 @@ __global__ void __launch_bounds__(1024) convert_row(const unsigned short* __rest
     if (threadIdx.x == 0) xdown[0] = pow2(6 - up);
 }
 
+// A compile-time buffer index for MODE 3's step lambda.
+template <int V>
+struct Idx {
+    static constexpr int value = V;
+};
+
 struct Frag {
     uint4 w[2];
     u32 s[2];
@@ -275,6 +285,149 @@ static u8 rand_e4m3(unsigned& r, int emin, int emax) {
     return (u8)(((r >> 20) & 0x80u) | (e << 3) | ((r >> 24) & 7u));
 }
 
+// D[64 x 32] (+)= A[64 x 32] (registers) * B[32 x 32] (shared memory, K-major, no swizzle).
+template <int ACCUM>
+__device__ __forceinline__ void wgmma_f8_n32(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u64 desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "n"(ACCUM));
+}
+__device__ __forceinline__ void fence16(float* d) {
+#pragma unroll
+    for (int i = 0; i < 16; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+// MODE 3: y[n] = sum over K, 16 rows a block, warp w over quarter w of the steps (steps % 4 == 0).
+// B tile of quarter-step s, word wi: 1 KiB, column group w (8 columns, 256 bytes) for quarter w,
+// within it core 0 (the even elements) and core 1 (the odd) of 8 rows x 16 bytes.
+template <bool PDL>
+__global__ void __launch_bounds__(128) gemv_f8q(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                                                const unsigned short* __restrict__ x, float* __restrict__ y, int N,
+                                                int K) {
+    extern __shared__ __align__(1024) uint4 xs[];
+    __shared__ u32 wmax[4];
+    __shared__ float red[4][16];
+    const int steps = K / 128, qs = steps / 4;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int row = blockIdx.x * 16 + g;
+    const long rb = K / 2, sb = K / 16;
+    const int s0 = w * qs, s1 = s0 + qs;  // this warp's steps
+    const u8* c0 = codes + (long)row * rb + 16 * t;
+    const u8* c1 = c0 + 8 * rb;
+    const u8* q0 = scales + (long)row * sb + 2 * t;
+    const u8* q1 = q0 + 8 * sb;
+    auto load = [&](Frag& f, int st) {
+        if (st >= s1) return;
+        f.w[0] = ld_stream(c0 + (long)st * 64);
+        f.w[1] = ld_stream(c1 + (long)st * 64);
+        f.s[0] = ld_u16(q0 + (long)st * 8);
+        f.s[1] = ld_u16(q1 + (long)st * 8);
+    };
+    Frag fa, fb;
+    load(fa, s0);
+    load(fb, s0 + 1);
+    if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
+    // The whole row: its largest magnitude, then every chunk into its quarter's column group.
+    const int nch = K / 8;
+    const u32 m = block_max(chunk_max(x, threadIdx.x, 128, nch), wmax);
+    const int up = max(min(134 - (int)(m >> 7), 126), -126);
+    const float upf = pow2(up), xdown = pow2(6 - up);
+    for (int c = threadIdx.x; c < nch; c += 128) {
+        const uint4 v = ld_act(x + 8 * c);
+        const u32 wv[4] = {v.x, v.y, v.z, v.w};
+        float e[8];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            e[2 * q] = __uint_as_float(wv[q] << 16) * upf;
+            e[2 * q + 1] = __uint_as_float(wv[q] & 0xffff0000u) * upf;
+        }
+        u32 h02, l02, h46, l46, h13, l13, h57, l57;
+        f8_terms(e[0], e[2], h02, l02);
+        f8_terms(e[4], e[6], h46, l46);
+        f8_terms(e[1], e[3], h13, l13);
+        f8_terms(e[5], e[7], h57, l57);
+        const int st = c >> 4, tp = (c >> 2) & 3, wi = c & 3, quarter = st / qs, s = st % qs;
+        uint4* grp = xs + ((s * 4 + wi) * 4 + quarter) * 16;
+        grp[2 * tp] = one_word(tp, h02 | (h46 << 16));
+        grp[2 * tp + 1] = one_word(tp, l02 | (l46 << 16));
+        grp[8 + 2 * tp] = one_word(tp, h13 | (h57 << 16));
+        grp[8 + 2 * tp + 1] = one_word(tp, l13 | (l57 << 16));
+    }
+    __syncthreads();
+    const u32 xbase = (u32)__cvta_generic_to_shared(xs);
+    // K-major, no swizzle: the two cores along K 128 bytes apart, column groups 256 apart.
+    const u64 dbase = (u64)((xbase & 0x3ffffu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(256 >> 4) << 32);
+    float acc0 = 0.0f, acc2 = 0.0f;
+    u32 A[2][4][4];
+    float S[2][2][2];
+    auto decode = [&](u32 (&a)[4][4], float (&sc)[2][2], const Frag& f) {
+#pragma unroll
+        for (int wi = 0; wi < 4; wi++) {
+            const u32 w0 = wi == 0 ? f.w[0].x : wi == 1 ? f.w[0].y : wi == 2 ? f.w[0].z : f.w[0].w;
+            const u32 w1 = wi == 0 ? f.w[1].x : wi == 1 ? f.w[1].y : wi == 2 ? f.w[1].z : f.w[1].w;
+            a[wi][0] = f8_lo(w0);
+            a[wi][1] = f8_lo(w1);
+            a[wi][2] = f8_hi(w0);
+            a[wi][3] = f8_hi(w1);
+        }
+        e4m3x2_f32(f.s[0], sc[0][0], sc[0][1]);
+        e4m3x2_f32(f.s[1], sc[1][0], sc[1][1]);
+    };
+    // D's column group w: d[4w + j] (row g), d[4w + 2 + j] (row g + 8).
+#define OWN(d, i) (w == 0 ? (d)[i] : w == 1 ? (d)[4 + (i)] : w == 2 ? (d)[8 + (i)] : (d)[12 + (i)])
+    auto step = [&](auto bsel, int st, Frag& fnext) {
+        constexpr int B = decltype(bsel)::value;
+        float d[2][16];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int j = 0; j < 4; j++) asm volatile("" : "+r"(A[B][i][j]));
+        wg_fence();
+        const u64 desc = dbase + (u64)((st - s0) * 256);  // 4 KiB a quarter-step
+        wgmma_f8_n32<0>(d[0], A[B][0][0], A[B][0][1], A[B][0][2], A[B][0][3], desc);
+        wgmma_f8_n32<1>(d[0], A[B][1][0], A[B][1][1], A[B][1][2], A[B][1][3], desc + 64);
+        wgmma_f8_n32<0>(d[1], A[B][2][0], A[B][2][1], A[B][2][2], A[B][2][3], desc + 128);
+        wgmma_f8_n32<1>(d[1], A[B][3][0], A[B][3][1], A[B][3][2], A[B][3][3], desc + 192);
+        wg_commit();
+        if (st + 1 < s1) {
+            decode(A[1 - B], S[1 - B], fnext);
+            load(fnext, st + 3);
+        }
+        wg_wait0();
+        fence16(d[0]);
+        fence16(d[1]);
+        acc0 = fmaf(OWN(d[0], 0) + OWN(d[0], 1), S[B][0][0], acc0);
+        acc2 = fmaf(OWN(d[0], 2) + OWN(d[0], 3), S[B][1][0], acc2);
+        acc0 = fmaf(OWN(d[1], 0) + OWN(d[1], 1), S[B][0][1], acc0);
+        acc2 = fmaf(OWN(d[1], 2) + OWN(d[1], 3), S[B][1][1], acc2);
+    };
+#undef OWN
+    decode(A[0], S[0], fa);
+    load(fa, s0 + 2);
+    int st = s0;
+    for (; st + 1 < s1; st += 2) {
+        step(Idx<0>{}, st, fb);
+        step(Idx<1>{}, st + 1, fa);
+    }
+    if (st < s1) step(Idx<0>{}, st, fb);
+    acc0 += __shfl_xor_sync(0xffffffffu, acc0, 1);
+    acc2 += __shfl_xor_sync(0xffffffffu, acc2, 1);
+    acc0 += __shfl_xor_sync(0xffffffffu, acc0, 2);
+    acc2 += __shfl_xor_sync(0xffffffffu, acc2, 2);
+    if (t == 0) {
+        red[w][g] = acc0;
+        red[w][g + 8] = acc2;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16 && blockIdx.x * 16 + (int)threadIdx.x < N) {
+        const int r = threadIdx.x;
+        y[blockIdx.x * 16 + r] = (((red[0][r] + red[1][r]) + red[2][r]) + red[3][r]) * xdown;
+    }
+}
+
 template <bool PDL, int MODE>
 static void launch(int blocks, size_t smem, const u8* c, const u8* s, const uint4* bt, const unsigned short* x,
                    uint4* tiles2, float* xd, float* y, int N, int K, int split) {
@@ -309,6 +462,8 @@ int main() {
     cudaFuncSetAttribute(gemv_f8<false, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
     cudaFuncSetAttribute(gemv_f8<true, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
     cudaFuncSetAttribute(gemv_f8<false, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+    cudaFuncSetAttribute(gemv_f8q<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
+    cudaFuncSetAttribute(gemv_f8q<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 * 1024);
     const int shapes[][2] = {{8192, 8192}, {28672, 4096}, {19456, 2560}, {2560, 9728}, {6144, 2560}, {2560, 4096},
                              {151936, 2560}};
     for (auto& sh : shapes) {
@@ -419,6 +574,51 @@ int main() {
                     for (int z = x + 1; z < 5; z++)
                         if (tm[z] < tm[x]) { float q = tm[x]; tm[x] = tm[z]; tm[z] = q; }
                 printf("  split %2d: %6.1f us (%.0e)", split, tm[2] * 1e3 / 20, sqrt(e2 / r2));
+            }
+            printf("\n");
+        }
+        {
+            // MODE 3: 16 rows a block, K in quarters over the warps, no K split across blocks.
+            printf("%dx%d (%.2f MB) mode 3:", N, K, wbytes * 1e-6);
+            const size_t smem = (size_t)steps * 1024;
+            if (steps % 4 == 0 && smem <= 96 * 1024) {
+                auto go = [&](bool pdl, int c) {
+                    cudaLaunchConfig_t cfg = {};
+                    cfg.gridDim = dim3(N / 16);
+                    cfg.blockDim = dim3(128);
+                    cfg.dynamicSmemBytes = smem;
+                    cudaLaunchAttribute attr[1];
+                    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+                    attr[0].val.programmaticStreamSerializationAllowed = 1;
+                    cfg.attrs = attr;
+                    cfg.numAttrs = pdl ? 1 : 0;
+                    const u8* cc = dc + (c % copies) * cb;
+                    const u8* ss = ds + (c % copies) * sbytes;
+                    if (pdl) cudaLaunchKernelEx(&cfg, gemv_f8q<true>, cc, ss, (const unsigned short*)dx, dy, N, K);
+                    else cudaLaunchKernelEx(&cfg, gemv_f8q<false>, cc, ss, (const unsigned short*)dx, dy, N, K);
+                };
+                cudaMemset(dy, 0, N * 4);
+                go(false, 0);
+                std::vector<float> hy(N);
+                cudaMemcpy(hy.data(), dy, N * 4, cudaMemcpyDeviceToHost);
+                double e2 = 0.0, r2 = 0.0;
+                for (int n = 0; n < N; n++) { e2 += (hy[n] - ref1[n]) * (hy[n] - ref1[n]); r2 += ref1[n] * ref1[n]; }
+                cudaEvent_t a, b;
+                cudaEventCreate(&a);
+                cudaEventCreate(&b);
+                float tm[5];
+                for (int w = 0; w < 3; w++) go(true, w);
+                for (int rep = 0; rep < 5; rep++) {
+                    cudaEventRecord(a);
+                    for (int c = 0; c < 20; c++) go(true, c);
+                    cudaEventRecord(b);
+                    cudaEventSynchronize(b);
+                    cudaEventElapsedTime(&tm[rep], a, b);
+                }
+                for (int x = 0; x < 5; x++)
+                    for (int z = x + 1; z < 5; z++)
+                        if (tm[z] < tm[x]) { float q = tm[x]; tm[x] = tm[z]; tm[z] = q; }
+                printf("  %6.1f us (%.0e)", tm[2] * 1e3 / 20, sqrt(e2 / r2));
             }
             printf("\n");
         }
