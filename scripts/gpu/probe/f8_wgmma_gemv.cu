@@ -108,9 +108,9 @@ __device__ __forceinline__ u32 chunk_max(const unsigned short* x, int c0, int st
     }
     return max(m & 0xffffu, m >> 16);
 }
-// Chunk c (8 values: word wi = c % 4 of thread t' = (c / 4) % 4's 32 of step c / 16) of x, times
-// 2^up, into its step's four B tiles at `tiles` (uint4 words, 64 a step).
-__device__ __forceinline__ void stage_chunk(const unsigned short* x, int c, float upf, uint4* tiles) {
+// The hi and lo E4M3 terms of chunk c (8 values) of x times 2^up, as the B words of its thread:
+// (hi of the even elements, lo of the even, hi of the odd, lo of the odd).
+__device__ __forceinline__ uint4 chunk_terms(const unsigned short* x, int c, float upf) {
     const uint4 v = ld_act(x + 8 * c);
     const u32 wv[4] = {v.x, v.y, v.z, v.w};
     float e[8];
@@ -124,12 +124,20 @@ __device__ __forceinline__ void stage_chunk(const unsigned short* x, int c, floa
     f8_terms(e[4], e[6], h46, l46);
     f8_terms(e[1], e[3], h13, l13);
     f8_terms(e[5], e[7], h57, l57);
-    const int tp = (c >> 2) & 3, wi = c & 3;
-    uint4* tp_ = tiles + ((c >> 4) * 4 + wi) * 16;
-    tp_[2 * tp] = one_word(tp, h02 | (h46 << 16));
-    tp_[2 * tp + 1] = one_word(tp, l02 | (l46 << 16));
-    tp_[8 + 2 * tp] = one_word(tp, h13 | (h57 << 16));
-    tp_[8 + 2 * tp + 1] = one_word(tp, l13 | (l57 << 16));
+    return make_uint4(h02 | (h46 << 16), l02 | (l46 << 16), h13 | (h57 << 16), l13 | (l57 << 16));
+}
+// Rows 2tp (hi) and 2tp + 1 (lo) of both cores (even elements, then odd, 128 bytes on) of the
+// 8-column group at `grp`: thread tp's word at byte 4tp, zeros in the rest of those rows.
+__device__ __forceinline__ void store_terms(uint4* grp, int tp, uint4 t4) {
+    grp[2 * tp] = one_word(tp, t4.x);
+    grp[2 * tp + 1] = one_word(tp, t4.y);
+    grp[8 + 2 * tp] = one_word(tp, t4.z);
+    grp[8 + 2 * tp + 1] = one_word(tp, t4.w);
+}
+// Chunk c (word wi = c % 4 of thread t' = (c / 4) % 4's 32 values of step c / 16) of x, times
+// 2^up, into its step's four 256-byte B tiles at `tiles` (uint4 words, 64 a step).
+__device__ __forceinline__ void stage_chunk(const unsigned short* x, int c, float upf, uint4* tiles) {
+    store_terms(tiles + ((c >> 4) * 4 + (c & 3)) * 16, (c >> 2) & 3, chunk_terms(x, c, upf));
 }
 __device__ __forceinline__ u32 block_max(u32 m, u32* wmax) {
     for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -162,6 +170,51 @@ struct Frag {
     u32 s[2];
 };
 
+// wgmma descriptor of B tiles at `smem`: K-major, no swizzle, core matrices of 8 rows x 16
+// bytes, the two along K 128 bytes apart (leading byte offset), 8-column groups 256 apart
+// (stride byte offset).
+__device__ __forceinline__ u64 desc_kmajor(const void* smem) {
+    const u32 a = (u32)__cvta_generic_to_shared(smem);
+    return (u64)((a & 0x3ffffu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(256 >> 4) << 32);
+}
+
+// A thread's weight loads: 16 code bytes and two scale bytes of rows `row` and `row + 8` at
+// step `st`, nothing from step `s1` on.
+struct Loader {
+    const u8 *c0, *c1, *q0, *q1;
+    int s1;
+    __device__ Loader(const u8* codes, const u8* scales, int row, int t, int K, int s1_) : s1(s1_) {
+        const long rb = K / 2, sb = K / 16;
+        c0 = codes + (long)row * rb + 16 * t;
+        c1 = c0 + 8 * rb;
+        q0 = scales + (long)row * sb + 2 * t;
+        q1 = q0 + 8 * sb;
+    }
+    __device__ void operator()(Frag& f, int st) const {
+        if (st >= s1) return;
+        f.w[0] = ld_stream(c0 + (long)st * 64);
+        f.w[1] = ld_stream(c1 + (long)st * 64);
+        f.s[0] = ld_u16(q0 + (long)st * 8);
+        f.s[1] = ld_u16(q1 + (long)st * 8);
+    }
+};
+
+// A step's A operands (per word wi: rows g, g + 8, even then odd elements) and the two rows'
+// two block scales.
+__device__ __forceinline__ void decode_frag(u32 (&a)[4][4], float (&sc)[2][2], const Frag& f) {
+#pragma unroll
+    for (int wi = 0; wi < 4; wi++) {
+        const u32 w0 = wi == 0 ? f.w[0].x : wi == 1 ? f.w[0].y : wi == 2 ? f.w[0].z : f.w[0].w;
+        const u32 w1 = wi == 0 ? f.w[1].x : wi == 1 ? f.w[1].y : wi == 2 ? f.w[1].z : f.w[1].w;
+        a[wi][0] = f8_lo(w0);
+        a[wi][1] = f8_lo(w1);
+        a[wi][2] = f8_hi(w0);
+        a[wi][3] = f8_hi(w1);
+    }
+    e4m3x2_f32(f.s[0], sc[0][0], sc[0][1]);
+    e4m3x2_f32(f.s[1], sc[1][0], sc[1][1]);
+}
+
 // y[n] += sum over the block's slice of W[n, k] x[k] (x = hi + lo terms, pre-laid as B tiles).
 template <bool PDL, int MODE>
 __global__ void __launch_bounds__(128) gemv_f8(const u8* __restrict__ codes, const u8* __restrict__ scales,
@@ -175,18 +228,7 @@ __global__ void __launch_bounds__(128) gemv_f8(const u8* __restrict__ codes, con
     const int s0 = ky * per, s1 = min(steps, s0 + per);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int row = tile * 64 + 16 * warp + g;
-    const long rb = K / 2, sb = K / 16;
-    const u8* c0 = codes + (long)row * rb + 16 * t;
-    const u8* c1 = c0 + 8 * rb;
-    const u8* q0 = scales + (long)row * sb + 2 * t;
-    const u8* q1 = q0 + 8 * sb;
-    auto load = [&](Frag& f, int st) {
-        if (st >= s1) return;
-        f.w[0] = ld_stream(c0 + (long)st * 64);
-        f.w[1] = ld_stream(c1 + (long)st * 64);
-        f.s[0] = ld_u16(q0 + (long)st * 8);
-        f.s[1] = ld_u16(q1 + (long)st * 8);
-    };
+    const Loader load(codes, scales, row, t, K, s1);
     Frag fa, fb;
     load(fa, s0);
     load(fb, s0 + 1);
@@ -205,26 +247,10 @@ __global__ void __launch_bounds__(128) gemv_f8(const u8* __restrict__ codes, con
         if (MODE == 2) xdown = xdown_g[0];
     }
     __syncthreads();
-    const u32 xbase = (u32)__cvta_generic_to_shared(xs);
-    // K-major, no swizzle: core matrices of 8 rows x 16 bytes; the two along K 128 bytes apart
-    // (leading byte offset), 8-row groups 256 apart (stride byte offset; one group here).
-    const u64 dbase = (u64)((xbase & 0x3ffffu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(256 >> 4) << 32);
+    const u64 dbase = desc_kmajor(xs);
     float acc0 = 0.0f, acc2 = 0.0f;
     u32 A[2][4][4];
     float S[2][2][2];
-    auto decode = [&](u32 (&a)[4][4], float (&s)[2][2], const Frag& f) {
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++) {
-            const u32 w0 = wi == 0 ? f.w[0].x : wi == 1 ? f.w[0].y : wi == 2 ? f.w[0].z : f.w[0].w;
-            const u32 w1 = wi == 0 ? f.w[1].x : wi == 1 ? f.w[1].y : wi == 2 ? f.w[1].z : f.w[1].w;
-            a[wi][0] = f8_lo(w0);
-            a[wi][1] = f8_lo(w1);
-            a[wi][2] = f8_hi(w0);
-            a[wi][3] = f8_hi(w1);
-        }
-        e4m3x2_f32(f.s[0], s[0][0], s[0][1]);
-        e4m3x2_f32(f.s[1], s[1][0], s[1][1]);
-    };
     // Step st's wgmmas from buffer `b`, the next step's decode while they run, then the sums.
     auto step = [&](int b, int st, Frag& fnext, int nb) {
         float d[2][4];
@@ -241,7 +267,7 @@ __global__ void __launch_bounds__(128) gemv_f8(const u8* __restrict__ codes, con
         wgmma_f8<1>(d[1], A[b][3][0], A[b][3][1], A[b][3][2], A[b][3][3], desc + (768 >> 4));
         wg_commit();
         if (st + 1 < s1) {
-            decode(A[nb], S[nb], fnext);
+            decode_frag(A[nb], S[nb], fnext);
             load(fnext, st + 3);
         }
         wg_wait0();
@@ -252,7 +278,7 @@ __global__ void __launch_bounds__(128) gemv_f8(const u8* __restrict__ codes, con
         acc0 = fmaf(d[1][0] + d[1][1], S[b][0][1], acc0);
         acc2 = fmaf(d[1][2] + d[1][3], S[b][1][1], acc2);
     };
-    decode(A[0], S[0], fa);
+    decode_frag(A[0], S[0], fa);
     load(fa, s0 + 2);
     int st = s0;
     for (; st + 1 < s1; st += 2) {
@@ -313,19 +339,8 @@ __global__ void __launch_bounds__(128) gemv_f8q(const u8* __restrict__ codes, co
     const int steps = K / 128, qs = steps / 4;
     const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const int row = blockIdx.x * 16 + g;
-    const long rb = K / 2, sb = K / 16;
     const int s0 = w * qs, s1 = s0 + qs;  // this warp's steps
-    const u8* c0 = codes + (long)row * rb + 16 * t;
-    const u8* c1 = c0 + 8 * rb;
-    const u8* q0 = scales + (long)row * sb + 2 * t;
-    const u8* q1 = q0 + 8 * sb;
-    auto load = [&](Frag& f, int st) {
-        if (st >= s1) return;
-        f.w[0] = ld_stream(c0 + (long)st * 64);
-        f.w[1] = ld_stream(c1 + (long)st * 64);
-        f.s[0] = ld_u16(q0 + (long)st * 8);
-        f.s[1] = ld_u16(q1 + (long)st * 8);
-    };
+    const Loader load(codes, scales, row, t, K, s1);
     Frag fa, fb;
     load(fa, s0);
     load(fb, s0 + 1);
@@ -336,46 +351,14 @@ __global__ void __launch_bounds__(128) gemv_f8q(const u8* __restrict__ codes, co
     const int up = max(min(134 - (int)(m >> 7), 126), -126);
     const float upf = pow2(up), xdown = pow2(6 - up);
     for (int c = threadIdx.x; c < nch; c += 128) {
-        const uint4 v = ld_act(x + 8 * c);
-        const u32 wv[4] = {v.x, v.y, v.z, v.w};
-        float e[8];
-#pragma unroll
-        for (int q = 0; q < 4; q++) {
-            e[2 * q] = __uint_as_float(wv[q] << 16) * upf;
-            e[2 * q + 1] = __uint_as_float(wv[q] & 0xffff0000u) * upf;
-        }
-        u32 h02, l02, h46, l46, h13, l13, h57, l57;
-        f8_terms(e[0], e[2], h02, l02);
-        f8_terms(e[4], e[6], h46, l46);
-        f8_terms(e[1], e[3], h13, l13);
-        f8_terms(e[5], e[7], h57, l57);
-        const int st = c >> 4, tp = (c >> 2) & 3, wi = c & 3, quarter = st / qs, s = st % qs;
-        uint4* grp = xs + ((s * 4 + wi) * 4 + quarter) * 16;
-        grp[2 * tp] = one_word(tp, h02 | (h46 << 16));
-        grp[2 * tp + 1] = one_word(tp, l02 | (l46 << 16));
-        grp[8 + 2 * tp] = one_word(tp, h13 | (h57 << 16));
-        grp[8 + 2 * tp + 1] = one_word(tp, l13 | (l57 << 16));
+        const int st = c >> 4, quarter = st / qs;
+        store_terms(xs + (((st % qs) * 4 + (c & 3)) * 4 + quarter) * 16, (c >> 2) & 3, chunk_terms(x, c, upf));
     }
     __syncthreads();
-    const u32 xbase = (u32)__cvta_generic_to_shared(xs);
-    // K-major, no swizzle: the two cores along K 128 bytes apart, column groups 256 apart.
-    const u64 dbase = (u64)((xbase & 0x3ffffu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(256 >> 4) << 32);
+    const u64 dbase = desc_kmajor(xs);
     float acc0 = 0.0f, acc2 = 0.0f;
     u32 A[2][4][4];
     float S[2][2][2];
-    auto decode = [&](u32 (&a)[4][4], float (&sc)[2][2], const Frag& f) {
-#pragma unroll
-        for (int wi = 0; wi < 4; wi++) {
-            const u32 w0 = wi == 0 ? f.w[0].x : wi == 1 ? f.w[0].y : wi == 2 ? f.w[0].z : f.w[0].w;
-            const u32 w1 = wi == 0 ? f.w[1].x : wi == 1 ? f.w[1].y : wi == 2 ? f.w[1].z : f.w[1].w;
-            a[wi][0] = f8_lo(w0);
-            a[wi][1] = f8_lo(w1);
-            a[wi][2] = f8_hi(w0);
-            a[wi][3] = f8_hi(w1);
-        }
-        e4m3x2_f32(f.s[0], sc[0][0], sc[0][1]);
-        e4m3x2_f32(f.s[1], sc[1][0], sc[1][1]);
-    };
     // D's column group w: d[4w + j] (row g), d[4w + 2 + j] (row g + 8).
 #define OWN(d, i) (w == 0 ? (d)[i] : w == 1 ? (d)[4 + (i)] : w == 2 ? (d)[8 + (i)] : (d)[12 + (i)])
     auto step = [&](auto bsel, int st, Frag& fnext) {
@@ -393,7 +376,7 @@ __global__ void __launch_bounds__(128) gemv_f8q(const u8* __restrict__ codes, co
         wgmma_f8_n32<1>(d[1], A[B][3][0], A[B][3][1], A[B][3][2], A[B][3][3], desc + 192);
         wg_commit();
         if (st + 1 < s1) {
-            decode(A[1 - B], S[1 - B], fnext);
+            decode_frag(A[1 - B], S[1 - B], fnext);
             load(fnext, st + 3);
         }
         wg_wait0();
@@ -405,7 +388,7 @@ __global__ void __launch_bounds__(128) gemv_f8q(const u8* __restrict__ codes, co
         acc2 = fmaf(OWN(d[1], 2) + OWN(d[1], 3), S[B][1][1], acc2);
     };
 #undef OWN
-    decode(A[0], S[0], fa);
+    decode_frag(A[0], S[0], fa);
     load(fa, s0 + 2);
     int st = s0;
     for (; st + 1 < s1; st += 2) {
@@ -450,6 +433,46 @@ static void launch(int blocks, size_t smem, const u8* c, const u8* s, const uint
     cfg.attrs = attr;
     cfg.numAttrs = PDL ? 1 : 0;
     cudaLaunchKernelEx(&cfg, gemv_f8<PDL, MODE>, c, s, bt, x, xd, y, N, K, split);
+}
+
+// One untimed call of `go(pdl, copy)` into a zeroed y: the relative error against `ref`.
+template <typename F>
+static double rel_err(F& go, float* dy, const std::vector<double>& ref) {
+    const int N = (int)ref.size();
+    cudaMemset(dy, 0, N * 4);
+    go(false, 0);
+    std::vector<float> hy(N);
+    cudaMemcpy(hy.data(), dy, N * 4, cudaMemcpyDeviceToHost);
+    double e2 = 0.0, r2 = 0.0;
+    for (int n = 0; n < N; n++) {
+        e2 += (hy[n] - ref[n]) * (hy[n] - ref[n]);
+        r2 += ref[n] * ref[n];
+    }
+    return sqrt(e2 / r2);
+}
+
+// Microseconds a call: the median of 5 batches of 20 back-to-back early-started calls over the
+// rotating copies, after 3 to warm up.
+template <typename F>
+static double median_us(F& go) {
+    cudaEvent_t a, b;
+    cudaEventCreate(&a);
+    cudaEventCreate(&b);
+    float tm[5];
+    for (int w = 0; w < 3; w++) go(true, w);
+    for (int rep = 0; rep < 5; rep++) {
+        cudaEventRecord(a);
+        for (int c = 0; c < 20; c++) go(true, c);
+        cudaEventRecord(b);
+        cudaEventSynchronize(b);
+        cudaEventElapsedTime(&tm[rep], a, b);
+    }
+    cudaEventDestroy(a);
+    cudaEventDestroy(b);
+    for (int x = 0; x < 5; x++)
+        for (int z = x + 1; z < 5; z++)
+            if (tm[z] < tm[x]) { float q = tm[x]; tm[x] = tm[z]; tm[z] = q; }
+    return tm[2] * 1e3 / 20;
 }
 
 int main() {
@@ -552,28 +575,8 @@ int main() {
                     else pdl ? launch<true, 2>(blocks, smem, cc, ss, db, dx, dt2, dxd, dy, N, K, split)
                              : launch<false, 2>(blocks, smem, cc, ss, db, dx, dt2, dxd, dy, N, K, split);
                 };
-                cudaMemset(dy, 0, N * 4);
-                go(false, 0);
-                std::vector<float> hy(N);
-                cudaMemcpy(hy.data(), dy, N * 4, cudaMemcpyDeviceToHost);
-                double e2 = 0.0, r2 = 0.0;
-                for (int n = 0; n < N; n++) { e2 += (hy[n] - ref[n]) * (hy[n] - ref[n]); r2 += ref[n] * ref[n]; }
-                cudaEvent_t a, b;
-                cudaEventCreate(&a);
-                cudaEventCreate(&b);
-                float tm[5];
-                for (int w = 0; w < 3; w++) go(true, w);
-                for (int rep = 0; rep < 5; rep++) {
-                    cudaEventRecord(a);
-                    for (int c = 0; c < 20; c++) go(true, c);
-                    cudaEventRecord(b);
-                    cudaEventSynchronize(b);
-                    cudaEventElapsedTime(&tm[rep], a, b);
-                }
-                for (int x = 0; x < 5; x++)
-                    for (int z = x + 1; z < 5; z++)
-                        if (tm[z] < tm[x]) { float q = tm[x]; tm[x] = tm[z]; tm[z] = q; }
-                printf("  split %2d: %6.1f us (%.0e)", split, tm[2] * 1e3 / 20, sqrt(e2 / r2));
+                const double err = rel_err(go, dy, ref);
+                printf("  split %2d: %6.1f us (%.0e)", split, median_us(go), err);
             }
             printf("\n");
         }
@@ -597,28 +600,8 @@ int main() {
                     if (pdl) cudaLaunchKernelEx(&cfg, gemv_f8q<true>, cc, ss, (const unsigned short*)dx, dy, N, K);
                     else cudaLaunchKernelEx(&cfg, gemv_f8q<false>, cc, ss, (const unsigned short*)dx, dy, N, K);
                 };
-                cudaMemset(dy, 0, N * 4);
-                go(false, 0);
-                std::vector<float> hy(N);
-                cudaMemcpy(hy.data(), dy, N * 4, cudaMemcpyDeviceToHost);
-                double e2 = 0.0, r2 = 0.0;
-                for (int n = 0; n < N; n++) { e2 += (hy[n] - ref1[n]) * (hy[n] - ref1[n]); r2 += ref1[n] * ref1[n]; }
-                cudaEvent_t a, b;
-                cudaEventCreate(&a);
-                cudaEventCreate(&b);
-                float tm[5];
-                for (int w = 0; w < 3; w++) go(true, w);
-                for (int rep = 0; rep < 5; rep++) {
-                    cudaEventRecord(a);
-                    for (int c = 0; c < 20; c++) go(true, c);
-                    cudaEventRecord(b);
-                    cudaEventSynchronize(b);
-                    cudaEventElapsedTime(&tm[rep], a, b);
-                }
-                for (int x = 0; x < 5; x++)
-                    for (int z = x + 1; z < 5; z++)
-                        if (tm[z] < tm[x]) { float q = tm[x]; tm[x] = tm[z]; tm[z] = q; }
-                printf("  %6.1f us (%.0e)", tm[2] * 1e3 / 20, sqrt(e2 / r2));
+                const double err = rel_err(go, dy, ref1);
+                printf("  %6.1f us (%.0e)", median_us(go), err);
             }
             printf("\n");
         }
