@@ -9,7 +9,7 @@ pub fn parse_shape(s: &str) -> (usize, usize) {
 
 /// Runs `rounds` rounds of `call(copy)` under `select(true)` then `select(false)`, each call on
 /// the next copy (`copies` of them), leaves `select(true)` in force, and returns the median µs
-/// per call of each variant, the first `warmup` rounds not counted.
+/// per call of each variant, the first `warmup` rounds not counted (at least one round is).
 pub fn interleave(
     rounds: usize,
     warmup: usize,
@@ -18,7 +18,7 @@ pub fn interleave(
     call: &dyn Fn(usize),
 ) -> (f64, f64) {
     let (mut on, mut off) = (Vec::new(), Vec::new());
-    for i in 0..rounds {
+    for i in 0..rounds.max(warmup + 1) {
         for (flag, times) in [(true, &mut on), (false, &mut off)] {
             select(flag);
             let t = std::time::Instant::now();
