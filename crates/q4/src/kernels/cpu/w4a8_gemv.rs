@@ -253,11 +253,7 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
             }
             let bytes = weight_bytes(_mm512_loadu_si512(codes as *const _), table);
             let ws = s.group::<BK>(row_scales[r], g * GROUP, shift);
-            for m in 0..B {
-                let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
-                let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
-                acc[r][m] = _mm512_fmadd_ps(sums, sc, acc[r][m]);
-            }
+            add_group(&mut acc[r], bytes, ws, x, g, halves);
         }
     }
     if w.k % GROUP == HALF {
@@ -270,14 +266,36 @@ unsafe fn rows_acc<const R: usize, const B: usize, const BK: u8, const L2: bool,
                 table,
             );
             let ws = s.half_group::<BK>(row_scales[r], g * GROUP, shift);
-            for m in 0..B {
-                let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
-                let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
-                acc[r][m] = _mm512_fmadd_ps(sums, sc, acc[r][m]);
-            }
+            add_group(&mut acc[r], bytes, ws, x, g, halves);
         }
     }
     acc
+}
+
+/// Adds a group's lanes for each of the `B` activation rows to `acc`: the integer sums of the
+/// weight `bytes` times the row's codes ([`dot`]), times the weight scales `ws` and the row's
+/// activation scales.
+///
+/// Always inlined (into [`rows_acc`], whose target features it then has), as the group
+/// kernels' scale helpers are: outlined, a call per group and row took the warm 4096x4096
+/// NVFP4 GEMV to 102 µs against 95-98.
+///
+/// # Safety
+/// AVX-512 VNNI present; group `g` of rows `0 .. B` exists in `x`.
+#[inline(always)]
+unsafe fn add_group<const B: usize>(
+    acc: &mut [__m512; B],
+    bytes: (__m512i, __m512i),
+    ws: __m512,
+    x: &Acts,
+    g: usize,
+    halves: (usize, usize),
+) {
+    for (m, a) in acc.iter_mut().enumerate() {
+        let sums = _mm512_cvtepi32_ps(dot(bytes, x, m, g, halves));
+        let sc = _mm512_mul_ps(ws, act_scales(x, m, g));
+        *a = _mm512_fmadd_ps(sums, sc, *a);
+    }
 }
 
 /// Rows `r0 .. r1` of `w` times the activation rows of `x` (`x.batch` of them) into
