@@ -370,25 +370,37 @@ mod tests {
     }
 
     /// From outside the pool, a loop between the join floor and [`HANDOVER_WORK`] runs partly
-    /// on the caller (which claims first); from [`HANDOVER_WORK`] on, only on pool workers.
+    /// on the caller; from [`HANDOVER_WORK`] on, only on pool workers. The workers' pieces wait
+    /// (until a deadline a few seconds out) for the caller to have run one, so that a worker
+    /// already awake cannot drain the whole loop before the caller claims: on a busy two-core
+    /// CI machine one did, and the test failed. Where the caller never joins, the deadline
+    /// passes and the count stays zero.
     #[test]
     fn long_loops_from_outside_the_pool_are_handed_over() {
         if rayon::current_num_threads() < 2 {
             return; // a pool of one runs every loop inline
         }
         let _switch = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
-        let on_caller = |work: usize| {
+        let on_caller = |work: usize, wait: std::time::Duration| {
             let count = AtomicUsize::new(0);
+            let deadline = std::time::Instant::now() + wait;
             for_each_index(64, work, |_| {
                 if rayon::current_thread_index().is_none() {
                     count.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    while count.load(Ordering::Relaxed) == 0 && std::time::Instant::now() < deadline
+                    {
+                        std::thread::yield_now();
+                    }
                 }
             });
             count.load(Ordering::Relaxed)
         };
+        let wait = std::time::Duration::from_secs(5);
         let handover = HANDOVER_WORK.load(Ordering::Relaxed);
-        assert!(on_caller(JOIN_MIN_WEIGHTS) > 0);
-        assert!(on_caller(handover - 1) > 0);
-        assert_eq!(on_caller(handover), 0);
+        assert!(on_caller(JOIN_MIN_WEIGHTS, wait) > 0);
+        assert!(on_caller(handover - 1, wait) > 0);
+        assert_eq!(on_caller(handover, std::time::Duration::ZERO), 0);
+        assert_eq!(on_caller(handover * 2, std::time::Duration::ZERO), 0);
     }
 }
