@@ -381,6 +381,12 @@ pub fn run(args: Args) -> Result<()> {
                     t.others,
                     t.cores,
                 );
+                // Kept after every attempt was disturbed: said at the end of its row.
+                let line = if t.disturbed {
+                    format!("{line} disturbed")
+                } else {
+                    line
+                };
                 eprintln!("{line}");
                 writeln!(out, "{line}")?;
             }

@@ -62,7 +62,12 @@ pub struct Timing {
     /// CPU this process used during the warm-up and measurement, in cores
     /// ([`CpuSnapshot::ours_since`]); the same for contenders measured together.
     pub cores: f64,
+    /// Every attempt was disturbed ([`Guard`]): this is the last of [`ATTEMPTS`], kept.
+    pub disturbed: bool,
 }
+
+/// Measurements made before a disturbed one is kept (and marked as such).
+pub const ATTEMPTS: usize = 3;
 
 /// Shortest warm-up before a measurement. A fixed count of warm-up calls is not enough on the
 /// shared hosts here: after a quiet or single-threaded spell (building the weight copies) the
@@ -122,8 +127,8 @@ impl Guard {
 }
 
 /// Times `f` `reps` times after a warm-up of at least `warmup` calls and [`MIN_WARMUP`];
-/// retries up to 3 times when `guard` finds the warm-up and measurement disturbed, and reports
-/// the last attempt.
+/// measures again (up to [`ATTEMPTS`] in all) when `guard` finds the warm-up and measurement
+/// disturbed, and reports the last attempt, marked [`Timing::disturbed`] if it was too.
 pub fn time<F: FnMut(usize)>(warmup: usize, reps: usize, guard: Guard, mut f: F) -> Timing {
     // One contender in one block: its calls back to back.
     time_interleaved(warmup, MIN_WARMUP, reps, reps, guard, &mut [&mut f])
@@ -147,7 +152,7 @@ pub fn time_interleaved(
 ) -> Vec<Timing> {
     let block = block.max(1);
     let mut last = Vec::new();
-    for _attempt in 0..3 {
+    for attempt in 1..=ATTEMPTS {
         // The disturbance check spans the warm-up too: CPU time is counted in 10 ms ticks, which
         // a measurement of a few milliseconds alone could not resolve.
         let start_cpu = CpuSnapshot::take();
@@ -191,12 +196,22 @@ pub fn time_interleaved(
                     median: s[s.len() / 2],
                     others,
                     cores,
+                    disturbed: false,
                 }
             })
             .collect();
         match guard.disturbed(others, cores) {
             None => break,
-            Some(why) => tracing::warn!("disturbed measurement ({why}); repeating"),
+            Some(why) if attempt < ATTEMPTS => {
+                tracing::warn!("disturbed measurement ({why}); repeating")
+            }
+            Some(why) => {
+                tracing::warn!(
+                    "disturbed measurement ({why}) in all {ATTEMPTS} attempts; the last is \
+                     kept and marked `disturbed`"
+                );
+                last.iter_mut().for_each(|t| t.disturbed = true);
+            }
         }
     }
     last
@@ -274,6 +289,40 @@ mod tests {
             &log[..6],
             &[('a', 0), ('b', 0), ('c', 0), ('a', 1), ('b', 1), ('c', 1)]
         );
+    }
+
+    /// A measurement disturbed every time is made [`ATTEMPTS`] times and kept, marked; an
+    /// undisturbed one once, unmarked.
+    #[test]
+    fn a_measurement_disturbed_every_time_is_kept_and_marked() {
+        if CpuSnapshot::take().is_none() {
+            return; // No /proc: this process's CPU use cannot be read, nothing is disturbed.
+        }
+        let mut calls = 0;
+        let never_enough = Guard {
+            max_others: f64::INFINITY,
+            min_cores: 1e9,
+        };
+        let mut f = |_: usize| calls += 1;
+        let t = time_interleaved(1, Duration::ZERO, 2, 2, never_enough, &mut [&mut f]);
+        assert!(t[0].disturbed);
+        assert_eq!(
+            calls,
+            ATTEMPTS * 3,
+            "one warm-up and two timed calls an attempt"
+        );
+        let mut calls = 0;
+        let mut f = |_: usize| calls += 1;
+        let t = time_interleaved(
+            1,
+            Duration::ZERO,
+            2,
+            2,
+            Guard::others(f64::INFINITY),
+            &mut [&mut f],
+        );
+        assert!(!t[0].disturbed);
+        assert_eq!(calls, 3);
     }
 
     #[test]
