@@ -480,10 +480,15 @@ mod imp {
             // Eager reference run: tokens produced step by step.
             reset(&model)?;
             let mut eager_tokens = Vec::new();
+            let reduces = q4::kernels::cuda::gemv::reduce_launches();
             for _ in 0..4 {
                 step(&gpu, &model)?;
                 eager_tokens.push(model.token.to_vec1::<u32>()?[0]);
             }
+            tracing::info!(
+                "{name}: {} split-K reductions (a partial-sum buffer and a second kernel) per step",
+                (q4::kernels::cuda::gemv::reduce_launches() - reduces) / 4
+            );
             reset(&model)?;
             gpu.stream.synchronize()?;
             let graph = if args.no_graph {
