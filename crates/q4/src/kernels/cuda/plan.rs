@@ -37,6 +37,20 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
     cc == (9, 0)
 }
 
+/// K slices of the batch-1 FP8 GEMV (`gemv_f8.cu`) over `tiles` 64-row tiles and `steps`
+/// 128-wide steps on `sms` multiprocessors: the fewest (a power of two) that give at least three
+/// blocks' worth per multiprocessor, and at least four from K = 4096 on. Fitted to a standalone
+/// probe of the kernel on an H200 (`scripts/gpu/probe/f8_wgmma_gemv.cu`, one warpgroup a block,
+/// `scripts/gpu/results/h200-2026-11-29-s36/call4-f8-probe.txt`), best split of 1/2/4/8/16:
+/// 8192x8192 4, 28672x4096 4-16, 19456x2560 2, 2560x9728 16, 6144x2560 8, 2560x4096 16.
+pub fn gemv_f8_split(tiles: usize, steps: usize, sms: usize) -> usize {
+    let mut split = if steps >= 32 { 4 } else { 1 };
+    while tiles * split < 3 * sms && split * 2 <= steps {
+        split *= 2;
+    }
+    split.min(steps.max(1))
+}
+
 /// Largest batch at which bitsandbytes weights (NF4 / FP4) take the fused wgmma GEMM: its
 /// codebook decode (a lookup and two multiplies per code byte, for every token tile) outweighs
 /// the chunked path's one full decode at larger batches. Same-call A/B on the H100 with the
