@@ -74,12 +74,32 @@ fn kept(dev: &CudaDevice, kind: Kept, words: usize) -> Result<u64> {
     Ok(p)
 }
 
-/// Whether the slices meet in the pairwise tree (`TREE`; `Q4_GEMV_F8_TREE=0`: the last block of
-/// a tile adds them after a fence and a count).
-fn tree_sum() -> bool {
-    static T: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_F8_TREE") != Some(0));
-    *T
+/// Whether `split` slices meet in the pairwise tree (`TREE`) rather than in the last block of a
+/// tile (after a fence and a count): `Q4_GEMV_F8_TREE` 0 never, 1 always, 2 (default) for two
+/// slices (one exchange; deeper trees wait for one per level).
+fn tree_sum(split: usize) -> bool {
+    static T: std::sync::LazyLock<i64> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_F8_TREE").unwrap_or(2));
+    match *T {
+        0 => false,
+        1 => true,
+        _ => split <= 2,
+    }
+}
+
+/// The shapes `Q4_GEMV_F8_ONLY` ("NxK,NxK") restricts the FP8 GEMV to (an A/B knob), if set.
+fn only_shapes() -> &'static Option<Vec<(usize, usize)>> {
+    static O: std::sync::LazyLock<Option<Vec<(usize, usize)>>> = std::sync::LazyLock::new(|| {
+        std::env::var("Q4_GEMV_F8_ONLY").ok().map(|v| {
+            v.split(',')
+                .filter_map(|s| {
+                    let (n, k) = s.split_once('x')?;
+                    Some((n.trim().parse().ok()?, k.trim().parse().ok()?))
+                })
+                .collect()
+        })
+    });
+    &O
 }
 
 /// Whether the last block's partial sums use a kept buffer (`Q4_GEMV_F8_PARTIAL_CACHE=0`: a new
@@ -125,6 +145,9 @@ pub fn serves(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
         && w.format() == Format::Nvfp4
         && w.rows_cols().0 <= MAX_ROWS
         && w.rows_cols().1.is_multiple_of(128)
+        && only_shapes()
+            .as_ref()
+            .is_none_or(|o| o.contains(&w.rows_cols()))
 }
 
 /// K slices for `n x k` on `sms` multiprocessors ([`super::plan::gemv_f8_split`]), at most 96
@@ -159,7 +182,7 @@ pub unsafe fn matmul_act_into(
     let grid_split = split(n, kdim, k.sm_count as usize);
     let smem = steps.div_ceil(grid_split) * STEP_SMEM;
     let out_t = type_code(x.dtype)?;
-    let tree = tree_sum();
+    let tree = grid_split > 1 && tree_sum(grid_split);
     let defines = [("OUT_T", out_t), ("TREE", i64::from(tree))];
     let func = k.function_for_arch(
         "gemv_f8",
