@@ -44,8 +44,6 @@ enum Kept {
     Counters,
     /// The slices' f32 sums for the last block (no fill).
     Partial,
-    /// The tree sum's exchange slots (0xffffffff; each pair's second block resets its slot).
-    Exchange,
 }
 
 /// The device address of at least `words` u32 of `kind` for `dev`'s stream. A new or larger
@@ -66,48 +64,11 @@ fn kept(dev: &CudaDevice, kind: Kept, words: usize) -> Result<u64> {
     let p = storage_ptr(&s, 0)?;
     match kind {
         Kept::Counters => memset(&p, 0, len * 4, dev)?,
-        Kept::Exchange => memset(&p, 0xff, len * 4, dev)?,
         Kept::Partial => {}
     }
     all.retain(|(st, k, _, _)| !(*st == stream && *k == kind));
     all.push((stream, kind, len, s));
     Ok(p)
-}
-
-/// Whether `split` slices meet in the pairwise tree (`TREE`) rather than in the last block of a
-/// tile (after a fence and a count): `Q4_GEMV_F8_TREE` 0 never, 1 always, 2 (default) for two
-/// slices (one exchange; deeper trees wait for one per level).
-fn tree_sum(split: usize) -> bool {
-    static T: std::sync::LazyLock<i64> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_F8_TREE").unwrap_or(2));
-    match *T {
-        0 => false,
-        1 => true,
-        _ => split <= 2,
-    }
-}
-
-/// The shapes `Q4_GEMV_F8_ONLY` ("NxK,NxK") restricts the FP8 GEMV to (an A/B knob), if set.
-fn only_shapes() -> &'static Option<Vec<(usize, usize)>> {
-    static O: std::sync::LazyLock<Option<Vec<(usize, usize)>>> = std::sync::LazyLock::new(|| {
-        std::env::var("Q4_GEMV_F8_ONLY").ok().map(|v| {
-            v.split(',')
-                .filter_map(|s| {
-                    let (n, k) = s.split_once('x')?;
-                    Some((n.trim().parse().ok()?, k.trim().parse().ok()?))
-                })
-                .collect()
-        })
-    });
-    &O
-}
-
-/// Whether the last block's partial sums use a kept buffer (`Q4_GEMV_F8_PARTIAL_CACHE=0`: a new
-/// one each call, as the thirty-sixth session's build did).
-fn partial_kept() -> bool {
-    static P: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_F8_PARTIAL_CACHE") != Some(0));
-    *P
 }
 
 /// Forces the number of K slices (`None`: the plan or `Q4_GEMV_F8_SPLIT` decides).
@@ -133,21 +94,22 @@ pub fn launches() -> usize {
 }
 
 /// Whether the FP8 GEMV takes this product: batch 1 of bf16 activations on an NVFP4 weight of
-/// at most [`MAX_ROWS`] rows of whole 128-wide steps, on compute capability 9.0 (wgmma), unless
-/// `Q4_GEMV_F8=0`.
+/// at most [`MAX_ROWS`] rows of whole 128-wide steps, on compute capability 9.0 (wgmma), where
+/// [`super::plan::gemv_f8_fits`] (few row tiles over a long K), unless `Q4_GEMV_F8=0`; a test
+/// that forces it on skips the shape rule.
 pub fn serves(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
-    static ON: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| knob("Q4_GEMV_F8") != Some(0));
-    FORCED.flag().unwrap_or(*ON)
-        && super::plan::has_wgmma(k.cc)
+    let (n, kdim) = w.rows_cols();
+    let usable = super::plan::has_wgmma(k.cc)
         && x.batch == 1
         && x.dtype == DType::BF16
         && w.format() == Format::Nvfp4
-        && w.rows_cols().0 <= MAX_ROWS
-        && w.rows_cols().1.is_multiple_of(128)
-        && only_shapes()
-            .as_ref()
-            .is_none_or(|o| o.contains(&w.rows_cols()))
+        && n <= MAX_ROWS
+        && kdim.is_multiple_of(128);
+    usable
+        && FORCED.flag().unwrap_or_else(|| {
+            super::plan::gemv_f8_enabled()
+                && super::plan::gemv_f8_fits(n.div_ceil(TILE_ROWS), kdim / 128, k.sm_count as usize)
+        })
 }
 
 /// K slices for `n x k` on `sms` multiprocessors ([`super::plan::gemv_f8_split`]), at most 96
@@ -182,8 +144,7 @@ pub unsafe fn matmul_act_into(
     let grid_split = split(n, kdim, k.sm_count as usize);
     let smem = steps.div_ceil(grid_split) * STEP_SMEM;
     let out_t = type_code(x.dtype)?;
-    let tree = grid_split > 1 && tree_sum(grid_split);
-    let defines = [("OUT_T", out_t), ("TREE", i64::from(tree))];
+    let defines = [("OUT_T", out_t)];
     let func = k.function_for_arch(
         "gemv_f8",
         module_cache::GEMV_F8,
@@ -202,21 +163,14 @@ pub unsafe fn matmul_act_into(
     })?;
     let parts = device_parts(w)?;
     let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
-    let mut partial = None;
+    // The slices' sums and the tiles' arrival counters, kept across calls on this stream.
     let (pp, cp) = if grid_split == 1 {
         (0u64, 0u64)
-    } else if tree {
-        (kept(x.dev, Kept::Exchange, grid_split * n)?, 0u64)
     } else {
-        let pp = if partial_kept() {
-            kept(x.dev, Kept::Partial, grid_split * n)?
-        } else {
-            let p = empty_storage(x.dev, DType::F32, grid_split * n)?;
-            let pp = storage_ptr(&p, 0)?;
-            partial = Some(p);
-            pp
-        };
-        (pp, kept(x.dev, Kept::Counters, n.div_ceil(TILE_ROWS))?)
+        (
+            kept(x.dev, Kept::Partial, grid_split * n)?,
+            kept(x.dev, Kept::Counters, n.div_ceil(TILE_ROWS))?,
+        )
     };
     let wfactor = w.scale2();
     let (n_i, k_i, split_i) = (n as i32, kdim as i32, grid_split as i32);
@@ -231,16 +185,13 @@ pub unsafe fn matmul_act_into(
     let stream = x.dev.cuda_stream();
     // SAFETY: argument order and types match `gemv_f8`; codes hold n rows of k/2 bytes and
     // scales n rows of k/16 E4M3 bytes (k % 128 == 0, `serves`), x k bf16 values, y n bf16
-    // values (the caller's contract); when grid_split > 1, with TREE exchange slots of
-    // grid_split * n u32 holding 0xffffffff, else partial grid_split * n f32 and counters one
-    // zeroed u32 per row tile (this stream's, `kept`); each
+    // values (the caller's contract), partial grid_split * n f32 and counters one zeroed u32
+    // per row tile (this stream's, `kept`) when grid_split > 1; each
     // block's slice of at most 96 steps fits its `smem` bytes (allowed above). Started early,
     // it reads only the weight before `pdl_wait` and writes nothing before it.
     launched("gemv_f8", unsafe {
         launch_ex(&stream, &func, cfg, &mut args, early)
     })?;
     LAUNCHES.with(|c| c.set(c.get() + 1));
-    // The partial sums stay allocated until the kernel is done with them (freed in stream order).
-    drop(partial);
     Ok(())
 }

@@ -28,15 +28,12 @@
 // slices; with split > 1 each block writes its slice's f32 sums to `partial` and counts itself
 // in at its tile's counter, and the tile's last block adds the slices in slice order (as
 // gemv_reduce would, without a second kernel in the stream: 1.3-2.4 us a call) and resets the
-// counter for the next call. Rows past N read row N - 1 and are not stored. K is a multiple of 128.
+// counter for the next call. Both buffers are kept across calls (a fresh one inside a captured
+// CUDA graph is an allocation node, which keeps the next kernel from starting early). Rows past N read row N - 1 and are not stored. K is a multiple of 128.
 // Held to 96 registers, so that five blocks fit a multiprocessor (at 110, four did, and
 // shapes of 600-700 blocks took a second wave).
 //
-// TREE (default 1): the slices are added in a fixed pairwise tree through exchange slots instead
-// (see the end of the kernel). Defines: OUT_T, TREE.
-#ifndef TREE
-#define TREE 1
-#endif
+// Defines: OUT_T.
 
 #define THREADS 128
 
@@ -260,40 +257,6 @@ gemv_f8(const u8* __restrict__ codes, const u8* __restrict__ scales, const u16* 
             if (t == 0 && row + 8 * h < N) store_elem<OUT_T>(y, row + 8 * h, r[h] * wfactor);
         return;
     }
-#if TREE
-    // The slices meet pairwise in a fixed binary tree (((s0 + s1) + (s2 + s3)) ...), through
-    // exchange slots that hold 0xffffffff between calls: the first of a pair to arrive parks its
-    // sum there and is done, the second takes it in the same atomic, adds it on its own side and
-    // resets the slot. The sum never depends on which block came first, and needs no counter,
-    // fence or second kernel (a finite or canonical-NaN sum is never 0xffffffff).
-    u32* xch = reinterpret_cast<u32*>(partial);
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        const int n = row + 8 * h;
-        if (t != 0 || n >= N) continue;
-        float v = r[h];
-        int i = ky, width = split, base = 0;
-        bool parked = false;
-        while (width > 1) {
-            if ((i ^ 1) < width) {
-                u32* slot = xch + (i64)(base + (i >> 1)) * N + n;
-                const u32 old = atomicExch(slot, __float_as_uint(v));
-                if (old == 0xffffffffu) {
-                    parked = true;
-                    break;
-                }
-                const float o = __uint_as_float(old);
-                v = (i & 1) ? o + v : v + o;
-                atomicExch(slot, 0xffffffffu);
-            }
-            base += (width + 1) >> 1;
-            i >>= 1;
-            width = (width + 1) >> 1;
-        }
-        if (!parked) store_elem<OUT_T>(y, n, v * wfactor);
-    }
-    return;
-#endif
 #pragma unroll
     for (int h = 0; h < 2; h++)
         if (t == 0 && row + 8 * h < N) partial[(i64)ky * N + row + 8 * h] = r[h];
