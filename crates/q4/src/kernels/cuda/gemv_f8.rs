@@ -94,7 +94,7 @@ pub fn launches() -> usize {
 }
 
 /// Whether the FP8 GEMV takes this product: batch 1 of bf16 activations on an NVFP4 weight of
-/// at most [`MAX_ROWS`] rows of whole 128-wide steps, on compute capability 9.0 (wgmma), where
+/// at most `MAX_ROWS` (65,536) rows of whole 128-wide steps, on compute capability 9.0 (wgmma), where
 /// [`super::plan::gemv_f8_fits`] (few row tiles over a long K), unless `Q4_GEMV_F8=0`; a test
 /// that forces it on skips the shape rule.
 pub fn serves(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> bool {
