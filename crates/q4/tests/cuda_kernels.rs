@@ -198,14 +198,6 @@ fn nvrtc_compiles_the_wgmma_gemm_for_sm90a_only() {
     }
     let src = source(module_cache::GEMM_SM90, &[("STAGES", 4)]);
     assert!(compile_cubin("gemm_sm90", &src, "sm_90").is_err());
-    // The batch-1 FP8 GEMV (wgmma with E4M3 operands), bf16 and f32 output.
-    for out in [0, 1] {
-        let src = source(module_cache::GEMV_F8, &[("OUT_T", out)]);
-        compile_cubin("gemv_f8", &src, "sm_90a")
-            .unwrap_or_else(|e| panic!("gemv_f8 OUT_T {out}: {e}"));
-    }
-    let src = source(module_cache::GEMV_F8, &[("OUT_T", 1)]);
-    assert!(compile_cubin("gemv_f8", &src, "sm_90").is_err());
 }
 
 #[test]
@@ -656,9 +648,6 @@ fn gemv_input(dev: &Device, b: usize, k: usize, xseed: usize, dt: DType) -> Tens
 #[test]
 fn gemv_warp_split_is_bit_identical_with_the_grid_split() {
     let Some(dev) = gpu() else { return };
-    // The FP8 GEMV takes batch 1 of bf16 activations on NVFP4 where it can: these compare the
-    // mma.sync kernel's paths (`gemv_f8_matches_the_reference` checks that one).
-    q4::kernels::cuda::gemv_f8::set_enabled_for_tests(Some(false));
     // (n, k): few row tiles and many steps (split K), rows not a multiple of 16, K not a
     // multiple of 128 (a partial last step).
     let shapes = [
@@ -767,9 +756,6 @@ fn gemv_activation_ring_is_bit_identical_with_global_loads() {
 #[test]
 fn gemv_m_tiles_are_bit_identical() {
     let Some(dev) = gpu() else { return };
-    // The FP8 GEMV takes batch 1 of bf16 activations on NVFP4 where it can: these compare the
-    // mma.sync kernel's paths (`gemv_f8_matches_the_reference` checks that one).
-    q4::kernels::cuda::gemv_f8::set_enabled_for_tests(Some(false));
     let shapes = [(1000, 2560), (77, 4160), (6144, 2560), (300, 1024)];
     let tiles = q4::kernels::cuda::gemv::set_m_tiles_for_tests;
     let slices = q4::kernels::cuda::gemv::set_split_for_tests;
@@ -823,9 +809,6 @@ fn gemv_m_tiles_are_bit_identical() {
 #[test]
 fn gemv_clamped_loads_are_bit_identical() {
     let Some(dev) = gpu() else { return };
-    // The FP8 GEMV takes batch 1 of bf16 activations on NVFP4 where it can: these compare the
-    // mma.sync kernel's paths (`gemv_f8_matches_the_reference` checks that one).
-    q4::kernels::cuda::gemv_f8::set_enabled_for_tests(Some(false));
     let shapes = [(1000, 2560), (77, 4160), (300, 1024), (6144, 2560)];
     let specs = [
         QuantSpec::new(Format::Nvfp4),
@@ -888,9 +871,6 @@ fn gemv_clamped_loads_are_bit_identical() {
 #[test]
 fn gemv_batch_one_paths_are_bit_identical() {
     let Some(dev) = gpu() else { return };
-    // The FP8 GEMV takes batch 1 of bf16 activations on NVFP4 where it can: these compare the
-    // mma.sync kernel's paths (`gemv_f8_matches_the_reference` checks that one).
-    q4::kernels::cuda::gemv_f8::set_enabled_for_tests(Some(false));
     let shapes = [
         (1000, 2560),
         (6144, 2560),
@@ -939,118 +919,6 @@ fn gemv_batch_one_paths_are_bit_identical() {
         }
     }
     assert!(ran > 0, "no GEMV staged its activation row");
-}
-
-/// Batch 1 of bf16 activations on an NVFP4 weight takes the FP8 GEMV on Hopper
-/// (`gemv_f8.cu`): E4M3 operands, the activations as two E4M3 terms under a power-of-two scale
-/// per K slice, block scales applied to f32 sums. Against the f32 reference (the bf16
-/// activations times the dequantized weight): within the bf16 output's rounding, as the
-/// mma.sync kernel is, with the plan's K slices and with one and three (added in order by each
-/// tile's last block; the same bits on a second call), on rows not a multiple of 64, on activations near bf16's extremes; zeros for
-/// a zero row; no finite output for an infinite activation.
-#[test]
-fn gemv_f8_matches_the_reference() {
-    let Some(dev) = gpu() else { return };
-    let f8 = q4::kernels::cuda::gemv_f8::set_enabled_for_tests;
-    let split = q4::kernels::cuda::gemv_f8::set_split_for_tests;
-    let launched = q4::kernels::cuda::gemv_f8::launches;
-    let mut ran = 0;
-    for (n, k) in [
-        (1000, 2560),
-        (6144, 2560),
-        (2048, 8192),
-        (300, 1024),
-        (77, 4096),
-        (64, 128),
-    ] {
-        let w = Tensor::from_vec(data(n * k, (n + 17 * k) as u64), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, &QuantSpec::new(Format::Nvfp4)).unwrap();
-        let wd = q.dequantize(DType::F32).unwrap();
-        let layer = QLinear::new(q.to_device(&dev).unwrap(), None).unwrap();
-        let base = data(k, (k + 5) as u64);
-        for scale in [1.0f32, 1e-30, 1e30] {
-            let xs: Vec<f32> = base.iter().map(|v| v * scale).collect();
-            let x = Tensor::from_vec(xs, (1, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap();
-            let reference = x
-                .to_dtype(DType::F32)
-                .unwrap()
-                .matmul(&wd.t().unwrap())
-                .unwrap();
-            let xd = x.to_device(&dev).unwrap();
-            for slices in [None, Some(1), Some(3)] {
-                f8(Some(true));
-                split(slices);
-                let before = launched();
-                let y = layer.forward(&xd).unwrap().to_dtype(DType::F32).unwrap();
-                ran += launched() - before;
-                // The K slices' sum does not depend on which block finishes first.
-                let again = layer.forward(&xd).unwrap().to_dtype(DType::F32).unwrap();
-                let bits = |t: &Tensor| -> Vec<u32> {
-                    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-                    v.iter().map(|f| f.to_bits()).collect()
-                };
-                assert_eq!(
-                    bits(&y),
-                    bits(&again),
-                    "{n}x{k} scale {scale}, K slices {slices:?}: not the same bits twice"
-                );
-                let e = rel_err(&y, &reference);
-                assert!(
-                    e < 4e-3,
-                    "{n}x{k} scale {scale}, K slices {slices:?}: relative error {e}"
-                );
-            }
-            split(None);
-            if scale == 1.0 {
-                f8(Some(false));
-                let before = launched();
-                let plain = layer.forward(&xd).unwrap().to_dtype(DType::F32).unwrap();
-                assert_eq!(launched(), before, "{n}x{k}: FP8 GEMV ran while off");
-                let ep = rel_err(&plain, &reference);
-                assert!(ep < 4e-3, "{n}x{k}: mma.sync kernel relative error {ep}");
-            }
-            f8(None);
-        }
-        // A zero row gives zeros; an infinite activation no finite output.
-        for special in [0.0f32, f32::INFINITY] {
-            let mut xs = vec![0.0f32; k];
-            xs[k / 3] = special;
-            let x = Tensor::from_vec(xs, (1, k), &Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::BF16)
-                .unwrap()
-                .to_device(&dev)
-                .unwrap();
-            let y: Vec<f32> = layer
-                .forward(&x)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            if special == 0.0 {
-                assert!(
-                    y.iter().all(|&v| v == 0.0),
-                    "{n}x{k}: zero row, nonzero output"
-                );
-            } else {
-                assert!(
-                    y.iter().all(|v| !v.is_finite()),
-                    "{n}x{k}: infinite activation, finite output"
-                );
-            }
-        }
-    }
-    // It needs wgmma (compute capability 9.0); elsewhere the mma.sync kernel served every call.
-    assert!(
-        ran > 0 || fused_gemm_sms(&dev).is_none(),
-        "the FP8 GEMV never ran on a Hopper GPU"
-    );
 }
 
 #[test]

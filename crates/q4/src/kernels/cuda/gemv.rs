@@ -365,10 +365,6 @@ pub fn matmul_act(k: &DeviceKernels, w: &QTensor, x: &Act<'_>) -> Result<CudaSto
 /// `y` is the device address of `x.batch * n` elements of `x.dtype` on `x.dev`, free for this
 /// call's stream to write.
 pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u64) -> Result<()> {
-    if super::gemv_f8::serves(k, w, x) {
-        // SAFETY: the caller's contract, passed on.
-        return unsafe { super::gemv_f8::matmul_act_into(k, w, x, yp, early_start(k)) };
-    }
     let (n, kdim) = w.rows_cols();
     let batch = x.batch;
     let dev = x.dev;

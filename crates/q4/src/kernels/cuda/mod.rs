@@ -26,8 +26,6 @@ pub mod gemm_sm90;
 #[cfg(feature = "cuda")]
 pub mod gemv;
 #[cfg(feature = "cuda")]
-pub mod gemv_f8;
-#[cfg(feature = "cuda")]
 pub mod module_cache;
 #[cfg(feature = "cuda")]
 pub mod quant;

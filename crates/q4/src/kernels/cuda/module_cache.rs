@@ -20,7 +20,6 @@ pub const COMMON: &str = include_str!("cu/common.cuh");
 pub const DEQUANT: &str = include_str!("cu/dequant.cu");
 pub const QUANT: &str = include_str!("cu/quant.cu");
 pub const GEMV: &str = include_str!("cu/gemv.cu");
-pub const GEMV_F8: &str = include_str!("cu/gemv_f8.cu");
 pub const GEMM_SM90: &str = include_str!("cu/gemm_sm90.cu");
 pub const W4A4: &str = include_str!("cu/w4a4.cu");
 pub const SM120: &str = include_str!("cu/blackwell_sm120.cu");

@@ -37,32 +37,6 @@ pub fn has_wgmma(cc: (u32, u32)) -> bool {
     cc == (9, 0)
 }
 
-/// Whether the batch-1 FP8 GEMV (`gemv_f8.cu`) takes an NVFP4 weight of `tiles` 64-row tiles
-/// and `steps` 128-wide steps on `sms` multiprocessors: few tiles (under half a block per
-/// multiprocessor) over a long K (64 steps and more), where its K slices (8-16) keep the GPU
-/// busy and the mma.sync GEMV's warp split cannot. Same-call A/B on an H200 (thirty-eighth
-/// session, `scripts/gpu/results/h200-2026-11-29-s38-f8-library/`, three rounds): 2560x9728
-/// 8.6-8.7 against 10.3 us and the synthetic Qwen3-4B decode 602.1-602.5 against 589.5-589.8
-/// tok/s with it there alone; 2560x4096 even (6.0 against 6.1), 19456x2560 11.8 against 12.7
-/// alone but the decode 0.6% slower, 6144x2560, 8192x8192 and 28672x4096 1.16-1.34x the time.
-pub fn gemv_f8_fits(tiles: usize, steps: usize, sms: usize) -> bool {
-    2 * tiles <= sms && steps >= 64
-}
-
-/// K slices of the batch-1 FP8 GEMV (`gemv_f8.cu`) over `tiles` 64-row tiles and `steps`
-/// 128-wide steps on `sms` multiprocessors: the fewest (a power of two) that give at least three
-/// blocks' worth per multiprocessor, and at least four from K = 4096 on. Fitted to a standalone
-/// probe of the kernel on an H200 (`scripts/gpu/probe/f8_wgmma_gemv.cu`, one warpgroup a block,
-/// `scripts/gpu/results/h200-2026-11-29-s36/call4-f8-probe.txt`), best split of 1/2/4/8/16:
-/// 8192x8192 4, 28672x4096 4-16, 19456x2560 2, 2560x9728 16, 6144x2560 8, 2560x4096 16.
-pub fn gemv_f8_split(tiles: usize, steps: usize, sms: usize) -> usize {
-    let mut split = if steps >= 32 { 4 } else { 1 };
-    while tiles * split < 3 * sms && split * 2 <= steps {
-        split *= 2;
-    }
-    split.min(steps.max(1))
-}
-
 /// Largest batch at which bitsandbytes weights (NF4 / FP4) take the fused wgmma GEMM: its
 /// codebook decode (a lookup and two multiplies per code byte, for every token tile) outweighs
 /// the chunked path's one full decode at larger batches. Same-call A/B on the H100 with the
@@ -184,19 +158,11 @@ pub mod names {
         "gemv-mma (fused 4-bit decode via pair table, bf16/f16 mma.sync, f32 accumulate)";
     pub const GEMV_MMA_ARITH: &str =
         "gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
-    pub const GEMV_F8_THEN_MMA_ARITH: &str = "gemv-f8-wgmma at batch 1 of bf16 activations on few row tiles over a long K (E2M1 as E4M3 operands, activations as two E4M3 terms, block scales on f32 sums, K slices added in order by each tile's last block); else gemv-mma (fused arithmetic E2M1 decode, bf16/f16 mma.sync, f32 accumulate)";
     pub const DEQUANT_CUBLAS: &str = "dequant (chunks of <= 512 MB) + cuBLAS GEMM";
     pub const GEMM_WGMMA: &str = "gemm-wgmma (fused 4-bit decode into wgmma registers, TMA, f32 accumulate; bf16 activations and K % 256 == 0 (MXFP4: K % 512 == 0; bitsandbytes: blocks >= 64, K % (4 x block) == 0, batch <= 2048), else dequant + cuBLAS)";
     pub const W4A4_NATIVE_SM120: &str = "native FP4 mma.sync block_scale (sm_120a/121a)";
     pub const W4A4_EXACT: &str = "exact integer emulation (i64 accumulate)";
     pub const NOT_APPLICABLE: &str = "n/a";
-}
-
-/// Whether the batch-1 FP8 GEMV may serve at all (`Q4_GEMV_F8=0` turns it off).
-pub fn gemv_f8_enabled() -> bool {
-    static ON: std::sync::LazyLock<bool> =
-        std::sync::LazyLock::new(|| std::env::var("Q4_GEMV_F8").as_deref() != Ok("0"));
-    *ON
 }
 
 /// Whether the fused GEMV decodes NVFP4 arithmetically (E2M1 bits placed into the operand's
@@ -460,11 +426,7 @@ pub fn plan(cc: (u32, u32), format: Format) -> CudaPlan {
     let decode = if !has_mma_f16(cc) {
         names::DEQUANT_CUBLAS
     } else if format == Format::Nvfp4 && nvfp4_arith_decode() {
-        if has_wgmma(cc) && gemv_f8_enabled() {
-            names::GEMV_F8_THEN_MMA_ARITH
-        } else {
-            names::GEMV_MMA_ARITH
-        }
+        names::GEMV_MMA_ARITH
     } else {
         names::GEMV_MMA
     };
@@ -558,23 +520,9 @@ mod tests {
     }
 
     #[test]
-    fn the_fp8_gemv_takes_few_tiles_over_a_long_k() {
-        // On an H200's 132 multiprocessors: Qwen3-4B's down projection (2560x9728: 40 tiles, 76
-        // steps) takes it; its other projections, 8192x8192 and 28672x4096 do not.
-        assert!(gemv_f8_fits(40, 76, 132));
-        for (tiles, steps) in [(40, 32), (96, 20), (304, 20), (128, 64), (448, 32)] {
-            assert!(
-                !gemv_f8_fits(tiles, steps, 132),
-                "{tiles} tiles, {steps} steps"
-            );
-        }
-    }
-
-    #[test]
     fn plans_follow_the_hardware() {
         let h100 = plan((9, 0), Format::Nvfp4);
-        assert_eq!(h100.decode, names::GEMV_F8_THEN_MMA_ARITH);
-        assert_eq!(plan((8, 0), Format::Nvfp4).decode, names::GEMV_MMA_ARITH);
+        assert_eq!(h100.decode, names::GEMV_MMA_ARITH);
         assert_eq!(plan((9, 0), Format::Nf4).decode, names::GEMV_MMA);
         assert_eq!(h100.w4a4, names::W4A4_EXACT);
         // The fused prefill GEMM needs wgmma (sm_90a only) and serves every format.

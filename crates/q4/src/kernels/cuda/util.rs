@@ -107,7 +107,7 @@ pub fn empty(dev: &CudaDevice, dtype: DType, shape: impl Into<Shape>) -> Result<
     ))
 }
 
-pub(super) fn memset(ptr: &u64, byte: u8, bytes: usize, dev: &CudaDevice) -> Result<()> {
+fn memset(ptr: &u64, byte: u8, bytes: usize, dev: &CudaDevice) -> Result<()> {
     let stream = dev.cuda_stream();
     // SAFETY: `ptr` addresses at least `bytes` bytes of a live allocation; stream-ordered.
     unsafe {
