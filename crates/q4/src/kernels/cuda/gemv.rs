@@ -152,6 +152,74 @@ fn warp_split_forced() -> bool {
     WARP_SPLIT_FORCED.flag() == Some(true)
 }
 
+/// Whether a warp split whose blocks would load the busiest multiprocessor more than
+/// [`super::plan::WARP_SPLIT_MAX_LOAD`] times the grid split gives way to it
+/// (`Q4_GEMV_SPLIT_BALANCE=0`: the fewest waves decide alone, as before).
+fn split_balance() -> bool {
+    static B: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_SPLIT_BALANCE") != Some(0));
+    *B
+}
+
+/// Whether the grid split's partial sums go to a buffer kept per thread and device between
+/// calls (`Q4_GEMV_PARTIAL_CACHE=0`: a fresh buffer each call). Inside a captured CUDA graph a
+/// fresh buffer is an allocation node and a free node around the GEMV, which keep the kernel
+/// after it from starting early (thirty-eighth session: the FP8 GEMV build's decode 517 against
+/// 549 tok/s).
+fn partial_cache() -> bool {
+    static P: std::sync::LazyLock<bool> =
+        std::sync::LazyLock::new(|| knob("Q4_GEMV_PARTIAL_CACHE") != Some(0));
+    *P
+}
+
+thread_local! {
+    /// The grid split's partial-sum buffer of each device this thread has used, the largest it
+    /// has needed (see [`partial_sums`]).
+    static PARTIALS: std::cell::RefCell<Vec<(candle_core::cuda_backend::DeviceId, CudaStorage)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A device pointer to `len` f32 for the grid split's partial sums, and the storage behind it
+/// when that is not the thread's kept buffer (the caller keeps it until the launches are queued;
+/// freed, it is released in stream order). Reusing one buffer across calls is safe in stream
+/// order, and with early starts too: the GEMV writes its partial sums only after its
+/// `pdl_wait`, that is once the kernel before it, and so the last reduction that read the
+/// buffer, has finished. The buffer grows only outside a stream capture: an allocation there
+/// would belong to the graph.
+fn partial_sums(dev: &CudaDevice, len: usize) -> Result<(u64, Option<CudaStorage>)> {
+    if partial_cache() {
+        let id = dev.id();
+        let kept = PARTIALS.with(|p| -> Result<Option<u64>> {
+            for (d, s) in p.borrow().iter() {
+                if *d == id && s.as_cuda_slice::<f32>()?.len() >= len {
+                    return Ok(Some(storage_ptr(s, 0)?));
+                }
+            }
+            Ok(None)
+        })?;
+        if let Some(ptr) = kept {
+            return Ok((ptr, None));
+        }
+        let capturing = dev
+            .cuda_stream()
+            .capture_status()
+            .map_err(|e| crate::error::Error::msg(format!("cuStreamGetCaptureInfo failed: {e}")))?
+            != candle_core::cuda_backend::cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if !capturing {
+            let s = empty_storage(dev, DType::F32, len)?;
+            let ptr = storage_ptr(&s, 0)?;
+            PARTIALS.with(|p| {
+                let mut p = p.borrow_mut();
+                p.retain(|(d, _)| *d != id);
+                p.push((id, s));
+            });
+            return Ok((ptr, None));
+        }
+    }
+    let s = empty_storage(dev, DType::F32, len)?;
+    Ok((storage_ptr(&s, 0)?, Some(s)))
+}
+
 thread_local! {
     /// `gemv_reduce` launches made by this thread (tests check which split ran; per thread, so
     /// that tests running at once do not count each other's).
@@ -470,6 +538,25 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
                 continue;
             }
             let (bw, row_tiles) = super::plan::warp_split_blocks(n_units, warps, s);
+            // Not where its larger blocks crowd some multiprocessors while the grid split's
+            // items spread evenly (the rounded split has its own load check; a test that forces
+            // the warp split gets it).
+            if i < 2
+                && !warp_split_forced()
+                && split_balance()
+                && !super::plan::warp_split_balanced(
+                    tiles,
+                    warps,
+                    split,
+                    steps,
+                    k.sm_count as usize,
+                    s,
+                    bw,
+                    row_tiles,
+                )
+            {
+                continue;
+            }
             let smem = super::plan::gemv_static_smem(!arith(w), bw, nt * mt, true);
             if smem > super::plan::GEMV_STATIC_SMEM_LIMIT {
                 continue;
@@ -516,17 +603,26 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
             }
         }
     }
-    let partial = if split > 1 {
-        Some(empty_storage(dev, DType::F32, split * batch * n)?)
+    tracing::trace!(
+        n,
+        k = kdim,
+        batch,
+        m_tiles = mt,
+        split,
+        block_warps,
+        grid_x,
+        kwarps = ?defines.iter().find(|(name, _)| *name == "KWARPS").map(|d| d.1),
+        xb1 = ?defines.iter().find(|(name, _)| *name == "XB1").map(|d| d.1),
+        "gemv plan"
+    );
+    // The grid split's partial sums, and their storage where it is not the kept buffer.
+    let (pp, _partial_owned) = if split > 1 {
+        partial_sums(dev, split * batch * n)?
     } else {
-        None
+        (0u64, None)
     };
     let parts = device_parts(w)?;
     let (codes, scales) = (device_ptr(parts.codes)?, device_ptr(parts.scales)?);
-    let pp = match &partial {
-        Some(p) => storage_ptr(p, 0)?,
-        None => 0u64,
-    };
     let (smul, wfactor) = scale_factors(w, opt);
     let (n_i, k_i, b_i, split_i) = (n as i32, kdim as i32, batch as i32, split as i32);
     let row_bytes = (kdim / 2) as i64;
@@ -556,22 +652,9 @@ pub unsafe fn matmul_act_into(k: &DeviceKernels, w: &QTensor, x: &Act<'_>, yp: u
     if stages > 0 {
         STAGED.with(|c| c.set(c.get() + 1));
     }
-    if let Some(p) = &partial {
-        // SAFETY: partial holds split*batch*n f32 written by `gemv`; y batch*n outputs.
-        unsafe {
-            reduce(
-                k,
-                &defines,
-                dev,
-                storage_ptr(p, 0)?,
-                xsp,
-                yp,
-                n,
-                batch,
-                split,
-                wfactor,
-            )
-        }?;
+    if split > 1 {
+        // SAFETY: pp holds split*batch*n f32 written by `gemv`; y batch*n outputs.
+        unsafe { reduce(k, &defines, dev, pp, xsp, yp, n, batch, split, wfactor) }?;
     }
     Ok(())
 }

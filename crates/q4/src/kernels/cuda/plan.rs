@@ -288,6 +288,35 @@ pub fn rounded_warp_split(
     })
 }
 
+/// How much more the busiest multiprocessor may carry under a warp split (K slices summed inside
+/// a block) than under the grid split of the same slices (partial sums and `gemv_reduce`) before
+/// the grid split is taken instead. A warp split's blocks are `slices` times larger, so where
+/// there are somewhat more of them than multiprocessors, some carry two and the rest one. Same
+/// call on an H200 (thirty-eighth session, `scripts/gpu/results/h200-2026-11-29-s38-f8-library/
+/// call10-mma-split-sweep.txt`), NVFP4 batch 1, 16 slices: 2560x9728 at a load ratio of 1.6 ran
+/// 10.2 us on the warp split against 8.5 on the grid split; 1536x8960 at 1.33 ran 7.2 against
+/// 7.7 (the reduction's own cost).
+pub const WARP_SPLIT_MAX_LOAD: f64 = 1.4;
+
+/// Whether a warp split of `slices` slices (blocks of `block_warps` warps, `blocks` of them) loads
+/// the busiest of `sms` multiprocessors at most [`WARP_SPLIT_MAX_LOAD`] times the grid split of
+/// `split` slices over `tiles` row tiles of `warps` warps does, for rows of `steps` steps.
+#[allow(clippy::too_many_arguments)]
+pub fn warp_split_balanced(
+    tiles: usize,
+    warps: usize,
+    split: usize,
+    steps: usize,
+    sms: usize,
+    slices: usize,
+    block_warps: usize,
+    blocks: usize,
+) -> bool {
+    let grid = busiest_sm_load(tiles * split, sms, warps, steps.div_ceil(split));
+    let warp = busiest_sm_load(blocks, sms, block_warps, steps.div_ceil(slices));
+    warp as f64 <= WARP_SPLIT_MAX_LOAD * grid as f64
+}
+
 /// Weights (`n * k`) from which the fused GEMV gives each warp two 16-row M tiles at the batches
 /// [`gemv_m_tiles`] names.
 pub const GEMV_M_TILES_LARGE: usize = 40 << 20;
@@ -515,6 +544,32 @@ mod tests {
                 gemv_m_tiles(table, b, n, k),
                 mt,
                 "{table} batch {b} {n}x{k}"
+            );
+        }
+    }
+
+    /// The batch-1 plans on an H200 (132 multiprocessors), as `gemv.rs` makes them: of the
+    /// measured shapes only 2560x9728 leaves the warp split.
+    #[test]
+    fn the_warp_split_yields_where_its_blocks_crowd_some_multiprocessors() {
+        // (n, k, warps a block, the grid plan's slices)
+        for (n, k, warps, split, balanced) in [
+            (2560usize, 9728usize, 4usize, 16usize, false),
+            (1536, 8960, 4, 16, true),
+            (3584, 18944, 8, 16, true),
+            (4096, 14336, 8, 16, true),
+            (19456, 2560, 8, 2, true),
+            (6144, 2560, 4, 4, true),
+            (2560, 4096, 4, 8, true),
+            (8192, 8192, 8, 8, true),
+            (28672, 4096, 8, 4, true),
+        ] {
+            let (tiles, steps) = (n.div_ceil(16 * warps), k.div_ceil(128));
+            let (bw, blocks) = warp_split_blocks(n, warps, split);
+            assert_eq!(
+                warp_split_balanced(tiles, warps, split, steps, 132, split, bw, blocks),
+                balanced,
+                "{n}x{k}"
             );
         }
     }
