@@ -30,8 +30,6 @@ pub(super) fn simd_fits(w: &Rows<'_>) -> bool {
 
 /// `y[m, n] = sum_k x[m, k] W[n, k]`.
 pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
-    // Results are produced row-major by weight row ([n][m]) and transposed at the end.
-    let mut yt = vec![0f32; w.n * batch];
     let simd = simd_fits(w);
     // Where AVX-512F is present its kernel replaces the AVX2 one (same chunks, other order).
     #[cfg(target_arch = "x86_64")]
@@ -57,8 +55,20 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         arch::permute_activations(x, w.k, w.high_first, xp);
     }
     let xp = &*xp;
+    // Results come row-major by weight row ([n][m]); at batch 1 that is `y`'s own layout, so
+    // the kernels write `y` directly, else a buffer transposed at the end. (A fresh buffer
+    // costs more than it seems: from 128 KiB it is mapped anew each call, 49152x576 at batch 1
+    // took 1.04x the time with it; `scripts/cpu/results/ab-batch1-output-2026-11-29-s39.txt`.)
+    let mut yt = Vec::new();
+    let out: &mut [f32] = if batch == 1 {
+        y.fill(0.0);
+        y
+    } else {
+        yt.resize(w.n * batch, 0f32);
+        &mut yt
+    };
     for_each_chunk_mut(
-        &mut yt,
+        out,
         ROWS_PER_TASK * batch,
         w.n * w.k * batch.div_ceil(2),
         |t, out| {
@@ -93,7 +103,9 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
             }
         },
     );
-    transpose_into(&yt, w.n, batch, y)
+    if batch > 1 {
+        transpose_into(&yt, w.n, batch, y)
+    }
 }
 
 /// Reorders each activation row (`k` values) chunk by chunk: `out[c + p] = x[c + order[p]]` for

@@ -349,6 +349,42 @@ pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f
 
 #[cfg(test)]
 mod tests {
+    use crate::{Format, QTensor, QuantSpec};
+    use candle_core::{Device, Tensor};
+
+    /// The output buffer's old contents never leak into a result: at batch 1 the GEMV kernels
+    /// write `y` in place (no buffer of their own), so a `y` full of NaN must come back equal to
+    /// one full of zeros, for the f32 and the W4A8 kernels, and for larger batches too.
+    #[test]
+    fn matmul_overwrites_the_output_buffer() {
+        let dev = Device::Cpu;
+        // Small (inline) and large (parallel) weights, odd row counts, a K tail.
+        for (n, k) in [(37usize, 576usize), (1001, 320), (2048, 1024)] {
+            let w = Tensor::randn(0f32, 0.05, (n, k), &dev).unwrap();
+            for format in [Format::Nvfp4, Format::Nf4, Format::Mxfp4] {
+                let q = QTensor::quantize(&w, &QuantSpec::new(format)).unwrap();
+                let view = q.host_view().unwrap();
+                let rows = super::Rows::new(&view);
+                for batch in [1usize, 3, 16] {
+                    let x: Vec<f32> = (0..batch * k)
+                        .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+                        .collect();
+                    let mut zeros = vec![0f32; batch * n];
+                    super::matmul(&view, &x, batch, &mut zeros);
+                    let mut nans = vec![f32::NAN; batch * n];
+                    super::matmul(&view, &x, batch, &mut nans);
+                    assert_eq!(zeros, nans, "{format} {n}x{k} batch {batch}, f32 kernels");
+                    let mut zeros = vec![0f32; batch * n];
+                    let mut nans = vec![f32::NAN; batch * n];
+                    if super::w4a8::matmul(&rows, &x, batch, &mut zeros) {
+                        assert!(super::w4a8::matmul(&rows, &x, batch, &mut nans));
+                        assert_eq!(zeros, nans, "{format} {n}x{k} batch {batch}, W4A8 kernels");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn transpose_matches_the_definition() {
         // Column counts around the eight-row grouping, one column, and a parallel-sized case.

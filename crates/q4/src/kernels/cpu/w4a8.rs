@@ -269,8 +269,9 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) -> bool {
 }
 
 /// `rows(r0, r1, out)` over pieces of 32 weight rows, in parallel where the work is large, each
-/// writing its rows' `batch` outputs row-major (`[n][m]`); then transposed into `y`
-/// (`batch x n`).
+/// adding its rows' `batch` outputs, row-major (`[n][m]`), to zeros; then transposed into `y`
+/// (`batch x n`). At batch 1 that is `y`'s own layout: the pieces write `y` itself (no buffer
+/// to allocate, no transposition).
 #[cfg(target_arch = "x86_64")]
 fn by_row_pieces(
     w: &Rows<'_>,
@@ -278,13 +279,22 @@ fn by_row_pieces(
     y: &mut [f32],
     rows: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
 ) {
-    let mut yt = vec![0f32; w.n * batch];
+    let mut yt = Vec::new();
+    let out: &mut [f32] = if batch == 1 {
+        y.fill(0.0);
+        y
+    } else {
+        yt.resize(w.n * batch, 0f32);
+        &mut yt
+    };
     let work = w.n * w.k * batch.div_ceil(2);
-    super::parallel::for_each_chunk_mut(&mut yt, 32 * batch, work, |t, out| {
+    super::parallel::for_each_chunk_mut(out, 32 * batch, work, |t, out| {
         let r0 = t * 32;
         rows(r0, (r0 + 32).min(w.n), out);
     });
-    super::transpose_into(&yt, w.n, batch, y);
+    if batch > 1 {
+        super::transpose_into(&yt, w.n, batch, y);
+    }
 }
 
 #[cfg(test)]
