@@ -10,19 +10,8 @@ use sha2::{Digest, Sha256};
 
 /// The cache root: `$Q4_HOME`, else `$XDG_CACHE_HOME/q4`, else `~/.cache/q4`.
 pub fn q4_home() -> Result<PathBuf> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    if let Some(h) = var("Q4_HOME") {
-        return Ok(h);
-    }
-    if let Some(x) = var("XDG_CACHE_HOME") {
-        return Ok(x.join("q4"));
-    }
-    match var("HOME") {
-        Some(h) => Ok(h.join(".cache").join("q4")),
+    match q4::cache_home::q4_home() {
+        Some(h) => Ok(h),
         None => bail!("cannot locate a cache directory: set Q4_HOME"),
     }
 }

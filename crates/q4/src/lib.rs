@@ -3,6 +3,7 @@
 //! 4-bit weights for candle: [`QTensor`] (packed codes + block scales on any device) and
 //! [`QLinear`] (a `candle_nn::Module` with fused dequantize-on-the-fly kernels).
 
+pub mod cache_home;
 pub mod checkpoint;
 pub mod error;
 pub mod host_bytes;

@@ -73,6 +73,9 @@ pub struct NvrtcReport {
     pub status: &'static str,
     pub version: Option<String>,
     pub detail: Option<String>,
+    /// Where compiled kernels are kept between runs, and how many are (CUDA builds; `off`
+    /// where `Q4_CUDA_CACHE=0` or no directory is known).
+    pub kernel_cache: Option<String>,
 }
 
 /// One CUDA device.
@@ -429,6 +432,7 @@ fn nvrtc_report() -> NvrtcReport {
                 status: "missing",
                 version: None,
                 detail: Some(format!("libnvrtc could not be loaded: {e}")),
+                kernel_cache: None,
             }
         }
     };
@@ -447,11 +451,13 @@ fn nvrtc_report() -> NvrtcReport {
             status: "ok",
             version: Some(v),
             detail: None,
+            kernel_cache: None,
         },
         None => NvrtcReport {
             status: "error",
             version: None,
             detail: Some("nvrtcVersion failed (stub or broken library)".into()),
+            kernel_cache: None,
         },
     }
 }
@@ -671,6 +677,9 @@ pub fn render_text(r: &Report) -> String {
             .map(|d| format!(" ({d})"))
             .unwrap_or_default()
     );
+    if let Some(cache) = &c.nvrtc.kernel_cache {
+        let _ = writeln!(s, "  kernel cache: {cache}");
+    }
     for d in &c.devices {
         let _ = writeln!(
             s,

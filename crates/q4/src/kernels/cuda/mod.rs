@@ -146,6 +146,18 @@ pub fn enrich_report(r: &mut crate::probe::CudaReport) {
     if r.status != "ok" {
         return;
     }
+    r.nvrtc.kernel_cache = Some(match module_cache::disk::dir() {
+        Some(dir) => {
+            let kept = std::fs::read_dir(&dir).map_or(0, |entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "cubin"))
+                    .count()
+            });
+            format!("{} ({kept} kept)", dir.display())
+        }
+        None => "off".to_string(),
+    });
     match module_cache::nvrtc_version() {
         Ok((a, b)) => r.nvrtc.version = Some(format!("{a}.{b}")),
         Err(e) => {
@@ -172,8 +184,12 @@ pub fn enrich_report(r: &mut crate::probe::CudaReport) {
             d.free_memory_bytes = Some(free);
         }
         let t = std::time::Instant::now();
-        match module_cache::for_device(cuda).and_then(|k| {
-            k.function(
+        // Compiled here with NVRTC itself (not taken from the kernel cache, which would hide a
+        // broken NVRTC), then loaded through the cache like any kernel.
+        let arch = module_cache::arch_for(plan_cc(&d.compute_capability));
+        let probe_src = module_cache::source(module_cache::DEQUANT, &[("OUT_T", 0)]);
+        match module_cache::compile_cubin("dequant", &probe_src, &arch).and_then(|_| {
+            module_cache::for_device(cuda)?.function(
                 "dequant",
                 module_cache::DEQUANT,
                 &[("OUT_T", 0)],
@@ -182,8 +198,7 @@ pub fn enrich_report(r: &mut crate::probe::CudaReport) {
         }) {
             Ok(_) => {
                 r.nvrtc.detail = Some(format!(
-                    "compiled and loaded a q4 kernel for {} in {:.0} ms",
-                    module_cache::arch_for(plan_cc(&d.compute_capability)),
+                    "compiled and loaded a q4 kernel for {arch} in {:.0} ms",
                     t.elapsed().as_secs_f64() * 1e3
                 ));
             }

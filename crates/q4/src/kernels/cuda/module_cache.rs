@@ -1,5 +1,6 @@
 //! NVRTC compilation of q4's CUDA C at first use, for the running device's own architecture,
-//! cached per device and per variant for the life of the process.
+//! cached per device and per variant for the life of the process, and on disk between
+//! processes ([`disk`]).
 //!
 //! Each kernel family is one `.cu` source; variants (format, operand and output type, tile
 //! counts) are preprocessor defines, so only the variants a program uses are ever compiled.
@@ -75,13 +76,9 @@ pub fn arch_for(cc: (u32, u32)) -> String {
     format!("sm_{}{}", cc.0, cc.1)
 }
 
-/// Compiles `src` to a CUBIN for `arch` (e.g. `sm_90`, `sm_120a`). Needs NVRTC, not a GPU.
-pub fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
-    let csrc = CString::new(src).map_err(|_| Error::msg("kernel source contains a NUL byte"))?;
-    let cname = CString::new(name).map_err(|_| Error::msg("kernel name contains a NUL byte"))?;
-    let prog = nvrtc::create_program(&csrc, Some(&cname))
-        .map_err(|e| Error::msg(format!("NVRTC could not create program `{name}`: {e:?}")))?;
-    let opts = [
+/// NVRTC's options for `arch`.
+fn compile_options(arch: &str) -> [String; 6] {
+    [
         format!("--gpu-architecture={arch}"),
         "--std=c++17".to_string(),
         // Bit-exactness: IEEE division, no flush-to-zero, no contraction into FMA.
@@ -89,7 +86,16 @@ pub fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
         "--prec-div=true".to_string(),
         "--fmad=false".to_string(),
         "-default-device".to_string(),
-    ];
+    ]
+}
+
+/// Compiles `src` to a CUBIN for `arch` (e.g. `sm_90`, `sm_120a`). Needs NVRTC, not a GPU.
+pub fn compile_cubin(name: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
+    let csrc = CString::new(src).map_err(|_| Error::msg("kernel source contains a NUL byte"))?;
+    let cname = CString::new(name).map_err(|_| Error::msg("kernel name contains a NUL byte"))?;
+    let prog = nvrtc::create_program(&csrc, Some(&cname))
+        .map_err(|e| Error::msg(format!("NVRTC could not create program `{name}`: {e:?}")))?;
+    let opts = compile_options(arch);
     // SAFETY: `prog` was just created and is destroyed exactly once below; the option strings
     // outlive the call; the log and CUBIN buffers are sized by NVRTC's own size queries.
     let out = unsafe {
@@ -149,6 +155,121 @@ fn dump_cubin(dir: &std::path::Path, name: &str, arch: &str, src: &str, cubin: &
         .and_then(|_| std::fs::write(stem.with_extension("cu"), src));
     if let Err(e) = written {
         tracing::warn!("could not dump {}: {e}", stem.display());
+    }
+}
+
+fn load_error(key: &str, ordinal: usize, e: impl std::fmt::Display) -> Error {
+    Error::msg(format!(
+        "loading q4 kernel module `{key}` on device {ordinal} failed: {e}"
+    ))
+}
+
+/// The CUBIN of `src` for `arch`: from the kernel cache in `dir` where it holds one (`true`),
+/// else compiled with NVRTC and kept there (`false`). Without a `dir`, always compiled.
+pub fn cached_cubin(
+    name: &str,
+    src: &str,
+    arch: &str,
+    dir: Option<&std::path::Path>,
+) -> Result<(Vec<u8>, bool)> {
+    let Some(dir) = dir else {
+        return Ok((compile_cubin(name, src, arch)?, false));
+    };
+    let key = disk::key(src, arch);
+    if let Some(cubin) = disk::load(dir, name, arch, &key) {
+        return Ok((cubin, true));
+    }
+    let cubin = compile_cubin(name, src, arch)?;
+    disk::store(dir, name, arch, &key, &cubin);
+    Ok((cubin, false))
+}
+
+/// Compiled CUBINs kept on disk, so that a process does not compile again what an earlier one
+/// did (NVRTC takes 0.1-0.3 s per kernel variant; a model's first forward uses dozens). Files
+/// are `<family>-<arch>-<key>.cubin` in `$Q4_CUDA_CACHE_DIR`, else `$Q4_HOME/kernels` (see
+/// [`crate::cache_home`]); `Q4_CUDA_CACHE=0` turns the cache off. The key hashes everything the
+/// CUBIN depends on: the full source (defines, tables, helpers), the target, NVRTC's options and
+/// version. Each file ends with the SHA-256 of its CUBIN, checked on every load; files are
+/// written to a temporary name and renamed into place, so a reader never sees half of one.
+/// The cache is best effort: a file that cannot be read or written only means a compile.
+pub mod disk {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+
+    /// The cache directory, or `None` where the cache is off or no directory is known.
+    pub fn dir() -> Option<PathBuf> {
+        if std::env::var_os("Q4_CUDA_CACHE").is_some_and(|v| v == "0") {
+            return None;
+        }
+        std::env::var_os("Q4_CUDA_CACHE_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| crate::cache_home::q4_home().map(|h| h.join("kernels")))
+    }
+
+    /// The cache key of `src` compiled for `arch`: 32 hex digits of a SHA-256 over the source,
+    /// the target, NVRTC's options and NVRTC's version.
+    pub fn key(src: &str, arch: &str) -> String {
+        let mut h = Sha256::new();
+        for part in [src, arch] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part.as_bytes());
+        }
+        for opt in super::compile_options(arch) {
+            h.update((opt.len() as u64).to_le_bytes());
+            h.update(opt.as_bytes());
+        }
+        let (major, minor) = super::nvrtc_version().unwrap_or((0, 0));
+        h.update(major.to_le_bytes());
+        h.update(minor.to_le_bytes());
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    fn path(dir: &Path, name: &str, arch: &str, key: &str) -> PathBuf {
+        dir.join(format!("{name}-{arch}-{key}.cubin"))
+    }
+
+    /// The kept CUBIN, if its file exists and its checksum holds.
+    pub fn load(dir: &Path, name: &str, arch: &str, key: &str) -> Option<Vec<u8>> {
+        let p = path(dir, name, arch, key);
+        let mut bytes = std::fs::read(&p).ok()?;
+        if bytes.len() < 32 {
+            tracing::warn!(
+                "kernel cache file {} is truncated; ignoring it",
+                p.display()
+            );
+            return None;
+        }
+        let sum = bytes.split_off(bytes.len() - 32);
+        if Sha256::digest(&bytes).as_slice() != sum.as_slice() {
+            tracing::warn!(
+                "kernel cache file {} fails its checksum; ignoring it",
+                p.display()
+            );
+            return None;
+        }
+        Some(bytes)
+    }
+
+    /// Keeps `cubin` (best effort: a failure is logged, not returned).
+    pub fn store(dir: &Path, name: &str, arch: &str, key: &str, cubin: &[u8]) {
+        let p = path(dir, name, arch, key);
+        let written = std::fs::create_dir_all(dir)
+            .and_then(|_| tempfile::NamedTempFile::new_in(dir))
+            .and_then(|mut f| {
+                f.write_all(cubin)?;
+                f.write_all(&Sha256::digest(cubin))?;
+                f.persist(&p).map_err(|e| e.error)?;
+                Ok(())
+            });
+        match written {
+            Ok(()) => tracing::debug!("kept {}", p.display()),
+            Err(e) => tracing::warn!("could not keep compiled kernel {}: {e}", p.display()),
+        }
     }
 }
 
@@ -214,15 +335,29 @@ impl DeviceKernels {
                 Some(m) => m.clone(),
                 None => {
                     let t = std::time::Instant::now();
-                    let cubin = compile_cubin(family, &source(family_src, defines), arch)?;
-                    let m = self.ctx.load_module(Ptx::from_binary(cubin)).map_err(|e| {
-                        Error::msg(format!(
-                            "loading q4 kernel module `{key}` on device {} failed: {e}",
-                            self.ctx.ordinal()
-                        ))
-                    })?;
+                    let src = source(family_src, defines);
+                    let dir = disk::dir();
+                    let (cubin, from_disk) = cached_cubin(family, &src, arch, dir.as_deref())?;
+                    let loaded = self.ctx.load_module(Ptx::from_binary(cubin));
+                    let m = match (loaded, from_disk) {
+                        (Ok(m), _) => m,
+                        // A kept CUBIN this driver will not load (written by another driver,
+                        // damaged past its checksum's reach): compile afresh and replace it.
+                        (Err(e), true) => {
+                            tracing::warn!("kept CUBIN of {key} did not load ({e}); recompiling");
+                            let cubin = compile_cubin(family, &src, arch)?;
+                            if let Some(dir) = dir.as_deref() {
+                                disk::store(dir, family, arch, &disk::key(&src, arch), &cubin);
+                            }
+                            self.ctx
+                                .load_module(Ptx::from_binary(cubin))
+                                .map_err(|e| load_error(&key, self.ctx.ordinal(), e))?
+                        }
+                        (Err(e), false) => return Err(load_error(&key, self.ctx.ordinal(), e)),
+                    };
                     tracing::debug!(
-                        "compiled {key} in {:.0} ms",
+                        "{} {key} in {:.0} ms",
+                        if from_disk { "loaded kept" } else { "compiled" },
                         t.elapsed().as_secs_f64() * 1e3
                     );
                     map.insert(key.clone(), m.clone());
@@ -285,4 +420,83 @@ pub fn for_device(dev: &CudaDevice) -> Result<Arc<DeviceKernels>> {
     });
     map.insert(ordinal, k.clone());
     Ok(k)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The on-disk kernel cache. These need NVRTC (not a GPU): they run in CUDA builds.
+    use super::*;
+
+    fn quant_source(extra: i64) -> String {
+        source(QUANT, &[("Q4_TEST_VARIANT", extra)])
+    }
+
+    fn cubin_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A variant is compiled once; the next request (as from a new process) reads the kept
+    /// CUBIN back, byte for byte; another variant is a miss; nothing but `.cubin` files remain.
+    #[test]
+    fn the_disk_cache_keeps_what_it_compiled() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = quant_source(1);
+        let (first, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        assert!(!hit);
+        let (again, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        assert!(hit);
+        assert_eq!(first, again);
+        let (_, hit) = cached_cubin("quant", &quant_source(2), "sm_90", Some(dir.path())).unwrap();
+        assert!(!hit);
+        let files = cubin_files(dir.path());
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert!(files
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "cubin")));
+        // Without a directory nothing is kept.
+        let (_, hit) = cached_cubin("quant", &src, "sm_90", None).unwrap();
+        assert!(!hit);
+    }
+
+    /// A kept file that is damaged or cut short is not used: the CUBIN is compiled again and
+    /// the file replaced with a good one.
+    #[test]
+    fn a_damaged_kept_cubin_is_compiled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = quant_source(3);
+        let (good, _) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let file = cubin_files(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[100] ^= 0x40;
+        std::fs::write(&file, &bytes).unwrap();
+        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        assert!(!hit, "a flipped bit must fail the checksum");
+        assert_eq!(got, good);
+        assert!(
+            cached_cubin("quant", &src, "sm_90", Some(dir.path()))
+                .unwrap()
+                .1
+        );
+        std::fs::write(&file, b"short").unwrap();
+        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        assert!(!hit);
+        assert_eq!(got, good);
+    }
+
+    /// The key changes with the source and with the target, and only with them.
+    #[test]
+    fn the_cache_key_follows_source_and_target() {
+        let src = quant_source(4);
+        let k = disk::key(&src, "sm_90");
+        assert_eq!(k, disk::key(&src, "sm_90"));
+        assert_eq!(k.len(), 32);
+        assert_ne!(k, disk::key(&quant_source(5), "sm_90"));
+        assert_ne!(k, disk::key(&src, "sm_89"));
+        assert_ne!(k, disk::key(&src, "sm_90a"));
+    }
 }
