@@ -4,7 +4,6 @@
 use super::aligned::AlignedBuf;
 use super::parallel::for_each_chunk_mut;
 use super::rows::Rows;
-use super::transpose_into;
 
 #[cfg(target_arch = "aarch64")]
 use super::aarch64 as arch;
@@ -55,18 +54,9 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
         arch::permute_activations(x, w.k, w.high_first, xp);
     }
     let xp = &*xp;
-    // Results come row-major by weight row ([n][m]); at batch 1 that is `y`'s own layout, so
-    // the kernels write `y` directly, else a buffer transposed at the end. (A fresh buffer
-    // costs more than it seems: from 128 KiB it is mapped anew each call, 49152x576 at batch 1
-    // took 1.04x the time with it; `scripts/cpu/results/ab-batch1-output-2026-11-29-s39.txt`.)
+    // Results come row-major by weight row ([n][m]): at batch 1 straight into `y`.
     let mut yt = Vec::new();
-    let out: &mut [f32] = if batch == 1 {
-        y.fill(0.0);
-        y
-    } else {
-        yt.resize(w.n * batch, 0f32);
-        &mut yt
-    };
+    let out = super::row_major_out(y, &mut yt, w.n, batch);
     for_each_chunk_mut(
         out,
         ROWS_PER_TASK * batch,
@@ -103,9 +93,7 @@ pub fn matmul(w: &Rows<'_>, x: &[f32], batch: usize, y: &mut [f32]) {
             }
         },
     );
-    if batch > 1 {
-        transpose_into(&yt, w.n, batch, y)
-    }
+    super::finish_row_major(&yt, w.n, batch, y)
 }
 
 /// Reorders each activation row (`k` values) chunk by chunk: `out[c + p] = x[c + order[p]]` for

@@ -320,6 +320,34 @@ static NVFP4_PRODUCTS: std::sync::LazyLock<Vec<u16>> = std::sync::LazyLock::new(
 static NVFP4_UNSCALED: std::sync::LazyLock<[f32; 256]> =
     std::sync::LazyLock::new(|| q4_formats::nvfp4::scale_table(1.0));
 
+/// Where a kernel writes results that come row-major by weight row (`[n][batch]`): at batch 1
+/// that is `y`'s own layout (`batch x n`), so `y` itself, zeroed; else `scratch`, resized and
+/// zeroed, for [`finish_row_major`] to transpose into `y`. Writing `y` in place spares the call
+/// a fresh buffer, which from 128 KiB is mapped anew each time (49152x576 at batch 1 took 1.04x
+/// the time with it; `scripts/cpu/results/ab-batch1-output-2026-11-29-s39.txt`).
+pub(crate) fn row_major_out<'a>(
+    y: &'a mut [f32],
+    scratch: &'a mut Vec<f32>,
+    n: usize,
+    batch: usize,
+) -> &'a mut [f32] {
+    if batch == 1 {
+        y.fill(0.0);
+        y
+    } else {
+        scratch.clear();
+        scratch.resize(n * batch, 0f32);
+        scratch
+    }
+}
+
+/// Moves the results [`row_major_out`] handed out into `y` (nothing to do at batch 1).
+pub(crate) fn finish_row_major(scratch: &[f32], n: usize, batch: usize, y: &mut [f32]) {
+    if batch > 1 {
+        transpose_into(scratch, n, batch, y);
+    }
+}
+
 /// Transposes `src` (`rows x cols`) into `dst` (`cols x rows`); one column is a plain copy (the
 /// kernels' per-weight-row results at batch 1).
 pub(crate) fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {

@@ -280,21 +280,13 @@ fn by_row_pieces(
     rows: impl Fn(usize, usize, &mut [f32]) + Sync + Send,
 ) {
     let mut yt = Vec::new();
-    let out: &mut [f32] = if batch == 1 {
-        y.fill(0.0);
-        y
-    } else {
-        yt.resize(w.n * batch, 0f32);
-        &mut yt
-    };
+    let out = super::row_major_out(y, &mut yt, w.n, batch);
     let work = w.n * w.k * batch.div_ceil(2);
     super::parallel::for_each_chunk_mut(out, 32 * batch, work, |t, out| {
         let r0 = t * 32;
         rows(r0, (r0 + 32).min(w.n), out);
     });
-    if batch > 1 {
-        super::transpose_into(&yt, w.n, batch, y);
-    }
+    super::finish_row_major(&yt, w.n, batch, y);
 }
 
 #[cfg(test)]
