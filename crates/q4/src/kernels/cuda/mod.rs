@@ -1,5 +1,5 @@
 //! CUDA kernels (feature `cuda`): CUDA C compiled with NVRTC at first use for the running
-//! device, cached per process (`module_cache`).
+//! device, cached per process and on disk (`module_cache`).
 //!
 //! * `dequant`: whole-tensor decode, bit-exact with the CPU;
 //! * `quant`: NVFP4 / MXFP4 / NF4 / FP4 quantization on the device, bit-exact with q4-formats;
