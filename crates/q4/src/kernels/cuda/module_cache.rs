@@ -266,9 +266,17 @@ pub mod disk {
                 f.persist(&p).map_err(|e| e.error)?;
                 Ok(())
             });
+        // One warning a process (a read-only cache fails for every kernel), the rest at debug.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         match written {
             Ok(()) => tracing::debug!("kept {}", p.display()),
-            Err(e) => tracing::warn!("could not keep compiled kernel {}: {e}", p.display()),
+            Err(e) if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) => tracing::warn!(
+                "could not keep compiled kernel {} ({e}); kernels will be compiled again in \
+                 each process (Q4_CUDA_CACHE_DIR sets another directory, Q4_CUDA_CACHE=0 turns \
+                 the cache off)",
+                p.display()
+            ),
+            Err(e) => tracing::debug!("could not keep compiled kernel {}: {e}", p.display()),
         }
     }
 }
@@ -486,6 +494,22 @@ mod tests {
         let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
         assert!(!hit);
         assert_eq!(got, good);
+    }
+
+    /// A cache directory that cannot be created (here: below a file) costs only the keeping:
+    /// the CUBIN still comes back, compiled, every time.
+    #[test]
+    fn an_unusable_cache_directory_only_means_compiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").unwrap();
+        let bad = file.join("kernels");
+        let src = quant_source(6);
+        for _ in 0..2 {
+            let (cubin, hit) = cached_cubin("quant", &src, "sm_90", Some(&bad)).unwrap();
+            assert!(!hit);
+            assert!(!cubin.is_empty());
+        }
     }
 
     /// The key changes with the source and with the target, and only with them.
