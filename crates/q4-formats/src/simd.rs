@@ -25,9 +25,39 @@ pub fn has_avx2() -> bool {
     }
 }
 
-/// Defines `pub fn $name` that runs `$body` compiled for AVX2+FMA when available, else portable.
+/// Whether the AVX-512 copies can run here (F, BW, VL and DQ, besides AVX2 and FMA).
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: LazyLock<bool> = LazyLock::new(|| {
+            has_avx2()
+                && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+        });
+        *HAS
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `pub fn $name` that runs `$body` compiled for AVX2+FMA when available, else portable;
+/// with a leading `wide;`, compiled for AVX-512 first where the CPU has it. The quantizers take
+/// it (Zen 5 host, `cargo bench -p q4-formats --bench formats`: NVFP4 2.07x the throughput of
+/// the AVX2 copy, NF4 1.71x, NF4 with double quantization and bnb-FP4 1.36x, MXFP4 1.21x); the
+/// dequantizers do not (0.72-0.84x the AVX2 copy's throughput there).
 macro_rules! dispatch {
     ($(#[$m:meta])* fn $name:ident / $portable:ident <$($g:ident: $b:path),*>($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        dispatch!(@ false; $(#[$m])* fn $name / $portable <$($g: $b),*>($($a: $t),*) $body);
+    };
+    (wide; $(#[$m:meta])* fn $name:ident / $portable:ident <$($g:ident: $b:path),*>($($a:ident: $t:ty),* $(,)?) $body:block) => {
+        dispatch!(@ true; $(#[$m])* fn $name / $portable <$($g: $b),*>($($a: $t),*) $body);
+    };
+    (@ $wide:literal; $(#[$m:meta])* fn $name:ident / $portable:ident <$($g:ident: $b:path),*>($($a:ident: $t:ty),* $(,)?) $body:block) => {
         /// The portable copy of the function of the same stem (always available; used in tests to
         /// check that the vectorised copy computes the same bytes).
         #[inline(always)]
@@ -42,6 +72,18 @@ macro_rules! dispatch {
                 $portable($($a),*)
             }
 
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            unsafe fn avx512<$($g: $b),*>($($a: $t),*) {
+                $portable($($a),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            if $wide && has_avx512() {
+                // SAFETY: the CPU supports AVX-512 F/BW/VL/DQ, AVX2 and FMA (checked just
+                // above), which is all that `avx512` requires; its body is safe Rust.
+                return unsafe { avx512($($a),*) };
+            }
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
                 // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all that
@@ -63,7 +105,7 @@ fn bucket(y: f32, t: &[f32; 15]) -> u8 {
     c
 }
 
-dispatch! {
+dispatch! { wide;
     /// Encodes a full bitsandbytes block: codes of `x * inv`, packed high nibble first.
     fn encode_bnb_block / encode_bnb_block_portable <T: Element>(kind: BnbKind, block: &[T], inv: f32, out: &mut [u8]) {
         let mut codes = [0u8; 64];
@@ -90,7 +132,7 @@ dispatch! {
     }
 }
 
-dispatch! {
+dispatch! { wide;
     /// Encodes NVFP4/MXFP4 elements `x / divisor` (or `x * multiplier` when `divisor` is None)
     /// as E2M1 with RNE, packed low nibble first. `sign_bit` picks the sign rule (IEEE sign bit,
     /// or `q < 0` as ModelOpt does).
@@ -109,7 +151,7 @@ dispatch! {
     }
 }
 
-dispatch! {
+dispatch! { wide;
     /// NVFP4 blocks of finite values (`xs.len()` a multiple of 16, tensor scale `s2 > 0`): block
     /// scales and packed codes with ModelOpt's arithmetic. Fixed-size arrays let the compiler keep
     /// a whole block in two vector registers.
@@ -135,7 +177,7 @@ dispatch! {
     }
 }
 
-dispatch! {
+dispatch! { wide;
     /// MXFP4 blocks of finite values (`xs.len()` a multiple of 32): E8M0 scales from `scale_of`
     /// (the rule) and packed codes, scaled by multiplication (`multiply`, RCEIL) or division.
     fn encode_mxfp4_blocks / encode_mxfp4_blocks_portable <T: Element>(xs: &[T], rule: crate::mxfp4::ScaleRule, bf16: bool, bytes: &mut [u8], scales: &mut [u8]) {
