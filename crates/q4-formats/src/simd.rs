@@ -49,7 +49,7 @@ pub fn has_avx512() -> bool {
 /// with a leading `wide;`, compiled for AVX-512 first where the CPU has it. The quantizers take
 /// it (Zen 5 host, `cargo bench -p q4-formats --bench formats`: NVFP4 2.07x the throughput of
 /// the AVX2 copy, NF4 1.71x, NF4 with double quantization and bnb-FP4 1.36x, MXFP4 1.21x); the
-/// dequantizers do not (0.72-0.84x the AVX2 copy's throughput there).
+/// dequantizers do not (0.73-0.85x the AVX2 copy's throughput there).
 macro_rules! dispatch {
     ($(#[$m:meta])* fn $name:ident / $portable:ident <$($g:ident: $b:path),*>($($a:ident: $t:ty),* $(,)?) $body:block) => {
         dispatch!(@ false; $(#[$m])* fn $name / $portable <$($g: $b),*>($($a: $t),*) $body);
