@@ -164,19 +164,21 @@ fn load_error(key: &str, ordinal: usize, e: impl std::fmt::Display) -> Error {
     ))
 }
 
-/// The CUBIN of `src` for `arch`: from the kernel cache in `dir` where it holds one (`true`),
-/// else compiled with NVRTC and kept there (`false`). Without a `dir`, always compiled.
+/// The CUBIN of `src` for `arch`: from the kernel cache in `dir` where it holds one and `reuse`
+/// allows it (`true`), else compiled with NVRTC and kept there, replacing any kept file
+/// (`false`). Without a `dir`, always compiled.
 pub fn cached_cubin(
     name: &str,
     src: &str,
     arch: &str,
     dir: Option<&std::path::Path>,
+    reuse: bool,
 ) -> Result<(Vec<u8>, bool)> {
     let Some(dir) = dir else {
         return Ok((compile_cubin(name, src, arch)?, false));
     };
     let key = disk::key(src, arch);
-    if let Some(cubin) = disk::load(dir, name, arch, &key) {
+    if let Some(cubin) = reuse.then(|| disk::load(dir, name, arch, &key)).flatten() {
         return Ok((cubin, true));
     }
     let cubin = compile_cubin(name, src, arch)?;
@@ -194,7 +196,6 @@ pub fn cached_cubin(
 /// The cache is best effort: a file that cannot be read or written only means a compile.
 pub mod disk {
     use sha2::{Digest, Sha256};
-    use std::io::Write;
     use std::path::{Path, PathBuf};
 
     /// The cache directory, or `None` where the cache is off or no directory is known.
@@ -255,16 +256,18 @@ pub mod disk {
         Some(bytes)
     }
 
-    /// Keeps `cubin` (best effort: a failure is logged, not returned).
+    /// Keeps `cubin` (best effort: a failure is logged, not returned), written beside its place
+    /// and renamed into it (`checkpoint::write_atomically`).
     pub fn store(dir: &Path, name: &str, arch: &str, key: &str, cubin: &[u8]) {
         let p = path(dir, name, arch, key);
         let written = std::fs::create_dir_all(dir)
-            .and_then(|_| tempfile::NamedTempFile::new_in(dir))
-            .and_then(|mut f| {
-                f.write_all(cubin)?;
-                f.write_all(&Sha256::digest(cubin))?;
-                f.persist(&p).map_err(|e| e.error)?;
-                Ok(())
+            .map_err(|e| crate::Error::msg(format!("cannot create {}: {e}", dir.display())))
+            .and_then(|_| {
+                crate::checkpoint::write_atomically(&p, |w| {
+                    w.write_all(cubin)
+                        .and_then(|_| w.write_all(&Sha256::digest(cubin)))
+                        .map_err(|e| crate::Error::msg(e.to_string()))
+                })
             });
         // One warning a process (a read-only cache fails for every kernel), the rest at debug.
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -345,7 +348,8 @@ impl DeviceKernels {
                     let t = std::time::Instant::now();
                     let src = source(family_src, defines);
                     let dir = disk::dir();
-                    let (cubin, from_disk) = cached_cubin(family, &src, arch, dir.as_deref())?;
+                    let (cubin, from_disk) =
+                        cached_cubin(family, &src, arch, dir.as_deref(), true)?;
                     let loaded = self.ctx.load_module(Ptx::from_binary(cubin));
                     let m = match (loaded, from_disk) {
                         (Ok(m), _) => m,
@@ -353,10 +357,8 @@ impl DeviceKernels {
                         // damaged past its checksum's reach): compile afresh and replace it.
                         (Err(e), true) => {
                             tracing::warn!("kept CUBIN of {key} did not load ({e}); recompiling");
-                            let cubin = compile_cubin(family, &src, arch)?;
-                            if let Some(dir) = dir.as_deref() {
-                                disk::store(dir, family, arch, &disk::key(&src, arch), &cubin);
-                            }
+                            let (cubin, _) =
+                                cached_cubin(family, &src, arch, dir.as_deref(), false)?;
                             self.ctx
                                 .load_module(Ptx::from_binary(cubin))
                                 .map_err(|e| load_error(&key, self.ctx.ordinal(), e))?
@@ -454,12 +456,13 @@ mod tests {
     fn the_disk_cache_keeps_what_it_compiled() {
         let dir = tempfile::tempdir().unwrap();
         let src = quant_source(1);
-        let (first, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let (first, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
         assert!(!hit);
-        let (again, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let (again, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
         assert!(hit);
         assert_eq!(first, again);
-        let (_, hit) = cached_cubin("quant", &quant_source(2), "sm_90", Some(dir.path())).unwrap();
+        let (_, hit) =
+            cached_cubin("quant", &quant_source(2), "sm_90", Some(dir.path()), true).unwrap();
         assert!(!hit);
         let files = cubin_files(dir.path());
         assert_eq!(files.len(), 2, "{files:?}");
@@ -467,7 +470,7 @@ mod tests {
             .iter()
             .all(|p| p.extension().is_some_and(|e| e == "cubin")));
         // Without a directory nothing is kept.
-        let (_, hit) = cached_cubin("quant", &src, "sm_90", None).unwrap();
+        let (_, hit) = cached_cubin("quant", &src, "sm_90", None, true).unwrap();
         assert!(!hit);
     }
 
@@ -477,21 +480,21 @@ mod tests {
     fn a_damaged_kept_cubin_is_compiled_again() {
         let dir = tempfile::tempdir().unwrap();
         let src = quant_source(3);
-        let (good, _) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let (good, _) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
         let file = cubin_files(dir.path()).pop().unwrap();
         let mut bytes = std::fs::read(&file).unwrap();
         bytes[100] ^= 0x40;
         std::fs::write(&file, &bytes).unwrap();
-        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
         assert!(!hit, "a flipped bit must fail the checksum");
         assert_eq!(got, good);
         assert!(
-            cached_cubin("quant", &src, "sm_90", Some(dir.path()))
+            cached_cubin("quant", &src, "sm_90", Some(dir.path()), true)
                 .unwrap()
                 .1
         );
         std::fs::write(&file, b"short").unwrap();
-        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path())).unwrap();
+        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
         assert!(!hit);
         assert_eq!(got, good);
     }
@@ -506,10 +509,27 @@ mod tests {
         let bad = file.join("kernels");
         let src = quant_source(6);
         for _ in 0..2 {
-            let (cubin, hit) = cached_cubin("quant", &src, "sm_90", Some(&bad)).unwrap();
+            let (cubin, hit) = cached_cubin("quant", &src, "sm_90", Some(&bad), true).unwrap();
             assert!(!hit);
             assert!(!cubin.is_empty());
         }
+    }
+
+    /// Without `reuse` the CUBIN is compiled even where one is kept, and replaces it: what the
+    /// loader does with a kept file its driver will not load.
+    #[test]
+    fn compiling_afresh_replaces_the_kept_cubin() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = quant_source(7);
+        let (good, _) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
+        let file = cubin_files(dir.path()).pop().unwrap();
+        std::fs::write(&file, b"not a cubin").unwrap();
+        let (got, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), false).unwrap();
+        assert!(!hit);
+        assert_eq!(got, good);
+        let (kept, hit) = cached_cubin("quant", &src, "sm_90", Some(dir.path()), true).unwrap();
+        assert!(hit);
+        assert_eq!(kept, good);
     }
 
     /// The key changes with the source and with the target, and only with them.
