@@ -185,16 +185,17 @@ pub fn enrich_report(r: &mut crate::probe::CudaReport) {
         }
         let t = std::time::Instant::now();
         // Compiled here with NVRTC itself (not taken from the kernel cache, which would hide a
-        // broken NVRTC), then loaded through the cache like any kernel.
+        // broken NVRTC), then loaded on the device.
         let arch = module_cache::arch_for(plan_cc(&d.compute_capability));
         let probe_src = module_cache::source(module_cache::DEQUANT, &[("OUT_T", 0)]);
-        match module_cache::compile_cubin("dequant", &probe_src, &arch).and_then(|_| {
-            module_cache::for_device(cuda)?.function(
-                "dequant",
-                module_cache::DEQUANT,
-                &[("OUT_T", 0)],
-                "dequant_rows",
-            )
+        match module_cache::compile_cubin("dequant", &probe_src, &arch).and_then(|cubin| {
+            let k = module_cache::for_device(cuda)?;
+            k.ctx
+                .load_module(candle_core::cuda_backend::cudarc::nvrtc::Ptx::from_binary(
+                    cubin,
+                ))
+                .and_then(|m| m.load_function("dequant_rows"))
+                .map_err(|e| crate::Error::msg(format!("loading the probe kernel failed: {e}")))
         }) {
             Ok(_) => {
                 r.nvrtc.detail = Some(format!(
