@@ -7,10 +7,11 @@ cd "$(dirname "$0")/../.."
 eval "$(/work/shared/cuda/toolchain.sh)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/work/main/target-cuda}"
 cargo build --release --features cuda -p q4-cli
-tests_json=$(cargo test --release --features cuda -p q4 --test cuda_kernels --test cuda_early_start --no-run --message-format=json 2>/dev/null)
+tests_json=$(cargo test --release --features cuda -p q4 --test cuda_kernels --test cuda_early_start --no-run --message-format=json 2>/dev/null
+  cargo test --release --features cuda -p q4-llm --test cuda_decode --no-run --message-format=json 2>/dev/null)
 mkdir -p .device/bin
 cp "$CARGO_TARGET_DIR/release/q4" .device/bin/q4
-for t in cuda_kernels cuda_early_start; do
+for t in cuda_kernels cuda_early_start cuda_decode; do
   exe=$(echo "$tests_json" | T=$t python3 -c 'import sys,json,os
 for l in sys.stdin:
     m=json.loads(l)

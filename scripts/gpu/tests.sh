@@ -8,7 +8,7 @@ set -uo pipefail
 "$B/q4" doctor --json > "$OUT/doctor.json"
 fails=0
 : > "$OUT/tests.log"
-for exe in cuda_kernels cuda_early_start; do
+for exe in cuda_kernels cuda_early_start cuda_decode; do
 for t in $("$B/$exe" --list 2>/dev/null | sed -n 's/: test$//p'); do
   if [ -n "${TESTS:-}" ] && ! echo "$t" | grep -qE "$TESTS"; then continue; fi
   start=$(date +%s%N)

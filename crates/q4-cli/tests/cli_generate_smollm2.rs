@@ -270,3 +270,31 @@ fn quantized_gguf_export_loads_back_and_says_berlin() {
         assert!(text.starts_with(" Berlin"), "{format} export: {text:?}");
     }
 }
+
+#[test]
+fn ignore_eos_runs_to_max_tokens() {
+    if !default_model_ready() {
+        return;
+    }
+    // The same chat prompt ends on its own within 96 tokens (test above); with --ignore-eos it
+    // runs to the limit.
+    let o = q4(&[
+        "-v",
+        "generate",
+        "--chat",
+        "--quant",
+        "nvfp4",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "--max-tokens",
+        "120",
+        "--prompt",
+        "Write one short sentence about the sea.",
+    ]);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        log.contains("120 new tokens") && log.contains("stop MaxTokens"),
+        "{log}"
+    );
+}

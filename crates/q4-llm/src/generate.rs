@@ -105,8 +105,7 @@ pub fn generate(
         history.push(next);
         on_token(next)?;
         if tokens.len() < opts.max_new_tokens {
-            let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
-            logits = Some(model.forward_last(&ids, cache)?.squeeze(0)?);
+            logits = Some(model.decode_step(next, cache)?);
             decode_steps += 1;
         }
     }

@@ -30,6 +30,16 @@ impl Rope {
         })
     }
 
+    /// Positions the precomputed tables cover.
+    pub fn table_len(&self) -> usize {
+        self.table_len
+    }
+
+    /// The precomputed cos and sin tables, `[table_len, head_dim / 2]` f32 each.
+    pub fn cos_sin(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates `x` (`[batch, heads, seq, head_dim]`, contiguous) for positions
     /// `offset..offset + seq`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {

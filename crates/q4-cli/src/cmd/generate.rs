@@ -178,6 +178,10 @@ pub struct Args {
     /// Wrap the prompt in the model's chat template (one user turn).
     #[arg(long)]
     pub chat: bool,
+    /// Keep generating past the end-of-text tokens until --max-tokens (fixed-length runs for
+    /// timing).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -195,7 +199,11 @@ pub fn run(args: Args) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: args.sampling.max_tokens,
         sampling: params,
-        stop_tokens: tok.stop_ids(args.chat),
+        stop_tokens: if args.ignore_eos {
+            Vec::new()
+        } else {
+            tok.stop_ids(args.chat)
+        },
     };
     let mut cache = model.new_cache(prompt_ids.len() + opts.max_new_tokens);
     let out = stream(&model, &tok, &mut cache, &prompt_ids, &opts)?;

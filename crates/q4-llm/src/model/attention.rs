@@ -16,10 +16,10 @@ use crate::weights::{checked_linears, LinearSpec, WeightSource};
 #[derive(Clone, Debug)]
 pub struct Attention {
     /// q, k and v projections (run as one stacked matmul when possible).
-    qkv: LinearGroup,
-    o_proj: QLinear,
-    q_norm: Option<RmsNorm>,
-    k_norm: Option<RmsNorm>,
+    pub(super) qkv: LinearGroup,
+    pub(super) o_proj: QLinear,
+    pub(super) q_norm: Option<RmsNorm>,
+    pub(super) k_norm: Option<RmsNorm>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,

@@ -9,8 +9,8 @@ use q4::QLinear;
 #[derive(Clone, Debug)]
 pub struct LinearGroup {
     /// The stacked layer, when the parts could be stacked (same format, tensor scale, ...).
-    fused: Option<QLinear>,
-    parts: Vec<QLinear>,
+    pub(super) fused: Option<QLinear>,
+    pub(super) parts: Vec<QLinear>,
 }
 
 impl LinearGroup {
@@ -31,6 +31,12 @@ impl LinearGroup {
             fused: self.fused.map(f).transpose()?,
             parts: self.parts.into_iter().map(f).collect::<Result<_>>()?,
         })
+    }
+
+    /// The stacked layer (if any) and the parts.
+    #[cfg(feature = "cuda")]
+    pub fn all(&self) -> impl Iterator<Item = &QLinear> {
+        self.fused.iter().chain(&self.parts)
     }
 
     /// Each part's output, in order.

@@ -13,8 +13,8 @@ use crate::weights::{checked_linears, LinearSpec, WeightSource};
 #[derive(Clone, Debug)]
 pub struct Mlp {
     /// gate and up projections (one stacked matmul when possible).
-    gate_up: LinearGroup,
-    down_proj: QLinear,
+    pub(super) gate_up: LinearGroup,
+    pub(super) down_proj: QLinear,
 }
 
 impl Mlp {

@@ -6,6 +6,8 @@
 
 mod attention;
 mod cpu_ops;
+#[cfg(feature = "cuda")]
+mod cuda_step;
 mod decode_attention;
 mod embedding;
 mod fused;
@@ -25,6 +27,8 @@ use crate::weights::{
     checked_linears, int8_table_with_shape, tensor_as_with_shape, LinearSpec, WeightSource,
 };
 use attention::Attention;
+#[cfg(feature = "cuda")]
+pub use cuda_step::CudaStepSlot;
 use embedding::Embedding;
 pub use embedding::EmbeddingStorage;
 use mlp::Mlp;
@@ -107,6 +111,10 @@ pub struct Model {
     lm_head: Head,
     rope: Rope,
     device: Device,
+    /// Tells models apart (clones share it, and their weights): a captured CUDA decode step
+    /// holds the weights' addresses of the model it was captured for.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    id: u64,
 }
 
 impl Model {
@@ -244,6 +252,10 @@ impl Model {
             lm_head,
             rope,
             device: dev.clone(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            },
         })
     }
 
@@ -282,6 +294,33 @@ impl Model {
             let last = hidden.narrow(1, t - 1, 1)?;
             Ok(self.logits(&last)?.squeeze(1)?)
         })
+    }
+
+    /// Logits `[vocab]` of the position after `token` (batch 1), which continues what `cache`
+    /// holds: one decode step. On a CUDA device it runs as a captured CUDA graph where the
+    /// model allows (`cuda_step`), elsewhere as [`Model::forward_last`].
+    pub fn decode_step(&self, token: u32, cache: &mut KvCache) -> Result<Tensor> {
+        if token as usize >= self.cfg.vocab_size {
+            bail!(
+                "token id {token} is outside the vocabulary (size {})",
+                self.cfg.vocab_size
+            );
+        }
+        if cache.len() + 1 > self.context_length() {
+            bail!(
+                "sequence of {} positions exceeds the model's context length {}",
+                cache.len() + 1,
+                self.context_length()
+            );
+        }
+        #[cfg(feature = "cuda")]
+        if cache.num_layers() == self.layers.len() {
+            if let Some(logits) = cuda_step::decode(self, token, cache)? {
+                return Ok(logits);
+            }
+        }
+        let ids = Tensor::new(&[token], &self.device)?.unsqueeze(0)?;
+        Ok(self.forward_last(&ids, cache)?.squeeze(0)?)
     }
 
     /// `lm_head` over final hidden states.

@@ -8,8 +8,8 @@ use crate::weights::{tensor_with_shape, WeightSource};
 /// `x / sqrt(mean(x^2) + eps) * weight` over the last dimension.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f32,
+    pub(super) weight: Tensor,
+    pub(super) eps: f32,
 }
 
 impl RmsNorm {
