@@ -121,14 +121,14 @@ extern "C" __global__ void qkv_rope_append(const u16* __restrict__ qkv, const fl
 }
 
 // Single-query attention over the cached positions 0..=*pos: out[h] = bf16(softmax(q_h . K *
-// scale) . V) for q head h on kv head h / (hq / hkv). One block of 256 threads per q head;
-// HEAD_DIM (a define) divides 256 and is a multiple of 4, so that the loops below unroll and
-// each thread issues its loads together instead of one round trip after another. Scores: cap
-// floats of dynamic shared memory.
+// scale) . V) for q head h on kv head h / (hq / hkv). One block of ATTEND_THREADS (a define, 256
+// or 512) threads per q head; HEAD_DIM (a define) divides 256 and is a multiple of 4, so that
+// the loops below unroll and each thread issues its loads together instead of one round trip
+// after another. Scores: cap floats of dynamic shared memory.
 #define D HEAD_DIM
-#define QUADS (D / 4)            // threads per value row (4 dims each)
-#define GROUPS (256 / QUADS)     // value rows summed at once
-extern "C" __global__ void __launch_bounds__(256) attend(const float* __restrict__ q, const float* __restrict__ k_cache,
+#define QUADS (D / 4)                     // threads per value row (4 dims each)
+#define GROUPS (ATTEND_THREADS / QUADS)   // value rows summed at once
+extern "C" __global__ void __launch_bounds__(ATTEND_THREADS) attend(const float* __restrict__ q, const float* __restrict__ k_cache,
                                   const float* __restrict__ v_cache, const u32* __restrict__ tp,
                                   u16* __restrict__ out, int hq, int hkv, int cap, float scale) {
     pdl_trigger();
@@ -149,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(256) attend(const float* __restrict
     __syncthreads();
     // Scores: a thread per position, its key row loaded whole before the products.
     float m = -3.0e38f;
-    for (int t = tid; t < len; t += 256) {
+    for (int t = tid; t < len; t += ATTEND_THREADS) {
         const float4* kr = kb + (i64)t * QUADS;
         float4 k[QUADS];
 #pragma unroll
@@ -165,7 +165,7 @@ extern "C" __global__ void __launch_bounds__(256) attend(const float* __restrict
     }
     m = block_max(m, sh);
     float z = 0.0f;
-    for (int t = tid; t < len; t += 256) {
+    for (int t = tid; t < len; t += ATTEND_THREADS) {
         const float e = __expf(sc[t] - m);
         sc[t] = e;
         z += e;

@@ -34,8 +34,21 @@ use crate::kv_cache::KvCache;
 
 const SOURCE: &str = include_str!("cuda_step.cu");
 const FAMILY: &str = "q4llm_step";
-/// Threads of the attention kernel's block (head sizes must divide it).
+/// Head sizes must divide this (the attention kernel's smallest block).
 const ATTEND_THREADS: usize = 256;
+
+/// Threads of the attention kernel's block: 512 for head sizes up to 64 (fewer value rows per
+/// thread; the key rows still fit the registers), else 256; `Q4_STEP_ATTEND_THREADS` overrides.
+fn attend_threads(head_dim: usize) -> usize {
+    static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| {
+        std::env::var("Q4_STEP_ATTEND_THREADS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&t| t == 256 || t == 512)
+    });
+    forced.unwrap_or(if head_dim <= 64 { 512 } else { 256 })
+}
 /// Dynamic shared memory any kernel may take without opting in: the attention's scores.
 const MAX_SCORES_BYTES: usize = 48 * 1024;
 
@@ -413,7 +426,11 @@ fn launch_step(
         bail!("the CUDA step needs a CUDA model")
     };
     let stream = cuda.cuda_stream();
-    let defines = [("HEAD_DIM", m.cfg.head_dim as i64)];
+    let attend_threads = attend_threads(m.cfg.head_dim);
+    let defines = [
+        ("HEAD_DIM", m.cfg.head_dim as i64),
+        ("ATTEND_THREADS", attend_threads as i64),
+    ];
     let f = |name: &str| kernels.function(FAMILY, SOURCE, &defines, name);
     let early = kernels.cc.0 >= 9;
     let c = &m.cfg;
@@ -481,7 +498,7 @@ fn launch_step(
                 &src, &bias_ptr, &qn, &kn, &qk_eps, &cos, &sin, &tp, &q, &kc, &vc, &hq, &hkv, &hd,
                 &cap
             ];
-            let threads = (c.head_dim / 2).next_multiple_of(32);
+            let rope_threads = (c.head_dim / 2).next_multiple_of(32);
             // SAFETY: qkv holds (hq + 2 hkv) hd bf16, bias (unless null) as many f32, the norms
             // (unless null) hd f32, the rope tables [table_len][hd / 2] with tp[1] below
             // table_len, q hq hd f32, the caches [hkv][cap][hd] f32 with tp[1] below cap
@@ -490,7 +507,7 @@ fn launch_step(
                 launch_ex(
                     &stream,
                     &f("qkv_rope_append")?,
-                    grid(c.num_heads + 2 * c.num_kv_heads, threads, 0),
+                    grid(c.num_heads + 2 * c.num_kv_heads, rope_threads, 0),
                     &mut args,
                     early,
                 )
@@ -503,12 +520,12 @@ fn launch_step(
             // SAFETY: q holds hq hd f32, the caches [hkv][cap][hd] f32 with tp[1] below cap
             // (reserved by the caller), attn hq hd bf16; the scores take cap floats of dynamic
             // shared memory (at most MAX_SCORES_BYTES, checked by the caller); hd divides
-            // ATTEND_THREADS (the module's HEAD_DIM).
+            // the block (the module's HEAD_DIM and ATTEND_THREADS).
             unsafe {
                 launch_ex(
                     &stream,
                     &f("attend")?,
-                    grid(c.num_heads, ATTEND_THREADS, cap as usize * 4),
+                    grid(c.num_heads, attend_threads, cap as usize * 4),
                     &mut args,
                     early,
                 )
@@ -550,10 +567,15 @@ fn launch_step(
         return Ok(());
     }
     let (vocab, k) = (c.vocab_size, c.hidden_size);
+    // `Q4_STEP_HEAD=candle`: a bf16 head through candle's matmul instead (A/B aid).
+    static CANDLE_HEAD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let candle_head =
+        *CANDLE_HEAD.get_or_init(|| std::env::var("Q4_STEP_HEAD").as_deref() == Ok("candle"));
     match head.weight() {
         // A bf16 table (bf16 embeddings, tied or not): q4's GEMV straight into the f32 logits.
         LinearWeight::Dense(w)
             if w.dtype() == DType::BF16
+                && !candle_head
                 && head.bias().is_none()
                 && k.is_multiple_of(8)
                 && k * 2 <= MAX_SCORES_BYTES =>
@@ -601,8 +623,8 @@ mod tests {
     /// NVRTC only (no GPU): the step's kernels compile for Ampere, Hopper and Blackwell.
     #[test]
     fn nvrtc_compiles_the_step_kernels() {
-        for d in [16, 64, 128, 256] {
-            let src = module_cache::source(SOURCE, &[("HEAD_DIM", d)]);
+        for (d, t) in [(16, 512), (64, 512), (64, 256), (128, 256), (256, 256)] {
+            let src = module_cache::source(SOURCE, &[("HEAD_DIM", d), ("ATTEND_THREADS", t)]);
             for arch in ["sm_80", "sm_90", "sm_120"] {
                 module_cache::compile_cubin(FAMILY, &src, arch)
                     .unwrap_or_else(|e| panic!("{arch}, head size {d}: {e}"));

@@ -8,6 +8,7 @@
 
 mod hf_dir;
 mod quantized_dir;
+mod synthetic;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,7 @@ use q4::{Format, QLinear, QuantSpec};
 
 pub use hf_dir::HfDirSource;
 pub use quantized_dir::QuantizedDirSource;
+pub use synthetic::SyntheticSource;
 
 use crate::config::ModelConfig;
 use crate::gguf::GgufSource;

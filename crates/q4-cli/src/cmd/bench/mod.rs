@@ -2,6 +2,7 @@
 //! peers and the machine's memory bandwidth in the same process, checks that the machine stays
 //! idle during each measurement and repeats disturbed ones.
 
+mod decode_runner;
 mod decode_synthetic;
 #[cfg(feature = "cuda")]
 mod gpu;
@@ -27,6 +28,9 @@ enum What {
     GpuLinear(gpu_linear::Args),
     /// CUDA: decode tokens/s of a Qwen3-4B-shaped random-weight stack, bf16 vs 4-bit.
     DecodeSynthetic(decode_synthetic::Args),
+    /// Decode tokens/s of the runner itself (what `q4 generate` runs per token) on random
+    /// weights of Qwen3-4B's shape (or any config.json), bf16 vs 4-bit.
+    DecodeRunner(decode_runner::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -34,5 +38,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         What::Linear(a) => linear::run(a),
         What::GpuLinear(a) => gpu_linear::run(a),
         What::DecodeSynthetic(a) => decode_synthetic::run(a),
+        What::DecodeRunner(a) => decode_runner::run(a),
     }
 }
