@@ -8,5 +8,7 @@ set -uo pipefail
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader
   "$B/q4" -v bench decode-runner --tokens "${TOKENS:-128}" --runs "${RUNS:-3}"
+  # SmolLM2-135M's shape (random weights; the real model's text checks are runner_graph.sh's).
+  "$B/q4" -v bench decode-runner --config "$(dirname "$0")/smollm2_shape.json" --tokens 512 --runs "${RUNS:-3}"
   "$B/q4" bench decode-synthetic --tokens "${TOKENS:-128}"
 } 2>&1 | tee "$OUT/decode_runner.txt"

@@ -204,13 +204,14 @@ fn nucleus<'a>(
 
 /// Index of the largest value (the first one on ties, like `torch.argmax`).
 pub fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
+    // Two passes that vectorize (the maximum, then its first position) instead of one loop
+    // carried through `best`: a 152k-entry vocabulary took ~0.1 ms a token that way. NaN is
+    // never the maximum.
+    let max = v
+        .chunks(64)
+        .map(|c| c.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .fold(f32::NEG_INFINITY, f32::max);
+    v.iter().position(|&x| x == max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -220,6 +221,28 @@ mod tests {
 
     fn logits(v: &[f32]) -> Tensor {
         Tensor::new(v, &Device::Cpu).unwrap()
+    }
+
+    proptest::proptest! {
+        /// The two-pass argmax picks what a plain first-maximum loop picks (ties included:
+        /// values from a small set repeat often).
+        #[test]
+        fn argmax_agrees_with_a_plain_loop(v in proptest::collection::vec(-4i8..4, 1..300)) {
+            let v: Vec<f32> = v.iter().map(|&x| x as f32 * 0.5).collect();
+            let mut best = 0;
+            for (i, &x) in v.iter().enumerate() {
+                if x > v[best] {
+                    best = i;
+                }
+            }
+            proptest::prop_assert_eq!(argmax(&v), best as u32);
+        }
+    }
+
+    #[test]
+    fn argmax_skips_nan() {
+        assert_eq!(argmax(&[f32::NAN, 1.0, 3.0, f32::NAN, 3.0]), 2);
+        assert_eq!(argmax(&[f32::NEG_INFINITY; 3]), 0);
     }
 
     #[test]
