@@ -2,8 +2,8 @@
 //! replayed for every token.
 //!
 //! Eagerly, a step is some twenty candle ops per layer, each a host-side dispatch and a launch:
-//! a small model on a fast GPU then waits on the host (SmolLM2-135M decoded ~106 tok/s on an
-//! H200, slower than on two CPU cores). Here a layer is six launches: residual add + RMSNorm,
+//! a small model on a fast GPU then waits on the host (SmolLM2-135M decoded ~106-200 tok/s on an
+//! H200, ~900 this way; BENCHMARKS.md). Here a layer is nine launches: residual add + RMSNorm,
 //! the fused q/k/v projection, bias + q/k norm + RoPE + KV-cache append, single-query attention,
 //! the output projection, residual add + RMSNorm, the fused gate/up projection, SiLU(gate) * up,
 //! the down projection (`cuda_step.cu`; the projections are q4's fused GEMVs, written in place).
@@ -49,6 +49,7 @@ fn attend_threads(head_dim: usize) -> usize {
     });
     forced.unwrap_or(if head_dim <= 64 { 512 } else { 256 })
 }
+
 /// Dynamic shared memory any kernel may take without opting in: the attention's scores.
 const MAX_SCORES_BYTES: usize = 48 * 1024;
 
