@@ -8,38 +8,6 @@
 // (programmatic dependent launch), it lets the next kernel start (a GEMV then loads its first
 // weights) and waits for the previous one before it reads or writes anything.
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
-// Maximum over the block, as block_sum.
-__device__ __forceinline__ float block_max(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : -3.0e38f;
-        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-        if (threadIdx.x == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
 // resid = table[token] (rows of n; TABLE_BF16 picks the table's dtype).
 extern "C" __global__ void embed(const void* __restrict__ table, const u32* __restrict__ tp,
                                  float* __restrict__ resid, int n, int table_bf16) {

@@ -16,21 +16,6 @@ extern "C" __global__ void spin(u64 ns) {
     } while (t - t0 < ns);
 }
 
-__device__ __forceinline__ float block_sum(float v, float* sh) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if ((threadIdx.x & 31) == 0) sh[threadIdx.x >> 5] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < (blockDim.x >> 5) ? sh[threadIdx.x] : 0.0f;
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (threadIdx.x == 0) sh[0] = v;
-    }
-    __syncthreads();
-    v = sh[0];
-    __syncthreads();
-    return v;
-}
-
 // x = embedding[token] (bf16 rows of n).
 extern "C" __global__ void embed(const u16* __restrict__ table, const u32* __restrict__ token,
                                  u16* __restrict__ x, int n) {
