@@ -54,10 +54,9 @@ fn verify_against(path: &Path, expected: &str) -> Result<()> {
         );
     }
     // Best effort: without a stamp the next run only hashes again.
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let kept = tempfile::NamedTempFile::new_in(dir).and_then(|mut f| {
-        std::io::Write::write_all(&mut f, fingerprint.as_bytes())?;
-        f.persist(&stamp).map(|_| ()).map_err(|e| e.error)
+    let kept = q4::checkpoint::write_atomically(&stamp, |w| {
+        w.write_all(fingerprint.as_bytes())
+            .map_err(|e| q4::Error::msg(e.to_string()))
     });
     if let Err(e) = kept {
         tracing::debug!("could not write {}: {e}", stamp.display());

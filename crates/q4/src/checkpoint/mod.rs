@@ -41,10 +41,8 @@ pub use export::{is_decoder_linear, quantize_model, ExportSummary, ModelSource};
 pub use quantize::{quantize_dense, quantize_file, QuantizeSummary};
 pub use safetensors::Dtype;
 pub use view::{Layout, Member, NestedStats, QuantView, ScaleData};
-/// Also keeps the CUDA kernel cache's files.
-#[cfg(feature = "cuda")]
-pub(crate) use writer::write_atomically;
-pub use writer::{write_safetensors, OutDtype, OutTensor};
+/// Also writes the CUDA kernel cache's files and the default model's verification stamp.
+pub use writer::{write_atomically, write_safetensors, OutDtype, OutTensor};
 
 use crate::error::{Error, Result};
 use safetensors_io::{map_file, read_index, RawTensor};

@@ -356,7 +356,7 @@ fn header_bytes(stored: &[Stored], q4_meta: Map<String, Value>) -> Result<Vec<u8
 
 /// Runs `fill` on a buffered temporary file next to `path`, then renames it to `path`. The
 /// temporary file is deleted if anything fails.
-pub(crate) fn write_atomically(
+pub fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
