@@ -372,16 +372,13 @@ fn grid(blocks: usize, threads: usize, smem: usize) -> LaunchConfig {
 
 /// `out = layer(x)` written in place (bf16 `[1, n]` buffers).
 fn project(layer: &QLinear, x: &Tensor, out: &Tensor) -> Result<()> {
-    if matches!(layer.weight(), LinearWeight::Quant(_)) {
-        layer.forward_into(x, out)?;
-    } else {
+    match layer.weight() {
+        LinearWeight::Quant(_) => layer.forward_into(x, out)?,
         // Dense layers (f32 or bf16): candle's matmul in the weight's dtype.
-        let dtype = match layer.weight() {
-            LinearWeight::Dense(w) => w.dtype(),
-            LinearWeight::Quant(_) => unreachable!(),
-        };
-        let y = candle_core::Module::forward(layer, &x.to_dtype(dtype)?)?;
-        out.slice_set(&y.to_dtype(DType::BF16)?, 0, 0)?;
+        LinearWeight::Dense(w) => {
+            let y = candle_core::Module::forward(layer, &x.to_dtype(w.dtype())?)?;
+            out.slice_set(&y.to_dtype(DType::BF16)?, 0, 0)?;
+        }
     }
     Ok(())
 }
